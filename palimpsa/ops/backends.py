@@ -1,0 +1,32 @@
+"""Pick the backend that runs a Palimpsa op.  Nothing else in the package knows which backend runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    """True when Triton imports (it runs on CUDA, or on the CPU with TRITON_INTERPRET=1)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` ("auto", "torch" or "triton") and the inputs' device to "torch" or "triton".
+
+    "auto" picks Triton for CUDA tensors when Triton is installed, PyTorch everywhere else.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package: pip install 'palimpsa[triton]'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
+    return backend

@@ -1,0 +1,165 @@
+"""Input validation and normalisation shared by every Palimpsa backend.
+
+Every public op calls :func:`prepare_inputs` first, so all backends see the same, already checked,
+arguments and raise the same errors for bad input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+State = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class PreparedInputs:
+    """Checked arguments of a Palimpsa op.
+
+    q, k: [B, T, H, K]; v, beta: [B, T, H, V]; g: [B, T, H]; prior: [H] in the state dtype;
+    initial_state: (mu, I) each [N, H, K, V] or None; cu_seqlens: int64 [N + 1] or None.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    beta: torch.Tensor
+    prior: torch.Tensor
+    prior_requires_grad: bool
+    scale: float
+    initial_state: Optional[State]
+    cu_seqlens: Optional[torch.Tensor]
+    state_dtype: torch.dtype
+
+    @property
+    def num_sequences(self) -> int:
+        return self.q.shape[0] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
+
+
+def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """States are float32 whatever the inputs, float64 when the inputs are float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_tensor(name: str, x, ndim: int, shape_doc: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(x.shape)}")
+
+
+def prepare_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    prior: Union[float, torch.Tensor] = 1.0,
+    scale: Optional[float] = None,
+    initial_state: Optional[State] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    check_values: bool = True,
+) -> PreparedInputs:
+    """Validate the arguments of a Palimpsa op and bring them to a canonical form.
+
+    Shapes: q, k [B, T, H, K]; v, beta [B, T, H, V]; g [B, T, H]; prior float or [H];
+    initial_state (mu, I) each [N, H, K, V]; cu_seqlens [N + 1] integer with B == 1.
+    ``check_values`` scans beta/g/prior/initial importance for sign errors (one reduction each); it is
+    skipped only inside compiled graphs, where data-dependent checks would break the graph.
+    """
+    _check_tensor("q", q, 4, "[B, T, H, K]")
+    _check_tensor("k", k, 4, "[B, T, H, K]")
+    _check_tensor("v", v, 4, "[B, T, H, V]")
+    _check_tensor("g", g, 3, "[B, T, H]")
+    _check_tensor("beta", beta, 4, "[B, T, H, V]")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)} ([B, T, H, K]), got {tuple(k.shape)}")
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must have shape [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    if beta.shape != v.shape:
+        raise ValueError(f"beta must have the shape of v {tuple(v.shape)} ([B, T, H, V]), got {tuple(beta.shape)}")
+    if g.shape != (B, T, H):
+        raise ValueError(f"g must have shape [B, T, H] = [{B}, {T}, {H}], got {tuple(g.shape)}")
+    if K == 0 or V == 0 or H == 0:
+        raise ValueError(f"head sizes must be positive: got H={H}, K={K}, V={V}")
+    if T == 0 or B == 0:
+        raise ValueError(f"q must hold at least one token in one sequence, got shape {tuple(q.shape)}")
+    dtype = q.dtype
+    for name, x in (("k", k), ("v", v), ("beta", beta)):
+        if x.dtype != dtype:
+            raise TypeError(f"{name} must have the dtype of q ({dtype}), got {x.dtype}")
+    for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    sdtype = state_dtype_for(dtype)
+
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
+            raise TypeError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence offsets")
+        if B != 1:
+            raise ValueError(f"cu_seqlens requires packed inputs with batch size B == 1, got B={B}")
+        if cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must hold at least two offsets [0, ..., T]")
+        cu = cu_seqlens.to(device=q.device, dtype=torch.long)
+        if int(cu[0]) != 0 or int(cu[-1]) != T:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got {cu[0].item()}..{cu[-1].item()}")
+        if bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError("cu_seqlens must be strictly increasing (every sequence non-empty)")
+        cu_seqlens = cu
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+
+    if isinstance(prior, torch.Tensor):
+        if prior.dim() == 0:
+            prior = prior.reshape(1).expand(H)
+        if prior.shape != (H,):
+            raise ValueError(f"prior must be a positive float or a tensor of shape [H] = [{H}], got {tuple(prior.shape)}")
+        if not prior.dtype.is_floating_point:
+            raise TypeError(f"prior must be a floating tensor, got {prior.dtype}")
+        prior_requires_grad = prior.requires_grad
+        if check_values and bool((prior <= 0).any()):
+            raise ValueError("prior must be > 0 (it is the prior precision I0), got a non-positive entry")
+        prior_t = prior.to(device=q.device, dtype=sdtype)
+    else:
+        try:
+            prior_f = float(prior)
+        except (TypeError, ValueError):
+            raise TypeError(f"prior must be a positive float or a [H] tensor, got {type(prior).__name__}") from None
+        if not prior_f > 0 or prior_f != prior_f or prior_f == float("inf"):
+            raise ValueError(f"prior must be a finite float > 0 (the prior precision I0), got {prior_f}")
+        prior_requires_grad = False
+        prior_t = torch.full((H,), prior_f, device=q.device, dtype=sdtype)
+
+    if scale is None:
+        scale = K ** -0.5
+    scale = float(scale)
+
+    if initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise TypeError("initial_state must be a pair (mu, I) of tensors [N, H, K, V]")
+        mu0, imp0 = initial_state
+        for name, x in (("initial_state[0] (mu)", mu0), ("initial_state[1] (I)", imp0)):
+            if not isinstance(x, torch.Tensor) or x.shape != (N, H, K, V):
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name} must have shape [N, H, K, V] = [{N}, {H}, {K}, {V}], got {shape}")
+            if not x.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        if check_values and bool((imp0 <= 0).any()):
+            raise ValueError("initial_state[1] (the importance I) must be > 0 everywhere")
+        initial_state = (mu0.to(device=q.device, dtype=sdtype), imp0.to(device=q.device, dtype=sdtype))
+
+    if check_values:
+        if bool((beta < 0).any()):
+            raise ValueError("beta (the importance gate) must be >= 0 everywhere; got a negative entry")
+        if bool((g > 0).any()):
+            raise ValueError("g (the log decay) must be <= 0 everywhere; got a positive entry")
+
+    return PreparedInputs(q, k, v, g, beta, prior_t, prior_requires_grad, scale, initial_state, cu_seqlens, sdtype)

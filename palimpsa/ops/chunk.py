@@ -1,0 +1,55 @@
+"""``chunk_palimpsa``: the training path (chunk-parallel, exact, memory-light backward)."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from palimpsa.ops.backends import resolve_backend
+from palimpsa.ops.checks import State, prepare_inputs
+
+
+def chunk_palimpsa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    prior: Union[float, torch.Tensor] = 1.0,
+    scale: Optional[float] = None,
+    initial_state: Optional[State] = None,
+    output_final_state: bool = False,
+    output_variance: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+):
+    """Chunk-parallel Palimpsa (same math and signature as :func:`palimpsa.ops.naive_palimpsa`).
+
+    Args:
+        q, k: [B, T, H, K]; v, beta: [B, T, H, V] (beta >= 0); g: [B, T, H] log decay (<= 0).
+        prior: prior precision I0 > 0, float or [H] tensor (differentiable).
+        scale: read-out scale, default K ** -0.5.
+        initial_state: (mu, I), each [N, H, K, V]; default (0, prior).
+        output_final_state: also return the final (mu, I), each [N, H, K, V] float32.
+        output_variance: also return the posterior output variance [B, T, H, V].
+        cu_seqlens: [N + 1] offsets of packed sequences (B == 1).
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
+        chunk_size: tokens per chunk (backend default when None).
+
+    Returns:
+        (o, final_state), or (o, variance, final_state) when ``output_variance``.
+    """
+    x = prepare_inputs(q, k, v, g, beta, prior, scale, initial_state, cu_seqlens,
+                       check_values=not torch.compiler.is_compiling())
+    which = resolve_backend(backend, q.device)
+    if which == "triton":
+        from palimpsa.ops.triton import chunk_palimpsa_triton
+
+        o, var, final = chunk_palimpsa_triton(x, output_final_state, output_variance, chunk_size)
+    else:
+        from palimpsa.ops.torch_chunk import chunk_palimpsa_torch
+
+        o, var, final = chunk_palimpsa_torch(x, output_final_state, output_variance, chunk_size)
+    return (o, var, final) if output_variance else (o, final)
