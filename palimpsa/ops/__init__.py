@@ -7,5 +7,6 @@
 from palimpsa.ops.chunk import chunk_palimpsa
 from palimpsa.ops.fused_recurrent import fused_recurrent_palimpsa
 from palimpsa.ops.naive import naive_palimpsa
+from palimpsa.ops.step import palimpsa_step
 
-__all__ = ["naive_palimpsa", "chunk_palimpsa", "fused_recurrent_palimpsa"]
+__all__ = ["naive_palimpsa", "chunk_palimpsa", "fused_recurrent_palimpsa", "palimpsa_step"]
