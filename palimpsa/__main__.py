@@ -1,0 +1,5 @@
+import sys
+
+from palimpsa.cli import main
+
+sys.exit(main())
