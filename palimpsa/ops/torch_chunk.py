@@ -1,0 +1,298 @@
+"""Chunk-parallel Palimpsa in plain PyTorch (the CPU training path), exact, with a hand-written backward.
+
+Notation (one head, states [K, V]): the importance is split as I_t = I0 + J_t, where
+J_t = alpha_t J_{t-1} + k_t^2 outer beta_t.  Both J and M_t = alpha_t M_{t-1} + k_t outer v_t are gated
+linear-attention states with the same scalar decay; only the read-out mu_t = M_t / I_t divides.
+
+Forward
+  1. chunk-boundary states by matrix products: M_end = G_C M_start + K^T diag(G_C / G_t) V (same for J);
+     a scan over chunks is the only sequential part;
+  2. outputs: every chunk starts from its chunk-start state and steps through its tokens; all chunks step
+     together, so one Python step serves T / C tokens.
+  Only the chunk-start (M, J) are kept for the backward: memory O(T (K + V) + (T / C) K V).
+
+Backward
+  3. per chunk (in parallel, in blocks of chunks to bound memory): recompute the chunk's states forward
+     from its stored start, then walk the chunk backwards with a *local* adjoint that starts at zero at the
+     chunk's end; this gives every local gradient and the adjoint reaching the chunk's start;
+  4. a reverse scan over chunk boundaries gives the adjoint that enters each chunk from the future;
+  5. its effect on each token is rank-structured and is added with matrix products.
+  The decay gradient uses the cumulative-log-decay identity
+      dL/db_r = <dM_r^direct, M_r> - <k_r v_r^T, dM_r^acc> + (same for J),   dg_t = sum_{r >= t} dL/db_r,
+  so no state is ever rebuilt by dividing by the decay.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from palimpsa.ops.checks import PreparedInputs
+from palimpsa.ops.varlen import pad_sequences, unpad_sequences
+
+DEFAULT_CHUNK_SIZE = 64
+# Per-token states recomputed during the backward are kept for this many bytes at most, or for as many
+# bytes as the stored chunk-start states take, whichever is larger (so memory stays O((T / C) K V)).
+BACKWARD_WORKSPACE_BYTES = 64 * 2**20
+
+
+def _to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """[N, T, H, *D] -> [C, NC, N, H, *D] (token-in-chunk major, then chunk, contiguous)."""
+    N, T, H = x.shape[:3]
+    x = x.reshape(N, T // chunk, chunk, H, *x.shape[3:])
+    perm = (2, 1, 0, 3) + tuple(range(4, x.dim()))
+    return x.permute(*perm).contiguous()
+
+
+def _from_chunks(x: torch.Tensor) -> torch.Tensor:
+    """[C, NC, N, H, *D] -> [N, T, H, *D]."""
+    C, NC, N, H = x.shape[:4]
+    perm = (2, 1, 0, 3) + tuple(range(4, x.dim()))
+    return x.permute(*perm).reshape(N, NC * C, H, *x.shape[4:])
+
+
+def _chunk_boundary_states(k, v, beta, log_decay_cum, M0, J0):
+    """Chunk-start states by matrix products and a scan over chunks.
+
+    k: [C, NC, N, H, K]; v, beta: [C, NC, N, H, V]; log_decay_cum: [C, NC, N, H] (cumsum in chunk);
+    M0, J0: [N, H, K, V].  Returns M_starts, J_starts [NC, N, H, K, V] and the final M, J [N, H, K, V].
+    """
+    to_end = torch.exp(log_decay_cum[-1:] - log_decay_cum)[..., None]  # [C, NC, N, H, 1]
+    kw = (k * to_end).permute(1, 2, 3, 4, 0)  # [NC, N, H, K, C]
+    k2w = (k * k * to_end).permute(1, 2, 3, 4, 0)
+    U_M = kw @ v.permute(1, 2, 3, 0, 4)  # [NC, N, H, K, V]
+    U_J = k2w @ beta.permute(1, 2, 3, 0, 4)
+    chunk_decay = torch.exp(log_decay_cum[-1])[..., None, None]  # [NC, N, H, 1, 1]
+    M_starts, J_starts = [], []
+    M, J = M0, J0
+    for c in range(U_M.shape[0]):
+        M_starts.append(M)
+        J_starts.append(J)
+        M = chunk_decay[c] * M + U_M[c]
+        J = chunk_decay[c] * J + U_J[c]
+    return torch.stack(M_starts), torch.stack(J_starts), M, J
+
+
+def _chunk_outputs(q, k, v, beta, alpha, M_starts, J_starts, prior, scale, output_variance):
+    """Step all chunks through their tokens together.
+
+    q, k: [C, P, K]; v, beta: [C, P, V]; alpha: [C, P]; M_starts, J_starts: [P, K, V]; prior: [P, 1, 1]
+    (P = chunks x sequences x heads).  Returns o [C, P, V] and var [C, P, V] or None.
+    """
+    M = M_starts.clone()
+    J = J_starts.clone()
+    mu = torch.empty_like(M)
+    outputs = torch.empty_like(v)
+    variances = torch.empty_like(v) if output_variance else None
+    for t in range(q.shape[0]):
+        a = alpha[t][:, None, None]
+        M.mul_(a).baddbmm_(k[t][:, :, None], v[t][:, None, :])
+        J.mul_(a).baddbmm_((k[t] * k[t])[:, :, None], beta[t][:, None, :])
+        imp = J + prior
+        torch.div(M, imp, out=mu)
+        torch.bmm(q[t][:, None, :], mu, out=outputs[t][:, None, :])
+        if output_variance:
+            torch.bmm((q[t] * q[t])[:, None, :], imp.reciprocal_(), out=variances[t][:, None, :])
+    outputs.mul_(scale)
+    if output_variance:
+        variances.mul_(scale * scale)
+    return outputs, variances
+
+
+def _chunk_local_backward(q, k, v, beta, alpha, do, dvar, M_start, J_start, prior, scale):
+    """Recompute one block of chunks and walk it backwards with a zero adjoint at each chunk's end.
+
+    Shapes as in :func:`_chunk_outputs` (do, dvar: [C, P, V]; dvar may be None).
+    Returns dq, dk [C, P, K]; dv, dbeta [C, P, V]; dLdb [C, P]; dprior [P]; and the local adjoints
+    reaching the chunk start, dM_start and dJ_start [P, K, V].
+    """
+    C = q.shape[0]
+    Ms, Js = [], []
+    M, J = M_start, J_start
+    for t in range(C):
+        a = alpha[t][:, None, None]
+        M = torch.baddbmm(a * M, k[t][:, :, None], v[t][:, None, :])
+        J = torch.baddbmm(a * J, (k[t] * k[t])[:, :, None], beta[t][:, None, :])
+        Ms.append(M)
+        Js.append(J)
+
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
+    dLdb = torch.empty_like(alpha)
+    dprior = torch.zeros_like(alpha[0])
+    dM = torch.zeros_like(M_start)
+    dJ = torch.zeros_like(J_start)
+    s2 = scale * scale
+    for t in reversed(range(C)):
+        M, J = Ms[t], Js[t]
+        r_imp = (J + prior).reciprocal_()
+        mu = M * r_imp
+        dmu = (scale * q[t])[:, :, None] * do[t][:, None, :]
+        dM.addcmul_(dmu, r_imp)
+        d_imp = dmu * mu
+        if dvar is not None:
+            d_imp.addcmul_((s2 * q[t] * q[t])[:, :, None] * dvar[t][:, None, :], r_imp)
+        d_imp.mul_(r_imp).neg_()  # direct gradient of the loss w.r.t. I_t (= w.r.t. J_t)
+        dJ.add_(d_imp)
+        dq_t = scale * torch.bmm(mu, do[t][:, :, None])[..., 0]
+        if dvar is not None:
+            dq_t.addcmul_(2 * s2 * q[t], torch.bmm(r_imp, dvar[t][:, :, None])[..., 0])
+        dq[t] = dq_t
+        dk[t] = torch.bmm(dM, v[t][:, :, None])[..., 0] + 2 * k[t] * torch.bmm(dJ, beta[t][:, :, None])[..., 0]
+        dv[t] = torch.bmm(k[t][:, None, :], dM)[:, 0]
+        dbeta[t] = torch.bmm((k[t] * k[t])[:, None, :], dJ)[:, 0]
+        reader = (dmu * mu).sum((1, 2)) + (d_imp * J).sum((1, 2))
+        writer = (dv[t] * v[t]).sum(1) + (dbeta[t] * beta[t]).sum(1)
+        dLdb[t] = reader - writer
+        dprior += d_imp.sum((1, 2))
+        a = alpha[t][:, None, None]
+        dM.mul_(a)
+        dJ.mul_(a)
+    return dq, dk, dv, dbeta, dLdb, dprior, dM, dJ
+
+
+class ChunkPalimpsaFunction(torch.autograd.Function):
+    """Exact chunked Palimpsa on (M, J) states; inputs already in the state dtype, T a multiple of C.
+
+    Inputs: q, k [N, T, H, K]; v, beta [N, T, H, V]; g [N, T, H]; prior [H]; M0, J0 [N, H, K, V].
+    Outputs: o [N, T, H, V]; var [N, T, H, V] (empty when not asked); M_T, J_T [N, H, K, V].
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, prior, M0, J0, scale, chunk, output_variance):
+        N, T, H, K = q.shape
+        qc, kc, vc, bc = (_to_chunks(x, chunk) for x in (q, k, v, beta))
+        b = _to_chunks(g, chunk).cumsum(0)  # [C, NC, N, H]
+        M_starts, J_starts, M_T, J_T = _chunk_boundary_states(kc, vc, bc, b, M0, J0)
+        C, NC = qc.shape[:2]
+        P = NC * N * H
+        alpha = _to_chunks(g, chunk).exp().reshape(C, P)
+        prior_p = prior.reshape(1, 1, H).expand(NC, N, H).reshape(P, 1, 1)
+        o, var = _chunk_outputs(
+            qc.reshape(C, P, K), kc.reshape(C, P, K), vc.reshape(C, P, -1), bc.reshape(C, P, -1), alpha,
+            M_starts.reshape(P, K, -1), J_starts.reshape(P, K, -1), prior_p, scale, output_variance,
+        )
+        o = _from_chunks(o.reshape(C, NC, N, H, -1))
+        var = _from_chunks(var.reshape(C, NC, N, H, -1)) if output_variance else o.new_empty(0)
+        ctx.save_for_backward(q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T)
+        ctx.scale, ctx.chunk, ctx.output_variance = scale, chunk, output_variance
+        return o, var, M_T, J_T
+
+    @staticmethod
+    def backward(ctx, do, dvar, dM_T, dJ_T):
+        q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        N, T, H, K = q.shape
+        V = v.shape[-1]
+        qc, kc, vc, bc = (_to_chunks(x, chunk) for x in (q, k, v, beta))
+        gc = _to_chunks(g, chunk)
+        C, NC = qc.shape[:2]
+        do_c = _to_chunks(do if do is not None else torch.zeros_like(v), chunk)
+        dvar_c = _to_chunks(dvar, chunk) if (ctx.output_variance and dvar is not None) else None
+        dM_T = torch.zeros_like(M_T) if dM_T is None else dM_T
+        dJ_T = torch.zeros_like(J_T) if dJ_T is None else dJ_T
+
+        # Local backward, a block of chunks at a time.
+        per_chunk_bytes = 2 * C * N * H * K * V * q.element_size()
+        budget = max(BACKWARD_WORKSPACE_BYTES, M_starts.numel() * M_starts.element_size() * 2)
+        block = max(1, budget // per_chunk_bytes)
+        grads = {name: [] for name in ("dq", "dk", "dv", "dbeta", "dLdb", "dprior", "dM", "dJ")}
+        for c0 in range(0, NC, block):
+            c1 = min(NC, c0 + block)
+            P = (c1 - c0) * N * H
+            flat = lambda x, d: x[:, c0:c1].reshape(C, P, d)  # noqa: E731
+            prior_p = prior.reshape(1, 1, H).expand(c1 - c0, N, H).reshape(P, 1, 1)
+            out = _chunk_local_backward(
+                flat(qc, K), flat(kc, K), flat(vc, V), flat(bc, V), gc[:, c0:c1].exp().reshape(C, P),
+                flat(do_c, V), flat(dvar_c, V) if dvar_c is not None else None,
+                M_starts[c0:c1].reshape(P, K, V), J_starts[c0:c1].reshape(P, K, V), prior_p, scale,
+            )
+            for name, value in zip(grads, out):
+                grads[name].append(value)
+        shape_tok = (C, NC, N, H)
+        dq = torch.cat(grads["dq"], 1).reshape(*shape_tok, K)
+        dk = torch.cat(grads["dk"], 1).reshape(*shape_tok, K)
+        dv = torch.cat(grads["dv"], 1).reshape(*shape_tok, V)
+        dbeta = torch.cat(grads["dbeta"], 1).reshape(*shape_tok, V)
+        dLdb = torch.cat(grads["dLdb"], 1).reshape(*shape_tok)
+        dprior = torch.cat(grads["dprior"]).reshape(NC, N, H).sum((0, 1))
+        dM_local = torch.cat(grads["dM"]).reshape(NC, N, H, K, V)
+        dJ_local = torch.cat(grads["dJ"]).reshape(NC, N, H, K, V)
+
+        # Adjoint entering each chunk from its end (later chunks and the final state).
+        b = gc.cumsum(0)
+        chunk_decay = torch.exp(b[-1])[..., None, None]  # [NC, N, H, 1, 1]
+        carry_M, carry_J = [None] * NC, [None] * NC
+        cM, cJ = dM_T, dJ_T
+        for c in reversed(range(NC)):
+            carry_M[c], carry_J[c] = cM, cJ
+            cM = dM_local[c] + chunk_decay[c] * cM
+            cJ = dJ_local[c] + chunk_decay[c] * cJ
+        dM0, dJ0 = cM, cJ
+        carry_M = torch.stack(carry_M)  # [NC, N, H, K, V]
+        carry_J = torch.stack(carry_J)
+
+        # Its effect on every token: adjoint_t += exp(b_end - b_t) * carry (rank-structured).
+        to_end = torch.exp(b[-1:] - b)[..., None]  # [C, NC, N, H, 1]
+        k2 = kc * kc
+        k_carry = torch.einsum("cxnhk,xnhkv->cxnhv", kc, carry_M) * to_end
+        carry_v = torch.einsum("xnhkv,cxnhv->cxnhk", carry_M, vc) * to_end
+        k2_carry = torch.einsum("cxnhk,xnhkv->cxnhv", k2, carry_J) * to_end
+        carry_b = torch.einsum("xnhkv,cxnhv->cxnhk", carry_J, bc) * to_end
+        dv = dv + k_carry
+        dbeta = dbeta + k2_carry
+        dk = dk + carry_v + 2 * kc * carry_b
+        dLdb = dLdb - (k_carry * vc).sum(-1) - (k2_carry * bc).sum(-1)
+        # The final state is read at the last position.
+        dLdb[-1, -1] += (dM_T * M_T).sum((-1, -2)) + (dJ_T * J_T).sum((-1, -2))
+        dg = _from_chunks(dLdb).flip(1).cumsum(1).flip(1)
+        return (_from_chunks(dq), _from_chunks(dk), _from_chunks(dv), dg, _from_chunks(dbeta), dprior,
+                dM0, dJ0, None, None, None)
+
+
+def chunk_palimpsa_torch(
+    x: PreparedInputs, output_final_state: bool, output_variance: bool, chunk_size: Optional[int] = None
+):
+    """Run the chunked PyTorch path on checked inputs.
+
+    Returns o [B, T, H, V] (dtype of q), var or None, and the final (mu, I) [N, H, K, V] or None.
+    """
+    sdtype = x.state_dtype
+    q, k, v, g, beta = (t.to(sdtype) for t in (x.q, x.k, x.v, x.g, x.beta))
+    lengths = None
+    if x.cu_seqlens is not None:
+        lengths = (x.cu_seqlens[1:] - x.cu_seqlens[:-1]).tolist()
+        q, k, v, g, beta = pad_sequences((q, k, v, g, beta), lengths)
+    N, T, H, K = q.shape
+    V = v.shape[-1]
+    chunk = int(chunk_size or DEFAULT_CHUNK_SIZE)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk = min(chunk, T)
+    pad = (-T) % chunk
+    if pad:
+        # Padded steps have no decay (g = 0) and write nothing (k = beta = 0): the state passes unchanged.
+        q, k, v, beta = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v, beta))
+        g = torch.nn.functional.pad(g, (0, 0, 0, pad))
+    prior = x.prior
+    if x.initial_state is None:
+        M0 = q.new_zeros(N, H, K, V)
+        J0 = q.new_zeros(N, H, K, V)
+    else:
+        mu0, imp0 = x.initial_state
+        M0 = mu0 * imp0
+        J0 = imp0 - prior[:, None, None]
+    o, var, M_T, J_T = ChunkPalimpsaFunction.apply(q, k, v, g, beta, prior, M0, J0, x.scale, chunk, output_variance)
+    o = o[:, :T]
+    var = var[:, :T] if output_variance else None
+    if lengths is not None:
+        o = unpad_sequences(o, lengths)
+        var = unpad_sequences(var, lengths) if output_variance else None
+    final = None
+    if output_final_state:
+        imp_T = J_T + prior[:, None, None]
+        final = (M_T / imp_T, imp_T)
+    o = o.to(x.q.dtype)
+    var = var.to(x.q.dtype) if output_variance else None
+    return o, var, final
