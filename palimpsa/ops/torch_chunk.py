@@ -34,7 +34,7 @@ from palimpsa.ops.varlen import pad_sequences, unpad_sequences
 DEFAULT_CHUNK_SIZE = 64
 # Per-token states recomputed during the backward are kept for this many bytes at most, or for as many
 # bytes as the stored chunk-start states take, whichever is larger (so memory stays O((T / C) K V)).
-BACKWARD_WORKSPACE_BYTES = 64 * 2**20
+BACKWARD_WORKSPACE_BYTES = 128 * 2**20
 
 
 def _to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -100,56 +100,62 @@ def _chunk_outputs(q, k, v, beta, alpha, M_starts, J_starts, prior, scale, outpu
     return outputs, variances
 
 
-def _chunk_local_backward(q, k, v, beta, alpha, do, dvar, M_start, J_start, prior, scale):
+def _chunk_local_backward(q, k, v, beta, alpha, o, var, do, dvar, M_start, J_start, prior, scale):
     """Recompute one block of chunks and walk it backwards with a zero adjoint at each chunk's end.
 
-    Shapes as in :func:`_chunk_outputs` (do, dvar: [C, P, V]; dvar may be None).
-    Returns dq, dk [C, P, K]; dv, dbeta [C, P, V]; dLdb [C, P]; dprior [P]; and the local adjoints
-    reaching the chunk start, dM_start and dJ_start [P, K, V].
+    Shapes as in :func:`_chunk_outputs`; o, do: [C, P, V] (the forward output and its gradient); var, dvar:
+    [C, P, V] or None.  Returns dq, dk [C, P, K]; dv, dbeta [C, P, V]; dLdb [C, P]; dprior [P]; and the
+    local adjoints reaching the chunk start, dM_start and dJ_start [P, K, V].
     """
     C = q.shape[0]
     Ms, Js = [], []
     M, J = M_start, J_start
+    k2 = k * k
     for t in range(C):
         a = alpha[t][:, None, None]
-        M = torch.baddbmm(a * M, k[t][:, :, None], v[t][:, None, :])
-        J = torch.baddbmm(a * J, (k[t] * k[t])[:, :, None], beta[t][:, None, :])
+        M = torch.bmm(k[t][:, :, None], v[t][:, None, :]).addcmul_(M, a)
+        J = torch.bmm(k2[t][:, :, None], beta[t][:, None, :]).addcmul_(J, a)
         Ms.append(M)
         Js.append(J)
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
     dLdb = torch.empty_like(alpha)
-    dprior = torch.zeros_like(alpha[0])
+    dprior_t = torch.empty_like(alpha)
     dM = torch.zeros_like(M_start)
     dJ = torch.zeros_like(J_start)
     s2 = scale * scale
+    prior_flat = prior.reshape(-1)
+    # Reader terms of dL/db: <dM_direct, M_t> = <do_t, o_t>; <dI_direct, J_t> = <dI_direct, I_t> - I0 sum(dI_direct)
+    # and <dI_direct, I_t> = -(<do_t, o_t> + <dvar_t, var_t>).  So only vectors are needed.
+    do_o = (do * o).sum(-1)
+    dvar_var = (dvar * var).sum(-1) if dvar is not None else None
     for t in reversed(range(C)):
-        M, J = Ms[t], Js[t]
-        r_imp = (J + prior).reciprocal_()
-        mu = M * r_imp
-        dmu = (scale * q[t])[:, :, None] * do[t][:, None, :]
-        dM.addcmul_(dmu, r_imp)
-        d_imp = dmu * mu
+        r_imp = (Js[t] + prior).reciprocal_()
+        dmu_r = torch.bmm((scale * q[t])[:, :, None], do[t][:, None, :]).mul_(r_imp)  # dmu / I = dM_direct
+        dM.add_(dmu_r)
+        d_imp = dmu_r.mul_(Ms[t])  # dmu * M / I
         if dvar is not None:
             d_imp.addcmul_((s2 * q[t] * q[t])[:, :, None] * dvar[t][:, None, :], r_imp)
-        d_imp.mul_(r_imp).neg_()  # direct gradient of the loss w.r.t. I_t (= w.r.t. J_t)
+        d_imp.mul_(r_imp)
+        d_imp.neg_()  # direct gradient w.r.t. I_t (= w.r.t. J_t)
         dJ.add_(d_imp)
+        mu = Ms[t].mul(r_imp)
         dq_t = scale * torch.bmm(mu, do[t][:, :, None])[..., 0]
         if dvar is not None:
             dq_t.addcmul_(2 * s2 * q[t], torch.bmm(r_imp, dvar[t][:, :, None])[..., 0])
         dq[t] = dq_t
         dk[t] = torch.bmm(dM, v[t][:, :, None])[..., 0] + 2 * k[t] * torch.bmm(dJ, beta[t][:, :, None])[..., 0]
         dv[t] = torch.bmm(k[t][:, None, :], dM)[:, 0]
-        dbeta[t] = torch.bmm((k[t] * k[t])[:, None, :], dJ)[:, 0]
-        reader = (dmu * mu).sum((1, 2)) + (d_imp * J).sum((1, 2))
-        writer = (dv[t] * v[t]).sum(1) + (dbeta[t] * beta[t]).sum(1)
-        dLdb[t] = reader - writer
-        dprior += d_imp.sum((1, 2))
+        dbeta[t] = torch.bmm(k2[t][:, None, :], dJ)[:, 0]
+        dprior_t[t] = d_imp.sum((1, 2))
         a = alpha[t][:, None, None]
         dM.mul_(a)
         dJ.mul_(a)
-    return dq, dk, dv, dbeta, dLdb, dprior, dM, dJ
+    reader = -prior_flat * dprior_t if dvar is None else -dvar_var - prior_flat * dprior_t
+    writer = (dv * v).sum(-1) + (dbeta * beta).sum(-1)
+    dLdb = reader - writer
+    return dq, dk, dv, dbeta, dLdb, dprior_t.sum(0), dM, dJ
 
 
 class ChunkPalimpsaFunction(torch.autograd.Function):
@@ -175,13 +181,13 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         )
         o = _from_chunks(o.reshape(C, NC, N, H, -1))
         var = _from_chunks(var.reshape(C, NC, N, H, -1)) if output_variance else o.new_empty(0)
-        ctx.save_for_backward(q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T)
+        ctx.save_for_backward(q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T, o, var)
         ctx.scale, ctx.chunk, ctx.output_variance = scale, chunk, output_variance
         return o, var, M_T, J_T
 
     @staticmethod
     def backward(ctx, do, dvar, dM_T, dJ_T):
-        q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T = ctx.saved_tensors
+        q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T, o, var = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         N, T, H, K = q.shape
         V = v.shape[-1]
@@ -190,6 +196,8 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         C, NC = qc.shape[:2]
         do_c = _to_chunks(do if do is not None else torch.zeros_like(v), chunk)
         dvar_c = _to_chunks(dvar, chunk) if (ctx.output_variance and dvar is not None) else None
+        o_c = _to_chunks(o, chunk)
+        var_c = _to_chunks(var, chunk) if dvar_c is not None else None
         dM_T = torch.zeros_like(M_T) if dM_T is None else dM_T
         dJ_T = torch.zeros_like(J_T) if dJ_T is None else dJ_T
 
@@ -205,6 +213,7 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
             prior_p = prior.reshape(1, 1, H).expand(c1 - c0, N, H).reshape(P, 1, 1)
             out = _chunk_local_backward(
                 flat(qc, K), flat(kc, K), flat(vc, V), flat(bc, V), gc[:, c0:c1].exp().reshape(C, P),
+                flat(o_c, V), flat(var_c, V) if dvar_c is not None else None,
                 flat(do_c, V), flat(dvar_c, V) if dvar_c is not None else None,
                 M_starts[c0:c1].reshape(P, K, V), J_starts[c0:c1].reshape(P, K, V), prior_p, scale,
             )
