@@ -1,0 +1,80 @@
+"""``palimpsa train``: every TrainConfig field as a flag, optionally on top of a JSON run config.
+
+Multi-GPU: ``torchrun --nproc-per-node N -m palimpsa train --parallel ddp|fsdp ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+
+from palimpsa.train.config import TrainConfig
+
+HELP = {
+    "model": "preset name (palimpsa/configs), JSON model config or HF config directory",
+    "model_overrides": "JSON object of model config fields to replace, e.g. '{\"metaplasticity\": false}'",
+    "data": "local files/directories/globs, or hf:NAME[:CONFIG] (streaming)",
+    "tokenizer": "'byte' (offline byte-level) or an HF tokenizer directory / hub id",
+    "seq_len": "tokens per pack (documents are packed, boundaries passed as cu_seqlens)",
+    "batch_size": "packs per micro-batch per rank",
+    "grad_accum": "micro-batches per optimizer step",
+    "parallel": "strategy under torchrun: ddp or fsdp (FSDP2 fully_shard)",
+    "stop_at_step": "stop (and checkpoint) after this step; resume later with the same command",
+    "save_every": "checkpoint every N steps (0: only at the end)",
+}
+
+
+def _field_kwargs(f: dataclasses.Field, hints) -> dict:
+    kind = hints[f.name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kwargs = {"help": HELP.get(f.name, "") + f" (default: {default!r})", "default": argparse.SUPPRESS}
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif f.name == "data":
+        kwargs["nargs"] = "+"
+    elif f.name == "betas":
+        kwargs.update(nargs=2, type=float)
+    elif f.name == "model_overrides":
+        kwargs["type"] = json.loads
+    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        kwargs["type"] = type(default)
+    elif typing.get_origin(kind) is typing.Union:  # Optional[int] / Optional[str]
+        inner = [a for a in typing.get_args(kind) if a is not type(None)][0]
+        kwargs["type"] = inner
+    return kwargs
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a language model (torchrun for DDP/FSDP2)",
+                                   description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="JSON file of TrainConfig fields; flags given here override it")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_field_kwargs(f, hints))
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {}
+    if getattr(args, "config", None):
+        with open(args.config, encoding="utf-8") as handle:
+            values.update(json.load(handle))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from palimpsa.train.distributed import shutdown_distributed
+    from palimpsa.train.loop import train
+
+    config = config_from_args(args)
+    try:
+        result = train(config)
+    finally:
+        shutdown_distributed()
+    print(json.dumps({"final_step": result.final_step, "last_loss": result.losses[-1] if result.losses else None,
+                      "out_dir": result.out_dir}))
+    return 0
