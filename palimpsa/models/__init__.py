@@ -1,0 +1,3 @@
+"""Hugging Face causal language models built on the Palimpsa layers (registered with the Auto classes)."""
+
+from palimpsa.models.meta_mamba2 import MetaMamba2Cache, MetaMamba2Config, MetaMamba2ForCausalLM, MetaMamba2Model  # noqa: F401
