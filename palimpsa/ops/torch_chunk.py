@@ -12,7 +12,7 @@ Forward
   Only the chunk-start (M, J) are kept for the backward: memory O(T (K + V) + (T / C) K V).
 
 Backward
-  3. per chunk (in parallel, in blocks of chunks to bound memory): recompute the chunk's states forward
+  3. per chunk (in parallel, a cache-sized block of chunks at a time, which also bounds memory): recompute the chunk's states forward
      from its stored start, then walk the chunk backwards with a *local* adjoint that starts at zero at the
      chunk's end; this gives every local gradient and the adjoint reaching the chunk's start;
   4. a reverse scan over chunk boundaries gives the adjoint that enters each chunk from the future;
@@ -24,6 +24,7 @@ Backward
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -32,9 +33,15 @@ from palimpsa.ops.checks import PreparedInputs
 from palimpsa.ops.varlen import pad_sequences, unpad_sequences
 
 DEFAULT_CHUNK_SIZE = 64
-# Per-token states recomputed during the backward are kept for this many bytes at most, or for as many
-# bytes as the stored chunk-start states take, whichever is larger (so memory stays O((T / C) K V)).
-BACKWARD_WORKSPACE_BYTES = 128 * 2**20
+# The token loops step a block of chunks at a time; a block's state tensor holds about this many elements,
+# small enough to stay in cache (fewer, larger blocks mean fewer Python steps but more memory traffic).
+STEP_ELEMENTS = int(os.environ.get("PALIMPSA_STEP_ELEMENTS", 1 << 16))
+
+
+def _chunk_blocks(num_chunks: int, elements_per_chunk: int):
+    """Split range(num_chunks) into contiguous (start, stop) blocks of about STEP_ELEMENTS state elements."""
+    per_block = max(1, STEP_ELEMENTS // max(1, elements_per_chunk))
+    return [(c0, min(num_chunks, c0 + per_block)) for c0 in range(0, num_chunks, per_block)]
 
 
 def _to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -172,15 +179,21 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         b = _to_chunks(g, chunk).cumsum(0)  # [C, NC, N, H]
         M_starts, J_starts, M_T, J_T = _chunk_boundary_states(kc, vc, bc, b, M0, J0)
         C, NC = qc.shape[:2]
-        P = NC * N * H
-        alpha = _to_chunks(g, chunk).exp().reshape(C, P)
-        prior_p = prior.reshape(1, 1, H).expand(NC, N, H).reshape(P, 1, 1)
-        o, var = _chunk_outputs(
-            qc.reshape(C, P, K), kc.reshape(C, P, K), vc.reshape(C, P, -1), bc.reshape(C, P, -1), alpha,
-            M_starts.reshape(P, K, -1), J_starts.reshape(P, K, -1), prior_p, scale, output_variance,
-        )
-        o = _from_chunks(o.reshape(C, NC, N, H, -1))
-        var = _from_chunks(var.reshape(C, NC, N, H, -1)) if output_variance else o.new_empty(0)
+        V = v.shape[-1]
+        alpha_c = _to_chunks(g, chunk).exp()
+        outs, variances = [], []
+        for c0, c1 in _chunk_blocks(NC, N * H * K * V):
+            P = (c1 - c0) * N * H
+            prior_p = prior.reshape(1, 1, H).expand(c1 - c0, N, H).reshape(P, 1, 1)
+            o_blk, var_blk = _chunk_outputs(
+                qc[:, c0:c1].reshape(C, P, K), kc[:, c0:c1].reshape(C, P, K), vc[:, c0:c1].reshape(C, P, V),
+                bc[:, c0:c1].reshape(C, P, V), alpha_c[:, c0:c1].reshape(C, P),
+                M_starts[c0:c1].reshape(P, K, V), J_starts[c0:c1].reshape(P, K, V), prior_p, scale, output_variance,
+            )
+            outs.append(o_blk.reshape(C, c1 - c0, N, H, V))
+            variances.append(var_blk.reshape(C, c1 - c0, N, H, V) if output_variance else None)
+        o = _from_chunks(torch.cat(outs, 1))
+        var = _from_chunks(torch.cat(variances, 1)) if output_variance else o.new_empty(0)
         ctx.save_for_backward(q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T, o, var)
         ctx.scale, ctx.chunk, ctx.output_variance = scale, chunk, output_variance
         return o, var, M_T, J_T
@@ -202,12 +215,8 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         dJ_T = torch.zeros_like(J_T) if dJ_T is None else dJ_T
 
         # Local backward, a block of chunks at a time.
-        per_chunk_bytes = 2 * C * N * H * K * V * q.element_size()
-        budget = max(BACKWARD_WORKSPACE_BYTES, M_starts.numel() * M_starts.element_size() * 2)
-        block = max(1, budget // per_chunk_bytes)
         grads = {name: [] for name in ("dq", "dk", "dv", "dbeta", "dLdb", "dprior", "dM", "dJ")}
-        for c0 in range(0, NC, block):
-            c1 = min(NC, c0 + block)
+        for c0, c1 in _chunk_blocks(NC, N * H * K * V):
             P = (c1 - c0) * N * H
             flat = lambda x, d: x[:, c0:c1].reshape(C, P, d)  # noqa: E731
             prior_p = prior.reshape(1, 1, H).expand(c1 - c0, N, H).reshape(P, 1, 1)
