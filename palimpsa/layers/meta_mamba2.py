@@ -10,7 +10,7 @@ Everything around the scan is exactly Mamba2 (parameter names mirror ``transform
 
 with the importance gate (the only new parameters), per value channel::
 
-    beta [B, T, H, P] = sigmoid(importance_up(importance_down(u))) * softplus(importance_scale)[h] * dt
+    beta [B, T, H, P] = sigmoid(importance_up_proj(importance_down_proj(u))) * softplus(importance_scale)[h] * dt
 
 Palimpsa's state is (mu, I) [B, H, N, P] (keys = Mamba2's state dimension N, values = the head dimension P).
 With beta = 0 the importance stays at the prior 1 and mu is Mamba2's SSM state h: ``metaplasticity=False``
@@ -209,8 +209,8 @@ class MetaMamba2(nn.Module):
         self.norm = GatedRMSNorm(intermediate_size, eps=norm_eps)
         self.out_proj = nn.Linear(intermediate_size, hidden_size, bias=use_bias)
         if metaplasticity:
-            self.importance_down = nn.Linear(hidden_size, importance_rank, bias=False)
-            self.importance_up = nn.Linear(importance_rank, intermediate_size, bias=False)
+            self.importance_down_proj = nn.Linear(hidden_size, importance_rank, bias=False)
+            self.importance_up_proj = nn.Linear(importance_rank, intermediate_size, bias=False)
             self.importance_scale = nn.Parameter(torch.full((num_heads,), float(importance_scale_init)))
         self.reset_ssm_parameters(importance_scale_init)
 
@@ -241,7 +241,7 @@ class MetaMamba2(nn.Module):
         B, T, _ = u.shape
         if not self.metaplasticity:
             return dt.new_zeros(B, T, self.num_heads, self.head_dim)
-        gate = torch.sigmoid(self.importance_up(self.importance_down(u)).to(dt.dtype))
+        gate = torch.sigmoid(self.importance_up_proj(self.importance_down_proj(u)).to(dt.dtype))
         gate = rearrange(gate, "b t (h p) -> b t h p", p=self.head_dim)
         return gate * F.softplus(self.importance_scale.to(dt.dtype))[:, None] * dt[..., None]
 

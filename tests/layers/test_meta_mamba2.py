@@ -27,7 +27,7 @@ def test_parameter_names_mirror_transformers_mamba2_mixer():
     ref = Mamba2Mixer(cfg, layer_idx=0)
     ours = MetaMamba2(D_MODEL, state_size=STATE, head_dim=HEAD_DIM, n_groups=GROUPS, importance_rank=4)
     new = set(ours.state_dict()) - set(ref.state_dict())
-    assert new == {"importance_down.weight", "importance_up.weight", "importance_scale"}
+    assert new == {"importance_down_proj.weight", "importance_up_proj.weight", "importance_scale"}
     for name, tensor in ref.state_dict().items():
         assert ours.state_dict()[name].shape == tensor.shape, name
 
