@@ -82,21 +82,25 @@ def _chunk_boundary_states(k, v, beta, log_decay_cum, M0, J0):
 
 
 def _chunk_outputs(q, k, v, beta, alpha, M_starts, J_starts, prior, scale, output_variance):
-    """Step all chunks through their tokens together.
+    """Step a block of chunks through their tokens together.
 
     q, k: [C, P, K]; v, beta: [C, P, V]; alpha: [C, P]; M_starts, J_starts: [P, K, V]; prior: [P, 1, 1]
     (P = chunks x sequences x heads).  Returns o [C, P, V] and var [C, P, V] or None.
+    (Outer products and matrix-vector products are written as broadcast multiplies and reductions: on the
+    CPU they beat batched GEMM calls at these tiny sizes.)
     """
     M = M_starts.clone()
     J = J_starts.clone()
+    imp = torch.empty_like(M)
     mu = torch.empty_like(M)
+    k2 = k * k
     outputs = torch.empty_like(v)
     variances = torch.empty_like(v) if output_variance else None
     for t in range(q.shape[0]):
         a = alpha[t][:, None, None]
-        M.mul_(a).baddbmm_(k[t][:, :, None], v[t][:, None, :])
-        J.mul_(a).baddbmm_((k[t] * k[t])[:, :, None], beta[t][:, None, :])
-        imp = J + prior
+        M.mul_(a).addcmul_(k[t][:, :, None], v[t][:, None, :])
+        J.mul_(a).addcmul_(k2[t][:, :, None], beta[t][:, None, :])
+        torch.add(J, prior, out=imp)
         torch.div(M, imp, out=mu)
         torch.bmm(q[t][:, None, :], mu, out=outputs[t][:, None, :])
         if output_variance:
@@ -120,49 +124,48 @@ def _chunk_local_backward(q, k, v, beta, alpha, o, var, do, dvar, M_start, J_sta
     k2 = k * k
     for t in range(C):
         a = alpha[t][:, None, None]
-        M = torch.bmm(k[t][:, :, None], v[t][:, None, :]).addcmul_(M, a)
-        J = torch.bmm(k2[t][:, :, None], beta[t][:, None, :]).addcmul_(J, a)
+        M = torch.mul(M, a).addcmul_(k[t][:, :, None], v[t][:, None, :])
+        J = torch.mul(J, a).addcmul_(k2[t][:, :, None], beta[t][:, None, :])
         Ms.append(M)
         Js.append(J)
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
-    dLdb = torch.empty_like(alpha)
-    dprior_t = torch.empty_like(alpha)
+    neg_dprior_t = torch.empty_like(alpha)
     dM = torch.zeros_like(M_start)
     dJ = torch.zeros_like(J_start)
     s2 = scale * scale
     prior_flat = prior.reshape(-1)
     # Reader terms of dL/db: <dM_direct, M_t> = <do_t, o_t>; <dI_direct, J_t> = <dI_direct, I_t> - I0 sum(dI_direct)
-    # and <dI_direct, I_t> = -(<do_t, o_t> + <dvar_t, var_t>).  So only vectors are needed.
-    do_o = (do * o).sum(-1)
+    # with <dI_direct, I_t> = -(<do_t, o_t> + <dvar_t, var_t>): only vectors are needed.
     dvar_var = (dvar * var).sum(-1) if dvar is not None else None
     for t in reversed(range(C)):
+        M = Ms[t]
         r_imp = (Js[t] + prior).reciprocal_()
-        dmu_r = torch.bmm((scale * q[t])[:, :, None], do[t][:, None, :]).mul_(r_imp)  # dmu / I = dM_direct
+        dmu_r = torch.mul((scale * q[t])[:, :, None], do[t][:, None, :]).mul_(r_imp)  # = dM_direct = dmu / I
         dM.add_(dmu_r)
-        d_imp = dmu_r.mul_(Ms[t])  # dmu * M / I
+        neg_d_imp = dmu_r.mul_(M)  # dmu * M / I
         if dvar is not None:
-            d_imp.addcmul_((s2 * q[t] * q[t])[:, :, None] * dvar[t][:, None, :], r_imp)
-        d_imp.mul_(r_imp)
-        d_imp.neg_()  # direct gradient w.r.t. I_t (= w.r.t. J_t)
-        dJ.add_(d_imp)
-        mu = Ms[t].mul(r_imp)
-        dq_t = scale * torch.bmm(mu, do[t][:, :, None])[..., 0]
+            neg_d_imp.addcmul_(torch.mul((s2 * q[t] * q[t])[:, :, None], dvar[t][:, None, :]), r_imp)
+        neg_d_imp.mul_(r_imp)  # minus the direct gradient w.r.t. I_t (= w.r.t. J_t)
+        dJ.sub_(neg_d_imp)
+        dq_t = scale * (M * r_imp * do[t][:, None, :]).sum(-1)
         if dvar is not None:
-            dq_t.addcmul_(2 * s2 * q[t], torch.bmm(r_imp, dvar[t][:, :, None])[..., 0])
+            dq_t.addcmul_(2 * s2 * q[t], (r_imp * dvar[t][:, None, :]).sum(-1))
         dq[t] = dq_t
-        dk[t] = torch.bmm(dM, v[t][:, :, None])[..., 0] + 2 * k[t] * torch.bmm(dJ, beta[t][:, :, None])[..., 0]
-        dv[t] = torch.bmm(k[t][:, None, :], dM)[:, 0]
-        dbeta[t] = torch.bmm(k2[t][:, None, :], dJ)[:, 0]
-        dprior_t[t] = d_imp.sum((1, 2))
+        dk[t] = (dM * v[t][:, None, :]).sum(-1) + 2 * k[t] * (dJ * beta[t][:, None, :]).sum(-1)
+        torch.bmm(k[t][:, None, :], dM, out=dv[t][:, None, :])
+        torch.bmm(k2[t][:, None, :], dJ, out=dbeta[t][:, None, :])
+        neg_dprior_t[t] = neg_d_imp.sum((1, 2))
         a = alpha[t][:, None, None]
         dM.mul_(a)
         dJ.mul_(a)
-    reader = -prior_flat * dprior_t if dvar is None else -dvar_var - prior_flat * dprior_t
+    reader = prior_flat * neg_dprior_t
+    if dvar is not None:
+        reader = reader - dvar_var
     writer = (dv * v).sum(-1) + (dbeta * beta).sum(-1)
     dLdb = reader - writer
-    return dq, dk, dv, dbeta, dLdb, dprior_t.sum(0), dM, dJ
+    return dq, dk, dv, dbeta, dLdb, -neg_dprior_t.sum(0), dM, dJ
 
 
 class ChunkPalimpsaFunction(torch.autograd.Function):
