@@ -1,0 +1,46 @@
+"""``palimpsa convert {mamba2,palimpsa} SRC DST``: make a checkpoint metaplastic without changing its outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from palimpsa.convert.checkpoint import DEFAULT_TOLERANCE, convert_checkpoint
+from palimpsa.convert.metaplastic import CONVERTED_IMPORTANCE_SCALE
+
+DESCRIPTIONS = {
+    "mamba2": "a transformers Mamba2ForCausalLM checkpoint -> a Meta-Mamba2 (MetaMamba2ForCausalLM)",
+    "palimpsa": "a NotPalimpsa checkpoint (PalimpsaForCausalLM, metaplasticity off) -> a Palimpsa",
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = convert_checkpoint(args.kind, args.src, args.dst, importance_rank=args.importance_rank,
+                                    importance_scale=args.importance_scale, verify=not args.no_verify,
+                                    tolerance=args.tolerance, overwrite=args.overwrite, seed=args.seed)
+    except (ValueError, TypeError, FileExistsError) as err:
+        print(f"palimpsa convert {args.kind}: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("convert", help="make a Mamba2 / NotPalimpsa checkpoint metaplastic",
+                                   description=__doc__)
+    kinds = parser.add_subparsers(dest="kind", metavar="<kind>", required=True)
+    for kind, description in DESCRIPTIONS.items():
+        sub = kinds.add_parser(kind, help=description, description=description)
+        sub.add_argument("src", help="source checkpoint: a directory or a Hub id")
+        sub.add_argument("dst", help="output directory (written atomically; must not exist unless --overwrite)")
+        sub.add_argument("--importance-rank", type=int, default=None, help="rank r of the new importance gates")
+        sub.add_argument("--importance-scale", type=float, default=CONVERTED_IMPORTANCE_SCALE,
+                         help=f"initial c of the gates' softplus(c) factor (default {CONVERTED_IMPORTANCE_SCALE})")
+        sub.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                         help="largest accepted relative change of the logits on random tokens")
+        sub.add_argument("--no-verify", action="store_true", help="skip the logits comparison")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+        sub.add_argument("--seed", type=int, default=0, help="seed of the gates' random projections")
+        sub.set_defaults(func=run)

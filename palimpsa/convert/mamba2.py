@@ -1,0 +1,49 @@
+"""Mamba2 (``transformers`` format) -> Meta-Mamba2, function-preserving (see :mod:`palimpsa.convert.metaplastic`)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import Mamba2ForCausalLM
+
+from palimpsa.convert.loading import Source, load_checkpoint
+from palimpsa.convert.metaplastic import CONVERTED_IMPORTANCE_SCALE, check_scale, copy_weights_and_init_gate
+from palimpsa.models.meta_mamba2 import MetaMamba2Config, MetaMamba2ForCausalLM
+
+
+def mamba2_to_meta_mamba2(
+    source: Source,
+    importance_rank: Optional[int] = None,
+    importance_scale: float = CONVERTED_IMPORTANCE_SCALE,
+    seed: int = 0,
+) -> MetaMamba2ForCausalLM:
+    """Make a trained Mamba2 metaplastic without changing its outputs.
+
+    Args:
+        source: a ``transformers`` ``Mamba2ForCausalLM``, a directory holding one, or a Hub id.
+        importance_rank: rank r of the new importance gates (default ceil(hidden_size / 16)).
+        importance_scale: initial c of the gates' softplus(c) factor; the default keeps the logits within
+            1e-5 (relative, fp32) of the source while every new parameter gets a nonzero gradient.
+        seed: seed of the random init of the gates' low-rank projections (the global RNG is left untouched).
+
+    Returns:
+        A ``MetaMamba2ForCausalLM`` (metaplasticity on) on the source's device and dtype, in eval mode.
+
+    Raises:
+        TypeError / ValueError: not a Mamba2, missing or mis-shaped weights, or options Meta-Mamba2 does not
+        support (for example ``hidden_act`` other than "silu").
+    """
+    importance_scale = check_scale(importance_scale)
+    mamba2 = load_checkpoint(source, Mamba2ForCausalLM, "mamba2", "Mamba2")
+    overrides = dict(metaplasticity=True, importance_scale_init=importance_scale)
+    if importance_rank is not None:
+        overrides["importance_rank"] = importance_rank
+    config = MetaMamba2Config.from_mamba2_config(mamba2.config, **overrides)
+    parameter = next(mamba2.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MetaMamba2ForCausalLM(config)
+    model.to(device=parameter.device, dtype=parameter.dtype)
+    copy_weights_and_init_gate(mamba2, model, importance_scale)
+    return model.eval()

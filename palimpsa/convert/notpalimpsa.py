@@ -1,0 +1,56 @@
+"""NotPalimpsa (a Palimpsa model without metaplasticity) -> Palimpsa, function-preserving.
+
+See :mod:`palimpsa.convert.metaplastic` for why the new gates start tiny but nonzero.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from palimpsa.convert.loading import Source, load_checkpoint
+from palimpsa.convert.metaplastic import CONVERTED_IMPORTANCE_SCALE, check_scale, copy_weights_and_init_gate
+
+
+def notpalimpsa_to_palimpsa(
+    source: Source,
+    importance_rank: Optional[int] = None,
+    importance_scale: float = CONVERTED_IMPORTANCE_SCALE,
+    seed: int = 0,
+):
+    """Turn on metaplasticity in a trained NotPalimpsa model without changing its outputs.
+
+    Args:
+        source: a ``PalimpsaForCausalLM`` with ``metaplasticity=False``, a directory holding one, or a Hub id.
+        importance_rank: rank r of the new importance gates (default: the source config's).
+        importance_scale: initial c of the gates' softplus(c) factor (tiny beta, nonzero gradients).
+        seed: seed of the random init of the gates' low-rank projections (the global RNG is left untouched).
+
+    Returns:
+        A ``PalimpsaForCausalLM`` with metaplasticity on, on the source's device and dtype, in eval mode.
+
+    Raises:
+        TypeError / ValueError: not a Palimpsa checkpoint, already metaplastic, missing or mis-shaped weights.
+    """
+    from palimpsa.models.palimpsa import PalimpsaConfig, PalimpsaForCausalLM
+
+    importance_scale = check_scale(importance_scale)
+    notpalimpsa = load_checkpoint(source, PalimpsaForCausalLM, PalimpsaConfig.model_type, "NotPalimpsa")
+    if notpalimpsa.config.metaplasticity:
+        raise ValueError("the source is already metaplastic (config.metaplasticity is True); "
+                         "only a NotPalimpsa model (metaplasticity=False) can be converted")
+    values = notpalimpsa.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        values.pop(key, None)
+    values.update(metaplasticity=True, importance_scale_init=importance_scale)
+    if importance_rank is not None:
+        values["importance_rank"] = importance_rank
+    config = PalimpsaConfig(**values)
+    parameter = next(notpalimpsa.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PalimpsaForCausalLM(config)
+    model.to(device=parameter.device, dtype=parameter.dtype)
+    copy_weights_and_init_gate(notpalimpsa, model, importance_scale)
+    return model.eval()
