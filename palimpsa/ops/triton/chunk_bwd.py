@@ -1,0 +1,549 @@
+"""Backward of Palimpsa by per-chunk recomputation (Triton).  Never divides by the decay.
+
+Notation (one head, [K, V] tiles, element-wise unless noted; I = I0 + P, r = 1 / I, mu = M r)::
+
+    direct adjoints of token t (from o_t, var_t):
+        DM_t = s q_t do_t^T r_t
+        DI_t = -r_t (s q_t do_t^T mu_t + s^2 q_t^2 dvar_t^T r_t)
+    accumulated adjoints (reverse gated scans with the forward's decay):
+        dM_t = DM_t + alpha_{t+1} dM_{t+1},   dP_t = DI_t + alpha_{t+1} dP_{t+1}
+    gradients:
+        dq_t = s sum_v do mu + 2 s^2 q sum_v dvar r
+        dk_t = sum_v dM_t v_t + 2 k_t sum_v dP_t beta_t,   dv_t = sum_k k_t dM_t,   dbeta_t = sum_k k_t^2 dP_t
+        dlogb_t = sum_kv (DM_t M_t + DI_t P_t) - sum_v (v_t dv_t + beta_t dbeta_t)   (reader - writer terms
+                  of the cumulative log decay b); dg = reverse cumulative sum of dlogb over the sequence
+        dI0 = sum_t sum_kv DI_t (- sum dP_0 when an initial state is given)
+
+Work plan (states are recomputed, only chunk-start states and one adjoint pair per unit are stored):
+1. ``chunk_states`` recomputes (M, I) at every chunk start (matmuls).
+2. The tokens of a sequence are grouped in units of U chunks.  ``unit_local_adjoint_kernel`` walks each
+   unit forward from its start state and sums exp(b_t - b_start) (DM_t, DI_t): the unit's adjoint seen
+   from its start, in parallel over units.
+3. ``unit_scan_kernel`` turns those into the adjoint entering each unit from its end (a short reverse scan
+   over units, starting from the final-state gradient).
+4. ``unit_bwd_kernel`` walks each unit backward: for every sub-block of 4 tokens (last first) it rebuilds
+   the sub-block's start state from the chunk-start state by two matmuls, steps 4 tokens forward keeping
+   their (mu, r) in registers, then steps them in reverse accumulating dM, dP and writing all gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from palimpsa.ops.triton.chunk_fwd import forward_step, load_state_part
+from palimpsa.ops.triton.chunk_state import chunk_dot, chunk_states
+from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, reciprocal,
+                                       sequence_bounds, state_block, v_block)
+
+
+@triton.jit
+def direct_adjoints(mu, r, q, do, dvar, HAS_DVAR: tl.constexpr):
+    """(DM, DI, do * mu, dvar * r or None) of one token on a state part; q already carries the scale."""
+    dm = do[None, :] * mu
+    d_mean = (q[:, None] * do[None, :]) * r
+    if HAS_DVAR:
+        dvr = dvar[None, :] * r
+        d_imp = -r * (q[:, None] * dm + (q * q)[:, None] * dvr)
+    else:
+        dvr = dm
+        d_imp = -r * (q[:, None] * dm)
+    return d_mean, d_imp, dm, dvr
+
+
+@triton.jit
+def unit_local_adjoint_kernel(
+    q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, unit_decay, do, dvar,
+    cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
+    HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr, FAST: tl.constexpr,
+):
+    """Grid (V blocks, units, H).  adj_*[unit] = sum over the unit of exp(b_t - b_start) (DM_t, DI_t);
+    unit_decay[unit, h] = b at the unit's end.  The first unit of each sequence is skipped (not needed)."""
+    i_v, i_u, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    HAS_B: tl.constexpr = KB > 0
+    W: tl.constexpr = C * U
+    i_n, i_w, bos, eos, _ = locate_chunk(i_u, unit_indices, unit_offsets, cu_seqlens, T, W, IS_VARLEN)
+    if i_w > 0:
+        if IS_VARLEN:
+            cbase = tl.load(chunk_offsets + i_n).to(tl.int32)
+        else:
+            cbase = i_n * tl.cdiv(T, C)
+        start = bos + i_w * W
+        end = tl.minimum(start + W, eos)
+        offs_a = tl.arange(0, KA)
+        mask_a = offs_a < K
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        prior_h = tl.load(prior + i_h).to(tl.float32)
+        h_off = ((cbase + i_w * U) * H + i_h).to(tl.int64) * K * V
+        mean_a, imp_a = load_state_part(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V, False)
+        acc_m_a = tl.zeros([KA, BV], dtype=tl.float32)
+        acc_p_a = tl.zeros([KA, BV], dtype=tl.float32)
+        if HAS_B:
+            offs_b = KA + tl.arange(0, KB)
+            mask_b = offs_b < K
+            mean_b, imp_b = load_state_part(h_mean, h_imp, h_off, offs_b, offs_v, mask_b, mask_v, V, False)
+            acc_m_b = tl.zeros([KB, BV], dtype=tl.float32)
+            acc_p_b = tl.zeros([KB, BV], dtype=tl.float32)
+        b_acc = tl.sum(tl.zeros([1], dtype=tl.float32), 0)
+        for t in range(start, end):
+            tok_h = tl.cast(t, tl.int64) * H + i_h
+            g_t = tl.load(g + tok_h).to(tl.float32)
+            alpha = tl.exp(g_t)
+            relax = (1.0 - alpha) * prior_h
+            b_acc += g_t
+            weight = tl.exp(b_acc)
+            v_t = tl.load(v + tok_h * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            beta_t = tl.load(beta + tok_h * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            do_t = tl.load(do + tok_h * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            if HAS_DVAR:
+                dvar_t = tl.load(dvar + tok_h * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            else:
+                dvar_t = do_t
+            q_a = tl.load(q + tok_h * K + offs_a, mask=mask_a, other=0.0).to(tl.float32) * scale
+            k_a = tl.load(k + tok_h * K + offs_a, mask=mask_a, other=0.0).to(tl.float32)
+            mean_a, imp_a, r_a = forward_step(mean_a, imp_a, k_a, v_t, beta_t, alpha, relax, FAST)
+            dm_a, di_a, _, _ = direct_adjoints(mean_a * r_a, r_a, q_a, do_t, dvar_t, HAS_DVAR)
+            acc_m_a += weight * dm_a
+            acc_p_a += weight * di_a
+            if HAS_B:
+                q_b = tl.load(q + tok_h * K + offs_b, mask=mask_b, other=0.0).to(tl.float32) * scale
+                k_b = tl.load(k + tok_h * K + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+                mean_b, imp_b, r_b = forward_step(mean_b, imp_b, k_b, v_t, beta_t, alpha, relax, FAST)
+                dm_b, di_b, _, _ = direct_adjoints(mean_b * r_b, r_b, q_b, do_t, dvar_t, HAS_DVAR)
+                acc_m_b += weight * dm_b
+                acc_p_b += weight * di_b
+        a_off = (i_u * H + i_h).to(tl.int64) * K * V
+        tl.store(adj_mean + a_off + offs_a[:, None] * V + offs_v[None, :], acc_m_a,
+                 mask=mask_a[:, None] & mask_v[None, :])
+        tl.store(adj_imp + a_off + offs_a[:, None] * V + offs_v[None, :], acc_p_a,
+                 mask=mask_a[:, None] & mask_v[None, :])
+        if HAS_B:
+            tl.store(adj_mean + a_off + offs_b[:, None] * V + offs_v[None, :], acc_m_b,
+                     mask=mask_b[:, None] & mask_v[None, :])
+            tl.store(adj_imp + a_off + offs_b[:, None] * V + offs_v[None, :], acc_p_b,
+                     mask=mask_b[:, None] & mask_v[None, :])
+        if i_v == 0:
+            tl.store(unit_decay + i_u * H + i_h, b_acc)
+
+
+@triton.jit
+def unit_scan_kernel(
+    prior, adj_mean, adj_imp, unit_decay, final_mu, final_imp, dmu_final, dimp_final, extra_reader,
+    extra_dprior, cu_seqlens, unit_offsets, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Grid (V blocks, K blocks, N * H).  In place: adj_*[unit] <- adjoint of (M, P) entering the unit
+    from its end (the final-state gradient for the last unit).  extra_*: the final state's reader term
+    of dlogb at the last token and its share of dI0, per program."""
+    i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = sequence_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    NU = tl.cdiv(eos - bos, W)
+    if IS_VARLEN:
+        ubase = tl.load(unit_offsets + i_n).to(tl.int32)
+    else:
+        ubase = i_n * NU
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask = (offs_k < K)[:, None] & (offs_v < V)[None, :]
+    tile = offs_k[:, None] * V + offs_v[None, :]
+    adj_m = tl.zeros([BK, BV], dtype=tl.float32)
+    adj_p = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DFINAL:
+        prior_h = tl.load(prior + i_h).to(tl.float32)
+        f_off = i_nh.to(tl.int64) * K * V
+        mu = tl.load(final_mu + f_off + tile, mask=mask, other=0.0)
+        imp = tl.load(final_imp + f_off + tile, mask=mask, other=1.0)
+        dmu = tl.load(dmu_final + f_off + tile, mask=mask, other=0.0).to(tl.float32)
+        dimp = tl.load(dimp_final + f_off + tile, mask=mask, other=0.0).to(tl.float32)
+        r = 1.0 / imp
+        adj_m = dmu * r
+        adj_p = dimp - dmu * mu * r
+        reader = tl.sum(tl.sum(adj_m * mu * imp + adj_p * (imp - prior_h), 1), 0)
+        slot = (i_k * tl.num_programs(0) + i_v) * tl.num_programs(2) + i_nh
+        tl.store(extra_reader + slot, reader)
+        tl.store(extra_dprior + slot, tl.sum(tl.sum(adj_p, 1), 0))
+    for uu in range(0, NU):
+        u = NU - 1 - uu
+        a_off = ((ubase + u) * H + i_h).to(tl.int64) * K * V
+        local_m = tl.load(adj_mean + a_off + tile, mask=mask & (u > 0), other=0.0)
+        local_p = tl.load(adj_imp + a_off + tile, mask=mask & (u > 0), other=0.0)
+        decay = tl.exp(tl.load(unit_decay + (ubase + u) * H + i_h, mask=u > 0, other=0.0))
+        tl.store(adj_mean + a_off + tile, adj_m, mask=mask)
+        tl.store(adj_imp + a_off + tile, adj_p, mask=mask)
+        adj_m = local_m + decay * adj_m
+        adj_p = local_p + decay * adj_p
+
+
+@triton.jit
+def token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, valid, i_h, offs_a, mask_a,
+                  offs_b, mask_b, offs_v, mask_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  HAS_B: tl.constexpr, FAST: tl.constexpr):
+    """Advance both state parts by token t (a no-op when not ``valid``); returns states and (mu, r)."""
+    tok_h = tl.cast(t, tl.int64) * H + i_h
+    alpha = tl.exp(tl.load(g + tok_h, mask=valid, other=0.0).to(tl.float32))
+    relax = (1.0 - alpha) * prior_h
+    v_t = tl.load(v + tok_h * V + offs_v, mask=mask_v & valid, other=0.0).to(tl.float32)
+    beta_t = tl.load(beta + tok_h * V + offs_v, mask=mask_v & valid, other=0.0).to(tl.float32)
+    k_a = tl.load(k + tok_h * K + offs_a, mask=mask_a & valid, other=0.0).to(tl.float32)
+    mean_a, imp_a, r_a = forward_step(mean_a, imp_a, k_a, v_t, beta_t, alpha, relax, FAST)
+    mu_a = mean_a * r_a
+    mu_b = mu_a
+    r_b = r_a
+    if HAS_B:
+        k_b = tl.load(k + tok_h * K + offs_b, mask=mask_b & valid, other=0.0).to(tl.float32)
+        mean_b, imp_b, r_b = forward_step(mean_b, imp_b, k_b, v_t, beta_t, alpha, relax, FAST)
+        mu_b = mean_b * r_b
+    return mean_a, imp_a, mean_b, imp_b, mu_a, r_a, mu_b, r_b
+
+
+@triton.jit
+def token_backward_part(mu, r, adj_m, adj_p, sdi, q, k, v_t, beta_t, do_t, dvar_t, prior_h, scale,
+                        HAS_DVAR: tl.constexpr):
+    """Reverse step of one token on one state part.
+
+    Returns the adjoints handed to the previous token (before the decay), the running sum of DI, and the
+    partial gradients: dv, dbeta (over this part's K rows), dk, dq (this part's rows), sum_kv of the
+    reader tile.
+    """
+    d_mean, d_imp, dm, dvr = direct_adjoints(mu, r, q, do_t, dvar_t, HAS_DVAR)
+    if HAS_DVAR:
+        z = (q * q)[:, None] * dvr
+        reader = z + prior_h * d_imp
+        dq = tl.sum(scale * dm + (2.0 * scale * q)[:, None] * dvr, 1)
+    else:
+        reader = prior_h * d_imp
+        dq = tl.sum(scale * dm, 1)
+    total_m = d_mean + adj_m
+    total_p = d_imp + adj_p
+    dv = tl.sum(k[:, None] * total_m, 0)
+    dbeta = tl.sum((k * k)[:, None] * total_p, 0)
+    dk = tl.sum(total_m * v_t[None, :] + (2.0 * k)[:, None] * (total_p * beta_t[None, :]), 1)
+    reader_sum = tl.sum(tl.sum(reader, 1), 0)
+    return total_m, total_p, sdi + d_imp, dv, dbeta, dk, dq, reader_sum
+
+
+@triton.jit
+def token_backward(mu_a, r_a, mu_b, r_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                   q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t, valid, i_v, i_h,
+                   offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr,
+                   HAS_DVAR: tl.constexpr):
+    """Reverse step of token t on both parts; writes its gradients, returns the adjoints for token t - 1."""
+    tok_h = tl.cast(t, tl.int64) * H + i_h
+    alpha = tl.exp(tl.load(g + tok_h, mask=valid, other=0.0).to(tl.float32))
+    mv = mask_v & valid
+    v_t = tl.load(v + tok_h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+    beta_t = tl.load(beta + tok_h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+    do_t = tl.load(do + tok_h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+    if HAS_DVAR:
+        dvar_t = tl.load(dvar + tok_h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+    else:
+        dvar_t = do_t
+    q_a = tl.load(q + tok_h * K + offs_a, mask=mask_a & valid, other=0.0).to(tl.float32) * scale
+    k_a = tl.load(k + tok_h * K + offs_a, mask=mask_a & valid, other=0.0).to(tl.float32)
+    total_m_a, total_p_a, sdi_a, dv_t, dbeta_t, dk_a, dq_a, reader = token_backward_part(
+        mu_a, r_a, adj_m_a, adj_p_a, sdi_a, q_a, k_a, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
+    tl.atomic_add(dq + tok_h * K + offs_a, dq_a, mask=mask_a & valid, sem="relaxed")
+    tl.atomic_add(dk + tok_h * K + offs_a, dk_a, mask=mask_a & valid, sem="relaxed")
+    adj_m_a = alpha * total_m_a
+    adj_p_a = alpha * total_p_a
+    if HAS_B:
+        q_b = tl.load(q + tok_h * K + offs_b, mask=mask_b & valid, other=0.0).to(tl.float32) * scale
+        k_b = tl.load(k + tok_h * K + offs_b, mask=mask_b & valid, other=0.0).to(tl.float32)
+        total_m_b, total_p_b, sdi_b, dv_b, dbeta_b, dk_b, dq_b, reader_b = token_backward_part(
+            mu_b, r_b, adj_m_b, adj_p_b, sdi_b, q_b, k_b, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
+        tl.atomic_add(dq + tok_h * K + offs_b, dq_b, mask=mask_b & valid, sem="relaxed")
+        tl.atomic_add(dk + tok_h * K + offs_b, dk_b, mask=mask_b & valid, sem="relaxed")
+        adj_m_b = alpha * total_m_b
+        adj_p_b = alpha * total_p_b
+        dv_t += dv_b
+        dbeta_t += dbeta_b
+        reader += reader_b
+    tl.store(dv + tok_h * V + offs_v, dv_t.to(dv.dtype.element_ty), mask=mv)
+    tl.store(dbeta + tok_h * V + offs_v, dbeta_t.to(dbeta.dtype.element_ty), mask=mv)
+    writer = tl.sum(v_t * dv_t + beta_t * dbeta_t, 0)
+    tl.store(dlogb + i_v * NTOK * H + tok_h, -reader - writer, mask=valid)
+    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b
+
+
+@triton.jit
+def sub_block_start(mean0, exc0, k_c, kk_c, v_c, beta_c, weight, decay, prior_h, DOT_BF16: tl.constexpr):
+    """State (M, I) of one part before a sub-block, from the chunk-start state (M0, P0) by two matmuls."""
+    mean = decay * mean0 + chunk_dot(k_c * weight[:, None], v_c, DOT_BF16)
+    imp = decay * exc0 + chunk_dot(kk_c * weight[:, None], beta_c, DOT_BF16) + prior_h
+    return mean, imp
+
+
+@triton.jit
+def unit_bwd_kernel(
+    q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar,
+    dq, dk, dv, dbeta, dlogb, dprior, dmu0, dimp0,
+    cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_BF16: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Grid (V blocks, units, H): the reverse sweep over one unit.  dq, dk: float32 accumulators
+    [B*T, H, K] (atomic adds over V blocks); dv, dbeta: [B*T, H, V]; dlogb: [NV, B*T, H];
+    dprior: [NV, units, H]; dmu0, dimp0: [N, H, K, V] (first unit of each sequence, with an initial state)."""
+    i_v, i_u, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    HAS_B: tl.constexpr = KB > 0
+    W: tl.constexpr = C * U
+    S: tl.constexpr = 4
+    i_n, i_w, bos, eos, _ = locate_chunk(i_u, unit_indices, unit_offsets, cu_seqlens, T, W, IS_VARLEN)
+    if IS_VARLEN:
+        cbase = tl.load(chunk_offsets + i_n).to(tl.int32)
+    else:
+        cbase = i_n * tl.cdiv(T, C)
+    n_chunks = tl.cdiv(eos - bos, C)
+    c_first = i_w * U
+    c_count = tl.minimum(c_first + U, n_chunks) - c_first
+    prior_h = tl.load(prior + i_h).to(tl.float32)
+    offs_a = tl.arange(0, KA)
+    mask_a = offs_a < K
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_v = offs_v < V
+    if HAS_B:
+        offs_b = KA + tl.arange(0, KB)
+        mask_b = offs_b < K
+    else:  # placeholders, never used
+        offs_b = offs_a
+        mask_b = mask_a
+    offs_c = tl.arange(0, C)
+    a_off = (i_u * H + i_h).to(tl.int64) * K * V
+    adj_m_a = tl.load(adj_mean + a_off + offs_a[:, None] * V + offs_v[None, :],
+                      mask=mask_a[:, None] & mask_v[None, :], other=0.0)
+    adj_p_a = tl.load(adj_imp + a_off + offs_a[:, None] * V + offs_v[None, :],
+                      mask=mask_a[:, None] & mask_v[None, :], other=0.0)
+    sdi_a = tl.zeros([KA, BV], dtype=tl.float32)
+    if HAS_B:
+        adj_m_b = tl.load(adj_mean + a_off + offs_b[:, None] * V + offs_v[None, :],
+                          mask=mask_b[:, None] & mask_v[None, :], other=0.0)
+        adj_p_b = tl.load(adj_imp + a_off + offs_b[:, None] * V + offs_v[None, :],
+                          mask=mask_b[:, None] & mask_v[None, :], other=0.0)
+        sdi_b = tl.zeros([KB, BV], dtype=tl.float32)
+    else:
+        adj_m_b = adj_m_a
+        adj_p_b = adj_p_a
+        sdi_b = sdi_a
+
+    for cc in range(0, c_count):
+        i_c = c_first + c_count - 1 - cc  # chunks of the unit, last first
+        cs = bos + i_c * C
+        n_tok = tl.minimum(C, eos - cs)
+        h_off = ((cbase + i_c) * H + i_h).to(tl.int64) * K * V
+        mean0_a, imp0_a = load_state_part(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V, False)
+        exc0_a = imp0_a - prior_h
+        tok_c = cs + offs_c
+        mask_c = offs_c < n_tok
+        tokh_c = tok_c.to(tl.int64) * H + i_h
+        g_c = tl.load(g + tokh_c, mask=mask_c, other=0.0).to(tl.float32)
+        b_c = tl.cumsum(g_c, 0)
+        v_c = tl.load(v + tokh_c[:, None] * V + offs_v[None, :], mask=mask_c[:, None] & mask_v[None, :],
+                      other=0.0).to(tl.float32)
+        beta_c = tl.load(beta + tokh_c[:, None] * V + offs_v[None, :], mask=mask_c[:, None] & mask_v[None, :],
+                         other=0.0).to(tl.float32)
+        k_ca = tl.load(k + tokh_c[:, None] * K + offs_a[None, :], mask=mask_c[:, None] & mask_a[None, :],
+                       other=0.0).to(tl.float32)
+        kk_ca = k_ca * k_ca
+        if HAS_B:
+            mean0_b, imp0_b = load_state_part(h_mean, h_imp, h_off, offs_b, offs_v, mask_b, mask_v, V, False)
+            exc0_b = imp0_b - prior_h
+            k_cb = tl.load(k + tokh_c[:, None] * K + offs_b[None, :], mask=mask_c[:, None] & mask_b[None, :],
+                           other=0.0).to(tl.float32)
+            kk_cb = k_cb * k_cb
+        n_sub = tl.cdiv(n_tok, S)
+        for jj in range(0, n_sub):
+            s = (n_sub - 1 - jj) * S  # sub-blocks of the chunk, last first
+            before = offs_c < s
+            b_s = tl.sum(tl.where(before, g_c, 0.0), 0)
+            weight = tl.where(before, tl.exp(b_s - b_c), 0.0)
+            decay = tl.exp(b_s)
+            mean_a, imp_a = sub_block_start(mean0_a, exc0_a, k_ca, kk_ca, v_c, beta_c, weight, decay, prior_h,
+                                            DOT_BF16)
+            if HAS_B:
+                mean_b, imp_b = sub_block_start(mean0_b, exc0_b, k_cb, kk_cb, v_c, beta_c, weight, decay,
+                                                prior_h, DOT_BF16)
+            else:
+                mean_b = mean_a
+                imp_b = imp_a
+            t0 = cs + s
+            # four tokens forward, keeping (mu, r) of each
+            mean_a, imp_a, mean_b, imp_b, mu0_a, r0_a, mu0_b, r0_b = token_forward(
+                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0, s < n_tok, i_h,
+                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
+            mean_a, imp_a, mean_b, imp_b, mu1_a, r1_a, mu1_b, r1_b = token_forward(
+                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 1, s + 1 < n_tok, i_h,
+                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
+            mean_a, imp_a, mean_b, imp_b, mu2_a, r2_a, mu2_b, r2_b = token_forward(
+                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 2, s + 2 < n_tok, i_h,
+                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
+            mean_a, imp_a, mean_b, imp_b, mu3_a, r3_a, mu3_b, r3_b = token_forward(
+                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 3, s + 3 < n_tok, i_h,
+                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
+            # the same four tokens in reverse
+            adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
+                mu3_a, r3_a, mu3_b, r3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 3, s + 3 < n_tok,
+                i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK, H, K, V, HAS_B, HAS_DVAR)
+            adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
+                mu2_a, r2_a, mu2_b, r2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 2, s + 2 < n_tok,
+                i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK, H, K, V, HAS_B, HAS_DVAR)
+            adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
+                mu1_a, r1_a, mu1_b, r1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 1, s + 1 < n_tok,
+                i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK, H, K, V, HAS_B, HAS_DVAR)
+            adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
+                mu0_a, r0_a, mu0_b, r0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0, s < n_tok,
+                i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK, H, K, V, HAS_B, HAS_DVAR)
+
+    # adjoints now refer to the state before the unit's first token
+    dprior_sum = tl.sum(tl.sum(sdi_a, 1), 0)
+    if HAS_B:
+        dprior_sum += tl.sum(tl.sum(sdi_b, 1), 0)
+    if HAS_INIT:
+        if i_w == 0:
+            s_off = (i_n * H + i_h).to(tl.int64) * K * V
+            tile_a = offs_a[:, None] * V + offs_v[None, :]
+            m_a = mask_a[:, None] & mask_v[None, :]
+            mu_init = tl.load(mu0 + s_off + tile_a, mask=m_a, other=0.0)
+            imp_init = tl.load(imp0 + s_off + tile_a, mask=m_a, other=0.0)
+            tl.store(dmu0 + s_off + tile_a, adj_m_a * imp_init, mask=m_a)
+            tl.store(dimp0 + s_off + tile_a, adj_m_a * mu_init + adj_p_a, mask=m_a)
+            dprior_sum -= tl.sum(tl.sum(adj_p_a, 1), 0)
+            if HAS_B:
+                tile_b = offs_b[:, None] * V + offs_v[None, :]
+                m_b = mask_b[:, None] & mask_v[None, :]
+                mu_init = tl.load(mu0 + s_off + tile_b, mask=m_b, other=0.0)
+                imp_init = tl.load(imp0 + s_off + tile_b, mask=m_b, other=0.0)
+                tl.store(dmu0 + s_off + tile_b, adj_m_b * imp_init, mask=m_b)
+                tl.store(dimp0 + s_off + tile_b, adj_m_b * mu_init + adj_p_b, mask=m_b)
+                dprior_sum -= tl.sum(tl.sum(adj_p_b, 1), 0)
+    tl.store(dprior + (i_v * tl.num_programs(1) + i_u) * H + i_h, dprior_sum)
+
+
+@triton.jit
+def reverse_cumsum_kernel(x, out, cu_seqlens, T, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """out[t] = sum of x over tokens t..end of t's sequence; x, out [B*T, H] float32.  Grid (N * H,)."""
+    i_nh = tl.program_id(0)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = sequence_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    carry = tl.sum(tl.zeros([1], dtype=tl.float32), 0)
+    for ib in range(0, tl.cdiv(eos - bos, BT)):
+        tok = eos - 1 - ib * BT - tl.arange(0, BT)
+        mask = tok >= bos
+        vals = tl.load(x + tok.to(tl.int64) * H + i_h, mask=mask, other=0.0)
+        tl.store(out + tok.to(tl.int64) * H + i_h, tl.cumsum(vals, 0) + carry, mask=mask)
+        carry += tl.sum(vals, 0)
+
+
+def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk_size: int,
+                        target_programs: int = 2048) -> int:
+    """Chunks per backward unit: units long enough to skip the local-adjoint pass where the grid is
+    already large, short enough to fill the GPU (about ``target_programs`` programs)."""
+    total_tokens = layout.B * layout.T
+    per_unit_row = H * num_v_blocks
+    want_units = max(1, -(-target_programs // per_unit_row))
+    tokens_per_unit = max(chunk_size, total_tokens // want_units)
+    return max(1, min(tokens_per_unit // chunk_size, -(-layout.max_length() // chunk_size)))
+
+
+def chunk_bwd(
+    q, k, v, g, beta, prior, scale: float, initial_state, layout: SequenceLayout,
+    do: torch.Tensor, dvar: Optional[torch.Tensor], dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    chunk_size: int = 64, unit_chunks: Optional[int] = None, block_v: int = 16, num_warps: int = 4,
+):
+    """Gradients of the Palimpsa op.
+
+    q, k [B, T, H, K]; v, beta [B, T, H, V]; g [B, T, H]; prior [H] float32; do, dvar [B, T, H, V];
+    dfinal: gradients of the final (mu, I), each [N, H, K, V], or None.
+    Returns dq, dk, dv, dg, dbeta (dtypes of the inputs), dprior [H] float32, and (dmu0, dI0) or None.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = layout.N
+    dev = q.device
+    C = chunk_size
+    KA, KB = k_parts(K)
+    BV = v_block(V, block_v)
+    NV = triton.cdiv(V, BV)
+    U = unit_chunks if unit_chunks is not None else default_unit_chunks(layout, H, NV, C)
+    W = U * C
+    fast = not interpreting()
+    dot_bf16 = q.dtype != torch.float32
+    has_dfinal = dfinal is not None
+    states, final = chunk_states(k, v, g, beta, prior, initial_state, layout, C, True, has_dfinal)
+    h_mean, h_imp = states
+    unit_indices, unit_offsets = layout.chunk_table(W)
+    _, chunk_offsets = layout.chunk_table(C)
+    NU = layout.num_chunks(W)
+    adj_mean = torch.empty(NU, H, K, V, device=dev, dtype=torch.float32)
+    adj_imp = torch.empty_like(adj_mean)
+    unit_decay = torch.empty(NU, H, device=dev, dtype=torch.float32)
+    dvar_arg = dvar if dvar is not None else do
+    if NU > N:
+        unit_local_adjoint_kernel[(NV, NU, H)](
+            q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, unit_decay, do, dvar_arg,
+            layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T,
+            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, BV=BV, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen,
+            FAST=fast, num_warps=num_warps,
+        )
+    BKs, BVs = state_block(K), state_block(V)
+    n_scan = triton.cdiv(K, BKs) * triton.cdiv(V, BVs)
+    extra_reader = torch.zeros(n_scan, N, H, device=dev, dtype=torch.float32)
+    extra_dprior = torch.zeros(n_scan, N, H, device=dev, dtype=torch.float32)
+    f_mu, f_imp = final if has_dfinal else (adj_mean, adj_mean)
+    d_mu, d_imp = dfinal if has_dfinal else (adj_mean, adj_mean)
+    unit_scan_kernel[(triton.cdiv(V, BVs), triton.cdiv(K, BKs), N * H)](
+        prior, adj_mean, adj_imp, unit_decay, f_mu, f_imp, d_mu, d_imp, extra_reader, extra_dprior,
+        layout.cu32, unit_offsets, T, H=H, K=K, V=V, W=W, BK=BKs, BV=BVs,
+        HAS_DFINAL=has_dfinal, IS_VARLEN=layout.varlen, num_warps=4,
+    )
+
+    NTOK = B * T
+    dq = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
+    dk = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
+    dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
+    dbeta = torch.empty(B, T, H, V, device=dev, dtype=beta.dtype)
+    dlogb = torch.empty(NV, NTOK, H, device=dev, dtype=torch.float32)
+    dprior_part = torch.empty(NV, NU, H, device=dev, dtype=torch.float32)
+    has_init = initial_state is not None
+    if has_init:
+        mu0, imp0 = initial_state
+        dmu0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+        dimp0 = torch.empty_like(dmu0)
+    else:
+        mu0 = imp0 = dmu0 = dimp0 = adj_mean
+    unit_bwd_kernel[(NV, NU, H)](
+        q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar_arg,
+        dq, dk, dv, dbeta, dlogb, dprior_part, dmu0, dimp0,
+        layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
+        H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, BV=BV,
+        HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, DOT_BF16=dot_bf16,
+        FAST=fast, num_warps=num_warps,
+    )
+
+    dlogb = dlogb.sum(0)
+    if has_dfinal:
+        if layout.varlen:
+            last = layout.cu_seqlens[1:] - 1
+        else:
+            last = torch.arange(1, N + 1, device=dev) * T - 1
+        dlogb.index_add_(0, last, extra_reader.sum(0))
+    dg = torch.empty(B, T, H, device=dev, dtype=torch.float32)
+    reverse_cumsum_kernel[(N * H,)](dlogb, dg, layout.cu32, T, H=H, BT=256 if not interpreting() else 16,
+                                    IS_VARLEN=layout.varlen)
+    dprior = dprior_part.sum((0, 1)) + extra_dprior.sum((0, 1))
+    dinit = (dmu0, dimp0) if has_init else None
+    return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dbeta, dprior, dinit)

@@ -1,0 +1,209 @@
+"""Autograd and ``torch.compile`` glue of the Palimpsa Triton kernels.
+
+The forward and the backward are ``torch.library`` custom ops (``palimpsa_triton::fwd`` and
+``palimpsa_triton::bwd``) tied together with ``register_autograd``: eager code and compiled graphs run
+the same kernels, and a compiled graph sees each op as one opaque node (no graph break inside).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from palimpsa.ops.checks import PreparedInputs
+from palimpsa.ops.triton.chunk_bwd import chunk_bwd
+from palimpsa.ops.triton.chunk_fwd import fwd_output
+from palimpsa.ops.triton.chunk_state import chunk_states
+from palimpsa.ops.triton.step import launch_step
+from palimpsa.ops.triton.utils import SequenceLayout
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _absent(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Placeholder for an output that was not asked for (custom ops return tensors only)."""
+    return like.new_empty(0, dtype=dtype or like.dtype)
+
+
+@torch.library.custom_op("palimpsa_triton::fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, prior: torch.Tensor,
+    mu0: Optional[torch.Tensor], imp0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+    scale: float, chunk_size: int, recurrent: bool, output_final_state: bool, output_variance: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, var, final_mu, final_imp); var and the final state are empty tensors unless requested."""
+    B, T, H, _ = q.shape
+    layout = SequenceLayout(B, T, cu_seqlens, q.device)
+    init = (mu0, imp0) if mu0 is not None else None
+    if recurrent:
+        o, var, final = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=None,
+                                   initial_state=init, output_final_state=output_final_state)
+    else:
+        states, final = chunk_states(k, v, g, beta, prior, init, layout, chunk_size, True, output_final_state)
+        o, var, _ = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=states,
+                               chunk_size=chunk_size)
+        del states
+    var = var if var is not None else _absent(o)
+    final_mu, final_imp = final if final is not None else (_absent(o, torch.float32), _absent(o, torch.float32))
+    return o, var, final_mu, final_imp
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, g, beta, prior, mu0, imp0, cu_seqlens, scale, chunk_size, recurrent,
+              output_final_state, output_variance):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    o = q.new_empty(B, T, H, V)
+    var = q.new_empty(B, T, H, V) if output_variance else _absent(q)
+    if output_final_state:
+        return o, var, q.new_empty(N, H, K, V, dtype=torch.float32), q.new_empty(N, H, K, V, dtype=torch.float32)
+    return o, var, _absent(q, torch.float32), _absent(q, torch.float32)
+
+
+@torch.library.custom_op("palimpsa_triton::bwd", mutates_args=())
+def _bwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, prior: torch.Tensor,
+    mu0: Optional[torch.Tensor], imp0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+    do: torch.Tensor, dvar: Optional[torch.Tensor], dmu: Optional[torch.Tensor], dimp: Optional[torch.Tensor],
+    scale: float, chunk_size: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """(dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0); the last two are empty without an initial state."""
+    B, T, H, _ = q.shape
+    layout = SequenceLayout(B, T, cu_seqlens, q.device)
+    init = (mu0, imp0) if mu0 is not None else None
+    dfinal = (dmu, dimp) if dmu is not None else None
+    dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
+                                                    dfinal, chunk_size=chunk_size)
+    dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
+    return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
+
+
+@_bwd_op.register_fake
+def _bwd_fake(q, k, v, g, beta, prior, mu0, imp0, cu_seqlens, do, dvar, dmu, dimp, scale, chunk_size):
+    dmu0 = torch.empty_like(mu0) if mu0 is not None else _absent(prior)
+    dimp0 = torch.empty_like(imp0) if imp0 is not None else _absent(prior)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            torch.empty_like(beta), torch.empty_like(prior), dmu0, dimp0)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, g, beta, prior, mu0, imp0, cu_seqlens, scale, chunk_size, recurrent,
+     output_final_state, output_variance) = inputs
+    ctx.save_for_backward(q, k, v, g, beta, prior, mu0, imp0, cu_seqlens)
+    ctx.scale = scale
+    ctx.chunk_size = chunk_size
+    ctx.output_final_state = output_final_state
+    ctx.output_variance = output_variance
+
+
+def _given(grad: Optional[torch.Tensor], wanted: bool) -> Optional[torch.Tensor]:
+    return grad.contiguous() if wanted and grad is not None and grad.numel() > 0 else None
+
+
+def _backward(ctx, do, dvar, dmu, dimp):
+    q, k, v, g, beta, prior, mu0, imp0, cu_seqlens = ctx.saved_tensors
+    do = do.contiguous() if do is not None else torch.zeros_like(v, dtype=q.dtype)
+    dvar = _given(dvar, ctx.output_variance)
+    dmu = _given(dmu, ctx.output_final_state)
+    dimp = _given(dimp, ctx.output_final_state)
+    if (dmu is None) != (dimp is None):
+        present = dmu if dmu is not None else dimp
+        dmu = dmu if dmu is not None else torch.zeros_like(present)
+        dimp = dimp if dimp is not None else torch.zeros_like(present)
+    dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0 = _bwd_op(
+        q, k, v, g, beta, prior, mu0, imp0, cu_seqlens, do, dvar, dmu, dimp, ctx.scale, ctx.chunk_size)
+    if mu0 is None:
+        dmu0 = dimp0 = None
+    return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0, None, None, None, None, None, None
+
+
+torch.library.register_autograd("palimpsa_triton::fwd", _backward, setup_context=_setup_context)
+
+
+def _check_supported(x: PreparedInputs) -> None:
+    if x.q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 inputs, got {x.q.dtype}; "
+                        "use backend='torch' for float64")
+    K, V = x.q.shape[-1], x.v.shape[-1]
+    if K > 256 or V > 256:
+        raise ValueError(f"the Triton kernels support head sizes K, V <= 256, got K={K}, V={V}")
+
+
+def _check_chunk_size(chunk_size: Optional[int]) -> int:
+    if chunk_size is None:
+        return DEFAULT_CHUNK_SIZE
+    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size > 256 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two in [16, 256], got {chunk_size!r}")
+    return chunk_size
+
+
+def _run(x: PreparedInputs, output_final_state: bool, output_variance: bool, chunk_size: int, recurrent: bool):
+    _check_supported(x)
+    mu0, imp0 = (x.initial_state[0].contiguous(), x.initial_state[1].contiguous()) if x.initial_state else (None, None)
+    o, var, final_mu, final_imp = _fwd_op(
+        x.q.contiguous(), x.k.contiguous(), x.v.contiguous(), x.g.contiguous(), x.beta.contiguous(),
+        x.prior.contiguous(), mu0, imp0, x.cu_seqlens, x.scale, chunk_size, recurrent,
+        bool(output_final_state), bool(output_variance))
+    return o, (var if output_variance else None), ((final_mu, final_imp) if output_final_state else None)
+
+
+def chunk_palimpsa_triton(x: PreparedInputs, output_final_state: bool, output_variance: bool,
+                          chunk_size: Optional[int] = None):
+    """Chunk-parallel Palimpsa on Triton kernels, differentiable.
+
+    Shapes as :func:`palimpsa.ops.chunk_palimpsa`.  Returns (o [B, T, H, V] in the dtype of q,
+    var or None, (mu, I) each [N, H, K, V] float32 or None).
+    """
+    return _run(x, output_final_state, output_variance, _check_chunk_size(chunk_size), recurrent=False)
+
+
+def fused_recurrent_palimpsa_triton(x: PreparedInputs, output_final_state: bool, output_variance: bool):
+    """Token-by-token Palimpsa forward (one program walks a whole sequence); its backward is the chunked one.
+
+    Shapes and returns as :func:`chunk_palimpsa_triton`.
+    """
+    return _run(x, output_final_state, output_variance, DEFAULT_CHUNK_SIZE, recurrent=True)
+
+
+@torch.library.custom_op("palimpsa_triton::step", mutates_args=("mu", "imp"))
+def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+             mu: torch.Tensor, imp: torch.Tensor, prior: Optional[torch.Tensor], prior_value: float,
+             scale: float, output_variance: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    o, var = launch_step(q, k, v, g, beta, mu, imp, prior if prior is not None else prior_value, scale,
+                         output_variance)
+    return o, (var if output_variance else _absent(o))
+
+
+@_step_op.register_fake
+def _step_fake(q, k, v, g, beta, mu, imp, prior, prior_value, scale, output_variance):
+    o = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    return o, (torch.empty_like(o) if output_variance else _absent(o))
+
+
+def palimpsa_step_triton(q, k, v, g, beta, state, prior, scale: float, output_variance: bool):
+    """One decoding step: updates ``state`` = (mu, I) [B, H, K, V] float32 in place.
+
+    q, k [B, H, K]; v, beta [B, H, V]; g [B, H]; prior float or [H] tensor.
+    Returns o [B, H, V] (dtype of q), or (o, var) when ``output_variance``.
+    """
+    mu, imp = state
+    if mu.dtype != torch.float32 or imp.dtype != torch.float32:
+        raise TypeError(f"the Triton step keeps float32 states, got {mu.dtype} and {imp.dtype}; use backend='torch'")
+    if not (mu.is_contiguous() and imp.is_contiguous()):
+        raise ValueError("state tensors (mu, I) must be contiguous to be updated in place")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton step takes float16, bfloat16 or float32 inputs, got {q.dtype}")
+    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    prior_t = prior.reshape(-1).to(device=q.device, dtype=torch.float32).contiguous() \
+        if isinstance(prior, torch.Tensor) else None
+    prior_value = 1.0 if prior_t is not None else float(prior)
+    if torch.compiler.is_compiling():
+        o, var = _step_op(q, k, v, g, beta, mu, imp, prior_t, prior_value, scale, output_variance)
+    else:
+        o, var = launch_step(q, k, v, g, beta, mu, imp, prior_t if prior_t is not None else prior_value, scale,
+                             output_variance)
+    return (o, var) if output_variance else o

@@ -1,0 +1,197 @@
+"""The Triton kernels, run on the CPU by Triton's interpreter, against the float64 naive recurrence.
+
+TRITON_INTERPRET must be set before the kernels are defined, so this module sets it first and imports
+``palimpsa.ops.triton`` lazily.  Shapes are tiny (the interpreter executes every op in NumPy); they still
+cover several chunks, a partial last chunk, two K tiles (K = 48 = 32 + 16), a masked V block, varlen
+packing, initial and final states, the variance output and every gradient.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from palimpsa.ops import chunk_palimpsa, fused_recurrent_palimpsa, naive_palimpsa, palimpsa_step  # noqa: E402
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+NAMES = ("o", "var", "mu", "I", "dq", "dk", "dv", "dg", "dbeta", "dprior", "dmu0", "dI0")
+
+
+def triton_module():
+    import palimpsa.ops.triton as module
+    from palimpsa.ops.triton import chunk_state
+
+    kernel = chunk_state.chunk_states_kernel
+    if type(kernel).__name__ != "InterpretedFunction":
+        pytest.skip("palimpsa.ops.triton was imported before TRITON_INTERPRET=1 was set in this process")
+    return module
+
+
+def make_inputs(B, T, H, K, V, seed, with_init=True, strong_decay=False):
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
+    randn = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    N = B
+    g = -rand(B, T, H) * (3.0 if strong_decay else 0.5)
+    inputs = dict(q=randn(B, T, H, K), k=randn(B, T, H, K) / K ** 0.5, v=randn(B, T, H, V), g=g,
+                  beta=rand(B, T, H, V), prior=rand(H) + 0.5)
+    if with_init:
+        inputs["mu0"] = randn(N, H, K, V) * 0.3
+        inputs["imp0"] = rand(N, H, K, V) + 0.5
+    return inputs
+
+
+def run_op(fn, inputs, grads, cu_seqlens=None, **kwargs):
+    """Forward with every output, a weighted loss, then all gradients (None where an input is absent)."""
+    leaves = {name: x.detach().clone().requires_grad_() for name, x in inputs.items()}
+    init = (leaves["mu0"], leaves["imp0"]) if "mu0" in leaves else None
+    o, var, (mu, imp) = fn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["beta"], leaves["prior"],
+                           initial_state=init, output_final_state=True, output_variance=True,
+                           cu_seqlens=cu_seqlens, **kwargs)
+    loss = (o * grads["do"]).sum() + (var * grads["dvar"]).sum() + (mu * grads["dmu"]).sum() + (imp * grads["dimp"]).sum()
+    loss.backward()
+    order = ("q", "k", "v", "g", "beta", "prior", "mu0", "imp0")
+    return [o, var, mu, imp] + [leaves[n].grad if n in leaves else None for n in order]
+
+
+def reference(inputs, grads, cu_seqlens=None):
+    return run_op(naive_palimpsa, {n: x.double() for n, x in inputs.items()}, {n: x.double() for n, x in grads.items()},
+                  cu_seqlens=cu_seqlens)
+
+
+def assert_close(got, ref, tol=1e-5):
+    for name, a, b in zip(NAMES, got, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a is not None, f"{name} is missing"
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        err = ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def make_grads(inputs, N):
+    gen = torch.Generator().manual_seed(99)
+    B, T, H, K = inputs["q"].shape
+    V = inputs["v"].shape[-1]
+    return dict(do=torch.randn(B, T, H, V, generator=gen), dvar=torch.randn(B, T, H, V, generator=gen),
+                dmu=torch.randn(N, H, K, V, generator=gen), dimp=torch.randn(N, H, K, V, generator=gen))
+
+
+def test_kernels_run_in_the_interpreter():
+    module = triton_module()
+    assert hasattr(module, "chunk_palimpsa_triton")
+
+
+@pytest.mark.parametrize("K", [48, 24])
+def test_chunk_matches_naive(K):
+    triton_module()
+    inputs = make_inputs(B=2, T=37, H=1, K=K, V=20, seed=K, strong_decay=K == 24)
+    grads = make_grads(inputs, N=2)
+    got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads))
+
+
+def test_fused_recurrent_matches_naive():
+    triton_module()
+    inputs = make_inputs(B=1, T=21, H=2, K=16, V=16, seed=3)
+    grads = make_grads(inputs, N=1)
+    got = run_op(fused_recurrent_palimpsa, inputs, grads, backend="triton")
+    assert_close(got, reference(inputs, grads))
+
+
+@pytest.mark.parametrize("unit_chunks", [1, 4])
+def test_varlen_matches_naive(unit_chunks, monkeypatch):
+    """Packed sequences; one backward unit per chunk (local-adjoint pass and scan) and per sequence."""
+    triton_module()
+    from palimpsa.ops.triton import chunk_bwd, function
+
+    original = chunk_bwd.chunk_bwd
+    monkeypatch.setattr(function, "chunk_bwd", lambda *a, **kw: original(*a, **dict(kw, unit_chunks=unit_chunks)))
+    cu = torch.tensor([0, 7, 40, 45])
+    inputs = make_inputs(B=1, T=45, H=1, K=16, V=16, seed=5, with_init=unit_chunks == 1)
+    if unit_chunks == 1:
+        inputs["mu0"] = inputs["mu0"].expand(3, -1, -1, -1).contiguous()
+        inputs["imp0"] = inputs["imp0"].expand(3, -1, -1, -1).contiguous() + torch.arange(3.0)[:, None, None, None]
+    grads = make_grads(inputs, N=3)
+    got = run_op(chunk_palimpsa, inputs, grads, cu_seqlens=cu, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads, cu_seqlens=cu))
+
+
+def test_outputs_without_optional_parts():
+    """No variance, no final state, no initial state: the plain (o, None) contract and gradients."""
+    triton_module()
+    inputs = make_inputs(B=1, T=19, H=1, K=16, V=16, seed=7, with_init=False)
+    do = torch.randn(1, 19, 1, 16, generator=torch.Generator().manual_seed(1))
+
+    def grads_of(fn, dtype, **kw):
+        leaves = {n: x.detach().to(dtype).requires_grad_() for n, x in inputs.items()}
+        o, final = fn(*(leaves[n] for n in ("q", "k", "v", "g", "beta", "prior")), **kw)
+        assert final is None
+        (o * do.to(dtype)).sum().backward()
+        return [o] + [leaves[n].grad for n in ("q", "k", "v", "g", "beta", "prior")]
+
+    got = grads_of(chunk_palimpsa, torch.float32, backend="triton", chunk_size=16)
+    ref = grads_of(naive_palimpsa, torch.float64)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dg", "dbeta", "dprior"), got, ref):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 1e-5, f"{name}: {err:.2e}"
+
+
+def test_step_updates_state_in_place():
+    triton_module()
+    gen = torch.Generator().manual_seed(11)
+    B, H, K, V = 2, 2, 24, 20
+    q, k = torch.randn(B, H, K, generator=gen), torch.randn(B, H, K, generator=gen) / K ** 0.5
+    v, beta = torch.randn(B, H, V, generator=gen), torch.rand(B, H, V, generator=gen)
+    g = -torch.rand(B, H, generator=gen)
+    prior = torch.rand(H, generator=gen) + 0.5
+    mu, imp = torch.randn(B, H, K, V, generator=gen) * 0.3, torch.rand(B, H, K, V, generator=gen) + 0.5
+    ref_state = (mu.clone(), imp.clone())
+    ref_o, ref_var = palimpsa_step(q, k, v, g, beta, ref_state, prior=prior, output_variance=True, backend="torch")
+    state = (mu.clone(), imp.clone())
+    mu_ptr = state[0].data_ptr()
+    o, var = palimpsa_step(q, k, v, g, beta, state, prior=prior, output_variance=True, backend="triton")
+    assert state[0].data_ptr() == mu_ptr
+    for a, b in ((o, ref_o), (var, ref_var), (state[0], ref_state[0]), (state[1], ref_state[1])):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5
+    o2 = palimpsa_step(q, k, v, g, beta, state, prior=0.8, backend="triton")
+    o2_ref = palimpsa_step(q, k, v, g, beta, ref_state, prior=0.8, backend="torch")
+    assert ((o2 - o2_ref).norm() / o2_ref.norm()).item() < 1e-5
+
+
+def test_compiled_graph_matches_eager():
+    """The ops trace as custom ops inside torch.compile(fullgraph=True): same outputs and gradients."""
+    triton_module()
+    inputs = make_inputs(B=1, T=18, H=1, K=16, V=16, seed=13, with_init=False)
+
+    def f(q, k, v, g, beta):
+        o, var, final = chunk_palimpsa(q, k, v, g, beta, prior=0.9, output_variance=True, output_final_state=True,
+                                       backend="triton", chunk_size=16)
+        return (o * o).sum() + var.sum() + final[0].sum() + final[1].sum()
+
+    def grads_of(fn):
+        leaves = [inputs[n].detach().clone().requires_grad_() for n in ("q", "k", "v", "g", "beta")]
+        out = fn(*leaves)
+        out.backward()
+        return [out] + [x.grad for x in leaves]
+
+    eager = grads_of(f)
+    compiled = grads_of(torch.compile(f, backend="aot_eager", fullgraph=True))
+    for a, b in zip(compiled, eager):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_raise():
+    triton_module()
+    inputs = make_inputs(B=1, T=4, H=1, K=16, V=16, seed=1, with_init=False)
+    args = [inputs[n] for n in ("q", "k", "v", "g", "beta")]
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_palimpsa(*args, backend="triton", chunk_size=24)
+    with pytest.raises(TypeError, match="float64"):
+        chunk_palimpsa(*(x.double() for x in args), backend="triton")
