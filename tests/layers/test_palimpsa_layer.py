@@ -133,13 +133,15 @@ def test_metaplasticity_changes_the_output():
 
 
 @pytest.mark.parametrize("prefill", [1, 6])
-def test_prefill_then_token_by_token_decoding_equals_the_full_forward(prefill):
+def test_prefill_chunks_then_token_by_token_decoding_equal_the_full_forward(prefill):
     layer, u = make_layer(), inputs()
     with torch.no_grad():
         full, full_var = layer(u, output_variance=True)
         cache = RecurrentLayerCache()
         outs, variances = [], []
-        for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, u.shape[1])]:
+        # a prefill, a second multi-token chunk (continues conv and state), then one token at a time
+        pieces = [(0, prefill), (prefill, prefill + 3)] + [(t, t + 1) for t in range(prefill + 3, u.shape[1])]
+        for start, end in pieces:
             o, var = layer(u[:, start:end], cache=cache, output_variance=True)
             outs.append(o)
             variances.append(var)
