@@ -115,7 +115,7 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
     if model_factory is not None:
         model = model_factory(vocab_size)
     else:
-        model = build_model(config.model, vocab_size, config.model_overrides, tokenizer.eos_token_id)
+        model = build_model(config.model, vocab_size, config.model_overrides, tokenizer)
     model_class = type(model)
     model = wrap_model(model.to(device), context, config.parallel)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)

@@ -1,7 +1,8 @@
 """Build a causal language model from a preset name, a JSON config file or a Hugging Face config directory.
 
 Any model registered with ``transformers``' Auto classes works: this project's (``palimpsa.models``
-registers them on import) and, where installed, fla's.  Presets are the JSON files in ``palimpsa/configs``.
+registers them on import) and, where installed, fla's.  Presets are the JSON files in ``palimpsa/configs``
+(the paper's sizes) and ``palimpsa/train/presets`` (small sizes for demos and quick comparisons).
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")  # small training sizes
 VOCAB_MULTIPLE = 64
 
 
+def _preset_paths() -> Dict[str, str]:
+    paths = {}
+    for directory in (PRESET_DIR, CONFIG_DIR):  # the paper's sizes win a name clash
+        if os.path.isdir(directory):
+            paths.update({name[:-5]: os.path.join(directory, name) for name in os.listdir(directory)
+                          if name.endswith(".json")})
+    return paths
+
+
 def available_presets() -> List[str]:
-    """Names accepted as ``model`` (file names in ``palimpsa/configs`` without ``.json``)."""
-    if not os.path.isdir(CONFIG_DIR):
-        return []
-    return sorted(name[:-5] for name in os.listdir(CONFIG_DIR) if name.endswith(".json"))
+    """Names accepted as ``model``: ``palimpsa/configs/*.json`` (paper sizes) and ``palimpsa/train/presets``."""
+    return sorted(_preset_paths())
 
 
 def _register_known_models() -> None:
@@ -38,7 +47,7 @@ def _register_known_models() -> None:
 
 def load_model_config_dict(spec: str) -> Dict[str, Any]:
     """The config dict of a preset name or JSON file (directories: see :func:`build_model`)."""
-    path = spec if os.path.isfile(spec) else os.path.join(CONFIG_DIR, f"{spec}.json")
+    path = spec if os.path.isfile(spec) else _preset_paths().get(spec, "")
     if not os.path.isfile(path):
         raise ValueError(f"model {spec!r} is neither a JSON file, a config directory nor a preset "
                          f"(presets: {available_presets()})")
@@ -55,8 +64,9 @@ def padded_vocab_size(tokenizer_size: int, multiple: int = VOCAB_MULTIPLE) -> in
 
 
 def build_model_config(spec: str, vocab_size: Optional[int] = None, overrides: Optional[Dict[str, Any]] = None,
-                       eos_token_id: Optional[int] = None):
-    """A ``PretrainedConfig`` for ``spec`` with ``overrides`` applied and ``vocab_size`` set when given."""
+                       tokenizer=None):
+    """A ``PretrainedConfig`` for ``spec`` with ``overrides`` applied, ``vocab_size`` set when given and the
+    special token ids (bos, eos; pad = eos) taken from ``tokenizer`` when given."""
     from transformers import AutoConfig
 
     _register_known_models()
@@ -76,16 +86,17 @@ def build_model_config(spec: str, vocab_size: Optional[int] = None, overrides: O
         setattr(config, key, value)
     if vocab_size is not None:
         config.vocab_size = vocab_size
-    if eos_token_id is not None:
-        config.eos_token_id = eos_token_id
-        config.pad_token_id = eos_token_id
+    if tokenizer is not None:
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return config
 
 
 def build_model(spec: str, vocab_size: Optional[int] = None, overrides: Optional[Dict[str, Any]] = None,
-                eos_token_id: Optional[int] = None) -> nn.Module:
+                tokenizer=None) -> nn.Module:
     """A freshly initialised ``AutoModelForCausalLM`` for ``spec`` (see :func:`build_model_config`)."""
     from transformers import AutoModelForCausalLM
 
-    config = build_model_config(spec, vocab_size, overrides, eos_token_id)
+    config = build_model_config(spec, vocab_size, overrides, tokenizer)
     return AutoModelForCausalLM.from_config(config)
