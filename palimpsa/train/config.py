@@ -27,6 +27,9 @@ class TrainConfig:
 
     Batch: one optimizer step consumes ``batch_size * grad_accum * world_size`` packs (the global batch);
     the loss is the mean over every predicted token of the global batch, whatever the split across ranks.
+
+    Stopping early: ``stop_at_step`` or ``time_limit_s`` (wall clock of this invocation) end the run with a
+    checkpoint; running the same command again resumes it.  The schedule always follows ``max_steps``.
     """
 
     # model
@@ -60,6 +63,7 @@ class TrainConfig:
     save_every: int = 0
     resume: bool = True
     stop_at_step: Optional[int] = None
+    time_limit_s: Optional[float] = None
     export_hf: bool = True
     progress: bool = True
     wandb_project: Optional[str] = None
@@ -99,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"parallel must be one of {PARALLEL_STRATEGIES}, got {self.parallel!r}")
         if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step < 1):
             raise ValueError(f"stop_at_step must be a positive integer or None, got {self.stop_at_step!r}")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be > 0 seconds or None, got {self.time_limit_s!r}")
         if not isinstance(self.model_overrides, dict):
             raise TypeError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
         if not self.text_field:

@@ -77,6 +77,13 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (so all ranks stop at the same step)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0)
+
+
 def _check_resumable(saved: dict, config: TrainConfig, path: str) -> None:
     current = config.to_dict()
     differing = [name for name in RESUME_FIELDS if saved.get(name) != current.get(name)]
@@ -105,6 +112,7 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
 
     Run under torchrun for DDP/FSDP2; the process group is joined here and left to the caller to destroy.
     """
+    started = time.perf_counter()
     context = init_distributed(config.device)
     device = context.device
     tokenizer = load_tokenizer(config.tokenizer)
@@ -172,14 +180,18 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
 
         interval_loss += all_reduce_sum(step_loss) / global_targets
         interval_steps += 1
-        if step % config.log_every == 0 or step == last_step:
+        out_of_time = config.time_limit_s is not None and _any_rank(
+            time.perf_counter() - started > config.time_limit_s, device)
+        stopping = step == last_step or out_of_time
+        if step % config.log_every == 0 or stopping:
             loss = interval_loss.item() / interval_steps
             elapsed = time.perf_counter() - interval_start
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
-                      "tokens_per_s": interval_steps * tokens_per_step / max(elapsed, 1e-9)}
+                      "tokens_per_s": interval_steps * tokens_per_step / max(elapsed, 1e-9),
+                      "elapsed_s": time.perf_counter() - started}
             result.steps.append(step)
             result.losses.append(loss)
             if logger is not None:
@@ -189,9 +201,11 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
             interval_steps, interval_start = 0, time.perf_counter()
         progress.update(1)
         result.final_step = step
-        if (config.save_every and step % config.save_every == 0) or step == last_step:
+        if (config.save_every and step % config.save_every == 0) or stopping:
             save_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
                             data_state=stream.state_dict(), config=config.to_dict(), is_main=context.is_main)
+        if stopping:
+            break
     progress.close()
     if logger is not None:
         logger.close()

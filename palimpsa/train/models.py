@@ -40,6 +40,11 @@ def _register_known_models() -> None:
         if err.name is None or not err.name.startswith("palimpsa"):
             raise
     try:
+        import palimpsa.train.baselines  # noqa: F401  (gated_deltanet_lm)
+    except ModuleNotFoundError as err:
+        if err.name != "palimpsa.layers.gated_deltanet":
+            raise
+    try:
         import fla  # noqa: F401  (optional: registers fla's models, e.g. gated_deltanet)
     except ImportError:
         pass

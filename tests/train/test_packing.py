@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,9 @@ from palimpsa.train.models import build_model
 from tests.train.tiny_model import tiny_factory
 
 VOCAB = 64
+HAVE_GDN = importlib.util.find_spec("palimpsa.layers.gated_deltanet") is not None
+MODELS = ["stand-in", "palimpsa-tiny", "notpalimpsa-tiny", "meta-mamba2-tiny",
+          pytest.param("gated-deltanet-tiny", marks=pytest.mark.skipif(not HAVE_GDN, reason="no GatedDeltaNet layer"))]
 
 
 class _Docs:
@@ -30,7 +35,7 @@ def _model(name):
     return build_model(name.replace("notpalimpsa", "palimpsa"), VOCAB, overrides)
 
 
-@pytest.mark.parametrize("name", ["stand-in", "palimpsa-tiny", "notpalimpsa-tiny", "meta-mamba2-tiny"])
+@pytest.mark.parametrize("name", MODELS)
 def test_packed_loss_equals_per_document_loss(name):
     model = _model(name)
     rng = np.random.default_rng(1)

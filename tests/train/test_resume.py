@@ -71,3 +71,10 @@ def test_config_rejects_bad_values():
         TrainConfig(min_lr_ratio=2.0)
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
+
+
+def test_time_limit_stops_with_a_checkpoint_and_resumes(corpus, tmp_path):
+    stopped = train(_config(corpus, tmp_path / "t", time_limit_s=1e-9), model_factory=tiny_factory)
+    assert stopped.final_step == 1 and stopped.steps == [1]  # the limit is checked after each step
+    resumed = train(_config(corpus, tmp_path / "t", max_steps=3), model_factory=tiny_factory)
+    assert resumed.steps == [2, 3]

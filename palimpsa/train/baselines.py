@@ -1,0 +1,151 @@
+"""A Gated DeltaNet language model: the baseline the training comparisons run against Palimpsa.
+
+Same skeleton as the Palimpsa LM (embeddings -> N x [pre-RMSNorm token mixer + residual, pre-RMSNorm SwiGLU +
+residual] -> RMSNorm -> tied head), with :class:`palimpsa.layers.gated_deltanet.GatedDeltaNet` as the mixer.
+Registered with the Auto classes as ``gated_deltanet_lm``, so ``palimpsa train --model gated-deltanet-small``
+and ``save_pretrained`` / ``from_pretrained`` work.  Training and evaluation only: no decoding cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutput
+
+from palimpsa.layers.gated_deltanet import GatedDeltaNet
+from palimpsa.layers.modules import RMSNorm, SwiGLUMLP
+
+
+class GatedDeltaNetLMConfig(PretrainedConfig):
+    """Sizes of the Gated DeltaNet LM (V = head_dim * expand_v per head; MLP ratio ``hidden_ratio``)."""
+
+    model_type = "gated_deltanet_lm"
+
+    def __init__(self, vocab_size: int = 32000, hidden_size: int = 768, num_hidden_layers: int = 12,
+                 num_heads: int = 12, head_dim: int = 64, expand_v: int = 1, conv_size: int = 4,
+                 hidden_ratio: float = 4, norm_eps: float = 1e-6, initializer_range: float = 0.02,
+                 tie_word_embeddings: bool = True, **kwargs):
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                            ("num_hidden_layers", num_hidden_layers), ("num_heads", num_heads),
+                            ("head_dim", head_dim), ("expand_v", expand_v), ("conv_size", conv_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GatedDeltaNetLMConfig.{name} must be a positive int, got {value!r}")
+        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+        self.num_heads, self.head_dim, self.expand_v, self.conv_size = num_heads, head_dim, expand_v, conv_size
+        self.hidden_ratio, self.norm_eps, self.initializer_range = hidden_ratio, norm_eps, initializer_range
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+def run_per_sequence(mixer: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Apply a causal token mixer to each packed sequence separately, exactly, by right padding.
+
+    hidden_states: [1, T, d] packed; cu_seqlens: [N + 1] offsets.  The sequences become a [N, max_len, d]
+    batch padded at the end (padding after a token cannot change a causal mixer's output at that token).
+    Returns [1, T, d].
+    """
+    offsets = cu_seqlens.long()
+    lengths = offsets[1:] - offsets[:-1]
+    total = hidden_states.shape[1]
+    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=hidden_states.device), lengths,
+                                       output_size=total)
+    position = torch.arange(total, device=hidden_states.device) - offsets[sequence]
+    padded = hidden_states.new_zeros(len(lengths), int(lengths.max()), hidden_states.shape[-1])
+    padded[sequence, position] = hidden_states[0]
+    out = mixer(padded)[0]
+    return out[sequence, position][None]
+
+
+class GatedDeltaNetBlock(nn.Module):
+    def __init__(self, config: GatedDeltaNetLMConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mixer = GatedDeltaNet(config.hidden_size, num_heads=config.num_heads, head_k_dim=config.head_dim,
+                                   head_v_dim=config.head_dim * config.expand_v, conv_size=config.conv_size,
+                                   norm_eps=config.norm_eps, layer_idx=layer_idx)
+        self.mixer_takes_cu_seqlens = "cu_seqlens" in inspect.signature(self.mixer.forward).parameters
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.hidden_ratio)
+
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, T, d] -> [B, T, d]; with cu_seqlens (B == 1) nothing crosses a sequence boundary."""
+        normed = self.mixer_norm(hidden_states)
+        if cu_seqlens is None:
+            mixed = self.mixer(normed)[0]
+        elif self.mixer_takes_cu_seqlens:
+            mixed = self.mixer(normed, cu_seqlens=cu_seqlens)[0]
+        else:
+            mixed = run_per_sequence(self.mixer, normed, cu_seqlens)
+        hidden_states = hidden_states + mixed
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class GatedDeltaNetForCausalLM(PreTrainedModel):
+    """Gated DeltaNet LM: forward(input_ids [B, T], cu_seqlens=None, labels=None) -> logits [B, T, vocab]."""
+
+    config_class = GatedDeltaNetLMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["GatedDeltaNetBlock"]
+    _tied_weights_keys = {"lm_head.weight": "embeddings.weight"}
+
+    def __init__(self, config: GatedDeltaNetLMConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GatedDeltaNetBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Linear and embedding weights ~ N(0, initializer_range); the mixer keeps its own gate init.
+
+        ``transformers.initialization`` leaves weights loaded by ``from_pretrained`` alone."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, 0.0, self.config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.LongTensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                **unused) -> CausalLMOutput:
+        """Logits [B, T, vocab]; with labels [B, T] also the mean next-token loss (shifted inside, -100 ignored).
+
+        attention_mask: only right padding (all ones, or ones then zeros) is accepted: a causal model then
+        gives the unpadded result at every real token.
+        """
+        if attention_mask is not None:
+            mask = attention_mask.bool()
+            if (mask[:, 1:] & ~mask[:, :-1]).any():
+                raise ValueError("GatedDeltaNetForCausalLM accepts only right padding in attention_mask")
+        if cu_seqlens is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"cu_seqlens needs input_ids of batch size 1, got {tuple(input_ids.shape)}")
+        hidden_states = self.embeddings(input_ids)
+        for block in self.layers:
+            hidden_states = block(hidden_states, cu_seqlens)
+        logits = self.lm_head(self.norm(hidden_states))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                               ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+AutoConfig.register(GatedDeltaNetLMConfig.model_type, GatedDeltaNetLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(GatedDeltaNetLMConfig, GatedDeltaNetForCausalLM, exist_ok=True)
