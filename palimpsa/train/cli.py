@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 
 from palimpsa.train.config import TrainConfig
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(config)
     finally:
         shutdown_distributed()
-    print(json.dumps({"final_step": result.final_step, "last_loss": result.losses[-1] if result.losses else None,
-                      "out_dir": result.out_dir}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"final_step": result.final_step,
+                          "last_loss": result.losses[-1] if result.losses else None, "out_dir": result.out_dir}))
     return 0
