@@ -131,3 +131,19 @@ def test_collate_targets_stay_inside_sequences():
     assert batch.cu_seqlens.tolist() == [0, 2, 4]
     assert batch.targets.tolist() == [[0, IGNORE_INDEX, ord("b"), IGNORE_INDEX]]
     assert batch.num_targets == int((batch.targets != IGNORE_INDEX).sum()) == 2
+
+
+def test_hugging_face_streaming_source_resumes_by_skipping(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        rows = [{"text": f"document {i}"} for i in range(5)]
+        return datasets.Dataset.from_list(rows).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    source = DocumentSource(["hf:someone/corpus:en"], hf_split="validation")
+    assert list(source.documents()) == [f"document {i}" for i in range(5)]
+    assert list(source.documents(start=3)) == ["document 3", "document 4"]
+    assert calls[0] == ("someone/corpus", "en", "validation", True)

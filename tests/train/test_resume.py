@@ -78,3 +78,13 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes(corpus, tmp_path):
     assert stopped.final_step == 1 and stopped.steps == [1]  # the limit is checked after each step
     resumed = train(_config(corpus, tmp_path / "t", max_steps=3), model_factory=tiny_factory)
     assert resumed.steps == [2, 3]
+
+
+def test_tensorboard_asked_but_missing_raises(corpus, tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="tensorboard"):
+        train(_config(corpus, tmp_path / "tb", tensorboard=True, max_steps=1), model_factory=tiny_factory)
