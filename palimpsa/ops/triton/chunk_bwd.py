@@ -22,8 +22,10 @@ Work plan (states are recomputed, only chunk-start states and one adjoint pair p
 3. ``unit_scan_kernel`` turns those into the adjoint entering each unit from its end (a short reverse scan
    over units, starting from the final-state gradient).
 4. ``unit_bwd_kernel`` walks each unit backward: for every sub-block of 4 tokens (last first) it rebuilds
-   the sub-block's start state from the chunk-start state by two matmuls, steps 4 tokens forward keeping
-   their (mu, r) in registers, then steps them in reverse accumulating dM, dP and writing all gradients.
+   the sub-block's start state from the chunk-start state by element-wise steps, steps 4 tokens forward
+   keeping their (mu, r) in registers, then steps them in reverse accumulating dM, dP and writing all
+   gradients.  The backward uses its own chunks of BWD_CHUNK = 32 tokens (the fewest the memory budget
+   allows), so rebuilding costs about 2 extra state steps per token.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ import triton
 import triton.language as tl
 
 from palimpsa.ops.triton.chunk_fwd import forward_step, load_state_part
-from palimpsa.ops.triton.chunk_state import chunk_dot, chunk_states
+from palimpsa.ops.triton.chunk_state import chunk_states
 from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, reciprocal,
                                        sequence_bounds, state_block, v_block)
+
+BWD_CHUNK = 32
 
 
 @triton.jit
@@ -67,7 +71,7 @@ def unit_local_adjoint_kernel(
     i_v, i_u, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HAS_B: tl.constexpr = KB > 0
     W: tl.constexpr = C * U
-    i_n, i_w, bos, eos, _ = locate_chunk(i_u, unit_indices, unit_offsets, cu_seqlens, T, W, IS_VARLEN)
+    i_n, i_w, bos, eos, _base = locate_chunk(i_u, unit_indices, unit_offsets, cu_seqlens, T, W, IS_VARLEN)
     if i_w > 0:
         if IS_VARLEN:
             cbase = tl.load(chunk_offsets + i_n).to(tl.int32)
@@ -108,14 +112,14 @@ def unit_local_adjoint_kernel(
             q_a = tl.load(q + tok_h * K + offs_a, mask=mask_a, other=0.0).to(tl.float32) * scale
             k_a = tl.load(k + tok_h * K + offs_a, mask=mask_a, other=0.0).to(tl.float32)
             mean_a, imp_a, r_a = forward_step(mean_a, imp_a, k_a, v_t, beta_t, alpha, relax, FAST)
-            dm_a, di_a, _, _ = direct_adjoints(mean_a * r_a, r_a, q_a, do_t, dvar_t, HAS_DVAR)
+            dm_a, di_a, _dm, _dvr = direct_adjoints(mean_a * r_a, r_a, q_a, do_t, dvar_t, HAS_DVAR)
             acc_m_a += weight * dm_a
             acc_p_a += weight * di_a
             if HAS_B:
                 q_b = tl.load(q + tok_h * K + offs_b, mask=mask_b, other=0.0).to(tl.float32) * scale
                 k_b = tl.load(k + tok_h * K + offs_b, mask=mask_b, other=0.0).to(tl.float32)
                 mean_b, imp_b, r_b = forward_step(mean_b, imp_b, k_b, v_t, beta_t, alpha, relax, FAST)
-                dm_b, di_b, _, _ = direct_adjoints(mean_b * r_b, r_b, q_b, do_t, dvar_t, HAS_DVAR)
+                dm_b, di_b, _dm, _dvr = direct_adjoints(mean_b * r_b, r_b, q_b, do_t, dvar_t, HAS_DVAR)
                 acc_m_b += weight * dm_b
                 acc_p_b += weight * di_b
         a_off = (i_u * H + i_h).to(tl.int64) * K * V
@@ -275,11 +279,24 @@ def token_backward(mu_a, r_a, mu_b, r_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi
 
 
 @triton.jit
-def sub_block_start(mean0, exc0, k_c, kk_c, v_c, beta_c, weight, decay, prior_h, DOT_BF16: tl.constexpr):
-    """State (M, I) of one part before a sub-block, from the chunk-start state (M0, P0) by two matmuls."""
-    mean = decay * mean0 + chunk_dot(k_c * weight[:, None], v_c, DOT_BF16)
-    imp = decay * exc0 + chunk_dot(kk_c * weight[:, None], beta_c, DOT_BF16) + prior_h
-    return mean, imp
+def advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t_start, t_end, i_h, offs_a, mask_a,
+            offs_b, mask_b, offs_v, mask_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+            HAS_B: tl.constexpr):
+    """Advance both state parts over tokens [t_start, t_end) (no reciprocal needed)."""
+    for t in range(t_start, t_end):
+        tok_h = tl.cast(t, tl.int64) * H + i_h
+        alpha = tl.exp(tl.load(g + tok_h).to(tl.float32))
+        relax = (1.0 - alpha) * prior_h
+        v_t = tl.load(v + tok_h * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        beta_t = tl.load(beta + tok_h * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        k_a = tl.load(k + tok_h * K + offs_a, mask=mask_a, other=0.0).to(tl.float32)
+        imp_a = alpha * imp_a + ((k_a * k_a)[:, None] * beta_t[None, :] + relax)
+        mean_a = alpha * mean_a + k_a[:, None] * v_t[None, :]
+        if HAS_B:
+            k_b = tl.load(k + tok_h * K + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+            imp_b = alpha * imp_b + ((k_b * k_b)[:, None] * beta_t[None, :] + relax)
+            mean_b = alpha * mean_b + k_b[:, None] * v_t[None, :]
+    return mean_a, imp_a, mean_b, imp_b
 
 
 @triton.jit
@@ -289,17 +306,22 @@ def unit_bwd_kernel(
     cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
     KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
-    HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_BF16: tl.constexpr,
-    FAST: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr, FAST: tl.constexpr,
 ):
-    """Grid (V blocks, units, H): the reverse sweep over one unit.  dq, dk: float32 accumulators
-    [B*T, H, K] (atomic adds over V blocks); dv, dbeta: [B*T, H, V]; dlogb: [NV, B*T, H];
-    dprior: [NV, units, H]; dmu0, dimp0: [N, H, K, V] (first unit of each sequence, with an initial state)."""
+    """Grid (V blocks, units, H): the reverse sweep over one unit.
+
+    Chunks of C tokens (last first) split into segments of 16 tokens (last first) and sub-blocks of 4
+    tokens (last first).  A sub-block's start state is rebuilt from the chunk-start state by element-wise
+    steps (on average 2 per token for C = 32); its 4 tokens are stepped forward keeping (mu, r), then in
+    reverse.  dq, dk: float32 accumulators [B*T, H, K] (atomic adds over V blocks); dv, dbeta:
+    [B*T, H, V]; dlogb: [NV, B*T, H]; dprior: [NV, units, H]; dmu0, dimp0: [N, H, K, V].
+    """
     i_v, i_u, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HAS_B: tl.constexpr = KB > 0
     W: tl.constexpr = C * U
+    SEG: tl.constexpr = 16
     S: tl.constexpr = 4
-    i_n, i_w, bos, eos, _ = locate_chunk(i_u, unit_indices, unit_offsets, cu_seqlens, T, W, IS_VARLEN)
+    i_n, i_w, bos, eos, _base = locate_chunk(i_u, unit_indices, unit_offsets, cu_seqlens, T, W, IS_VARLEN)
     if IS_VARLEN:
         cbase = tl.load(chunk_offsets + i_n).to(tl.int32)
     else:
@@ -318,7 +340,6 @@ def unit_bwd_kernel(
     else:  # placeholders, never used
         offs_b = offs_a
         mask_b = mask_a
-    offs_c = tl.arange(0, C)
     a_off = (i_u * H + i_h).to(tl.int64) * K * V
     adj_m_a = tl.load(adj_mean + a_off + offs_a[:, None] * V + offs_v[None, :],
                       mask=mask_a[:, None] & mask_v[None, :], other=0.0)
@@ -341,72 +362,61 @@ def unit_bwd_kernel(
         cs = bos + i_c * C
         n_tok = tl.minimum(C, eos - cs)
         h_off = ((cbase + i_c) * H + i_h).to(tl.int64) * K * V
-        mean0_a, imp0_a = load_state_part(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V, False)
-        exc0_a = imp0_a - prior_h
-        tok_c = cs + offs_c
-        mask_c = offs_c < n_tok
-        tokh_c = tok_c.to(tl.int64) * H + i_h
-        g_c = tl.load(g + tokh_c, mask=mask_c, other=0.0).to(tl.float32)
-        b_c = tl.cumsum(g_c, 0)
-        v_c = tl.load(v + tokh_c[:, None] * V + offs_v[None, :], mask=mask_c[:, None] & mask_v[None, :],
-                      other=0.0).to(tl.float32)
-        beta_c = tl.load(beta + tokh_c[:, None] * V + offs_v[None, :], mask=mask_c[:, None] & mask_v[None, :],
-                         other=0.0).to(tl.float32)
-        k_ca = tl.load(k + tokh_c[:, None] * K + offs_a[None, :], mask=mask_c[:, None] & mask_a[None, :],
-                       other=0.0).to(tl.float32)
-        kk_ca = k_ca * k_ca
-        if HAS_B:
-            mean0_b, imp0_b = load_state_part(h_mean, h_imp, h_off, offs_b, offs_v, mask_b, mask_v, V, False)
-            exc0_b = imp0_b - prior_h
-            k_cb = tl.load(k + tokh_c[:, None] * K + offs_b[None, :], mask=mask_c[:, None] & mask_b[None, :],
-                           other=0.0).to(tl.float32)
-            kk_cb = k_cb * k_cb
-        n_sub = tl.cdiv(n_tok, S)
-        for jj in range(0, n_sub):
-            s = (n_sub - 1 - jj) * S  # sub-blocks of the chunk, last first
-            before = offs_c < s
-            b_s = tl.sum(tl.where(before, g_c, 0.0), 0)
-            weight = tl.where(before, tl.exp(b_s - b_c), 0.0)
-            decay = tl.exp(b_s)
-            mean_a, imp_a = sub_block_start(mean0_a, exc0_a, k_ca, kk_ca, v_c, beta_c, weight, decay, prior_h,
-                                            DOT_BF16)
+        n_seg = tl.cdiv(n_tok, SEG)
+        for ss in range(0, n_seg):
+            seg = n_seg - 1 - ss  # segments of the chunk, last first
+            seg_start = cs + seg * SEG
+            seg_tok = tl.minimum(SEG, n_tok - seg * SEG)
+            mean_sa, imp_sa = load_state_part(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V, False)
             if HAS_B:
-                mean_b, imp_b = sub_block_start(mean0_b, exc0_b, k_cb, kk_cb, v_c, beta_c, weight, decay,
-                                                prior_h, DOT_BF16)
+                mean_sb, imp_sb = load_state_part(h_mean, h_imp, h_off, offs_b, offs_v, mask_b, mask_v, V, False)
             else:
-                mean_b = mean_a
-                imp_b = imp_a
-            t0 = cs + s
-            # four tokens forward, keeping (mu, r) of each
-            mean_a, imp_a, mean_b, imp_b, mu0_a, r0_a, mu0_b, r0_b = token_forward(
-                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0, s < n_tok, i_h,
-                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
-            mean_a, imp_a, mean_b, imp_b, mu1_a, r1_a, mu1_b, r1_b = token_forward(
-                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 1, s + 1 < n_tok, i_h,
-                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
-            mean_a, imp_a, mean_b, imp_b, mu2_a, r2_a, mu2_b, r2_b = token_forward(
-                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 2, s + 2 < n_tok, i_h,
-                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
-            mean_a, imp_a, mean_b, imp_b, mu3_a, r3_a, mu3_b, r3_b = token_forward(
-                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 3, s + 3 < n_tok, i_h,
-                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
-            # the same four tokens in reverse
-            adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
-                mu3_a, r3_a, mu3_b, r3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 3, s + 3 < n_tok,
-                i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK, H, K, V, HAS_B, HAS_DVAR)
-            adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
-                mu2_a, r2_a, mu2_b, r2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 2, s + 2 < n_tok,
-                i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK, H, K, V, HAS_B, HAS_DVAR)
-            adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
-                mu1_a, r1_a, mu1_b, r1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 1, s + 1 < n_tok,
-                i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK, H, K, V, HAS_B, HAS_DVAR)
-            adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
-                mu0_a, r0_a, mu0_b, r0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0, s < n_tok,
-                i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK, H, K, V, HAS_B, HAS_DVAR)
+                mean_sb = mean_sa
+                imp_sb = imp_sa
+            mean_sa, imp_sa, mean_sb, imp_sb = advance(
+                mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, cs, seg_start, i_h,
+                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B)
+            n_sub = tl.cdiv(seg_tok, S)
+            for jj in range(0, n_sub):
+                s = (n_sub - 1 - jj) * S  # sub-blocks of the segment, last first
+                t0 = seg_start + s
+                mean_a, imp_a, mean_b, imp_b = advance(
+                    mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start, t0, i_h,
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B)
+                # four tokens forward, keeping (mu, r) of each
+                mean_a, imp_a, mean_b, imp_b, mu0_a, r0_a, mu0_b, r0_b = token_forward(
+                    mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0, s < seg_tok, i_h,
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
+                mean_a, imp_a, mean_b, imp_b, mu1_a, r1_a, mu1_b, r1_b = token_forward(
+                    mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 1, s + 1 < seg_tok, i_h,
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
+                mean_a, imp_a, mean_b, imp_b, mu2_a, r2_a, mu2_b, r2_b = token_forward(
+                    mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 2, s + 2 < seg_tok, i_h,
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
+                mean_a, imp_a, mean_b, imp_b, mu3_a, r3_a, mu3_b, r3_b = token_forward(
+                    mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 3, s + 3 < seg_tok, i_h,
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
+                # the same four tokens in reverse
+                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
+                    mu3_a, r3_a, mu3_b, r3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 3,
+                    s + 3 < seg_tok, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
+                    H, K, V, HAS_B, HAS_DVAR)
+                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
+                    mu2_a, r2_a, mu2_b, r2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 2,
+                    s + 2 < seg_tok, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
+                    H, K, V, HAS_B, HAS_DVAR)
+                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
+                    mu1_a, r1_a, mu1_b, r1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 1,
+                    s + 1 < seg_tok, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
+                    H, K, V, HAS_B, HAS_DVAR)
+                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
+                    mu0_a, r0_a, mu0_b, r0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0,
+                    s < seg_tok, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
+                    H, K, V, HAS_B, HAS_DVAR)
 
     # adjoints now refer to the state before the unit's first token
     dprior_sum = tl.sum(tl.sum(sdi_a, 1), 0)
@@ -462,7 +472,7 @@ def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk
 def chunk_bwd(
     q, k, v, g, beta, prior, scale: float, initial_state, layout: SequenceLayout,
     do: torch.Tensor, dvar: Optional[torch.Tensor], dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]],
-    chunk_size: int = 64, unit_chunks: Optional[int] = None, block_v: int = 16, num_warps: int = 4,
+    unit_chunks: Optional[int] = None, block_v: int = 16, num_warps: Optional[int] = None,
 ):
     """Gradients of the Palimpsa op.
 
@@ -474,14 +484,15 @@ def chunk_bwd(
     V = v.shape[-1]
     N = layout.N
     dev = q.device
-    C = chunk_size
+    C = BWD_CHUNK
     KA, KB = k_parts(K)
     BV = v_block(V, block_v)
+    if num_warps is None:  # about 6 state elements per thread and tile: the sweep keeps ~15 tiles live
+        num_warps = 4 if (KA + KB) * BV <= 1024 else 8
     NV = triton.cdiv(V, BV)
     U = unit_chunks if unit_chunks is not None else default_unit_chunks(layout, H, NV, C)
     W = U * C
     fast = not interpreting()
-    dot_bf16 = q.dtype != torch.float32
     has_dfinal = dfinal is not None
     states, final = chunk_states(k, v, g, beta, prior, initial_state, layout, C, True, has_dfinal)
     h_mean, h_imp = states
@@ -530,8 +541,7 @@ def chunk_bwd(
         dq, dk, dv, dbeta, dlogb, dprior_part, dmu0, dimp0,
         layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
         H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, BV=BV,
-        HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, DOT_BF16=dot_bf16,
-        FAST=fast, num_warps=num_warps,
+        HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, FAST=fast, num_warps=num_warps,
     )
 
     dlogb = dlogb.sum(0)

@@ -77,7 +77,7 @@ def _bwd_op(
     init = (mu0, imp0) if mu0 is not None else None
     dfinal = (dmu, dimp) if dmu is not None else None
     dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
-                                                    dfinal, chunk_size=chunk_size)
+                                                    dfinal)
     dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
     return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
