@@ -1,0 +1,113 @@
+"""``palimpsa mqar``: run (or resume) an MQAR sweep, then print and save its summary table and plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from palimpsa.mqar.presets import PRESETS, preset_grid
+from palimpsa.mqar.report import write_report
+from palimpsa.mqar.sweep import RESULTS_FILE, run_sweep
+from palimpsa.mqar.models import MODEL_NAMES
+
+# RunConfig fields settable from the command line: (flag, type, help)
+FIXED_OPTIONS = (
+    ("batch_size", int, "examples per step (overrides the preset's per-length batch sizes)"),
+    ("epochs", float, "passes over the training set"),
+    ("max_steps", int, "cap on optimiser steps per run (the cosine schedule spans the capped length)"),
+    ("num_train", int, "training examples"),
+    ("num_validation", int, "validation examples (learning-rate selection, early stop)"),
+    ("num_test", int, "test examples"),
+    ("vocab_size", int, "vocabulary size V (keys [1, V/2), values [V/2, V))"),
+    ("n_layers", int, "layers"),
+    ("num_heads", int, "heads per mixer"),
+    ("head_k_dim", int, "key (Mamba2: state) size per head; default d_model / num_heads"),
+    ("head_v_dim", int, "value (Mamba2: head) size per head; default 2 * head_k_dim"),
+    ("weight_decay", float, "AdamW weight decay"),
+    ("warmup_steps", int, "linear warm-up steps before the cosine decay"),
+    ("eval_every", int, "steps between validations (default once per epoch)"),
+    ("early_stop_accuracy", float, "stop once validation accuracy exceeds this"),
+    ("power_a", float, "power-law exponent of the query placement"),
+)
+
+
+def _pairs(text: str) -> tuple[int, int]:
+    try:
+        L, kv = text.split(":")
+        return int(L), int(kv)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a setting is SEQ_LEN:NUM_KV_PAIRS, e.g. 512:128, got {text!r}")
+
+
+def add_parser(subparsers) -> None:
+    """Add the ``mqar`` verb."""
+    p = subparsers.add_parser(
+        "mqar", help="multi-query associative recall benchmark (resumable sweep, table, plots)",
+        description="Run an MQAR sweep (finished runs in OUT/results.jsonl are skipped), then write "
+                    "OUT/summary.md, OUT/accuracy_vs_seq_len.png and OUT/accuracy_vs_state_size.png.",
+    )
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="named grid (default: quick)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/mqar/<preset>)")
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, help="models to train")
+    p.add_argument("--settings", nargs="+", type=_pairs, metavar="L:KV", help="(sequence length, kv pairs) pairs")
+    p.add_argument("--d-models", nargs="+", type=int, help="model widths")
+    p.add_argument("--lrs", nargs="+", type=float, help="learning rates")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (model init and data)")
+    for name, typ, text in FIXED_OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
+    p.add_argument("--mlp", action="store_true", default=None, help="add a SwiGLU MLP to every block")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default=None,
+                   help="mixed precision (auto: bf16 autocast on CUDA only)")
+    p.add_argument("--gdn-backend", choices=("auto", "torch", "fla"), default=None,
+                   help="Gated DeltaNet delta-rule backend")
+    p.add_argument("--devices", nargs="+", default=None, help="e.g. cuda:0 cuda:1 (default: all GPUs, else cpu)")
+    p.add_argument("--workers-per-device", type=int, default=1, help="runs in parallel on each device")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; no run starts after it and runs still going stop and are not recorded")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the table and plots")
+    p.add_argument("--dry-run", action="store_true", help="list the planned runs and exit")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=main)
+
+
+def build_grid(args: argparse.Namespace):
+    """The preset's grid with the command line's overrides."""
+    grid = preset_grid(args.preset)
+    for name in ("models", "settings", "d_models", "lrs", "seeds"):
+        value = getattr(args, name)
+        if value:
+            setattr(grid, name, list(value))
+    for name, _, _ in FIXED_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            grid.fixed[name] = value
+            if name == "batch_size":
+                grid.batch_size_by_seq_len = {}
+    for name in ("mlp", "amp", "gdn_backend"):
+        if getattr(args, name) is not None:
+            grid.fixed[name] = getattr(args, name)
+    grid.__post_init__()
+    return grid
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"runs/mqar/{args.preset}")
+    grid = build_grid(args)
+    runs = grid.runs()
+    if args.dry_run:
+        for config in runs:
+            print(config)
+        print(f"{len(runs)} runs", file=sys.stderr)
+        return 0
+    if not args.report_only:
+        stats = run_sweep(runs, out, devices=args.devices, workers_per_device=args.workers_per_device,
+                          progress=not args.no_progress, time_budget_s=args.time_budget)
+        print(f"{stats['planned']} runs planned, {stats['skipped']} already done, {stats['recorded']} recorded "
+              f"now -> {out / RESULTS_FILE}", file=sys.stderr)
+    table, written = write_report(out / RESULTS_FILE, out)
+    print(table if table.count("\n") > 2 else "no finished runs yet")
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,239 @@
+"""The MQAR model zoo: one small language model, six token mixers.
+
+Model (Zoology's layout): token embedding (plus rotary positions inside the attention baseline only),
+``n_layers`` x (pre-RMSNorm mixer + residual [, pre-RMSNorm SwiGLU MLP + residual]), final RMSNorm, output
+head tied to the embedding.
+
+Mixers (``MODEL_NAMES``), with the paper's MQAR configuration when d_model = 128 and num_heads = 8
+(spec 4.2); every head has a key size K = d_model / num_heads and a value size V = 2 K unless set:
+
+    palimpsa        Palimpsa(metaplasticity=True), K=16, V=32, importance rank d/16 = 8
+    notpalimpsa     the same layer with metaplasticity=False (simple gated linear attention)
+    meta_mamba2     MetaMamba2(metaplasticity=True), state_size N = K, head_dim P = V, n_groups = H, expand 2
+    mamba2          the same layer with metaplasticity=False (exactly Mamba2)
+    gated_deltanet  GatedDeltaNet, K, V as above
+    attention       causal softmax attention with rotary positions, head size d_model / num_heads
+
+Every recurrent mixer gets the paper's "small forgetting" initialisation (see :func:`small_forgetting_init`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from palimpsa.layers.gated_deltanet import GatedDeltaNet
+from palimpsa.layers.modules import RMSNorm, SwiGLUMLP
+
+MODEL_NAMES = ("palimpsa", "notpalimpsa", "meta_mamba2", "mamba2", "gated_deltanet", "attention")
+METAPLASTIC_MODELS = ("palimpsa", "meta_mamba2")
+# mixers built on the Palimpsa op return a posterior output variance (constant-importance for the twins
+# without metaplasticity, which makes them the control for the variance's usefulness)
+VARIANCE_MODELS = ("palimpsa", "notpalimpsa", "meta_mamba2", "mamba2")
+STATE_BYTES_PER_ELEMENT = 4  # recurrent states (and the attention KV cache) counted in float32
+
+
+@dataclass(frozen=True)
+class MQARModelConfig:
+    """Architecture of one MQAR model.
+
+    name: one of MODEL_NAMES.  head_k_dim / head_v_dim: None gives K = d_model / num_heads, V = 2 K.
+    gdn_backend: Gated DeltaNet's delta-rule backend ("auto", "torch" or "fla").
+    """
+
+    name: str
+    vocab_size: int = 8192
+    d_model: int = 128
+    n_layers: int = 2
+    num_heads: int = 8
+    head_k_dim: Optional[int] = None
+    head_v_dim: Optional[int] = None
+    mlp: bool = False
+    small_forgetting: bool = True
+    gdn_backend: str = "auto"
+
+    def __post_init__(self):
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"model name must be one of {MODEL_NAMES}, got {self.name!r}")
+        for field in ("vocab_size", "d_model", "n_layers", "num_heads"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
+
+    @property
+    def key_dim(self) -> int:
+        """K, the key (Mamba2: state) size of a head."""
+        return self.head_k_dim or self.d_model // self.num_heads
+
+    @property
+    def value_dim(self) -> int:
+        """V, the value (Mamba2: head) size of a head."""
+        return self.head_v_dim or 2 * self.key_dim
+
+
+def small_forgetting_init(A_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
+    """The paper's MQAR initialisation of a recurrent mixer's forgetting (in place).
+
+    Per head h of H: A_h = linspace(0.01, 0.16, H)[h] and dt_h = exp(linspace(log 0.1, log 0.001, H))[h], so the
+    per-token log decay -dt_h A_h starts between -1e-3 and -1.6e-4 (memories last thousands of tokens).
+    A_log = log A; dt_bias = softplus^-1(dt).  A_log, dt_bias: [H].
+    """
+    H = A_log.numel()
+    if dt_bias.numel() != H:
+        raise ValueError(f"A_log and dt_bias must both have H entries, got {A_log.numel()} and {dt_bias.numel()}")
+    with torch.no_grad():
+        A = torch.linspace(0.01, 0.16, H, dtype=torch.float64)
+        dt = torch.exp(torch.linspace(math.log(0.1), math.log(0.001), H, dtype=torch.float64))
+        A_log.copy_(A.log().to(A_log.dtype))
+        dt_bias.copy_((dt + torch.log(-torch.expm1(-dt))).to(dt_bias.dtype))
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half convention).  Applied to q, k: [B, H, T, D] (D even)."""
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary dimension must be even, got {dim}")
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[-2]
+        angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq  # [T, D/2]
+        cos, sin = angles.cos(), angles.sin()
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head softmax attention with rotary positions (the MQAR upper baseline).
+
+    hidden_states [B, T, d] -> (output [B, T, d], None).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.rotary = RotaryEmbedding(hidden_size // num_heads)
+
+    def forward(self, hidden_states: torch.Tensor, output_variance: bool = False) -> Tuple[torch.Tensor, None]:
+        B, T, d = hidden_states.shape
+        q, k, v = self.qkv_proj(hidden_states).view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(self.rotary(q), self.rotary(k), v, is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, d)), None
+
+
+def build_mixer(config: MQARModelConfig, layer_idx: int) -> nn.Module:
+    """The token mixer of layer ``layer_idx`` (see the module docstring for the configurations)."""
+    d, H, K, V = config.d_model, config.num_heads, config.key_dim, config.value_dim
+    name = config.name
+    if name == "attention":
+        return CausalSelfAttention(d, H)
+    if name in ("palimpsa", "notpalimpsa"):
+        from palimpsa.layers.palimpsa import Palimpsa
+
+        mixer = Palimpsa(d, num_heads=H, head_k_dim=K, head_v_dim=V, metaplasticity=name == "palimpsa",
+                         layer_idx=layer_idx)
+    elif name in ("meta_mamba2", "mamba2"):
+        from palimpsa.layers.meta_mamba2 import MetaMamba2
+
+        if (H * V) % d:
+            raise ValueError(f"Mamba2 needs num_heads * head_v_dim ({H * V}) to be a multiple of d_model ({d})")
+        mixer = MetaMamba2(d, state_size=K, head_dim=V, n_groups=H, expand=H * V // d,
+                           metaplasticity=name == "meta_mamba2", layer_idx=layer_idx)
+    else:
+        mixer = GatedDeltaNet(d, num_heads=H, head_k_dim=K, head_v_dim=V, layer_idx=layer_idx,
+                              backend=config.gdn_backend)
+    if config.small_forgetting:
+        small_forgetting_init(mixer.A_log, mixer.dt_bias)
+    return mixer
+
+
+class MQARBlock(nn.Module):
+    """Pre-RMSNorm mixer + residual, then (optionally) pre-RMSNorm SwiGLU MLP + residual."""
+
+    def __init__(self, config: MQARModelConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.d_model, eps=1e-5)
+        self.mixer = build_mixer(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.d_model, eps=1e-5) if config.mlp else None
+        self.mlp = SwiGLUMLP(config.d_model, hidden_ratio=4) if config.mlp else None
+
+    def forward(self, x: torch.Tensor, output_variance: bool = False):
+        """x [B, T, d] -> (x [B, T, d], mixer variance [B, T, H, V] or None)."""
+        mixed, variance = self.mixer(self.mixer_norm(x), output_variance=output_variance)
+        x = x + mixed
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, variance
+
+
+class MQARModel(nn.Module):
+    """Embedding -> blocks -> RMSNorm -> tied output head."""
+
+    def __init__(self, config: MQARModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.blocks = nn.ModuleList(MQARBlock(config, i) for i in range(config.n_layers))
+        self.final_norm = RMSNorm(config.d_model, eps=1e-5)
+
+    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                output_variance: bool = False):
+        """Logits at the requested positions.
+
+        Args:
+            input_ids: [B, T] int64.
+            positions: [B, T] bool mask of the positions to score (e.g. labels != -100), or None for all.
+            output_variance: also return the last layer's mixer variance (metaplastic models only).
+
+        Returns:
+            logits [M, vocab] for the M selected positions (row-major order), or [B, T, vocab] when
+            positions is None; with output_variance, (logits, variance [M, H, V] / [B, T, H, V] or None).
+        """
+        x = self.embedding(input_ids)
+        variance = None
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            x, layer_variance = block(x, output_variance=output_variance and last)
+            if last:
+                variance = layer_variance
+        x = self.final_norm(x)
+        if positions is not None:  # score only where a label is: the full [B, T, vocab] is large
+            x = x[positions]
+            variance = None if variance is None else variance[positions]
+        logits = F.linear(x, self.embedding.weight)
+        return (logits, variance) if output_variance else logits
+
+
+def recurrent_state_bytes(config: MQARModelConfig, seq_len: int) -> int:
+    """Bytes of the memory one layer carries between tokens, per sequence, in float32.
+
+    Recurrent mixers: H * K * V entries, twice for the metaplastic ones (the mean mu and the importance I;
+    without metaplasticity I stays at the prior and need not be stored).  Attention: its key-value cache
+    after ``seq_len`` tokens, 2 * seq_len * d_model entries.  Convolution buffers (3 tokens) are not counted.
+    """
+    if config.name == "attention":
+        entries = 2 * seq_len * config.d_model
+    else:
+        copies = 2 if config.name in METAPLASTIC_MODELS else 1
+        entries = copies * config.num_heads * config.key_dim * config.value_dim
+    return entries * STATE_BYTES_PER_ELEMENT
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,208 @@
+"""Summaries of MQAR results: the table, the plots and the variance AUROC.
+
+Selection rule: for each (model, seq_len, num_kv_pairs, d_model) and seed, the learning rate with the best
+*validation* accuracy is kept; the table reports the mean and standard deviation over seeds of those runs'
+*test* accuracy (the test set never chooses anything).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Iterable, Optional
+
+import torch
+
+GROUP_KEYS = ("model", "seq_len", "num_kv_pairs", "d_model")
+
+
+def variance_auroc(scores: torch.Tensor, positive: torch.Tensor) -> Optional[float]:
+    """Area under the ROC curve of ``scores`` for detecting ``positive`` (e.g. a wrong answer).
+
+    scores: [M] float; positive: [M] bool.  The Mann-Whitney statistic with ties counted half: the
+    probability that a random positive scores higher than a random negative.  None when either class is
+    empty (the AUROC is undefined, e.g. at 100% accuracy).
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    positive = torch.as_tensor(positive, dtype=torch.bool).flatten()
+    if scores.shape != positive.shape:
+        raise ValueError(f"scores and positive must have the same length, got {scores.numel()} and {positive.numel()}")
+    n_pos = int(positive.sum())
+    n_neg = positive.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    # average ranks (1-based) with ties sharing the mean rank
+    sorted_scores, order = torch.sort(scores)
+    ranks = torch.empty_like(scores)
+    unique, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    mean_rank = ends - (counts.double() - 1) / 2
+    ranks[order] = mean_rank[inverse]
+    rank_sum = ranks[positive].sum().item()
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def load_results(path: str | os.PathLike) -> list[dict]:
+    """The records of a results.jsonl file ([] if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return mean(values), (stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results: Iterable[dict]) -> list[dict]:
+    """One row per (model, seq_len, num_kv_pairs, d_model): best lr per seed on validation, test mean/std.
+
+    Row keys: the group keys, state_bytes, seeds, lrs (the chosen lr of each seed), test_mean, test_std,
+    val_mean, steps_mean, auroc_mean / auroc_std (None unless some chosen run has a variance AUROC),
+    auroc_n (how many seeds had one).
+    """
+    by_group_seed: dict = defaultdict(list)
+    for r in results:
+        by_group_seed[(tuple(r[k] for k in GROUP_KEYS), r["seed"])].append(r)
+    groups: dict = defaultdict(list)
+    for (group, _seed), runs in sorted(by_group_seed.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        # best validation accuracy; ties go to the smaller lr, then the earlier record
+        chosen = max(runs, key=lambda r: (r["val_accuracy"] if r["val_accuracy"] is not None else -1.0, -r["lr"]))
+        groups[group].append(chosen)
+    rows = []
+    for group, chosen in groups.items():
+        test_mean, test_std = _mean_std([r["test_accuracy"] for r in chosen])
+        aurocs = [r["variance_auroc"] for r in chosen if r.get("variance_auroc") is not None]
+        auroc_mean, auroc_std = _mean_std(aurocs) if aurocs else (None, None)
+        rows.append({
+            **dict(zip(GROUP_KEYS, group)),
+            "state_bytes": chosen[0]["state_bytes"],
+            "seeds": len(chosen),
+            "lrs": [r["lr"] for r in chosen],
+            "test_mean": test_mean,
+            "test_std": test_std,
+            "val_mean": mean(r["val_accuracy"] or 0.0 for r in chosen),
+            "steps_mean": mean(r["steps"] for r in chosen),
+            "auroc_mean": auroc_mean,
+            "auroc_std": auroc_std,
+            "auroc_n": len(aurocs),
+            "device": ", ".join(sorted({r["device"] for r in chosen})),
+        })
+    model_order = {"palimpsa": 0, "notpalimpsa": 1, "meta_mamba2": 2, "mamba2": 3, "gated_deltanet": 4,
+                   "attention": 5}
+    rows.sort(key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"], model_order.get(r["model"], 99),
+                             r["model"]))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The summary as a markdown table."""
+    header = ("| model | L | kv pairs | d_model | state bytes/layer | test accuracy (mean ± std) | seeds | "
+              "chosen lr per seed | mean steps | variance AUROC (wrong answers) |")
+    lines = [header, "|" + "---|" * 10]
+    for r in rows:
+        auroc = "—" if r["auroc_mean"] is None else f"{r['auroc_mean']:.3f} ± {r['auroc_std']:.3f} (n={r['auroc_n']})"
+        lrs = ", ".join(f"{lr:g}" for lr in r["lrs"])
+        lines.append(f"| {r['model']} | {r['seq_len']} | {r['num_kv_pairs']} | {r['d_model']} | {r['state_bytes']:,} | "
+                     f"{100 * r['test_mean']:.1f}% ± {100 * r['test_std']:.1f} | {r['seeds']} | {lrs} | "
+                     f"{r['steps_mean']:.0f} | {auroc} |")
+    return "\n".join(lines) + "\n"
+
+
+def _series(rows: list[dict], x_key: str, split_key: str):
+    """{split value: {(model, d_model or None): [(x, mean, std)]}} sorted by x."""
+    out: dict = defaultdict(lambda: defaultdict(list))
+    d_models = {r["d_model"] for r in rows}
+    for r in rows:
+        label = r["model"] if len(d_models) == 1 else f"{r['model']} d={r['d_model']}"
+        out[r[split_key] if split_key else None][label].append((r[x_key], r["test_mean"], r["test_std"]))
+    for panel in out.values():
+        for label in panel:
+            panel[label].sort()
+    return out
+
+
+def plot_accuracy_vs_seq_len(rows: list[dict], path: str | os.PathLike) -> None:
+    """PNG: test accuracy (mean ± std over seeds) against sequence length, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _series(rows, "seq_len", None)[None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in sorted(series.items()):
+        xs, ys, es = zip(*points)
+        ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title("MQAR: accuracy vs sequence length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_accuracy_vs_state_size(rows: list[dict], path: str | os.PathLike) -> None:
+    """PNG: test accuracy against recurrent-state bytes per layer, one panel per (L, kv), one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in rows})
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+    for ax, (L, kv) in zip(axes[0], settings):
+        panel: dict = defaultdict(list)
+        for r in rows:
+            if (r["seq_len"], r["num_kv_pairs"]) == (L, kv):
+                panel[r["model"]].append((r["state_bytes"], r["test_mean"], r["test_std"]))
+        for label, points in sorted(panel.items()):
+            xs, ys, es = zip(*sorted(points))
+            ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("recurrent state per layer (bytes)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"L={L}, {kv} key-value pairs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[str, list[Path]]:
+    """Read results.jsonl, write summary.md and the two plots into out_dir; return (table, written paths)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summarize(load_results(results_path))
+    table = format_table(rows)
+    written = []
+    if rows:
+        summary = out_dir / "summary.md"
+        tmp = summary.with_name("summary.md.tmp")
+        tmp.write_text("# MQAR results\n\nBest learning rate per model, setting and seed chosen on validation "
+                       "accuracy; test accuracy mean ± std over seeds.\n\n" + table)
+        os.replace(tmp, summary)
+        written.append(summary)
+        plot_accuracy_vs_seq_len(rows, out_dir / "accuracy_vs_seq_len.png")
+        plot_accuracy_vs_state_size(rows, out_dir / "accuracy_vs_state_size.png")
+        written += [out_dir / "accuracy_vs_seq_len.png", out_dir / "accuracy_vs_state_size.png"]
+    return table, written

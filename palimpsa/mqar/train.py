@@ -1,0 +1,278 @@
+"""Train and evaluate one MQAR run (one model, setting, learning rate and seed).
+
+Protocol (spec benchmarks.md section 2): AdamW with weight decay 0.1 (not on norms, biases, embeddings'
+... see :func:`parameter_groups`), a cosine learning-rate schedule over all planned steps, cross-entropy on
+the query positions only, validation after every ``eval_every`` steps (default: once per epoch) and an early
+stop once validation accuracy exceeds ``early_stop_accuracy`` (0.99).  The test set is scored once, with the
+weights of the best validation accuracy.  For the models built on the Palimpsa op the test pass also returns
+the last layer's output variance, and :func:`palimpsa.mqar.report.variance_auroc` scores how well it flags
+wrong answers (metaplastic models; their twins without metaplasticity, whose importance never moves, are the
+control).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from palimpsa.mqar.data import IGNORE_INDEX, make_splits
+from palimpsa.mqar.models import (VARIANCE_MODELS, MQARModel, MQARModelConfig, count_parameters,
+                                  recurrent_state_bytes)
+from palimpsa.mqar.report import variance_auroc
+
+AMP_MODES = ("auto", "bf16", "off")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run; its hash names the run (see :func:`run_id`).
+
+    batch_size: examples per step.  epochs: passes over the training set; max_steps caps the total (the
+    cosine schedule spans min(epochs * steps_per_epoch, max_steps)).  eval_every: steps between validations
+    (None = once per epoch).  amp: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "off".
+    """
+
+    model: str
+    seq_len: int
+    num_kv_pairs: int
+    d_model: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    n_layers: int = 2
+    num_heads: int = 8
+    head_k_dim: Optional[int] = None
+    head_v_dim: Optional[int] = None
+    mlp: bool = False
+    vocab_size: int = 8192
+    power_a: float = 0.01
+    num_train: int = 100_000
+    num_validation: int = 1_000
+    num_test: int = 3_000
+    batch_size: int = 128
+    epochs: float = 60
+    max_steps: Optional[int] = None
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    eval_every: Optional[int] = None
+    early_stop_accuracy: float = 0.99
+    amp: str = "auto"
+    gdn_backend: str = "auto"
+
+    def __post_init__(self):
+        # one spelling per value, so that the run's hash does not depend on 60 vs 60.0
+        for name in ("lr", "epochs", "power_a", "weight_decay", "early_stop_accuracy"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        for name in ("seq_len", "num_kv_pairs", "num_train", "num_validation", "num_test", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps!r}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 or None, got {self.eval_every!r}")
+
+    def model_config(self) -> MQARModelConfig:
+        return MQARModelConfig(name=self.model, vocab_size=self.vocab_size, d_model=self.d_model,
+                               n_layers=self.n_layers, num_heads=self.num_heads, head_k_dim=self.head_k_dim,
+                               head_v_dim=self.head_v_dim, mlp=self.mlp, gdn_backend=self.gdn_backend)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown run config fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+def run_id(config: RunConfig) -> str:
+    """A stable name of a run: the hash of its whole config (two runs share it only if identical)."""
+    text = json.dumps(asdict(config), sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def planned_steps(config: RunConfig) -> tuple[int, int]:
+    """(steps per epoch, total planned steps) of a run."""
+    per_epoch = math.ceil(config.num_train / config.batch_size)
+    total = max(1, math.ceil(config.epochs * per_epoch))
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    return per_epoch, total
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``peak`` to 0 at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (projections, embedding); none on vectors (norms, biases,
+    A_log, dt_bias, D, gate scales) or on parameters marked ``_no_weight_decay``."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def autocast_context(amp: str, device: torch.device):
+    """bf16 autocast on CUDA for amp "auto"/"bf16"; nothing on the CPU unless amp == "bf16"."""
+    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: MQARModel, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, amp: str,
+             with_variance: bool = False) -> dict:
+    """Accuracy on (inputs, labels) [N, L]: per example, the fraction of its query positions predicted
+    exactly, then the mean over examples.
+
+    Returns {"accuracy": float} and, with ``with_variance``, "variance_auroc": the AUROC of the last layer's
+    output variance at the query positions (mean over heads and value channels) for flagging wrong answers.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    per_example, scores, wrong = [], [], []
+    for start in range(0, inputs.shape[0], batch_size):
+        x = inputs[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size].to(device)
+        mask = y != IGNORE_INDEX
+        with autocast_context(amp, device):
+            logits, variance = model(x, positions=mask, output_variance=True) if with_variance else \
+                (model(x, positions=mask), None)
+        correct = (logits.argmax(-1) == y[mask]).float()  # [M], row-major over the batch
+        per_row = torch.zeros(x.shape[0], device=device).index_add_(0, mask.nonzero()[:, 0], correct)
+        per_example.append(per_row / mask.sum(1).clamp_min(1))
+        if with_variance and variance is not None:
+            scores.append(variance.float().mean(dim=(-2, -1)).cpu())
+            wrong.append((1 - correct).cpu())
+    model.train()
+    result = {"accuracy": torch.cat(per_example).mean().item()}
+    if with_variance:
+        result["variance_auroc"] = (variance_auroc(torch.cat(scores), torch.cat(wrong).bool()) if scores
+                                    else None)
+    return result
+
+
+def describe_device(device: torch.device) -> str:
+    """'cpu' or the CUDA device's name, e.g. 'NVIDIA H100 80GB HBM3'."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: bool = True,
+              progress_position: int = 0, deadline: Optional[float] = None) -> dict:
+    """Train one run and return its result record (see the module docstring for the protocol).
+
+    ``deadline`` (a time.time() value) stops training early with stop_reason "deadline" (a sweep's budget).
+
+    Returns a dict with model, seq_len, num_kv_pairs, d_model, lr, seed, epochs (completed, fractional),
+    steps, val_accuracy, test_accuracy, state_bytes (recurrent state per layer), seconds, device, and also
+    run_id, planned_steps, stop_reason, num_parameters, variance_auroc (models in VARIANCE_MODELS; None
+    when undefined) and the whole config.
+    """
+    device = torch.device(device)
+    started = time.time()
+    splits = make_splits(config.vocab_size, config.seq_len, config.num_kv_pairs, config.num_train,
+                         config.num_validation, config.num_test, config.seed, config.power_a)
+    torch.manual_seed(config.seed)
+    model = MQARModel(config.model_config()).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    per_epoch, total = planned_steps(config)
+    eval_every = config.eval_every or per_epoch
+    train_x, train_y = (t.to(device) for t in splits.train)
+    order_gen = torch.Generator().manual_seed(config.seed)
+
+    best = {"accuracy": -1.0, "state": None, "step": 0}
+    step, stop_reason, loss_value = 0, "planned_steps", float("nan")
+    bar = tqdm(total=total, desc=f"{config.model} L={config.seq_len} kv={config.num_kv_pairs} lr={config.lr:g} "
+               f"s={config.seed}", disable=not progress, position=progress_position, leave=progress_position == 0,
+               dynamic_ncols=True, mininterval=1.0)
+    while step < total:
+        order = torch.randperm(config.num_train, generator=order_gen).to(device)
+        for start in range(0, config.num_train, config.batch_size):
+            if step >= total:
+                break
+            idx = order[start:start + config.batch_size]
+            x, y = train_x[idx], train_y[idx]
+            mask = y != IGNORE_INDEX
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total, config.lr, config.warmup_steps)
+            with autocast_context(config.amp, device):
+                logits = model(x, positions=mask)
+            loss = F.cross_entropy(logits.float(), y[mask])
+            if not torch.isfinite(loss):
+                stop_reason = "non_finite_loss"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            out_of_time = deadline is not None and time.time() > deadline
+            if step % eval_every == 0 or step == total or out_of_time:
+                loss_value = loss.item()
+                val = evaluate(model, *splits.validation, config.batch_size, config.amp)["accuracy"]
+                if val > best["accuracy"]:
+                    best = {"accuracy": val, "state": copy.deepcopy(model.state_dict()), "step": step}
+                bar.set_postfix(loss=f"{loss_value:.3f}", val_acc=f"{val:.3f}")
+                if val > config.early_stop_accuracy:
+                    stop_reason = "early_stop"
+                    break
+                if out_of_time:
+                    stop_reason = "deadline"
+                    break
+        if stop_reason != "planned_steps":
+            break
+    bar.close()
+
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    with_variance = config.model in VARIANCE_MODELS
+    test = evaluate(model, *splits.test, config.batch_size, config.amp, with_variance=with_variance)
+    return {
+        "model": config.model,
+        "seq_len": config.seq_len,
+        "num_kv_pairs": config.num_kv_pairs,
+        "d_model": config.d_model,
+        "lr": config.lr,
+        "seed": config.seed,
+        "epochs": round(step / per_epoch, 4),
+        "steps": step,
+        "val_accuracy": max(best["accuracy"], 0.0) if best["state"] is not None else None,
+        "test_accuracy": test["accuracy"],
+        "state_bytes": recurrent_state_bytes(config.model_config(), config.seq_len),
+        "seconds": round(time.time() - started, 2),
+        "device": describe_device(device),
+        "run_id": run_id(config),
+        "planned_steps": total,
+        "best_step": best["step"],
+        "stop_reason": stop_reason,
+        "final_train_loss": loss_value,
+        "num_parameters": count_parameters(model),
+        "variance_auroc": test.get("variance_auroc"),
+        "config": asdict(config),
+    }

@@ -1,0 +1,76 @@
+"""A tiny end-to-end sweep on the CPU: results, resume, table, plots, and the command line."""
+
+import json
+
+import pytest
+
+import palimpsa.mqar.sweep as sweep_module
+from palimpsa.cli import main as cli_main
+from palimpsa.mqar.report import write_report
+from palimpsa.mqar.sweep import SweepGrid, finished_run_ids, run_sweep
+from palimpsa.mqar.train import RunConfig, run_id
+
+TINY = dict(vocab_size=32, num_heads=2, num_train=32, num_validation=8, num_test=8, batch_size=16, epochs=1)
+REQUIRED = {"model", "seq_len", "num_kv_pairs", "d_model", "lr", "seed", "epochs", "steps", "val_accuracy",
+            "test_accuracy", "state_bytes", "seconds", "device"}
+
+
+def tiny_grid():
+    return SweepGrid(models=["attention", "palimpsa"], settings=[(16, 2)], d_models=[8], lrs=[1e-3, 3e-3],
+                     seeds=[0], fixed=dict(TINY))
+
+
+def test_sweep_records_resumes_and_reports(tmp_path, monkeypatch):
+    runs = tiny_grid().runs()
+    stats = run_sweep(runs, tmp_path, progress=False)
+    assert stats == {"planned": 4, "skipped": 0, "recorded": 4}
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 4 and all(REQUIRED <= set(r) for r in records)
+    assert {r["run_id"] for r in records} == {run_id(c) for c in runs}
+    palimpsa = [r for r in records if r["model"] == "palimpsa"]
+    assert all(r["steps"] == 2 and r["device"] == "cpu" for r in records)
+    assert all(r["state_bytes"] == 2 * 2 * 4 * 8 * 4 for r in palimpsa)  # mu and I: 2 heads x K=4 x V=8, float32
+    assert all(r["variance_auroc"] is None or 0.0 <= r["variance_auroc"] <= 1.0 for r in palimpsa)
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(sweep_module, "train_run", must_not_train)
+    assert run_sweep(runs, tmp_path, progress=False) == {"planned": 4, "skipped": 4, "recorded": 0}
+    assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
+
+    table, written = write_report(tmp_path / "results.jsonl", tmp_path)
+    assert "| attention | 16 | 2 | 8 |" in table and "| palimpsa | 16 | 2 | 8 |" in table
+    for name in ("summary.md", "accuracy_vs_seq_len.png", "accuracy_vs_state_size.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "accuracy_vs_seq_len.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_parallel_workers_record_every_run_once(tmp_path):
+    grid = SweepGrid(models=["attention"], settings=[(16, 2)], d_models=[8], lrs=[1e-3, 2e-3, 3e-3], seeds=[0],
+                     fixed=dict(TINY))
+    stats = run_sweep(grid.runs(), tmp_path, devices=["cpu"], workers_per_device=2, progress=False)
+    assert stats["recorded"] == 3
+    assert finished_run_ids(tmp_path) == {run_id(c) for c in grid.runs()}
+
+
+def test_command_line_overrides_the_preset(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["mqar", "--out", str(out), "--models", "attention", "--settings", "16:2", "--d-models", "8",
+            "--lrs", "0.001", "--seeds", "0", "--vocab-size", "32", "--num-heads", "2", "--num-train", "16",
+            "--num-validation", "8", "--num-test", "8", "--batch-size", "16", "--epochs", "1", "--no-progress"]
+    assert cli_main(args) == 0
+    assert "| attention | 16 | 2 | 8 |" in capsys.readouterr().out
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert record["config"]["num_train"] == 16 and record["steps"] == 1
+    assert (out / "accuracy_vs_state_size.png").exists()
+
+
+def test_bad_grid_raises():
+    with pytest.raises(ValueError, match="unknown fixed run fields"):
+        SweepGrid(models=["palimpsa"], settings=[(16, 2)], d_models=[8], lrs=[1e-3], seeds=[0], fixed={"lr_max": 1})
+    with pytest.raises(ValueError, match="at least one value of lrs"):
+        SweepGrid(models=["palimpsa"], settings=[(16, 2)], d_models=[8], lrs=[], seeds=[0])
+    with pytest.raises(ValueError, match="lr"):
+        RunConfig(model="palimpsa", seq_len=16, num_kv_pairs=2, lr=-1.0)
