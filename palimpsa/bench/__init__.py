@@ -1,1 +1,1 @@
-"""Benchmarks: kernel speed on GPU (`palimpsa bench ops`) and the PyTorch path on CPU (`palimpsa bench cpu`)."""
+"""Benchmarks: kernel speed of the Palimpsa op on a GPU (``palimpsa bench ops``)."""

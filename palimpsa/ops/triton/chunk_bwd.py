@@ -473,6 +473,7 @@ def chunk_bwd(
     q, k, v, g, beta, prior, scale: float, initial_state, layout: SequenceLayout,
     do: torch.Tensor, dvar: Optional[torch.Tensor], dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]],
     unit_chunks: Optional[int] = None, block_v: int = 16, num_warps: Optional[int] = None,
+    target_programs: int = 2048,
 ):
     """Gradients of the Palimpsa op.
 
@@ -490,7 +491,7 @@ def chunk_bwd(
     if num_warps is None:  # about 6 state elements per thread and tile: the sweep keeps ~15 tiles live
         num_warps = 4 if (KA + KB) * BV <= 1024 else 8
     NV = triton.cdiv(V, BV)
-    U = unit_chunks if unit_chunks is not None else default_unit_chunks(layout, H, NV, C)
+    U = unit_chunks if unit_chunks is not None else default_unit_chunks(layout, H, NV, C, target_programs)
     W = U * C
     fast = not interpreting()
     has_dfinal = dfinal is not None

@@ -15,6 +15,7 @@ from palimpsa.ops.checks import PreparedInputs
 from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
+from palimpsa.ops.triton.config import CONFIG
 from palimpsa.ops.triton.step import launch_step
 from palimpsa.ops.triton.utils import SequenceLayout
 
@@ -39,11 +40,12 @@ def _fwd_op(
     init = (mu0, imp0) if mu0 is not None else None
     if recurrent:
         o, var, final = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=None,
-                                   initial_state=init, output_final_state=output_final_state)
+                                   initial_state=init, output_final_state=output_final_state,
+                                   block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
     else:
         states, final = chunk_states(k, v, g, beta, prior, init, layout, chunk_size, True, output_final_state)
         o, var, _ = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=states,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
         del states
     var = var if var is not None else _absent(o)
     final_mu, final_imp = final if final is not None else (_absent(o, torch.float32), _absent(o, torch.float32))
@@ -77,7 +79,9 @@ def _bwd_op(
     init = (mu0, imp0) if mu0 is not None else None
     dfinal = (dmu, dimp) if dmu is not None else None
     dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
-                                                    dfinal)
+                                                    dfinal,
+                                                    block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
+                                                    target_programs=CONFIG.bwd_target_programs)
     dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
     return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 

@@ -1,0 +1,34 @@
+"""``palimpsa bench ops``: time the Palimpsa kernels (and fla's, when installed) on a CUDA GPU."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (GPU)")
+    verbs = parser.add_subparsers(dest="bench_verb", metavar="<benchmark>")
+    ops = verbs.add_parser("ops", help="time the Palimpsa op against fla's kernels at the benchmark shapes")
+    ops.add_argument("--shapes", default="all",
+                     help="comma-separated shape names (170M-like, 760M-like, d64, d128) or 'all'")
+    ops.add_argument("--no-fla", action="store_true", help="skip fla's chunk_simple_gla and chunk_gated_delta_rule")
+    ops.add_argument("--no-decode", action="store_true", help="skip the decoding-step timing")
+    ops.add_argument("--out", default=None, help="write the table (markdown) here and the numbers beside it (.json)")
+    ops.set_defaults(func=run_ops)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def run_ops(args: argparse.Namespace) -> int:
+    import torch
+
+    from palimpsa.bench import ops
+
+    if not torch.cuda.is_available():
+        raise SystemExit("palimpsa bench ops needs a CUDA GPU")
+    shapes = ops.BENCH_SHAPES if args.shapes == "all" else tuple(
+        ops.shape_by_name(name.strip()) for name in args.shapes.split(","))
+    result = ops.run_benchmark(shapes, with_fla=not args.no_fla, decode=not args.no_decode)
+    print(ops.format_table(result), end="")
+    if args.out:
+        ops.save_result(result, args.out)
+    return 0

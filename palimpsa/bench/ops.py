@@ -1,0 +1,300 @@
+"""Kernel speed of the Palimpsa op on a GPU (benchmarks.md section 1).
+
+For each shape: our forward, forward+backward and peak memory; the same for fla's ``chunk_simple_gla``
+(Mamba2's kernel: the cost of no metaplasticity) and ``chunk_gated_delta_rule`` when fla is installed;
+the element-wise floor (8 FP32 flops per state element per token at 67 TFLOP/s) and our ratio to it;
+and one decoding step of a 760M-like layer at B = 1.
+
+Timings are ``triton.testing.do_bench`` medians of the op on prepared inputs (input validation, which
+scans the inputs on the host side, is not timed).  Inputs are bf16, states float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+FLOOR_FLOPS_PER_ELEMENT = 8
+FP32_PEAK_FLOPS = 67e12  # H100 SXM FP32 (FMA counted as two flops)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One benchmark shape: batch B, tokens T, heads H, key size K, value size V."""
+
+    name: str
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+
+    @property
+    def elements(self) -> int:
+        """State elements touched per token, summed over the batch: B * T * H * K * V."""
+        return self.B * self.T * self.H * self.K * self.V
+
+    def floor_ms(self) -> float:
+        return self.elements * FLOOR_FLOPS_PER_ELEMENT / FP32_PEAK_FLOPS * 1e3
+
+
+BENCH_SHAPES = (
+    Shape("170M-like", 8, 2048, 16, 48, 48),
+    Shape("760M-like", 4, 4096, 16, 96, 192),
+    Shape("d64", 8, 2048, 16, 64, 64),
+    Shape("d128", 4, 4096, 8, 128, 128),
+)
+
+TARGETS_MS = {"170M-like": (0.5, 2.0), "760M-like": (2.0, 8.0)}
+DECODE_TARGET_US = 30.0
+
+
+def shape_by_name(name: str) -> Shape:
+    for shape in BENCH_SHAPES:
+        if shape.name == name:
+            return shape
+    raise ValueError(f"unknown shape {name!r}; choose from {[s.name for s in BENCH_SHAPES]}")
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device, seed: int = 0, T: Optional[int] = None,
+                H: Optional[int] = None, B: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Random inputs like the Palimpsa layer's: unit-norm q, k; log decays from dt * A; beta in (0, 1).
+
+    q, k [B, T, H, K]; v, beta [B, T, H, V]; g [B, T, H] (float32, as the layer computes it).
+    """
+    B = shape.B if B is None else B
+    T = shape.T if T is None else T
+    H = shape.H if H is None else H
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*size):
+        return torch.rand(*size, generator=gen)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen)
+
+    q = torch.nn.functional.normalize(randn(B, T, H, shape.K), dim=-1)
+    k = torch.nn.functional.normalize(randn(B, T, H, shape.K), dim=-1)
+    v = randn(B, T, H, shape.V)
+    # dt in [1e-3, 0.1] (log-uniform) times A in [1, 16]: per-token decays from 0.9999 to 0.2
+    dt = torch.exp(rand(B, T, H) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3)))
+    A = 1.0 + 15.0 * rand(H)
+    g = -(dt * A)
+    beta = rand(B, T, H, shape.V) * dt[..., None]
+    out = dict(q=q, k=k, v=v, g=g, beta=beta)
+    return {name: x.to(device=device, dtype=torch.float32 if name == "g" else dtype) for name, x in out.items()}
+
+
+def _bench(fn: Callable[[], object], grad_to_none=None) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def _peak_mb(fn: Callable[[], object]) -> float:
+    """Peak memory allocated by ``fn`` beyond what was allocated before it, in MB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
+def _measure(forward: Callable[..., torch.Tensor], inputs: Dict[str, torch.Tensor], grad_names) -> Dict[str, float]:
+    """fwd ms, fwd+bwd ms, peak MB of one fwd+bwd, for ``forward(**inputs) -> o``."""
+    leaves = {n: (x.detach().clone().requires_grad_(n in grad_names)) for n, x in inputs.items()}
+    do = torch.randn_like(forward(**leaves).detach())
+
+    def fwd():
+        with torch.no_grad():
+            return forward(**leaves)
+
+    def fwd_bwd():
+        forward(**leaves).backward(do)
+
+    grads = [x for x in leaves.values() if x.requires_grad]
+    result = {"fwd_ms": _bench(fwd), "fwd_bwd_ms": _bench(fwd_bwd, grad_to_none=grads)}
+    for x in grads:
+        x.grad = None
+    result["peak_mb"] = _peak_mb(fwd_bwd)
+    return result
+
+
+def palimpsa_forward(q, k, v, g, beta):
+    """Our chunked op on prepared inputs (what a compiled layer runs): o [B, T, H, V]."""
+    from palimpsa.ops.checks import prepare_inputs
+    from palimpsa.ops.triton import chunk_palimpsa_triton
+
+    x = prepare_inputs(q, k, v, g, beta, 1.0, None, None, None, check_values=False)
+    return chunk_palimpsa_triton(x, False, False)[0]
+
+
+def fla_available() -> bool:
+    try:
+        import fla.ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _fla_simple_gla(q, k, v, g, beta):
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return chunk_simple_gla(q, k, v, g)[0]
+
+
+def _fla_gated_delta_rule(q, k, v, g, beta):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    return chunk_gated_delta_rule(q, k, v, g, beta[..., 0].contiguous())[0]
+
+
+def _try_measure(forward, inputs, grad_names) -> Dict[str, object]:
+    """Measure, or record why the kernel did not run (fla's backward refuses some triton/GPU pairs)."""
+    out: Dict[str, object] = {}
+    try:
+        leaves = {n: x.detach() for n, x in inputs.items()}
+        with torch.no_grad():
+            forward(**leaves)
+        out["fwd_ms"] = _bench(lambda: forward(**leaves))
+    except Exception as err:  # noqa: BLE001 - report any failure of an optional baseline
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+    try:
+        out.update(_measure(forward, inputs, grad_names))
+    except Exception as err:  # noqa: BLE001
+        out["bwd_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    return out
+
+
+def bench_shape(shape: Shape, with_fla: bool = True, device="cuda") -> Dict[str, object]:
+    """All timings of one shape (bf16 inputs)."""
+    inputs = make_inputs(shape, torch.bfloat16, device)
+    grad_names = ("q", "k", "v", "g", "beta")
+    row: Dict[str, object] = {"shape": dataclasses.asdict(shape), "floor_ms": shape.floor_ms()}
+    row["ours"] = _measure(palimpsa_forward, inputs, grad_names)
+    row["ours"]["fwd_over_floor"] = row["ours"]["fwd_ms"] / row["floor_ms"]
+    if with_fla and fla_available():
+        row["fla_chunk_simple_gla"] = _try_measure(_fla_simple_gla, inputs, ("q", "k", "v", "g"))
+        row["fla_chunk_gated_delta_rule"] = _try_measure(_fla_gated_delta_rule, inputs, ("q", "k", "v", "g", "beta"))
+    return row
+
+
+def bench_decode_step(device="cuda") -> Dict[str, float]:
+    """One decoding step of a 760M-like layer (B = 1, H = 16, K = 96, V = 192), state updated in place.
+
+    ``call_us``: the public ``palimpsa_step`` called back to back (includes Python and launch overhead);
+    ``graph_us``: the same step replayed from a CUDA graph (the GPU time).
+    """
+    from palimpsa.ops import palimpsa_step
+
+    shape = shape_by_name("760M-like")
+    x = make_inputs(shape, torch.bfloat16, device, B=1, T=1)
+    q, k, v, g, beta = (x[n][:, 0] for n in ("q", "k", "v", "g", "beta"))
+    mu = torch.zeros(1, shape.H, shape.K, shape.V, device=device)
+    imp = torch.ones_like(mu)
+
+    def step():
+        return palimpsa_step(q, k, v, g, beta, (mu, imp), prior=1.0, backend="triton")
+
+    step()
+    call_ms = _bench(step)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph_ms = _bench(graph.replay)
+    return {"call_us": call_ms * 1e3, "graph_us": graph_ms * 1e3}
+
+
+def environment() -> Dict[str, str]:
+    import triton
+
+    info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    try:
+        import fla
+
+        info["fla"] = getattr(fla, "__version__", "installed")
+    except Exception:
+        info["fla"] = "not installed"
+    return info
+
+
+def run_benchmark(shapes=BENCH_SHAPES, with_fla: bool = True, decode: bool = True) -> Dict[str, object]:
+    rows: List[Dict[str, object]] = [bench_shape(shape, with_fla) for shape in shapes]
+    result: Dict[str, object] = {"environment": environment(), "rows": rows}
+    if decode:
+        result["decode_step"] = bench_decode_step()
+    return result
+
+
+def _cell(entry: Optional[Dict[str, object]], key: str, fmt: str = "{:.3f}") -> str:
+    if entry is None:
+        return "n/a"
+    if "error" in entry:
+        return "failed"
+    if key not in entry:
+        return "refused" if "bwd_error" in entry and key != "fwd_ms" else "n/a"
+    return fmt.format(entry[key])
+
+
+def format_table(result: Dict[str, object]) -> str:
+    """Markdown table of a ``run_benchmark`` result."""
+    env = result["environment"]
+    lines = [f"Device: {env.get('device', 'n/a')}; torch {env['torch']}, triton {env['triton']}, fla {env['fla']}. "
+             "Milliseconds (do_bench medians), bf16 inputs, float32 states; peak = extra memory of one fwd+bwd.",
+             "",
+             "| shape | ours fwd | ours fwd+bwd | ours peak MB | floor fwd | fwd / floor | simple_gla fwd | "
+             "simple_gla fwd+bwd | simple_gla peak MB | GDN fwd | GDN fwd+bwd | GDN peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        ours = row["ours"]
+        sgla = row.get("fla_chunk_simple_gla")
+        gdn = row.get("fla_chunk_gated_delta_rule")
+        lines.append(
+            f"| {row['shape']['name']} | {ours['fwd_ms']:.3f} | {ours['fwd_bwd_ms']:.3f} | {ours['peak_mb']:.0f} | "
+            f"{row['floor_ms']:.3f} | {ours['fwd_over_floor']:.1f}x | {_cell(sgla, 'fwd_ms')} | "
+            f"{_cell(sgla, 'fwd_bwd_ms')} | {_cell(sgla, 'peak_mb', '{:.0f}')} | {_cell(gdn, 'fwd_ms')} | "
+            f"{_cell(gdn, 'fwd_bwd_ms')} | {_cell(gdn, 'peak_mb', '{:.0f}')} |")
+    notes = []
+    for row in result["rows"]:
+        for name in ("fla_chunk_simple_gla", "fla_chunk_gated_delta_rule"):
+            entry = row.get(name) or {}
+            for key in ("error", "bwd_error"):
+                if key in entry:
+                    notes.append(f"- {row['shape']['name']} {name} {key.replace('_', ' ')}: {entry[key]}")
+    if "decode_step" in result:
+        d = result["decode_step"]
+        lines += ["", f"Decoding step, 760M-like layer, B=1: {d['call_us']:.1f} us per call "
+                      f"(Python and launch included), {d['graph_us']:.1f} us replayed from a CUDA graph."]
+    if notes:
+        lines += ["", "fla notes (deduplicated):"] + sorted(set(notes))
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def save_result(result: Dict[str, object], markdown_path: str) -> None:
+    """The table as markdown and the raw numbers as JSON beside it (same name, .json)."""
+    write_atomic(markdown_path, format_table(result))
+    write_atomic(os.path.splitext(markdown_path)[0] + ".json", json.dumps(result, indent=2) + "\n")

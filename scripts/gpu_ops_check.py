@@ -1,0 +1,198 @@
+"""Check the Palimpsa Triton kernels on a GPU against the float64 reference, then time them.
+
+    PYTHONPATH=. python scripts/gpu_ops_check.py --out results/bench/ops_h100.md [--sweep]
+
+1. Correctness, at every benchmark shape and on a varlen batch, for bf16 and float32 inputs:
+   - chunk and fused-recurrent forward (outputs, variance, final states) over the full shape, against
+     ``naive_palimpsa`` in float64 on the same (rounded) inputs;
+   - every gradient (q, k, v, g, beta, prior, initial mu and I), through the variance and the final state,
+     on a slice of the shape (batch 0, heads 0-1, all tokens: float64 autograd of the naive recurrence
+     needs memory per token), and the full-shape backward agreeing with the slice on that slice.
+   Relative errors ||ours - ref|| / ||ref|| are printed; limits: float32 1e-4, bf16 2e-2.
+   Triton 3.6 has known Hopper miscompilations, so a timing only counts when this passes.
+2. Optionally (--sweep) a few launch parameters at the two model shapes (timings only; the defaults
+   are what step 1 checked and step 3 reports).
+3. The benchmark table of ``palimpsa bench ops`` (our kernels, fla's when installed, the floor, decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from palimpsa.bench import ops as bench
+from palimpsa.ops import chunk_palimpsa, fused_recurrent_palimpsa, naive_palimpsa
+
+LIMITS = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+NAMES = ("o", "var", "mu", "I", "dq", "dk", "dv", "dg", "dbeta", "dprior", "dmu0", "dI0")
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def extra_inputs(x, N, dtype, seed):
+    """Initial state, prior [H] and output gradients for a check."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    B, T, H, K = x["q"].shape
+    V = x["v"].shape[-1]
+    dev = x["q"].device
+    out = dict(
+        prior=(0.5 + torch.rand(H, generator=gen)).to(dev),
+        mu0=(0.3 * torch.randn(N, H, K, V, generator=gen)).to(dev),
+        imp0=(0.5 + torch.rand(N, H, K, V, generator=gen)).to(dev),
+        do=torch.randn(B, T, H, V, generator=gen).to(dev, dtype),
+        dvar=torch.randn(B, T, H, V, generator=gen).to(dev, dtype),
+        dmu=torch.randn(N, H, K, V, generator=gen).to(dev),
+        dimp=torch.randn(N, H, K, V, generator=gen).to(dev),
+    )
+    return out
+
+
+def run(fn, x, e, cu=None, grads=True, **kw):
+    """Outputs (o, var, mu, I) and, when ``grads``, gradients of q, k, v, g, beta, prior, mu0, I0."""
+    leaves = {n: t.detach().clone().requires_grad_(grads) for n, t in {**x, "prior": e["prior"],
+                                                                        "mu0": e["mu0"], "imp0": e["imp0"]}.items()}
+    with torch.set_grad_enabled(grads):
+        o, var, (mu, imp) = fn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["beta"], leaves["prior"],
+                               initial_state=(leaves["mu0"], leaves["imp0"]), output_final_state=True,
+                               output_variance=True, cu_seqlens=cu, **kw)
+    outs = [o.detach(), var.detach(), mu.detach(), imp.detach()]
+    if not grads:
+        return outs
+    loss = ((o * e["do"].to(o.dtype)).sum() + (var * e["dvar"].to(var.dtype)).sum()
+            + (mu * e["dmu"].to(mu.dtype)).sum() + (imp * e["dimp"].to(imp.dtype)).sum())
+    loss.backward()
+    return outs + [leaves[n].grad for n in ("q", "k", "v", "g", "beta", "prior", "mu0", "imp0")]
+
+
+def as64(x, e):
+    return {n: t.double() for n, t in x.items()}, {n: t.double() for n, t in e.items()}
+
+
+def check_case(label, x, e, dtype, cu=None, slice_heads=2):
+    """Forward over the whole input, gradients on batch 0 / the first heads; returns (ok, errors)."""
+    limit = LIMITS[dtype]
+    errors = {}
+    ref = run(naive_palimpsa, *as64(x, e), cu=cu, grads=False)
+    for name, fn, kw in (("chunk", chunk_palimpsa, dict(backend="triton")),
+                         ("recurrent", fused_recurrent_palimpsa, dict(backend="triton"))):
+        got = run(fn, x, e, cu=cu, grads=False, **kw)
+        for n, a, b in zip(NAMES[:4], got, ref):
+            errors[f"{name}.{n}"] = rel_err(a, b)
+    # gradients on a slice: batch 0 (all packed sequences for varlen), heads [0, slice_heads)
+    hs = slice(0, slice_heads)
+    xs = {n: t[:1, :, hs].contiguous() for n, t in x.items()}
+    N = e["mu0"].shape[0] if cu is not None else 1
+    es = dict(prior=e["prior"][hs].contiguous(), mu0=e["mu0"][:N, hs].contiguous(),
+              imp0=e["imp0"][:N, hs].contiguous(), do=e["do"][:1, :, hs].contiguous(),
+              dvar=e["dvar"][:1, :, hs].contiguous(), dmu=e["dmu"][:N, hs].contiguous(),
+              dimp=e["dimp"][:N, hs].contiguous())
+    ref_s = run(naive_palimpsa, *as64(xs, es), cu=cu)
+    got_s = run(chunk_palimpsa, xs, es, cu=cu, backend="triton")
+    for n, a, b in zip(NAMES, got_s, ref_s):
+        errors[f"grad.{n}"] = rel_err(a, b)
+    # the full-shape backward agrees with the slice's on the slice
+    full = run(chunk_palimpsa, x, e, cu=cu, backend="triton")
+    for i, n in zip(range(4, 9), NAMES[4:9]):
+        part = full[i][:1, :, hs] if full[i].dim() == 4 else full[i][:1, :, hs]
+        errors[f"full_vs_slice.{n}"] = rel_err(part, got_s[i])
+    worst = max(errors.values())
+    ok = worst < limit
+    print(f"  {label:34s} {str(dtype).replace('torch.', ''):9s} worst {worst:.2e} (limit {limit:.0e}) "
+          f"{'ok' if ok else 'FAILED'}", flush=True)
+    if not ok:
+        bad = {k: f"{v:.2e}" for k, v in errors.items() if not v < limit}
+        print(f"    failing: {bad}", flush=True)
+    return ok, errors
+
+
+def correctness(device) -> dict:
+    print("1. correctness against the float64 naive recurrence", flush=True)
+    report = {}
+    all_ok = True
+    for shape in bench.BENCH_SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = bench.make_inputs(shape, dtype, device, seed=1)
+            e = extra_inputs(x, shape.B, dtype, seed=2)
+            ok, errors = check_case(shape.name, x, e, dtype)
+            all_ok &= ok
+            report[f"{shape.name}/{dtype}"] = errors
+    # varlen: three packed sequences at the 760M-like head sizes, two heads
+    shape = bench.shape_by_name("760M-like")
+    cu = torch.tensor([0, 1000, 3001, 4096], device=device)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = bench.make_inputs(shape, dtype, device, seed=3, B=1, T=4096, H=2)
+        e = extra_inputs(x, 3, dtype, seed=4)
+        ok, errors = check_case("varlen 760M-like (3 seqs, H=2)", x, e, dtype, cu=cu)
+        all_ok &= ok
+        report[f"varlen/{dtype}"] = errors
+    report["all_ok"] = all_ok
+    print(f"  => {'ALL CHECKS PASSED' if all_ok else 'SOME CHECKS FAILED'}", flush=True)
+    return report
+
+
+def sweep(device) -> list:
+    """Time a few launch parameters (not part of the reported table)."""
+    from palimpsa.ops.triton.config import kernel_config
+
+    print("2. launch-parameter sweep (timings only)", flush=True)
+    rows = []
+    variants = [dict(fwd_block_v=16), dict(fwd_block_v=32), dict(fwd_block_v=64), dict(fwd_block_v=64, fwd_num_warps=8),
+                dict(bwd_num_warps=4), dict(bwd_num_warps=8), dict(bwd_block_v=32, bwd_num_warps=8),
+                dict(bwd_target_programs=8192), dict(bwd_target_programs=512)]
+    for name in ("760M-like", "170M-like"):
+        shape = bench.shape_by_name(name)
+        x = bench.make_inputs(shape, torch.bfloat16, device)
+        for v in variants:
+            with kernel_config(**v):
+                try:
+                    m = bench._measure(bench.palimpsa_forward, x, ("q", "k", "v", "g", "beta"))
+                except Exception as err:  # noqa: BLE001
+                    m = {"error": str(err)[:100]}
+            rows.append({"shape": name, "config": v, **m})
+            print(f"  {name:10s} {json.dumps(v):48s} " + " ".join(
+                f"{k}={val:.3f}" if isinstance(val, float) else f"{k}={val}" for k, val in m.items()), flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/bench/ops_h100.md", help="benchmark table (markdown; .json beside)")
+    parser.add_argument("--log-dir", default=os.environ.get("OUT", "."), help="where check/sweep JSON go")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--skip-check", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    env = bench.environment()
+    print(json.dumps(env), flush=True)
+    t0 = time.time()
+    report = {"environment": env}
+    if not args.skip_check:
+        report["check"] = correctness(device)
+        print(f"  ({time.time() - t0:.0f} s)", flush=True)
+    if args.sweep:
+        report["sweep"] = sweep(device)
+        print(f"  ({time.time() - t0:.0f} s)", flush=True)
+    bench.write_atomic(os.path.join(args.log_dir, "gpu_ops_check.json"), json.dumps(report, indent=1, default=str))
+    print("3. benchmark", flush=True)
+    result = bench.run_benchmark()
+    result["checked"] = report.get("check", {}).get("all_ok", False)
+    bench.save_result(result, args.out)
+    if args.log_dir != os.path.dirname(args.out):
+        bench.save_result(result, os.path.join(args.log_dir, os.path.basename(args.out)))
+    print(bench.format_table(result), end="")
+    print(f"checks {'passed' if result['checked'] else 'NOT passed'}; total {time.time() - t0:.0f} s", flush=True)
+    return 0 if result["checked"] or args.skip_check else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
