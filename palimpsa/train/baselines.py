@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
-from palimpsa.layers.gated_deltanet import GatedDeltaNet
+from palimpsa.layers.gated_deltanet import GatedDeltaNet, fla_available
 from palimpsa.layers.modules import RMSNorm, SwiGLUMLP
 
 
@@ -76,9 +76,11 @@ class GatedDeltaNetBlock(nn.Module):
         normed = self.mixer_norm(hidden_states)
         if cu_seqlens is None:
             mixed = self.mixer(normed)[0]
-        elif self.mixer_takes_cu_seqlens:
-            mixed = self.mixer(normed, cu_seqlens=cu_seqlens)[0]
+        elif self.mixer_takes_cu_seqlens and normed.is_cuda and fla_available():
+            mixed = self.mixer(normed, cu_seqlens=cu_seqlens)[0]  # fla's variable-length kernel
         else:
+            # the PyTorch delta rule walks chunks in sequence: all sequences side by side (padded) take as
+            # many chunk steps as the longest one, instead of one sequence after another
             mixed = run_per_sequence(self.mixer, normed, cu_seqlens)
         hidden_states = hidden_states + mixed
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
