@@ -3,6 +3,7 @@
 #   1. model comparison: Palimpsa, NotPalimpsa (metaplasticity off) and Gated DeltaNet, same data, same
 #      batches, same schedule, each capped at COMPARE_TIME_S seconds of wall clock (loss vs tokens);
 #   2. throughput: the Palimpsa model on 1 GPU, then on 2 GPUs with DDP and with FSDP2 (torchrun).
+# First a check that the model's step on the GPU (Triton op) matches the PyTorch op; no runs if it does not.
 # Data: the standard library sources of the machine's Python (scripts/make_stdlib_corpus.py), byte-level.
 #
 #   bash scripts/gpu_train_evidence.sh OUT_DIR
@@ -42,6 +43,10 @@ torchrun2() {  # torchrun2 NAME ARGS...: two processes, one per GPU
 }
 status=0
 wait_all() { for pid in "$@"; do wait "$pid" || status=1; done; }
+
+echo "== the model's training step on this GPU against the PyTorch backend (stop here if they disagree)"
+CUDA_VISIBLE_DEVICES=0 $PYTHON scripts/check_model_backends.py --model "palimpsa-$SIZE" | tee "$OUT/backend_check.json" \
+  || { echo "backend check failed: no training runs"; exit 1; }
 
 echo "== comparison, phase 1: Palimpsa (GPU 0) and NotPalimpsa (GPU 1)"
 train 0 compare-palimpsa --model "palimpsa-$SIZE" --time-limit-s "$COMPARE_TIME_S" & p1=$!
