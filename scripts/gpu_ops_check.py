@@ -4,7 +4,8 @@
 
 1. Correctness, at every benchmark shape and on a varlen batch, for bf16 and float32 inputs:
    - chunk and fused-recurrent forward (outputs, variance, final states) over the full shape, against
-     ``naive_palimpsa`` in float64 on the same (rounded) inputs;
+     ``naive_palimpsa`` in float64 on the same inputs (values bf16 represents exactly, so one reference
+     serves both dtypes);
    - every gradient (q, k, v, g, beta, prior, initial mu and I), through the variance and the final state,
      on a slice of the shape (batch 0, heads 0-1, all tokens: float64 autograd of the naive recurrence
      needs memory per token), and the full-shape backward agreeing with the slice on that slice.
@@ -78,63 +79,81 @@ def as64(x, e):
     return {n: t.double() for n, t in x.items()}, {n: t.double() for n, t in e.items()}
 
 
-def check_case(label, x, e, dtype, cu=None, slice_heads=2):
-    """Forward over the whole input, gradients on batch 0 / the first heads; returns (ok, errors)."""
-    limit = LIMITS[dtype]
-    errors = {}
-    ref = run(naive_palimpsa, *as64(x, e), cu=cu, grads=False)
-    for name, fn, kw in (("chunk", chunk_palimpsa, dict(backend="triton")),
-                         ("recurrent", fused_recurrent_palimpsa, dict(backend="triton"))):
-        got = run(fn, x, e, cu=cu, grads=False, **kw)
-        for n, a, b in zip(NAMES[:4], got, ref):
-            errors[f"{name}.{n}"] = rel_err(a, b)
-    # gradients on a slice: batch 0 (all packed sequences for varlen), heads [0, slice_heads)
+def naive_forward_folded(x, e, cu):
+    """Float64 naive forward with the batch folded into the heads (one pass of T steps, not B of them)."""
+    B, T, H, K = x["q"].shape
+    if cu is not None or B == 1:
+        return run(naive_palimpsa, x, e, cu=cu, grads=False)
+    fold = lambda t: t.transpose(0, 1).reshape(1, T, B * H, *t.shape[3:])  # noqa: E731
+    xf = {n: fold(t) if t.dim() == 4 else t.transpose(0, 1).reshape(1, T, B * H) for n, t in x.items()}
+    ef = dict(e, prior=e["prior"].repeat(B), mu0=e["mu0"].reshape(1, B * H, *e["mu0"].shape[2:]),
+              imp0=e["imp0"].reshape(1, B * H, *e["imp0"].shape[2:]))
+    o, var, mu, imp = run(naive_palimpsa, xf, ef, grads=False)
+    unfold = lambda t: t.reshape(T, B, H, -1).transpose(0, 1)  # noqa: E731
+    return [unfold(o), unfold(var), mu.reshape(B, H, *mu.shape[2:]), imp.reshape(B, H, *imp.shape[2:])]
+
+
+def check_case(label, x, e, cu=None, slice_heads=2):
+    """Check both dtypes on inputs that bf16 represents exactly (one float64 reference serves both).
+
+    Forward over the whole input; gradients on batch 0 and the first heads.  Returns (ok, errors).
+    """
+    report, all_ok = {}, True
     hs = slice(0, slice_heads)
-    xs = {n: t[:1, :, hs].contiguous() for n, t in x.items()}
     N = e["mu0"].shape[0] if cu is not None else 1
+    xs = {n: t[:1, :, hs].contiguous() for n, t in x.items()}
     es = dict(prior=e["prior"][hs].contiguous(), mu0=e["mu0"][:N, hs].contiguous(),
               imp0=e["imp0"][:N, hs].contiguous(), do=e["do"][:1, :, hs].contiguous(),
               dvar=e["dvar"][:1, :, hs].contiguous(), dmu=e["dmu"][:N, hs].contiguous(),
               dimp=e["dimp"][:N, hs].contiguous())
+    ref = naive_forward_folded(*as64(x, e), cu)
     ref_s = run(naive_palimpsa, *as64(xs, es), cu=cu)
-    got_s = run(chunk_palimpsa, xs, es, cu=cu, backend="triton")
-    for n, a, b in zip(NAMES, got_s, ref_s):
-        errors[f"grad.{n}"] = rel_err(a, b)
-    # the full-shape backward agrees with the slice's on the slice
-    full = run(chunk_palimpsa, x, e, cu=cu, backend="triton")
-    for i, n in zip(range(4, 9), NAMES[4:9]):
-        part = full[i][:1, :, hs] if full[i].dim() == 4 else full[i][:1, :, hs]
-        errors[f"full_vs_slice.{n}"] = rel_err(part, got_s[i])
-    worst = max(errors.values())
-    ok = worst < limit
-    print(f"  {label:34s} {str(dtype).replace('torch.', ''):9s} worst {worst:.2e} (limit {limit:.0e}) "
-          f"{'ok' if ok else 'FAILED'}", flush=True)
-    if not ok:
-        bad = {k: f"{v:.2e}" for k, v in errors.items() if not v < limit}
-        print(f"    failing: {bad}", flush=True)
-    return ok, errors
+    for dtype in (torch.bfloat16, torch.float32):
+        cast = lambda d: {n: (t if n == "g" else t.to(dtype)) for n, t in d.items()}  # noqa: E731
+        xd, xsd = cast(x), cast(xs)
+        errors = {}
+        for name, fn in (("chunk", chunk_palimpsa), ("recurrent", fused_recurrent_palimpsa)):
+            got = run(fn, xd, e, cu=cu, grads=False, backend="triton")
+            for n, a, b in zip(NAMES[:4], got, ref):
+                errors[f"{name}.{n}"] = rel_err(a, b)
+        got_s = run(chunk_palimpsa, xsd, es, cu=cu, backend="triton")
+        for n, a, b in zip(NAMES, got_s, ref_s):
+            errors[f"grad.{n}"] = rel_err(a, b)
+        full = run(chunk_palimpsa, xd, e, cu=cu, backend="triton")  # full-shape backward, compared on the slice
+        for i, n in zip(range(4, 9), NAMES[4:9]):
+            errors[f"full_vs_slice.{n}"] = rel_err(full[i][:1, :, hs], got_s[i])
+        limit = LIMITS[dtype]
+        worst_name = max(errors, key=errors.get)
+        ok = errors[worst_name] < limit
+        all_ok &= ok
+        print(f"  {label:34s} {str(dtype).replace('torch.', ''):9s} worst {errors[worst_name]:.2e} ({worst_name}; "
+              f"limit {limit:.0e}) {'ok' if ok else 'FAILED'}", flush=True)
+        if not ok:
+            print(f"    failing: { {k: f'{v:.2e}' for k, v in errors.items() if not v < limit} }", flush=True)
+        report[str(dtype)] = errors
+    return all_ok, report
 
 
-def correctness(device) -> dict:
+def bf16_exact(x):
+    return {n: (t if n == "g" else t.to(torch.bfloat16).float()) for n, t in x.items()}
+
+
+def correctness(device, shapes=bench.BENCH_SHAPES, varlen=True) -> dict:
     print("1. correctness against the float64 naive recurrence", flush=True)
     report = {}
     all_ok = True
-    for shape in bench.BENCH_SHAPES:
-        for dtype in (torch.bfloat16, torch.float32):
-            x = bench.make_inputs(shape, dtype, device, seed=1)
-            e = extra_inputs(x, shape.B, dtype, seed=2)
-            ok, errors = check_case(shape.name, x, e, dtype)
-            all_ok &= ok
-            report[f"{shape.name}/{dtype}"] = errors
-    # varlen: three packed sequences at the 760M-like head sizes, two heads
-    shape = bench.shape_by_name("760M-like")
-    cu = torch.tensor([0, 1000, 3001, 4096], device=device)
-    for dtype in (torch.bfloat16, torch.float32):
-        x = bench.make_inputs(shape, dtype, device, seed=3, B=1, T=4096, H=2)
-        e = extra_inputs(x, 3, dtype, seed=4)
-        ok, errors = check_case("varlen 760M-like (3 seqs, H=2)", x, e, dtype, cu=cu)
+    for shape in shapes:
+        x = bf16_exact(bench.make_inputs(shape, torch.float32, device, seed=1))
+        e = extra_inputs(x, shape.B, torch.bfloat16, seed=2)
+        ok, report[shape.name] = check_case(shape.name, x, e)
         all_ok &= ok
-        report[f"varlen/{dtype}"] = errors
+    if varlen:  # three packed sequences at the 760M-like head sizes, two heads
+        shape = bench.shape_by_name("760M-like")
+        cu = torch.tensor([0, 1000, 3001, 4096], device=device)
+        x = bf16_exact(bench.make_inputs(shape, torch.float32, device, seed=3, B=1, T=4096, H=2))
+        e = extra_inputs(x, 3, torch.bfloat16, seed=4)
+        ok, report["varlen"] = check_case("varlen 760M-like (3 seqs, H=2)", x, e, cu=cu)
+        all_ok &= ok
     report["all_ok"] = all_ok
     print(f"  => {'ALL CHECKS PASSED' if all_ok else 'SOME CHECKS FAILED'}", flush=True)
     return report
@@ -164,12 +183,20 @@ def sweep(device) -> list:
     return rows
 
 
+def parse_shapes(names: str):
+    return bench.BENCH_SHAPES if names == "all" else tuple(bench.shape_by_name(n.strip()) for n in names.split(","))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/bench/ops_h100.md", help="benchmark table (markdown; .json beside)")
     parser.add_argument("--log-dir", default=os.environ.get("OUT", "."), help="where check/sweep JSON go")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--check-shapes", default="all", help="shapes to check (comma-separated names or 'all')")
+    parser.add_argument("--no-varlen", action="store_true", help="skip the varlen check")
+    parser.add_argument("--shapes", default="all", help="shapes to time (comma-separated names or 'all')")
+    parser.add_argument("--no-fla", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda")
     env = bench.environment()
@@ -177,14 +204,14 @@ def main() -> int:
     t0 = time.time()
     report = {"environment": env}
     if not args.skip_check:
-        report["check"] = correctness(device)
+        report["check"] = correctness(device, parse_shapes(args.check_shapes), varlen=not args.no_varlen)
         print(f"  ({time.time() - t0:.0f} s)", flush=True)
     if args.sweep:
         report["sweep"] = sweep(device)
         print(f"  ({time.time() - t0:.0f} s)", flush=True)
     bench.write_atomic(os.path.join(args.log_dir, "gpu_ops_check.json"), json.dumps(report, indent=1, default=str))
     print("3. benchmark", flush=True)
-    result = bench.run_benchmark()
+    result = bench.run_benchmark(parse_shapes(args.shapes), with_fla=not args.no_fla)
     result["checked"] = report.get("check", {}).get("all_ok", False)
     bench.save_result(result, args.out)
     if args.log_dir != os.path.dirname(args.out):

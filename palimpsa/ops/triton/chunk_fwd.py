@@ -43,6 +43,28 @@ def forward_step(mean, imp, k, v, beta, alpha, relax, FAST: tl.constexpr):
 
 
 @triton.jit
+def load_token(q, k, v, g, beta, t, valid, i_h, offs_a, mask_a, offs_v, mask_v, H: tl.constexpr, K: tl.constexpr,
+               V: tl.constexpr):
+    """Inputs of token t as float32 (zeros when not ``valid``): g, v, beta, and part A of q, k."""
+    tok_h = tl.cast(t, tl.int64) * H + i_h
+    g_t = tl.load(g + tok_h, mask=valid, other=0.0).to(tl.float32)
+    v_t = tl.load(v + tok_h * V + offs_v, mask=mask_v & valid, other=0.0).to(tl.float32)
+    beta_t = tl.load(beta + tok_h * V + offs_v, mask=mask_v & valid, other=0.0).to(tl.float32)
+    q_t = tl.load(q + tok_h * K + offs_a, mask=mask_a & valid, other=0.0).to(tl.float32)
+    k_t = tl.load(k + tok_h * K + offs_a, mask=mask_a & valid, other=0.0).to(tl.float32)
+    return g_t, v_t, beta_t, q_t, k_t
+
+
+@triton.jit
+def load_token_keys(q, k, t, valid, i_h, offs, mask, H: tl.constexpr, K: tl.constexpr):
+    """q and k of token t on the key rows ``offs`` (float32, zeros when not ``valid``)."""
+    tok_h = tl.cast(t, tl.int64) * H + i_h
+    q_t = tl.load(q + tok_h * K + offs, mask=mask & valid, other=0.0).to(tl.float32)
+    k_t = tl.load(k + tok_h * K + offs, mask=mask & valid, other=0.0).to(tl.float32)
+    return q_t, k_t
+
+
+@triton.jit
 def chunk_fwd_kernel(
     q, k, v, g, beta, prior, h_mean, h_imp, mu0, imp0, o, var, final_mu, final_imp,
     cu_seqlens, chunk_indices, chunk_offsets, scale, T,
@@ -88,21 +110,31 @@ def chunk_fwd_kernel(
         if HAS_B:
             mean_b, imp_b = load_state_part(h_mean, h_imp, h_off, offs_b, offs_v, mask_b, mask_v, V, False)
 
+    # token t's inputs are loaded one iteration ahead, so their latency overlaps token t - 1's arithmetic
+    g_n, v_n, beta_n, q_an, k_an = load_token(q, k, v, g, beta, start, start < end, i_h, offs_a, mask_a, offs_v,
+                                              mask_v, H, K, V)
+    if HAS_B:
+        q_bn, k_bn = load_token_keys(q, k, start, start < end, i_h, offs_b, mask_b, H, K)
     for t in range(start, end):
         tok_h = tl.cast(t, tl.int64) * H + i_h
-        alpha = tl.exp(tl.load(g + tok_h).to(tl.float32))
+        g_t = g_n
+        v_t = v_n
+        beta_t = beta_n
+        q_a = q_an * scale
+        k_a = k_an
+        g_n, v_n, beta_n, q_an, k_an = load_token(q, k, v, g, beta, t + 1, t + 1 < end, i_h, offs_a, mask_a, offs_v,
+                                                  mask_v, H, K, V)
+        if HAS_B:
+            q_b = q_bn * scale
+            k_b = k_bn
+            q_bn, k_bn = load_token_keys(q, k, t + 1, t + 1 < end, i_h, offs_b, mask_b, H, K)
+        alpha = tl.exp(g_t)
         relax = (1.0 - alpha) * prior_h
-        v_t = tl.load(v + tok_h * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-        beta_t = tl.load(beta + tok_h * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-        q_a = tl.load(q + tok_h * K + offs_a, mask=mask_a, other=0.0).to(tl.float32) * scale
-        k_a = tl.load(k + tok_h * K + offs_a, mask=mask_a, other=0.0).to(tl.float32)
         mean_a, imp_a, r_a = forward_step(mean_a, imp_a, k_a, v_t, beta_t, alpha, relax, FAST)
         o_t = tl.sum(q_a[:, None] * mean_a * r_a, 0)
         if HAS_VAR:
             var_t = tl.sum((q_a * q_a)[:, None] * r_a, 0)
         if HAS_B:
-            q_b = tl.load(q + tok_h * K + offs_b, mask=mask_b, other=0.0).to(tl.float32) * scale
-            k_b = tl.load(k + tok_h * K + offs_b, mask=mask_b, other=0.0).to(tl.float32)
             mean_b, imp_b, r_b = forward_step(mean_b, imp_b, k_b, v_t, beta_t, alpha, relax, FAST)
             o_t += tl.sum(q_b[:, None] * mean_b * r_b, 0)
             if HAS_VAR:

@@ -24,9 +24,17 @@ from palimpsa.ops.triton.utils import SequenceLayout, sequence_bounds, state_blo
 
 @triton.jit
 def chunk_dot(a, b, DOT_BF16: tl.constexpr):
-    """a^T @ b for a [C, BK], b [C, BV] float32 tiles: bf16 operands (fp32 accumulate) or 3xTF32."""
+    """a^T @ b for float32 tiles a [C, BK], b [C, BV], accurate to about float32.
+
+    ``DOT_BF16`` (bf16 inputs, so b holds bf16 values exactly): a is split into a bf16 head and a bf16
+    remainder, two bf16 matmuls with float32 accumulation (relative error ~2^-16; a single bf16 rounding
+    of a, ~2^-9, is amplified by the cancellations in the decay gradient).  Otherwise 3xTF32.
+    """
     if DOT_BF16:
-        return tl.dot(tl.trans(tl.cast(a, tl.bfloat16)), tl.cast(b, tl.bfloat16))
+        b16 = tl.cast(b, tl.bfloat16)
+        a_hi = tl.cast(a, tl.bfloat16)
+        a_lo = tl.cast(a - tl.cast(a_hi, tl.float32), tl.bfloat16)
+        return tl.dot(tl.trans(a_hi), b16) + tl.dot(tl.trans(a_lo), b16)
     else:
         return tl.dot(tl.trans(a), b, input_precision="tf32x3")
 
@@ -130,7 +138,7 @@ def chunk_states(
         k, v, g, beta, prior, mu0, imp0, h_mean, h_imp, final_mu, final_imp, layout.cu32, chunk_offsets,
         T, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV,
         HAS_INIT=initial_state is not None, STORE_STATES=store_states, STORE_FINAL=store_final,
-        IS_VARLEN=layout.varlen, DOT_BF16=k.dtype != torch.float32, num_warps=4,
+        IS_VARLEN=layout.varlen, DOT_BF16=k.dtype == torch.bfloat16, num_warps=4,
     )
     states = (h_mean, h_imp) if store_states else None
     final = (final_mu, final_imp) if store_final else None

@@ -14,7 +14,7 @@ class KernelConfig:
     fwd_block_v: int = 32
     fwd_num_warps: int = 4
     bwd_block_v: int = 16
-    bwd_num_warps: Optional[int] = None
+    bwd_num_warps: Optional[int] = 4
     bwd_target_programs: int = 2048  # backward units are sized to give about this many programs
 
 
