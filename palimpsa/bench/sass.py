@@ -1,0 +1,120 @@
+"""Compile the Palimpsa Triton kernels for Hopper (sm_90) without a GPU and report their resources.
+
+    python -m palimpsa.bench.sass [--shape 760M-like] [--fwd-block-v 32] [--bwd-num-warps 4]
+
+Triton's wheel ships ptxas and cuobjdump, so the kernels compile on any Linux machine; this prints, per
+kernel, the registers, spill stack and a count of the SASS instructions that matter for these kernels
+(FP32 pipe, MUFU reciprocals and exponentials, shuffles and barriers of reductions, loads and stores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import subprocess
+import tempfile
+from typing import Dict
+
+KEY_OPS = ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "BAR", "LDS", "STS", "LDG", "STG", "REDG", "HMMA", "HGMMA",
+           "LDL", "STL", "IMAD")
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    paths = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name))
+    if not paths:
+        raise FileNotFoundError(f"{name} not found in the triton wheel")
+    return paths[0]
+
+
+def compile_report(fn, args: Dict[str, object], num_warps: int, name: str) -> Dict[str, object]:
+    """Compile ``fn`` for sm_90. ``args`` maps every argument to a type string ('*bf16', 'i32', ...) or a
+    constexpr value.  Returns registers, stack bytes and SASS instruction counts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {a: (v if isinstance(v, str) else "constexpr") for a, v in args.items()}
+    constexprs = {a: v for a, v in args.items() if not isinstance(v, str)}
+    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{name}.cubin")
+        with open(path, "wb") as handle:
+            handle.write(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        match = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if match:
+            ops[match.group(1)] += 1
+    return {"kernel": name, "num_warps": num_warps, "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "ops": {k: ops[k] for k in KEY_OPS if ops[k]}}
+
+
+def kernel_args(shape, fwd_block_v: int, bwd_block_v: int) -> Dict[str, Dict[str, object]]:
+    """Arguments of the main kernels for a benchmark shape (bf16 inputs, no optional outputs)."""
+    from palimpsa.ops.triton.utils import k_parts, state_block, v_block
+
+    H, K, V = shape.H, shape.K, shape.V
+    KA, KB = k_parts(K)
+    dt = "*bf16"
+    common = dict(q=dt, k=dt, v=dt, g="*fp32", beta=dt, prior="*fp32", cu_seqlens=None, scale="fp32", T="i32",
+                  H=H, K=K, V=V)
+    f32 = "*fp32"
+    return {
+        "chunk_states": dict(k=dt, v=dt, g="*fp32", beta=dt, prior=f32, mu0=f32, imp0=f32, h_mean=f32, h_imp=f32,
+                             final_mu=f32, final_imp=f32, cu_seqlens=None, chunk_offsets=None, T="i32", H=H, K=K,
+                             V=V, C=64, BK=state_block(K), BV=state_block(V), HAS_INIT=False, STORE_STATES=True,
+                             STORE_FINAL=False, IS_VARLEN=False, DOT_BF16=True),
+        "chunk_fwd": dict(common, h_mean=f32, h_imp=f32, mu0=f32, imp0=f32, o=dt, var=dt, final_mu=f32,
+                          final_imp=f32, chunk_indices=None, chunk_offsets=None, C=64, KA=KA, KB=KB,
+                          BV=v_block(V, fwd_block_v), RECURRENT=False, HAS_INIT=False, STORE_FINAL=False,
+                          HAS_VAR=False, IS_VARLEN=False, FAST=True),
+        "unit_local_adjoint": dict(common, h_mean=f32, h_imp=f32, adj_mean=f32, adj_imp=f32, unit_decay=f32,
+                                   do=dt, dvar=dt, unit_indices=None, unit_offsets=None, chunk_offsets=None, C=32,
+                                   U=4, KA=KA, KB=KB, BV=v_block(V, bwd_block_v), HAS_DVAR=False, IS_VARLEN=False,
+                                   FAST=True),
+        "unit_bwd": dict(common, h_mean=f32, h_imp=f32, adj_mean=f32, adj_imp=f32, mu0=f32, imp0=f32, do=dt,
+                         dvar=dt, dq=f32, dk=f32, dv=dt, dbeta=dt, dlogb=f32, dprior=f32, dmu0=f32, dimp0=f32,
+                         unit_indices=None, unit_offsets=None, chunk_offsets=None, NTOK="i32", C=32, U=4, KA=KA,
+                         KB=KB, BV=v_block(V, bwd_block_v), HAS_INIT=False, HAS_DVAR=False, IS_VARLEN=False,
+                         FAST=True),
+    }
+
+
+def main(argv=None) -> int:
+    from palimpsa.bench.ops import BENCH_SHAPES, shape_by_name
+    from palimpsa.ops.triton import chunk_bwd, chunk_fwd, chunk_state
+    from palimpsa.ops.triton.config import CONFIG
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="all")
+    parser.add_argument("--fwd-block-v", type=int, default=CONFIG.fwd_block_v)
+    parser.add_argument("--fwd-num-warps", type=int, default=CONFIG.fwd_num_warps)
+    parser.add_argument("--bwd-block-v", type=int, default=CONFIG.bwd_block_v)
+    parser.add_argument("--bwd-num-warps", type=int, default=CONFIG.bwd_num_warps or 4)
+    args = parser.parse_args(argv)
+    kernels = {"chunk_states": (chunk_state.chunk_states_kernel, 4),
+               "chunk_fwd": (chunk_fwd.chunk_fwd_kernel, args.fwd_num_warps),
+               "unit_local_adjoint": (chunk_bwd.unit_local_adjoint_kernel, args.bwd_num_warps),
+               "unit_bwd": (chunk_bwd.unit_bwd_kernel, args.bwd_num_warps)}
+    shapes = BENCH_SHAPES if args.shape == "all" else (shape_by_name(args.shape),)
+    for shape in shapes:
+        for name, kernel_arguments in kernel_args(shape, args.fwd_block_v, args.bwd_block_v).items():
+            fn, warps = kernels[name]
+            rep = compile_report(fn, kernel_arguments, warps, name)
+            ops = " ".join(f"{k}={v}" for k, v in rep["ops"].items())
+            print(f"{shape.name:10s} {name:19s} warps={warps} regs={rep['registers']:3d} stack={rep['stack']:4d} | {ops}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
