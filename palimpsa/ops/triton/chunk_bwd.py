@@ -25,7 +25,9 @@ Work plan (states are recomputed, only chunk-start states and one adjoint pair p
    the sub-block's start state from the chunk-start state by element-wise steps, steps 4 tokens forward
    keeping their (mu, r) in registers, then steps them in reverse accumulating dM, dP and writing all
    gradients.  The backward uses its own chunks of BWD_CHUNK = 32 tokens (the fewest the memory budget
-   allows), so rebuilding costs about 2 extra state steps per token.
+   allows), so rebuilding costs about 2 extra state steps per token.  (Rebuilding sub-block states by
+   tensor-core matmuls instead made Triton run the whole sweep in the MMA accumulator layout, with warps
+   duplicating work and registers spilling; the element-wise rebuild keeps one layout throughout.)
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ import triton.language as tl
 
 from palimpsa.ops.triton.chunk_fwd import forward_step, load_state_part
 from palimpsa.ops.triton.chunk_state import chunk_states
-from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, reciprocal,
-                                       sequence_bounds, state_block, v_block)
+from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, sequence_bounds,
+                                       state_block, v_block)
 
 BWD_CHUNK = 32
 
