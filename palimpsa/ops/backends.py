@@ -15,16 +15,21 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` ("auto", "torch" or "triton") and the inputs' device to "torch" or "triton".
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Map ``backend`` ("auto", "torch" or "triton"), the inputs' device and dtype to "torch" or "triton".
 
-    "auto" picks Triton for CUDA tensors when Triton is installed, PyTorch everywhere else.
+    "auto" picks Triton for CUDA tensors when Triton is installed, PyTorch everywhere else and for float64
+    (the Triton kernels compute in float32).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        return "triton" if use_triton else "torch"
     if backend == "triton":
+        if dtype == torch.float64:
+            raise TypeError("backend='triton' computes in float32: pass float16/bfloat16/float32 inputs, "
+                            "or backend='torch' for float64")
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package: pip install 'palimpsa[triton]'")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

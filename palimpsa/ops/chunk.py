@@ -43,7 +43,7 @@ def chunk_palimpsa(
     """
     x = prepare_inputs(q, k, v, g, beta, prior, scale, initial_state, cu_seqlens,
                        check_values=not torch.compiler.is_compiling())
-    which = resolve_backend(backend, q.device)
+    which = resolve_backend(backend, q.device, q.dtype)
     if which == "triton":
         from palimpsa.ops.triton import chunk_palimpsa_triton
 

@@ -56,7 +56,7 @@ def palimpsa_step(
     mu, imp = state
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, state[0].dtype) == "triton":
         from palimpsa.ops.triton import palimpsa_step_triton
 
         return palimpsa_step_triton(q, k, v, g, beta, state, prior, scale, output_variance)
