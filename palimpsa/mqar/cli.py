@@ -30,6 +30,7 @@ FIXED_OPTIONS = (
     ("eval_every", int, "steps between validations (default once per epoch)"),
     ("early_stop_accuracy", float, "stop once validation accuracy exceeds this"),
     ("power_a", float, "power-law exponent of the query placement"),
+    ("time_limit_s", float, "fit each run into this many seconds (its step count is set after a short timing)"),
 )
 
 
@@ -62,6 +63,10 @@ def add_parser(subparsers) -> None:
                    help="mixed precision (auto: bf16 autocast on CUDA only)")
     p.add_argument("--gdn-backend", choices=("auto", "torch", "fla"), default=None,
                    help="Gated DeltaNet delta-rule backend")
+    p.add_argument("--op-backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="backend of the Palimpsa op in the Palimpsa / Meta-Mamba2 layers (auto: Triton on CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per run (default: cores shared evenly among CPU workers)")
     p.add_argument("--devices", nargs="+", default=None, help="e.g. cuda:0 cuda:1 (default: all GPUs, else cpu)")
     p.add_argument("--workers-per-device", type=int, default=1, help="runs in parallel on each device")
     p.add_argument("--time-budget", type=float, default=None,
@@ -103,7 +108,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if not args.report_only:
         stats = run_sweep(runs, out, devices=args.devices, workers_per_device=args.workers_per_device,
-                          progress=not args.no_progress, time_budget_s=args.time_budget)
+                          progress=not args.no_progress, time_budget_s=args.time_budget,
+                          op_backend=args.op_backend, threads=args.threads)
         print(f"{stats['planned']} runs planned, {stats['skipped']} already done, {stats['recorded']} recorded "
               f"now -> {out / RESULTS_FILE}", file=sys.stderr)
     table, written = write_report(out / RESULTS_FILE, out)

@@ -20,6 +20,7 @@ Every recurrent mixer gets the paper's "small forgetting" initialisation (see :f
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -172,8 +173,16 @@ class MQARBlock(nn.Module):
         self.mlp = SwiGLUMLP(config.d_model, hidden_ratio=4) if config.mlp else None
 
     def forward(self, x: torch.Tensor, output_variance: bool = False):
-        """x [B, T, d] -> (x [B, T, d], mixer variance [B, T, H, V] or None)."""
-        mixed, variance = self.mixer(self.mixer_norm(x), output_variance=output_variance)
+        """x [B, T, d] -> (x [B, T, d], mixer variance [B, T, H, V] or None).
+
+        Under autocast the mixer receives its input in the autocast dtype (bf16), so every tensor a layer
+        derives from it has one dtype (the Palimpsa op wants q, k, v, beta alike); the residual stream stays
+        float32.
+        """
+        h = self.mixer_norm(x)
+        if torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        mixed, variance = self.mixer(h, output_variance=output_variance)
         x = x + mixed
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
@@ -232,6 +241,36 @@ def recurrent_state_bytes(config: MQARModelConfig, seq_len: int) -> int:
         copies = 2 if config.name in METAPLASTIC_MODELS else 1
         entries = copies * config.num_heads * config.key_dim * config.value_dim
     return entries * STATE_BYTES_PER_ELEMENT
+
+
+OP_BACKENDS = ("auto", "torch", "triton")
+
+
+@contextmanager
+def palimpsa_op_backend(backend: str = "auto"):
+    """Run every ``chunk_palimpsa`` call inside the block on ``backend`` ("auto" changes nothing).
+
+    The Palimpsa and Meta-Mamba2 layers call the op with backend "auto" (Triton on CUDA); this lets a benchmark
+    fall back to the PyTorch path (or insist on Triton) without touching the layers, by wrapping the op's
+    backend choice for calls that asked for "auto".
+    """
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"op backend must be one of {OP_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        yield
+        return
+    import palimpsa.ops.chunk as chunk_module
+
+    original = chunk_module.resolve_backend
+
+    def resolve(requested, device):
+        return original(backend if requested == "auto" else requested, device)
+
+    chunk_module.resolve_backend = resolve
+    try:
+        yield
+    finally:
+        chunk_module.resolve_backend = original
 
 
 def count_parameters(model: nn.Module) -> int:

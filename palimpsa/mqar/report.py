@@ -59,8 +59,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean(values), (stdev(values) if len(values) > 1 else 0.0)
 
 
+# run settings that do not split a row: what is selected over (lr), averaged over (seed), or only shapes how
+# long a run may take (its steps are reported)
+NOT_GROUPING = ("lr", "seed", "time_limit_s", "max_steps")
+
+
+def _group_key(record: dict) -> tuple:
+    """The row a record belongs to: GROUP_KEYS plus every other setting of its config (so runs that differ in,
+    e.g., heads or batch size never share a row)."""
+    config = record.get("config", {})
+    rest = tuple(sorted((k, json.dumps(v)) for k, v in config.items() if k not in NOT_GROUPING + GROUP_KEYS))
+    return tuple(record[k] for k in GROUP_KEYS) + rest
+
+
 def summarize(results: Iterable[dict]) -> list[dict]:
-    """One row per (model, seq_len, num_kv_pairs, d_model): best lr per seed on validation, test mean/std.
+    """One row per (model, seq_len, num_kv_pairs, d_model, other settings): best lr per seed on validation,
+    test mean/std over seeds.
 
     Row keys: the group keys, state_bytes, seeds, lrs (the chosen lr of each seed), test_mean, test_std,
     val_mean, steps_mean, auroc_mean / auroc_std (None unless some chosen run has a variance AUROC),
@@ -68,7 +82,7 @@ def summarize(results: Iterable[dict]) -> list[dict]:
     """
     by_group_seed: dict = defaultdict(list)
     for r in results:
-        by_group_seed[(tuple(r[k] for k in GROUP_KEYS), r["seed"])].append(r)
+        by_group_seed[(_group_key(r), r["seed"])].append(r)
     groups: dict = defaultdict(list)
     for (group, _seed), runs in sorted(by_group_seed.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         # best validation accuracy; ties go to the smaller lr, then the earlier record
@@ -80,7 +94,7 @@ def summarize(results: Iterable[dict]) -> list[dict]:
         aurocs = [r["variance_auroc"] for r in chosen if r.get("variance_auroc") is not None]
         auroc_mean, auroc_std = _mean_std(aurocs) if aurocs else (None, None)
         rows.append({
-            **dict(zip(GROUP_KEYS, group)),
+            **{k: chosen[0][k] for k in GROUP_KEYS},
             "state_bytes": chosen[0]["state_bytes"],
             "seeds": len(chosen),
             "lrs": [r["lr"] for r in chosen],

@@ -111,10 +111,11 @@ def visible_devices() -> list[str]:
 
 
 def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: bool, position: int,
-                    deadline: Optional[float]) -> bool:
+                    deadline: Optional[float], op_backend: str) -> bool:
     """Train one run and append its record; a failure goes to OUT/errors.log.  True when recorded."""
     try:
-        record = train_run(config, device=device, progress=progress, progress_position=position, deadline=deadline)
+        record = train_run(config, device=device, progress=progress, progress_position=position, deadline=deadline,
+                           op_backend=op_backend)
     except Exception:  # one broken run must not stop the sweep; its traceback is kept
         message = f"run {run_id(config)} {config}\n{traceback.format_exc()}\n"
         with open(out_dir / ERRORS_FILE, "a") as f:
@@ -128,15 +129,18 @@ def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: boo
     return True
 
 
-def _worker(slot: int, device: str, queue, out_dir: str, progress: bool, deadline: Optional[float]) -> None:
+def _worker(slot: int, device: str, queue, out_dir: str, progress: bool, deadline: Optional[float], op_backend: str,
+            threads: Optional[int]) -> None:
     """Worker process: take runs from the queue until a None arrives or the deadline passes."""
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
+    if threads:
+        torch.set_num_threads(threads)
     while True:
         item = queue.get()
         if item is None or (deadline is not None and time.time() > deadline):
             return
-        _run_and_record(RunConfig.from_dict(item), device, Path(out_dir), progress, slot, deadline)
+        _run_and_record(RunConfig.from_dict(item), device, Path(out_dir), progress, slot, deadline, op_backend)
 
 
 def run_sweep(
@@ -146,6 +150,8 @@ def run_sweep(
     workers_per_device: int = 1,
     progress: bool = True,
     time_budget_s: Optional[float] = None,
+    op_backend: str = "auto",
+    threads: Optional[int] = None,
 ) -> dict:
     """Run every run not yet recorded in OUT/results.jsonl.
 
@@ -157,6 +163,9 @@ def run_sweep(
         progress: show tqdm bars.
         time_budget_s: wall-clock budget; no run starts after it and a run still training at its end stops,
             is scored and goes to unfinished.jsonl instead of results.jsonl (so a later call redoes it).
+        op_backend: the Palimpsa op's backend for every run ("auto", "torch", "triton").
+        threads: torch CPU threads per worker (default: the cores shared evenly among the workers, which
+            avoids oversubscribed thread pools; torch's own default for a single in-process run).
 
     Returns:
         {"planned": n, "skipped": already recorded, "recorded": newly recorded}.
@@ -177,10 +186,16 @@ def run_sweep(
     deadline = None if time_budget_s is None else time.time() + time_budget_s
     slots = [device for device in devices for _ in range(workers_per_device)]
     if len(slots) == 1 or len(pending) <= 1:
-        for config in pending:
-            if deadline is not None and time.time() > deadline:
-                break
-            _run_and_record(config, slots[0], out_dir, progress, 0, deadline)
+        previous_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            for config in pending:
+                if deadline is not None and time.time() > deadline:
+                    break
+                _run_and_record(config, slots[0], out_dir, progress, 0, deadline, op_backend)
+        finally:
+            torch.set_num_threads(previous_threads)
     else:
         import torch.multiprocessing as mp
 
@@ -190,7 +205,9 @@ def run_sweep(
             queue.put({f.name: getattr(config, f.name) for f in fields(RunConfig)})
         for _ in slots:
             queue.put(None)
-        workers = [ctx.Process(target=_worker, args=(i, device, queue, str(out_dir), progress, deadline))
+        worker_threads = threads or max(1, (os.cpu_count() or 1) // len(slots))
+        workers = [ctx.Process(target=_worker, args=(i, device, queue, str(out_dir), progress, deadline, op_backend,
+                                                     worker_threads))
                    for i, device in enumerate(slots)]
         for w in workers:
             w.start()

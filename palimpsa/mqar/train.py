@@ -27,10 +27,13 @@ from tqdm.auto import tqdm
 
 from palimpsa.mqar.data import IGNORE_INDEX, make_splits
 from palimpsa.mqar.models import (VARIANCE_MODELS, MQARModel, MQARModelConfig, count_parameters,
-                                  recurrent_state_bytes)
+                                  palimpsa_op_backend, recurrent_state_bytes)
 from palimpsa.mqar.report import variance_auroc
 
 AMP_MODES = ("auto", "bf16", "off")
+WARMUP_UNTIMED_STEPS = 5  # first steps (compilation, autotuning) left out of the step time
+FIT_PROBE_STEPS = 20  # timed steps before a time-limited run fixes its length
+FIT_AT_STEP = WARMUP_UNTIMED_STEPS + FIT_PROBE_STEPS
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class RunConfig:
     batch_size: examples per step.  epochs: passes over the training set; max_steps caps the total (the
     cosine schedule spans min(epochs * steps_per_epoch, max_steps)).  eval_every: steps between validations
     (None = once per epoch).  amp: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "off".
+    time_limit_s: fit the run into this many seconds of training and evaluation: after FIT_PROBE_STEPS timed
+    steps the planned total is cut to the steps that fit (the record keeps the steps actually run, and with
+    warmup_steps >= FIT_AT_STEP the schedule equals that of ``max_steps`` = those steps, so the run can be
+    repeated exactly without a time limit).
     """
 
     model: str
@@ -67,6 +74,7 @@ class RunConfig:
     early_stop_accuracy: float = 0.99
     amp: str = "auto"
     gdn_backend: str = "auto"
+    time_limit_s: Optional[float] = None
 
     def __post_init__(self):
         # one spelling per value, so that the run's hash does not depend on 60 vs 60.0
@@ -87,6 +95,8 @@ class RunConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps!r}")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be > 0 or None, got {self.time_limit_s!r}")
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 or None, got {self.eval_every!r}")
 
@@ -177,23 +187,50 @@ def evaluate(model: MQARModel, inputs: torch.Tensor, labels: torch.Tensor, batch
     return result
 
 
+def _fit_total(config: RunConfig, step: int, total: int, eval_every: int, eval_seconds: float,
+               seconds_per_step: float, elapsed: float) -> int:
+    """The total steps of a time-limited run: the most that fit in what is left of ``config.time_limit_s``
+    counting the validations every ``eval_every`` steps and the final test pass (each timed from one
+    validation of ``eval_seconds``), never fewer than ``step`` nor more than ``total``."""
+    test_seconds = eval_seconds * config.num_test / config.num_validation
+    left = config.time_limit_s - elapsed - test_seconds
+    per_step = seconds_per_step + eval_seconds / eval_every
+    return max(step, min(total, step + int(left / per_step)))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def describe_device(device: torch.device) -> str:
     """'cpu' or the CUDA device's name, e.g. 'NVIDIA H100 80GB HBM3'."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: bool = True,
-              progress_position: int = 0, deadline: Optional[float] = None) -> dict:
+              progress_position: int = 0, deadline: Optional[float] = None, op_backend: str = "auto") -> dict:
     """Train one run and return its result record (see the module docstring for the protocol).
 
     ``deadline`` (a time.time() value) stops training early with stop_reason "deadline" (a sweep's budget).
+    ``op_backend`` forces the Palimpsa op's backend ("torch" or "triton"; "auto": the op decides); it changes
+    speed, not the math, so it is recorded but is not part of the run's identity.
 
     Returns a dict with model, seq_len, num_kv_pairs, d_model, lr, seed, epochs (completed, fractional),
     steps, val_accuracy, test_accuracy, state_bytes (recurrent state per layer), seconds, device, and also
     run_id, planned_steps, stop_reason, num_parameters, variance_auroc (models in VARIANCE_MODELS; None
-    when undefined) and the whole config.
+    when undefined), history ([step, train loss, validation accuracy] at each validation), seconds_per_step
+    (training steps after the first 5, validations excluded), op_backend and the whole config.
     """
-    device = torch.device(device)
+    with palimpsa_op_backend(op_backend):
+        record = _train(config, torch.device(device), progress, progress_position, deadline)
+    record["op_backend"] = op_backend
+    return record
+
+
+def _train(config: RunConfig, device: torch.device, progress: bool, progress_position: int,
+           deadline: Optional[float]) -> dict:
+    """The body of :func:`train_run`."""
     started = time.time()
     splits = make_splits(config.vocab_size, config.seq_len, config.num_kv_pairs, config.num_train,
                          config.num_validation, config.num_test, config.seed, config.power_a)
@@ -207,10 +244,13 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
     order_gen = torch.Generator().manual_seed(config.seed)
 
     best = {"accuracy": -1.0, "state": None, "step": 0}
+    history = []  # (step, train loss of that step, validation accuracy)
     step, stop_reason, loss_value = 0, "planned_steps", float("nan")
     bar = tqdm(total=total, desc=f"{config.model} L={config.seq_len} kv={config.num_kv_pairs} lr={config.lr:g} "
                f"s={config.seed}", disable=not progress, position=progress_position, leave=progress_position == 0,
                dynamic_ncols=True, mininterval=1.0)
+    timed_from, timed_start, eval_seconds = min(WARMUP_UNTIMED_STEPS, total - 1), None, 0.0
+    train_started, fitted = time.time(), False
     while step < total:
         order = torch.randperm(config.num_train, generator=order_gen).to(device)
         for start in range(0, config.num_train, config.batch_size):
@@ -232,12 +272,27 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
             optimizer.step()
             step += 1
             bar.update(1)
+            if step == timed_from:
+                _synchronize(device)
+                timed_start = time.time()
             out_of_time = deadline is not None and time.time() > deadline
-            if step % eval_every == 0 or step == total or out_of_time:
+            fit_now = config.time_limit_s is not None and step == FIT_AT_STEP and step < total
+            if step % eval_every == 0 or step == total or out_of_time or fit_now:
+                eval_started = time.time()
                 loss_value = loss.item()
                 val = evaluate(model, *splits.validation, config.batch_size, config.amp)["accuracy"]
                 if val > best["accuracy"]:
                     best = {"accuracy": val, "state": copy.deepcopy(model.state_dict()), "step": step}
+                history.append((step, round(loss_value, 4), round(val, 4)))
+                if timed_start is not None:
+                    eval_seconds += time.time() - eval_started
+                if fit_now:
+                    total = _fit_total(config, step, total, eval_every, time.time() - eval_started,
+                                       (time.time() - timed_start - eval_seconds) / (step - timed_from),
+                                       time.time() - train_started)
+                    fitted = True
+                    bar.total = total
+                    bar.refresh()
                 bar.set_postfix(loss=f"{loss_value:.3f}", val_acc=f"{val:.3f}")
                 if val > config.early_stop_accuracy:
                     stop_reason = "early_stop"
@@ -248,6 +303,10 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
         if stop_reason != "planned_steps":
             break
     bar.close()
+    _synchronize(device)
+    timed_steps = step - timed_from
+    seconds_per_step = ((time.time() - timed_start - eval_seconds) / timed_steps
+                        if timed_start is not None and timed_steps > 0 else None)
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
@@ -266,13 +325,16 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
         "test_accuracy": test["accuracy"],
         "state_bytes": recurrent_state_bytes(config.model_config(), config.seq_len),
         "seconds": round(time.time() - started, 2),
+        "seconds_per_step": None if seconds_per_step is None else round(seconds_per_step, 5),
         "device": describe_device(device),
         "run_id": run_id(config),
         "planned_steps": total,
+        "fitted_to_time_limit": fitted,
         "best_step": best["step"],
         "stop_reason": stop_reason,
         "final_train_loss": loss_value,
         "num_parameters": count_parameters(model),
         "variance_auroc": test.get("variance_auroc"),
+        "history": history,
         "config": asdict(config),
     }

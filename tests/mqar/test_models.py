@@ -67,6 +67,15 @@ def test_paper_configuration_sizes():
     assert recurrent_state_bytes(MQARModelConfig("palimpsa"), 512) == 2 * 8 * 16 * 32 * 4
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_trains_under_bf16_autocast(name):
+    model = MQARModel(MQARModelConfig(name, **TINY))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(64, (2, 8)))
+    logits.float().square().mean().backward()
+    assert torch.isfinite(model.embedding.weight.grad).all()
+
+
 def test_bad_configs_raise():
     with pytest.raises(ValueError, match="model name"):
         MQARModelConfig("transformer")

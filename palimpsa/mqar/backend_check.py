@@ -1,0 +1,76 @@
+"""Check, on the device that will train, that the Palimpsa op's backends agree inside the MQAR models.
+
+    python -m palimpsa.mqar.backend_check --models palimpsa meta_mamba2 [--device cuda]
+
+For each model: the same weights and batch, loss and every parameter gradient with op backend "torch" and
+"triton", in float32 (TF32 off).  Prints the relative errors; exits 1 if any exceeds the limit (so a GPU
+script can fall back to ``--op-backend torch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from palimpsa.mqar.data import IGNORE_INDEX, multiquery_ar
+from palimpsa.mqar.models import MQARModel, MQARModelConfig, palimpsa_op_backend
+
+
+def loss_and_grads(model: MQARModel, inputs: torch.Tensor, labels: torch.Tensor, backend: str):
+    """Query-position cross-entropy and the gradient of every parameter, with the op on ``backend``."""
+    model.zero_grad(set_to_none=True)
+    mask = labels != IGNORE_INDEX
+    with palimpsa_op_backend(backend):
+        loss = F.cross_entropy(model(inputs, positions=mask), labels[mask])
+        loss.backward()
+    return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def compare_backends(name: str, device: str, seq_len: int, num_kv_pairs: int, batch: int) -> dict:
+    """{"loss": rel. error, "grad": worst rel. error over parameters, "worst_param": its name}."""
+    torch.manual_seed(0)
+    model = MQARModel(MQARModelConfig(name)).to(device)
+    inputs, labels = multiquery_ar(8192, batch, seq_len, num_kv_pairs, seed=0)
+    inputs, labels = inputs.to(device), labels.to(device)
+    ref_loss, ref_grads = loss_and_grads(model, inputs, labels, "torch")
+    loss, grads = loss_and_grads(model, inputs, labels, "triton")
+    errors = {k: relative_error(grads[k], ref_grads[k]) for k in ref_grads}
+    worst = max(errors, key=errors.get)
+    return {"loss": relative_error(loss, ref_loss), "grad": errors[worst], "worst_param": worst}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["palimpsa", "meta_mamba2"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--num-kv-pairs", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--limit", type=float, default=1e-3, help="largest accepted relative error")
+    args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ok = True
+    for name in args.models:
+        try:
+            r = compare_backends(name, args.device, args.seq_len, args.num_kv_pairs, args.batch)
+        except Exception as err:  # a backend that cannot run is a failed check, reported as such
+            print(f"{name}: triton backend failed: {type(err).__name__}: {err}")
+            ok = False
+            continue
+        passed = r["loss"] <= args.limit and r["grad"] <= args.limit
+        ok &= passed
+        print(f"{name}: loss rel. err {r['loss']:.2e}, worst grad rel. err {r['grad']:.2e} ({r['worst_param']}) "
+              f"-> {'ok' if passed else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
