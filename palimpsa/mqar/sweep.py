@@ -184,7 +184,8 @@ def run_sweep(
             seen.add(rid)
     before = len(done)
     deadline = None if time_budget_s is None else time.time() + time_budget_s
-    slots = [device for device in devices for _ in range(workers_per_device)]
+    # interleaved (cuda:0, cuda:1, cuda:0, ...) and no more workers than runs, so the runs spread evenly
+    slots = [device for _ in range(workers_per_device) for device in devices][:max(1, len(pending))]
     if len(slots) == 1 or len(pending) <= 1:
         previous_threads = torch.get_num_threads()
         if threads:
