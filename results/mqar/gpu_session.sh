@@ -24,7 +24,7 @@ echo "op backend: $BACKEND" >> "$LOG"
 COMMON="--preset paper --op-backend $BACKEND --warmup-steps 50 --no-progress"
 python -m palimpsa mqar $COMMON --out "$WORK/paper" --settings 512:128 --d-models 128 \
     --models palimpsa notpalimpsa meta_mamba2 mamba2 gated_deltanet --lrs 2.15e-3 4.64e-3 --seeds 0 1 \
-    --max-steps 40 --eval-every 20 --workers-per-device 10 --time-budget 45 >> "$LOG" 2>&1
+    --max-steps 40 --warmup-steps 10 --eval-every 20 --workers-per-device 10 --time-budget 45 >> "$LOG" 2>&1
 
 CAPACITY="$COMMON --out $WORK/capacity --settings 256:64 --d-models 64 --seeds 0 1 --eval-every 100 --time-limit-s 80"
 python -m palimpsa mqar $CAPACITY --models palimpsa notpalimpsa meta_mamba2 mamba2 gated_deltanet \
