@@ -36,7 +36,7 @@ def convert_checkpoint(
     src: Union[str, os.PathLike],
     dst: Union[str, os.PathLike],
     importance_rank: Optional[int] = None,
-    importance_scale: float = CONVERTED_IMPORTANCE_SCALE,
+    importance_scale: Union[float, str] = CONVERTED_IMPORTANCE_SCALE,
     verify: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     overwrite: bool = False,
@@ -50,7 +50,7 @@ def convert_checkpoint(
     written all at once (a temporary sibling directory renamed into place).
 
     Returns:
-        {"kind", "src", "dst", "relative_logits_change" (None without verify), "importance_scale"}.
+        {"kind", "src", "dst", "relative_logits_change" (None without verify), "importance_scale" (the c used)}.
     """
     if kind not in CONVERTERS:
         raise ValueError(f"kind must be one of {sorted(CONVERTERS)}, got {kind!r}")
@@ -60,12 +60,13 @@ def convert_checkpoint(
     converter, model_type, what = CONVERTERS[kind]
     source = load_checkpoint(src, _source_class(kind), model_type, what)
     model = converter(source, importance_rank=importance_rank, importance_scale=importance_scale, seed=seed)
+    importance_scale = model.config.importance_scale_init  # the value used (calibrated when "auto")
     change = None
     if verify:
         change = relative_logits_change(source, model, model.config.vocab_size)
         if not change <= tolerance:
             raise ValueError(f"the converted model's logits differ from the source's by {change:.3g} (relative), "
-                             f"above the tolerance {tolerance:g}; use a more negative importance_scale "
+                             f"above the tolerance {tolerance:g}; pass a more negative importance_scale "
                              f"(now {importance_scale})")
     save_atomically(model, dst, tokenizer_source=src, overwrite=overwrite)
     return {"kind": kind, "src": str(src), "dst": str(Path(dst)), "relative_logits_change": change,

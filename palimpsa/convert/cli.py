@@ -15,6 +15,16 @@ DESCRIPTIONS = {
 }
 
 
+def scale_argument(text: str):
+    """--importance-scale: "auto" or a float."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a float, got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         report = convert_checkpoint(args.kind, args.src, args.dst, importance_rank=args.importance_rank,
@@ -36,8 +46,9 @@ def add_parser(subparsers) -> None:
         sub.add_argument("src", help="source checkpoint: a directory or a Hub id")
         sub.add_argument("dst", help="output directory (written atomically; must not exist unless --overwrite)")
         sub.add_argument("--importance-rank", type=int, default=None, help="rank r of the new importance gates")
-        sub.add_argument("--importance-scale", type=float, default=CONVERTED_IMPORTANCE_SCALE,
-                         help=f"initial c of the gates' softplus(c) factor (default {CONVERTED_IMPORTANCE_SCALE})")
+        sub.add_argument("--importance-scale", type=scale_argument, default=CONVERTED_IMPORTANCE_SCALE,
+                         help="initial c of the gates' softplus(c) factor, or 'auto' (default): calibrated so "
+                              "that the gates move the logits by at most 1e-6")
         sub.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                          help="largest accepted relative change of the logits on random tokens")
         sub.add_argument("--no-verify", action="store_true", help="skip the logits comparison")

@@ -160,3 +160,17 @@ def test_bad_arguments_raise():
         notpalimpsa_to_palimpsa(tiny_notpalimpsa(metaplasticity=True))
     with pytest.raises(ValueError, match="kind"):
         convert_checkpoint("gpt2", "x", "y")
+
+
+def test_auto_scale_is_lowered_until_the_gate_effect_is_within_the_bound():
+    from palimpsa.convert.metaplastic import gate_effect
+
+    source = tiny_mamba2(seed=3)
+    loose = mamba2_to_meta_mamba2(source)
+    strict = mamba2_to_meta_mamba2(source, max_gate_effect=1e-10)
+    assert loose.config.importance_scale_init == -12.0  # a tiny random model needs no lowering
+    assert strict.config.importance_scale_init < -12.0
+    assert gate_effect(strict, VOCAB) <= 1e-10 < gate_effect(loose, VOCAB)
+    scales = [p for n, p in strict.named_parameters() if n.endswith("importance_scale")]
+    assert all(bool((p == strict.config.importance_scale_init).all()) for p in scales)
+    assert_every_gate_element_has_a_gradient(strict)
