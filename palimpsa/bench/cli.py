@@ -1,4 +1,4 @@
-"""``palimpsa bench ops``: time the Palimpsa kernels (and fla's, when installed) on a CUDA GPU."""
+"""``palimpsa bench ops`` (the kernels against fla's, on a CUDA GPU) and ``palimpsa bench cpu`` (the PyTorch path)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (GPU)")
+    parser = subparsers.add_parser("bench", help="benchmarks: ops (GPU kernels), cpu (PyTorch path)")
     verbs = parser.add_subparsers(dest="bench_verb", metavar="<benchmark>")
     ops = verbs.add_parser("ops", help="time the Palimpsa op against fla's kernels at the benchmark shapes")
     ops.add_argument("--shapes", default="all",
@@ -15,6 +15,11 @@ def add_parser(subparsers) -> None:
     ops.add_argument("--no-decode", action="store_true", help="skip the decoding-step timing")
     ops.add_argument("--out", default=None, help="write the table (markdown) here and the numbers beside it (.json)")
     ops.set_defaults(func=run_ops)
+    cpu = verbs.add_parser("cpu", help="chunk_palimpsa fwd+bwd on the CPU against a per-token loop")
+    cpu.add_argument("--impl", choices=["both", "chunk", "loop"], default="both")
+    cpu.add_argument("--repeats", type=int, default=3)
+    cpu.add_argument("--out", default="results/bench", help="folder for cpu_bench.json / cpu_bench.md")
+    cpu.set_defaults(func=run_cpu)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
@@ -32,3 +37,9 @@ def run_ops(args: argparse.Namespace) -> int:
     if args.out:
         ops.save_result(result, args.out)
     return 0
+
+
+def run_cpu(args: argparse.Namespace) -> int:
+    from palimpsa.bench import cpu
+
+    return cpu.main(["--impl", args.impl, "--repeats", str(args.repeats), "--out", args.out])
