@@ -169,6 +169,7 @@ class MQARBlock(nn.Module):
         super().__init__()
         self.mixer_norm = RMSNorm(config.d_model, eps=1e-5)
         self.mixer = build_mixer(config, layer_idx)
+        self.mixer_in_float32 = config.name in VARIANCE_MODELS  # the mixers built on the Palimpsa op
         self.mlp_norm = RMSNorm(config.d_model, eps=1e-5) if config.mlp else None
         self.mlp = SwiGLUMLP(config.d_model, hidden_ratio=4) if config.mlp else None
 
@@ -177,12 +178,19 @@ class MQARBlock(nn.Module):
 
         Under autocast the mixer receives its input in the autocast dtype (bf16), so every tensor a layer
         derives from it has one dtype (the Palimpsa op wants q, k, v, beta alike); the residual stream stays
-        float32.
+        float32.  The mixers built on the Palimpsa op (Palimpsa, Meta-Mamba2 and their twins) run in float32
+        with autocast off instead: under CUDA autocast the Palimpsa layer's L2-normalised q, k come out float32
+        while v is bf16, which the op rejects; both pairs get the same precision.
         """
         h = self.mixer_norm(x)
-        if torch.is_autocast_enabled(h.device.type):
-            h = h.to(torch.get_autocast_dtype(h.device.type))
-        mixed, variance = self.mixer(h, output_variance=output_variance)
+        device_type = h.device.type
+        if torch.is_autocast_enabled(device_type) and self.mixer_in_float32:
+            with torch.autocast(device_type, enabled=False):
+                mixed, variance = self.mixer(h.float(), output_variance=output_variance)
+        else:
+            if torch.is_autocast_enabled(device_type):
+                h = h.to(torch.get_autocast_dtype(device_type))
+            mixed, variance = self.mixer(h, output_variance=output_variance)
         x = x + mixed
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
@@ -263,8 +271,8 @@ def palimpsa_op_backend(backend: str = "auto"):
 
     original = chunk_module.resolve_backend
 
-    def resolve(requested, device):
-        return original(backend if requested == "auto" else requested, device)
+    def resolve(requested, *args, **kwargs):
+        return original(backend if requested == "auto" else requested, *args, **kwargs)
 
     chunk_module.resolve_backend = resolve
     try:

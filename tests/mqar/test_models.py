@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from palimpsa.mqar.models import (MODEL_NAMES, VARIANCE_MODELS, MQARModel, MQARModelConfig,
+from palimpsa.mqar.models import (MODEL_NAMES, VARIANCE_MODELS, MQARModel, MQARModelConfig, palimpsa_op_backend,
                                   recurrent_state_bytes, small_forgetting_init)
 
 TINY = dict(vocab_size=64, d_model=16, num_heads=2)
@@ -74,6 +74,30 @@ def test_every_model_trains_under_bf16_autocast(name):
         logits = model(torch.randint(64, (2, 8)))
     logits.float().square().mean().backward()
     assert torch.isfinite(model.embedding.weight.grad).all()
+
+
+def test_op_backend_switch_reaches_the_op(monkeypatch):
+    import palimpsa.ops.chunk as chunk_module
+
+    asked = []
+    real = chunk_module.resolve_backend
+
+    def recording(backend, *args, **kwargs):
+        asked.append(backend)
+        return real(backend, *args, **kwargs)
+
+    monkeypatch.setattr(chunk_module, "resolve_backend", recording)
+    model = MQARModel(MQARModelConfig("palimpsa", **TINY))
+    x = torch.randint(64, (1, 6))
+    reference = model(x)
+    with palimpsa_op_backend("torch"):
+        forced = model(x)
+    assert asked == ["auto", "auto", "torch", "torch"]  # two layers, without then with the switch
+    assert chunk_module.resolve_backend is recording  # restored on exit
+    torch.testing.assert_close(forced, reference)
+    with pytest.raises(ValueError, match="op backend"):
+        with palimpsa_op_backend("cuda"):
+            pass
 
 
 def test_bad_configs_raise():
