@@ -4,7 +4,7 @@
 #   PYTHONPATH=. OUT=<folder> bash results/mqar/gpu_session2.sh
 # A capacity-limited setting that a d_model-128 model learns quickly at full state (L=256, 64 pairs), with a
 # quarter of the paper's state: 8 heads of K=8, V=16 (1,024 entries per layer; Mamba2: state 8, head_dim 16,
-# expand 1).  Five recurrent models + attention, lr 2.15e-3, seeds {0, 1}, every run fitted into 100 s of the
+# expand 1).  Five recurrent models + attention, lr 2.15e-3, seeds {0, 1}, every run fitted into 90 s of the
 # shared GPUs (all 12 at once).  Earlier results are copied in first, so finished runs are skipped.
 set -u
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -20,10 +20,10 @@ python -m palimpsa.mqar.backend_check --models palimpsa --batch 2 >> "$LOG" 2>&1
 echo "op backend: $BACKEND" >> "$LOG"
 
 RUN="--preset paper --op-backend $BACKEND --no-progress --out $WORK/capacity_k8 --settings 256:64 --d-models 128
-     --head-k-dim 8 --head-v-dim 16 --lrs 2.15e-3 --seeds 0 1 --warmup-steps 50 --eval-every 100 --time-limit-s 100"
+     --head-k-dim 8 --head-v-dim 16 --lrs 2.15e-3 --seeds 0 1 --warmup-steps 50 --eval-every 100 --time-limit-s 90"
 python -m palimpsa mqar $RUN --models palimpsa notpalimpsa meta_mamba2 mamba2 gated_deltanet \
-    --workers-per-device 5 --time-budget 135 >> "$LOG" 2>&1 &
-python -m palimpsa mqar $RUN --models attention --workers-per-device 1 --time-budget 135 >> "$LOG" 2>&1 &
+    --workers-per-device 5 --time-budget 120 >> "$LOG" 2>&1 &
+python -m palimpsa mqar $RUN --models attention --workers-per-device 1 --time-budget 120 >> "$LOG" 2>&1 &
 wait
 cp "$WORK/capacity_k8/results.jsonl" "$OUT/results_capacity_k8.jsonl" 2>/dev/null
 cp "$WORK/capacity_k8/unfinished.jsonl" "$OUT/unfinished_capacity_k8.jsonl" 2>/dev/null
