@@ -72,6 +72,19 @@ def _group_key(record: dict) -> tuple:
     return tuple(record[k] for k in GROUP_KEYS) + rest
 
 
+def _state_shape(record: dict) -> str:
+    """'H×K×V' of a recurrent model's per-layer state ('KV cache' for attention; '?' without a config)."""
+    config = record.get("config")
+    if not config:
+        return "?"
+    if record["model"] == "attention":
+        return "KV cache"
+    heads = config["num_heads"]
+    key = config.get("head_k_dim") or config["d_model"] // heads
+    value = config.get("head_v_dim") or 2 * key
+    return f"{heads}×{key}×{value}"
+
+
 def summarize(results: Iterable[dict]) -> list[dict]:
     """One row per (model, seq_len, num_kv_pairs, d_model, other settings): best lr per seed on validation,
     test mean/std over seeds.
@@ -95,6 +108,7 @@ def summarize(results: Iterable[dict]) -> list[dict]:
         auroc_mean, auroc_std = _mean_std(aurocs) if aurocs else (None, None)
         rows.append({
             **{k: chosen[0][k] for k in GROUP_KEYS},
+            "state_shape": _state_shape(chosen[0]),
             "state_bytes": chosen[0]["state_bytes"],
             "seeds": len(chosen),
             "lrs": [r["lr"] for r in chosen],
@@ -116,13 +130,14 @@ def summarize(results: Iterable[dict]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """The summary as a markdown table."""
-    header = ("| model | L | kv pairs | d_model | state bytes/layer | test accuracy (mean ± std) | seeds | "
-              "chosen lr per seed | mean steps | variance AUROC (wrong answers) |")
-    lines = [header, "|" + "---|" * 10]
+    header = ("| model | L | kv pairs | d_model | state H×K×V | state bytes/layer | test accuracy (mean ± std) | "
+              "seeds | chosen lr per seed | mean steps | variance AUROC (wrong answers) |")
+    lines = [header, "|" + "---|" * 11]
     for r in rows:
         auroc = "—" if r["auroc_mean"] is None else f"{r['auroc_mean']:.3f} ± {r['auroc_std']:.3f} (n={r['auroc_n']})"
         lrs = ", ".join(f"{lr:g}" for lr in r["lrs"])
-        lines.append(f"| {r['model']} | {r['seq_len']} | {r['num_kv_pairs']} | {r['d_model']} | {r['state_bytes']:,} | "
+        lines.append(f"| {r['model']} | {r['seq_len']} | {r['num_kv_pairs']} | {r['d_model']} | {r['state_shape']} | "
+                     f"{r['state_bytes']:,} | "
                      f"{100 * r['test_mean']:.1f}% ± {100 * r['test_std']:.1f} | {r['seeds']} | {lrs} | "
                      f"{r['steps_mean']:.0f} | {auroc} |")
     return "\n".join(lines) + "\n"
@@ -131,9 +146,11 @@ def format_table(rows: list[dict]) -> str:
 def _series(rows: list[dict], x_key: str, split_key: str):
     """{split value: {(model, d_model or None): [(x, mean, std)]}} sorted by x."""
     out: dict = defaultdict(lambda: defaultdict(list))
-    d_models = {r["d_model"] for r in rows}
+    sizes = {(r["d_model"], r["state_shape"]) for r in rows if r["model"] != "attention"}
     for r in rows:
-        label = r["model"] if len(d_models) == 1 else f"{r['model']} d={r['d_model']}"
+        size = r["model"] if r["model"] == "attention" else f"{r['model']} ({r['state_shape']})"
+        label = (r["model"] if len(sizes) <= 1 else size) + ("" if len({r["d_model"] for r in rows}) == 1
+                                                             else f" d={r['d_model']}")
         out[r[split_key] if split_key else None][label].append((r[x_key], r["test_mean"], r["test_std"]))
     for panel in out.values():
         for label in panel:
@@ -202,18 +219,37 @@ def _save_figure(fig, path) -> None:
     os.replace(tmp, path)
 
 
+def format_unfinished(records: list[dict]) -> str:
+    """A markdown table of runs stopped by a sweep's time budget (their schedule did not finish)."""
+    lines = ["| model | L | kv pairs | d_model | state H×K×V | lr | seed | steps done / planned | "
+             "val accuracy | test accuracy |", "|" + "---|" * 10]
+    for r in sorted(records, key=lambda r: (r["seq_len"], r["model"], r["lr"], r["seed"])):
+        lines.append(f"| {r['model']} | {r['seq_len']} | {r['num_kv_pairs']} | {r['d_model']} | {_state_shape(r)} | "
+                     f"{r['lr']:g} | {r['seed']} | {r['steps']} / {r['planned_steps']} | "
+                     f"{100 * (r['val_accuracy'] or 0):.1f}% | {100 * r['test_accuracy']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[str, list[Path]]:
-    """Read results.jsonl, write summary.md and the two plots into out_dir; return (table, written paths)."""
+    """Read results.jsonl, write summary.md and the two plots into out_dir; return (table, written paths).
+
+    Runs listed in an ``unfinished.jsonl`` beside results.jsonl (stopped by a sweep's time budget) get their own
+    table in summary.md and never enter the main table or the plots.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(load_results(results_path))
     table = format_table(rows)
+    unfinished = load_results(Path(results_path).with_name("unfinished.jsonl"))
     written = []
     if rows:
         summary = out_dir / "summary.md"
         tmp = summary.with_name("summary.md.tmp")
+        extra = ("" if not unfinished else "\n## Runs stopped by the time budget (not in the table above)\n\n"
+                 "Their learning-rate schedule did not finish; shown for what they reached.\n\n"
+                 + format_unfinished(unfinished))
         tmp.write_text("# MQAR results\n\nBest learning rate per model, setting and seed chosen on validation "
-                       "accuracy; test accuracy mean ± std over seeds.\n\n" + table)
+                       "accuracy; test accuracy mean ± std over seeds.\n\n" + table + extra)
         os.replace(tmp, summary)
         written.append(summary)
         plot_accuracy_vs_seq_len(rows, out_dir / "accuracy_vs_seq_len.png")
