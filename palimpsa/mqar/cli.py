@@ -7,7 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from palimpsa.mqar.presets import PRESETS, preset_grid
+from palimpsa.mqar.presets import PRESETS, preset_grid, preset_workers_per_device
 from palimpsa.mqar.report import write_report
 from palimpsa.mqar.sweep import RESULTS_FILE, run_sweep
 from palimpsa.mqar.models import MODEL_NAMES
@@ -68,7 +68,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per run (default: cores shared evenly among CPU workers)")
     p.add_argument("--devices", nargs="+", default=None, help="e.g. cuda:0 cuda:1 (default: all GPUs, else cpu)")
-    p.add_argument("--workers-per-device", type=int, default=1, help="runs in parallel on each device")
+    p.add_argument("--workers-per-device", type=int, default=None,
+                   help="runs in parallel on each device (default: the preset's, 2 for quick, else 1)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; no run starts after it and runs still going stop and are not recorded")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and plots")
@@ -107,7 +108,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs", file=sys.stderr)
         return 0
     if not args.report_only:
-        stats = run_sweep(runs, out, devices=args.devices, workers_per_device=args.workers_per_device,
+        workers = args.workers_per_device or preset_workers_per_device(args.preset)
+        stats = run_sweep(runs, out, devices=args.devices, workers_per_device=workers,
                           progress=not args.no_progress, time_budget_s=args.time_budget,
                           op_backend=args.op_backend, threads=args.threads)
         print(f"{stats['planned']} runs planned, {stats['skipped']} already done, {stats['recorded']} recorded "

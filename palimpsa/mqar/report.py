@@ -124,7 +124,7 @@ def summarize(results: Iterable[dict]) -> list[dict]:
     model_order = {"palimpsa": 0, "notpalimpsa": 1, "meta_mamba2": 2, "mamba2": 3, "gated_deltanet": 4,
                    "attention": 5}
     rows.sort(key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"], model_order.get(r["model"], 99),
-                             r["model"]))
+                             r["model"], r["state_bytes"]))
     return rows
 
 
