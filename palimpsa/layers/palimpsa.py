@@ -220,21 +220,24 @@ class Palimpsa(nn.Module):
         k, k_state = self.k_conv1d(k_in, conv_states.get("k"), keep, cu_seqlens)
         x, x_state = self.v_conv1d(x_in, conv_states.get("v"), keep, cu_seqlens)
 
-        q = F.normalize(rearrange(q, "b t (h k) -> b t h k", h=H), p=2, dim=-1)
-        k = F.normalize(rearrange(k, "b t (h k) -> b t h k", h=H), p=2, dim=-1)
+        # The op takes q, k, v, beta in one dtype: that of the projections (bf16 under autocast, where
+        # F.normalize would otherwise hand back float32 while the values stay bf16).
+        op_dtype = x_in.dtype
+        q = F.normalize(rearrange(q, "b t (h k) -> b t h k", h=H), p=2, dim=-1).to(op_dtype)
+        k = F.normalize(rearrange(k, "b t (h k) -> b t h k", h=H), p=2, dim=-1).to(op_dtype)
         x = rearrange(x, "b t (h v) -> b t h v", h=H)
 
         # gates in float32 (float64 for float64 inputs), whatever the input dtype
         fp = torch.promote_types(u.dtype, torch.float32)
         input_gate = torch.sigmoid(self.input_gate_proj(u).to(fp))  # s [B, T, H]
-        v = (x.to(fp) * input_gate[..., None]).to(u.dtype)
+        v = (x.to(fp) * input_gate[..., None]).to(op_dtype)
         dt = F.softplus(self.dt_proj(u).to(fp) + self.dt_bias.to(fp))
         g = -dt * torch.exp(self.A_log.to(fp))  # log decay [B, T, H]
         if self.metaplasticity:
             gate = torch.sigmoid(self.importance_up_proj(self.importance_down_proj(u)).to(fp))
             gate = rearrange(gate, "b t (h v) -> b t h v", h=H)
             beta = gate * F.softplus(self.importance_scale.to(fp))[:, None] * input_gate[..., None]
-            beta = beta.to(u.dtype)
+            beta = beta.to(op_dtype)
         else:
             beta = torch.zeros_like(v)
         if mask is not None:  # padded tokens: alpha = 1, nothing written, importance unchanged

@@ -212,3 +212,17 @@ def test_bad_arguments_raise_clear_errors():
 
 def test_default_importance_rank_is_ceil_d_over_16():
     assert Palimpsa(40, num_heads=2).importance_rank == math.ceil(40 / 16)
+
+
+def test_layer_runs_under_bfloat16_autocast():
+    """Under autocast the projections are bf16 while F.normalize returns float32: the op still gets one dtype."""
+    from palimpsa.layers import Palimpsa
+
+    torch.manual_seed(0)
+    layer = Palimpsa(hidden_size=32, num_heads=2)
+    u = torch.randn(2, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = layer(u)
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters() if p.requires_grad)
