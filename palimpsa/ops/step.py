@@ -27,6 +27,33 @@ def _check_step_inputs(q, k, v, g, beta, state):
             raise ValueError(f"{name} must have shape [B, H, K, V] = [{B}, {H}, {K}, {V}]")
         if s.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{name} must be float32 (or float64), got {s.dtype}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        if x.device != state[0].device:
+            raise ValueError(f"{name} is on {x.device} but the state is on {state[0].device}")
+    for name, x in (("k", k), ("v", v), ("beta", beta)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+
+
+def _check_step_values(g, beta, prior, num_heads):
+    """The sign conditions that keep I > 0 (skipped inside compiled graphs)."""
+    if torch.compiler.is_compiling():
+        return
+    if bool((beta < 0).any()):
+        raise ValueError("beta (the importance gate) must be >= 0 everywhere; got a negative entry")
+    if bool((g > 0).any()):
+        raise ValueError("g (the log decay) must be <= 0 everywhere; got a positive entry")
+    if isinstance(prior, torch.Tensor):
+        if prior.numel() not in (1, num_heads):
+            raise ValueError(f"prior must be a positive float or a tensor of shape [H] = [{num_heads}], "
+                             f"got {tuple(prior.shape)}")
+        bad = bool((prior <= 0).any()) or not bool(torch.isfinite(prior).all())
+    else:
+        bad = not (float(prior) > 0 and float(prior) != float("inf"))
+    if bad:
+        raise ValueError(f"prior must be finite and > 0 (the prior precision I0), got {prior}")
 
 
 @torch.no_grad()
@@ -41,6 +68,7 @@ def palimpsa_step(
     scale: Optional[float] = None,
     output_variance: bool = False,
     backend: str = "auto",
+    check_values: bool = True,
 ):
     """Advance the cached state by one token, in place (inference only, no autograd).
 
@@ -48,11 +76,15 @@ def palimpsa_step(
         q, k: [B, H, K]; v, beta: [B, H, V]; g: [B, H] log decay.
         state: (mu, I), each [B, H, K, V] float32, overwritten with the new state.
         prior: float or [H] tensor; scale: default K ** -0.5.
+        check_values: check g <= 0, beta >= 0 and prior > 0 (one device sync each); callers whose gates
+            are valid by construction (the layers) pass False.
 
     Returns:
         o [B, H, V] in the dtype of q, or (o, variance) when ``output_variance``.
     """
     _check_step_inputs(q, k, v, g, beta, state)
+    if check_values:
+        _check_step_values(g, beta, prior, q.shape[1])
     mu, imp = state
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)

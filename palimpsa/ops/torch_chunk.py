@@ -305,7 +305,7 @@ def chunk_palimpsa_torch(
         M0 = mu0 * imp0
         J0 = imp0 - prior[:, None, None]
     o, var, M_T, J_T = ChunkPalimpsaFunction.apply(q, k, v, g, beta, prior, M0, J0, x.scale, chunk, output_variance)
-    o = o[:, :T]
+    o = o[:, :T].contiguous()
     var = var[:, :T] if output_variance else None
     if lengths is not None:
         o = unpad_sequences(o, lengths)

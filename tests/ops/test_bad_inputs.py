@@ -57,3 +57,17 @@ def test_step_bad_state():
     with pytest.raises(ValueError, match="state"):
         palimpsa_step(q, q, torch.randn(1, H, V), torch.zeros(1, H), torch.rand(1, H, V),
                       (torch.zeros(1, H, K, V), torch.ones(1, H, K, V + 1)))
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(g=torch.ones(1, H)), "g"), (dict(beta=-torch.ones(1, H, V)), "beta"), (dict(prior=0.0), "prior"),
+    (dict(prior=torch.tensor([1.0, -2.0])), "prior"), (dict(v=torch.randn(1, H, V, dtype=torch.float64)), "v"),
+])
+def test_step_bad_values(override, message):
+    args = dict(q=torch.randn(1, H, K), k=torch.randn(1, H, K), v=torch.randn(1, H, V), g=torch.zeros(1, H),
+                beta=torch.rand(1, H, V), prior=1.0)
+    args.update(override)
+    state = (torch.zeros(1, H, K, V), torch.ones(1, H, K, V))
+    with pytest.raises((ValueError, TypeError), match=message):
+        palimpsa_step(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("g"), args.pop("beta"), state, **args)
+    assert torch.equal(state[1], torch.ones(1, H, K, V))  # nothing written
