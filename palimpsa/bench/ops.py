@@ -201,7 +201,7 @@ def bench_decode_step(device="cuda") -> Dict[str, float]:
     imp = torch.ones_like(mu)
 
     def step():
-        return palimpsa_step(q, k, v, g, beta, (mu, imp), prior=1.0, backend="triton")
+        return palimpsa_step(q, k, v, g, beta, (mu, imp), prior=1.0, backend="triton", check_values=False)
 
     step()
     call_ms = _bench(step)
