@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -44,7 +45,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input (arguments, files, configs): say what is wrong without a traceback.
+        # PALIMPSA_TRACEBACK=1 shows the full traceback instead.
+        if os.environ.get("PALIMPSA_TRACEBACK") == "1":
+            raise
+        print(f"palimpsa {args.verb}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     speedup = rows["loop"]["median_s"] / rows["chunk"]["median_s"]
     print(f"speed-up of chunk_palimpsa over the per-token loop: {speedup:.1f}x")
     record = {
-        "shape_BTHKV": args.shape, "dtype": "float32", "threads": torch.get_num_threads(),
+        "shape_BTHKV": args.shape, "dtype": "float32", "threads": torch.get_num_threads(), "repeats": args.repeats,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"), "results": rows, "speedup": speedup,
     }
@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     md = ("| implementation | fwd+bwd median (ms) | min | max |\n|---|---|---|---|\n" + "".join(
         f"| {k} | {v['median_s'] * 1e3:.1f} | {v['min_s'] * 1e3:.1f} | {v['max_s'] * 1e3:.1f} |\n" for k, v in rows.items())
         + f"\nB,T,H,K,V = {tuple(args.shape)}, float32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"speed-up {speedup:.1f}x. Command: `python -m palimpsa.bench.cpu`.\n")
+        f"median of {args.repeats} runs after one warm-up; speed-up {speedup:.1f}x. "
+        f"Command: `palimpsa bench cpu --repeats {args.repeats}`.\n")
     _write_atomic(args.out / "cpu_bench.md", md)
     return 0
 

@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from palimpsa.mqar.data import check_task
 from palimpsa.mqar.presets import PRESETS, preset_grid, preset_workers_per_device
 from palimpsa.mqar.report import write_report
 from palimpsa.mqar.sweep import RESULTS_FILE, run_sweep
@@ -95,6 +96,9 @@ def build_grid(args: argparse.Namespace):
         if getattr(args, name) is not None:
             grid.fixed[name] = getattr(args, name)
     grid.__post_init__()
+    vocab_size = grid.fixed.get("vocab_size", 8192)
+    for seq_len, num_kv_pairs in grid.settings:  # fail before any run starts, not inside every worker
+        check_task(vocab_size, seq_len, num_kv_pairs)
     return grid
 
 
@@ -118,4 +122,8 @@ def main(args: argparse.Namespace) -> int:
     print(table if table.count("\n") > 2 else "no finished runs yet")
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
+    if not args.report_only and args.time_budget is None and stats["skipped"] + stats["recorded"] < stats["planned"]:
+        missing = stats["planned"] - stats["skipped"] - stats["recorded"]
+        print(f"{missing} planned runs did not finish (see the errors above)", file=sys.stderr)
+        return 1
     return 0
