@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 from transformers import PreTrainedModel
 

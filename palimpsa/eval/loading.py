@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -17,6 +18,9 @@ def resolve_model_dir(path: str) -> str:
             return candidate
     raise ValueError(f"model {path!r} is neither a Hugging Face model directory nor a training run directory "
                      "with an exported 'model/' folder")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_model_and_tokenizer(path: str, tokenizer: Optional[str] = None, device: str = "auto",
@@ -34,4 +38,7 @@ def load_model_and_tokenizer(path: str, tokenizer: Optional[str] = None, device:
     model_dir = resolve_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
     model.to(resolve_device(device)).eval()
+    if tokenizer is None and not any(Path(model_dir, name).exists() for name in TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer files in {model_dir}; pass --tokenizer (a Hugging Face tokenizer "
+                         f"directory or id, or 'byte' for the byte-level tokenizer)")
     return model, load_tokenizer(tokenizer or model_dir)

@@ -8,7 +8,6 @@ Selection rule: for each (model, seq_len, num_kv_pairs, d_model) and seed, the l
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import defaultdict
 from pathlib import Path

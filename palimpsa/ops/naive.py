@@ -14,7 +14,7 @@ The initial state is (mu_0, I_0) = (0, I0) unless given.  Gradients come from au
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 
