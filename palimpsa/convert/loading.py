@@ -24,6 +24,9 @@ def load_checkpoint(source: Source, model_class: Type[PreTrainedModel], model_ty
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a {model_class.__name__}, a directory or a Hub id, "
                         f"got {type(source).__name__}")
+    looks_like_path = str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
+    if not os.path.exists(os.path.expanduser(str(source))) and (isinstance(source, os.PathLike) or looks_like_path):
+        raise FileNotFoundError(f"{source}: no such directory (expected a {what} checkpoint directory or a Hub id)")
     if isinstance(source, os.PathLike) or os.path.exists(source):
         path = Path(source)
         if not path.is_dir():

@@ -174,3 +174,10 @@ def test_auto_scale_is_lowered_until_the_gate_effect_is_within_the_bound():
     scales = [p for n, p in strict.named_parameters() if n.endswith("importance_scale")]
     assert all(bool((p == strict.config.importance_scale_init).all()) for p in scales)
     assert_every_gate_element_has_a_gradient(strict)
+
+
+def test_missing_source_directory_is_named(tmp_path):
+    from palimpsa.convert import mamba2_to_meta_mamba2
+
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        mamba2_to_meta_mamba2(str(tmp_path / "missing" / "model"))
