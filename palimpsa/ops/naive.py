@@ -58,6 +58,7 @@ def naive_palimpsa(
     output_variance: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "torch",
+    check_values: bool = True,
 ):
     """Step-by-step Palimpsa recurrence (readable, float64-capable reference).
 
@@ -72,6 +73,7 @@ def naive_palimpsa(
         output_variance: also return the output variance [B, T, H, V].
         cu_seqlens: [N + 1] offsets of packed sequences (B must be 1).
         backend: accepted for signature parity with the fast ops; only "torch" exists here.
+        check_values: check beta >= 0, g <= 0 and prior > 0 (as the fast ops do).
 
     Returns:
         (o, final_state) or (o, variance, final_state); o has the dtype of q; states are float32
@@ -79,7 +81,7 @@ def naive_palimpsa(
     """
     if backend not in ("torch", "auto"):
         raise ValueError(f"naive_palimpsa runs only in PyTorch; backend must be 'torch' or 'auto', got {backend!r}")
-    x = prepare_inputs(q, k, v, g, beta, prior, scale, initial_state, cu_seqlens)
+    x = prepare_inputs(q, k, v, g, beta, prior, scale, initial_state, cu_seqlens, check_values=check_values)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if x.cu_seqlens is None:

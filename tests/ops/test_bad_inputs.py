@@ -71,3 +71,12 @@ def test_step_bad_values(override, message):
     with pytest.raises((ValueError, TypeError), match=message):
         palimpsa_step(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("g"), args.pop("beta"), state, **args)
     assert torch.equal(state[1], torch.ones(1, H, K, V))  # nothing written
+
+
+def test_check_values_false_skips_only_the_sign_checks():
+    kwargs = good()
+    kwargs["beta"] = -kwargs["beta"]
+    chunk_palimpsa(**kwargs, check_values=False)  # no sign check, no sync
+    kwargs["q"] = torch.randn(B, T, H)
+    with pytest.raises(ValueError, match="q must have shape"):
+        chunk_palimpsa(**kwargs, check_values=False)  # shapes are still checked
