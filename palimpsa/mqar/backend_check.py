@@ -33,10 +33,13 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def compare_backends(name: str, device: str, seq_len: int, num_kv_pairs: int, batch: int) -> dict:
-    """{"loss": rel. error, "grad": worst rel. error over parameters, "worst_param": its name}."""
+def compare_backends(name: str, device: str, seq_len: int, num_kv_pairs: int, batch: int, **model_kwargs) -> dict:
+    """{"loss": rel. error, "grad": worst rel. error over parameters, "worst_param": its name}.
+
+    model_kwargs: MQARModelConfig fields (d_model, num_heads, head_k_dim, head_v_dim); the paper's by default.
+    """
     torch.manual_seed(0)
-    model = MQARModel(MQARModelConfig(name)).to(device)
+    model = MQARModel(MQARModelConfig(name, **model_kwargs)).to(device)
     inputs, labels = multiquery_ar(8192, batch, seq_len, num_kv_pairs, seed=0)
     inputs, labels = inputs.to(device), labels.to(device)
     ref_loss, ref_grads = loss_and_grads(model, inputs, labels, "torch")
@@ -54,13 +57,19 @@ def main(argv=None) -> int:
     parser.add_argument("--num-kv-pairs", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--limit", type=float, default=1e-3, help="largest accepted relative error")
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--num-heads", type=int, default=8)
+    parser.add_argument("--head-k-dim", type=int, default=None)
+    parser.add_argument("--head-v-dim", type=int, default=None)
     args = parser.parse_args(argv)
+    model_kwargs = dict(d_model=args.d_model, num_heads=args.num_heads, head_k_dim=args.head_k_dim,
+                        head_v_dim=args.head_v_dim)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ok = True
     for name in args.models:
         try:
-            r = compare_backends(name, args.device, args.seq_len, args.num_kv_pairs, args.batch)
+            r = compare_backends(name, args.device, args.seq_len, args.num_kv_pairs, args.batch, **model_kwargs)
         except Exception as err:  # a backend that cannot run is a failed check, reported as such
             print(f"{name}: triton backend failed: {type(err).__name__}: {err}")
             ok = False

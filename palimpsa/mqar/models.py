@@ -214,12 +214,15 @@ class MQARModel(nn.Module):
 
         Args:
             input_ids: [B, T] int64.
-            positions: [B, T] bool mask of the positions to score (e.g. labels != -100), or None for all.
+            positions: which positions to score: a [B, T] bool mask (e.g. labels != -100), or a [B, Q] int64
+                index of Q positions per row (no device sync: MQAR queries every key once, so Q is fixed), or
+                None for all.
             output_variance: also return the last layer's mixer variance (metaplastic models only).
 
         Returns:
-            logits [M, vocab] for the M selected positions (row-major order), or [B, T, vocab] when
-            positions is None; with output_variance, (logits, variance [M, H, V] / [B, T, H, V] or None).
+            logits [M, vocab] for the M selected positions (row-major order; M = B * Q for an index), or
+            [B, T, vocab] when positions is None; with output_variance, (logits, variance [M, H, V] /
+            [B, T, H, V] or None).
         """
         x = self.embedding(input_ids)
         variance = None
@@ -229,11 +232,24 @@ class MQARModel(nn.Module):
             if last:
                 variance = layer_variance
         x = self.final_norm(x)
-        if positions is not None:  # score only where a label is: the full [B, T, vocab] is large
+        if positions is not None and positions.dtype == torch.bool:  # score only where a label is
             x = x[positions]
             variance = None if variance is None else variance[positions]
+        elif positions is not None:
+            if positions.dim() != 2 or positions.shape[0] != x.shape[0]:
+                raise ValueError(f"positions as an index must be [B={x.shape[0]}, Q] int64, got "
+                                 f"{tuple(positions.shape)}")
+            x = _gather_rows(x, positions).flatten(0, 1)
+            variance = None if variance is None else _gather_rows(variance, positions).flatten(0, 1)
         logits = F.linear(x, self.embedding.weight)
         return (logits, variance) if output_variance else logits
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, T, *rest], index [B, Q] int64 -> x[b, index[b, q]] as [B, Q, *rest]."""
+    shape = index.shape + x.shape[2:]
+    flat = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(shape)
+    return x.gather(1, flat)
 
 
 def recurrent_state_bytes(config: MQARModelConfig, seq_len: int) -> int:

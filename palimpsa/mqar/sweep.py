@@ -27,6 +27,7 @@ from palimpsa.mqar.train import RunConfig, run_id, train_run
 RESULTS_FILE = "results.jsonl"
 ERRORS_FILE = "errors.log"
 UNFINISHED_FILE = "unfinished.jsonl"
+PROGRESS_FILE = "progress.jsonl"  # one line per validation of every run, to watch a sweep in progress
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
 
@@ -115,7 +116,7 @@ def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: boo
     """Train one run and append its record; a failure goes to OUT/errors.log.  True when recorded."""
     try:
         record = train_run(config, device=device, progress=progress, progress_position=position, deadline=deadline,
-                           op_backend=op_backend)
+                           op_backend=op_backend, on_eval=lambda line: _locked_append(out_dir / PROGRESS_FILE, line))
     except Exception:  # one broken run must not stop the sweep; its traceback is kept
         message = f"run {run_id(config)} {config}\n{traceback.format_exc()}\n"
         with open(out_dir / ERRORS_FILE, "a") as f:

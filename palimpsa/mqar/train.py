@@ -19,7 +19,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,12 @@ from palimpsa.mqar.report import variance_auroc
 
 AMP_MODES = ("auto", "bf16", "off")
 WARMUP_UNTIMED_STEPS = 5  # first steps (compilation, autotuning) left out of the step time
-FIT_PROBE_STEPS = 20  # timed steps before a time-limited run fixes its length
-FIT_AT_STEP = WARMUP_UNTIMED_STEPS + FIT_PROBE_STEPS
+# A time-limited run times steps FIT_PROBE_START..FIT_AT_STEP, then fixes its length.  The probe starts late
+# so that, in a sweep that starts many runs on one GPU at once, every run is past its compilation and data
+# generation (which would otherwise make the GPU look idle and the step time short).
+FIT_PROBE_START = 100
+FIT_AT_STEP = 200
+FIT_SAFETY = 0.95  # plan for this fraction of the time left
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,8 @@ class RunConfig:
     batch_size: examples per step.  epochs: passes over the training set; max_steps caps the total (the
     cosine schedule spans min(epochs * steps_per_epoch, max_steps)).  eval_every: steps between validations
     (None = once per epoch).  amp: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "off".
-    time_limit_s: fit the run into this many seconds of training and evaluation: after FIT_PROBE_STEPS timed
-    steps the planned total is cut to the steps that fit (the record keeps the steps actually run, and with
+    time_limit_s: fit the run into this many seconds of training and evaluation: once steps FIT_PROBE_START
+    to FIT_AT_STEP are timed, the planned total is cut to the steps that fit (the record keeps the steps actually run, and with
     warmup_steps >= FIT_AT_STEP the schedule equals that of ``max_steps`` = those steps, so the run can be
     repeated exactly without a time limit).
     """
@@ -193,9 +197,19 @@ def _fit_total(config: RunConfig, step: int, total: int, eval_every: int, eval_s
     counting the validations every ``eval_every`` steps and the final test pass (each timed from one
     validation of ``eval_seconds``), never fewer than ``step`` nor more than ``total``."""
     test_seconds = eval_seconds * config.num_test / config.num_validation
-    left = config.time_limit_s - elapsed - test_seconds
+    left = FIT_SAFETY * (config.time_limit_s - elapsed) - test_seconds
     per_step = seconds_per_step + eval_seconds / eval_every
     return max(step, min(total, step + int(left / per_step)))
+
+
+def query_index(labels: torch.Tensor) -> Optional[torch.Tensor]:
+    """[N, L] labels -> [N, Q] int64 positions of the labelled entries (ascending), when every row has the
+    same number Q of them (MQAR: every key is queried once); else None (use the bool mask)."""
+    mask = labels != IGNORE_INDEX
+    counts = mask.sum(1)
+    if counts.numel() == 0 or not bool((counts == counts[0]).all()):
+        return None
+    return mask.nonzero()[:, 1].reshape(labels.shape[0], int(counts[0]))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -209,10 +223,13 @@ def describe_device(device: torch.device) -> str:
 
 
 def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: bool = True,
-              progress_position: int = 0, deadline: Optional[float] = None, op_backend: str = "auto") -> dict:
+              progress_position: int = 0, deadline: Optional[float] = None, op_backend: str = "auto",
+              on_eval: Optional[Callable[[dict], None]] = None) -> dict:
     """Train one run and return its result record (see the module docstring for the protocol).
 
     ``deadline`` (a time.time() value) stops training early with stop_reason "deadline" (a sweep's budget).
+    ``on_eval`` is called after every validation with {run_id, model, step, planned_steps, loss, val_accuracy,
+    seconds} (a sweep logs it, so that runs in progress can be watched).
     ``op_backend`` forces the Palimpsa op's backend ("torch" or "triton"; "auto": the op decides); it changes
     speed, not the math, so it is recorded but is not part of the run's identity.
 
@@ -223,13 +240,13 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
     (training steps after the first 5, validations excluded), op_backend and the whole config.
     """
     with palimpsa_op_backend(op_backend):
-        record = _train(config, torch.device(device), progress, progress_position, deadline)
+        record = _train(config, torch.device(device), progress, progress_position, deadline, on_eval)
     record["op_backend"] = op_backend
     return record
 
 
 def _train(config: RunConfig, device: torch.device, progress: bool, progress_position: int,
-           deadline: Optional[float]) -> dict:
+           deadline: Optional[float], on_eval: Optional[Callable[[dict], None]]) -> dict:
     """The body of :func:`train_run`."""
     started = time.time()
     splits = make_splits(config.vocab_size, config.seq_len, config.num_kv_pairs, config.num_train,
@@ -241,11 +258,14 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
     per_epoch, total = planned_steps(config)
     eval_every = config.eval_every or per_epoch
     train_x, train_y = (t.to(device) for t in splits.train)
+    # the query positions of every training example, found once: the steps then never wait for the device
+    train_q = query_index(train_y)
     order_gen = torch.Generator().manual_seed(config.seed)
 
     best = {"accuracy": -1.0, "state": None, "step": 0}
     history = []  # (step, train loss of that step, validation accuracy)
     step, stop_reason, loss_value = 0, "planned_steps", float("nan")
+    non_finite = None  # device flag: a non-finite training loss since the start
     bar = tqdm(total=total, desc=f"{config.model} L={config.seq_len} kv={config.num_kv_pairs} lr={config.lr:g} "
                f"s={config.seed}", disable=not progress, position=progress_position, leave=progress_position == 0,
                dynamic_ncols=True, mininterval=1.0)
@@ -258,17 +278,27 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
                 break
             idx = order[start:start + config.batch_size]
             x, y = train_x[idx], train_y[idx]
-            mask = y != IGNORE_INDEX
+            if train_q is not None:
+                positions = train_q[idx]
+                targets = y.gather(1, positions).reshape(-1)
+            else:
+                positions = y != IGNORE_INDEX
+                targets = y[positions]
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, config.lr, config.warmup_steps)
             with autocast_context(config.amp, device):
-                logits = model(x, positions=mask)
-            loss = F.cross_entropy(logits.float(), y[mask])
-            if not torch.isfinite(loss):
-                stop_reason = "non_finite_loss"
-                break
+                logits = model(x, positions=positions)
+            loss = F.cross_entropy(logits.float(), targets)
+            # on the GPU a non-finite loss is noticed at the next validation (one device sync there, none per
+            # step); the test pass then uses the best validated weights, which were finite
+            finite = torch.isfinite(loss)
+            non_finite = ~finite if non_finite is None else non_finite | ~finite
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if step == 0 or device.type != "cuda":
+                if not bool(finite):
+                    stop_reason = "non_finite_loss"
+                    break
             optimizer.step()
             step += 1
             bar.update(1)
@@ -276,20 +306,31 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
                 _synchronize(device)
                 timed_start = time.time()
             out_of_time = deadline is not None and time.time() > deadline
+            if step == FIT_PROBE_START:
+                _synchronize(device)
+                probe_start, probe_eval_seconds = time.time(), eval_seconds
             fit_now = config.time_limit_s is not None and step == FIT_AT_STEP and step < total
             if step % eval_every == 0 or step == total or out_of_time or fit_now:
+                loss_value = loss.item()  # waits for the queued steps
                 eval_started = time.time()
-                loss_value = loss.item()
+                if fit_now:  # training time of the probe steps, validations excluded
+                    probe_train = eval_started - probe_start - (eval_seconds - probe_eval_seconds)
+                if bool(non_finite):
+                    stop_reason = "non_finite_loss"
+                    break
                 val = evaluate(model, *splits.validation, config.batch_size, config.amp)["accuracy"]
                 if val > best["accuracy"]:
                     best = {"accuracy": val, "state": copy.deepcopy(model.state_dict()), "step": step}
                 history.append((step, round(loss_value, 4), round(val, 4)))
                 if timed_start is not None:
                     eval_seconds += time.time() - eval_started
+                if on_eval is not None:
+                    on_eval({"run_id": run_id(config), "model": config.model, "step": step, "planned_steps": total,
+                             "loss": round(loss_value, 4), "val_accuracy": round(val, 4),
+                             "seconds": round(time.time() - started, 1)})
                 if fit_now:
                     total = _fit_total(config, step, total, eval_every, time.time() - eval_started,
-                                       (time.time() - timed_start - eval_seconds) / (step - timed_from),
-                                       time.time() - train_started)
+                                       probe_train / (FIT_AT_STEP - FIT_PROBE_START), time.time() - train_started)
                     fitted = True
                     bar.total = total
                     bar.refresh()

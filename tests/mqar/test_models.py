@@ -32,6 +32,13 @@ def test_every_model_runs_and_is_initialised(name):
     mask[0, 3], mask[1, 7] = True, True
     selected, variance = model(x, positions=mask, output_variance=True)
     torch.testing.assert_close(selected, logits[mask], rtol=1e-5, atol=1e-5)
+    index = torch.tensor([[3], [7]])  # the same positions as an index (no device sync on the GPU)
+    by_index, variance_by_index = model(x, positions=index, output_variance=True)
+    torch.testing.assert_close(by_index, selected)
+    if variance is not None:
+        torch.testing.assert_close(variance_by_index, variance)
+    with pytest.raises(ValueError, match="positions"):
+        model(x, positions=torch.tensor([3, 7]))
     mixers = [block.mixer for block in model.blocks]
     if name in VARIANCE_MODELS:
         assert variance is not None and variance.shape[0] == 2 and (variance > 0).all()

@@ -32,6 +32,8 @@ def test_sweep_records_resumes_and_reports(tmp_path, monkeypatch):
     assert all(r["steps"] == 2 and r["device"] == "cpu" for r in records)
     assert all(r["state_bytes"] == 2 * 2 * 4 * 8 * 4 for r in palimpsa)  # mu and I: 2 heads x K=4 x V=8, float32
     assert all(r["variance_auroc"] is None or 0.0 <= r["variance_auroc"] <= 1.0 for r in palimpsa)
+    progress = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert {p["run_id"] for p in progress} == {r["run_id"] for r in records}  # every run logged its validations
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -74,3 +76,33 @@ def test_bad_grid_raises():
         SweepGrid(models=["palimpsa"], settings=[(16, 2)], d_models=[8], lrs=[], seeds=[0])
     with pytest.raises(ValueError, match="lr"):
         RunConfig(model="palimpsa", seq_len=16, num_kv_pairs=2, lr=-1.0)
+
+
+def test_time_limited_run_fits_its_length(monkeypatch):
+    """A run with time_limit_s times steps FIT_PROBE_START..FIT_AT_STEP, then cuts its planned total to what
+    fits (here: the time is nearly spent, so it stops right at the fit step) and records that."""
+    import palimpsa.mqar.train as train_module
+
+    monkeypatch.setattr(train_module, "FIT_PROBE_START", 2)
+    monkeypatch.setattr(train_module, "FIT_AT_STEP", 4)
+    config = RunConfig(model="attention", seq_len=16, num_kv_pairs=2, d_model=8, lr=1e-3, max_steps=10_000,
+                       eval_every=1000, time_limit_s=1e-3, warmup_steps=4,
+                       **dict(TINY, num_train=64, epochs=1000))
+    record = train_module.train_run(config, progress=False)
+    assert record["fitted_to_time_limit"] and record["steps"] == record["planned_steps"] == 4
+    unlimited = train_module.train_run(RunConfig(**{**config.__dict__, "time_limit_s": None, "max_steps": 6}),
+                                       progress=False)
+    assert not unlimited["fitted_to_time_limit"] and unlimited["steps"] == 6
+
+
+def test_query_index_matches_the_label_mask():
+    from palimpsa.mqar.data import multiquery_ar
+    from palimpsa.mqar.train import query_index
+
+    _, labels = multiquery_ar(64, 5, 32, 4, seed=0)
+    index = query_index(labels)
+    assert index.shape == (5, 4)
+    mask = labels != -100
+    assert (labels.gather(1, index).reshape(-1) == labels[mask]).all()
+    labels[0, index[0, 0]] = -100  # rows with different query counts: no fixed-size index
+    assert query_index(labels) is None
