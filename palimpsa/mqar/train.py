@@ -228,8 +228,8 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
     """Train one run and return its result record (see the module docstring for the protocol).
 
     ``deadline`` (a time.time() value) stops training early with stop_reason "deadline" (a sweep's budget).
-    ``on_eval`` is called after every validation with {run_id, model, step, planned_steps, loss, val_accuracy,
-    seconds} (a sweep logs it, so that runs in progress can be watched).
+    ``on_eval`` is called after every validation with {run_id, model, seq_len, lr, seed, step, planned_steps,
+    loss, val_accuracy, seconds} (a sweep logs it, so that runs in progress can be watched).
     ``op_backend`` forces the Palimpsa op's backend ("torch" or "triton"; "auto": the op decides); it changes
     speed, not the math, so it is recorded but is not part of the run's identity.
 
@@ -325,7 +325,8 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
                 if timed_start is not None:
                     eval_seconds += time.time() - eval_started
                 if on_eval is not None:
-                    on_eval({"run_id": run_id(config), "model": config.model, "step": step, "planned_steps": total,
+                    on_eval({"run_id": run_id(config), "model": config.model, "seq_len": config.seq_len,
+                             "lr": config.lr, "seed": config.seed, "step": step, "planned_steps": total,
                              "loss": round(loss_value, 4), "val_accuracy": round(val, 4),
                              "seconds": round(time.time() - started, 1)})
                 if fit_now:

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Third GPU session: long MQAR runs that outlive one device command.
+#
+#   PYTHONPATH=. OUT=<folder> bash results/mqar/gpu_session3.sh start   # check, launch in the background, wait
+#   PYTHONPATH=. OUT=<folder> bash results/mqar/gpu_session3.sh wait    # wait more, collect what is finished
+#
+# `start` checks the op's Triton backend inside the MQAR models (which also compiles the kernels once for every
+# worker), then launches two sweeps in a new process session, so that they keep running between the device
+# commands of one held machine, and waits up to WAIT_S seconds.  `wait` waits until the sweeps end or WAIT_S
+# passes.  Both copy the results so far into $OUT.  All runs start at once on the one GPU (shared through MPS
+# when the MPS daemon starts, else time-sliced), and every run fits its length into TIME_LIMIT_S seconds.
+#
+# Sweeps:
+#   paper     (L=512, 128 pairs), d_model 128, the paper's state; Palimpsa/NotPalimpsa, Meta-Mamba2/Mamba2,
+#             Gated DeltaNet; lr {2.15e-3, 4.64e-3} x seeds {0, 1}: 20 runs.
+#   capacity  (L=256, 64 pairs), d_model 128, a quarter of the paper's state (8 heads of K=8, V=16; Mamba2:
+#             state 8, head_dim 16); the same five models; lr 4.64e-3 x seeds {0, 1}: 10 runs.
+set -u
+export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+OUT=${OUT:-runs/mqar/gpu3_out}
+WORK=runs/mqar/gpu3
+TIME_LIMIT_S=${TIME_LIMIT_S:-1500}
+BUDGET_S=${BUDGET_S:-1560}
+WAIT_S=${WAIT_S:-560}
+mkdir -p "$OUT" "$WORK/paper" "$WORK/capacity"
+LOG="$WORK/session.log"
+started=$(date +%s)
+
+collect() {
+    for sweep in paper capacity; do
+        for name in results unfinished progress; do
+            [ -f "$WORK/$sweep/$name.jsonl" ] && cp "$WORK/$sweep/$name.jsonl" "$OUT/${sweep}_$name.jsonl"
+        done
+    done
+    { cat "$LOG"; for sweep in paper capacity; do
+        [ -f "$WORK/$sweep/errors.log" ] && { echo "== $sweep errors"; cat "$WORK/$sweep/errors.log"; }; done
+      echo "== collected $(date -u)"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; } \
+        > "$OUT/session.log" 2>&1
+}
+
+running() { [ -f "$WORK/pid" ] && kill -0 "$(cat "$WORK/pid")" 2>/dev/null; }
+
+if [ "${1:-}" = "start" ]; then
+    { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+      python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } >> "$LOG" 2>&1
+    # MPS lets the runs' small kernels overlap; without it the GPU time-slices between processes
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p /tmp/mps-pipe /tmp/mps-log
+    if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d >> "$LOG" 2>&1 \
+        && timeout 60 python -c "import torch; assert (torch.ones(2, device='cuda') + 1).sum().item() == 4" >> "$LOG" 2>&1
+    then echo "MPS: on" >> "$LOG"
+    else echo quit | nvidia-cuda-mps-control >/dev/null 2>&1; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+         echo "MPS: off (time-sliced)" >> "$LOG"
+    fi
+    BACKEND=triton
+    python -m palimpsa.mqar.backend_check --models palimpsa meta_mamba2 --batch 2 >> "$LOG" 2>&1 || BACKEND=torch
+    python -m palimpsa.mqar.backend_check --models palimpsa meta_mamba2 --batch 2 --seq-len 256 --num-kv-pairs 64 \
+        --head-k-dim 8 --head-v-dim 16 >> "$LOG" 2>&1 || BACKEND=torch
+    echo "op backend: $BACKEND; checks done $(date -u)" >> "$LOG"
+    COMMON="--preset paper --op-backend $BACKEND --no-progress --d-models 128 --seeds 0 1 --warmup-steps 200
+            --eval-every 250 --time-limit-s $TIME_LIMIT_S --time-budget $BUDGET_S
+            --models palimpsa notpalimpsa meta_mamba2 mamba2 gated_deltanet"
+    setsid nohup bash -c "
+        python -m palimpsa mqar $COMMON --out $WORK/paper --settings 512:128 --lrs 2.15e-3 4.64e-3 \
+            --workers-per-device 20 >> $WORK/paper.log 2>&1 &
+        python -m palimpsa mqar $COMMON --out $WORK/capacity --settings 256:64 --head-k-dim 8 --head-v-dim 16 \
+            --lrs 4.64e-3 --workers-per-device 10 >> $WORK/capacity.log 2>&1 &
+        wait; date -u >> $LOG; echo sweeps done >> $LOG" < /dev/null > /dev/null 2>&1 &
+    echo $! > "$WORK/pid"
+    echo "launched $(date -u)" >> "$LOG"
+elif [ "${1:-}" != "wait" ]; then
+    echo "usage: $0 start|wait" >&2
+    exit 2
+fi
+
+while running && [ $(( $(date +%s) - started )) -lt "$WAIT_S" ]; do
+    sleep 10
+done
+for sweep in paper capacity; do tail -n 3 "$WORK/$sweep.log" >> "$LOG" 2>/dev/null; done
+collect
+python - "$WORK" <<'EOF'
+import json, pathlib, sys
+work = pathlib.Path(sys.argv[1])
+for sweep in ("paper", "capacity"):
+    last = {}
+    path = work / sweep / "progress.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            p = json.loads(line)
+            last[p["run_id"]] = p
+    done = work / sweep / "results.jsonl"
+    n_done = len(done.read_text().splitlines()) if done.exists() else 0
+    print(f"{sweep}: {n_done} finished; latest validations:")
+    for p in sorted(last.values(), key=lambda p: p["model"]):
+        print(f"  {p['model']:15s} lr {p['lr']:g} seed {p['seed']} step {p['step']:6d}/{p['planned_steps']:6d} loss {p['loss']:.3f} "
+              f"val {p['val_accuracy']:.3f} at {p['seconds']:.0f}s")
+EOF
+running && echo "sweeps still running" || echo "sweeps finished"
