@@ -11,8 +11,8 @@
 # when the MPS daemon starts, else time-sliced), and every run fits its length into TIME_LIMIT_S seconds.
 #
 # Sweeps:
-#   paper     (L=512, 128 pairs), d_model 128, the paper's state; Palimpsa/NotPalimpsa, Meta-Mamba2/Mamba2,
-#             Gated DeltaNet; lr {2.15e-3, 4.64e-3} x seeds {0, 1}: 20 runs.
+#   full      (FULL_SETTING, default L=512, 128 pairs), d_model 128, the paper's state; Palimpsa/NotPalimpsa,
+#             Meta-Mamba2/Mamba2, Gated DeltaNet; lr FULL_LRS (default {2.15e-3, 4.64e-3}) x seeds {0, 1}.
 #   capacity  (L=256, 64 pairs), d_model 128, a quarter of the paper's state (8 heads of K=8, V=16; Mamba2:
 #             state 8, head_dim 16); the same five models; lr 4.64e-3 x seeds {0, 1}: 10 runs.
 set -u
@@ -22,17 +22,19 @@ WORK=runs/mqar/gpu3
 TIME_LIMIT_S=${TIME_LIMIT_S:-1500}
 BUDGET_S=${BUDGET_S:-1560}
 WAIT_S=${WAIT_S:-560}
-mkdir -p "$OUT" "$WORK/paper" "$WORK/capacity"
+FULL_SETTING=${FULL_SETTING:-512:128}
+FULL_LRS=${FULL_LRS:-2.15e-3 4.64e-3}
+mkdir -p "$OUT" "$WORK/full" "$WORK/capacity"
 LOG="$WORK/session.log"
 started=$(date +%s)
 
 collect() {
-    for sweep in paper capacity; do
+    for sweep in full capacity; do
         for name in results unfinished progress; do
             [ -f "$WORK/$sweep/$name.jsonl" ] && cp "$WORK/$sweep/$name.jsonl" "$OUT/${sweep}_$name.jsonl"
         done
     done
-    { cat "$LOG"; for sweep in paper capacity; do
+    { cat "$LOG"; for sweep in full capacity; do
         [ -f "$WORK/$sweep/errors.log" ] && { echo "== $sweep errors"; cat "$WORK/$sweep/errors.log"; }; done
       echo "== collected $(date -u)"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; } \
         > "$OUT/session.log" 2>&1
@@ -46,7 +48,9 @@ if [ "${1:-}" = "start" ]; then
     # MPS lets the runs' small kernels overlap; without it the GPU time-slices between processes
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p /tmp/mps-pipe /tmp/mps-log
-    if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d >> "$LOG" 2>&1 \
+    # (a daemon left by an earlier `start` on the same machine is kept: "already running" is not a failure)
+    command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d >> "$LOG" 2>&1
+    if pgrep -x nvidia-cuda-mps-control >/dev/null \
         && timeout 60 python -c "import torch; assert (torch.ones(2, device='cuda') + 1).sum().item() == 4" >> "$LOG" 2>&1
     then echo "MPS: on" >> "$LOG"
     else echo quit | nvidia-cuda-mps-control >/dev/null 2>&1; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
@@ -60,9 +64,10 @@ if [ "${1:-}" = "start" ]; then
     COMMON="--preset paper --op-backend $BACKEND --no-progress --d-models 128 --seeds 0 1 --warmup-steps 200
             --eval-every 250 --time-limit-s $TIME_LIMIT_S --time-budget $BUDGET_S
             --models palimpsa notpalimpsa meta_mamba2 mamba2 gated_deltanet"
+    COMMON=$(echo $COMMON)  # one line: it goes into a bash -c string
     setsid nohup bash -c "
-        python -m palimpsa mqar $COMMON --out $WORK/paper --settings 512:128 --lrs 2.15e-3 4.64e-3 \
-            --workers-per-device 20 >> $WORK/paper.log 2>&1 &
+        python -m palimpsa mqar $COMMON --out $WORK/full --settings $FULL_SETTING --lrs $FULL_LRS \
+            --workers-per-device 20 >> $WORK/full.log 2>&1 &
         python -m palimpsa mqar $COMMON --out $WORK/capacity --settings 256:64 --head-k-dim 8 --head-v-dim 16 \
             --lrs 4.64e-3 --workers-per-device 10 >> $WORK/capacity.log 2>&1 &
         wait; date -u >> $LOG; echo sweeps done >> $LOG" < /dev/null > /dev/null 2>&1 &
@@ -76,12 +81,12 @@ fi
 while running && [ $(( $(date +%s) - started )) -lt "$WAIT_S" ]; do
     sleep 10
 done
-for sweep in paper capacity; do tail -n 3 "$WORK/$sweep.log" >> "$LOG" 2>/dev/null; done
+for sweep in full capacity; do tail -n 3 "$WORK/$sweep.log" >> "$LOG" 2>/dev/null; done
 collect
 python - "$WORK" <<'EOF'
 import json, pathlib, sys
 work = pathlib.Path(sys.argv[1])
-for sweep in ("paper", "capacity"):
+for sweep in ("full", "capacity"):
     last = {}
     path = work / sweep / "progress.jsonl"
     if path.exists():
