@@ -11,10 +11,11 @@
 # when the MPS daemon starts, else time-sliced), and every run fits its length into TIME_LIMIT_S seconds.
 #
 # Sweeps:
-#   full      (FULL_SETTING, default L=512, 128 pairs), d_model 128, the paper's state; Palimpsa/NotPalimpsa,
-#             Meta-Mamba2/Mamba2, Gated DeltaNet; lr FULL_LRS (default {2.15e-3, 4.64e-3}) x seeds {0, 1}.
-#   capacity  (L=256, 64 pairs), d_model 128, a quarter of the paper's state (8 heads of K=8, V=16; Mamba2:
-#             state 8, head_dim 16); the same five models; lr 4.64e-3 x seeds {0, 1}: 10 runs.
+#   full      FULL_SETTING (default L=512, 128 pairs), d_model 128, the paper's state; lr FULL_LRS (default
+#             {2.15e-3, 4.64e-3}) x seeds {0, 1}.
+#   capacity  (skipped with CAPACITY=0) L=256, 64 pairs, d_model 128, a quarter of the paper's state (8 heads of
+#             K=8, V=16; Mamba2: state 8, head_dim 16); lr 4.64e-3 x seeds {0, 1}.
+#   Both train the models in MODELS (default: Palimpsa, NotPalimpsa, Meta-Mamba2, Mamba2, Gated DeltaNet).
 set -u
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-runs/mqar/gpu3_out}
@@ -24,6 +25,8 @@ BUDGET_S=${BUDGET_S:-1560}
 WAIT_S=${WAIT_S:-560}
 FULL_SETTING=${FULL_SETTING:-512:128}
 FULL_LRS=${FULL_LRS:-2.15e-3 4.64e-3}
+MODELS=${MODELS:-palimpsa notpalimpsa meta_mamba2 mamba2 gated_deltanet}
+CAPACITY=${CAPACITY:-1}  # 0: run the full-state sweep alone
 mkdir -p "$OUT" "$WORK/full" "$WORK/capacity"
 LOG="$WORK/session.log"
 started=$(date +%s)
@@ -63,13 +66,13 @@ if [ "${1:-}" = "start" ]; then
     echo "op backend: $BACKEND; checks done $(date -u)" >> "$LOG"
     COMMON="--preset paper --op-backend $BACKEND --no-progress --d-models 128 --seeds 0 1 --warmup-steps 200
             --eval-every 250 --time-limit-s $TIME_LIMIT_S --time-budget $BUDGET_S
-            --models palimpsa notpalimpsa meta_mamba2 mamba2 gated_deltanet"
+            --models $MODELS"
     COMMON=$(echo $COMMON)  # one line: it goes into a bash -c string
     setsid nohup bash -c "
         python -m palimpsa mqar $COMMON --out $WORK/full --settings $FULL_SETTING --lrs $FULL_LRS \
             --workers-per-device 20 >> $WORK/full.log 2>&1 &
-        python -m palimpsa mqar $COMMON --out $WORK/capacity --settings 256:64 --head-k-dim 8 --head-v-dim 16 \
-            --lrs 4.64e-3 --workers-per-device 10 >> $WORK/capacity.log 2>&1 &
+        [ $CAPACITY = 1 ] && python -m palimpsa mqar $COMMON --out $WORK/capacity --settings 256:64 \
+            --head-k-dim 8 --head-v-dim 16 --lrs 4.64e-3 --workers-per-device 10 >> $WORK/capacity.log 2>&1 &
         wait; date -u >> $LOG; echo sweeps done >> $LOG" < /dev/null > /dev/null 2>&1 &
     echo $! > "$WORK/pid"
     echo "launched $(date -u)" >> "$LOG"
