@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import palimpsa  # noqa: F401  (registers the Auto classes)
 from palimpsa.models import PalimpsaCache, PalimpsaConfig, PalimpsaForCausalLM, PalimpsaModel
+from palimpsa.models._compat import output_cache, resolve_cache_kwarg
 
 VOCAB = 37
 SHIPPED_CONFIGS = Path(palimpsa.__file__).parent / "configs"
@@ -62,7 +63,7 @@ def test_prefill_then_token_by_token_decoding_equals_the_full_forward(left_paddi
         full = model(ids, attention_mask=mask, use_cache=False).logits
         prefill = 6
         out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
-        cache, logits = out.past_key_values, [out.logits]
+        cache, logits = output_cache(out), [out.logits]
         assert isinstance(cache, PalimpsaCache) and cache.get_seq_length() == prefill
         for t in range(prefill, ids.shape[1]):
             out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache)
@@ -79,12 +80,19 @@ def test_greedy_generate_uses_the_cache_and_equals_argmax_decoding():
     prompt = tokens(T=5)
     mask = torch.ones_like(prompt)
     prompt[1, :2], mask[1, :2] = 0, 0  # left padding
-    lengths = []
-    hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    lengths, caches = [], []
+
+    def record(module, args, kwargs):
+        lengths.append(kwargs["input_ids"].shape[1])
+        # generate() passes the cache as past_key_values (transformers 5.17) or cache (later releases)
+        caches.append(resolve_cache_kwarg(kwargs.get("cache"), kwargs.get("past_key_values")))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
     generated = model.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
     hook.remove()
     assert lengths == [5] + [1] * 5  # one prefill, then one token per step
+    assert caches[0] is None and isinstance(caches[1], PalimpsaCache)
+    assert all(cache is caches[1] for cache in caches[1:])  # the prefill's cache, carried through every step
     sequence, sequence_mask = prompt, mask
     with torch.no_grad():
         for _ in range(6):

@@ -19,10 +19,11 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
 
 from palimpsa.layers.meta_mamba2 import MetaMamba2, MetaMamba2LayerCache
+from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
 from palimpsa.models.meta_mamba2.configuration_meta_mamba2 import MetaMamba2Config
 
 
@@ -101,24 +102,21 @@ class MetaMamba2Cache(Cache):
 
 
 @dataclass
-class MetaMamba2Output(ModelOutput):
-    """last_hidden_state [B, T, d]; past_key_values: the cache; hidden_states: per layer [B, T, d];
-    variances: per layer [B, T, H, head_dim] (with ``output_variance``)."""
+class MetaMamba2Output(BaseModelOutputWithPast):
+    """last_hidden_state [B, T, d]; the cache (a :class:`MetaMamba2Cache`); hidden_states: per layer [B, T, d];
+    variances: per layer [B, T, H, head_dim] (with ``output_variance``).
 
-    last_hidden_state: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[MetaMamba2Cache] = None
-    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+    The cache field is transformers' own (``past_key_values`` in 5.17, ``cache`` later; see
+    :mod:`palimpsa.models._compat`); ``attentions`` is always None."""
+
     variances: Optional[Tuple[torch.FloatTensor, ...]] = None
 
 
 @dataclass
-class MetaMamba2CausalLMOutput(ModelOutput):
-    """loss (scalar, with labels); logits [B, T, vocab]; past_key_values; hidden_states; variances."""
+class MetaMamba2CausalLMOutput(CausalLMOutputWithPast):
+    """loss (scalar, with labels); logits [B, T, vocab]; the cache; hidden_states; variances (as
+    :class:`MetaMamba2Output`)."""
 
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[MetaMamba2Cache] = None
-    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
     variances: Optional[Tuple[torch.FloatTensor, ...]] = None
 
 
@@ -234,6 +232,7 @@ class MetaMamba2Model(MetaMamba2PreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         cache_params: Optional[MetaMamba2Cache] = None,
+        cache: Optional[MetaMamba2Cache] = None,
         **kwargs,
     ) -> Union[Tuple, MetaMamba2Output]:
         """Run the backbone.
@@ -243,7 +242,8 @@ class MetaMamba2Model(MetaMamba2PreTrainedModel):
             attention_mask: [B, T'] with T' >= T (1 = token, 0 = padding; left padding); its last T columns
                 mask this call's tokens.
             past_key_values: a :class:`MetaMamba2Cache` to continue from and update in place
-                (``cache_params`` is accepted as another name for it).
+                (``cache``, the name of newer ``transformers`` releases, and ``cache_params`` are accepted as
+                other names for it).
             use_cache: create a cache when none is given and return it (default: config.use_cache when not
                 training).
             cu_seqlens: [N + 1] offsets of packed sequences (B == 1).
@@ -252,8 +252,7 @@ class MetaMamba2Model(MetaMamba2PreTrainedModel):
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if past_key_values is None:
-            past_key_values = cache_params
+        past_key_values = resolve_cache_kwarg(cache, past_key_values, cache_params)
         if use_cache is None:
             use_cache = past_key_values is not None or (self.config.use_cache and not self.training)
         if (input_ids is None) == (inputs_embeds is None):
@@ -275,9 +274,9 @@ class MetaMamba2Model(MetaMamba2PreTrainedModel):
         all_hidden_states = () if output_hidden_states else None
         variances = () if output_variance else None
         for i, block in enumerate(self.layers):
-            cache = past_key_values.layers[i] if past_key_values is not None else None
-            hidden_states, variance = block(hidden_states, attention_mask=mask, cache=cache, cu_seqlens=cu_seqlens,
-                                            output_variance=output_variance)
+            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+            hidden_states, variance = block(hidden_states, attention_mask=mask, cache=layer_cache,
+                                            cu_seqlens=cu_seqlens, output_variance=output_variance)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_variance:
@@ -286,7 +285,7 @@ class MetaMamba2Model(MetaMamba2PreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
-        output = MetaMamba2Output(last_hidden_state=hidden_states, past_key_values=past_key_values,
+        output = MetaMamba2Output(last_hidden_state=hidden_states, **cache_output_kwargs(past_key_values),
                                   hidden_states=all_hidden_states, variances=variances)
         return output if return_dict else output.to_tuple()
 
@@ -339,16 +338,18 @@ class MetaMamba2ForCausalLM(MetaMamba2PreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
         cache_params: Optional[MetaMamba2Cache] = None,
+        cache: Optional[MetaMamba2Cache] = None,
         **kwargs,
     ) -> Union[Tuple, MetaMamba2CausalLMOutput]:
         """Logits [B, T, vocab] (float32, or float64 for a float64 model) and, with ``labels`` [B, T], the next-token cross-entropy (labels are
         shifted inside; -100 is ignored).  Other arguments as :meth:`MetaMamba2Model.forward`;
         ``logits_to_keep`` = n > 0 computes only the last n positions' logits."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        past_key_values = resolve_cache_kwarg(cache, past_key_values, cache_params)
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                                 inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
                                 output_variance=output_variance, output_hidden_states=output_hidden_states,
-                                return_dict=True, cache_params=cache_params)
+                                return_dict=True)
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype))
@@ -357,6 +358,6 @@ class MetaMamba2ForCausalLM(MetaMamba2PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = MetaMamba2CausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+        output = MetaMamba2CausalLMOutput(loss=loss, logits=logits, **cache_output_kwargs(output_cache(outputs)),
                                           hidden_states=outputs.hidden_states, variances=outputs.variances)
         return output if return_dict else output.to_tuple()

@@ -16,6 +16,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
+
 from palimpsa.layers.modules import RecurrentLayerCache, RMSNorm, SwiGLUMLP
 from palimpsa.layers.palimpsa import Palimpsa, sample_A_log, sample_dt_bias
 from palimpsa.models.palimpsa.configuration_palimpsa import PalimpsaConfig
@@ -49,7 +51,10 @@ class PalimpsaCache(Cache):
 
 @dataclass
 class PalimpsaModelOutput(BaseModelOutputWithPast):
-    """``BaseModelOutputWithPast`` plus ``variances``: one [B, T, H, V] tensor per layer when requested."""
+    """``BaseModelOutputWithPast`` plus ``variances``: one [B, T, H, V] tensor per layer when requested.
+
+    The cache field is transformers' own (``past_key_values`` in 5.17, ``cache`` later); see
+    :mod:`palimpsa.models._compat`."""
 
     variances: Optional[Tuple[torch.Tensor, ...]] = None
 
@@ -153,6 +158,7 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
         output_variance: bool = False,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        cache: Optional[PalimpsaCache] = None,
         **kwargs,
     ) -> Union[PalimpsaModelOutput, tuple]:
         """Run the blocks.
@@ -161,7 +167,8 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
             input_ids: [B, T] tokens (or inputs_embeds [B, T, d]).
             attention_mask: [B, T] (or the mask of the whole sequence so far, [B, T' >= T]); 1 = token,
                 0 = padding (left padding gives the unpadded results).
-            past_key_values: a :class:`PalimpsaCache`, read and updated in place.
+            past_key_values: a :class:`PalimpsaCache`, read and updated in place (``cache`` is another name for
+                it: the one newer ``transformers`` releases use).
             use_cache: make a cache when none is given (default: config.use_cache in eval mode, and never
                 with cu_seqlens).
             cu_seqlens: [N + 1] offsets of packed sequences (B == 1); nothing crosses a boundary.
@@ -171,6 +178,7 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, d]")
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+        past_key_values = resolve_cache_kwarg(cache, past_key_values)
         if past_key_values is not None and not isinstance(past_key_values, PalimpsaCache):
             raise TypeError(f"past_key_values must be a PalimpsaCache, got {type(past_key_values).__name__}")
         if use_cache is None:
@@ -191,8 +199,8 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
         for i, block in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            cache = past_key_values.layers[i] if past_key_values is not None else None
-            hidden_states, variance = block(hidden_states, attention_mask=attention_mask, cache=cache,
+            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+            hidden_states, variance = block(hidden_states, attention_mask=attention_mask, cache=layer_cache,
                                             cu_seqlens=cu_seqlens, output_variance=output_variance)
             if output_variance:
                 variances += (variance,)
@@ -200,7 +208,7 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
-        output = PalimpsaModelOutput(last_hidden_state=hidden_states, past_key_values=past_key_values,
+        output = PalimpsaModelOutput(last_hidden_state=hidden_states, **cache_output_kwargs(past_key_values),
                                      hidden_states=all_hidden_states, variances=variances)
         return output if return_dict else output.to_tuple()
 
@@ -241,12 +249,14 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
         inputs_embeds: Optional[torch.Tensor] = None,
         output_hidden_states: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        cache: Optional[PalimpsaCache] = None,
         **kwargs,
     ) -> Union[PalimpsaCausalLMOutput, tuple]:
         """Logits [B, T, vocab] (the last ``logits_to_keep`` positions when > 0) and, with labels [B, T], the
         next-token cross-entropy (labels are shifted inside; -100 is ignored).  Other arguments: see
         :meth:`PalimpsaModel.forward`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        past_key_values = resolve_cache_kwarg(cache, past_key_values)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
                              output_variance=output_variance, output_hidden_states=output_hidden_states,
@@ -258,6 +268,6 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
-        output = PalimpsaCausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+        output = PalimpsaCausalLMOutput(loss=loss, logits=logits, **cache_output_kwargs(output_cache(outputs)),
                                         hidden_states=outputs.hidden_states, variances=outputs.variances)
         return output if return_dict else output.to_tuple()
