@@ -37,11 +37,13 @@ def mamba2_to_meta_mamba2(
 
     Raises:
         TypeError / ValueError: not a Mamba2, missing or mis-shaped weights, or options Meta-Mamba2 does not
-        support (for example ``hidden_act`` other than "silu").
+        support (for example ``hidden_act`` other than "silu", or a gated norm per group: see
+        :func:`check_full_width_gated_norm`).
     """
     importance_scale = check_scale(importance_scale)
     initial_scale = AUTO_SCALE_START if importance_scale == "auto" else importance_scale
     mamba2 = load_checkpoint(source, Mamba2ForCausalLM, "mamba2", "Mamba2")
+    check_full_width_gated_norm(mamba2)
     overrides = dict(metaplasticity=True, importance_scale_init=initial_scale)
     if importance_rank is not None:
         overrides["importance_rank"] = importance_rank
@@ -53,3 +55,22 @@ def mamba2_to_meta_mamba2(
     model.to(device=parameter.device, dtype=parameter.dtype)
     copy_weights_and_init_gate(mamba2, model, importance_scale, max_gate_effect)
     return model.eval()
+
+
+def check_full_width_gated_norm(mamba2: Mamba2ForCausalLM) -> None:
+    """Raise ValueError when the source's gated RMSNorm normalises per group of channels.
+
+    Meta-Mamba2 normalises the gated scan output over all its channels, as ``transformers`` up to 5.22 does
+    (``MambaRMSNormGated`` without ``group_size``).  From 5.23 on, ``transformers``' Mamba2 normalises each of the
+    ``n_groups`` groups separately (as ``mamba_ssm``); with ``n_groups`` > 1 that is another function, which no
+    Meta-Mamba2 reproduces, so the conversion could not preserve the logits.  With ``n_groups`` = 1 both agree.
+    """
+    for i, layer in enumerate(mamba2.backbone.layers):
+        norm = layer.mixer.norm
+        width = norm.weight.numel()
+        group_size = getattr(norm, "group_size", width)
+        if group_size != width:
+            raise ValueError(
+                f"layer {i} of the Mamba2 source normalises its gated output per group ({width // group_size} groups "
+                f"of {group_size} channels, as transformers >= 5.23 does for n_groups > 1); Meta-Mamba2 normalises "
+                f"over all {width} channels, so this conversion cannot preserve the function (n_groups = 1 works)")

@@ -73,7 +73,8 @@ class GatedRMSNorm(nn.Module):
     (float64 for float64 inputs).
 
     y, z: [..., D] -> [..., D] in the dtype of y.  The normalisation runs over all D channels, as
-    ``transformers``' ``MambaRMSNormGated`` does.
+    ``transformers``' ``MambaRMSNormGated`` does up to 5.22 (from 5.23 on it normalises each of the ``n_groups``
+    groups separately, which differs when ``n_groups`` > 1).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5):

@@ -12,16 +12,21 @@ from palimpsa.cli import main as cli_main
 from palimpsa.convert import (convert_checkpoint, gate_gradients, mamba2_to_meta_mamba2, notpalimpsa_to_palimpsa,
                               relative_logits_change)
 from palimpsa.models import MetaMamba2ForCausalLM, PalimpsaConfig, PalimpsaForCausalLM
+from tests.models.mamba2_reference import NORMS_PER_GROUP, full_width_gated_norms
 
 VOCAB = 48
 
 
-def tiny_mamba2(head_dim=8, n_groups=2, tied=False, seed=0, **overrides):
+def tiny_mamba2(head_dim=8, n_groups=2, tied=False, seed=0, full_width_norms=True, **overrides):
+    """A random Mamba2; with full_width_norms its gated norms run over all channels, as Meta-Mamba2's (this only
+    changes something on transformers >= 5.23 with n_groups > 1, see tests/models/mamba2_reference.py; the
+    change does not survive save_pretrained, so saved sources use n_groups=1)."""
     torch.manual_seed(seed)
     config = Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_heads=64 // head_dim, head_dim=head_dim,
                           state_size=8, n_groups=n_groups, num_hidden_layers=2, tie_word_embeddings=tied,
                           **overrides)
-    return Mamba2ForCausalLM(config).eval()
+    model = Mamba2ForCausalLM(config).eval()
+    return full_width_gated_norms(model) if full_width_norms else model
 
 
 def tiny_notpalimpsa(seed=0, metaplasticity=False):
@@ -73,7 +78,7 @@ def test_cli_round_trip_with_tokenizer(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     src, dst = tmp_path / "mamba2", tmp_path / "meta"
-    source = tiny_mamba2(tied=True)
+    source = tiny_mamba2(n_groups=1, tied=True)
     source.save_pretrained(src)
     vocab = {f"t{i}": i for i in range(VOCAB)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))
@@ -112,12 +117,12 @@ def test_bad_sources_raise_and_leave_dst_untouched(tmp_path):
     before = snapshot(dst)
 
     good = tmp_path / "good"
-    tiny_mamba2().save_pretrained(good)
+    tiny_mamba2(n_groups=1).save_pretrained(good)
     weights = load_file(good / "model.safetensors")
 
     def variant(name, state=None, **config_overrides):
         path = tmp_path / name
-        tiny_mamba2(**config_overrides).config.save_pretrained(path)
+        tiny_mamba2(n_groups=1, **config_overrides).config.save_pretrained(path)
         save_file(weights if state is None else state, path / "model.safetensors", metadata={"format": "pt"})
         return path
 
@@ -147,6 +152,15 @@ def test_bad_sources_raise_and_leave_dst_untouched(tmp_path):
         convert_checkpoint("mamba2", good, dst)
     assert snapshot(dst) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_mamba2_normalising_per_group_is_refused_by_name():
+    source = tiny_mamba2(n_groups=2, full_width_norms=False)
+    if NORMS_PER_GROUP:  # transformers >= 5.23: another function than any Meta-Mamba2's
+        with pytest.raises(ValueError, match="per group"):
+            mamba2_to_meta_mamba2(source)
+    else:
+        assert relative_logits_change(source, mamba2_to_meta_mamba2(source), VOCAB) <= 1e-5
 
 
 def test_bad_arguments_raise():

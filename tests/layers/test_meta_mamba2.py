@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from palimpsa.layers import MetaMamba2, MetaMamba2LayerCache
+from tests.models.mamba2_reference import full_width_gated_norms
 
 D_MODEL, STATE, HEAD_DIM, GROUPS = 32, 8, 8, 2
 
@@ -39,7 +40,7 @@ def test_without_metaplasticity_equals_transformers_mixer():
     torch.manual_seed(1)
     cfg = Mamba2Config(hidden_size=D_MODEL, num_heads=8, head_dim=HEAD_DIM, state_size=STATE, n_groups=GROUPS,
                        num_hidden_layers=1, chunk_size=8)
-    ref = Mamba2Mixer(cfg, layer_idx=0)  # its scan runs in float32 whatever the parameters
+    ref = full_width_gated_norms(Mamba2Mixer(cfg, layer_idx=0))  # its scan runs in float32 whatever the parameters
     ours = MetaMamba2(D_MODEL, state_size=STATE, head_dim=HEAD_DIM, n_groups=GROUPS, metaplasticity=False)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 21, D_MODEL)

@@ -52,13 +52,13 @@ def test_short_convolution_does_not_cross_packed_boundaries():
 
 
 def test_norms_match_independent_implementations():
-    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+    from tests.models.mamba2_reference import full_width_gated_norm
 
     torch.manual_seed(0)
     x, gate = torch.randn(3, 4, 10), torch.randn(3, 4, 10)
     torch.testing.assert_close(RMSNorm(10, eps=1e-5)(x), F.rms_norm(x, (10,), eps=1e-5))
     gate_first = GatedRMSNorm(10, eps=1e-6, norm_before_gate=False)
-    torch.testing.assert_close(gate_first(x, gate), MambaRMSNormGated(10, eps=1e-6)(x, gate))
+    torch.testing.assert_close(gate_first(x, gate), full_width_gated_norm(10, eps=1e-6)(x, gate))
     norm_first = GatedRMSNorm(10, eps=1e-6, norm_before_gate=True)
     torch.testing.assert_close(norm_first(x, gate), F.rms_norm(x, (10,), eps=1e-6) * F.silu(gate))
 

@@ -5,6 +5,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
 from palimpsa.models import MetaMamba2Cache, MetaMamba2Config, MetaMamba2ForCausalLM
+from palimpsa.models._compat import output_cache
+from tests.models.mamba2_reference import full_width_gated_norms
 
 VOCAB = 40
 TINY = dict(vocab_size=VOCAB, hidden_size=32, num_heads=8, head_dim=8, state_size=8, n_groups=2,
@@ -23,11 +25,14 @@ def tiny_model(metaplasticity=True, seed=0, dtype=torch.float64, **overrides):
     return model.to(dtype).eval()
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_without_metaplasticity_equals_transformers_mamba2(tied):
+@pytest.mark.parametrize("tied,n_groups", [(False, 2), (True, 2), (False, 1)])
+def test_without_metaplasticity_equals_transformers_mamba2(tied, n_groups):
     torch.manual_seed(0)
-    ref = Mamba2ForCausalLM(Mamba2Config(**TINY, tie_word_embeddings=tied)).eval()
-    ours = MetaMamba2ForCausalLM(MetaMamba2Config(**TINY, tie_word_embeddings=tied, metaplasticity=False)).eval()
+    config = {**TINY, "n_groups": n_groups, "tie_word_embeddings": tied}
+    ref = Mamba2ForCausalLM(Mamba2Config(**config)).eval()
+    if n_groups > 1:  # transformers >= 5.23 normalises the gated output per group (see mamba2_reference)
+        full_width_gated_norms(ref)
+    ours = MetaMamba2ForCausalLM(MetaMamba2Config(**config, metaplasticity=False)).eval()
     ours.load_state_dict(ref.state_dict())
     ids = random_tokens(2, 23)
     with torch.no_grad():
@@ -45,7 +50,7 @@ def test_prefill_and_decoding_with_left_padding_equal_full_forward(metaplasticit
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         out = model(ids[:, :8], attention_mask=mask[:, :8], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = output_cache(out), [out.logits]
         assert isinstance(cache, MetaMamba2Cache) and cache.get_seq_length() == 8
         for t in range(8, 12):
             out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
@@ -82,8 +87,8 @@ def test_generate_keeps_one_cache_and_feeds_one_token_per_step():
     hook.remove()
     assert [n for n, _ in seen] == [5, 1, 1, 1]
     caches = {id(c) for _, c in seen[1:]}
-    assert len(caches) == 1 and isinstance(out.past_key_values, MetaMamba2Cache)
-    assert out.past_key_values.get_seq_length() == 8  # the last generated token is never fed back
+    assert len(caches) == 1 and isinstance(output_cache(out), MetaMamba2Cache)
+    assert output_cache(out).get_seq_length() == 8  # the last generated token is never fed back
 
 
 def test_save_load_round_trip(tmp_path):
