@@ -37,14 +37,14 @@ def mamba2_to_meta_mamba2(
 
     Raises:
         TypeError / ValueError: not a Mamba2, missing or mis-shaped weights, or options Meta-Mamba2 does not
-        support (for example ``hidden_act`` other than "silu", or a gated norm per group: see
-        :func:`check_full_width_gated_norm`).
+        support (for example ``hidden_act`` other than "silu").  The gated norm follows the source's: over all
+        channels or per group (see :func:`source_norm_per_group`).
     """
     importance_scale = check_scale(importance_scale)
     initial_scale = AUTO_SCALE_START if importance_scale == "auto" else importance_scale
     mamba2 = load_checkpoint(source, Mamba2ForCausalLM, "mamba2", "Mamba2")
-    check_full_width_gated_norm(mamba2)
-    overrides = dict(metaplasticity=True, importance_scale_init=initial_scale)
+    overrides = dict(metaplasticity=True, importance_scale_init=initial_scale,
+                     norm_per_group=source_norm_per_group(mamba2))
     if importance_rank is not None:
         overrides["importance_rank"] = importance_rank
     config = MetaMamba2Config.from_mamba2_config(mamba2.config, **overrides)
@@ -57,20 +57,23 @@ def mamba2_to_meta_mamba2(
     return model.eval()
 
 
-def check_full_width_gated_norm(mamba2: Mamba2ForCausalLM) -> None:
-    """Raise ValueError when the source's gated RMSNorm normalises per group of channels.
+def source_norm_per_group(mamba2: Mamba2ForCausalLM) -> bool:
+    """Whether the source's gated RMSNorm normalises per group of channels (True) or over all of them.
 
-    Meta-Mamba2 normalises the gated scan output over all its channels, as ``transformers`` up to 5.22 does
-    (``MambaRMSNormGated`` without ``group_size``).  From 5.23 on, ``transformers``' Mamba2 normalises each of the
-    ``n_groups`` groups separately (as ``mamba_ssm``); with ``n_groups`` > 1 that is another function, which no
-    Meta-Mamba2 reproduces, so the conversion could not preserve the logits.  With ``n_groups`` = 1 both agree.
+    ``transformers`` up to 5.22 normalises over all channels; from 5.23 on (as ``mamba_ssm``) each of the
+    ``n_groups`` groups separately.  Meta-Mamba2 does either (``norm_per_group``).  Raises ValueError for any
+    other grouping, or layers that disagree.
     """
+    kinds = set()
     for i, layer in enumerate(mamba2.backbone.layers):
         norm = layer.mixer.norm
         width = norm.weight.numel()
-        group_size = getattr(norm, "group_size", width)
-        if group_size != width:
-            raise ValueError(
-                f"layer {i} of the Mamba2 source normalises its gated output per group ({width // group_size} groups "
-                f"of {group_size} channels, as transformers >= 5.23 does for n_groups > 1); Meta-Mamba2 normalises "
-                f"over all {width} channels, so this conversion cannot preserve the function (n_groups = 1 works)")
+        group_size = getattr(norm, "group_size", None) or width
+        per_group = width // mamba2.config.n_groups
+        if group_size not in (width, per_group):
+            raise ValueError(f"layer {i} of the Mamba2 source normalises groups of {group_size} channels; "
+                             f"Meta-Mamba2 supports all {width} channels or n_groups groups of {per_group}")
+        kinds.add(group_size == per_group and per_group != width)
+    if len(kinds) > 1:
+        raise ValueError("the Mamba2 source's layers normalise their gated outputs in different ways")
+    return kinds.pop() if kinds else False

@@ -69,25 +69,33 @@ class MetaMamba2LayerCache:
 
 
 class GatedRMSNorm(nn.Module):
-    """Mamba2's gated RMSNorm: ``weight * rms_normalise(y * SiLU(z))`` over the last dimension, in float32
-    (float64 for float64 inputs).
+    """Mamba2's gated RMSNorm: ``weight * rms_normalise(y * SiLU(z))`` in float32 (float64 for float64 inputs),
+    over all D channels or, with ``group_size``, over each group of ``group_size`` channels separately.
 
-    y, z: [..., D] -> [..., D] in the dtype of y.  The normalisation runs over all D channels, as
-    ``transformers``' ``MambaRMSNormGated`` does up to 5.22 (from 5.23 on it normalises each of the ``n_groups``
-    groups separately, which differs when ``n_groups`` > 1).
+    y, z: [..., D] -> [..., D] in the dtype of y.
+    - One group (``group_size`` None or D): what ``transformers``' ``MambaRMSNormGated`` does up to 5.22.
+    - Groups of D / n_groups channels: what ``mamba_ssm`` and ``transformers`` from 5.23 on do for Mamba2.
+
+    The two agree when n_groups = 1.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: Optional[int] = None):
         super().__init__()
+        group_size = hidden_size if group_size is None else group_size
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 \
+                or hidden_size % group_size:
+            raise ValueError(f"group_size must be a positive divisor of hidden_size ({hidden_size}), got {group_size!r}")
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.group_size = group_size
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
         fdtype = torch.float64 if dtype == torch.float64 else torch.float32
         h = hidden_states.to(fdtype) * F.silu(gate.to(fdtype))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
+        grouped = h.unflatten(-1, (-1, self.group_size))  # [..., D / group_size, group_size]
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * grouped.flatten(-2).to(dtype)
 
 
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -138,6 +146,9 @@ class MetaMamba2(nn.Module):
         metaplasticity: False gives beta = 0, i.e. exactly Mamba2 (the gate parameters are not created).
         importance_scale_init: initial c_h of the gate factor softplus(c_h).
         norm_eps: epsilon of the gated RMSNorm.
+        norm_per_group: normalise the gated scan output per group of inner_width / n_groups channels, as
+            ``mamba_ssm`` (and ``transformers`` from 5.23) do; False (default) normalises over all channels, as
+            ``transformers`` up to 5.22 does.  Same function when n_groups = 1.
         use_bias: biases in in_proj and out_proj; use_conv_bias: bias in the convolution.
         time_step_min, time_step_max, time_step_floor: Mamba2's dt initialisation (log-uniform, floored).
         time_step_limit: (min, max) dt is clamped to (Mamba2's ``time_step_limit``).
@@ -157,6 +168,7 @@ class MetaMamba2(nn.Module):
         metaplasticity: bool = True,
         importance_scale_init: float = 1.0,
         norm_eps: float = 1e-5,
+        norm_per_group: bool = False,
         use_bias: bool = False,
         use_conv_bias: bool = True,
         time_step_min: float = 0.001,
@@ -207,7 +219,9 @@ class MetaMamba2(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(num_heads))
         self.A_log = nn.Parameter(torch.empty(num_heads))
         self.D = nn.Parameter(torch.empty(num_heads))
-        self.norm = GatedRMSNorm(intermediate_size, eps=norm_eps)
+        self.norm_per_group = bool(norm_per_group)
+        self.norm = GatedRMSNorm(intermediate_size, eps=norm_eps,
+                                 group_size=intermediate_size // n_groups if norm_per_group else None)
         self.out_proj = nn.Linear(intermediate_size, hidden_size, bias=use_bias)
         if metaplasticity:
             self.importance_down_proj = nn.Linear(hidden_size, importance_rank, bias=False)

@@ -148,3 +148,22 @@ def test_bad_arguments_raise():
         layer(torch.randn(1, 3, 32), cu_seqlens=torch.tensor([0, 3]), cache=layer.new_cache())
     with pytest.raises(TypeError, match="cache"):
         layer(torch.randn(1, 3, 32), cache={})
+
+
+def test_gated_norm_per_group_normalises_each_group():
+    from palimpsa.layers.meta_mamba2 import GatedRMSNorm
+
+    torch.manual_seed(0)
+    y, z = torch.randn(3, 5, 12, dtype=torch.float64), torch.randn(3, 5, 12, dtype=torch.float64)
+    norm = GatedRMSNorm(12, eps=1e-6, group_size=4).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(12))
+    h = y * torch.nn.functional.silu(z)
+    groups = [g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-6) for g in h.split(4, dim=-1)]
+    torch.testing.assert_close(norm(y, z), norm.weight * torch.cat(groups, -1))
+    whole = GatedRMSNorm(12, eps=1e-6).double()
+    torch.testing.assert_close(whole(y, z), h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+    layer = MetaMamba2(hidden_size=16, state_size=4, head_dim=8, n_groups=2, norm_per_group=True)
+    assert layer.norm.group_size == 16  # inner width 32 over 2 groups
+    with pytest.raises(ValueError, match="group_size"):
+        GatedRMSNorm(12, group_size=5)

@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Mamba2Config, Mamba2F
 
 from palimpsa.models import MetaMamba2Cache, MetaMamba2Config, MetaMamba2ForCausalLM
 from palimpsa.models._compat import output_cache
-from tests.models.mamba2_reference import full_width_gated_norms
+from tests.models.mamba2_reference import NORMS_PER_GROUP, full_width_gated_norms
 
 VOCAB = 40
 TINY = dict(vocab_size=VOCAB, hidden_size=32, num_heads=8, head_dim=8, state_size=8, n_groups=2,
@@ -25,14 +25,18 @@ def tiny_model(metaplasticity=True, seed=0, dtype=torch.float64, **overrides):
     return model.to(dtype).eval()
 
 
-@pytest.mark.parametrize("tied,n_groups", [(False, 2), (True, 2), (False, 1)])
-def test_without_metaplasticity_equals_transformers_mamba2(tied, n_groups):
+@pytest.mark.parametrize("tied,n_groups,as_installed", [(False, 2, False), (True, 2, False), (False, 1, False),
+                                                       (False, 2, True), (True, 2, True)])
+def test_without_metaplasticity_equals_transformers_mamba2(tied, n_groups, as_installed):
+    """as_installed: transformers' Mamba2 as it is (per-group gated norm from 5.23 on) against Meta-Mamba2 with
+    the matching norm_per_group; else the reference's norms over all channels against the default."""
     torch.manual_seed(0)
     config = {**TINY, "n_groups": n_groups, "tie_word_embeddings": tied}
     ref = Mamba2ForCausalLM(Mamba2Config(**config)).eval()
-    if n_groups > 1:  # transformers >= 5.23 normalises the gated output per group (see mamba2_reference)
+    if not as_installed:  # transformers >= 5.23 normalises the gated output per group (see mamba2_reference)
         full_width_gated_norms(ref)
-    ours = MetaMamba2ForCausalLM(MetaMamba2Config(**config, metaplasticity=False)).eval()
+    per_group = as_installed and NORMS_PER_GROUP
+    ours = MetaMamba2ForCausalLM(MetaMamba2Config(**config, metaplasticity=False, norm_per_group=per_group)).eval()
     ours.load_state_dict(ref.state_dict())
     ids = random_tokens(2, 23)
     with torch.no_grad():

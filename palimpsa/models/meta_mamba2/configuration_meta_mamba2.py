@@ -18,6 +18,9 @@ class MetaMamba2Config(PretrainedConfig):
         metaplasticity: False makes every layer exactly Mamba2 (beta = 0, no gate parameters).
         importance_rank: rank r of the importance gate W_up W_down (default ceil(hidden_size / 16)).
         importance_scale_init: initial c_h of the gate factor softplus(c_h).
+        norm_per_group: normalise the gated scan output per group of channels, as ``mamba_ssm`` and
+            ``transformers`` >= 5.23 do for Mamba2; False (default) normalises over all channels, as
+            ``transformers`` <= 5.22 does.  The same function when n_groups = 1.
 
     ``chunk_size`` and ``time_step_rank`` are kept for compatibility with Mamba2 configs; they do not change
     the computation (the Palimpsa op picks its own chunk size; Mamba2 does not use ``time_step_rank``).
@@ -57,6 +60,7 @@ class MetaMamba2Config(PretrainedConfig):
         metaplasticity: bool = True,
         importance_rank: Optional[int] = None,
         importance_scale_init: float = 1.0,
+        norm_per_group: bool = False,
         **kwargs,
     ):
         if hidden_size * expand != num_heads * head_dim:
@@ -64,6 +68,8 @@ class MetaMamba2Config(PretrainedConfig):
                              f"({num_heads * head_dim})")
         if num_heads % n_groups:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of n_groups ({n_groups})")
+        if not isinstance(norm_per_group, bool):
+            raise ValueError(f"norm_per_group must be a bool, got {norm_per_group!r}")
         if hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (the only activation Mamba2 mixers use), got {hidden_act!r}")
         self.num_heads = num_heads
@@ -92,6 +98,7 @@ class MetaMamba2Config(PretrainedConfig):
         self.metaplasticity = metaplasticity
         self.importance_rank = math.ceil(hidden_size / 16) if importance_rank is None else importance_rank
         self.importance_scale_init = importance_scale_init
+        self.norm_per_group = norm_per_group
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 

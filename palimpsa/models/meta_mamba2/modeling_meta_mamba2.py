@@ -154,6 +154,7 @@ class MetaMamba2Block(GradientCheckpointingLayer):
             metaplasticity=config.metaplasticity,
             importance_scale_init=config.importance_scale_init,
             norm_eps=config.layer_norm_epsilon,
+            norm_per_group=getattr(config, "norm_per_group", False),
             use_bias=config.use_bias,
             use_conv_bias=config.use_conv_bias,
             time_step_min=config.time_step_min,
