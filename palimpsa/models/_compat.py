@@ -8,8 +8,8 @@ reads ``outputs["cache"]`` to carry the state to the next step.
 
 The models here therefore:
 
-* declare their own output dataclasses with :data:`CACHE_FIELD` (see :func:`cache_field_annotation`), and
-  build every output through :func:`cache_output_kwargs`;
+* subclass transformers' own output dataclasses (so the cache field has the installed name,
+  :data:`CACHE_FIELD`), and build every output through :func:`cache_output_kwargs`;
 * read a returned cache with :func:`output_cache`;
 * accept all three keywords in ``forward`` and merge them with :func:`resolve_cache_kwarg`.
 """
