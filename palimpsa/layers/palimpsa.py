@@ -209,7 +209,7 @@ class Palimpsa(nn.Module):
         mask = self._check_inputs(hidden_states, attention_mask, cache, cu_seqlens)
         u = hidden_states
         B, T, _ = u.shape
-        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        H = self.num_heads
 
         q_in, k_in, x_in = self.q_proj(u), self.k_proj(u), self.v_proj(u)
         if mask is not None:  # the convolutions must not see padded tokens

@@ -48,9 +48,9 @@ class RunConfig:
     cosine schedule spans min(epochs * steps_per_epoch, max_steps)).  eval_every: steps between validations
     (None = once per epoch).  amp: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "off".
     time_limit_s: fit the run into this many seconds of training and evaluation: once steps FIT_PROBE_START
-    to FIT_AT_STEP are timed, the planned total is cut to the steps that fit (the record keeps the steps actually run, and with
-    warmup_steps >= FIT_AT_STEP the schedule equals that of ``max_steps`` = those steps, so the run can be
-    repeated exactly without a time limit).
+    to FIT_AT_STEP are timed, the planned total is cut to the steps that fit (the record keeps the steps
+    actually run, and with warmup_steps >= FIT_AT_STEP the schedule equals that of ``max_steps`` = those steps,
+    so the run can be repeated exactly without a time limit).
     """
 
     model: str
