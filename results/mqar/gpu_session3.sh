@@ -16,6 +16,8 @@
 #   capacity  (skipped with CAPACITY=0) L=256, 64 pairs, d_model 128, a quarter of the paper's state (8 heads of
 #             K=8, V=16; Mamba2: state 8, head_dim 16); lr 4.64e-3 x seeds {0, 1}.
 #   Both train the models in MODELS (default: Palimpsa, NotPalimpsa, Meta-Mamba2, Mamba2, Gated DeltaNet).
+#   extra     (only when EXTRA_MODELS is set) the full sweep's setting for EXTRA_MODELS at lr EXTRA_LRS: lets
+#             one machine take one learning rate of a model and another machine the other.
 set -u
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-runs/mqar/gpu3_out}
@@ -27,17 +29,20 @@ FULL_SETTING=${FULL_SETTING:-512:128}
 FULL_LRS=${FULL_LRS:-2.15e-3 4.64e-3}
 MODELS=${MODELS:-palimpsa notpalimpsa meta_mamba2 mamba2 gated_deltanet}
 CAPACITY=${CAPACITY:-1}  # 0: run the full-state sweep alone
-mkdir -p "$OUT" "$WORK/full" "$WORK/capacity"
+EXTRA_MODELS=${EXTRA_MODELS:-}
+EXTRA_LRS=${EXTRA_LRS:-$FULL_LRS}
+SWEEPS="full capacity extra"
+mkdir -p "$OUT" "$WORK/full" "$WORK/capacity" "$WORK/extra"
 LOG="$WORK/session.log"
 started=$(date +%s)
 
 collect() {
-    for sweep in full capacity; do
+    for sweep in $SWEEPS; do
         for name in results unfinished progress; do
             [ -f "$WORK/$sweep/$name.jsonl" ] && cp "$WORK/$sweep/$name.jsonl" "$OUT/${sweep}_$name.jsonl"
         done
     done
-    { cat "$LOG"; for sweep in full capacity; do
+    { cat "$LOG"; for sweep in $SWEEPS; do
         [ -f "$WORK/$sweep/errors.log" ] && { echo "== $sweep errors"; cat "$WORK/$sweep/errors.log"; }; done
       echo "== collected $(date -u)"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; } \
         > "$OUT/session.log" 2>&1
@@ -65,14 +70,16 @@ if [ "${1:-}" = "start" ]; then
         --head-k-dim 8 --head-v-dim 16 >> "$LOG" 2>&1 || BACKEND=torch
     echo "op backend: $BACKEND; checks done $(date -u)" >> "$LOG"
     COMMON="--preset paper --op-backend $BACKEND --no-progress --d-models 128 --seeds 0 1 --warmup-steps 200
-            --eval-every 250 --time-limit-s $TIME_LIMIT_S --time-budget $BUDGET_S
-            --models $MODELS"
+            --eval-every 250 --time-limit-s $TIME_LIMIT_S --time-budget $BUDGET_S"
     COMMON=$(echo $COMMON)  # one line: it goes into a bash -c string
     setsid nohup bash -c "
-        python -m palimpsa mqar $COMMON --out $WORK/full --settings $FULL_SETTING --lrs $FULL_LRS \
-            --workers-per-device 20 >> $WORK/full.log 2>&1 &
-        [ $CAPACITY = 1 ] && python -m palimpsa mqar $COMMON --out $WORK/capacity --settings 256:64 \
-            --head-k-dim 8 --head-v-dim 16 --lrs 4.64e-3 --workers-per-device 10 >> $WORK/capacity.log 2>&1 &
+        python -m palimpsa mqar $COMMON --models $MODELS --out $WORK/full --settings $FULL_SETTING \
+            --lrs $FULL_LRS --workers-per-device 20 >> $WORK/full.log 2>&1 &
+        [ $CAPACITY = 1 ] && python -m palimpsa mqar $COMMON --models $MODELS --out $WORK/capacity \
+            --settings 256:64 --head-k-dim 8 --head-v-dim 16 --lrs 4.64e-3 --workers-per-device 10 \
+            >> $WORK/capacity.log 2>&1 &
+        [ -n \"$EXTRA_MODELS\" ] && python -m palimpsa mqar $COMMON --models $EXTRA_MODELS --out $WORK/extra \
+            --settings $FULL_SETTING --lrs $EXTRA_LRS --workers-per-device 20 >> $WORK/extra.log 2>&1 &
         wait; date -u >> $LOG; echo sweeps done >> $LOG" < /dev/null > /dev/null 2>&1 &
     echo $! > "$WORK/pid"
     echo "launched $(date -u)" >> "$LOG"
@@ -84,12 +91,12 @@ fi
 while running && [ $(( $(date +%s) - started )) -lt "$WAIT_S" ]; do
     sleep 10
 done
-for sweep in full capacity; do tail -n 3 "$WORK/$sweep.log" >> "$LOG" 2>/dev/null; done
+for sweep in $SWEEPS; do tail -n 3 "$WORK/$sweep.log" >> "$LOG" 2>/dev/null; done
 collect
 python - "$WORK" <<'EOF'
 import json, pathlib, sys
 work = pathlib.Path(sys.argv[1])
-for sweep in ("full", "capacity"):
+for sweep in ("full", "capacity", "extra"):
     last = {}
     path = work / sweep / "progress.jsonl"
     if path.exists():
