@@ -84,6 +84,19 @@ def _state_shape(record: dict) -> str:
     return f"{heads}×{key}×{value}"
 
 
+def chosen_runs(results: Iterable[dict]) -> dict[tuple, list[dict]]:
+    """{row key: the chosen run of each seed}: per row (see ``_group_key``) and seed, the run with the best
+    validation accuracy (ties go to the smaller lr, then the earlier record), in seed order."""
+    by_group_seed: dict = defaultdict(list)
+    for r in results:
+        by_group_seed[(_group_key(r), r["seed"])].append(r)
+    groups: dict = defaultdict(list)
+    for (group, _seed), runs in sorted(by_group_seed.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        chosen = max(runs, key=lambda r: (r["val_accuracy"] if r["val_accuracy"] is not None else -1.0, -r["lr"]))
+        groups[group].append(chosen)
+    return dict(groups)
+
+
 def summarize(results: Iterable[dict]) -> list[dict]:
     """One row per (model, seq_len, num_kv_pairs, d_model, other settings): best lr per seed on validation,
     test mean/std over seeds.
@@ -92,16 +105,8 @@ def summarize(results: Iterable[dict]) -> list[dict]:
     val_mean, steps_mean, auroc_mean / auroc_std (None unless some chosen run has a variance AUROC),
     auroc_n (how many seeds had one).
     """
-    by_group_seed: dict = defaultdict(list)
-    for r in results:
-        by_group_seed[(_group_key(r), r["seed"])].append(r)
-    groups: dict = defaultdict(list)
-    for (group, _seed), runs in sorted(by_group_seed.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-        # best validation accuracy; ties go to the smaller lr, then the earlier record
-        chosen = max(runs, key=lambda r: (r["val_accuracy"] if r["val_accuracy"] is not None else -1.0, -r["lr"]))
-        groups[group].append(chosen)
     rows = []
-    for group, chosen in groups.items():
+    for chosen in chosen_runs(results).values():
         test_mean, test_std = _mean_std([r["test_accuracy"] for r in chosen])
         aurocs = [r["variance_auroc"] for r in chosen if r.get("variance_auroc") is not None]
         auroc_mean, auroc_std = _mean_std(aurocs) if aurocs else (None, None)
@@ -208,6 +213,43 @@ def plot_accuracy_vs_state_size(rows: list[dict], path: str | os.PathLike) -> No
     _save_figure(fig, path)
 
 
+def plot_learning_curves(results: Iterable[dict], path: str | os.PathLike) -> None:
+    """PNG: validation accuracy against training step of every chosen run (the table's runs), one panel per
+    (L, kv pairs, d_model, state shape), one colour per model and one line style per seed.  Shows whether runs
+    were still learning when they stopped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict = defaultdict(list)
+    for chosen in chosen_runs(results).values():
+        for r in chosen:
+            if r.get("history"):
+                panels[(r["seq_len"], r["num_kv_pairs"], r["d_model"], _state_shape(r))].append(r)
+    keys = sorted(panels)
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(5.5 * max(len(keys), 1), 4), squeeze=False)
+    models = sorted({r["model"] for runs in panels.values() for r in runs})
+    colours = {m: f"C{i}" for i, m in enumerate(models)}
+    styles = ["-", "--", ":", "-."]
+    for ax, key in zip(axes[0], keys):
+        seeds = sorted({r["seed"] for r in panels[key]})
+        for r in sorted(panels[key], key=lambda r: (r["model"], r["seed"])):
+            steps, _loss, val = zip(*r["history"])
+            ax.plot(steps, [100 * v for v in val], color=colours[r["model"]],
+                    linestyle=styles[seeds.index(r["seed"]) % len(styles)],
+                    label=f"{r['model']} s{r['seed']} lr {r['lr']:g}")
+        L, kv, d_model, shape = key
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"L={L}, {kv} pairs, d_model {d_model}, state {shape}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
 def _save_figure(fig, path) -> None:
     import matplotlib.pyplot as plt
 
@@ -230,14 +272,16 @@ def format_unfinished(records: list[dict]) -> str:
 
 
 def write_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[str, list[Path]]:
-    """Read results.jsonl, write summary.md and the two plots into out_dir; return (table, written paths).
+    """Read results.jsonl, write summary.md and the three plots (accuracy vs sequence length, vs state size, and
+    the chosen runs' validation accuracy vs step) into out_dir; return (table, written paths).
 
     Runs listed in an ``unfinished.jsonl`` beside results.jsonl (stopped by a sweep's time budget) get their own
     table in summary.md and never enter the main table or the plots.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = summarize(load_results(results_path))
+    results = load_results(results_path)
+    rows = summarize(results)
     table = format_table(rows)
     unfinished = load_results(Path(results_path).with_name("unfinished.jsonl"))
     written = []
@@ -253,5 +297,7 @@ def write_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) ->
         written.append(summary)
         plot_accuracy_vs_seq_len(rows, out_dir / "accuracy_vs_seq_len.png")
         plot_accuracy_vs_state_size(rows, out_dir / "accuracy_vs_state_size.png")
-        written += [out_dir / "accuracy_vs_seq_len.png", out_dir / "accuracy_vs_state_size.png"]
+        plot_learning_curves(results, out_dir / "accuracy_vs_step.png")
+        written += [out_dir / "accuracy_vs_seq_len.png", out_dir / "accuracy_vs_state_size.png",
+                    out_dir / "accuracy_vs_step.png"]
     return table, written
