@@ -260,6 +260,20 @@ def _save_figure(fig, path) -> None:
     os.replace(tmp, path)
 
 
+def format_runs(results: list[dict]) -> str:
+    """A markdown table of every run (one line each), marking the runs the summary table chose."""
+    chosen = {id(r) for runs in chosen_runs(results).values() for r in runs}
+    lines = ["| model | L | kv pairs | d_model | state H×K×V | lr | seed | steps | best step | val accuracy | "
+             "test accuracy | chosen |", "|" + "---|" * 12]
+    for r in sorted(results, key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"], _state_shape(r),
+                                            r["model"], r["seed"], r["lr"])):
+        val = "—" if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.1f}%"
+        lines.append(f"| {r['model']} | {r['seq_len']} | {r['num_kv_pairs']} | {r['d_model']} | {_state_shape(r)} | "
+                     f"{r['lr']:g} | {r['seed']} | {r['steps']} | {r.get('best_step', '—')} | {val} | "
+                     f"{100 * r['test_accuracy']:.1f}% | {'yes' if id(r) in chosen else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def format_unfinished(records: list[dict]) -> str:
     """A markdown table of runs stopped by a sweep's time budget (their schedule did not finish)."""
     lines = ["| model | L | kv pairs | d_model | state H×K×V | lr | seed | steps done / planned | "
@@ -292,7 +306,8 @@ def write_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) ->
                  "Their learning-rate schedule did not finish; shown for what they reached.\n\n"
                  + format_unfinished(unfinished))
         tmp.write_text("# MQAR results\n\nBest learning rate per model, setting and seed chosen on validation "
-                       "accuracy; test accuracy mean ± std over seeds.\n\n" + table + extra)
+                       "accuracy; test accuracy mean ± std over seeds.\n\n" + table + extra
+                       + "\n## Every run\n\n" + format_runs(results))
         os.replace(tmp, summary)
         written.append(summary)
         plot_accuracy_vs_seq_len(rows, out_dir / "accuracy_vs_seq_len.png")

@@ -47,6 +47,10 @@ def test_sweep_records_resumes_and_reports(tmp_path, monkeypatch):
     for name in ("summary.md", "accuracy_vs_seq_len.png", "accuracy_vs_state_size.png", "accuracy_vs_step.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "accuracy_vs_seq_len.png").read_bytes()[:4] == b"\x89PNG"
+    summary = (tmp_path / "summary.md").read_text()
+    every_run = summary.split("## Every run")[1].strip().splitlines()[2:]
+    assert len(every_run) == len(records)  # one line per run; one chosen lr per (model, seed)
+    assert sum(line.endswith("| yes |") for line in every_run) == len({(r["model"], r["seed"]) for r in records})
 
 
 def test_parallel_workers_record_every_run_once(tmp_path):
