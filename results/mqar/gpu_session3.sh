@@ -57,7 +57,8 @@ if [ "${1:-}" = "start" ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p /tmp/mps-pipe /tmp/mps-log
     # (a daemon left by an earlier `start` on the same machine is kept: "already running" is not a failure)
-    command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d >> "$LOG" 2>&1
+    if command -v nvidia-cuda-mps-control >/dev/null; then nvidia-cuda-mps-control -d >> "$LOG" 2>&1
+    else echo "nvidia-cuda-mps-control: not on this machine" >> "$LOG"; fi
     if pgrep -x nvidia-cuda-mps-control >/dev/null \
         && timeout 60 python -c "import torch; assert (torch.ones(2, device='cuda') + 1).sum().item() == 4" >> "$LOG" 2>&1
     then echo "MPS: on" >> "$LOG"
