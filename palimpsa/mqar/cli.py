@@ -71,6 +71,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--devices", nargs="+", default=None, help="e.g. cuda:0 cuda:1 (default: all GPUs, else cpu)")
     p.add_argument("--workers-per-device", type=int, default=None,
                    help="runs in parallel on each device (default: the preset's, 2 for quick, else 1)")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="keep no OUT/checkpoints/<run>.pt (by default each run in progress saves its state at every "
+                        "validation, and an interrupted run continues from there when the command is run again)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; no run starts after it and runs still going stop and are not recorded")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and plots")
@@ -115,7 +118,8 @@ def main(args: argparse.Namespace) -> int:
         workers = args.workers_per_device or preset_workers_per_device(args.preset)
         stats = run_sweep(runs, out, devices=args.devices, workers_per_device=workers,
                           progress=not args.no_progress, time_budget_s=args.time_budget,
-                          op_backend=args.op_backend, threads=args.threads)
+                          op_backend=args.op_backend, threads=args.threads,
+                          checkpoints=not args.no_checkpoints)
         print(f"{stats['planned']} runs planned, {stats['skipped']} already done, {stats['recorded']} recorded "
               f"now -> {out / RESULTS_FILE}", file=sys.stderr)
     table, written = write_report(out / RESULTS_FILE, out)

@@ -289,15 +289,18 @@ def write_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) ->
     """Read results.jsonl, write summary.md and the three plots (accuracy vs sequence length, vs state size, and
     the chosen runs' validation accuracy vs step) into out_dir; return (table, written paths).
 
-    Runs listed in an ``unfinished.jsonl`` beside results.jsonl (stopped by a sweep's time budget) get their own
-    table in summary.md and never enter the main table or the plots.
+    Runs listed in an ``unfinished.jsonl`` beside results.jsonl (stopped by a sweep's time budget, and not
+    finished since) get their own table in summary.md and never enter the main table or the plots.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = load_results(results_path)
     rows = summarize(results)
     table = format_table(rows)
-    unfinished = load_results(Path(results_path).with_name("unfinished.jsonl"))
+    finished = {r.get("run_id") for r in results}
+    # a run stopped by a time budget and finished by a later call is no longer unfinished
+    unfinished = [r for r in load_results(Path(results_path).with_name("unfinished.jsonl"))
+                  if r.get("run_id") not in finished]
     written = []
     if rows:
         summary = out_dir / "summary.md"

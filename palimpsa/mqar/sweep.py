@@ -4,7 +4,9 @@
 re-running the same command resumes a sweep.  Each record is appended under a file lock by rewriting the file
 to a temporary name and renaming it over the old one, so a reader (or a crash) never sees half a line and
 parallel workers never interleave.  With several devices (or ``workers_per_device`` > 1) one worker process
-per slot pulls runs from a shared queue.
+per slot pulls runs from a shared queue.  Each run in progress keeps a checkpoint in ``OUT/checkpoints/``
+(saved at every validation, removed when the run ends), so a run cut short by the time budget or a lost machine
+continues from its last validation when the sweep is run again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ RESULTS_FILE = "results.jsonl"
 ERRORS_FILE = "errors.log"
 UNFINISHED_FILE = "unfinished.jsonl"
 PROGRESS_FILE = "progress.jsonl"  # one line per validation of every run, to watch a sweep in progress
+CHECKPOINT_DIR = "checkpoints"  # <run_id>.pt: the training state of each run in progress
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
 
@@ -111,12 +114,18 @@ def visible_devices() -> list[str]:
     return ["cpu"]
 
 
+def checkpoint_path(out_dir: str | os.PathLike, config: RunConfig) -> Path:
+    """Where a sweep keeps the checkpoint of ``config``'s run: OUT/checkpoints/<run_id>.pt."""
+    return Path(out_dir) / CHECKPOINT_DIR / f"{run_id(config)}.pt"
+
+
 def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: bool, position: int,
-                    deadline: Optional[float], op_backend: str) -> bool:
+                    deadline: Optional[float], op_backend: str, checkpoints: bool) -> bool:
     """Train one run and append its record; a failure goes to OUT/errors.log.  True when recorded."""
     try:
         record = train_run(config, device=device, progress=progress, progress_position=position, deadline=deadline,
-                           op_backend=op_backend, on_eval=lambda line: _locked_append(out_dir / PROGRESS_FILE, line))
+                           op_backend=op_backend, on_eval=lambda line: _locked_append(out_dir / PROGRESS_FILE, line),
+                           checkpoint_path=checkpoint_path(out_dir, config) if checkpoints else None)
     except Exception:  # one broken run must not stop the sweep; its traceback is kept
         message = f"run {run_id(config)} {config}\n{traceback.format_exc()}\n"
         with open(out_dir / ERRORS_FILE, "a") as f:
@@ -131,7 +140,7 @@ def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: boo
 
 
 def _worker(slot: int, device: str, queue, out_dir: str, progress: bool, deadline: Optional[float], op_backend: str,
-            threads: Optional[int]) -> None:
+            threads: Optional[int], checkpoints: bool) -> None:
     """Worker process: take runs from the queue until a None arrives or the deadline passes."""
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
@@ -141,7 +150,8 @@ def _worker(slot: int, device: str, queue, out_dir: str, progress: bool, deadlin
         item = queue.get()
         if item is None or (deadline is not None and time.time() > deadline):
             return
-        _run_and_record(RunConfig.from_dict(item), device, Path(out_dir), progress, slot, deadline, op_backend)
+        _run_and_record(RunConfig.from_dict(item), device, Path(out_dir), progress, slot, deadline, op_backend,
+                        checkpoints)
 
 
 def run_sweep(
@@ -153,6 +163,7 @@ def run_sweep(
     time_budget_s: Optional[float] = None,
     op_backend: str = "auto",
     threads: Optional[int] = None,
+    checkpoints: bool = True,
 ) -> dict:
     """Run every run not yet recorded in OUT/results.jsonl.
 
@@ -163,10 +174,12 @@ def run_sweep(
         workers_per_device: worker processes per device (small models share a GPU well).
         progress: show tqdm bars.
         time_budget_s: wall-clock budget; no run starts after it and a run still training at its end stops,
-            is scored and goes to unfinished.jsonl instead of results.jsonl (so a later call redoes it).
+            is scored and goes to unfinished.jsonl instead of results.jsonl (a later call continues it from its
+            checkpoint, or redoes it without checkpoints).
         op_backend: the Palimpsa op's backend for every run ("auto", "torch", "triton").
         threads: torch CPU threads per worker (default: the cores shared evenly among the workers, which
             avoids oversubscribed thread pools; torch's own default for a single in-process run).
+        checkpoints: keep each run's training state in OUT/checkpoints/ while it runs, and resume from it.
 
     Returns:
         {"planned": n, "skipped": already recorded, "recorded": newly recorded}.
@@ -195,7 +208,7 @@ def run_sweep(
             for config in pending:
                 if deadline is not None and time.time() > deadline:
                     break
-                _run_and_record(config, slots[0], out_dir, progress, 0, deadline, op_backend)
+                _run_and_record(config, slots[0], out_dir, progress, 0, deadline, op_backend, checkpoints)
         finally:
             torch.set_num_threads(previous_threads)
     else:
@@ -209,7 +222,7 @@ def run_sweep(
             queue.put(None)
         worker_threads = threads or max(1, (os.cpu_count() or 1) // len(slots))
         workers = [ctx.Process(target=_worker, args=(i, device, queue, str(out_dir), progress, deadline, op_backend,
-                                                     worker_threads))
+                                                     worker_threads, checkpoints))
                    for i, device in enumerate(slots)]
         for w in workers:
             w.start()

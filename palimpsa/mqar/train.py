@@ -8,6 +8,10 @@ weights of the best validation accuracy.  For the models built on the Palimpsa o
 the last layer's output variance, and :func:`palimpsa.mqar.report.variance_auroc` scores how well it flags
 wrong answers (metaplastic models; their twins without metaplasticity, whose importance never moves, are the
 control).
+
+With a ``checkpoint_path`` a run saves its whole training state at every validation (atomically) and, when the
+file exists at the start, continues from it: a run stopped by a deadline or killed with its machine resumes where
+it last validated and follows exactly the trajectory it would have followed uninterrupted.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -224,7 +230,8 @@ def describe_device(device: torch.device) -> str:
 
 def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: bool = True,
               progress_position: int = 0, deadline: Optional[float] = None, op_backend: str = "auto",
-              on_eval: Optional[Callable[[dict], None]] = None) -> dict:
+              on_eval: Optional[Callable[[dict], None]] = None,
+              checkpoint_path: Optional[str | os.PathLike] = None) -> dict:
     """Train one run and return its result record (see the module docstring for the protocol).
 
     ``deadline`` (a time.time() value) stops training early with stop_reason "deadline" (a sweep's budget).
@@ -232,21 +239,53 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
     loss, val_accuracy, seconds} (a sweep logs it, so that runs in progress can be watched).
     ``op_backend`` forces the Palimpsa op's backend ("torch" or "triton"; "auto": the op decides); it changes
     speed, not the math, so it is recorded but is not part of the run's identity.
+    ``checkpoint_path``: save the training state there at every validation and resume from it when it exists
+    (see the module docstring); the file is removed once the run ends, unless a deadline stopped it.
 
     Returns a dict with model, seq_len, num_kv_pairs, d_model, lr, seed, epochs (completed, fractional),
     steps, val_accuracy, test_accuracy, state_bytes (recurrent state per layer), seconds, device, and also
     run_id, planned_steps, stop_reason, num_parameters, variance_auroc (models in VARIANCE_MODELS; None
     when undefined), history ([step, train loss, validation accuracy] at each validation), seconds_per_step
-    (training steps after the first 5, validations excluded), op_backend and the whole config.
+    (training steps after the first 5, validations excluded), op_backend, resumed_at_steps (the steps it
+    resumed from checkpoints at) and the whole config.
     """
+    checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
     with palimpsa_op_backend(op_backend):
-        record = _train(config, torch.device(device), progress, progress_position, deadline, on_eval)
+        record = _train(config, torch.device(device), progress, progress_position, deadline, on_eval,
+                        checkpoint_path)
     record["op_backend"] = op_backend
     return record
 
 
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a run's training state to ``path`` atomically (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, config: RunConfig, device: torch.device) -> dict:
+    """The training state saved at ``path`` for the run ``config``; ValueError when the file cannot be read,
+    has another format, or belongs to another run."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} could not be read ({type(error).__name__}: {error}); "
+                         f"delete it to restart the run from step 0") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} MQAR run checkpoint")
+    if state.get("run_id") != run_id(config):
+        raise ValueError(f"checkpoint {path} belongs to run {state.get('run_id')!r}, not to {run_id(config)!r}")
+    return state
+
+
 def _train(config: RunConfig, device: torch.device, progress: bool, progress_position: int,
-           deadline: Optional[float], on_eval: Optional[Callable[[dict], None]]) -> dict:
+           deadline: Optional[float], on_eval: Optional[Callable[[dict], None]],
+           checkpoint_path: Optional[Path]) -> dict:
     """The body of :func:`train_run`."""
     started = time.time()
     splits = make_splits(config.vocab_size, config.seq_len, config.num_kv_pairs, config.num_train,
@@ -266,14 +305,33 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
     history = []  # (step, train loss of that step, validation accuracy)
     step, stop_reason, loss_value = 0, "planned_steps", float("nan")
     non_finite = None  # device flag: a non-finite training loss since the start
-    bar = tqdm(total=total, desc=f"{config.model} L={config.seq_len} kv={config.num_kv_pairs} lr={config.lr:g} "
-               f"s={config.seed}", disable=not progress, position=progress_position, leave=progress_position == 0,
-               dynamic_ncols=True, mininterval=1.0)
-    timed_from, timed_start, eval_seconds = min(WARMUP_UNTIMED_STEPS, total - 1), None, 0.0
     train_started, fitted = time.time(), False
+    resumed_at, resume_order, resume_start = [], None, 0
+    probe_from = FIT_PROBE_START  # the step the time-limit probe starts at
+    if checkpoint_path is not None and checkpoint_path.exists():
+        saved = load_checkpoint(checkpoint_path, config, device)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        order_gen.set_state(saved["order_generator"])
+        step, total, fitted = saved["step"], saved["total"], saved["fitted"]
+        best, history, loss_value = saved["best"], [tuple(h) for h in saved["history"]], saved["loss"]
+        resume_order, resume_start = saved["order"].to(device), saved["next_batch_start"]
+        started -= saved["seconds"]  # the record's seconds count the earlier part too
+        train_started -= saved["train_seconds"]
+        resumed_at = saved["resumed_at_steps"] + [step]
+        if config.time_limit_s is not None and not fitted and step >= FIT_PROBE_START:
+            probe_from = step  # the probe's first steps ran before the stop: time the steps from here
+    bar = tqdm(total=total, initial=step, desc=f"{config.model} L={config.seq_len} kv={config.num_kv_pairs} "
+               f"lr={config.lr:g} s={config.seed}", disable=not progress, position=progress_position,
+               leave=progress_position == 0, dynamic_ncols=True, mininterval=1.0)
+    timed_from, timed_start, eval_seconds = min(step + WARMUP_UNTIMED_STEPS, total - 1), None, 0.0
     while step < total:
-        order = torch.randperm(config.num_train, generator=order_gen).to(device)
-        for start in range(0, config.num_train, config.batch_size):
+        if resume_order is not None:  # finish the epoch the checkpoint was saved in
+            order, first = resume_order, resume_start
+            resume_order = None
+        else:
+            order, first = torch.randperm(config.num_train, generator=order_gen).to(device), 0
+        for start in range(first, config.num_train, config.batch_size):
             if step >= total:
                 break
             idx = order[start:start + config.batch_size]
@@ -306,10 +364,10 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
                 _synchronize(device)
                 timed_start = time.time()
             out_of_time = deadline is not None and time.time() > deadline
-            if step == FIT_PROBE_START:
+            if step == probe_from:
                 _synchronize(device)
                 probe_start, probe_eval_seconds = time.time(), eval_seconds
-            fit_now = config.time_limit_s is not None and step == FIT_AT_STEP and step < total
+            fit_now = config.time_limit_s is not None and not fitted and step == FIT_AT_STEP and step < total
             if step % eval_every == 0 or step == total or out_of_time or fit_now:
                 loss_value = loss.item()  # waits for the queued steps
                 eval_started = time.time()
@@ -331,11 +389,19 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
                              "seconds": round(time.time() - started, 1)})
                 if fit_now:
                     total = _fit_total(config, step, total, eval_every, time.time() - eval_started,
-                                       probe_train / (FIT_AT_STEP - FIT_PROBE_START), time.time() - train_started)
+                                       probe_train / (FIT_AT_STEP - probe_from), time.time() - train_started)
                     fitted = True
                     bar.total = total
                     bar.refresh()
                 bar.set_postfix(loss=f"{loss_value:.3f}", val_acc=f"{val:.3f}")
+                if checkpoint_path is not None:
+                    save_checkpoint(checkpoint_path, {
+                        "run_id": run_id(config), "step": step, "total": total, "fitted": fitted,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "order_generator": order_gen.get_state(), "order": order.cpu(),
+                        "next_batch_start": start + config.batch_size, "best": best, "history": history,
+                        "loss": loss_value, "seconds": time.time() - started,
+                        "train_seconds": time.time() - train_started, "resumed_at_steps": resumed_at})
                 if val > config.early_stop_accuracy:
                     stop_reason = "early_stop"
                     break
@@ -354,6 +420,8 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
         model.load_state_dict(best["state"])
     with_variance = config.model in VARIANCE_MODELS
     test = evaluate(model, *splits.test, config.batch_size, config.amp, with_variance=with_variance)
+    if checkpoint_path is not None and stop_reason != "deadline":
+        checkpoint_path.unlink(missing_ok=True)  # the run is over; a deadline-stopped run keeps it to resume
     return {
         "model": config.model,
         "seq_len": config.seq_len,
@@ -378,5 +446,6 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
         "num_parameters": count_parameters(model),
         "variance_auroc": test.get("variance_auroc"),
         "history": history,
+        "resumed_at_steps": resumed_at,
         "config": asdict(config),
     }

@@ -1,6 +1,5 @@
 """The MQAR model zoo: shapes, the small-forgetting initialisation, state sizes, variance output."""
 
-import math
 
 import pytest
 import torch

@@ -1,10 +1,11 @@
 """Variance AUROC and the summary table's selection rule (lr chosen on validation, never on test)."""
 
 import itertools
+import json
 
 import torch
 
-from palimpsa.mqar.report import format_table, summarize, variance_auroc
+from palimpsa.mqar.report import format_table, summarize, variance_auroc, write_report
 
 
 def pairwise_auroc(scores, positive):
@@ -43,3 +44,14 @@ def test_summary_picks_lr_on_validation_and_averages_seeds():
     assert palimpsa["auroc_mean"] == 0.7 and palimpsa["auroc_n"] == 1
     table = format_table(list(rows.values()))
     assert "| palimpsa | 64 | 8 | 32 | ? | 1,024 | 55.0% ± 7.1 | 2 |" in table
+
+
+def test_a_run_finished_later_leaves_the_unfinished_table(tmp_path):
+    done = dict(record("palimpsa", 1e-3, 0, val=0.9, test=0.8), run_id="a", best_step=100)
+    cut = dict(record("palimpsa", 1e-3, 0, val=0.1, test=0.1), run_id="a", planned_steps=200)
+    still_cut = dict(record("palimpsa", 1e-2, 0, val=0.2, test=0.3), run_id="b", planned_steps=200)
+    (tmp_path / "results.jsonl").write_text(json.dumps(done) + "\n")
+    (tmp_path / "unfinished.jsonl").write_text(json.dumps(cut) + "\n" + json.dumps(still_cut) + "\n")
+    write_report(tmp_path / "results.jsonl", tmp_path)
+    stopped = (tmp_path / "summary.md").read_text().split("## Runs stopped by the time budget")[1].split("##")[0]
+    assert "| 0.01 | 0 | 100 / 200 |" in stopped and "| 0.001 |" not in stopped

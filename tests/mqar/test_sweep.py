@@ -7,8 +7,8 @@ import pytest
 import palimpsa.mqar.sweep as sweep_module
 from palimpsa.cli import main as cli_main
 from palimpsa.mqar.report import write_report
-from palimpsa.mqar.sweep import SweepGrid, finished_run_ids, run_sweep
-from palimpsa.mqar.train import RunConfig, run_id
+from palimpsa.mqar.sweep import SweepGrid, checkpoint_path, finished_run_ids, run_sweep
+from palimpsa.mqar.train import RunConfig, run_id, train_run
 
 TINY = dict(vocab_size=32, num_heads=2, num_train=32, num_validation=8, num_test=8, batch_size=16, epochs=1)
 REQUIRED = {"model", "seq_len", "num_kv_pairs", "d_model", "lr", "seed", "epochs", "steps", "val_accuracy",
@@ -110,3 +110,43 @@ def test_query_index_matches_the_label_mask():
     assert (labels.gather(1, index).reshape(-1) == labels[mask]).all()
     labels[0, index[0, 0]] = -100  # rows with different query counts: no fixed-size index
     assert query_index(labels) is None
+
+
+# 4 batches per epoch and 3 epochs: a stop after step 1 is mid-epoch, and the resumed run crosses epochs
+RESUMABLE = dict(TINY, batch_size=8, epochs=3, eval_every=3)
+
+
+def test_a_stopped_run_resumes_on_the_same_trajectory(tmp_path):
+    config = RunConfig(model="palimpsa", seq_len=16, num_kv_pairs=2, d_model=8, lr=3e-3, seed=0, **RESUMABLE)
+    whole = train_run(config, progress=False)
+    path = tmp_path / "run.pt"
+    stopped = train_run(config, progress=False, deadline=0.0, checkpoint_path=path)  # past deadline: stops at 1
+    assert stopped["stop_reason"] == "deadline" and stopped["steps"] == 1 and path.exists()
+    resumed = train_run(config, progress=False, checkpoint_path=path)
+    assert resumed["resumed_at_steps"] == [1] and whole["resumed_at_steps"] == []
+    assert resumed["steps"] == whole["steps"] == 12 and resumed["stop_reason"] == "planned_steps"
+    # the extra validation at the stop is the only difference: every later loss and accuracy is identical
+    assert resumed["history"][0][0] == 1 and [tuple(h) for h in resumed["history"][1:]] == [tuple(h) for h in whole["history"]]
+    assert resumed["final_train_loss"] == whole["final_train_loss"]
+    assert not path.exists()  # removed once the run is over
+
+
+def test_a_checkpoint_of_another_run_or_a_broken_file_is_refused(tmp_path):
+    config = RunConfig(model="attention", seq_len=16, num_kv_pairs=2, d_model=8, lr=3e-3, seed=0, **RESUMABLE)
+    path = tmp_path / "run.pt"
+    train_run(config, progress=False, deadline=0.0, checkpoint_path=path)
+    other = RunConfig(model="attention", seq_len=16, num_kv_pairs=2, d_model=8, lr=1e-3, seed=0, **RESUMABLE)
+    with pytest.raises(ValueError, match="belongs to run"):
+        train_run(other, progress=False, checkpoint_path=path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be read"):
+        train_run(config, progress=False, checkpoint_path=path)
+
+
+def test_a_sweep_continues_an_interrupted_run(tmp_path):
+    config = RunConfig(model="attention", seq_len=16, num_kv_pairs=2, d_model=8, lr=3e-3, seed=0, **RESUMABLE)
+    train_run(config, progress=False, deadline=0.0, checkpoint_path=checkpoint_path(tmp_path, config))
+    assert run_sweep([config], tmp_path, progress=False) == {"planned": 1, "skipped": 0, "recorded": 1}
+    (record,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert record["resumed_at_steps"] == [1] and record["steps"] == 12
+    assert list((tmp_path / "checkpoints").iterdir()) == []
