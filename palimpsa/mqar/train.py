@@ -272,7 +272,7 @@ def load_checkpoint(path: Path, config: RunConfig, device: torch.device) -> dict
     """The training state saved at ``path`` for the run ``config``; ValueError when the file cannot be read,
     has another format, or belongs to another run."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # the generator state must stay on the CPU
     except Exception as error:
         raise ValueError(f"checkpoint {path} could not be read ({type(error).__name__}: {error}); "
                          f"delete it to restart the run from step 0") from error
