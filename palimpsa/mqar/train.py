@@ -268,7 +268,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, config: RunConfig, device: torch.device) -> dict:
+def load_checkpoint(path: Path, config: RunConfig) -> dict:
     """The training state saved at ``path`` for the run ``config``; ValueError when the file cannot be read,
     has another format, or belongs to another run."""
     try:
@@ -308,8 +308,9 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
     train_started, fitted = time.time(), False
     resumed_at, resume_order, resume_start = [], None, 0
     probe_from = FIT_PROBE_START  # the step the time-limit probe starts at
+    timed_start, eval_seconds = None, 0.0
     if checkpoint_path is not None and checkpoint_path.exists():
-        saved = load_checkpoint(checkpoint_path, config, device)
+        saved = load_checkpoint(checkpoint_path, config)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         order_gen.set_state(saved["order_generator"])
@@ -320,11 +321,12 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
         train_started -= saved["train_seconds"]
         resumed_at = saved["resumed_at_steps"] + [step]
         if config.time_limit_s is not None and not fitted and step >= FIT_PROBE_START:
-            probe_from = step  # the probe's first steps ran before the stop: time the steps from here
+            # the probe's first steps ran before the stop: time the steps from here instead
+            probe_from, probe_start, probe_eval_seconds = step, time.time(), eval_seconds
     bar = tqdm(total=total, initial=step, desc=f"{config.model} L={config.seq_len} kv={config.num_kv_pairs} "
                f"lr={config.lr:g} s={config.seed}", disable=not progress, position=progress_position,
                leave=progress_position == 0, dynamic_ncols=True, mininterval=1.0)
-    timed_from, timed_start, eval_seconds = min(step + WARMUP_UNTIMED_STEPS, total - 1), None, 0.0
+    timed_from = min(step + WARMUP_UNTIMED_STEPS, total - 1)
     while step < total:
         if resume_order is not None:  # finish the epoch the checkpoint was saved in
             order, first = resume_order, resume_start

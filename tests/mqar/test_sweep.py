@@ -99,6 +99,23 @@ def test_time_limited_run_fits_its_length(monkeypatch):
     assert not unlimited["fitted_to_time_limit"] and unlimited["steps"] == 6
 
 
+def test_a_run_stopped_inside_the_time_probe_still_fits_its_length(monkeypatch, tmp_path):
+    """Stopped at step 1, after the probe started (FIT_PROBE_START = 1) and before the fit (FIT_AT_STEP = 4), the
+    resumed run times its own steps up to the fit and fits its length there."""
+    import palimpsa.mqar.train as train_module
+
+    monkeypatch.setattr(train_module, "FIT_PROBE_START", 1)
+    monkeypatch.setattr(train_module, "FIT_AT_STEP", 4)
+    config = RunConfig(model="attention", seq_len=16, num_kv_pairs=2, d_model=8, lr=1e-3, max_steps=10_000,
+                       eval_every=1000, time_limit_s=1e-3, warmup_steps=4, **dict(TINY, num_train=64, epochs=1000))
+    path = tmp_path / "run.pt"
+    stopped = train_module.train_run(config, progress=False, checkpoint_path=path, deadline=0.0)
+    assert stopped["steps"] == 1 and not stopped["fitted_to_time_limit"] and path.exists()
+    resumed = train_module.train_run(config, progress=False, checkpoint_path=path)
+    assert resumed["resumed_at_steps"] == [1] and resumed["fitted_to_time_limit"]
+    assert resumed["steps"] == resumed["planned_steps"] == 4  # the time is spent: it stops at the fit
+
+
 def test_query_index_matches_the_label_mask():
     from palimpsa.mqar.data import multiquery_ar
     from palimpsa.mqar.train import query_index
