@@ -299,8 +299,10 @@ def write_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) ->
     table = format_table(rows)
     finished = {r.get("run_id") for r in results}
     # a run stopped by a time budget and finished by a later call is no longer unfinished
-    unfinished = [r for r in load_results(Path(results_path).with_name("unfinished.jsonl"))
-                  if r.get("run_id") not in finished]
+    latest = {}  # a run stopped by several budgets: its last stop
+    for r in load_results(Path(results_path).with_name("unfinished.jsonl")):
+        latest[r.get("run_id", id(r))] = r
+    unfinished = [r for key, r in latest.items() if key not in finished]
     written = []
     if rows:
         summary = out_dir / "summary.md"

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -264,7 +265,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """Write a run's training state to ``path`` atomically (a temporary file renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a crash leaves the old checkpoint or the new one
     os.replace(tmp, path)
 
 
@@ -307,8 +311,9 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
     non_finite = None  # device flag: a non-finite training loss since the start
     train_started, fitted = time.time(), False
     resumed_at, resume_order, resume_start = [], None, 0
-    probe_from = FIT_PROBE_START  # the step the time-limit probe starts at
+    probe_from, fit_at = FIT_PROBE_START, FIT_AT_STEP  # the time-limit probe's first step and the fit's step
     timed_start, eval_seconds = None, 0.0
+    earlier_timed = (0.0, 0)  # (seconds, steps) of timed training before the last resume
     if checkpoint_path is not None and checkpoint_path.exists():
         saved = load_checkpoint(checkpoint_path, config)
         model.load_state_dict(saved["model"])
@@ -320,9 +325,16 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
         started -= saved["seconds"]  # the record's seconds count the earlier part too
         train_started -= saved["train_seconds"]
         resumed_at = saved["resumed_at_steps"] + [step]
+        earlier_timed = (saved["timed_seconds"], saved["timed_steps"])
         if config.time_limit_s is not None and not fitted and step >= FIT_PROBE_START:
-            # the probe's first steps ran before the stop: time the steps from here instead
-            probe_from, probe_start, probe_eval_seconds = step, time.time(), eval_seconds
+            # the probe had started before the stop: probe again once this process has warmed up (the
+            # fit moves later by as much; before it the schedule is the warm-up when warmup_steps covers it)
+            probe_from = step + WARMUP_UNTIMED_STEPS
+            fit_at = max(FIT_AT_STEP, probe_from + FIT_AT_STEP - FIT_PROBE_START)
+        if saved["device_type"] != device.type:
+            warnings.warn(f"checkpoint {checkpoint_path} was saved on {saved['device_type']} and resumes on "
+                          f"{device.type}: precision (amp={config.amp!r}) and kernels may differ from the first part",
+                          stacklevel=3)
     bar = tqdm(total=total, initial=step, desc=f"{config.model} L={config.seq_len} kv={config.num_kv_pairs} "
                f"lr={config.lr:g} s={config.seed}", disable=not progress, position=progress_position,
                leave=progress_position == 0, dynamic_ncols=True, mininterval=1.0)
@@ -369,8 +381,11 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
             if step == probe_from:
                 _synchronize(device)
                 probe_start, probe_eval_seconds = time.time(), eval_seconds
-            fit_now = config.time_limit_s is not None and not fitted and step == FIT_AT_STEP and step < total
-            if step % eval_every == 0 or step == total or out_of_time or fit_now:
+            fit_now = config.time_limit_s is not None and not fitted and step == fit_at and step < total
+            # the validations every run makes; a deadline's extra one is scored for the stopped run's record
+            # but kept out of the state it resumes from, so that the resumed run matches an uninterrupted one
+            scheduled = step % eval_every == 0 or step == total or fit_now
+            if scheduled or out_of_time:
                 loss_value = loss.item()  # waits for the queued steps
                 eval_started = time.time()
                 if fit_now:  # training time of the probe steps, validations excluded
@@ -379,6 +394,7 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
                     stop_reason = "non_finite_loss"
                     break
                 val = evaluate(model, *splits.validation, config.batch_size, config.amp)["accuracy"]
+                resume_best, resume_history = best, list(history)  # before this validation
                 if val > best["accuracy"]:
                     best = {"accuracy": val, "state": copy.deepcopy(model.state_dict()), "step": step}
                 history.append((step, round(loss_value, 4), round(val, 4)))
@@ -391,20 +407,26 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
                              "seconds": round(time.time() - started, 1)})
                 if fit_now:
                     total = _fit_total(config, step, total, eval_every, time.time() - eval_started,
-                                       probe_train / (FIT_AT_STEP - probe_from), time.time() - train_started)
+                                       probe_train / (fit_at - probe_from), time.time() - train_started)
                     fitted = True
                     bar.total = total
                     bar.refresh()
                 bar.set_postfix(loss=f"{loss_value:.3f}", val_acc=f"{val:.3f}")
                 if checkpoint_path is not None:
+                    if scheduled:
+                        resume_best, resume_history = best, history
+                    timed_now = (0.0, 0) if timed_start is None else (time.time() - timed_start - eval_seconds,
+                                                                       step - timed_from)
                     save_checkpoint(checkpoint_path, {
-                        "run_id": run_id(config), "step": step, "total": total, "fitted": fitted,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "run_id": run_id(config), "device_type": device.type, "step": step, "total": total,
+                        "fitted": fitted, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "order_generator": order_gen.get_state(), "order": order.cpu(),
-                        "next_batch_start": start + config.batch_size, "best": best, "history": history,
-                        "loss": loss_value, "seconds": time.time() - started,
-                        "train_seconds": time.time() - train_started, "resumed_at_steps": resumed_at})
-                if val > config.early_stop_accuracy:
+                        "next_batch_start": start + config.batch_size, "best": resume_best,
+                        "history": resume_history, "loss": loss_value, "seconds": time.time() - started,
+                        "train_seconds": time.time() - train_started, "resumed_at_steps": resumed_at,
+                        "timed_seconds": earlier_timed[0] + timed_now[0],
+                        "timed_steps": earlier_timed[1] + timed_now[1]})
+                if scheduled and val > config.early_stop_accuracy:
                     stop_reason = "early_stop"
                     break
                 if out_of_time:
@@ -414,9 +436,11 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
             break
     bar.close()
     _synchronize(device)
-    timed_steps = step - timed_from
-    seconds_per_step = ((time.time() - timed_start - eval_seconds) / timed_steps
-                        if timed_start is not None and timed_steps > 0 else None)
+    timed_seconds, timed_steps = earlier_timed
+    if timed_start is not None and step > timed_from:
+        timed_seconds += time.time() - timed_start - eval_seconds
+        timed_steps += step - timed_from
+    seconds_per_step = timed_seconds / timed_steps if timed_steps > 0 else None
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])

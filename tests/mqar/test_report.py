@@ -51,7 +51,8 @@ def test_a_run_finished_later_leaves_the_unfinished_table(tmp_path):
     cut = dict(record("palimpsa", 1e-3, 0, val=0.1, test=0.1), run_id="a", planned_steps=200)
     still_cut = dict(record("palimpsa", 1e-2, 0, val=0.2, test=0.3), run_id="b", planned_steps=200)
     (tmp_path / "results.jsonl").write_text(json.dumps(done) + "\n")
-    (tmp_path / "unfinished.jsonl").write_text(json.dumps(cut) + "\n" + json.dumps(still_cut) + "\n")
+    cut_again = dict(still_cut, steps=150)  # the same run, stopped by a second budget
+    (tmp_path / "unfinished.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (cut, still_cut, cut_again)))
     write_report(tmp_path / "results.jsonl", tmp_path)
     stopped = (tmp_path / "summary.md").read_text().split("## Runs stopped by the time budget")[1].split("##")[0]
-    assert "| 0.01 | 0 | 100 / 200 |" in stopped and "| 0.001 |" not in stopped
+    assert "| 0.01 | 0 | 150 / 200 |" in stopped and "100 / 200" not in stopped and "| 0.001 |" not in stopped

@@ -101,7 +101,7 @@ def test_time_limited_run_fits_its_length(monkeypatch):
 
 def test_a_run_stopped_inside_the_time_probe_still_fits_its_length(monkeypatch, tmp_path):
     """Stopped at step 1, after the probe started (FIT_PROBE_START = 1) and before the fit (FIT_AT_STEP = 4), the
-    resumed run times its own steps up to the fit and fits its length there."""
+    resumed run probes again once warmed up and fits its length at the end of that probe."""
     import palimpsa.mqar.train as train_module
 
     monkeypatch.setattr(train_module, "FIT_PROBE_START", 1)
@@ -113,7 +113,9 @@ def test_a_run_stopped_inside_the_time_probe_still_fits_its_length(monkeypatch, 
     assert stopped["steps"] == 1 and not stopped["fitted_to_time_limit"] and path.exists()
     resumed = train_module.train_run(config, progress=False, checkpoint_path=path)
     assert resumed["resumed_at_steps"] == [1] and resumed["fitted_to_time_limit"]
-    assert resumed["steps"] == resumed["planned_steps"] == 4  # the time is spent: it stops at the fit
+    # the new probe starts after the resumed process's untimed warm-up steps and is as long as the first one
+    fit_step = 1 + train_module.WARMUP_UNTIMED_STEPS + 4 - 1
+    assert resumed["steps"] == resumed["planned_steps"] == fit_step  # the time is spent: it stops at the fit
 
 
 def test_query_index_matches_the_label_mask():
@@ -139,12 +141,15 @@ def test_a_stopped_run_resumes_on_the_same_trajectory(tmp_path):
     path = tmp_path / "run.pt"
     stopped = train_run(config, progress=False, deadline=0.0, checkpoint_path=path)  # past deadline: stops at 1
     assert stopped["stop_reason"] == "deadline" and stopped["steps"] == 1 and path.exists()
+    assert stopped["history"][0][0] == 1  # the stopped run's record has its extra validation at the stop
     resumed = train_run(config, progress=False, checkpoint_path=path)
     assert resumed["resumed_at_steps"] == [1] and whole["resumed_at_steps"] == []
     assert resumed["steps"] == whole["steps"] == 12 and resumed["stop_reason"] == "planned_steps"
-    # the extra validation at the stop is the only difference: every later loss and accuracy is identical
-    assert resumed["history"][0][0] == 1 and [tuple(h) for h in resumed["history"][1:]] == [tuple(h) for h in whole["history"]]
-    assert resumed["final_train_loss"] == whole["final_train_loss"]
+    # ... which the resumed run leaves out: every loss, accuracy and choice equals the uninterrupted run's
+    assert [tuple(h) for h in resumed["history"]] == [tuple(h) for h in whole["history"]]
+    for key in ("final_train_loss", "best_step", "val_accuracy", "test_accuracy", "variance_auroc"):
+        assert resumed[key] == whole[key], key
+    assert resumed["seconds_per_step"] > 0
     assert not path.exists()  # removed once the run is over
 
 
