@@ -33,14 +33,17 @@ def main() -> int:
             path = Path(folder) / "run.pt"
             train_run(config, device=args.device, progress=False, deadline=0.0, checkpoint_path=path)
             resumed = train_run(config, device=args.device, progress=False, checkpoint_path=path)
-        later = resumed["history"][1:]
+        later = resumed["history"]  # the stop's extra validation stays out of the resumed run
         same_steps = [h[0] for h in later] == [h[0] for h in whole["history"]]
+        same_choice = (resumed["best_step"], resumed["test_accuracy"]) == (whole["best_step"], whole["test_accuracy"])
         loss_diff = max(abs(a[1] - b[1]) for a, b in zip(later, whole["history"]))
         acc_diff = max(abs(a[2] - b[2]) for a, b in zip(later, whole["history"]))
         ok = same_steps and resumed["resumed_at_steps"] == [1] and max(loss_diff, acc_diff) <= args.tolerance
+        ok = ok and (same_choice or later != whole["history"])  # bitwise equal histories must choose alike
         failed |= not ok
         print(f"{model:15s} steps {resumed['steps']:3d} resumed at {resumed['resumed_at_steps']} "
               f"loss diff {loss_diff:.2e} accuracy diff {acc_diff:.2e} bitwise {later == whole['history']} "
+              f"same best step and test accuracy {same_choice} "
               f"-> {'ok' if ok else 'FAILED'}")
     print(f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}")
     return 1 if failed else 0
