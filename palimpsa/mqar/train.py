@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from palimpsa.io import atomic_torch_save
 from palimpsa.mqar.data import IGNORE_INDEX, make_splits
 from palimpsa.mqar.models import (VARIANCE_MODELS, MQARModel, MQARModelConfig, count_parameters,
                                   palimpsa_op_backend, recurrent_state_bytes)
@@ -262,14 +263,8 @@ CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a run's training state to ``path`` atomically (a temporary file renamed over it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so a crash leaves the old checkpoint or the new one
-    os.replace(tmp, path)
+    """Write a run's training state to ``path`` atomically."""
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, path)
 
 
 def load_checkpoint(path: Path, config: RunConfig) -> dict:

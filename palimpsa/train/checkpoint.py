@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from palimpsa.io import atomic_torch_save
+
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
@@ -61,19 +63,6 @@ def _gather_rng_states() -> List[Dict[str, Any]]:
 def full_model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The whole model's state dict on CPU, on every rank (collective under FSDP2)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to ``path`` through a temporary file and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int,
