@@ -20,21 +20,29 @@ State = Tuple[torch.Tensor, torch.Tensor]
 class PreparedInputs:
     """Checked arguments of a Palimpsa op.
 
-    q, k: [B, T, H, K]; v, beta: [B, T, H, V]; g: [B, T, H]; prior: [H] in the state dtype;
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H, G] (G divides V; G = V is one gate per value
+    channel) or None (no metaplasticity); g: [B, T, H]; prior: [H] in the state dtype;
     initial_state: (mu, I) each [N, H, K, V] or None; cu_seqlens: int64 [N + 1] or None.
+    groups: G (1 when beta is None).
     """
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     g: torch.Tensor
-    beta: torch.Tensor
+    beta: Optional[torch.Tensor]
     prior: torch.Tensor
     prior_requires_grad: bool
     scale: float
     initial_state: Optional[State]
     cu_seqlens: Optional[torch.Tensor]
     state_dtype: torch.dtype
+    groups: int
+
+    @property
+    def per_channel(self) -> bool:
+        """True when beta has one gate per value channel (G = V, the paper's model)."""
+        return self.beta is not None and self.groups == self.v.shape[-1]
 
     @property
     def num_sequences(self) -> int:
@@ -69,7 +77,8 @@ def prepare_inputs(
 ) -> PreparedInputs:
     """Validate the arguments of a Palimpsa op and bring them to a canonical form.
 
-    Shapes: q, k [B, T, H, K]; v, beta [B, T, H, V]; g [B, T, H]; prior float or [H];
+    Shapes: q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H, G] with G dividing V (G = V: per channel) or
+    None (beta = 0, no metaplasticity); g [B, T, H]; prior float or [H];
     initial_state (mu, I) each [N, H, K, V]; cu_seqlens [N + 1] integer with B == 1.
     ``check_values`` scans beta/g/prior/initial importance for sign errors (one reduction each); it is
     skipped only inside compiled graphs, where data-dependent checks would break the graph.
@@ -78,15 +87,20 @@ def prepare_inputs(
     _check_tensor("k", k, 4, "[B, T, H, K]")
     _check_tensor("v", v, 4, "[B, T, H, V]")
     _check_tensor("g", g, 3, "[B, T, H]")
-    _check_tensor("beta", beta, 4, "[B, T, H, V]")
+    if beta is not None:
+        _check_tensor("beta", beta, 4, "[B, T, H, G] (G importance groups dividing V)")
     B, T, H, K = q.shape
     V = v.shape[-1]
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)} ([B, T, H, K]), got {tuple(k.shape)}")
     if v.shape[:3] != (B, T, H):
         raise ValueError(f"v must have shape [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
-    if beta.shape != v.shape:
-        raise ValueError(f"beta must have the shape of v {tuple(v.shape)} ([B, T, H, V]), got {tuple(beta.shape)}")
+    groups = 1
+    if beta is not None:
+        groups = beta.shape[-1]
+        if beta.shape[:3] != (B, T, H) or groups < 1 or V % groups:
+            raise ValueError(f"beta must have shape [B, T, H, G] = [{B}, {T}, {H}, G] with G dividing V={V} "
+                             f"(G = V: one gate per value channel), got {tuple(beta.shape)}")
     if g.shape != (B, T, H):
         raise ValueError(f"g must have shape [B, T, H] = [{B}, {T}, {H}], got {tuple(g.shape)}")
     if K == 0 or V == 0 or H == 0:
@@ -95,10 +109,10 @@ def prepare_inputs(
         raise ValueError(f"q must hold at least one token in one sequence, got shape {tuple(q.shape)}")
     dtype = q.dtype
     for name, x in (("k", k), ("v", v), ("beta", beta)):
-        if x.dtype != dtype:
+        if x is not None and x.dtype != dtype:
             raise TypeError(f"{name} must have the dtype of q ({dtype}), got {x.dtype}")
     for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta)):
-        if x.device != q.device:
+        if x is not None and x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
     sdtype = state_dtype_for(dtype)
 
@@ -157,9 +171,10 @@ def prepare_inputs(
         initial_state = (mu0.to(device=q.device, dtype=sdtype), imp0.to(device=q.device, dtype=sdtype))
 
     if check_values:
-        if bool((beta < 0).any()):
+        if beta is not None and bool((beta < 0).any()):
             raise ValueError("beta (the importance gate) must be >= 0 everywhere; got a negative entry")
         if bool((g > 0).any()):
             raise ValueError("g (the log decay) must be <= 0 everywhere; got a positive entry")
 
-    return PreparedInputs(q, k, v, g, beta, prior_t, prior_requires_grad, scale, initial_state, cu_seqlens, sdtype)
+    return PreparedInputs(q, k, v, g, beta, prior_t, prior_requires_grad, scale, initial_state, cu_seqlens, sdtype,
+                          groups)

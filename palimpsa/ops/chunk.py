@@ -8,6 +8,7 @@ import torch
 
 from palimpsa.ops.backends import resolve_backend
 from palimpsa.ops.checks import State, prepare_inputs
+from palimpsa.ops.grouped import as_per_channel, grouped_palimpsa, can_run_grouped
 
 
 def chunk_palimpsa(
@@ -29,7 +30,10 @@ def chunk_palimpsa(
     """Chunk-parallel Palimpsa (same math and signature as :func:`palimpsa.ops.naive_palimpsa`).
 
     Args:
-        q, k: [B, T, H, K]; v, beta: [B, T, H, V] (beta >= 0); g: [B, T, H] log decay (<= 0).
+        q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log decay (<= 0).
+        beta: importance gate (>= 0), [B, T, H, V] (one per value channel, the paper's model), or
+            [B, T, H, G] shared by groups of V / G consecutive channels (G dividing V; exact, and for G < V
+            it runs as gated linear attention on tensor cores), or None (no metaplasticity: NotPalimpsa).
         prior: prior precision I0 > 0, float or [H] tensor (differentiable).
         scale: read-out scale, default K ** -0.5.
         initial_state: (mu, I), each [N, H, K, V]; default (0, prior).
@@ -47,6 +51,12 @@ def chunk_palimpsa(
     x = prepare_inputs(q, k, v, g, beta, prior, scale, initial_state, cu_seqlens,
                        check_values=check_values and not torch.compiler.is_compiling())
     which = resolve_backend(backend, q.device, q.dtype)
+    if not x.per_channel:
+        if can_run_grouped(x):
+            o, var, final = grouped_palimpsa(x, output_final_state, output_variance, chunk_size,
+                                             use_triton=which == "triton")
+            return (o, var, final) if output_variance else (o, final)
+        x = as_per_channel(x)  # see can_run_grouped: run per channel
     if which == "triton":
         from palimpsa.ops.triton import chunk_palimpsa_triton
 

@@ -8,6 +8,7 @@ import torch
 
 from palimpsa.ops.backends import resolve_backend
 from palimpsa.ops.checks import State, prepare_inputs
+from palimpsa.ops.grouped import as_per_channel
 
 
 def fused_recurrent_palimpsa(
@@ -28,7 +29,8 @@ def fused_recurrent_palimpsa(
     """Token-by-token Palimpsa (same math and signature as :func:`palimpsa.ops.naive_palimpsa`).
 
     Args:
-        q, k: [B, T, H, K]; v, beta: [B, T, H, V] (beta >= 0); g: [B, T, H] log decay (<= 0).
+        q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log decay (<= 0).
+        beta: importance gate (>= 0): [B, T, H, V], [B, T, H, G] shared by groups of V / G channels, or None.
         prior: prior precision I0 > 0, float or [H] tensor (differentiable).
         scale: read-out scale, default K ** -0.5.
         initial_state: (mu, I), each [N, H, K, V]; default (0, prior).
@@ -44,6 +46,7 @@ def fused_recurrent_palimpsa(
     """
     x = prepare_inputs(q, k, v, g, beta, prior, scale, initial_state, cu_seqlens,
                        check_values=check_values and not torch.compiler.is_compiling())
+    x = as_per_channel(x)  # token by token, a shared gate costs no less than one per channel
     which = resolve_backend(backend, q.device, q.dtype)
     if which == "triton":
         from palimpsa.ops.triton import fused_recurrent_palimpsa_triton

@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 
 from palimpsa.ops.checks import State, prepare_inputs
+from palimpsa.ops.grouped import per_channel_beta
 
 
 def _naive_one_sequence(q, k, v, g, beta, prior, scale, mu, imp, output_variance):
@@ -64,7 +65,9 @@ def naive_palimpsa(
 
     Args:
         q, k: [B, T, H, K] queries and keys.
-        v: [B, T, H, V] values; beta: [B, T, H, V] importance gate (>= 0).
+        v: [B, T, H, V] values.
+        beta: importance gate (>= 0): [B, T, H, V] per value channel, [B, T, H, G] shared by each group of
+            V / G consecutive channels (G dividing V), or None (beta = 0).
         g: [B, T, H] log decay (<= 0).
         prior: prior precision I0 > 0, a float or a [H] tensor.
         scale: read-out scale, default K ** -0.5.
@@ -82,6 +85,7 @@ def naive_palimpsa(
     if backend not in ("torch", "auto"):
         raise ValueError(f"naive_palimpsa runs only in PyTorch; backend must be 'torch' or 'auto', got {backend!r}")
     x = prepare_inputs(q, k, v, g, beta, prior, scale, initial_state, cu_seqlens, check_values=check_values)
+    beta = per_channel_beta(x)  # a gate shared by a group of channels is that gate repeated over them
     B, T, H, K = q.shape
     V = v.shape[-1]
     if x.cu_seqlens is None:

@@ -11,13 +11,14 @@ from palimpsa.ops.backends import resolve_backend
 
 def _check_step_inputs(q, k, v, g, beta, state):
     for name, x, nd, doc in (("q", q, 3, "[B, H, K]"), ("k", k, 3, "[B, H, K]"), ("v", v, 3, "[B, H, V]"),
-                             ("g", g, 2, "[B, H]"), ("beta", beta, 3, "[B, H, V]")):
+                             ("g", g, 2, "[B, H]"), ("beta", beta, 3, "[B, H, G] (G dividing V)")):
         if not isinstance(x, torch.Tensor) or x.dim() != nd:
             raise ValueError(f"{name} must be a tensor of shape {doc}, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     B, H, K = q.shape
     V = v.shape[-1]
-    if k.shape != q.shape or v.shape[:2] != (B, H) or beta.shape != v.shape or g.shape != (B, H):
+    if k.shape != q.shape or v.shape[:2] != (B, H) or beta.shape[:2] != (B, H) or V % beta.shape[-1] \
+            or g.shape != (B, H):
         raise ValueError(f"inconsistent step shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"g {tuple(g.shape)}, beta {tuple(beta.shape)}")
     if not isinstance(state, (tuple, list)) or len(state) != 2:
@@ -73,7 +74,8 @@ def palimpsa_step(
     """Advance the cached state by one token, in place (inference only, no autograd).
 
     Args:
-        q, k: [B, H, K]; v, beta: [B, H, V]; g: [B, H] log decay.
+        q, k: [B, H, K]; v: [B, H, V]; g: [B, H] log decay.
+        beta: importance gate [B, H, V], or [B, H, G] shared by groups of V / G channels, or None (zero).
         state: (mu, I), each [B, H, K, V] float32, overwritten with the new state.
         prior: float or [H] tensor; scale: default K ** -0.5.
         check_values: check g <= 0, beta >= 0 and prior > 0 (one device sync each); callers whose gates
@@ -82,7 +84,11 @@ def palimpsa_step(
     Returns:
         o [B, H, V] in the dtype of q, or (o, variance) when ``output_variance``.
     """
+    if beta is None:
+        beta = torch.zeros_like(v)
     _check_step_inputs(q, k, v, g, beta, state)
+    if beta.shape[-1] != v.shape[-1]:  # a gate shared by a group of channels: repeat it over them
+        beta = beta.repeat_interleave(v.shape[-1] // beta.shape[-1], dim=-1)
     if check_values:
         _check_step_values(g, beta, prior, q.shape[1])
     mu, imp = state

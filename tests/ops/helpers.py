@@ -25,13 +25,18 @@ def make_inputs(B, T, H, K, V, dtype=torch.float64, gate=(-2.0, 0.0), beta_max=2
     return inputs
 
 
-def leaves(inputs):
-    out = [inputs[n] for n in ("q", "k", "v", "g", "beta")]
+def named_leaves(inputs):
+    """(gradient name, tensor) of every input that requires a gradient, in a fixed order."""
+    out = [("d" + n, inputs[n]) for n in ("q", "k", "v", "g", "beta")]
     if isinstance(inputs["prior"], torch.Tensor):
-        out.append(inputs["prior"])
+        out.append(("dprior", inputs["prior"]))
     if "initial_state" in inputs:
-        out.extend(inputs["initial_state"])
-    return out
+        out.extend(zip(("dmu0", "dI0"), inputs["initial_state"]))
+    return [(n, t) for n, t in out if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def leaves(inputs):
+    return [t for _, t in named_leaves(inputs)]
 
 
 def run_with_grads(fn, inputs, weights=None, **kwargs):
@@ -61,7 +66,7 @@ def assert_close_to_reference(fn, ref_fn, inputs, tol, **kwargs):
     for name, a, b in zip(names, outs, ref_outs):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < tol, f"{name}: relative error {rel_err(a, b):.2e} >= {tol}"
-    gnames = ["dq", "dk", "dv", "dg", "dbeta", "dprior", "dmu0", "dI0"]
+    gnames = [n for n, _ in named_leaves(inputs)]
     for name, a, b in zip(gnames, grads, ref_grads):
         assert a is not None, f"{name} missing"
         assert torch.isfinite(a).all(), name

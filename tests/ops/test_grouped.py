@@ -1,0 +1,94 @@
+"""Grouped importance (beta [B, T, H, G]) and no metaplasticity (beta = None) against the float64 reference.
+
+The reference is ``naive_palimpsa`` with beta repeated over each group of V / G value channels; every output,
+the variance, the final state and every gradient (dbeta in the grouped shape) must match it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from palimpsa.ops import chunk_palimpsa, fused_recurrent_palimpsa, naive_palimpsa, palimpsa_step
+from tests.ops.helpers import assert_close_to_reference, make_inputs
+
+
+def grouped_inputs(B, T, H, K, V, G, initial="none", seed=0):
+    """make_inputs with beta [B, T, H, G]; initial: "none", "grouped" (importance constant per group, no
+    gradient) or "grad" (importance constant per group and differentiable)."""
+    inputs = make_inputs(B, T, H, K, V, initial_state=False, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    if G is None:
+        inputs["beta"] = None
+    else:
+        inputs["beta"] = (2 * torch.rand(B, T, H, G, generator=gen, dtype=torch.float64)).requires_grad_()
+    if initial != "none":
+        groups = G or 1
+        mu0 = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).requires_grad_()
+        imp0 = (0.5 + torch.rand(B, H, K, groups, generator=gen, dtype=torch.float64))
+        imp0 = imp0.repeat_interleave(V // groups, -1).requires_grad_(initial == "grad")
+        inputs["initial_state"] = (mu0, imp0)
+    return inputs
+
+
+def _chunk(chunk_size):
+    return lambda **kw: chunk_palimpsa(**kw, backend="torch", chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 8, None])
+@pytest.mark.parametrize("initial", ["none", "grouped", "grad"])
+def test_grouped_chunk_matches_reference(G, initial):
+    inputs = grouped_inputs(2, 37, 2, 6, 8, G, initial)
+    assert_close_to_reference(_chunk(16), naive_palimpsa, inputs, 1e-10)
+
+
+def test_grouped_beta_gradient_has_grouped_shape():
+    inputs = grouped_inputs(1, 9, 2, 4, 8, 2)
+    o, _ = chunk_palimpsa(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"], backend="torch")
+    (dbeta,) = torch.autograd.grad(o.square().sum(), inputs["beta"])
+    assert dbeta.shape == (1, 9, 2, 2)
+
+
+def test_grouped_varlen_matches_reference():
+    inputs = grouped_inputs(1, 50, 2, 4, 8, 2, "grouped")
+    cu = torch.tensor([0, 7, 30, 50])
+    mu0, imp0 = inputs["initial_state"]
+    N = 3
+    inputs["initial_state"] = (mu0.detach().repeat(N, 1, 1, 1).requires_grad_(), imp0.detach().repeat(N, 1, 1, 1))
+    assert_close_to_reference(lambda **kw: chunk_palimpsa(**kw, backend="torch", chunk_size=8, cu_seqlens=cu),
+                              lambda **kw: naive_palimpsa(**kw, cu_seqlens=cu), inputs, 1e-10)
+
+
+def test_initial_importance_varying_inside_a_group_runs_per_channel():
+    inputs = grouped_inputs(1, 12, 1, 4, 8, 2, "grouped")
+    mu0, imp0 = inputs["initial_state"]
+    inputs["initial_state"] = (mu0, imp0.detach() + 0.1 * torch.rand_like(imp0))
+    assert_close_to_reference(_chunk(4), naive_palimpsa, inputs, 1e-10)
+
+
+def test_fused_recurrent_and_step_take_grouped_beta():
+    inputs = grouped_inputs(2, 5, 2, 4, 8, 4)
+    assert_close_to_reference(fused_recurrent_palimpsa, naive_palimpsa, inputs, 1e-10)
+    q, k, v, g, beta = (inputs[n].detach() for n in ("q", "k", "v", "g", "beta"))
+    o_ref, (mu_ref, imp_ref) = naive_palimpsa(q, k, v, g, beta, output_final_state=True)
+    state = (torch.zeros_like(mu_ref[:, :, :, :]), torch.ones_like(imp_ref))
+    for t in range(q.shape[1]):
+        o_t = palimpsa_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+        torch.testing.assert_close(o_t, o_ref[:, t])
+    torch.testing.assert_close(state[1], imp_ref)
+
+
+def test_no_metaplasticity_is_gla_over_the_prior():
+    inputs = grouped_inputs(2, 20, 2, 4, 6, None)
+    q, k, v, g = (inputs[n].detach() for n in ("q", "k", "v", "g"))
+    o, _ = chunk_palimpsa(q, k, v, g, None, prior=2.0, backend="torch")
+    ref, _ = naive_palimpsa(q, k, v, g, torch.zeros_like(v), prior=2.0)
+    torch.testing.assert_close(o, ref)
+
+
+@pytest.mark.parametrize("G", [3, 16])
+def test_groups_must_divide_value_size(G):
+    inputs = grouped_inputs(1, 4, 1, 4, 8, None)
+    beta = torch.rand(1, 4, 1, G, dtype=torch.float64)
+    with pytest.raises(ValueError, match="G dividing V=8"):
+        chunk_palimpsa(inputs["q"], inputs["k"], inputs["v"], inputs["g"], beta)
