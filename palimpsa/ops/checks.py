@@ -95,18 +95,18 @@ def prepare_inputs(
         raise ValueError(f"k must have the shape of q {tuple(q.shape)} ([B, T, H, K]), got {tuple(k.shape)}")
     if v.shape[:3] != (B, T, H):
         raise ValueError(f"v must have shape [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
-    groups = 1
-    if beta is not None:
-        groups = beta.shape[-1]
-        if beta.shape[:3] != (B, T, H) or groups < 1 or V % groups:
-            raise ValueError(f"beta must have shape [B, T, H, G] = [{B}, {T}, {H}, G] with G dividing V={V} "
-                             f"(G = V: one gate per value channel), got {tuple(beta.shape)}")
     if g.shape != (B, T, H):
         raise ValueError(f"g must have shape [B, T, H] = [{B}, {T}, {H}], got {tuple(g.shape)}")
     if K == 0 or V == 0 or H == 0:
         raise ValueError(f"head sizes must be positive: got H={H}, K={K}, V={V}")
     if T == 0 or B == 0:
         raise ValueError(f"q must hold at least one token in one sequence, got shape {tuple(q.shape)}")
+    groups = 1
+    if beta is not None:
+        groups = beta.shape[-1]
+        if beta.shape[:3] != (B, T, H) or groups < 1 or V % groups:
+            raise ValueError(f"beta must have shape [B, T, H, G] = [{B}, {T}, {H}, G] with G dividing V={V} "
+                             f"(G = V: one gate per value channel), got {tuple(beta.shape)}")
     dtype = q.dtype
     for name, x in (("k", k), ("v", v), ("beta", beta)):
         if x is not None and x.dtype != dtype:

@@ -17,7 +17,7 @@ CASES = [
     ("q", dict(q=torch.randn(B, T, H)), ValueError, "q must have shape"),
     ("k", dict(k=torch.randn(B, T, H, K + 1)), ValueError, "k must have the shape of q"),
     ("v", dict(v=torch.randn(B, T + 1, H, V)), ValueError, "v must have shape"),
-    ("beta shape", dict(beta=torch.rand(B, T, H, V + 1)), ValueError, "beta must have the shape of v"),
+    ("beta shape", dict(beta=torch.rand(B, T, H, V + 1)), ValueError, "beta must have shape .B, T, H, G."),
     ("g shape", dict(g=torch.zeros(B, T, H, 1)), ValueError, "g must have shape"),
     ("dtype", dict(k=torch.randn(B, T, H, K, dtype=torch.float64)), TypeError, "k must have the dtype of q"),
     ("int", dict(q=torch.ones(B, T, H, K, dtype=torch.long)), TypeError, "q must be a floating tensor"),
