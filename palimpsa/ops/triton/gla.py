@@ -1,0 +1,294 @@
+"""Chunked simple gated linear attention on tensor cores (Triton), with keys and decays shared by head groups.
+
+The same function as :func:`palimpsa.ops.torch_gla.gla_chunk_torch`: for every query/value head hv (reading
+key head hv // G), with S_t = alpha_t S_{t-1} + k_t v_t^T and o_t = scale * q_t^T S_t.  Grouped importance runs
+it on the rescaled queries q / iota (one virtual head per importance group); without metaplasticity it is the
+whole op.  Inside a chunk of C tokens, b is the cumulative log decay, so every decay factor is exp(b_t - b_s)
+with s <= t, or exp(b_last - b_s) to the chunk's end: nothing is ever divided by a decay.
+
+Kernels (grid in brackets; NC chunks, NK / NV blocks of K / Vd):
+  forward   ``_fwd_states`` [NK, NV, N*HV]: chunk-start states h_c, sequential over chunks;
+            ``_fwd_output`` [NV, NC, N*HV]: o = scale ((q e^b) h_c + tril(e^{b_t - b_s} q k^T) v).
+  backward  ``_bwd_states`` [NK, NV, N*HV]: adjoints of the chunk-end states, sequential in reverse;
+            ``_bwd_dv`` [NV, NC, N*HV] and ``_bwd_dqk`` [NK, NC, N*HV]: per-chunk gradients in parallel.
+            dg follows from d/db_r = q_r . dq_r - k_r . dk_r and a reverse cumulative sum.
+Transposed products are formed from transposed *loads* (never by transposing a matrix-product result, which
+Triton 3.6 miscompiles on Hopper when it feeds another product).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from palimpsa.ops.torch_gla import pad_time
+
+
+@triton.jit
+def _chunk_log_decay(g, i_n, i_hk, c, T, HK: tl.constexpr, C: tl.constexpr):
+    """In-chunk cumulative log decay b [C] (float32) and its last value, for chunk c of sequence i_n."""
+    offs_t = c * C + tl.arange(0, C)
+    g_c = tl.load(g + (i_n * T + offs_t) * HK + i_hk).to(tl.float32)
+    b = tl.cumsum(g_c, 0)
+    return b, tl.sum(g_c, 0)
+
+
+@triton.jit
+def _fwd_states(k, v, g, h0, hs, hT, T, NC,
+                HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                PREC: tl.constexpr):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_hk = i_hv // (HV // HK)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_kv = (offs_k[:, None] < K) & (offs_v[None, :] < VD)
+    tile = offs_k[:, None] * VD + offs_v[None, :]
+    h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        h += tl.load(h0 + i_nh * K * VD + tile, mask=mask_kv, other=0.0)
+    for c in range(NC):
+        tl.store(hs + (i_nh * NC + c).to(tl.int64) * K * VD + tile, h.to(hs.dtype.element_ty), mask=mask_kv)
+        b, b_last = _chunk_log_decay(g, i_n, i_hk, c, T, HK, C)
+        offs_t = c * C + tl.arange(0, C)
+        # k^T [BK, C] straight from memory
+        k_t = tl.load(k + ((i_n * T + offs_t[None, :]) * HK + i_hk).to(tl.int64) * K + offs_k[:, None],
+                      mask=offs_k[:, None] < K, other=0.0)
+        v_c = tl.load(v + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
+                      mask=offs_v[None, :] < VD, other=0.0)
+        v_c = (v_c * tl.exp(b_last - b)[:, None]).to(k_t.dtype)
+        h = h * tl.exp(b_last) + tl.dot(k_t, v_c, input_precision=PREC)
+    if STORE_FINAL:
+        tl.store(hT + i_nh * K * VD + tile, h, mask=mask_kv)
+
+
+@triton.jit
+def _fwd_output(q, k, v, g, hs, o, scale, T, NC,
+                HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_v, c, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_hk = i_hv // (HV // HK)
+    offs_t = c * C + tl.arange(0, C)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    b, _ = _chunk_log_decay(g, i_n, i_hk, c, T, HK, C)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    scores = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        q_c = tl.load(q + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * K + offs_k[None, :],
+                      mask=offs_k[None, :] < K, other=0.0)
+        k_t = tl.load(k + ((i_n * T + offs_t[None, :]) * HK + i_hk).to(tl.int64) * K + offs_k[:, None],
+                      mask=offs_k[:, None] < K, other=0.0)
+        h = tl.load(hs + (i_nh * NC + c).to(tl.int64) * K * VD + offs_k[:, None] * VD + offs_v[None, :],
+                    mask=(offs_k[:, None] < K) & (offs_v[None, :] < VD), other=0.0)
+        acc += tl.dot(q_c, h.to(q_c.dtype), input_precision=PREC)
+        scores += tl.dot(q_c, k_t, input_precision=PREC)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    scores = tl.where(causal, scores * tl.exp(tl.where(causal, b[:, None] - b[None, :], 0.0)), 0.0)
+    v_c = tl.load(v + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
+                  mask=offs_v[None, :] < VD, other=0.0)
+    acc = acc * tl.exp(b)[:, None] + tl.dot(scores.to(v_c.dtype), v_c, input_precision=PREC)
+    tl.store(o + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
+             (scale * acc).to(o.dtype.element_ty), mask=offs_v[None, :] < VD)
+
+
+@triton.jit
+def _bwd_states(q, g, do, dhT, dhs, dh0, scale, T, NC,
+                HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, STORE_INIT_GRAD: tl.constexpr,
+                PREC: tl.constexpr):
+    """dhs[c] = adjoint of the state at the end of chunk c; dh0 = adjoint of the initial state."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_hk = i_hv // (HV // HK)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_kv = (offs_k[:, None] < K) & (offs_v[None, :] < VD)
+    tile = offs_k[:, None] * VD + offs_v[None, :]
+    dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_FINAL_GRAD:
+        dh += tl.load(dhT + i_nh * K * VD + tile, mask=mask_kv, other=0.0)
+    for i in range(NC):
+        c = NC - 1 - i
+        tl.store(dhs + (i_nh * NC + c).to(tl.int64) * K * VD + tile, dh.to(dhs.dtype.element_ty), mask=mask_kv)
+        b, b_last = _chunk_log_decay(g, i_n, i_hk, c, T, HK, C)
+        offs_t = c * C + tl.arange(0, C)
+        q_t = tl.load(q + ((i_n * T + offs_t[None, :]) * HV + i_hv).to(tl.int64) * K + offs_k[:, None],
+                      mask=offs_k[:, None] < K, other=0.0)
+        do_c = tl.load(do + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
+                       mask=offs_v[None, :] < VD, other=0.0)
+        q_t = (q_t * (scale * tl.exp(b))[None, :]).to(do_c.dtype)
+        dh = dh * tl.exp(b_last) + tl.dot(q_t, do_c, input_precision=PREC)
+    if STORE_INIT_GRAD:
+        tl.store(dh0 + i_nh * K * VD + tile, dh, mask=mask_kv)
+
+
+@triton.jit
+def _bwd_dv(q, k, g, do, dhs, dv, scale, T, NC,
+            HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
+            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dv_s = scale sum_{t >= s} e^{b_t - b_s} (q_t . k_s) do_t + e^{b_last - b_s} k_s^T dh_end."""
+    i_v, c, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_hk = i_hv // (HV // HK)
+    offs_t = c * C + tl.arange(0, C)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    b, b_last = _chunk_log_decay(g, i_n, i_hk, c, T, HK, C)
+    scores_t = tl.zeros([C, C], dtype=tl.float32)  # [s, t] = k_s . q_t
+    k_dh = tl.zeros([C, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        k_c = tl.load(k + ((i_n * T + offs_t[:, None]) * HK + i_hk).to(tl.int64) * K + offs_k[None, :],
+                      mask=offs_k[None, :] < K, other=0.0)
+        q_t = tl.load(q + ((i_n * T + offs_t[None, :]) * HV + i_hv).to(tl.int64) * K + offs_k[:, None],
+                      mask=offs_k[:, None] < K, other=0.0)
+        dh = tl.load(dhs + (i_nh * NC + c).to(tl.int64) * K * VD + offs_k[:, None] * VD + offs_v[None, :],
+                     mask=(offs_k[:, None] < K) & (offs_v[None, :] < VD), other=0.0)
+        scores_t += tl.dot(k_c, q_t, input_precision=PREC)
+        k_dh += tl.dot(k_c, dh.to(k_c.dtype), input_precision=PREC)
+    later = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]
+    scores_t = tl.where(later, scores_t * tl.exp(tl.where(later, b[None, :] - b[:, None], 0.0)), 0.0)
+    do_c = tl.load(do + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
+                   mask=offs_v[None, :] < VD, other=0.0)
+    grad = scale * tl.dot(scores_t.to(do_c.dtype), do_c, input_precision=PREC) + k_dh * tl.exp(b_last - b)[:, None]
+    tl.store(dv + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
+             grad.to(dv.dtype.element_ty), mask=offs_v[None, :] < VD)
+
+
+@triton.jit
+def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
+             HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk (per query head) and the K-block's part of d/db_t = q_t . dq_t - k_t . dk_t."""
+    i_k, c, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_hk = i_hv // (HV // HK)
+    offs_t = c * C + tl.arange(0, C)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    b, b_last = _chunk_log_decay(g, i_n, i_hk, c, T, HK, C)
+    d_scores = tl.zeros([C, C], dtype=tl.float32)  # [t, s] = do_t . v_s
+    d_scores_t = tl.zeros([C, C], dtype=tl.float32)  # [s, t] = v_s . do_t
+    dq_state = tl.zeros([C, BK], dtype=tl.float32)
+    dk_state = tl.zeros([C, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(VD, BV)):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        row = ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :]
+        col = ((i_n * T + offs_t[None, :]) * HV + i_hv).to(tl.int64) * VD + offs_v[:, None]
+        do_c = tl.load(do + row, mask=offs_v[None, :] < VD, other=0.0)
+        v_c = tl.load(v + row, mask=offs_v[None, :] < VD, other=0.0)
+        do_t = tl.load(do + col, mask=offs_v[:, None] < VD, other=0.0)
+        v_t = tl.load(v + col, mask=offs_v[:, None] < VD, other=0.0)
+        state = (i_nh * NC + c).to(tl.int64) * K * VD + offs_v[:, None] + offs_k[None, :] * VD  # [BV, BK]
+        mask_vk = (offs_v[:, None] < VD) & (offs_k[None, :] < K)
+        h_t = tl.load(hs + state, mask=mask_vk, other=0.0).to(do_c.dtype)
+        dh_t = tl.load(dhs + state, mask=mask_vk, other=0.0).to(do_c.dtype)
+        d_scores += tl.dot(do_c, v_t, input_precision=PREC)
+        d_scores_t += tl.dot(v_c, do_t, input_precision=PREC)
+        dq_state += tl.dot(do_c, h_t, input_precision=PREC)
+        dk_state += tl.dot(v_c, dh_t, input_precision=PREC)
+    rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
+    d_scores = tl.where(rows >= cols, d_scores * tl.exp(tl.where(rows >= cols, b[:, None] - b[None, :], 0.0)), 0.0)
+    d_scores_t = tl.where(rows <= cols, d_scores_t * tl.exp(tl.where(rows <= cols, b[None, :] - b[:, None], 0.0)),
+                          0.0)
+    q_ptr = ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * K + offs_k[None, :]
+    k_ptr = ((i_n * T + offs_t[:, None]) * HK + i_hk).to(tl.int64) * K + offs_k[None, :]
+    q_c = tl.load(q + q_ptr, mask=offs_k[None, :] < K, other=0.0)
+    k_c = tl.load(k + k_ptr, mask=offs_k[None, :] < K, other=0.0)
+    grad_q = scale * (dq_state * tl.exp(b)[:, None] + tl.dot(d_scores.to(k_c.dtype), k_c, input_precision=PREC))
+    grad_k = scale * tl.dot(d_scores_t.to(q_c.dtype), q_c, input_precision=PREC) \
+        + dk_state * tl.exp(b_last - b)[:, None]
+    tl.store(dq + q_ptr, grad_q, mask=offs_k[None, :] < K)
+    tl.store(dk + q_ptr, grad_k, mask=offs_k[None, :] < K)  # per query head; summed over a key head's group
+    part = tl.sum(q_c.to(tl.float32) * grad_q - k_c.to(tl.float32) * grad_k, 1)
+    tl.store(dlogdecay + ((i_k * tl.num_programs(2) + i_nh) * T + offs_t).to(tl.int64), part)
+
+
+def _blocks(K: int, VD: int):
+    BK = max(16, min(64, triton.next_power_of_2(K)))
+    BV = max(16, min(64, triton.next_power_of_2(VD)))
+    return BK, BV
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 inputs keep float32 products (the check against float64 needs it); bf16/fp16 use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class GLAFunction(torch.autograd.Function):
+    """Inputs: q [N, T, HV, K]; k [N, T, HK, K]; v [N, T, HV, Vd] (one dtype); g [N, T, HK] float32;
+    h0 [N, HV, K, Vd] float32 or None.  T a multiple of ``chunk``.  Outputs o (dtype of q), final state float32."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, scale, chunk):
+        N, T, HV, K = q.shape
+        HK, VD = k.shape[2], v.shape[-1]
+        NC = T // chunk
+        BK, BV = _blocks(K, VD)
+        prec = _precision(q.dtype)
+        state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+        hs = q.new_empty(N, HV, NC, K, VD, dtype=state_dtype)
+        hT = q.new_empty(N, HV, K, VD, dtype=torch.float32)
+        meta = dict(HK=HK, HV=HV, K=K, VD=VD, C=chunk, BK=BK, BV=BV, PREC=prec)
+        _fwd_states[(triton.cdiv(K, BK), triton.cdiv(VD, BV), N * HV)](
+            k, v, g, h0, hs, hT, T, NC, HAS_INIT=h0 is not None, STORE_FINAL=True, **meta)
+        o = torch.empty_like(v)
+        _fwd_output[(triton.cdiv(VD, BV), NC, N * HV)](q, k, v, g, hs, o, scale, T, NC, **meta)
+        ctx.save_for_backward(q, k, v, g, h0, hT)
+        ctx.scale, ctx.chunk, ctx.has_init = scale, chunk, h0 is not None
+        return o, hT
+
+    @staticmethod
+    def backward(ctx, do, dhT):
+        q, k, v, g, h0, hT = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        N, T, HV, K = q.shape
+        HK, VD = k.shape[2], v.shape[-1]
+        NC = T // chunk
+        BK, BV = _blocks(K, VD)
+        prec = _precision(q.dtype)
+        state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+        meta = dict(HK=HK, HV=HV, K=K, VD=VD, C=chunk, BK=BK, BV=BV, PREC=prec)
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+        # recompute the chunk-start states (cheaper in memory than keeping them from the forward)
+        hs = q.new_empty(N, HV, NC, K, VD, dtype=state_dtype)
+        _fwd_states[(triton.cdiv(K, BK), triton.cdiv(VD, BV), N * HV)](
+            k, v, g, h0, hs, hs, T, NC, HAS_INIT=h0 is not None, STORE_FINAL=False, **meta)
+        has_final_grad = dhT is not None
+        dhs = torch.empty_like(hs)
+        dh0 = q.new_empty(N, HV, K, VD, dtype=torch.float32) if ctx.has_init else None
+        _bwd_states[(triton.cdiv(K, BK), triton.cdiv(VD, BV), N * HV)](
+            q, g, do, dhT.contiguous() if has_final_grad else None, dhs, dh0, scale, T, NC,
+            HAS_FINAL_GRAD=has_final_grad, STORE_INIT_GRAD=ctx.has_init, **meta)
+        dv = torch.empty_like(v)
+        _bwd_dv[(triton.cdiv(VD, BV), NC, N * HV)](q, k, g, do, dhs, dv, scale, T, NC, **meta)
+        NK = triton.cdiv(K, BK)
+        dq = q.new_empty(N, T, HV, K, dtype=torch.float32)
+        dk_per_query = q.new_empty(N, T, HV, K, dtype=torch.float32)
+        dlogdecay = q.new_empty(NK, N * HV, T, dtype=torch.float32)
+        _bwd_dqk[(NK, NC, N * HV)](q, k, v, g, hs, do, dhs, dq, dk_per_query, dlogdecay, scale, T, NC, **meta)
+        G = HV // HK
+        dk = dk_per_query.reshape(N, T, HK, G, K).sum(3)
+        d_b = dlogdecay.sum(0).reshape(N, HK, G, T).sum(2).transpose(1, 2)  # [N, T, HK]
+        if has_final_grad:  # the final state is read after the last token
+            d_b[:, -1] += (dhT * hT).sum((-1, -2)).reshape(N, HK, G).sum(-1)
+        dg = d_b.flip(1).cumsum(1).flip(1)
+        return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0, None, None
+
+
+def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
+                     initial_state: Optional[torch.Tensor], chunk: int = 64):
+    """Same contract as :func:`palimpsa.ops.torch_gla.gla_chunk_torch` (q, k, v in one float dtype; g float32).
+
+    Returns o [N, T, HV, Vd] in the dtype of q and the final state [N, HV, K, Vd] float32.
+    """
+    T = q.shape[1]
+    chunk = max(16, min(chunk, triton.next_power_of_2(T)))
+    q, k, v, g = (pad_time(x, chunk).contiguous() for x in (q, k, v, g.float()))
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    o, hT = GLAFunction.apply(q, k, v, g, h0, float(scale), chunk)
+    return o[:, :T], hT

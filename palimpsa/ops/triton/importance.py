@@ -1,0 +1,142 @@
+"""The grouped importance scan on a GPU (Triton): iota [N, T, H, G, K] at every token, and its backward.
+
+Same function as :func:`palimpsa.ops.torch_gla.importance_scan_torch`::
+
+    iota_t = I0 + J_t,   J_t = alpha_t J_{t-1} + (k_t ** 2) beta_t[j]      (one [K] row per group j)
+
+One program per (sequence, head, group) walks the chunks in order; inside a chunk the scan is one product of
+the causal decay matrix exp(b_t - b_s) with the chunk's writes (float32 throughout: the importance is a
+denominator).  The backward walks the chunks in reverse with the adjoint
+lambda_t = d iota_t + alpha_{t+1} lambda_{t+1} (the same product with the transposed decay matrix) and gives
+dbeta_t[j] = sum_k lambda k^2, dk_t = 2 k sum_j beta_t[j] lambda[j], and d/db_t = <d iota_t, J_t> - <lambda_t,
+k_t^2 beta_t> for the decay gradient (a reverse cumulative sum).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from palimpsa.ops.torch_gla import pad_time
+
+
+@triton.jit
+def _scan_fwd(k, g, beta, prior, excess0, iota, T, NC,
+              H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              HAS_BETA: tl.constexpr, HAS_INIT: tl.constexpr):
+    i_nhg = tl.program_id(0)
+    i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
+    prior_h = tl.load(prior + i_h)
+    excess = tl.zeros([BK], dtype=tl.float32)
+    if HAS_INIT:
+        excess += tl.load(excess0 + i_nhg * K + offs_k, mask=mask_k, other=0.0)
+    for c in range(NC):
+        offs_t = c * C + tl.arange(0, C)
+        g_c = tl.load(g + (i_n * T + offs_t) * H + i_h)
+        b = tl.cumsum(g_c, 0)
+        b_last = tl.sum(g_c, 0)
+        J = tl.exp(b)[:, None] * excess[None, :]
+        if HAS_BETA:
+            k_c = tl.load(k + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
+                          mask=mask_k[None, :], other=0.0).to(tl.float32)
+            beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
+            writes = k_c * k_c * beta_c[:, None]
+            causal = rows >= cols
+            decay = tl.where(causal, tl.exp(tl.where(causal, b[:, None] - b[None, :], 0.0)), 0.0)
+            J += tl.dot(decay, writes, input_precision="ieee")
+            excess = excess * tl.exp(b_last) + tl.sum(tl.exp(b_last - b)[:, None] * writes, 0)
+        else:
+            excess = excess * tl.exp(b_last)
+        out = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
+        tl.store(iota + out, J + prior_h, mask=mask_k[None, :])
+
+
+@triton.jit
+def _scan_bwd(k, g, beta, prior, iota, d_iota, d_beta, d_k, d_b, d_excess0, T, NC,
+              H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              HAS_BETA: tl.constexpr, HAS_INIT: tl.constexpr):
+    i_nhg = tl.program_id(0)
+    i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
+    prior_h = tl.load(prior + i_h)
+    carry = tl.zeros([BK], dtype=tl.float32)  # adjoint of J at the end of the chunk, from later tokens
+    for i in range(NC):
+        c = NC - 1 - i
+        offs_t = c * C + tl.arange(0, C)
+        g_c = tl.load(g + (i_n * T + offs_t) * H + i_h)
+        b = tl.cumsum(g_c, 0)
+        b_last = tl.sum(g_c, 0)
+        tok = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
+        d_iota_c = tl.load(d_iota + tok, mask=mask_k[None, :], other=0.0)
+        later = rows <= cols  # [t, r]: r >= t
+        decay_t = tl.where(later, tl.exp(tl.where(later, b[None, :] - b[:, None], 0.0)), 0.0)
+        lam = tl.dot(decay_t, d_iota_c, input_precision="ieee") + tl.exp(b_last - b)[:, None] * carry[None, :]
+        excess_c = tl.load(iota + tok, mask=mask_k[None, :], other=0.0) - prior_h
+        d_b_c = tl.sum(d_iota_c * excess_c, 1)
+        if HAS_BETA:
+            k_c = tl.load(k + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
+                          mask=mask_k[None, :], other=0.0).to(tl.float32)
+            beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
+            k2 = k_c * k_c
+            lam_k2 = tl.sum(lam * k2, 1)
+            tl.store(d_beta + ((i_n * T + offs_t) * H + i_h) * G + i_j, lam_k2)
+            tl.store(d_k + tok, 2.0 * k_c * lam * beta_c[:, None], mask=mask_k[None, :])
+            d_b_c -= lam_k2 * beta_c
+        tl.store(d_b + (i_nhg * T + offs_t).to(tl.int64), d_b_c)
+        carry = carry * tl.exp(b_last) + tl.sum(tl.exp(b)[:, None] * d_iota_c, 0)
+    if HAS_INIT:
+        tl.store(d_excess0 + i_nhg * K + offs_k, carry, mask=mask_k)
+
+
+class ImportanceScanFunction(torch.autograd.Function):
+    """k [N, T, H, K] float32; g [N, T, H] float32; beta [N, T, H, G] float32 or None; prior [H] float32;
+    excess0 (J_0) [N, H, G, K] float32 or None.  T a multiple of ``chunk``.  Returns iota [N, T, H, G, K]."""
+
+    @staticmethod
+    def forward(ctx, k, g, beta, prior, excess0, groups, chunk):
+        N, T, H, K = k.shape
+        iota = k.new_empty(N, T, H, groups, K)
+        meta = dict(H=H, G=groups, K=K, C=chunk, BK=max(16, triton.next_power_of_2(K)),
+                    HAS_BETA=beta is not None, HAS_INIT=excess0 is not None)
+        _scan_fwd[(N * H * groups,)](k, g, beta, prior, excess0, iota, T, T // chunk, **meta)
+        ctx.save_for_backward(k, g, beta, prior, iota)
+        ctx.meta = meta
+        return iota
+
+    @staticmethod
+    def backward(ctx, d_iota):
+        k, g, beta, prior, iota = ctx.saved_tensors
+        meta = ctx.meta
+        N, T, H, K = k.shape
+        G = meta["G"]
+        d_iota = d_iota.contiguous()
+        d_beta = torch.empty_like(beta) if beta is not None else None
+        d_k = k.new_empty(N, T, H, G, K) if beta is not None else None
+        d_b = k.new_empty(N, H, G, T)
+        d_excess0 = k.new_empty(N, H, G, K) if meta["HAS_INIT"] else None
+        _scan_bwd[(N * H * G,)](k, g, beta, prior, iota, d_iota, d_beta, d_k, d_b, d_excess0, T, T // meta["C"],
+                                **meta)
+        dk = d_k.sum(3) if d_k is not None else None
+        dg = d_b.sum(2).transpose(1, 2).flip(1).cumsum(1).flip(1)  # [N, T, H]
+        d_prior = d_iota.sum((0, 1, 3, 4))
+        return dk, dg, d_beta, d_prior, d_excess0, None, None
+
+
+def importance_scan_triton(k: torch.Tensor, g: torch.Tensor, beta: Optional[torch.Tensor], prior: torch.Tensor,
+                           initial_excess: Optional[torch.Tensor], groups: int, chunk: int = 64) -> torch.Tensor:
+    """Same contract as :func:`palimpsa.ops.torch_gla.importance_scan_torch` (float32 inputs): iota [N, T, H, G, K]."""
+    T = k.shape[1]
+    chunk = max(16, min(chunk, triton.next_power_of_2(T)))
+    k, g = pad_time(k.float(), chunk).contiguous(), pad_time(g.float(), chunk).contiguous()
+    beta = pad_time(beta.float(), chunk).contiguous() if beta is not None else None
+    excess0 = initial_excess.float().contiguous() if initial_excess is not None else None
+    iota = ImportanceScanFunction.apply(k, g, beta, prior.float().contiguous(), excess0, groups, chunk)
+    return iota[:, :T]

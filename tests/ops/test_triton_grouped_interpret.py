@@ -1,0 +1,59 @@
+"""The grouped-importance Triton kernels (GLA and importance scan), in Triton's CPU interpreter, against the
+float64 naive recurrence: outputs, variance, final states and every gradient, varlen, no metaplasticity.
+
+TRITON_INTERPRET must be set before the kernels are defined, so this module sets it first (as
+test_triton_interpret.py does) and the kernels are imported lazily.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from palimpsa.ops import chunk_palimpsa, naive_palimpsa  # noqa: E402
+from tests.ops.helpers import assert_close_to_reference  # noqa: E402
+from tests.ops.test_grouped import grouped_inputs  # noqa: E402
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def _interpreted():
+    from palimpsa.ops.triton import gla
+
+    if type(gla._fwd_output).__name__ != "InterpretedFunction":
+        pytest.skip("palimpsa.ops.triton was imported before TRITON_INTERPRET=1 was set in this process")
+
+
+def _as_float32(inputs):
+    out = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value.detach().float().requires_grad_(value.requires_grad)
+        elif isinstance(value, tuple):
+            out[name] = tuple(t.detach().float().requires_grad_(t.requires_grad) for t in value)
+        else:
+            out[name] = value
+    return out
+
+
+def _triton(**extra):
+    return lambda **kw: chunk_palimpsa(**kw, backend="triton", chunk_size=16, **extra)
+
+
+@pytest.mark.parametrize("G,initial", [(1, "none"), (2, "grouped"), (None, "none"), (None, "grouped")])
+def test_grouped_kernels_match_reference(G, initial):
+    _interpreted()
+    # K = 24 and V / G = 10 are not powers of two (masked tiles); T = 37 covers 3 chunks, the last partial
+    inputs = _as_float32(grouped_inputs(2, 37, 2, 24, 20, G, initial))
+    assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5)
+
+
+def test_grouped_kernels_varlen():
+    _interpreted()
+    inputs = _as_float32(grouped_inputs(1, 45, 1, 16, 16, 1))
+    cu = torch.tensor([0, 9, 30, 45])
+    assert_close_to_reference(_triton(cu_seqlens=cu), lambda **kw: naive_palimpsa(**kw, cu_seqlens=cu), inputs, 2e-5)
