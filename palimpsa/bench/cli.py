@@ -13,6 +13,11 @@ def add_parser(subparsers) -> None:
                      help="comma-separated shape names (170M-like, 760M-like, d64, d128) or 'all'")
     ops.add_argument("--no-fla", action="store_true", help="skip fla's chunk_simple_gla and chunk_gated_delta_rule")
     ops.add_argument("--no-decode", action="store_true", help="skip the decoding-step timing")
+    ops.add_argument("--no-grouped", action="store_true",
+                     help="skip grouped importance (G = 1) and NotPalimpsa on the GLA-shaped path")
+    ops.add_argument("--fla-bypass-check", action="store_true",
+                     help="time fla's backward even where it refuses this Triton on Hopper (timing only, "
+                          "numerics unchecked; the table says so)")
     ops.add_argument("--out", default=None, help="write the table (markdown) here and the numbers beside it (.json)")
     ops.set_defaults(func=run_ops)
     cpu = verbs.add_parser("cpu", help="chunk_palimpsa fwd+bwd on the CPU against a per-token loop")
@@ -32,7 +37,8 @@ def run_ops(args: argparse.Namespace) -> int:
         raise SystemExit("palimpsa bench ops needs a CUDA GPU")
     shapes = ops.BENCH_SHAPES if args.shapes == "all" else tuple(
         ops.shape_by_name(name.strip()) for name in args.shapes.split(","))
-    result = ops.run_benchmark(shapes, with_fla=not args.no_fla, decode=not args.no_decode)
+    result = ops.run_benchmark(shapes, with_fla=not args.no_fla, decode=not args.no_decode,
+                               grouped=not args.no_grouped, fla_bypass_check=args.fla_bypass_check)
     print(ops.format_table(result), end="")
     if args.out:
         ops.save_result(result, args.out)

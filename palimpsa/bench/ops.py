@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from palimpsa.bench.fla_compat import TIMING_ONLY_NOTE, fla_available, hopper_check_bypassed
+
 FLOOR_FLOPS_PER_ELEMENT = 8
 FP32_PEAK_FLOPS = 67e12  # H100 SXM FP32 (FMA counted as two flops)
 
@@ -136,12 +138,21 @@ def palimpsa_forward(q, k, v, g, beta):
     return chunk_palimpsa_triton(x, False, False)[0]
 
 
-def fla_available() -> bool:
-    try:
-        import fla.ops  # noqa: F401
-    except Exception:
-        return False
-    return True
+def grouped_forward(q, k, v, g, beta):
+    """The grouped (GLA-shaped) path on prepared inputs: beta [B, T, H, G] with G < V, or None."""
+    from palimpsa.ops.checks import prepare_inputs
+    from palimpsa.ops.grouped import grouped_palimpsa
+
+    x = prepare_inputs(q, k, v, g, beta, 1.0, None, None, None, check_values=False)
+    return grouped_palimpsa(x, False, False, None, use_triton=True)[0]
+
+
+def _grouped_g1(q, k, v, g, beta):
+    return grouped_forward(q, k, v, g, beta[..., :1].contiguous())
+
+
+def _not_palimpsa(q, k, v, g, beta):
+    return grouped_forward(q, k, v, g, None)
 
 
 def _fla_simple_gla(q, k, v, g, beta):
@@ -173,16 +184,29 @@ def _try_measure(forward, inputs, grad_names) -> Dict[str, object]:
     return out
 
 
-def bench_shape(shape: Shape, with_fla: bool = True, device="cuda") -> Dict[str, object]:
-    """All timings of one shape (bf16 inputs)."""
+def bench_shape(shape: Shape, with_fla: bool = True, device="cuda", grouped: bool = True,
+                fla_bypass_check: bool = False) -> Dict[str, object]:
+    """All timings of one shape (bf16 inputs).
+
+    ``grouped``: also time grouped importance with G = 1 and no metaplasticity (the GLA-shaped path).
+    ``fla_bypass_check``: time fla's backward with its Hopper check bypassed (timing only, marked).
+    """
     inputs = make_inputs(shape, torch.bfloat16, device)
     grad_names = ("q", "k", "v", "g", "beta")
     row: Dict[str, object] = {"shape": dataclasses.asdict(shape), "floor_ms": shape.floor_ms()}
     row["ours"] = _measure(palimpsa_forward, inputs, grad_names)
     row["ours"]["fwd_over_floor"] = row["ours"]["fwd_ms"] / row["floor_ms"]
+    if grouped:
+        row["grouped_g1"] = _measure(_grouped_g1, inputs, grad_names)
+        row["not_palimpsa"] = _measure(_not_palimpsa, inputs, ("q", "k", "v", "g"))
     if with_fla and fla_available():
-        row["fla_chunk_simple_gla"] = _try_measure(_fla_simple_gla, inputs, ("q", "k", "v", "g"))
-        row["fla_chunk_gated_delta_rule"] = _try_measure(_fla_gated_delta_rule, inputs, ("q", "k", "v", "g", "beta"))
+        with hopper_check_bypassed(fla_bypass_check) as bypassed:
+            row["fla_chunk_simple_gla"] = _try_measure(_fla_simple_gla, inputs, ("q", "k", "v", "g"))
+            row["fla_chunk_gated_delta_rule"] = _try_measure(_fla_gated_delta_rule, inputs,
+                                                             ("q", "k", "v", "g", "beta"))
+        if bypassed:
+            for name in ("fla_chunk_simple_gla", "fla_chunk_gated_delta_rule"):
+                row[name]["note"] = TIMING_ONLY_NOTE
     return row
 
 
@@ -232,8 +256,10 @@ def environment() -> Dict[str, str]:
     return info
 
 
-def run_benchmark(shapes=BENCH_SHAPES, with_fla: bool = True, decode: bool = True) -> Dict[str, object]:
-    rows: List[Dict[str, object]] = [bench_shape(shape, with_fla) for shape in shapes]
+def run_benchmark(shapes=BENCH_SHAPES, with_fla: bool = True, decode: bool = True, grouped: bool = True,
+                  fla_bypass_check: bool = False) -> Dict[str, object]:
+    rows: List[Dict[str, object]] = [bench_shape(shape, with_fla, grouped=grouped, fla_bypass_check=fla_bypass_check)
+                                     for shape in shapes]
     result: Dict[str, object] = {"environment": environment(), "rows": rows}
     if decode:
         result["decode_step"] = bench_decode_step()
@@ -275,6 +301,22 @@ def format_table(result: Dict[str, object]) -> str:
             for key in ("error", "bwd_error"):
                 if key in entry:
                     notes.append(f"- {row['shape']['name']} {name} {key.replace('_', ' ')}: {entry[key]}")
+    if any("grouped_g1" in row for row in result["rows"]):
+        lines += ["", "Grouped importance (G = 1, one importance gate per head and token) and no metaplasticity "
+                      "(NotPalimpsa), both exact, on the GLA-shaped path; fla's chunk_simple_gla beside them:",
+                  "", "| shape | G=1 fwd | G=1 fwd+bwd | G=1 peak MB | NotPalimpsa fwd | NotPalimpsa fwd+bwd | "
+                      "simple_gla fwd | simple_gla fwd+bwd | G=1 / simple_gla fwd+bwd |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in result["rows"]:
+            g1, notp, sgla = row["grouped_g1"], row["not_palimpsa"], row.get("fla_chunk_simple_gla")
+            ratio = (f"{g1['fwd_bwd_ms'] / sgla['fwd_bwd_ms']:.2f}x"
+                     if sgla and "fwd_bwd_ms" in sgla else "n/a")
+            lines.append(
+                f"| {row['shape']['name']} | {g1['fwd_ms']:.3f} | {g1['fwd_bwd_ms']:.3f} | {g1['peak_mb']:.0f} | "
+                f"{notp['fwd_ms']:.3f} | {notp['fwd_bwd_ms']:.3f} | {_cell(sgla, 'fwd_ms')} | "
+                f"{_cell(sgla, 'fwd_bwd_ms')} | {ratio} |")
+    if any((row.get("fla_chunk_simple_gla") or {}).get("note") for row in result["rows"]):
+        lines += ["", f"fla backward numbers: {TIMING_ONLY_NOTE}."]
     if "decode_step" in result:
         d = result["decode_step"]
         lines += ["", f"Decoding step, 760M-like layer, B=1: {d['call_us']:.1f} us per call "
