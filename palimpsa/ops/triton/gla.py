@@ -287,6 +287,12 @@ def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     Returns o [N, T, HV, Vd] in the dtype of q and the final state [N, HV, K, Vd] float32.
     """
     T = q.shape[1]
+    G = q.shape[2] // k.shape[2]
+    if G > 1:
+        # Keys shared by G query heads give illegal memory accesses in bf16 under Triton 3.6 on an H200 (float32
+        # is right): until that is understood, every query head gets its own copy of its keys and decays
+        # (autograd sums their gradients back).
+        k, g = k.repeat_interleave(G, dim=2), g.repeat_interleave(G, dim=2)
     chunk = max(16, min(chunk, triton.next_power_of_2(T)))
     q, k, v, g = (pad_time(x, chunk).contiguous() for x in (q, k, v, g.float()))
     h0 = initial_state.float().contiguous() if initial_state is not None else None
