@@ -40,8 +40,8 @@ import triton.language as tl
 
 from palimpsa.ops.triton.chunk_fwd import forward_step, load_state_part
 from palimpsa.ops.triton.chunk_state import chunk_states
-from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, sequence_bounds,
-                                       state_block, v_block)
+from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, masked_if,
+                                       sequence_bounds, state_block, v_block)
 
 BWD_CHUNK = 32
 
@@ -179,8 +179,8 @@ def unit_scan_kernel(
     for uu in range(0, NU):
         u = NU - 1 - uu
         a_off = ((ubase + u) * H + i_h).to(tl.int64) * K * V
-        local_m = tl.load(adj_mean + a_off + tile, mask=mask & (u > 0), other=0.0)
-        local_p = tl.load(adj_imp + a_off + tile, mask=mask & (u > 0), other=0.0)
+        local_m = tl.load(adj_mean + a_off + tile, mask=masked_if(mask, u > 0), other=0.0)
+        local_p = tl.load(adj_imp + a_off + tile, mask=masked_if(mask, u > 0), other=0.0)
         decay = tl.exp(tl.load(unit_decay + (ubase + u) * H + i_h, mask=u > 0, other=0.0))
         tl.store(adj_mean + a_off + tile, adj_m, mask=mask)
         tl.store(adj_imp + a_off + tile, adj_p, mask=mask)
@@ -196,15 +196,15 @@ def token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, valid
     tok_h = tl.cast(t, tl.int64) * H + i_h
     alpha = tl.exp(tl.load(g + tok_h, mask=valid, other=0.0).to(tl.float32))
     relax = (1.0 - alpha) * prior_h
-    v_t = tl.load(v + tok_h * V + offs_v, mask=mask_v & valid, other=0.0).to(tl.float32)
-    beta_t = tl.load(beta + tok_h * V + offs_v, mask=mask_v & valid, other=0.0).to(tl.float32)
-    k_a = tl.load(k + tok_h * K + offs_a, mask=mask_a & valid, other=0.0).to(tl.float32)
+    v_t = tl.load(v + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(tl.float32)
+    beta_t = tl.load(beta + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(tl.float32)
+    k_a = tl.load(k + tok_h * K + offs_a, mask=masked_if(mask_a, valid), other=0.0).to(tl.float32)
     mean_a, imp_a, r_a = forward_step(mean_a, imp_a, k_a, v_t, beta_t, alpha, relax, FAST)
     mu_a = mean_a * r_a
     mu_b = mu_a
     r_b = r_a
     if HAS_B:
-        k_b = tl.load(k + tok_h * K + offs_b, mask=mask_b & valid, other=0.0).to(tl.float32)
+        k_b = tl.load(k + tok_h * K + offs_b, mask=masked_if(mask_b, valid), other=0.0).to(tl.float32)
         mean_b, imp_b, r_b = forward_step(mean_b, imp_b, k_b, v_t, beta_t, alpha, relax, FAST)
         mu_b = mean_b * r_b
     return mean_a, imp_a, mean_b, imp_b, mu_a, r_a, mu_b, r_b
@@ -245,7 +245,8 @@ def token_backward(mu_a, r_a, mu_b, r_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi
     """Reverse step of token t on both parts; writes its gradients, returns the adjoints for token t - 1."""
     tok_h = tl.cast(t, tl.int64) * H + i_h
     alpha = tl.exp(tl.load(g + tok_h, mask=valid, other=0.0).to(tl.float32))
-    mv = mask_v & valid
+    mv = masked_if(mask_v, valid)
+    ma = masked_if(mask_a, valid)
     v_t = tl.load(v + tok_h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
     beta_t = tl.load(beta + tok_h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
     do_t = tl.load(do + tok_h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
@@ -253,21 +254,22 @@ def token_backward(mu_a, r_a, mu_b, r_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi
         dvar_t = tl.load(dvar + tok_h * V + offs_v, mask=mv, other=0.0).to(tl.float32)
     else:
         dvar_t = do_t
-    q_a = tl.load(q + tok_h * K + offs_a, mask=mask_a & valid, other=0.0).to(tl.float32) * scale
-    k_a = tl.load(k + tok_h * K + offs_a, mask=mask_a & valid, other=0.0).to(tl.float32)
+    q_a = tl.load(q + tok_h * K + offs_a, mask=ma, other=0.0).to(tl.float32) * scale
+    k_a = tl.load(k + tok_h * K + offs_a, mask=ma, other=0.0).to(tl.float32)
     total_m_a, total_p_a, sdi_a, dv_t, dbeta_t, dk_a, dq_a, reader = token_backward_part(
         mu_a, r_a, adj_m_a, adj_p_a, sdi_a, q_a, k_a, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
-    tl.atomic_add(dq + tok_h * K + offs_a, dq_a, mask=mask_a & valid, sem="relaxed")
-    tl.atomic_add(dk + tok_h * K + offs_a, dk_a, mask=mask_a & valid, sem="relaxed")
+    tl.atomic_add(dq + tok_h * K + offs_a, dq_a, mask=ma, sem="relaxed")
+    tl.atomic_add(dk + tok_h * K + offs_a, dk_a, mask=ma, sem="relaxed")
     adj_m_a = alpha * total_m_a
     adj_p_a = alpha * total_p_a
     if HAS_B:
-        q_b = tl.load(q + tok_h * K + offs_b, mask=mask_b & valid, other=0.0).to(tl.float32) * scale
-        k_b = tl.load(k + tok_h * K + offs_b, mask=mask_b & valid, other=0.0).to(tl.float32)
+        mb = masked_if(mask_b, valid)
+        q_b = tl.load(q + tok_h * K + offs_b, mask=mb, other=0.0).to(tl.float32) * scale
+        k_b = tl.load(k + tok_h * K + offs_b, mask=mb, other=0.0).to(tl.float32)
         total_m_b, total_p_b, sdi_b, dv_b, dbeta_b, dk_b, dq_b, reader_b = token_backward_part(
             mu_b, r_b, adj_m_b, adj_p_b, sdi_b, q_b, k_b, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
-        tl.atomic_add(dq + tok_h * K + offs_b, dq_b, mask=mask_b & valid, sem="relaxed")
-        tl.atomic_add(dk + tok_h * K + offs_b, dk_b, mask=mask_b & valid, sem="relaxed")
+        tl.atomic_add(dq + tok_h * K + offs_b, dq_b, mask=mb, sem="relaxed")
+        tl.atomic_add(dk + tok_h * K + offs_b, dk_b, mask=mb, sem="relaxed")
         adj_m_b = alpha * total_m_b
         adj_p_b = alpha * total_p_b
         dv_t += dv_b

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, reciprocal,
-                                       sequence_bounds, v_block)
+from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, masked_if,
+                                       reciprocal, sequence_bounds, v_block)
 
 
 @triton.jit
@@ -48,10 +48,10 @@ def load_token(q, k, v, g, beta, t, valid, i_h, offs_a, mask_a, offs_v, mask_v, 
     """Inputs of token t as float32 (zeros when not ``valid``): g, v, beta, and part A of q, k."""
     tok_h = tl.cast(t, tl.int64) * H + i_h
     g_t = tl.load(g + tok_h, mask=valid, other=0.0).to(tl.float32)
-    v_t = tl.load(v + tok_h * V + offs_v, mask=mask_v & valid, other=0.0).to(tl.float32)
-    beta_t = tl.load(beta + tok_h * V + offs_v, mask=mask_v & valid, other=0.0).to(tl.float32)
-    q_t = tl.load(q + tok_h * K + offs_a, mask=mask_a & valid, other=0.0).to(tl.float32)
-    k_t = tl.load(k + tok_h * K + offs_a, mask=mask_a & valid, other=0.0).to(tl.float32)
+    v_t = tl.load(v + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(tl.float32)
+    beta_t = tl.load(beta + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(tl.float32)
+    q_t = tl.load(q + tok_h * K + offs_a, mask=masked_if(mask_a, valid), other=0.0).to(tl.float32)
+    k_t = tl.load(k + tok_h * K + offs_a, mask=masked_if(mask_a, valid), other=0.0).to(tl.float32)
     return g_t, v_t, beta_t, q_t, k_t
 
 
@@ -59,8 +59,8 @@ def load_token(q, k, v, g, beta, t, valid, i_h, offs_a, mask_a, offs_v, mask_v, 
 def load_token_keys(q, k, t, valid, i_h, offs, mask, H: tl.constexpr, K: tl.constexpr):
     """q and k of token t on the key rows ``offs`` (float32, zeros when not ``valid``)."""
     tok_h = tl.cast(t, tl.int64) * H + i_h
-    q_t = tl.load(q + tok_h * K + offs, mask=mask & valid, other=0.0).to(tl.float32)
-    k_t = tl.load(k + tok_h * K + offs, mask=mask & valid, other=0.0).to(tl.float32)
+    q_t = tl.load(q + tok_h * K + offs, mask=masked_if(mask, valid), other=0.0).to(tl.float32)
+    k_t = tl.load(k + tok_h * K + offs, mask=masked_if(mask, valid), other=0.0).to(tl.float32)
     return q_t, k_t
 
 

@@ -149,6 +149,17 @@ def reciprocal(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def masked_if(mask, cond):
+    """``mask & cond`` for a block mask and a scalar condition (e.g. "token t is inside the sequence").
+
+    Written as a select rather than ``&``: Triton's CPU interpreter (3.7 and later) broadcasts a scalar
+    comparison as int32, and ``tl.load`` then rejects the mask ("mask has unsupported dtype").  Compiled,
+    both forms give the same code.  Kernels combine a block mask with a scalar condition only through this.
+    """
+    return tl.where(cond, mask, False)
+
+
+@triton.jit
 def sequence_bounds(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
     """Token range [bos, eos) of sequence i_n in the flattened [B * T] token axis."""
     if IS_VARLEN:
