@@ -5,8 +5,10 @@ J_t = alpha_t J_{t-1} + k_t^2 outer beta_t.  Both J and M_t = alpha_t M_{t-1} + 
 linear-attention states with the same scalar decay; only the read-out mu_t = M_t / I_t divides.
 
 Forward
-  1. chunk-boundary states by matrix products: M_end = G_C M_start + K^T diag(G_C / G_t) V (same for J);
-     a scan over chunks is the only sequential part;
+  1. chunk-boundary states by matrix products: M_end = G_C M_start + K^T diag(D_t) V (same for J), with
+     D_t the decay from after token t to the chunk's end, summed per segment (palimpsa.ops.decay: never a
+     difference of cumulative sums, so g = -1e4 or -inf stay exact); a scan over chunks is the only
+     sequential part;
   2. outputs: every chunk starts from its chunk-start state and steps through its tokens; all chunks step
      together, so one Python step serves T / C tokens.
   Only the chunk-start (M, J) are kept for the backward: memory O(T (K + V) + (T / C) K V).
@@ -17,9 +19,14 @@ Backward
      chunk's end; this gives every local gradient and the adjoint reaching the chunk's start;
   4. a reverse scan over chunk boundaries gives the adjoint that enters each chunk from the future;
   5. its effect on each token is rank-structured and is added with matrix products.
-  The decay gradient uses the cumulative-log-decay identity
-      dL/db_r = <dM_r^direct, M_r> - <k_r v_r^T, dM_r^acc> + (same for J),   dg_t = sum_{r >= t} dL/db_r,
-  so no state is ever rebuilt by dividing by the decay.
+  The decay gradient is taken directly, token by token: with A_{t-1} = alpha_t dS_t the adjoint that token t
+  hands back to the state before it,
+      dg_t = alpha_t <dS_t, S_{t-1}> = <A_{t-1}, M_{t-1}> + <A^J_{t-1}, J_{t-1}>,
+  from the recomputed states in step 3, plus the future's share in step 5,
+      D_{t-1..C} <carry, S_{t-1}> = G_C <carry, S_start> + sum_{s < t} D_s <carry, k_s v_s^T> (+ J terms).
+  Every term is a product of decays and states, so a saturated decay (alpha_t ~ 0) gets a tiny dg with full
+  relative accuracy (a reverse cumulative sum of O(1) terms would leave float32 noise), and no state is ever
+  rebuilt by dividing by the decay.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Optional
 import torch
 
 from palimpsa.ops.checks import PreparedInputs
+from palimpsa.ops.decay import log_decay_to_end
 from palimpsa.ops.varlen import pad_sequences, unpad_sequences
 
 DEFAULT_CHUNK_SIZE = 64
@@ -59,18 +67,18 @@ def _from_chunks(x: torch.Tensor) -> torch.Tensor:
     return x.permute(*perm).reshape(N, NC * C, H, *x.shape[4:])
 
 
-def _chunk_boundary_states(k, v, beta, log_decay_cum, M0, J0):
+def _chunk_boundary_states(k, v, beta, g, M0, J0):
     """Chunk-start states by matrix products and a scan over chunks.
 
-    k: [C, NC, N, H, K]; v, beta: [C, NC, N, H, V]; log_decay_cum: [C, NC, N, H] (cumsum in chunk);
-    M0, J0: [N, H, K, V].  Returns M_starts, J_starts [NC, N, H, K, V] and the final M, J [N, H, K, V].
+    k: [C, NC, N, H, K]; v, beta: [C, NC, N, H, V]; g: [C, NC, N, H] log decays; M0, J0: [N, H, K, V].
+    Returns M_starts, J_starts [NC, N, H, K, V] and the final M, J [N, H, K, V].
     """
-    to_end = torch.exp(log_decay_cum[-1:] - log_decay_cum)[..., None]  # [C, NC, N, H, 1]
+    to_end = torch.exp(log_decay_to_end(g, 0))[..., None]  # [C, NC, N, H, 1]
     kw = (k * to_end).permute(1, 2, 3, 4, 0)  # [NC, N, H, K, C]
     k2w = (k * k * to_end).permute(1, 2, 3, 4, 0)
     U_M = kw @ v.permute(1, 2, 3, 0, 4)  # [NC, N, H, K, V]
     U_J = k2w @ beta.permute(1, 2, 3, 0, 4)
-    chunk_decay = torch.exp(log_decay_cum[-1])[..., None, None]  # [NC, N, H, 1, 1]
+    chunk_decay = torch.exp(g.sum(0))[..., None, None]  # [NC, N, H, 1, 1]
     M_starts, J_starts = [], []
     M, J = M0, J0
     for c in range(U_M.shape[0]):
@@ -111,14 +119,14 @@ def _chunk_outputs(q, k, v, beta, alpha, M_starts, J_starts, prior, scale, outpu
     return outputs, variances
 
 
-def _chunk_local_backward(q, k, v, beta, alpha, o, var, do, dvar, M_start, J_start, prior, scale):
+def _chunk_local_backward(q, k, v, beta, alpha, do, dvar, M_start, J_start, prior, scale):
     """Recompute one block of chunks and walk it backwards with a zero adjoint at each chunk's end.
 
-    Shapes as in :func:`_chunk_outputs`; o, do: [C, P, V] (the forward output and its gradient); var, dvar:
-    [C, P, V] or None.  Returns dq, dk [C, P, K]; dv, dbeta [C, P, V]; dLdb [C, P]; dprior [P]; and the
-    local adjoints reaching the chunk start, dM_start and dJ_start [P, K, V].
+    Shapes as in :func:`_chunk_outputs`; do: [C, P, V] (the output gradient); dvar: [C, P, V] or None.
+    Returns dq, dk [C, P, K]; dv, dbeta [C, P, V]; dg [C, P] (the chunk-local part of the decay gradient);
+    dprior [P]; and the local adjoints reaching the chunk start, dM_start and dJ_start [P, K, V].
     """
-    C = q.shape[0]
+    C, P = alpha.shape
     Ms, Js = [], []
     M, J = M_start, J_start
     k2 = k * k
@@ -131,14 +139,11 @@ def _chunk_local_backward(q, k, v, beta, alpha, o, var, do, dvar, M_start, J_sta
 
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
+    dg = torch.empty_like(alpha)
     neg_dprior_t = torch.empty_like(alpha)
     dM = torch.zeros_like(M_start)
     dJ = torch.zeros_like(J_start)
     s2 = scale * scale
-    prior_flat = prior.reshape(-1)
-    # Reader terms of dL/db: <dM_direct, M_t> = <do_t, o_t>; <dI_direct, J_t> = <dI_direct, I_t> - I0 sum(dI_direct)
-    # with <dI_direct, I_t> = -(<do_t, o_t> + <dvar_t, var_t>): only vectors are needed.
-    dvar_var = (dvar * var).sum(-1) if dvar is not None else None
     for t in reversed(range(C)):
         M = Ms[t]
         r_imp = (Js[t] + prior).reciprocal_()
@@ -158,14 +163,16 @@ def _chunk_local_backward(q, k, v, beta, alpha, o, var, do, dvar, M_start, J_sta
         torch.bmm(k2[t][:, None, :], dJ, out=dbeta[t][:, None, :])
         neg_dprior_t[t] = neg_d_imp.sum((1, 2))
         a = alpha[t][:, None, None]
-        dM.mul_(a)
+        dM.mul_(a)  # now the adjoint handed to the state before token t
         dJ.mul_(a)
-    reader = prior_flat * neg_dprior_t
-    if dvar is not None:
-        reader = reader - dvar_var
-    writer = (dv * v).sum(-1) + (dbeta * beta).sum(-1)
-    dLdb = reader - writer
-    return dq, dk, dv, dbeta, dLdb, -neg_dprior_t.sum(0), dM, dJ
+        M_before, J_before = (Ms[t - 1], Js[t - 1]) if t > 0 else (M_start, J_start)
+        dg[t] = _inner(dM, M_before) + _inner(dJ, J_before)  # = alpha_t <dS_t, S_{t-1}>
+    return dq, dk, dv, dbeta, dg, -neg_dprior_t.sum(0), dM, dJ
+
+
+def _inner(x, y):
+    """<x, y> over the state dimensions: x, y [P, K, V] -> [P]."""
+    return (x * y).sum((1, 2))
 
 
 class ChunkPalimpsaFunction(torch.autograd.Function):
@@ -179,11 +186,11 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, prior, M0, J0, scale, chunk, output_variance):
         N, T, H, K = q.shape
         qc, kc, vc, bc = (_to_chunks(x, chunk) for x in (q, k, v, beta))
-        b = _to_chunks(g, chunk).cumsum(0)  # [C, NC, N, H]
-        M_starts, J_starts, M_T, J_T = _chunk_boundary_states(kc, vc, bc, b, M0, J0)
+        gc = _to_chunks(g, chunk)  # [C, NC, N, H]
+        M_starts, J_starts, M_T, J_T = _chunk_boundary_states(kc, vc, bc, gc, M0, J0)
         C, NC = qc.shape[:2]
         V = v.shape[-1]
-        alpha_c = _to_chunks(g, chunk).exp()
+        alpha_c = gc.exp()
         outs, variances = [], []
         for c0, c1 in _chunk_blocks(NC, N * H * K * V):
             P = (c1 - c0) * N * H
@@ -197,13 +204,13 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
             variances.append(var_blk.reshape(C, c1 - c0, N, H, V) if output_variance else None)
         o = _from_chunks(torch.cat(outs, 1))
         var = _from_chunks(torch.cat(variances, 1)) if output_variance else o.new_empty(0)
-        ctx.save_for_backward(q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T, o, var)
+        ctx.save_for_backward(q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T)
         ctx.scale, ctx.chunk, ctx.output_variance = scale, chunk, output_variance
         return o, var, M_T, J_T
 
     @staticmethod
     def backward(ctx, do, dvar, dM_T, dJ_T):
-        q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T, o, var = ctx.saved_tensors
+        q, k, v, g, beta, prior, M_starts, J_starts, M_T, J_T = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         N, T, H, K = q.shape
         V = v.shape[-1]
@@ -212,20 +219,17 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         C, NC = qc.shape[:2]
         do_c = _to_chunks(do if do is not None else torch.zeros_like(v), chunk)
         dvar_c = _to_chunks(dvar, chunk) if (ctx.output_variance and dvar is not None) else None
-        o_c = _to_chunks(o, chunk)
-        var_c = _to_chunks(var, chunk) if dvar_c is not None else None
         dM_T = torch.zeros_like(M_T) if dM_T is None else dM_T
         dJ_T = torch.zeros_like(J_T) if dJ_T is None else dJ_T
 
         # Local backward, a block of chunks at a time.
-        grads = {name: [] for name in ("dq", "dk", "dv", "dbeta", "dLdb", "dprior", "dM", "dJ")}
+        grads = {name: [] for name in ("dq", "dk", "dv", "dbeta", "dg", "dprior", "dM", "dJ")}
         for c0, c1 in _chunk_blocks(NC, N * H * K * V):
             P = (c1 - c0) * N * H
             flat = lambda x, d: x[:, c0:c1].reshape(C, P, d)  # noqa: E731
             prior_p = prior.reshape(1, 1, H).expand(c1 - c0, N, H).reshape(P, 1, 1)
             out = _chunk_local_backward(
                 flat(qc, K), flat(kc, K), flat(vc, V), flat(bc, V), gc[:, c0:c1].exp().reshape(C, P),
-                flat(o_c, V), flat(var_c, V) if dvar_c is not None else None,
                 flat(do_c, V), flat(dvar_c, V) if dvar_c is not None else None,
                 M_starts[c0:c1].reshape(P, K, V), J_starts[c0:c1].reshape(P, K, V), prior_p, scale,
             )
@@ -236,14 +240,13 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         dk = torch.cat(grads["dk"], 1).reshape(*shape_tok, K)
         dv = torch.cat(grads["dv"], 1).reshape(*shape_tok, V)
         dbeta = torch.cat(grads["dbeta"], 1).reshape(*shape_tok, V)
-        dLdb = torch.cat(grads["dLdb"], 1).reshape(*shape_tok)
+        dg = torch.cat(grads["dg"], 1).reshape(*shape_tok)
         dprior = torch.cat(grads["dprior"]).reshape(NC, N, H).sum((0, 1))
         dM_local = torch.cat(grads["dM"]).reshape(NC, N, H, K, V)
         dJ_local = torch.cat(grads["dJ"]).reshape(NC, N, H, K, V)
 
         # Adjoint entering each chunk from its end (later chunks and the final state).
-        b = gc.cumsum(0)
-        chunk_decay = torch.exp(b[-1])[..., None, None]  # [NC, N, H, 1, 1]
+        chunk_decay = torch.exp(gc.sum(0))[..., None, None]  # [NC, N, H, 1, 1]
         carry_M, carry_J = [None] * NC, [None] * NC
         cM, cJ = dM_T, dJ_T
         for c in reversed(range(NC)):
@@ -254,8 +257,8 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         carry_M = torch.stack(carry_M)  # [NC, N, H, K, V]
         carry_J = torch.stack(carry_J)
 
-        # Its effect on every token: adjoint_t += exp(b_end - b_t) * carry (rank-structured).
-        to_end = torch.exp(b[-1:] - b)[..., None]  # [C, NC, N, H, 1]
+        # Its effect on every token: adjoint_t += D_t * carry, D_t the decay from after t to the chunk's end.
+        to_end = torch.exp(log_decay_to_end(gc, 0))[..., None]  # [C, NC, N, H, 1]
         k2 = kc * kc
         k_carry = torch.einsum("cxnhk,xnhkv->cxnhv", kc, carry_M) * to_end
         carry_v = torch.einsum("xnhkv,cxnhv->cxnhk", carry_M, vc) * to_end
@@ -264,11 +267,13 @@ class ChunkPalimpsaFunction(torch.autograd.Function):
         dv = dv + k_carry
         dbeta = dbeta + k2_carry
         dk = dk + carry_v + 2 * kc * carry_b
-        dLdb = dLdb - (k_carry * vc).sum(-1) - (k2_carry * bc).sum(-1)
-        # The final state is read at the last position.
-        dLdb[-1, -1] += (dM_T * M_T).sum((-1, -2)) + (dJ_T * J_T).sum((-1, -2))
-        dg = _from_chunks(dLdb).flip(1).cumsum(1).flip(1)
-        return (_from_chunks(dq), _from_chunks(dk), _from_chunks(dv), dg, _from_chunks(dbeta), dprior,
+        # Decay gradient, the carry's share: G_C <carry, S_start> + sum_{s < t} D_s <carry, k_s v_s^T> (+ J).
+        start_share = chunk_decay[..., 0, 0] * ((carry_M * M_starts).sum((-1, -2))
+                                                + (carry_J * J_starts).sum((-1, -2)))
+        writes = (k_carry * vc).sum(-1) + (k2_carry * bc).sum(-1)  # [C, NC, N, H]
+        earlier_writes = torch.cat([torch.zeros_like(writes[:1]), writes[:-1].cumsum(0)])
+        dg = dg + start_share + earlier_writes
+        return (_from_chunks(dq), _from_chunks(dk), _from_chunks(dv), _from_chunks(dg), _from_chunks(dbeta), dprior,
                 dM0, dJ0, None, None, None)
 
 
