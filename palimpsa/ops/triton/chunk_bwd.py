@@ -10,20 +10,21 @@ Notation (one head, [K, V] tiles, element-wise unless noted; I = I0 + P, r = 1 /
     gradients:
         dq_t = s sum_v do mu + 2 s^2 q sum_v dvar r
         dk_t = sum_v dM_t v_t + 2 k_t sum_v dP_t beta_t,   dv_t = sum_k k_t dM_t,   dbeta_t = sum_k k_t^2 dP_t
-        dlogb_t = sum_kv (DM_t M_t + DI_t P_t) - sum_v (v_t dv_t + beta_t dbeta_t)   (reader - writer terms
-                  of the cumulative log decay b); dg = reverse cumulative sum of dlogb over the sequence
+        dg_{t+1} = alpha_{t+1} sum_kv (dM_{t+1} M_t + dP_{t+1} P_t)   (the adjoint handed back to the state
+                   after token t, times that state: taken directly, so a saturated decay gets its tiny dg with
+                   full relative accuracy; dg of a sequence's first token comes from the initial state)
         dI0 = sum_t sum_kv DI_t (- sum dP_0 when an initial state is given)
 
 Work plan (states are recomputed, only chunk-start states and one adjoint pair per unit are stored):
 1. ``chunk_states`` recomputes (M, I) at every chunk start (matmuls).
 2. The tokens of a sequence are grouped in units of U chunks.  ``unit_local_adjoint_kernel`` walks each
-   unit forward from its start state and sums exp(b_t - b_start) (DM_t, DI_t): the unit's adjoint seen
-   from its start, in parallel over units.
+   unit forward from its start state and sums exp(b_t) (DM_t, DI_t), b_t the log decay from the unit's
+   start (a running sum, never differenced): the unit's adjoint seen from its start, in parallel over units.
 3. ``unit_scan_kernel`` turns those into the adjoint entering each unit from its end (a short reverse scan
    over units, starting from the final-state gradient).
 4. ``unit_bwd_kernel`` walks each unit backward: for every sub-block of 4 tokens (last first) it rebuilds
    the sub-block's start state from the chunk-start state by element-wise steps, steps 4 tokens forward
-   keeping their (mu, r) in registers, then steps them in reverse accumulating dM, dP and writing all
+   keeping their states (M, I) in registers, then steps them in reverse accumulating dM, dP and writing all
    gradients.  The backward uses its own chunks of BWD_CHUNK = 32 tokens (the fewest the memory budget
    allows), so rebuilding costs about 2 extra state steps per token.  (Rebuilding sub-block states by
    tensor-core matmuls instead made Triton run the whole sweep in the MMA accumulator layout, with warps
@@ -41,7 +42,7 @@ import triton.language as tl
 from palimpsa.ops.triton.chunk_fwd import forward_step, load_state_part
 from palimpsa.ops.triton.chunk_state import chunk_states
 from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, masked_if,
-                                       sequence_bounds, state_block, v_block)
+                                       reciprocal, sequence_bounds, state_block, v_block)
 
 BWD_CHUNK = 32
 
@@ -140,14 +141,14 @@ def unit_local_adjoint_kernel(
 
 @triton.jit
 def unit_scan_kernel(
-    prior, adj_mean, adj_imp, unit_decay, final_mu, final_imp, dmu_final, dimp_final, extra_reader,
-    extra_dprior, cu_seqlens, unit_offsets, T,
+    prior, adj_mean, adj_imp, unit_decay, final_mu, final_imp, dmu_final, dimp_final, extra_dprior,
+    cu_seqlens, unit_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DFINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Grid (V blocks, K blocks, N * H).  In place: adj_*[unit] <- adjoint of (M, P) entering the unit
-    from its end (the final-state gradient for the last unit).  extra_*: the final state's reader term
-    of dlogb at the last token and its share of dI0, per program."""
+    from its end (the final-state gradient for the last unit).  extra_dprior: the final state's share of
+    dI0, per program."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(i_n, cu_seqlens, T, IS_VARLEN)
@@ -163,7 +164,6 @@ def unit_scan_kernel(
     adj_m = tl.zeros([BK, BV], dtype=tl.float32)
     adj_p = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DFINAL:
-        prior_h = tl.load(prior + i_h).to(tl.float32)
         f_off = i_nh.to(tl.int64) * K * V
         mu = tl.load(final_mu + f_off + tile, mask=mask, other=0.0)
         imp = tl.load(final_imp + f_off + tile, mask=mask, other=1.0)
@@ -172,9 +172,7 @@ def unit_scan_kernel(
         r = 1.0 / imp
         adj_m = dmu * r
         adj_p = dimp - dmu * mu * r
-        reader = tl.sum(tl.sum(adj_m * mu * imp + adj_p * (imp - prior_h), 1), 0)
         slot = (i_k * tl.num_programs(0) + i_v) * tl.num_programs(2) + i_nh
-        tl.store(extra_reader + slot, reader)
         tl.store(extra_dprior + slot, tl.sum(tl.sum(adj_p, 1), 0))
     for uu in range(0, NU):
         u = NU - 1 - uu
@@ -191,58 +189,55 @@ def unit_scan_kernel(
 @triton.jit
 def token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, valid, i_h, offs_a, mask_a,
                   offs_b, mask_b, offs_v, mask_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  HAS_B: tl.constexpr, FAST: tl.constexpr):
-    """Advance both state parts by token t (a no-op when not ``valid``); returns states and (mu, r)."""
+                  HAS_B: tl.constexpr):
+    """Advance both state parts (M, I) by token t (a no-op when not ``valid``); returns the new states."""
     tok_h = tl.cast(t, tl.int64) * H + i_h
     alpha = tl.exp(tl.load(g + tok_h, mask=valid, other=0.0).to(tl.float32))
     relax = (1.0 - alpha) * prior_h
     v_t = tl.load(v + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(tl.float32)
     beta_t = tl.load(beta + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(tl.float32)
     k_a = tl.load(k + tok_h * K + offs_a, mask=masked_if(mask_a, valid), other=0.0).to(tl.float32)
-    mean_a, imp_a, r_a = forward_step(mean_a, imp_a, k_a, v_t, beta_t, alpha, relax, FAST)
-    mu_a = mean_a * r_a
-    mu_b = mu_a
-    r_b = r_a
+    imp_a = alpha * imp_a + ((k_a * k_a)[:, None] * beta_t[None, :] + relax)
+    mean_a = alpha * mean_a + k_a[:, None] * v_t[None, :]
     if HAS_B:
         k_b = tl.load(k + tok_h * K + offs_b, mask=masked_if(mask_b, valid), other=0.0).to(tl.float32)
-        mean_b, imp_b, r_b = forward_step(mean_b, imp_b, k_b, v_t, beta_t, alpha, relax, FAST)
-        mu_b = mean_b * r_b
-    return mean_a, imp_a, mean_b, imp_b, mu_a, r_a, mu_b, r_b
+        imp_b = alpha * imp_b + ((k_b * k_b)[:, None] * beta_t[None, :] + relax)
+        mean_b = alpha * mean_b + k_b[:, None] * v_t[None, :]
+    return mean_a, imp_a, mean_b, imp_b
 
 
 @triton.jit
-def token_backward_part(mu, r, adj_m, adj_p, sdi, q, k, v_t, beta_t, do_t, dvar_t, prior_h, scale,
-                        HAS_DVAR: tl.constexpr):
-    """Reverse step of one token on one state part.
+def token_backward_part(mean, imp, adj_m, adj_p, sdi, q, k, v_t, beta_t, do_t, dvar_t, prior_h, scale,
+                        HAS_DVAR: tl.constexpr, FAST: tl.constexpr):
+    """Reverse step of one token on one state part, (mean, imp) = (M_t, I_t) its state after the token.
 
     Returns the adjoints handed to the previous token (before the decay), the running sum of DI, and the
-    partial gradients: dv, dbeta (over this part's K rows), dk, dq (this part's rows), sum_kv of the
-    reader tile.
+    partial gradients: dv, dbeta (over this part's K rows), dk, dq (this part's rows), and this part's
+    share of dg of the *next* token, sum_kv (adj_m M_t + adj_p P_t) with the adjoints that token handed back.
     """
-    d_mean, d_imp, dm, dvr = direct_adjoints(mu, r, q, do_t, dvar_t, HAS_DVAR)
+    dg_next = tl.sum(tl.sum(adj_m * mean + adj_p * (imp - prior_h), 1), 0)
+    r = reciprocal(imp, FAST)
+    d_mean, d_imp, dm, dvr = direct_adjoints(mean * r, r, q, do_t, dvar_t, HAS_DVAR)
     if HAS_DVAR:
-        z = (q * q)[:, None] * dvr
-        reader = z + prior_h * d_imp
         dq = tl.sum(scale * dm + (2.0 * scale * q)[:, None] * dvr, 1)
     else:
-        reader = prior_h * d_imp
         dq = tl.sum(scale * dm, 1)
     total_m = d_mean + adj_m
     total_p = d_imp + adj_p
     dv = tl.sum(k[:, None] * total_m, 0)
     dbeta = tl.sum((k * k)[:, None] * total_p, 0)
     dk = tl.sum(total_m * v_t[None, :] + (2.0 * k)[:, None] * (total_p * beta_t[None, :]), 1)
-    reader_sum = tl.sum(tl.sum(reader, 1), 0)
-    return total_m, total_p, sdi + d_imp, dv, dbeta, dk, dq, reader_sum
+    return total_m, total_p, sdi + d_imp, dv, dbeta, dk, dq, dg_next
 
 
 @triton.jit
-def token_backward(mu_a, r_a, mu_b, r_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                   q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t, valid, i_v, i_h,
-                   offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
+def token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                   q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t, valid, eos, i_v,
+                   i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr,
-                   HAS_DVAR: tl.constexpr):
-    """Reverse step of token t on both parts; writes its gradients, returns the adjoints for token t - 1."""
+                   HAS_DVAR: tl.constexpr, FAST: tl.constexpr):
+    """Reverse step of token t on both parts, (mean, imp) its states after the token; writes its gradients
+    and (this V block's share of) dg of token t + 1, returns the adjoints for token t - 1."""
     tok_h = tl.cast(t, tl.int64) * H + i_h
     alpha = tl.exp(tl.load(g + tok_h, mask=valid, other=0.0).to(tl.float32))
     mv = masked_if(mask_v, valid)
@@ -256,8 +251,9 @@ def token_backward(mu_a, r_a, mu_b, r_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi
         dvar_t = do_t
     q_a = tl.load(q + tok_h * K + offs_a, mask=ma, other=0.0).to(tl.float32) * scale
     k_a = tl.load(k + tok_h * K + offs_a, mask=ma, other=0.0).to(tl.float32)
-    total_m_a, total_p_a, sdi_a, dv_t, dbeta_t, dk_a, dq_a, reader = token_backward_part(
-        mu_a, r_a, adj_m_a, adj_p_a, sdi_a, q_a, k_a, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
+    total_m_a, total_p_a, sdi_a, dv_t, dbeta_t, dk_a, dq_a, dg_next = token_backward_part(
+        mean_a, imp_a, adj_m_a, adj_p_a, sdi_a, q_a, k_a, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR,
+        FAST)
     tl.atomic_add(dq + tok_h * K + offs_a, dq_a, mask=ma, sem="relaxed")
     tl.atomic_add(dk + tok_h * K + offs_a, dk_a, mask=ma, sem="relaxed")
     adj_m_a = alpha * total_m_a
@@ -266,19 +262,19 @@ def token_backward(mu_a, r_a, mu_b, r_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi
         mb = masked_if(mask_b, valid)
         q_b = tl.load(q + tok_h * K + offs_b, mask=mb, other=0.0).to(tl.float32) * scale
         k_b = tl.load(k + tok_h * K + offs_b, mask=mb, other=0.0).to(tl.float32)
-        total_m_b, total_p_b, sdi_b, dv_b, dbeta_b, dk_b, dq_b, reader_b = token_backward_part(
-            mu_b, r_b, adj_m_b, adj_p_b, sdi_b, q_b, k_b, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
+        total_m_b, total_p_b, sdi_b, dv_b, dbeta_b, dk_b, dq_b, dg_next_b = token_backward_part(
+            mean_b, imp_b, adj_m_b, adj_p_b, sdi_b, q_b, k_b, v_t, beta_t, do_t, dvar_t, prior_h, scale,
+            HAS_DVAR, FAST)
         tl.atomic_add(dq + tok_h * K + offs_b, dq_b, mask=mb, sem="relaxed")
         tl.atomic_add(dk + tok_h * K + offs_b, dk_b, mask=mb, sem="relaxed")
         adj_m_b = alpha * total_m_b
         adj_p_b = alpha * total_p_b
         dv_t += dv_b
         dbeta_t += dbeta_b
-        reader += reader_b
+        dg_next += dg_next_b
     tl.store(dv + tok_h * V + offs_v, dv_t.to(dv.dtype.element_ty), mask=mv)
     tl.store(dbeta + tok_h * V + offs_v, dbeta_t.to(dbeta.dtype.element_ty), mask=mv)
-    writer = tl.sum(v_t * dv_t + beta_t * dbeta_t, 0)
-    tl.store(dlogb + i_v * NTOK * H + tok_h, -reader - writer, mask=valid)
+    tl.store(dg_part + i_v * NTOK * H + tok_h + H, dg_next, mask=valid & (t + 1 < eos))
     return adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b
 
 
@@ -306,7 +302,7 @@ def advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t_start, t_end
 @triton.jit
 def unit_bwd_kernel(
     q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar,
-    dq, dk, dv, dbeta, dlogb, dprior, dmu0, dimp0,
+    dq, dk, dv, dbeta, dg_part, dprior, dmu0, dimp0,
     cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
     KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
@@ -316,9 +312,10 @@ def unit_bwd_kernel(
 
     Chunks of C tokens (last first) split into segments of 16 tokens (last first) and sub-blocks of 4
     tokens (last first).  A sub-block's start state is rebuilt from the chunk-start state by element-wise
-    steps (on average 2 per token for C = 32); its 4 tokens are stepped forward keeping (mu, r), then in
-    reverse.  dq, dk: float32 accumulators [B*T, H, K] (atomic adds over V blocks); dv, dbeta:
-    [B*T, H, V]; dlogb: [NV, B*T, H]; dprior: [NV, units, H]; dmu0, dimp0: [N, H, K, V].
+    steps (on average 2 per token for C = 32); its 4 tokens are stepped forward keeping their states (M, I),
+    then in reverse.  dq, dk: float32 accumulators [B*T, H, K] (atomic adds over V blocks); dv, dbeta:
+    [B*T, H, V]; dg_part: [NV, B*T, H], zero-initialised (dg per V block); dprior: [NV, units, H];
+    dmu0, dimp0: [N, H, K, V].
     """
     i_v, i_u, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HAS_B: tl.constexpr = KB > 0
@@ -387,40 +384,44 @@ def unit_bwd_kernel(
                 mean_a, imp_a, mean_b, imp_b = advance(
                     mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start, t0, i_h,
                     offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B)
-                # four tokens forward, keeping (mu, r) of each
-                mean_a, imp_a, mean_b, imp_b, mu0_a, r0_a, mu0_b, r0_b = token_forward(
+                # four tokens forward, keeping the states (M, I) after each
+                mean_a, imp_a, mean_b, imp_b = token_forward(
                     mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0, s < seg_tok, i_h,
-                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
-                mean_a, imp_a, mean_b, imp_b, mu1_a, r1_a, mu1_b, r1_b = token_forward(
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B)
+                m0_a, i0_a, m0_b, i0_b = mean_a, imp_a, mean_b, imp_b
+                mean_a, imp_a, mean_b, imp_b = token_forward(
                     mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 1, s + 1 < seg_tok, i_h,
-                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
-                mean_a, imp_a, mean_b, imp_b, mu2_a, r2_a, mu2_b, r2_b = token_forward(
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B)
+                m1_a, i1_a, m1_b, i1_b = mean_a, imp_a, mean_b, imp_b
+                mean_a, imp_a, mean_b, imp_b = token_forward(
                     mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 2, s + 2 < seg_tok, i_h,
-                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
-                mean_a, imp_a, mean_b, imp_b, mu3_a, r3_a, mu3_b, r3_b = token_forward(
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B)
+                m2_a, i2_a, m2_b, i2_b = mean_a, imp_a, mean_b, imp_b
+                mean_a, imp_a, mean_b, imp_b = token_forward(
                     mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + 3, s + 3 < seg_tok, i_h,
-                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B, FAST)
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, H, K, V, HAS_B)
+                m3_a, i3_a, m3_b, i3_b = mean_a, imp_a, mean_b, imp_b
                 # the same four tokens in reverse
                 adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
-                    mu3_a, r3_a, mu3_b, r3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 3,
-                    s + 3 < seg_tok, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
-                    H, K, V, HAS_B, HAS_DVAR)
+                    m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 3,
+                    s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
+                    H, K, V, HAS_B, HAS_DVAR, FAST)
                 adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
-                    mu2_a, r2_a, mu2_b, r2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 2,
-                    s + 2 < seg_tok, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
-                    H, K, V, HAS_B, HAS_DVAR)
+                    m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 2,
+                    s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
+                    H, K, V, HAS_B, HAS_DVAR, FAST)
                 adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
-                    mu1_a, r1_a, mu1_b, r1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0 + 1,
-                    s + 1 < seg_tok, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
-                    H, K, V, HAS_B, HAS_DVAR)
+                    m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 1,
+                    s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
+                    H, K, V, HAS_B, HAS_DVAR, FAST)
                 adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = token_backward(
-                    mu0_a, r0_a, mu0_b, r0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dlogb, prior_h, scale, t0,
-                    s < seg_tok, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
-                    H, K, V, HAS_B, HAS_DVAR)
+                    m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0,
+                    s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, NTOK,
+                    H, K, V, HAS_B, HAS_DVAR, FAST)
 
     # adjoints now refer to the state before the unit's first token
     dprior_sum = tl.sum(tl.sum(sdi_a, 1), 0)
@@ -436,6 +437,8 @@ def unit_bwd_kernel(
             tl.store(dmu0 + s_off + tile_a, adj_m_a * imp_init, mask=m_a)
             tl.store(dimp0 + s_off + tile_a, adj_m_a * mu_init + adj_p_a, mask=m_a)
             dprior_sum -= tl.sum(tl.sum(adj_p_a, 1), 0)
+            # dg of the first token: the adjoint it handed back times the initial (M, P) (zero without one)
+            dg_first = tl.sum(tl.sum(adj_m_a * (mu_init * imp_init) + adj_p_a * (imp_init - prior_h), 1), 0)
             if HAS_B:
                 tile_b = offs_b[:, None] * V + offs_v[None, :]
                 m_b = mask_b[:, None] & mask_v[None, :]
@@ -444,22 +447,9 @@ def unit_bwd_kernel(
                 tl.store(dmu0 + s_off + tile_b, adj_m_b * imp_init, mask=m_b)
                 tl.store(dimp0 + s_off + tile_b, adj_m_b * mu_init + adj_p_b, mask=m_b)
                 dprior_sum -= tl.sum(tl.sum(adj_p_b, 1), 0)
+                dg_first += tl.sum(tl.sum(adj_m_b * (mu_init * imp_init) + adj_p_b * (imp_init - prior_h), 1), 0)
+            tl.store(dg_part + i_v * NTOK * H + tl.cast(bos, tl.int64) * H + i_h, dg_first)
     tl.store(dprior + (i_v * tl.num_programs(1) + i_u) * H + i_h, dprior_sum)
-
-
-@triton.jit
-def reverse_cumsum_kernel(x, out, cu_seqlens, T, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """out[t] = sum of x over tokens t..end of t's sequence; x, out [B*T, H] float32.  Grid (N * H,)."""
-    i_nh = tl.program_id(0)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = sequence_bounds(i_n, cu_seqlens, T, IS_VARLEN)
-    carry = tl.sum(tl.zeros([1], dtype=tl.float32), 0)
-    for ib in range(0, tl.cdiv(eos - bos, BT)):
-        tok = eos - 1 - ib * BT - tl.arange(0, BT)
-        mask = tok >= bos
-        vals = tl.load(x + tok.to(tl.int64) * H + i_h, mask=mask, other=0.0)
-        tl.store(out + tok.to(tl.int64) * H + i_h, tl.cumsum(vals, 0) + carry, mask=mask)
-        carry += tl.sum(vals, 0)
 
 
 def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk_size: int,
@@ -517,12 +507,11 @@ def chunk_bwd(
         )
     BKs, BVs = state_block(K), state_block(V)
     n_scan = triton.cdiv(K, BKs) * triton.cdiv(V, BVs)
-    extra_reader = torch.zeros(n_scan, N, H, device=dev, dtype=torch.float32)
     extra_dprior = torch.zeros(n_scan, N, H, device=dev, dtype=torch.float32)
     f_mu, f_imp = final if has_dfinal else (adj_mean, adj_mean)
     d_mu, d_imp = dfinal if has_dfinal else (adj_mean, adj_mean)
     unit_scan_kernel[(triton.cdiv(V, BVs), triton.cdiv(K, BKs), N * H)](
-        prior, adj_mean, adj_imp, unit_decay, f_mu, f_imp, d_mu, d_imp, extra_reader, extra_dprior,
+        prior, adj_mean, adj_imp, unit_decay, f_mu, f_imp, d_mu, d_imp, extra_dprior,
         layout.cu32, unit_offsets, T, H=H, K=K, V=V, W=W, BK=BKs, BV=BVs,
         HAS_DFINAL=has_dfinal, IS_VARLEN=layout.varlen, num_warps=4,
     )
@@ -532,7 +521,7 @@ def chunk_bwd(
     dk = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
     dbeta = torch.empty(B, T, H, V, device=dev, dtype=beta.dtype)
-    dlogb = torch.empty(NV, NTOK, H, device=dev, dtype=torch.float32)
+    dg_part = torch.zeros(NV, NTOK, H, device=dev, dtype=torch.float32)
     dprior_part = torch.empty(NV, NU, H, device=dev, dtype=torch.float32)
     has_init = initial_state is not None
     if has_init:
@@ -543,22 +532,13 @@ def chunk_bwd(
         mu0 = imp0 = dmu0 = dimp0 = adj_mean
     unit_bwd_kernel[(NV, NU, H)](
         q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar_arg,
-        dq, dk, dv, dbeta, dlogb, dprior_part, dmu0, dimp0,
+        dq, dk, dv, dbeta, dg_part, dprior_part, dmu0, dimp0,
         layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
         H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, BV=BV,
         HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, FAST=fast, num_warps=num_warps,
     )
 
-    dlogb = dlogb.sum(0)
-    if has_dfinal:
-        if layout.varlen:
-            last = layout.cu_seqlens[1:] - 1
-        else:
-            last = torch.arange(1, N + 1, device=dev) * T - 1
-        dlogb.index_add_(0, last, extra_reader.sum(0))
-    dg = torch.empty(B, T, H, device=dev, dtype=torch.float32)
-    reverse_cumsum_kernel[(N * H,)](dlogb, dg, layout.cu32, T, H=H, BT=256 if not interpreting() else 16,
-                                    IS_VARLEN=layout.varlen)
+    dg = dg_part.sum(0).reshape(B, T, H)
     dprior = dprior_part.sum((0, 1)) + extra_dprior.sum((0, 1))
     dinit = (dmu0, dimp0) if has_init else None
     return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dbeta, dprior, dinit)

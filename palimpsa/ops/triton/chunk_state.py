@@ -2,10 +2,15 @@
 
 Write I = I0 + P.  Both the precision-weighted mean M and P are gated linear-attention states with the
 same scalar decay alpha_t = exp(g_t):  M_t = alpha_t M_{t-1} + k_t v_t^T,  P_t = alpha_t P_{t-1} + k_t^2 beta_t^T.
-Over one chunk of C tokens with in-chunk cumulative log decay b_t (b_C at the chunk's last token)::
+Over one chunk of C tokens, with G the whole chunk's decay and D_t the decay from after token t to the
+chunk's end::
 
-    M_end = exp(b_C) M_start + (k * exp(b_C - b)[:, None])^T @ v        # [K, C] @ [C, V]
-    P_end = exp(b_C) P_start + (k^2 * exp(b_C - b)[:, None])^T @ beta
+    M_end = G M_start + (k * D[:, None])^T @ v        # [K, C] @ [C, V]
+    P_end = G P_start + (k^2 * D[:, None])^T @ beta
+
+log D_t = g_{t+1} + ... + g_C is summed from the following tokens' log decays (a reverse cumulative sum),
+never as a difference b_C - b_t of cumulative sums: that difference loses the small log decays after a
+large one in float32 and is NaN after g = -inf (see palimpsa/ops/decay.py).
 
 so the states at every chunk start come from two small matmuls per chunk (tensor cores), walking the
 chunks of one sequence in order.  Only these chunk-start states are written: (M, I) per chunk.
@@ -19,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from palimpsa.ops.triton.utils import SequenceLayout, sequence_bounds, state_block
+from palimpsa.ops.triton.utils import SequenceLayout, log_decay_to_end, sequence_bounds, state_block
 
 
 @triton.jit
@@ -85,9 +90,7 @@ def chunk_states_kernel(
         mask_t = tok < eos
         tok_h = tok.to(tl.int64) * H + i_h
         g_c = tl.load(g + tok_h, mask=mask_t, other=0.0).to(tl.float32)
-        b_c = tl.cumsum(g_c, 0)
-        b_last = tl.sum(g_c, 0)
-        weight = tl.exp(b_last - b_c)
+        weight = tl.exp(log_decay_to_end(g, tok_h, (offs_c + 1 < C) & (tok + 1 < eos), H))
         k_c = tl.load(k + tok_h[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
                       other=0.0).to(tl.float32)
         v_c = tl.load(v + tok_h[:, None] * V + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :],
@@ -95,7 +98,7 @@ def chunk_states_kernel(
         beta_c = tl.load(beta + tok_h[:, None] * V + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :],
                          other=0.0).to(tl.float32)
         kw = k_c * weight[:, None]
-        decay = tl.exp(b_last)
+        decay = tl.exp(tl.sum(g_c, 0))
         mean = decay * mean + chunk_dot(kw, v_c, DOT_BF16)
         excess = decay * excess + chunk_dot(kw * k_c, beta_c, DOT_BF16)
     if STORE_FINAL:

@@ -160,6 +160,19 @@ def masked_if(mask, cond):
 
 
 @triton.jit
+def log_decay_to_end(g, tok_h, has_next, H: tl.constexpr):
+    """Log decay from just after each token of a chunk to the chunk's end, ``g_{t+1} + ... + g_end``.
+
+    g: log decays [tokens, H]; tok_h: [C] offsets ``token * H + head`` of the chunk's tokens; has_next: [C],
+    whether token t + 1 is still in the chunk (and the sequence).  Sums the following tokens' log decays in
+    reverse, never as a difference of cumulative sums (see palimpsa/ops/decay.py): exact for g = -1e4, and
+    -inf after a full reset (its exp is the exact 0).  Returns [C] float32.
+    """
+    g_next = tl.load(g + tok_h + H, mask=has_next, other=0.0).to(tl.float32)
+    return tl.cumsum(g_next, 0, reverse=True)
+
+
+@triton.jit
 def sequence_bounds(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
     """Token range [bos, eos) of sequence i_n in the flattened [B * T] token axis."""
     if IS_VARLEN:
