@@ -80,8 +80,9 @@ def prepare_inputs(
     Shapes: q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H, G] with G dividing V (G = V: per channel) or
     None (beta = 0, no metaplasticity); g [B, T, H]; prior float or [H];
     initial_state (mu, I) each [N, H, K, V]; cu_seqlens [N + 1] integer with B == 1.
-    ``check_values`` scans beta/g/prior/initial importance for sign errors (one reduction each); it is
-    skipped only inside compiled graphs, where data-dependent checks would break the graph.
+    ``check_values`` scans beta, g, a tensor prior and the initial state for non-finite or out-of-range
+    values (:func:`check_gate_values`, one host sync for all of them); it is skipped only inside compiled
+    graphs, where data-dependent checks would break the graph.  g = -inf (alpha = 0, a full reset) is valid.
     """
     _check_tensor("q", q, 4, "[B, T, H, K]")
     _check_tensor("k", k, 4, "[B, T, H, K]")
@@ -139,8 +140,6 @@ def prepare_inputs(
         if not prior.dtype.is_floating_point:
             raise TypeError(f"prior must be a floating tensor, got {prior.dtype}")
         prior_requires_grad = prior.requires_grad
-        if check_values and bool((prior <= 0).any()):
-            raise ValueError("prior must be > 0 (it is the prior precision I0), got a non-positive entry")
         prior_t = prior.to(device=q.device, dtype=sdtype)
     else:
         try:
@@ -166,15 +165,40 @@ def prepare_inputs(
                 raise ValueError(f"{name} must have shape [N, H, K, V] = [{N}, {H}, {K}, {V}], got {shape}")
             if not x.dtype.is_floating_point:
                 raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-        if check_values and bool((imp0 <= 0).any()):
-            raise ValueError("initial_state[1] (the importance I) must be > 0 everywhere")
         initial_state = (mu0.to(device=q.device, dtype=sdtype), imp0.to(device=q.device, dtype=sdtype))
 
     if check_values:
-        if beta is not None and bool((beta < 0).any()):
-            raise ValueError("beta (the importance gate) must be >= 0 everywhere; got a negative entry")
-        if bool((g > 0).any()):
-            raise ValueError("g (the log decay) must be <= 0 everywhere; got a positive entry")
+        check_gate_values(g, beta, prior_t if isinstance(prior, torch.Tensor) else None, initial_state,
+                          state_name="initial_state")
 
     return PreparedInputs(q, k, v, g, beta, prior_t, prior_requires_grad, scale, initial_state, cu_seqlens, sdtype,
                           groups)
+
+
+def check_gate_values(g: torch.Tensor, beta: Optional[torch.Tensor], prior: Optional[torch.Tensor] = None,
+                      state: Optional[State] = None, state_name: str = "state") -> None:
+    """Raise a ValueError naming the first argument that holds a bad value; one host sync for all of them.
+
+    g: log decays, <= 0 or -inf (a full reset), never NaN or +inf; beta: importance gates, finite and >= 0
+    (None: no gates); prior: a tensor prior precision, finite and > 0; state: (mu, I) with mu finite and I
+    finite and > 0.  Any shapes (the ops' [B, T, H, ...] tensors or a decoding step's [B, H, ...]).
+    Every condition is reduced on the device and the flags come back together, so the checks cost one
+    synchronisation whatever their number.
+    """
+    checks = [(torch.isnan(g), "g (the log decay) must be <= 0 (or -inf, a full reset); got NaN"),
+              (g > 0, "g (the log decay) must be <= 0 everywhere; got a positive entry")]
+    if beta is not None:
+        checks += [(~torch.isfinite(beta), "beta (the importance gate) must be finite; got NaN or inf"),
+                   (beta < 0, "beta (the importance gate) must be >= 0 everywhere; got a negative entry")]
+    if prior is not None:
+        checks += [(~torch.isfinite(prior), "prior (the prior precision I0) must be finite; got NaN or inf"),
+                   (prior <= 0, "prior must be > 0 (it is the prior precision I0), got a non-positive entry")]
+    if state is not None:
+        mu, imp = state
+        checks += [(~torch.isfinite(mu), f"{state_name}[0] (the mean mu) must be finite; got NaN or inf"),
+                   (~torch.isfinite(imp), f"{state_name}[1] (the importance I) must be finite; got NaN or inf"),
+                   (imp <= 0, f"{state_name}[1] (the importance I) must be > 0 everywhere")]
+    failed = torch.stack([bad.any().to(g.device) for bad, _ in checks]).tolist()
+    for bad, (_, message) in zip(failed, checks):
+        if bad:
+            raise ValueError(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -41,13 +42,18 @@ def chunk_palimpsa(
         output_variance: also return the posterior output variance [B, T, H, V].
         cu_seqlens: [N + 1] offsets of packed sequences (B == 1).
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
-        check_values: check beta >= 0, g <= 0 and prior > 0 (a device sync each); callers whose gates are
-            valid by construction (the layers) pass False.
-        chunk_size: tokens per chunk (backend default when None).
+        check_values: reject NaN/inf in beta, g, a tensor prior and the initial state, and beta < 0, g > 0,
+            prior <= 0, I <= 0 (one device sync for all); callers whose gates are valid by construction (the
+            layers) pass False.  g = -inf is valid: alpha = 0, a full reset of the state to (0, I0).
+        chunk_size: tokens per chunk, a positive integer (backend default when None; the Triton backend
+            takes a power of two in [16, 256]).
 
     Returns:
         (o, final_state), or (o, variance, final_state) when ``output_variance``.
     """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer (or None for the default), got {chunk_size!r}")
     x = prepare_inputs(q, k, v, g, beta, prior, scale, initial_state, cu_seqlens,
                        check_values=check_values and not torch.compiler.is_compiling())
     which = resolve_backend(backend, q.device, q.dtype)

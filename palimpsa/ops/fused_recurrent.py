@@ -38,8 +38,9 @@ def fused_recurrent_palimpsa(
         output_variance: also return the posterior output variance [B, T, H, V].
         cu_seqlens: [N + 1] offsets of packed sequences (B == 1).
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
-        check_values: check beta >= 0, g <= 0 and prior > 0 (a device sync each); callers whose gates are
-            valid by construction (the layers) pass False.
+        check_values: reject NaN/inf in beta, g, a tensor prior and the initial state, and beta < 0, g > 0,
+            prior <= 0, I <= 0 (one device sync for all); callers whose gates are valid by construction (the
+            layers) pass False.  g = -inf is valid: alpha = 0, a full reset of the state to (0, I0).
 
     Returns:
         (o, final_state), or (o, variance, final_state) when ``output_variance``.

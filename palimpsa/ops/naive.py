@@ -76,7 +76,8 @@ def naive_palimpsa(
         output_variance: also return the output variance [B, T, H, V].
         cu_seqlens: [N + 1] offsets of packed sequences (B must be 1).
         backend: accepted for signature parity with the fast ops; only "torch" exists here.
-        check_values: check beta >= 0, g <= 0 and prior > 0 (as the fast ops do).
+        check_values: reject non-finite or out-of-range gates, prior and initial state (as the fast ops do);
+            g = -inf is valid (alpha = 0, a full reset).
 
     Returns:
         (o, final_state) or (o, variance, final_state); o has the dtype of q; states are float32

@@ -7,6 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from palimpsa.ops.backends import resolve_backend
+from palimpsa.ops.checks import check_gate_values
 
 
 def _check_step_inputs(q, k, v, g, beta, state):
@@ -38,23 +39,18 @@ def _check_step_inputs(q, k, v, g, beta, state):
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
 
 
-def _check_step_values(g, beta, prior, num_heads):
-    """The sign conditions that keep I > 0 (skipped inside compiled graphs)."""
+def _check_step_values(g, beta, prior, state, num_heads):
+    """Finite gates, g <= 0, beta >= 0, prior > 0 and a finite state with I > 0 (skipped inside compiled graphs);
+    one host sync for all of them."""
     if torch.compiler.is_compiling():
         return
-    if bool((beta < 0).any()):
-        raise ValueError("beta (the importance gate) must be >= 0 everywhere; got a negative entry")
-    if bool((g > 0).any()):
-        raise ValueError("g (the log decay) must be <= 0 everywhere; got a positive entry")
     if isinstance(prior, torch.Tensor):
         if prior.numel() not in (1, num_heads):
             raise ValueError(f"prior must be a positive float or a tensor of shape [H] = [{num_heads}], "
                              f"got {tuple(prior.shape)}")
-        bad = bool((prior <= 0).any()) or not bool(torch.isfinite(prior).all())
-    else:
-        bad = not (float(prior) > 0 and float(prior) != float("inf"))
-    if bad:
+    elif not (float(prior) > 0 and float(prior) != float("inf")):
         raise ValueError(f"prior must be finite and > 0 (the prior precision I0), got {prior}")
+    check_gate_values(g, beta, prior if isinstance(prior, torch.Tensor) else None, state, state_name="state")
 
 
 @torch.no_grad()
@@ -78,8 +74,9 @@ def palimpsa_step(
         beta: importance gate [B, H, V], or [B, H, G] shared by groups of V / G channels, or None (zero).
         state: (mu, I), each [B, H, K, V] float32, overwritten with the new state.
         prior: float or [H] tensor; scale: default K ** -0.5.
-        check_values: check g <= 0, beta >= 0 and prior > 0 (one device sync each); callers whose gates
-            are valid by construction (the layers) pass False.
+        check_values: check that g <= 0 (-inf: a full reset), beta >= 0, prior > 0 and the state's I > 0,
+            all finite (one device sync); callers whose gates are valid by construction (the layers) pass
+            False.
 
     Returns:
         o [B, H, V] in the dtype of q, or (o, variance) when ``output_variance``.
@@ -90,7 +87,7 @@ def palimpsa_step(
     if beta.shape[-1] != v.shape[-1]:  # a gate shared by a group of channels: repeat it over them
         beta = beta.repeat_interleave(v.shape[-1] // beta.shape[-1], dim=-1)
     if check_values:
-        _check_step_values(g, beta, prior, q.shape[1])
+        _check_step_values(g, beta, prior, state, q.shape[1])
     mu, imp = state
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)

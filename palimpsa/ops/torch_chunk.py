@@ -292,7 +292,7 @@ def chunk_palimpsa_torch(
         q, k, v, g, beta = pad_sequences((q, k, v, g, beta), lengths)
     N, T, H, K = q.shape
     V = v.shape[-1]
-    chunk = int(chunk_size or DEFAULT_CHUNK_SIZE)
+    chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     chunk = min(chunk, T)
