@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from palimpsa.layers.checks import check_has_tokens
 from palimpsa.layers.modules import GatedRMSNorm, ShortConvolution
 
 BACKENDS = ("auto", "torch", "fla")
@@ -237,6 +238,7 @@ class GatedDeltaNet(nn.Module):
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states must have shape [B, T, {self.hidden_size}], got {tuple(hidden_states.shape)}")
+        check_has_tokens(hidden_states)
         if cu_seqlens is not None and hidden_states.shape[0] != 1:
             raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B={hidden_states.shape[0]}")
         u = hidden_states

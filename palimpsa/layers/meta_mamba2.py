@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
+from palimpsa.layers.checks import binary_mask, check_has_tokens
 from palimpsa.ops import chunk_palimpsa, fused_recurrent_palimpsa, naive_palimpsa, palimpsa_step
 
 MODES = ("chunk", "fused_recurrent", "naive")
@@ -285,11 +286,13 @@ class MetaMamba2(nn.Module):
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states must have shape [B, T, {self.hidden_size}], got {tuple(hidden_states.shape)}")
+        check_has_tokens(hidden_states)
         batch, seq_len, _ = hidden_states.shape
         if attention_mask is not None:
             if attention_mask.shape != (batch, seq_len):
                 raise ValueError(f"attention_mask must have shape [B, T] = [{batch}, {seq_len}], "
                                  f"got {tuple(attention_mask.shape)}")
+            attention_mask = binary_mask(attention_mask)
         if cu_seqlens is not None and (cache is not None or attention_mask is not None):
             raise ValueError("cu_seqlens cannot be combined with a cache or an attention_mask")
         if cache is not None and not isinstance(cache, MetaMamba2LayerCache):

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from palimpsa.layers.checks import binary_mask, check_has_tokens
 from palimpsa.layers.modules import GatedRMSNorm, RecurrentLayerCache, ShortConvolution
 from palimpsa.ops import chunk_palimpsa, palimpsa_step
 
@@ -166,6 +167,7 @@ class Palimpsa(nn.Module):
                 or hidden_states.shape[-1] != self.hidden_size:
             shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
             raise ValueError(f"hidden_states must have shape [B, T, hidden_size={self.hidden_size}], got {shape}")
+        check_has_tokens(hidden_states)
         B, T, _ = hidden_states.shape
         if cache is not None and not isinstance(cache, RecurrentLayerCache):
             raise TypeError(f"cache must be a RecurrentLayerCache, got {type(cache).__name__}")
@@ -182,7 +184,7 @@ class Palimpsa(nn.Module):
             raise ValueError(f"attention_mask must have shape [B, T] = [{B}, {T}] (1 = token, 0 = padding), "
                              f"got {shape}")
         # generate() passes the mask of the whole sequence so far: the last T columns are this call's tokens
-        return attention_mask[:, -T:].to(hidden_states.dtype)
+        return binary_mask(attention_mask[:, -T:]).to(hidden_states.dtype)
 
     def forward(
         self,

@@ -22,6 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
+from palimpsa.layers.checks import binary_mask
 from palimpsa.layers.meta_mamba2 import MetaMamba2, MetaMamba2LayerCache
 from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
 from palimpsa.models.meta_mamba2.configuration_meta_mamba2 import MetaMamba2Config
@@ -298,8 +299,8 @@ class MetaMamba2Model(MetaMamba2PreTrainedModel):
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
             raise ValueError(f"attention_mask must have shape [B, T'] with B = {batch} and T' >= {seq_len}, "
                              f"got {tuple(attention_mask.shape)}")
-        mask = attention_mask[:, attention_mask.shape[1] - seq_len:]
-        return None if bool((mask == 1).all()) else mask
+        mask = binary_mask(attention_mask[:, attention_mask.shape[1] - seq_len:])
+        return None if bool(mask.all()) else mask
 
 
 class MetaMamba2ForCausalLM(MetaMamba2PreTrainedModel, GenerationMixin):

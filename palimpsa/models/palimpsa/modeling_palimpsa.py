@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
 
+from palimpsa.layers.checks import binary_mask
 from palimpsa.layers.modules import RecurrentLayerCache, RMSNorm, SwiGLUMLP
 from palimpsa.layers.palimpsa import Palimpsa, sample_A_log, sample_dt_bias
 from palimpsa.models.palimpsa.configuration_palimpsa import PalimpsaConfig
@@ -194,6 +195,8 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if isinstance(attention_mask, torch.Tensor):
+            attention_mask = binary_mask(attention_mask)  # checked once here, not in every layer
         all_hidden_states = () if output_hidden_states else None
         variances = () if output_variance else None
         for i, block in enumerate(self.layers):
