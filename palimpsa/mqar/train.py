@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -406,7 +407,7 @@ def _resume(path: Path, config: RunConfig, device: torch.device, model: MQARMode
     if saved["device_type"] != device.type:
         warnings.warn(f"checkpoint {path} was saved on {saved['device_type']} and resumes on {device.type}: "
                       f"precision (amp={config.amp!r}) and kernels may differ from the first part", stacklevel=4)
-    tqdm.write(f"{_describe(config)}: resumed from step {run.step} ({path})")
+    tqdm.write(f"{_describe(config)}: resumed from step {run.step} ({path})", file=sys.stderr)
     return saved["order"].to(device), saved["next_batch_start"]
 
 
