@@ -76,8 +76,9 @@ def run_demo(steps: int = 300, seq_len: int = 128, batch_size: int = 16, lr: flo
         out = model.generate(prompt_ids, max_new_tokens=60, do_sample=False)
     sample = bytes(out[0].tolist()).decode("utf-8", errors="replace")
     n_params = sum(p.numel() for p in model.parameters())
-    return {"first_loss": sum(losses[:10]) / min(10, len(losses)), "last_loss": sum(losses[-10:]) / min(10, len(losses)),
-            "seconds": seconds, "sample": sample, "parameters": n_params}
+    return {"first_loss": sum(losses[:10]) / min(10, len(losses)),
+            "last_loss": sum(losses[-10:]) / min(10, len(losses)), "seconds": seconds, "sample": sample,
+            "parameters": n_params}
 
 
 def main(args) -> int:

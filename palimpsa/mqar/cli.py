@@ -73,8 +73,8 @@ def add_parser(subparsers) -> None:
                    help="runs in parallel on each device (default: the preset's, 2 for quick, else 1)")
     p.add_argument("--no-checkpoints", action="store_true",
                    help="keep no OUT/checkpoints/<run>.pt (by default each run in progress saves its state at every "
-                        "validation, and an interrupted run continues from there when the command is run again; with this "
-                        "flag existing checkpoints are neither used nor removed)")
+                        "validation, and an interrupted run continues from there when the command is run again; with "
+                        "this flag existing checkpoints are neither used nor removed)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; no run starts after it and runs still going stop and are not recorded (they go to "
                         "OUT/unfinished.jsonl; the same command continues them); the exit status is 1 when any run "

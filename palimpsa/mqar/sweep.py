@@ -287,7 +287,8 @@ def _run_here(pending: list[RunConfig], device: str, out_dir: Path, progress: bo
 
 
 def _run_in_workers(pending: list[RunConfig], slots: list[str], out_dir: Path, progress: bool,
-                    deadline: Optional[float], op_backend: str, threads: Optional[int], checkpoints: bool) -> list[dict]:
+                    deadline: Optional[float], op_backend: str, threads: Optional[int],
+                    checkpoints: bool) -> list[dict]:
     """The runs spread over one worker process per slot (a device name); their outcomes."""
     import torch.multiprocessing as mp
 

@@ -467,9 +467,9 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
         lr = config.lr * warmup_cosine_factor(run.step, config.warmup_steps, run.total, 0.0)
         # on the GPU a non-finite loss is noticed at the next validation (one device sync there, none per step);
         # the test pass then uses the best validated weights, which were finite
-        loss, finite, stepped = _training_step(model, optimizer,
-                                               _batch(train_x, train_y, train_q, order[start:start + config.batch_size]),
-                                               lr, config.amp, device, check_finite=run.step == 0 or device.type != "cuda")
+        batch = _batch(train_x, train_y, train_q, order[start:start + config.batch_size])
+        loss, finite, stepped = _training_step(model, optimizer, batch, lr, config.amp, device,
+                                               check_finite=run.step == 0 or device.type != "cuda")
         non_finite = ~finite if non_finite is None else non_finite | ~finite
         if not stepped:
             stop_reason = "non_finite_loss"

@@ -57,7 +57,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise ImportError("tensorboard=True but tensorboard is not installed (pip install tensorboard)") from err
+                raise ImportError("tensorboard=True but tensorboard is not installed "
+                                  "(pip install tensorboard)") from err
             self._tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
     def log(self, record: Dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 Same skeleton as the Palimpsa LM (embeddings -> N x [pre-RMSNorm token mixer + residual, pre-RMSNorm SwiGLU +
 residual] -> RMSNorm -> tied head), with :class:`palimpsa.layers.gated_deltanet.GatedDeltaNet` as the mixer.
 Registered with the Auto classes as ``gated_deltanet_lm`` (on ``import palimpsa.models``), so
-``palimpsa train --model gated-deltanet-small`` and ``save_pretrained`` / ``from_pretrained`` work.  Training and evaluation only: no decoding cache.
+``palimpsa train --model gated-deltanet-small`` and ``save_pretrained`` / ``from_pretrained`` work.  Training and
+evaluation only: no decoding cache.
 """
 
 from __future__ import annotations
