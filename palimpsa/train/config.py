@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -173,11 +172,6 @@ class TrainConfig:
         if not self.text_field:
             raise ValueError("text_field must be a non-empty column name")
 
-    @property
-    def packs_per_rank_step(self) -> int:
-        """Packs one rank consumes per optimizer step."""
-        return self.batch_size * self.grad_accum
-
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -188,8 +182,3 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {unknown}")
         return cls(**values)
-
-    @classmethod
-    def from_json(cls, path: str) -> "TrainConfig":
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle))
