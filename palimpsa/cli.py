@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt as interrupt:
         # Ctrl-C: one line (a run that saved its state says from which step the same command resumes) and
         # the exit status shells expect after SIGINT
-        print(f"palimpsa {args.verb}: {interrupt or 'interrupted'}", file=sys.stderr)
+        print(f"palimpsa {args.verb}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError) as err:
         # Bad input (arguments, files, configs): say what is wrong without a traceback.

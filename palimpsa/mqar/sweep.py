@@ -259,10 +259,17 @@ def run_sweep(
         deadline = None if time_budget_s is None else time.time() + time_budget_s
         # interleaved (cuda:0, cuda:1, cuda:0, ...) and no more workers than runs, so the runs spread evenly
         slots = [device for _ in range(workers_per_device) for device in devices][:max(1, len(pending))]
-        if len(slots) == 1 or len(pending) <= 1:
-            outcomes = _run_here(pending, slots[0], out_dir, progress, deadline, op_backend, threads, checkpoints)
-        else:
-            outcomes = _run_in_workers(pending, slots, out_dir, progress, deadline, op_backend, threads, checkpoints)
+        try:
+            if len(slots) == 1 or len(pending) <= 1:
+                outcomes = _run_here(pending, slots[0], out_dir, progress, deadline, op_backend, threads, checkpoints)
+            else:
+                outcomes = _run_in_workers(pending, slots, out_dir, progress, deadline, op_backend, threads,
+                                           checkpoints)
+        except KeyboardInterrupt as interrupt:  # a second Ctrl-C: no waiting for the runs' last validation
+            if isinstance(interrupt, Interrupted):
+                raise
+            raise Interrupted("interrupted; run the same command again to continue the sweep (runs in progress "
+                              "resume from their last checkpoint)") from None
         if stop_requested():
             raise Interrupted(_interrupted_message(outcomes, checkpoints))
     count = {name: sum(o["outcome"] == name for o in outcomes) for name in ("recorded", "failed", "unfinished")}
