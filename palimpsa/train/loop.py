@@ -244,7 +244,9 @@ def _train_steps(config: TrainConfig, context: DistributedContext, model: nn.Mod
         interval_steps += 1
         out_of_time = config.time_limit_s is not None and _any_rank(
             time.perf_counter() - started > config.time_limit_s, device)
-        interrupted = _any_rank(stop_requested(), device)
+        # Ctrl-C: seen at once by one process; by all ranks together at log steps (no collective every step)
+        interrupted = stop_requested() if world == 1 else (step % config.log_every == 0
+                                                            and _any_rank(stop_requested(), device))
         stopping = step == last_step or out_of_time or interrupted
         saving = (config.save_every and step % config.save_every == 0) or stopping
         if step % config.log_every == 0 or stopping:
