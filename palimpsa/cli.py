@@ -47,6 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C: one line (a run that saved its state says from which step the same command resumes) and
+        # the exit status shells expect after SIGINT
+        print(f"palimpsa {args.verb}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as err:
         # Bad input (arguments, files, configs): say what is wrong without a traceback.
         # PALIMPSA_TRACEBACK=1 shows the full traceback instead.

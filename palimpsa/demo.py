@@ -14,6 +14,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from palimpsa.train.interrupt import Interrupted, stop_on_interrupt, stop_requested
+
 SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a small bird", "the teacher"]
 VERBS = ["sees", "likes", "finds", "paints", "follows", "remembers", "forgets"]
 OBJECTS = ["the red ball", "a green apple", "the blue house", "an old book", "the quiet river", "a bright star"]
@@ -53,7 +55,10 @@ def run_demo(steps: int = 300, seq_len: int = 128, batch_size: int = 16, lr: flo
     losses = []
     start = time.time()
     with tqdm(range(steps), desc="demo: training a tiny Palimpsa LM", unit="step") as bar:
-        for _ in bar:
+        for step in bar:
+            if stop_requested():  # Ctrl-C: the demo keeps no checkpoint
+                raise Interrupted(f"interrupted at step {step} of {steps}; the demo keeps no checkpoint: run the same "
+                                  "command again to start over (--steps sets its length)")
             input_ids = next(stream)
             loss = model(input_ids=input_ids, labels=input_ids).loss
             optimizer.zero_grad(set_to_none=True)
@@ -71,12 +76,14 @@ def run_demo(steps: int = 300, seq_len: int = 128, batch_size: int = 16, lr: flo
         out = model.generate(prompt_ids, max_new_tokens=60, do_sample=False)
     sample = bytes(out[0].tolist()).decode("utf-8", errors="replace")
     n_params = sum(p.numel() for p in model.parameters())
-    return {"first_loss": sum(losses[:10]) / min(10, len(losses)), "last_loss": sum(losses[-10:]) / min(10, len(losses)),
-            "seconds": seconds, "sample": sample, "parameters": n_params}
+    return {"first_loss": sum(losses[:10]) / min(10, len(losses)),
+            "last_loss": sum(losses[-10:]) / min(10, len(losses)), "seconds": seconds, "sample": sample,
+            "parameters": n_params}
 
 
 def main(args) -> int:
-    result = run_demo(steps=args.steps, seed=args.seed, metaplasticity=not args.no_metaplasticity)
+    with stop_on_interrupt():
+        result = run_demo(steps=args.steps, seed=args.seed, metaplasticity=not args.no_metaplasticity)
     print(f"parameters: {result['parameters']:,}   time: {result['seconds']:.0f} s")
     print(f"loss (mean of 10 steps): start {result['first_loss']:.3f} -> end {result['last_loss']:.3f}")
     print(f"greedy sample: {result['sample']!r}")

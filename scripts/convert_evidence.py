@@ -257,11 +257,13 @@ def summary_markdown(result: dict) -> str:
     plain, meta = result["curves"]["mamba2_continued"], result["curves"]["meta_mamba2_finetuned"]
     gap = max(abs(a["accuracy"] - b["accuracy"]) for a, b in zip(plain, meta))
     lines += ["",
-              f"Final accuracy, Meta-Mamba2 minus Mamba2: {f['meta_mamba2_finetuned']['accuracy'] - f['mamba2_continued']['accuracy']:+.4f}; "
+              "Final accuracy, Meta-Mamba2 minus Mamba2: "
+              f"{f['meta_mamba2_finetuned']['accuracy'] - f['mamba2_continued']['accuracy']:+.4f}; "
               f"largest gap along the fine-tuning curves: {gap:.4f} (one test set of "
               f"{result['settings']['num_test']} examples, one seed).",
               f"Mean gate factor softplus(c) of the Meta-Mamba2: {meta[0]['gate_factor']:.2e} at conversion, "
-              f"{meta[-1]['gate_factor']:.2e} after fine-tuning (gate lr x{result['settings']['gate_lr_multiplier']:g}, "
+              f"{meta[-1]['gate_factor']:.2e} after fine-tuning "
+              f"(gate lr x{result['settings']['gate_lr_multiplier']:g}, "
               f"scale lr x{result['settings']['scale_lr_multiplier']:g} of the fine-tuning lr)."]
     lines += ["", "Relative logits change after conversion, by initial gate scale c (random tokens):", "",
               "| c | softplus(c) | relative change |", "|---|---|---|"]
@@ -307,7 +309,8 @@ def main(argv=None) -> int:
         probe = mamba2_to_meta_mamba2(hf, importance_scale=c, seed=s.seed)
         sweep.append(dict(importance_scale=c, softplus=float(F.softplus(torch.tensor(c))),
                           relative_logits_change=relative_logits_change(hf, probe, s.vocab_size, length=s.seq_len)))
-    conversion = dict(step=step0, importance_scale=meta.config.importance_scale_init, accuracy_before=pretrain[-1]["accuracy"],
+    conversion = dict(step=step0, importance_scale=meta.config.importance_scale_init,
+                      accuracy_before=pretrain[-1]["accuracy"],
                       accuracy_after=accuracy(meta, *test), relative_logits_change_random_tokens=change_random,
                       relative_logits_change_mqar=change_mqar, min_gate_gradient=min(grads.values()),
                       max_gate_gradient=max(grads.values()), scale_sweep=sweep)

@@ -117,7 +117,8 @@ def main() -> int:
         leaves = case_inputs(K, V, T, G, seed=7, device=device, N=1)
         mu0, imp0 = leaves["initial_state"]
         leaves["initial_state"] = (mu0.repeat(3, 1, 1, 1), imp0.repeat(3, 1, 1, 1))
-        ok &= check(f"varlen K={K} V={V} G={G}", leaves, log, cu_seqlens=torch.tensor([0, T // 7, T // 2, T], device=device))
+        ok &= check(f"varlen K={K} V={V} G={G}", leaves, log,
+                    cu_seqlens=torch.tensor([0, T // 7, T // 2, T], device=device))
     log("ALL PASSED" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set everything up, then run the whole test suite.
+# Set everything up, then lint (ruff, configured in pyproject.toml) and run the whole test suite.
 # With no arguments, the Triton kernels' interpreter tests then run a second time under the newest Triton
 # release (the venv keeps the pinned 3.6.0 that the GPU machine runs), so that a new Triton that breaks the
 # kernels shows here.  PALIMPSA_TRITON_NEWEST=0 skips that pass; PALIMPSA_TRITON_NEWEST="triton==X.Y.Z"
@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
+python -m ruff check .
 python -m pytest -q tests "$@"
 if [ $# -eq 0 ] && [ "${PALIMPSA_TRITON_NEWEST:-triton}" != "0" ] && [ "$(uname -s)" = "Linux" ]; then
   target=.venv/triton-newest

@@ -9,7 +9,7 @@ from pathlib import Path
 from palimpsa.mqar.data import check_task
 from palimpsa.mqar.presets import PRESETS, preset_grid, preset_workers_per_device
 from palimpsa.mqar.report import write_report
-from palimpsa.mqar.sweep import RESULTS_FILE, run_sweep
+from palimpsa.mqar.sweep import ERRORS_FILE, RESULTS_FILE, UNFINISHED_FILE, run_sweep
 from palimpsa.mqar.models import MODEL_NAMES
 
 # RunConfig fields settable from the command line: (flag, type, help)
@@ -73,10 +73,12 @@ def add_parser(subparsers) -> None:
                    help="runs in parallel on each device (default: the preset's, 2 for quick, else 1)")
     p.add_argument("--no-checkpoints", action="store_true",
                    help="keep no OUT/checkpoints/<run>.pt (by default each run in progress saves its state at every "
-                        "validation, and an interrupted run continues from there when the command is run again; with this "
-                        "flag existing checkpoints are neither used nor removed)")
+                        "validation, and an interrupted run continues from there when the command is run again; with "
+                        "this flag existing checkpoints are neither used nor removed)")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; no run starts after it and runs still going stop and are not recorded")
+                   help="seconds; no run starts after it and runs still going stop and are not recorded (they go to "
+                        "OUT/unfinished.jsonl; the same command continues them); the exit status is 1 when any run "
+                        "failed, with or without a budget")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and plots")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and exit")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -127,8 +129,14 @@ def main(args: argparse.Namespace) -> int:
     print(table if table.count("\n") > 2 else "no finished runs yet")
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
-    if not args.report_only and args.time_budget is None and stats["skipped"] + stats["recorded"] < stats["planned"]:
-        missing = stats["planned"] - stats["skipped"] - stats["recorded"]
-        print(f"{missing} planned runs did not finish (see the errors above)", file=sys.stderr)
+    if args.report_only:
+        return 0
+    if stats["unfinished"]:
+        print(f"{stats['unfinished']} runs stopped by the time budget (OUT/{UNFINISHED_FILE}); run the same command "
+              "again to continue them", file=sys.stderr)
+    missing = stats["planned"] - stats["skipped"] - stats["recorded"]
+    if stats["failed"] or (args.time_budget is None and missing):
+        print(f"{stats['failed'] or missing} planned runs failed (see the errors above and {out / ERRORS_FILE})",
+              file=sys.stderr)
         return 1
     return 0

@@ -6,8 +6,9 @@ models", 2023) defines the task; this is an independent, vectorised re-implement
 
     vocab:   token 0 = filler, keys in [1, V/2), values in [V/2, V)
     context: k_1 v_1 k_2 v_2 ... k_n v_n        (n = num_kv_pairs distinct keys and distinct values)
-    queries: after the context, slot j (j = 0 .. S-1, S = (L - 2n) // 2) is the even offset 2n + 2j; n of the S slots are drawn without replacement with probability
-             proportional to (j+1) ** (power_a - 1) and key i is placed in the i-th drawn slot
+    queries: after the context, slot j (j = 0 .. S-1, S = (L - 2n) // 2) is the even offset 2n + 2j; n of the
+             S slots are drawn without replacement with probability proportional to (j+1) ** (power_a - 1) and
+             key i is placed in the i-th drawn slot
     sequence (length L + 1) -> inputs = seq[:-1], labels = seq[1:] with -100 everywhere except at
              the position of each queried key, whose label is that key's value
 

@@ -1,8 +1,8 @@
 """Named MQAR sweeps.  Every value can be overridden from the command line (``palimpsa mqar --help``).
 
 quick    the default: Palimpsa vs NotPalimpsa on the CPU in under 10 minutes on 2 cores (L=64, 16 pairs,
-         d_model 64, 4 heads of K=8, V=16, vocabulary 128, 1,000 steps of 32, seeds 0 and 1), a size where the model without
-         metaplasticity is capacity-limited, so the comparison means something.
+         d_model 64, 4 heads of K=8, V=16, vocabulary 128, 1,000 steps of 32, seeds 0 and 1), a size where the
+         model without metaplasticity is capacity-limited, so the comparison means something.
 paper    the paper's sweep (spec benchmarks.md section 2): (L, kv) in {(512, 128), (1024, 256)}, d_model 128,
          2 layers, 8 heads, 100k train / 3k test, batch 128 / 64, 60 epochs, 4 learning rates, 8 seeds.
 zoology  Zoology's figure 2 grid, as we read its configs: (64, 4), (128, 8), (256, 16), (512, 64);

@@ -16,6 +16,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from palimpsa.io import atomic_write, atomic_write_text, read_json_lines
+
 GROUP_KEYS = ("model", "seq_len", "num_kv_pairs", "d_model")
 
 
@@ -47,11 +49,7 @@ def variance_auroc(scores: torch.Tensor, positive: torch.Tensor) -> Optional[flo
 
 def load_results(path: str | os.PathLike) -> list[dict]:
     """The records of a results.jsonl file ([] if it does not exist)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_json_lines(path)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -253,11 +251,10 @@ def plot_learning_curves(results: Iterable[dict], path: str | os.PathLike) -> No
 def _save_figure(fig, path) -> None:
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def format_runs(results: list[dict]) -> str:
@@ -306,14 +303,12 @@ def write_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) ->
     written = []
     if rows:
         summary = out_dir / "summary.md"
-        tmp = summary.with_name("summary.md.tmp")
         extra = ("" if not unfinished else "\n## Runs stopped by the time budget (not in the table above)\n\n"
                  "Their learning-rate schedule did not finish; shown for what they reached.\n\n"
                  + format_unfinished(unfinished))
-        tmp.write_text("# MQAR results\n\nBest learning rate per model, setting and seed chosen on validation "
-                       "accuracy; test accuracy mean ± std over seeds.\n\n" + table + extra
-                       + "\n## Every run\n\n" + format_runs(results))
-        os.replace(tmp, summary)
+        atomic_write_text(summary, "# MQAR results\n\nBest learning rate per model, setting and seed chosen on "
+                          "validation accuracy; test accuracy mean ± std over seeds.\n\n" + table + extra
+                          + "\n## Every run\n\n" + format_runs(results))
         written.append(summary)
         plot_accuracy_vs_seq_len(rows, out_dir / "accuracy_vs_seq_len.png")
         plot_accuracy_vs_state_size(rows, out_dir / "accuracy_vs_state_size.png")

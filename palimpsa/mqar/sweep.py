@@ -11,26 +11,30 @@ continues from its last validation when the sweep is run again.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
-import json
 import os
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from queue import Empty
 from typing import Optional, Sequence
 
 import torch
 
+from palimpsa.io import atomic_write, json_line, read_json_lines
 from palimpsa.mqar.train import RunConfig, run_id, train_run
+from palimpsa.train.interrupt import Interrupted, resume_message, stop_on_interrupt, stop_requested
 
 RESULTS_FILE = "results.jsonl"
 ERRORS_FILE = "errors.log"
 UNFINISHED_FILE = "unfinished.jsonl"
 PROGRESS_FILE = "progress.jsonl"  # one line per validation of every run, to watch a sweep in progress
 CHECKPOINT_DIR = "checkpoints"  # <run_id>.pt: the training state of each run in progress
+LOCK_FILE = "sweep.lock"  # held by the sweep running into OUT
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
 
@@ -75,36 +79,62 @@ class SweepGrid:
         return out
 
 
-def _locked_append(path: Path, record: dict) -> None:
-    """Append one JSON line to ``path`` atomically (lock, copy + line to a temporary file, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+class SweepLockedError(ValueError):
+    """Another sweep is running into the same output folder."""
+
+
+@contextlib.contextmanager
+def sweep_lock(out_dir: Path):
+    """Hold OUT/sweep.lock for the duration of a sweep: a second sweep into OUT is refused with
+    SweepLockedError (the lock is the kernel's, so a sweep that dies releases it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    with open(path, "a+") as lock:
         try:
-            old = path.read_bytes() if path.exists() else b""
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                f.write(old + line.encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise SweepLockedError(f"another MQAR sweep (pid {holder}) is running into {out_dir} (it holds {path}); "
+                                   "wait for it to end or use another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def append_result(out_dir: str | os.PathLike, record: dict) -> None:
-    """Add one finished run's record to OUT/results.jsonl (atomic, safe with parallel writers)."""
-    _locked_append(Path(out_dir) / RESULTS_FILE, record)
+def _locked_append(path: Path, record: dict, unique_key: Optional[str] = None) -> bool:
+    """Append one strict JSON line to ``path`` atomically (lock, copy + line to a temporary file, rename).  With
+    ``unique_key``, a record whose value there is already in the file is not appended.  True when appended."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json_line(record, sort_keys=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if unique_key is not None and any(r.get(unique_key) == record[unique_key] for r in read_json_lines(path)):
+                return False
+            old = path.read_bytes() if path.exists() else b""
+            if old and not old.endswith(b"\n"):  # a torn last line (written by an older, non-atomic writer)
+                old = old[:old.rfind(b"\n") + 1]
+            atomic_write(path, lambda f: f.write(old + line.encode()))
+            return True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def append_result(out_dir: str | os.PathLike, record: dict) -> bool:
+    """Add one finished run's record to OUT/results.jsonl (atomic, safe with parallel writers); a run already
+    recorded there is not recorded again.  True when appended."""
+    return _locked_append(Path(out_dir) / RESULTS_FILE, record, unique_key="run_id")
 
 
 def finished_run_ids(out_dir: str | os.PathLike) -> set[str]:
     """run_ids already recorded in OUT/results.jsonl."""
-    path = Path(out_dir) / RESULTS_FILE
-    if not path.exists():
-        return set()
-    with open(path) as f:
-        return {json.loads(line)["run_id"] for line in f if line.strip()}
+    return {r["run_id"] for r in read_json_lines(Path(out_dir) / RESULTS_FILE)}
 
 
 def visible_devices() -> list[str]:
@@ -120,8 +150,12 @@ def checkpoint_path(out_dir: str | os.PathLike, config: RunConfig) -> Path:
 
 
 def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: bool, position: int,
-                    deadline: Optional[float], op_backend: str, checkpoints: bool) -> bool:
-    """Train one run and append its record; a failure goes to OUT/errors.log.  True when recorded."""
+                    deadline: Optional[float], op_backend: str, checkpoints: bool) -> dict:
+    """Train one run and file its record: results.jsonl when finished, unfinished.jsonl when the time budget cut
+    it short, nowhere when Ctrl-C stopped it (its checkpoint resumes it); a failure goes to OUT/errors.log.
+
+    Returns {"outcome": "recorded" | "duplicate" | "unfinished" | "interrupted" | "failed", "step": steps done}.
+    """
     try:
         record = train_run(config, device=device, progress=progress, progress_position=position, deadline=deadline,
                            op_backend=op_backend, on_eval=lambda line: _locked_append(out_dir / PROGRESS_FILE, line),
@@ -131,27 +165,47 @@ def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: boo
         with open(out_dir / ERRORS_FILE, "a") as f:
             f.write(message)
         print(message, file=sys.stderr)
-        return False
+        return {"outcome": "failed", "step": None}
+    if record["stop_reason"] == "interrupted":
+        return {"outcome": "interrupted", "step": record["steps"]}
     if record["stop_reason"] == "deadline":  # cut short by the sweep's time budget: not a finished run
         _locked_append(out_dir / UNFINISHED_FILE, record)
-        return False
-    append_result(out_dir, record)
-    return True
+        return {"outcome": "unfinished", "step": record["steps"]}
+    return {"outcome": "recorded" if append_result(out_dir, record) else "duplicate", "step": record["steps"]}
 
 
-def _worker(slot: int, device: str, queue, out_dir: str, progress: bool, deadline: Optional[float], op_backend: str,
-            threads: Optional[int], checkpoints: bool) -> None:
-    """Worker process: take runs from the queue until a None arrives or the deadline passes."""
+def _worker(slot: int, device: str, queue, outcomes, out_dir: str, progress: bool, deadline: Optional[float],
+            op_backend: str, threads: Optional[int], checkpoints: bool) -> None:
+    """Worker process: take runs from the queue until a None arrives, the deadline passes or Ctrl-C is pressed;
+    put each run's outcome (see :func:`_run_and_record`) on ``outcomes``."""
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     if threads:
         torch.set_num_threads(threads)
-    while True:
-        item = queue.get()
-        if item is None or (deadline is not None and time.time() > deadline):
-            return
-        _run_and_record(RunConfig.from_dict(item), device, Path(out_dir), progress, slot, deadline, op_backend,
-                        checkpoints)
+    try:
+        with stop_on_interrupt():
+            while not stop_requested():
+                item = queue.get()
+                if item is None or (deadline is not None and time.time() > deadline):
+                    return
+                outcomes.put(_run_and_record(RunConfig.from_dict(item), device, Path(out_dir), progress, slot,
+                                             deadline, op_backend, checkpoints))
+    except KeyboardInterrupt:  # a second Ctrl-C: the sweep's process says what happened
+        return
+
+
+def _interrupted_message(outcomes: list[dict], checkpoints: bool) -> str:
+    """The one line a sweep stopped by Ctrl-C shows."""
+    steps = sorted(o["step"] for o in outcomes if o["outcome"] == "interrupted")
+    if not steps:
+        return "interrupted; run the same command again to continue the sweep"
+    if not checkpoints:
+        return "interrupted; run the same command again to continue the sweep (interrupted runs start over: " \
+               "--no-checkpoints)"
+    if len(steps) == 1:
+        return resume_message(steps[0])
+    return "interrupted; run the same command again to resume (the runs in progress continue from steps " \
+           f"{', '.join(map(str, steps))})"
 
 
 def run_sweep(
@@ -169,7 +223,8 @@ def run_sweep(
 
     Args:
         runs: the planned runs (e.g. ``SweepGrid.runs()``).
-        out_dir: OUT, where results.jsonl (and errors.log, unfinished.jsonl) live.
+        out_dir: OUT, where results.jsonl (and errors.log, unfinished.jsonl) live.  One sweep at a time: a
+            second one into the same OUT raises SweepLockedError (OUT/sweep.lock).
         devices: e.g. ["cuda:0", "cuda:1"]; default every visible GPU, else ["cpu"].
         workers_per_device: worker processes per device (small models share a GPU well).
         progress: show tqdm bars.
@@ -182,51 +237,87 @@ def run_sweep(
         checkpoints: keep each run's training state in OUT/checkpoints/ while it runs, and resume from it.
 
     Returns:
-        {"planned": n, "skipped": already recorded, "recorded": newly recorded}.
+        {"planned": n, "skipped": already recorded, "recorded": newly recorded, "failed": runs that raised (see
+        OUT/errors.log), "unfinished": runs cut short by the time budget}.
+
+    Raises:
+        Interrupted (a KeyboardInterrupt) after Ctrl-C: the runs in progress stop at their next step, save their
+        state and are left out of the records; its message says how to resume.
     """
     if workers_per_device < 1:
         raise ValueError(f"workers_per_device must be >= 1, got {workers_per_device}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     devices = list(devices) if devices else visible_devices()
-    done = finished_run_ids(out_dir)
-    pending, seen = [], set(done)
-    for config in runs:
-        rid = run_id(config)
-        if rid not in seen:  # also drops duplicates inside the grid
-            pending.append(config)
-            seen.add(rid)
-    before = len(done)
-    deadline = None if time_budget_s is None else time.time() + time_budget_s
-    # interleaved (cuda:0, cuda:1, cuda:0, ...) and no more workers than runs, so the runs spread evenly
-    slots = [device for _ in range(workers_per_device) for device in devices][:max(1, len(pending))]
-    if len(slots) == 1 or len(pending) <= 1:
-        previous_threads = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
+    with sweep_lock(out_dir), stop_on_interrupt():
+        done = finished_run_ids(out_dir)
+        pending, seen = [], set(done)
+        for config in runs:
+            rid = run_id(config)
+            if rid not in seen:  # also drops duplicates inside the grid
+                pending.append(config)
+                seen.add(rid)
+        deadline = None if time_budget_s is None else time.time() + time_budget_s
+        # interleaved (cuda:0, cuda:1, cuda:0, ...) and no more workers than runs, so the runs spread evenly
+        slots = [device for _ in range(workers_per_device) for device in devices][:max(1, len(pending))]
         try:
-            for config in pending:
-                if deadline is not None and time.time() > deadline:
-                    break
-                _run_and_record(config, slots[0], out_dir, progress, 0, deadline, op_backend, checkpoints)
-        finally:
-            torch.set_num_threads(previous_threads)
-    else:
-        import torch.multiprocessing as mp
+            if len(slots) == 1 or len(pending) <= 1:
+                outcomes = _run_here(pending, slots[0], out_dir, progress, deadline, op_backend, threads, checkpoints)
+            else:
+                outcomes = _run_in_workers(pending, slots, out_dir, progress, deadline, op_backend, threads,
+                                           checkpoints)
+        except KeyboardInterrupt as interrupt:  # a second Ctrl-C: no waiting for the runs' last validation
+            if isinstance(interrupt, Interrupted):
+                raise
+            raise Interrupted("interrupted; run the same command again to continue the sweep (runs in progress "
+                              "resume from their last checkpoint)") from None
+        if stop_requested():
+            raise Interrupted(_interrupted_message(outcomes, checkpoints))
+    count = {name: sum(o["outcome"] == name for o in outcomes) for name in ("recorded", "failed", "unfinished")}
+    return {"planned": len(runs), "skipped": len(runs) - len(pending), **count}
 
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
+
+def _run_here(pending: list[RunConfig], device: str, out_dir: Path, progress: bool, deadline: Optional[float],
+              op_backend: str, threads: Optional[int], checkpoints: bool) -> list[dict]:
+    """The runs one after another in this process; their outcomes."""
+    outcomes = []
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
         for config in pending:
-            queue.put({f.name: getattr(config, f.name) for f in fields(RunConfig)})
-        for _ in slots:
-            queue.put(None)
-        worker_threads = threads or max(1, (os.cpu_count() or 1) // len(slots))
-        workers = [ctx.Process(target=_worker, args=(i, device, queue, str(out_dir), progress, deadline, op_backend,
-                                                     worker_threads, checkpoints))
-                   for i, device in enumerate(slots)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-    recorded = len(finished_run_ids(out_dir)) - before
-    return {"planned": len(runs), "skipped": len(runs) - len(pending), "recorded": recorded}
+            if (deadline is not None and time.time() > deadline) or stop_requested():
+                break
+            outcomes.append(_run_and_record(config, device, out_dir, progress, 0, deadline, op_backend, checkpoints))
+    finally:
+        torch.set_num_threads(previous_threads)
+    return outcomes
+
+
+def _run_in_workers(pending: list[RunConfig], slots: list[str], out_dir: Path, progress: bool,
+                    deadline: Optional[float], op_backend: str, threads: Optional[int],
+                    checkpoints: bool) -> list[dict]:
+    """The runs spread over one worker process per slot (a device name); their outcomes."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, outcome_queue = ctx.Queue(), ctx.Queue()
+    for config in pending:
+        queue.put({f.name: getattr(config, f.name) for f in fields(RunConfig)})
+    for _ in slots:
+        queue.put(None)
+    worker_threads = threads or max(1, (os.cpu_count() or 1) // len(slots))
+    workers = [ctx.Process(target=_worker, args=(i, device, queue, outcome_queue, str(out_dir), progress, deadline,
+                                                 op_backend, worker_threads, checkpoints))
+               for i, device in enumerate(slots)]
+    for w in workers:
+        w.start()
+    outcomes = []
+    while any(w.is_alive() for w in workers) or not outcome_queue.empty():
+        try:
+            outcomes.append(outcome_queue.get(timeout=0.5))
+        except Empty:
+            pass
+    for w in workers:
+        w.join()
+    failed_workers = sum(w.exitcode != 0 for w in workers)  # a worker that died (e.g. out of memory) fails its run
+    return outcomes + [{"outcome": "failed", "step": None}] * failed_workers

@@ -1,7 +1,7 @@
 """Train and evaluate one MQAR run (one model, setting, learning rate and seed).
 
-Protocol (spec benchmarks.md section 2): AdamW with weight decay 0.1 (not on norms, biases, embeddings'
-... see :func:`parameter_groups`), a cosine learning-rate schedule over all planned steps, cross-entropy on
+Protocol (spec benchmarks.md section 2): AdamW with weight decay 0.1 on matrices only (see
+:func:`palimpsa.train.optim.parameter_groups`), a cosine learning-rate schedule over all planned steps, cross-entropy on
 the query positions only, validation after every ``eval_every`` steps (default: once per epoch) and an early
 stop once validation accuracy exceeds ``early_stop_accuracy`` (0.99).  The test set is scored once, with the
 weights of the best validation accuracy.  For the models built on the Palimpsa op the test pass also returns
@@ -11,7 +11,10 @@ control).
 
 With a ``checkpoint_path`` a run saves its whole training state at every validation (atomically) and, when the
 file exists at the start, continues from it: a run stopped by a deadline or killed with its machine resumes where
-it last validated and follows exactly the trajectory it would have followed uninterrupted.
+it last validated and follows exactly the trajectory it would have followed uninterrupted.  Ctrl-C (inside
+:func:`palimpsa.train.interrupt.stop_on_interrupt`) stops a run like a deadline, with stop_reason "interrupted".
+
+Optimiser, schedule, autocast and the checkpoint format are the LM trainer's (``palimpsa.train``).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,11 +35,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from palimpsa.io import atomic_torch_save
 from palimpsa.mqar.data import IGNORE_INDEX, make_splits
 from palimpsa.mqar.models import (VARIANCE_MODELS, MQARModel, MQARModelConfig, count_parameters,
                                   palimpsa_op_backend, recurrent_state_bytes)
 from palimpsa.mqar.report import variance_auroc
+from palimpsa.train.checkpoint import CheckpointError, load_training_state, save_training_state
+from palimpsa.train.interrupt import stop_requested
+from palimpsa.train.optim import build_optimizer, warmup_cosine_factor
+from palimpsa.train.precision import autocast_context
 
 AMP_MODES = ("auto", "bf16", "off")
 WARMUP_UNTIMED_STEPS = 5  # first steps (compilation, autotuning) left out of the step time
@@ -141,31 +147,6 @@ def planned_steps(config: RunConfig) -> tuple[int, int]:
     return per_epoch, total
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int = 0) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay from ``peak`` to 0 at ``total``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices (projections, embedding); none on vectors (norms, biases,
-    A_log, dt_bias, D, gate scales) or on parameters marked ``_no_weight_decay``."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def autocast_context(amp: str, device: torch.device):
-    """bf16 autocast on CUDA for amp "auto"/"bf16"; nothing on the CPU unless amp == "bf16"."""
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use else nullcontext()
-
-
 @torch.no_grad()
 def evaluate(model: MQARModel, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, amp: str,
              with_variance: bool = False) -> dict:
@@ -182,7 +163,7 @@ def evaluate(model: MQARModel, inputs: torch.Tensor, labels: torch.Tensor, batch
         x = inputs[start:start + batch_size].to(device)
         y = labels[start:start + batch_size].to(device)
         mask = y != IGNORE_INDEX
-        with autocast_context(amp, device):
+        with autocast_context(device, amp):
             logits, variance = model(x, positions=mask, output_variance=True) if with_variance else \
                 (model(x, positions=mask), None)
         correct = (logits.argmax(-1) == y[mask]).float()  # [M], row-major over the batch
@@ -197,17 +178,6 @@ def evaluate(model: MQARModel, inputs: torch.Tensor, labels: torch.Tensor, batch
         result["variance_auroc"] = (variance_auroc(torch.cat(scores), torch.cat(wrong).bool()) if scores
                                     else None)
     return result
-
-
-def _fit_total(config: RunConfig, step: int, total: int, eval_every: int, eval_seconds: float,
-               seconds_per_step: float, elapsed: float) -> int:
-    """The total steps of a time-limited run: the most that fit in what is left of ``config.time_limit_s``
-    counting the validations every ``eval_every`` steps and the final test pass (each timed from one
-    validation of ``eval_seconds``), never fewer than ``step`` nor more than ``total``."""
-    test_seconds = eval_seconds * config.num_test / config.num_validation
-    left = FIT_SAFETY * (config.time_limit_s - elapsed) - test_seconds
-    per_step = seconds_per_step + eval_seconds / eval_every
-    return max(step, min(total, step + int(left / per_step)))
 
 
 def query_index(labels: torch.Tensor) -> Optional[torch.Tensor]:
@@ -259,40 +229,218 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
     return record
 
 
-CHECKPOINT_FORMAT = 1
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a run's training state to ``path`` atomically."""
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, path)
+CHECKPOINT_KIND = "mqar-run"
 
 
 def load_checkpoint(path: Path, config: RunConfig) -> dict:
-    """The training state saved at ``path`` for the run ``config``; ValueError when the file cannot be read,
-    has another format, or belongs to another run."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # the generator state must stay on the CPU
-    except Exception as error:
-        raise ValueError(f"checkpoint {path} could not be read ({type(error).__name__}: {error}); "
-                         f"delete it to restart the run from step 0") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} MQAR run checkpoint")
+    """The training state saved at ``path`` for the run ``config``; CheckpointError (a ValueError) when the file
+    cannot be read, is not an MQAR run checkpoint, or belongs to another run."""
+    state = load_training_state(path, CHECKPOINT_KIND)
     if state.get("run_id") != run_id(config):
-        raise ValueError(f"checkpoint {path} belongs to run {state.get('run_id')!r}, not to {run_id(config)!r}")
+        raise CheckpointError(f"checkpoint {path} belongs to run {state.get('run_id')!r}, not to {run_id(config)!r}")
     return state
+
+
+@dataclass
+class RunState:
+    """Where a run stands: what a checkpoint saves and a resumed run restores."""
+
+    step: int
+    total: int  # planned steps (a time-limited run cuts it once, see TimeLimitFit)
+    best: dict = field(default_factory=lambda: {"accuracy": -1.0, "state": None, "step": 0})
+    history: list = field(default_factory=list)  # (step, train loss of that step, validation accuracy)
+    loss: float = float("nan")  # training loss at the last validation
+    resumed_at: list = field(default_factory=list)  # steps this run resumed from checkpoints at
+
+
+@dataclass
+class Clock:
+    """Wall-clock starts of the record's seconds and of training (both moved back by a resumed run's past)."""
+
+    started: float = field(default_factory=time.time)
+    train_started: float = field(default_factory=time.time)
+
+
+@dataclass
+class StepTimer:
+    """Seconds per training step: the steps after this process's first WARMUP_UNTIMED_STEPS (compilation,
+    autotuning), validations excluded, summed over every part of a resumed run."""
+
+    timed_from: int = 0
+    started: Optional[float] = None
+    eval_seconds: float = 0.0  # validation time since ``started``
+    earlier_seconds: float = 0.0  # timed training before the last resume
+    earlier_steps: int = 0
+
+    def begin(self, step: int, total: int) -> None:
+        self.timed_from = min(step + WARMUP_UNTIMED_STEPS, total - 1)
+
+    def after_step(self, step: int, device: torch.device) -> None:
+        if step == self.timed_from:
+            _synchronize(device)
+            self.started = time.time()
+
+    def add_validation(self, seconds: float) -> None:
+        if self.started is not None:
+            self.eval_seconds += seconds
+
+    def totals(self, step: int) -> tuple[float, int]:
+        """(seconds, steps) of timed training up to ``step``, earlier parts included."""
+        if self.started is None or step <= self.timed_from:
+            return self.earlier_seconds, self.earlier_steps
+        return (self.earlier_seconds + time.time() - self.started - self.eval_seconds,
+                self.earlier_steps + step - self.timed_from)
+
+
+@dataclass
+class TimeLimitFit:
+    """Fitting a time-limited run into ``time_limit_s``: steps ``probe_from`` to ``fit_at`` are timed, then the
+    planned total is cut to the steps that fit (once; ``fitted``)."""
+
+    time_limit_s: Optional[float]
+    probe_from: int
+    fit_at: int
+    fitted: bool = False
+    probe_start: float = 0.0
+    probe_eval_seconds: float = 0.0  # StepTimer.eval_seconds when the probe started
+
+    def restart_after_resume(self, step: int) -> None:
+        """A run stopped inside the probe probes again once this process has warmed up (the fit moves later by
+        as much; before it the schedule is the warm-up when warmup_steps covers it)."""
+        if self.time_limit_s is not None and not self.fitted and step >= FIT_PROBE_START:
+            self.probe_from = step + WARMUP_UNTIMED_STEPS
+            self.fit_at = max(FIT_AT_STEP, self.probe_from + FIT_AT_STEP - FIT_PROBE_START)
+
+    def after_step(self, step: int, device: torch.device, eval_seconds: float) -> None:
+        if step == self.probe_from:
+            _synchronize(device)
+            self.probe_start, self.probe_eval_seconds = time.time(), eval_seconds
+
+    def due(self, step: int, total: int) -> bool:
+        return self.time_limit_s is not None and not self.fitted and step == self.fit_at and step < total
+
+    def fit(self, config: RunConfig, step: int, total: int, eval_every: int, probe_end: float, eval_seconds: float,
+            validation_seconds: float, elapsed: float) -> int:
+        """The new total: the most steps that fit in what is left of the time limit, counting the validations
+        every ``eval_every`` steps and the final test pass (each timed from this one validation of
+        ``validation_seconds``), never fewer than ``step`` nor more than ``total``.  ``probe_end``: when the
+        probe's training ended; ``eval_seconds``: StepTimer.eval_seconds then."""
+        probe_train = probe_end - self.probe_start - (eval_seconds - self.probe_eval_seconds)
+        seconds_per_step = probe_train / (self.fit_at - self.probe_from)
+        self.fitted = True
+        test_seconds = validation_seconds * config.num_test / config.num_validation
+        left = FIT_SAFETY * (self.time_limit_s - elapsed) - test_seconds
+        per_step = seconds_per_step + validation_seconds / eval_every
+        return max(step, min(total, step + int(left / per_step)))
+
+
+def _batch_positions(config: RunConfig, order_gen: torch.Generator, device: torch.device,
+                     resumed_epoch: Optional[tuple[torch.Tensor, int]]):
+    """Endless (order, start): the batch ``order[start:start + batch_size]`` of each step.  A new random order
+    each epoch; a resumed run first finishes the epoch its checkpoint was saved in (``resumed_epoch``)."""
+    if resumed_epoch is not None:
+        order, first = resumed_epoch
+        for start in range(first, config.num_train, config.batch_size):
+            yield order, start
+    while True:
+        order = torch.randperm(config.num_train, generator=order_gen).to(device)
+        for start in range(0, config.num_train, config.batch_size):
+            yield order, start
+
+
+def _batch(train_x: torch.Tensor, train_y: torch.Tensor, train_q: Optional[torch.Tensor], idx: torch.Tensor):
+    """Inputs [B, L], query positions ([B, Q] index or [B, L] bool mask) and their targets [B*Q] of rows ``idx``."""
+    x, y = train_x[idx], train_y[idx]
+    if train_q is not None:
+        positions = train_q[idx]
+        return x, positions, y.gather(1, positions).reshape(-1)
+    positions = y != IGNORE_INDEX
+    return x, positions, y[positions]
+
+
+def _training_step(model: MQARModel, optimizer: torch.optim.Optimizer, batch: tuple, lr: float, amp: str,
+                   device: torch.device, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Forward, loss and backward of one batch, then the optimiser step at ``lr``.  Returns (loss, isfinite(loss),
+    stepped): with ``check_finite`` (one device sync) a non-finite loss skips the optimiser step."""
+    x, positions, targets = batch
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast_context(device, amp):
+        logits = model(x, positions=positions)
+    loss = F.cross_entropy(logits.float(), targets)
+    finite = torch.isfinite(loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if check_finite and not bool(finite):
+        return loss, finite, False
+    optimizer.step()
+    return loss, finite, True
+
+
+def _validate(model: MQARModel, validation: tuple, config: RunConfig, run: RunState) -> tuple[float, tuple]:
+    """Validation accuracy at ``run.step``; keeps the best weights and the history in ``run``.  Returns
+    (accuracy, (best, history) as they were before this validation)."""
+    accuracy = evaluate(model, *validation, config.batch_size, config.amp)["accuracy"]
+    before = (run.best, list(run.history))
+    if accuracy > run.best["accuracy"]:
+        run.best = {"accuracy": accuracy, "state": copy.deepcopy(model.state_dict()), "step": run.step}
+    run.history.append((run.step, round(run.loss, 4), round(accuracy, 4)))
+    return accuracy, before
+
+
+def _resume(path: Path, config: RunConfig, device: torch.device, model: MQARModel,
+            optimizer: torch.optim.Optimizer, order_gen: torch.Generator, run: RunState, fit: TimeLimitFit,
+            timer: StepTimer, clock: Clock) -> tuple[torch.Tensor, int]:
+    """Restore a run from its checkpoint; returns the (order, next batch start) of the epoch it was saved in."""
+    saved = load_checkpoint(path, config)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    order_gen.set_state(saved["order_generator"])
+    run.step, run.total, run.best, run.loss = saved["step"], saved["total"], saved["best"], saved["loss"]
+    run.history = [tuple(h) for h in saved["history"]]
+    run.resumed_at = saved["resumed_at_steps"] + [run.step]
+    fit.fitted = saved["fitted"]
+    fit.restart_after_resume(run.step)
+    clock.started -= saved["seconds"]  # the record's seconds count the earlier part too
+    clock.train_started -= saved["train_seconds"]
+    timer.earlier_seconds, timer.earlier_steps = saved["timed_seconds"], saved["timed_steps"]
+    if saved["device_type"] != device.type:
+        warnings.warn(f"checkpoint {path} was saved on {saved['device_type']} and resumes on {device.type}: "
+                      f"precision (amp={config.amp!r}) and kernels may differ from the first part", stacklevel=4)
+    tqdm.write(f"{_describe(config)}: resumed from step {run.step} ({path})", file=sys.stderr)
+    return saved["order"].to(device), saved["next_batch_start"]
+
+
+def _save(path: Path, config: RunConfig, device: torch.device, run: RunState, kept: tuple, model: MQARModel,
+          optimizer: torch.optim.Optimizer, order_gen: torch.Generator, order: torch.Tensor, next_batch_start: int,
+          fit: TimeLimitFit, timer: StepTimer, clock: Clock) -> None:
+    """Checkpoint the run after ``run.step``; ``kept`` = (best, history) to resume with."""
+    timed_seconds, timed_steps = timer.totals(run.step)
+    save_training_state(path, CHECKPOINT_KIND, {
+        "run_id": run_id(config), "device_type": device.type, "step": run.step, "total": run.total,
+        "fitted": fit.fitted, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "order_generator": order_gen.get_state(), "order": order.cpu(), "next_batch_start": next_batch_start,
+        "best": kept[0], "history": kept[1], "loss": run.loss, "seconds": time.time() - clock.started,
+        "train_seconds": time.time() - clock.train_started, "resumed_at_steps": run.resumed_at,
+        "timed_seconds": timed_seconds, "timed_steps": timed_steps})
+
+
+def _describe(config: RunConfig) -> str:
+    return f"{config.model} L={config.seq_len} kv={config.num_kv_pairs} lr={config.lr:g} s={config.seed}"
 
 
 def _train(config: RunConfig, device: torch.device, progress: bool, progress_position: int,
            deadline: Optional[float], on_eval: Optional[Callable[[dict], None]],
            checkpoint_path: Optional[Path]) -> dict:
-    """The body of :func:`train_run`."""
-    started = time.time()
+    """The body of :func:`train_run`, top to bottom: set up (or resume), then step and validate until the run
+    ends, then test the best validated weights."""
+    clock = Clock()
     splits = make_splits(config.vocab_size, config.seq_len, config.num_kv_pairs, config.num_train,
                          config.num_validation, config.num_test, config.seed, config.power_a)
     torch.manual_seed(config.seed)
     model = MQARModel(config.model_config()).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, betas=(0.9, 0.95),
+                                fused=device.type == "cuda")
     per_epoch, total = planned_steps(config)
     eval_every = config.eval_every or per_epoch
     train_x, train_y = (t.to(device) for t in splits.train)
@@ -300,149 +448,82 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
     train_q = query_index(train_y)
     order_gen = torch.Generator().manual_seed(config.seed)
 
-    best = {"accuracy": -1.0, "state": None, "step": 0}
-    history = []  # (step, train loss of that step, validation accuracy)
-    step, stop_reason, loss_value = 0, "planned_steps", float("nan")
-    non_finite = None  # device flag: a non-finite training loss since the start
-    train_started, fitted = time.time(), False
-    resumed_at, resume_order, resume_start = [], None, 0
-    probe_from, fit_at = FIT_PROBE_START, FIT_AT_STEP  # the time-limit probe's first step and the fit's step
-    timed_start, eval_seconds = None, 0.0
-    earlier_timed = (0.0, 0)  # (seconds, steps) of timed training before the last resume
+    run = RunState(step=0, total=total)
+    clock.train_started = time.time()
+    fit = TimeLimitFit(config.time_limit_s, FIT_PROBE_START, FIT_AT_STEP)
+    timer = StepTimer()
+    resumed_epoch = None
     if checkpoint_path is not None and checkpoint_path.exists():
-        saved = load_checkpoint(checkpoint_path, config)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        order_gen.set_state(saved["order_generator"])
-        step, total, fitted = saved["step"], saved["total"], saved["fitted"]
-        best, history, loss_value = saved["best"], [tuple(h) for h in saved["history"]], saved["loss"]
-        resume_order, resume_start = saved["order"].to(device), saved["next_batch_start"]
-        started -= saved["seconds"]  # the record's seconds count the earlier part too
-        train_started -= saved["train_seconds"]
-        resumed_at = saved["resumed_at_steps"] + [step]
-        earlier_timed = (saved["timed_seconds"], saved["timed_steps"])
-        if config.time_limit_s is not None and not fitted and step >= FIT_PROBE_START:
-            # the probe had started before the stop: probe again once this process has warmed up (the
-            # fit moves later by as much; before it the schedule is the warm-up when warmup_steps covers it)
-            probe_from = step + WARMUP_UNTIMED_STEPS
-            fit_at = max(FIT_AT_STEP, probe_from + FIT_AT_STEP - FIT_PROBE_START)
-        if saved["device_type"] != device.type:
-            warnings.warn(f"checkpoint {checkpoint_path} was saved on {saved['device_type']} and resumes on "
-                          f"{device.type}: precision (amp={config.amp!r}) and kernels may differ from the first part",
-                          stacklevel=3)
-    bar = tqdm(total=total, initial=step, desc=f"{config.model} L={config.seq_len} kv={config.num_kv_pairs} "
-               f"lr={config.lr:g} s={config.seed}", disable=not progress, position=progress_position,
-               leave=progress_position == 0, dynamic_ncols=True, mininterval=1.0)
-    timed_from = min(step + WARMUP_UNTIMED_STEPS, total - 1)
-    while step < total:
-        if resume_order is not None:  # finish the epoch the checkpoint was saved in
-            order, first = resume_order, resume_start
-            resume_order = None
-        else:
-            order, first = torch.randperm(config.num_train, generator=order_gen).to(device), 0
-        for start in range(first, config.num_train, config.batch_size):
-            if step >= total:
-                break
-            idx = order[start:start + config.batch_size]
-            x, y = train_x[idx], train_y[idx]
-            if train_q is not None:
-                positions = train_q[idx]
-                targets = y.gather(1, positions).reshape(-1)
-            else:
-                positions = y != IGNORE_INDEX
-                targets = y[positions]
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, total, config.lr, config.warmup_steps)
-            with autocast_context(config.amp, device):
-                logits = model(x, positions=positions)
-            loss = F.cross_entropy(logits.float(), targets)
-            # on the GPU a non-finite loss is noticed at the next validation (one device sync there, none per
-            # step); the test pass then uses the best validated weights, which were finite
-            finite = torch.isfinite(loss)
-            non_finite = ~finite if non_finite is None else non_finite | ~finite
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if step == 0 or device.type != "cuda":
-                if not bool(finite):
-                    stop_reason = "non_finite_loss"
-                    break
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if step == timed_from:
-                _synchronize(device)
-                timed_start = time.time()
-            out_of_time = deadline is not None and time.time() > deadline
-            if step == probe_from:
-                _synchronize(device)
-                probe_start, probe_eval_seconds = time.time(), eval_seconds
-            fit_now = config.time_limit_s is not None and not fitted and step == fit_at and step < total
-            # the validations every run makes; a deadline's extra one is scored for the stopped run's record
-            # but kept out of the state it resumes from, so that the resumed run matches an uninterrupted one
-            scheduled = step % eval_every == 0 or step == total or fit_now
-            if scheduled or out_of_time:
-                loss_value = loss.item()  # waits for the queued steps
-                eval_started = time.time()
-                if fit_now:  # training time of the probe steps, validations excluded
-                    probe_train = eval_started - probe_start - (eval_seconds - probe_eval_seconds)
-                if bool(non_finite):
-                    stop_reason = "non_finite_loss"
-                    break
-                val = evaluate(model, *splits.validation, config.batch_size, config.amp)["accuracy"]
-                resume_best, resume_history = best, list(history)  # before this validation
-                if val > best["accuracy"]:
-                    best = {"accuracy": val, "state": copy.deepcopy(model.state_dict()), "step": step}
-                history.append((step, round(loss_value, 4), round(val, 4)))
-                if timed_start is not None:
-                    eval_seconds += time.time() - eval_started
-                if on_eval is not None:
-                    on_eval({"run_id": run_id(config), "model": config.model, "seq_len": config.seq_len,
-                             "lr": config.lr, "seed": config.seed, "step": step, "planned_steps": total,
-                             "loss": round(loss_value, 4), "val_accuracy": round(val, 4),
-                             "seconds": round(time.time() - started, 1)})
-                if fit_now:
-                    total = _fit_total(config, step, total, eval_every, time.time() - eval_started,
-                                       probe_train / (fit_at - probe_from), time.time() - train_started)
-                    fitted = True
-                    bar.total = total
-                    bar.refresh()
-                bar.set_postfix(loss=f"{loss_value:.3f}", val_acc=f"{val:.3f}")
-                if checkpoint_path is not None:
-                    if scheduled:
-                        resume_best, resume_history = best, history
-                    timed_now = (0.0, 0) if timed_start is None else (time.time() - timed_start - eval_seconds,
-                                                                       step - timed_from)
-                    save_checkpoint(checkpoint_path, {
-                        "run_id": run_id(config), "device_type": device.type, "step": step, "total": total,
-                        "fitted": fitted, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "order_generator": order_gen.get_state(), "order": order.cpu(),
-                        "next_batch_start": start + config.batch_size, "best": resume_best,
-                        "history": resume_history, "loss": loss_value, "seconds": time.time() - started,
-                        "train_seconds": time.time() - train_started, "resumed_at_steps": resumed_at,
-                        "timed_seconds": earlier_timed[0] + timed_now[0],
-                        "timed_steps": earlier_timed[1] + timed_now[1]})
-                if scheduled and val > config.early_stop_accuracy:
-                    stop_reason = "early_stop"
-                    break
-                if out_of_time:
-                    stop_reason = "deadline"
-                    break
-        if stop_reason != "planned_steps":
+        resumed_epoch = _resume(checkpoint_path, config, device, model, optimizer, order_gen, run, fit, timer,
+                                clock)
+    bar = tqdm(total=run.total, initial=run.step, desc=_describe(config), disable=not progress,
+               position=progress_position, leave=progress_position == 0, dynamic_ncols=True, mininterval=1.0)
+    timer.begin(run.step, run.total)
+    batches = _batch_positions(config, order_gen, device, resumed_epoch)
+    stop_reason = "planned_steps"
+    non_finite = None  # device flag: a non-finite training loss since the start
+    while run.step < run.total:
+        order, start = next(batches)
+        lr = config.lr * warmup_cosine_factor(run.step, config.warmup_steps, run.total, 0.0)
+        # on the GPU a non-finite loss is noticed at the next validation (one device sync there, none per step);
+        # the test pass then uses the best validated weights, which were finite
+        batch = _batch(train_x, train_y, train_q, order[start:start + config.batch_size])
+        loss, finite, stepped = _training_step(model, optimizer, batch, lr, config.amp, device,
+                                               check_finite=run.step == 0 or device.type != "cuda")
+        non_finite = ~finite if non_finite is None else non_finite | ~finite
+        if not stepped:
+            stop_reason = "non_finite_loss"
+            break
+        run.step += 1
+        bar.update(1)
+        timer.after_step(run.step, device)
+        interrupted = stop_requested()
+        out_of_time = deadline is not None and time.time() > deadline
+        fit.after_step(run.step, device, timer.eval_seconds)
+        fit_now = fit.due(run.step, run.total)
+        # the validations every run makes; a deadline's (or Ctrl-C's) extra one is scored for the stopped run's
+        # record but kept out of the state it resumes from, so that the resumed run matches an uninterrupted one
+        scheduled = run.step % eval_every == 0 or run.step == run.total or fit_now
+        if not (scheduled or out_of_time or interrupted):
+            continue
+        run.loss = loss.item()  # waits for the queued steps
+        eval_started = time.time()
+        eval_seconds_at_probe_end = timer.eval_seconds
+        if bool(non_finite):
+            stop_reason = "non_finite_loss"
+            break
+        val, before = _validate(model, splits.validation, config, run)
+        timer.add_validation(time.time() - eval_started)
+        if on_eval is not None:
+            on_eval({"run_id": run_id(config), "model": config.model, "seq_len": config.seq_len, "lr": config.lr,
+                     "seed": config.seed, "step": run.step, "planned_steps": run.total, "loss": round(run.loss, 4),
+                     "val_accuracy": round(val, 4), "seconds": round(time.time() - clock.started, 1)})
+        if fit_now:
+            run.total = fit.fit(config, run.step, run.total, eval_every, eval_started, eval_seconds_at_probe_end,
+                                time.time() - eval_started, time.time() - clock.train_started)
+            bar.total = run.total
+            bar.refresh()
+        bar.set_postfix(loss=f"{run.loss:.3f}", val_acc=f"{val:.3f}")
+        if checkpoint_path is not None:
+            kept = (run.best, run.history) if scheduled else before
+            _save(checkpoint_path, config, device, run, kept, model, optimizer, order_gen, order,
+                  start + config.batch_size, fit, timer, clock)
+        if scheduled and val > config.early_stop_accuracy:
+            stop_reason = "early_stop"
+            break
+        if interrupted or out_of_time:
+            stop_reason = "interrupted" if interrupted else "deadline"
             break
     bar.close()
     _synchronize(device)
-    timed_seconds, timed_steps = earlier_timed
-    if timed_start is not None and step > timed_from:
-        timed_seconds += time.time() - timed_start - eval_seconds
-        timed_steps += step - timed_from
-    seconds_per_step = timed_seconds / timed_steps if timed_steps > 0 else None
+    timed_seconds, timed_steps = timer.totals(run.step)
 
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
+    if run.best["state"] is not None:
+        model.load_state_dict(run.best["state"])
     with_variance = config.model in VARIANCE_MODELS
     test = evaluate(model, *splits.test, config.batch_size, config.amp, with_variance=with_variance)
-    if checkpoint_path is not None and stop_reason != "deadline":
-        checkpoint_path.unlink(missing_ok=True)  # the run is over; a deadline-stopped run keeps it to resume
+    if checkpoint_path is not None and stop_reason not in ("deadline", "interrupted"):
+        checkpoint_path.unlink(missing_ok=True)  # the run is over; a stopped run keeps it to resume
     return {
         "model": config.model,
         "seq_len": config.seq_len,
@@ -450,23 +531,23 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
         "d_model": config.d_model,
         "lr": config.lr,
         "seed": config.seed,
-        "epochs": round(step / per_epoch, 4),
-        "steps": step,
-        "val_accuracy": max(best["accuracy"], 0.0) if best["state"] is not None else None,
+        "epochs": round(run.step / per_epoch, 4),
+        "steps": run.step,
+        "val_accuracy": max(run.best["accuracy"], 0.0) if run.best["state"] is not None else None,
         "test_accuracy": test["accuracy"],
         "state_bytes": recurrent_state_bytes(config.model_config(), config.seq_len),
-        "seconds": round(time.time() - started, 2),
-        "seconds_per_step": None if seconds_per_step is None else round(seconds_per_step, 5),
+        "seconds": round(time.time() - clock.started, 2),
+        "seconds_per_step": None if timed_steps == 0 else round(timed_seconds / timed_steps, 5),
         "device": describe_device(device),
         "run_id": run_id(config),
-        "planned_steps": total,
-        "fitted_to_time_limit": fitted,
-        "best_step": best["step"],
+        "planned_steps": run.total,
+        "fitted_to_time_limit": fit.fitted,
+        "best_step": run.best["step"],
         "stop_reason": stop_reason,
-        "final_train_loss": loss_value,
+        "final_train_loss": run.loss,
         "num_parameters": count_parameters(model),
         "variance_auroc": test.get("variance_auroc"),
-        "history": history,
-        "resumed_at_steps": resumed_at,
+        "history": run.history,
+        "resumed_at_steps": run.resumed_at,
         "config": asdict(config),
     }

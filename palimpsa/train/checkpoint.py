@@ -1,9 +1,15 @@
-"""Checkpoints that resume exactly: model, optimizer, scheduler, data position and every rank's RNG.
+"""Checkpoints that resume exactly, in one format for every trainer (the LM trainer and MQAR runs).
 
-One file, ``<out_dir>/checkpoint.pt``, written by rank 0 to a temporary name and moved into place with
-``os.replace`` (a crash never leaves a half-written checkpoint).  Model and optimizer are saved as full
-(unsharded) state dicts through ``torch.distributed.checkpoint.state_dict``, so a checkpoint written by
-one process, DDP or FSDP2 loads into any of them.
+A checkpoint is one ``torch.save`` file of plain containers and tensors, written atomically
+(:func:`palimpsa.io.atomic_torch_save`: a crash never leaves a half-written one) and read back with
+``weights_only=True`` (nothing in it is unpickled as code).  Its header says what it is
+(``format``, ``version``, ``kind``: "lm" or "mqar-run"), so a file of another kind or a foreign file is refused
+with a one-line :class:`CheckpointError` naming it.
+
+The LM trainer's checkpoint, ``<out_dir>/checkpoint.pt``, holds model, optimizer, scheduler, data position and
+every rank's RNG; model and optimizer are full (unsharded) state dicts through
+``torch.distributed.checkpoint.state_dict``, so a checkpoint written by one process, DDP or FSDP2 loads into any
+of them.
 """
 
 from __future__ import annotations
@@ -27,24 +33,63 @@ from torch.distributed.checkpoint.state_dict import (
 from palimpsa.io import atomic_torch_save
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT = "palimpsa-training-state"
+FORMAT_VERSION = 2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, not a palimpsa training state, or of another run."""
 
 
 def checkpoint_path(out_dir: str) -> str:
     return os.path.join(out_dir, CHECKPOINT_NAME)
 
 
+def save_training_state(path: str | os.PathLike, kind: str, state: Dict[str, Any]) -> None:
+    """Write ``state`` (plain containers, numbers, strings and tensors only) as a ``kind`` checkpoint, atomically."""
+    atomic_torch_save({"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, **state}, path)
+
+
+def load_training_state(path: str | os.PathLike, kind: str) -> Dict[str, Any]:
+    """The state saved by :func:`save_training_state` at ``path`` (tensors on the CPU).
+
+    Raises CheckpointError (one line, naming the file) when it cannot be read with ``weights_only=True``, is not
+    a palimpsa training state of this format version, or is of another kind.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types here (UnpicklingError, RuntimeError, EOFError, ...)
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"checkpoint {os.fspath(path)} could not be read ({type(error).__name__}: {reason}); "
+                              "delete it to start the run over") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{os.fspath(path)} is not a palimpsa training checkpoint; move it away or use "
+                              "another output folder")
+    if state.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {os.fspath(path)} has format version {state.get('version')!r}, this "
+                              f"palimpsa reads version {FORMAT_VERSION}; delete it to start the run over")
+    if state.get("kind") != kind:
+        raise CheckpointError(f"checkpoint {os.fspath(path)} is a {state.get('kind')!r} checkpoint, not a {kind!r} "
+                              "one; use another output folder")
+    return state
+
+
 def capture_rng_state() -> Dict[str, Any]:
-    """This process's Python, NumPy, torch CPU and (if used) CUDA generator states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's Python, NumPy, torch CPU and (if used) CUDA generator states, as plain values and tensors."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -73,8 +118,7 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optim
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     rng_states = _gather_rng_states()
     if is_main:
-        atomic_torch_save({
-            "format_version": FORMAT_VERSION,
+        save_training_state(path, "lm", {
             "step": step,
             "model": model_state,
             "optimizer": optimizer_state,
@@ -82,7 +126,7 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optim
             "data": dict(data_state),
             "rng": rng_states,
             "config": config,
-        }, path)
+        })
     if dist.is_initialized():
         dist.barrier()
 
@@ -93,10 +137,9 @@ def load_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optim
     """Restore model, optimizer, scheduler and this rank's RNG; return ``{"step", "data", "config"}``.
 
     ``check_config(saved_config)`` runs before anything is restored (raise there to refuse the checkpoint).
+    CheckpointError when the file is not an LM training checkpoint (see :func:`load_training_state`).
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unknown checkpoint format {state.get('format_version')!r}")
+    state = load_training_state(path, "lm")
     if check_config is not None:
         check_config(state["config"])
     options = StateDictOptions(full_state_dict=True)

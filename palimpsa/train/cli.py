@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import typing
 
 from palimpsa.train.config import TrainConfig
@@ -21,7 +22,8 @@ HELP = {
     "seq_len": "tokens per pack (documents are packed, boundaries passed as cu_seqlens)",
     "batch_size": "packs per micro-batch per rank",
     "grad_accum": "micro-batches per optimizer step",
-    "parallel": "strategy under torchrun: ddp or fsdp (FSDP2 fully_shard)",
+    "parallel": "auto (DDP under torchrun, else one process), or ddp / fsdp (FSDP2 fully_shard): need torchrun",
+    "precision": "auto (bf16 autocast on CUDA, float32 on CPU), bf16 (autocast on any device; slow on CPU) or fp32",
     "stop_at_step": "stop (and checkpoint) after this step; resume later with the same command",
     "save_every": "checkpoint every N steps (0: only at the end)",
 }
@@ -69,14 +71,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     from palimpsa.train.distributed import shutdown_distributed
-    from palimpsa.train.loop import train
+    from palimpsa.train.loop import NonFiniteLossError, train
 
     config = config_from_args(args)
     try:
         result = train(config)
+    except NonFiniteLossError as error:
+        print(f"palimpsa train: error: {error}", file=sys.stderr)
+        return 1
     finally:
         shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"final_step": result.final_step,
-                          "last_loss": result.losses[-1] if result.losses else None, "out_dir": result.out_dir}))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.already_complete:
+        print(f"run in {result.out_dir} already complete at step {result.final_step} (its checkpoint.pt); nothing "
+              "to train: raise --max-steps / --stop-at-step, or use another --out-dir for a new run", file=sys.stderr)
+        return 0
+    print(json.dumps({"final_step": result.final_step, "resumed_from_step": result.start_step,
+                      "last_loss": result.losses[-1] if result.losses else None, "out_dir": result.out_dir}))
     return 0

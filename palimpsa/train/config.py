@@ -3,12 +3,55 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-PARALLEL_STRATEGIES = ("ddp", "fsdp")
-PRECISIONS = ("bf16", "fp32")
+from palimpsa.train.precision import PRECISIONS
+
+PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", Any: "any value"}
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    """Whether ``value`` has the type ``kind`` (a field annotation); a bool is no number, an int is a float."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if origin is typing.Union:
+        return any(_matches(value, arg) for arg in args)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(item, args[0]) for item in value)
+    if origin is tuple:
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_matches, value, args))
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(key, args[0]) for key in value)
+    raise NotImplementedError(f"no type check for {kind!r}")
+
+
+def _describe(kind: Any) -> str:
+    """How an error names the type ``kind``: 'a number', 'a list of strings', 'an integer or null', ..."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union:
+        return " or ".join("null" if arg is type(None) else _describe(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+    if origin is tuple:
+        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
+    if origin is dict:
+        return "an object (dict) with string keys"
+    return _KIND_NAMES.get(kind, repr(kind))
 
 
 @dataclass
@@ -28,8 +71,12 @@ class TrainConfig:
     Batch: one optimizer step consumes ``batch_size * grad_accum * world_size`` packs (the global batch);
     the loss is the mean over every predicted token of the global batch, whatever the split across ranks.
 
-    Stopping early: ``stop_at_step`` or ``time_limit_s`` (wall clock of this invocation) end the run with a
-    checkpoint; running the same command again resumes it.  The schedule always follows ``max_steps``.
+    Hardware: ``precision`` "auto" autocasts to bf16 on CUDA and trains in float32 on the CPU; "bf16" autocasts to
+    bf16 on any device (on a CPU: slow, for debugging); "fp32" never autocasts.  ``parallel`` "auto" is DDP under
+    torchrun and one process without it; "ddp" or "fsdp" (FSDP2) need torchrun.
+
+    Stopping early: ``stop_at_step``, ``time_limit_s`` (wall clock of this invocation) or Ctrl-C end the run with
+    a checkpoint; running the same command again resumes it.  The schedule always follows ``max_steps``.
     """
 
     # model
@@ -55,8 +102,8 @@ class TrainConfig:
     seed: int = 0
     # hardware
     device: str = "auto"
-    precision: str = "bf16"
-    parallel: str = "ddp"
+    precision: str = "auto"
+    parallel: str = "auto"
     # output
     out_dir: str = "runs/train"
     log_every: int = 10
@@ -70,12 +117,19 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        self.data = list(self.data)
+        if isinstance(self.betas, list):  # JSON has no tuples
+            self.betas = tuple(self.betas)
+        if isinstance(self.data, tuple):
+            self.data = list(self.data)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError/TypeError naming the first bad field."""
+        """Raise ValueError naming the first bad field: its type (a bool is no number, a string no list; floats
+        finite), then its value."""
+        for name, kind in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if not _matches(value, kind):
+                raise ValueError(f"{name} must be {_describe(kind)}, got {value!r}")
         positive_ints = ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every")
         for name in positive_ints:
             value = getattr(self, name)
@@ -105,15 +159,18 @@ class TrainConfig:
             raise ValueError(f"stop_at_step must be a positive integer or None, got {self.stop_at_step!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0 seconds or None, got {self.time_limit_s!r}")
-        if not isinstance(self.model_overrides, dict):
-            raise TypeError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError as error:
+                raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got "
+                                 f"{self.device!r}") from error
+        if not self.out_dir:
+            raise ValueError("out_dir must be a non-empty folder name")
         if not self.text_field:
             raise ValueError("text_field must be a non-empty column name")
-
-    @property
-    def packs_per_rank_step(self) -> int:
-        """Packs one rank consumes per optimizer step."""
-        return self.batch_size * self.grad_accum
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,8 +182,3 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {unknown}")
         return cls(**values)
-
-    @classmethod
-    def from_json(cls, path: str) -> "TrainConfig":
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle))

@@ -74,10 +74,10 @@ def block_modules(model: nn.Module) -> List[nn.Module]:
 
 
 def wrap_model(model: nn.Module, context: DistributedContext, strategy: str) -> nn.Module:
-    """DDP or FSDP2 wrapping for a multi-process run; the model itself otherwise."""
+    """DDP ("ddp", or "auto") or FSDP2 ("fsdp") wrapping for a multi-process run; the model itself otherwise."""
     if not context.is_distributed:
         return model
-    if strategy == "ddp":
+    if strategy in ("auto", "ddp"):
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [context.device.index] if context.device.type == "cuda" else None
@@ -89,7 +89,7 @@ def wrap_model(model: nn.Module, context: DistributedContext, strategy: str) -> 
             fully_shard(block)
         fully_shard(model)
         return model
-    raise ValueError(f"parallel strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    raise ValueError(f"parallel strategy must be 'auto', 'ddp' or 'fsdp', got {strategy!r}")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

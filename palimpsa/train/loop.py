@@ -1,5 +1,9 @@
 """The training loop, top to bottom: set up, then step, log and checkpoint until ``max_steps``.
 
+A non-finite loss stops the run with :class:`NonFiniteLossError` before anything is saved or exported (the last
+checkpoint holds finite weights).  Ctrl-C stops it after the step in progress with a checkpoint and raises
+:class:`palimpsa.train.interrupt.Interrupted`, which says from which step the same command resumes.
+
 Global batch and loss: every rank builds the same packs for a step (the data stream is deterministic) and
 takes its share; the loss is the sum of token losses divided by the number of predicted tokens in the
 *global* batch, so 1 process, gradient accumulation, DDP and FSDP2 give the same step for the same packs.
@@ -7,8 +11,8 @@ takes its share; the loss is the sum of token losses divided by the number of pr
 
 from __future__ import annotations
 
-import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -25,6 +29,7 @@ from palimpsa.train.checkpoint import (
     save_checkpoint,
 )
 from palimpsa.train.config import TrainConfig
+from palimpsa.train.interrupt import Interrupted, resume_message, stop_on_interrupt, stop_requested
 from palimpsa.train.data import IGNORE_INDEX, DocumentSource, PackedBatch, PackedStream, collate_packs, make_encoder
 from palimpsa.train.distributed import (
     DistributedContext,
@@ -38,6 +43,7 @@ from palimpsa.train.distributed import (
 from palimpsa.train.metrics import MetricsLogger
 from palimpsa.train.models import build_model, padded_vocab_size
 from palimpsa.train.optim import build_optimizer, build_scheduler
+from palimpsa.train.precision import autocast_context
 from palimpsa.train.tokenizer import load_tokenizer
 
 ModelFactory = Callable[[int], nn.Module]
@@ -45,14 +51,24 @@ ModelFactory = Callable[[int], nn.Module]
 RESUME_FIELDS = ("model", "model_overrides", "data", "text_field", "hf_split", "tokenizer", "append_eos", "seq_len")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: the run stops before saving or exporting those weights."""
+
+
 @dataclass
 class TrainResult:
-    """What a finished (or stopped) run did: its logged losses and where it stopped."""
+    """What a finished (or stopped) run did: its logged losses and where it started and stopped.
+
+    ``start_step`` > 0 for a resumed run; ``already_complete``: the checkpoint was already at the last step, so
+    nothing was trained; ``saved_step``: the step of the newest checkpoint."""
 
     steps: List[int] = field(default_factory=list)
     losses: List[float] = field(default_factory=list)
     final_step: int = 0
     out_dir: str = ""
+    start_step: int = 0
+    already_complete: bool = False
+    saved_step: int = 0
 
 
 def packed_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
@@ -70,11 +86,12 @@ def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
                            reduction="sum")
 
 
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on GPU; CPU runs stay in float32 (CPU bf16 is slow and only for debugging here)."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def batch_loss(model: nn.Module, batch: PackedBatch, device: torch.device, precision: str) -> torch.Tensor:
+    """The summed token loss (float32 scalar) of one packed micro-batch: the forward under autocast, the loss
+    outside it."""
+    with autocast_context(device, precision):
+        logits = packed_logits(model, batch)
+    return summed_token_loss(logits, batch.targets)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -82,6 +99,22 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     if not torch.distributed.is_initialized():
         return flag
     return bool(all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0)
+
+
+def _all_finite(model: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter is finite, on every rank (one device sync)."""
+    bad = torch.zeros((), device=device)
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param  # an FSDP2 shard
+        bad += (~torch.isfinite(local.detach())).sum()
+    return not _any_rank(bool(bad.item()), device)
+
+
+def _check_launch(config: TrainConfig) -> None:
+    """--parallel ddp|fsdp needs torchrun's environment; without it the run would silently be one process."""
+    if config.parallel != "auto" and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"parallel={config.parallel!r} needs torchrun (torchrun --nproc-per-node N -m palimpsa "
+                         f"train --parallel {config.parallel} ...); for one process leave parallel at 'auto'")
 
 
 def _check_resumable(saved: dict, config: TrainConfig, path: str) -> None:
@@ -112,6 +145,7 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
 
     Run under torchrun for DDP/FSDP2; the process group is joined here and left to the caller to destroy.
     """
+    _check_launch(config)
     started = time.perf_counter()
     context = init_distributed(config.device)
     device = context.device
@@ -140,23 +174,51 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
         stream.load_state_dict(restored["data"])
     else:
         torch.manual_seed(config.seed + 1 + context.rank)  # per-rank stream for anything random in training
+    last_step = config.max_steps if config.stop_at_step is None else min(config.max_steps, config.stop_at_step)
+    result = TrainResult(final_step=start_step, out_dir=config.out_dir, start_step=start_step,
+                         already_complete=start_step >= last_step)
+    if result.already_complete:
+        return result
+    if start_step and context.is_main:
+        print(f"resuming from step {start_step} ({ckpt})", file=sys.stderr)
     logger = None
     if context.is_main:
         logger = MetricsLogger(config.out_dir, resume_step=start_step if start_step else None,
                                wandb_project=config.wandb_project, tensorboard=config.tensorboard,
                                config=config.to_dict())
+    try:
+        with stop_on_interrupt():
+            _train_steps(config, context, model, optimizer, scheduler, stream, logger, result, last_step, started)
+    except KeyboardInterrupt as interrupt:  # a second Ctrl-C: the state saved last is where a rerun resumes
+        if isinstance(interrupt, Interrupted):
+            raise
+        raise Interrupted(resume_message(result.saved_step), result.saved_step) from None
+    finally:
+        if logger is not None:
+            logger.close()
+    if config.export_hf and result.final_step == config.max_steps:
+        _export(model, model_class, tokenizer, config.out_dir, context)
+    return result
 
+
+def _train_steps(config: TrainConfig, context: DistributedContext, model: nn.Module, optimizer, scheduler,
+                 stream: PackedStream, logger: Optional[MetricsLogger], result: TrainResult, last_step: int,
+                 started: float) -> None:
+    """Steps ``result.final_step + 1`` to ``last_step``: train, log every ``log_every`` steps and checkpoint; stop
+    early at the time limit or on Ctrl-C (then raise Interrupted, after the checkpoint)."""
+    device = context.device
     world, accum, per_micro = context.world_size, config.grad_accum, config.batch_size
     tokens_per_step = world * accum * per_micro * config.seq_len
-    last_step = config.max_steps if config.stop_at_step is None else min(config.max_steps, config.stop_at_step)
-    result = TrainResult(final_step=start_step, out_dir=config.out_dir)
-    progress = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+    ckpt = checkpoint_path(config.out_dir)
+    result.saved_step = result.final_step
+    progress = tqdm(total=config.max_steps, initial=result.final_step, unit="step", dynamic_ncols=True,
                     disable=not (context.is_main and config.progress))
     model.train()
     interval_loss = torch.zeros((), device=device)
+    non_finite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check; no sync per step
     interval_steps, interval_start = 0, time.perf_counter()
 
-    for step in range(start_step + 1, last_step + 1):
+    for step in range(result.final_step + 1, last_step + 1):
         step_packs = [stream.next_pack() for _ in range(world * accum * per_micro)]
         global_targets = sum(pack.num_targets for pack in step_packs)
         step_loss = torch.zeros((), device=device)
@@ -164,9 +226,7 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
             first = (micro * world + context.rank) * per_micro
             batch = collate_packs(step_packs[first:first + per_micro]).to(device)
             with gradient_sync(model, enabled=micro == accum - 1):
-                with autocast_context(device, config.precision):
-                    logits = packed_logits(model, batch)
-                loss_sum = summed_token_loss(logits, batch.targets)
+                loss_sum = batch_loss(model, batch, device, config.precision)
                 # DDP/FSDP average gradients over ranks: scale by world so the result is sum / global count.
                 (loss_sum * (world / global_targets)).backward()
             step_loss += loss_sum.detach()
@@ -178,11 +238,17 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        interval_loss += all_reduce_sum(step_loss) / global_targets
+        reduced_loss = all_reduce_sum(step_loss) / global_targets
+        non_finite |= ~torch.isfinite(reduced_loss)
+        interval_loss += reduced_loss
         interval_steps += 1
         out_of_time = config.time_limit_s is not None and _any_rank(
             time.perf_counter() - started > config.time_limit_s, device)
-        stopping = step == last_step or out_of_time
+        # Ctrl-C: seen at once by one process; by all ranks together at log steps (no collective every step)
+        interrupted = stop_requested() if world == 1 else (step % config.log_every == 0
+                                                            and _any_rank(stop_requested(), device))
+        stopping = step == last_step or out_of_time or interrupted
+        saving = (config.save_every and step % config.save_every == 0) or stopping
         if step % config.log_every == 0 or stopping:
             loss = interval_loss.item() / interval_steps
             elapsed = time.perf_counter() - interval_start
@@ -199,16 +265,20 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.3g}")
             interval_loss.zero_()
             interval_steps, interval_start = 0, time.perf_counter()
+        if (step % config.log_every == 0 or saving) and (bool(non_finite) or saving and not _all_finite(model, device)):
+            progress.close()
+            raise NonFiniteLossError(
+                f"the training loss (or a weight) became NaN or infinite by step {step}; stopped without saving or "
+                f"exporting (the checkpoint of step {result.saved_step} in {config.out_dir} holds finite weights, "
+                "if any): try a lower lr, a longer warmup_steps or precision fp32")
         progress.update(1)
         result.final_step = step
-        if (config.save_every and step % config.save_every == 0) or stopping:
+        if saving:
             save_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
                             data_state=stream.state_dict(), config=config.to_dict(), is_main=context.is_main)
+            result.saved_step = step
         if stopping:
             break
     progress.close()
-    if logger is not None:
-        logger.close()
-    if config.export_hf and result.final_step == config.max_steps and last_step > start_step:
-        _export(model, model_class, tokenizer, config.out_dir, context)
-    return result
+    if interrupted:
+        raise Interrupted(resume_message(step), step)

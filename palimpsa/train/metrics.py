@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional
+
+from palimpsa.io import atomic_write_text, json_line, read_json_lines
 
 METRICS_NAME = "metrics.jsonl"
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:
-    """The records of a metrics.jsonl file, in order."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The records of a metrics.jsonl file, in order (a torn last line, left by a crash mid-write, is skipped)."""
+    return read_json_lines(path)
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint a run resumes from), atomically."""
+    """Drop records past ``step`` (written after the checkpoint a run resumes from) and a torn last line,
+    atomically."""
     if not os.path.exists(path):
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    temporary = f"{path}.tmp.{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(temporary, path)
+    atomic_write_text(path, "".join(json_line(r) for r in kept))
 
 
 class MetricsLogger:
-    """Append one JSON object per logged step to ``<out_dir>/metrics.jsonl`` (rank 0 only).
+    """Append one strict JSON object per logged step to ``<out_dir>/metrics.jsonl`` (rank 0 only; a non-finite
+    number is written as null).
 
     Args:
         out_dir: run directory.
@@ -58,12 +57,13 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise ImportError("tensorboard=True but tensorboard is not installed (pip install tensorboard)") from err
+                raise ImportError("tensorboard=True but tensorboard is not installed "
+                                  "(pip install tensorboard)") from err
             self._tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
     def log(self, record: Dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json_line(record))
         step = record["step"]
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self._wandb is not None:

@@ -35,14 +35,9 @@ def available_presets() -> List[str]:
 def _register_known_models() -> None:
     """Import the packages that register model types with the Auto classes."""
     try:
-        import palimpsa.models  # noqa: F401
+        import palimpsa.models  # noqa: F401  (palimpsa, meta_mamba2, gated_deltanet_lm)
     except ModuleNotFoundError as err:
         if err.name is None or not err.name.startswith("palimpsa"):
-            raise
-    try:
-        import palimpsa.train.baselines  # noqa: F401  (gated_deltanet_lm)
-    except ModuleNotFoundError as err:
-        if err.name != "palimpsa.layers.gated_deltanet":
             raise
     try:
         import fla  # noqa: F401  (optional: registers fla's models, e.g. gated_deltanet)

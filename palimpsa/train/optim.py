@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and a linear-warmup + cosine learning-rate schedule."""
+"""AdamW with decoupled weight decay on matrices only, and a linear-warmup + cosine learning-rate schedule: the
+optimiser and schedule of every trainer here (the LM trainer and MQAR runs)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def parameter_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float = 1e-8):
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float = 1e-8, fused: bool = False):
+    """AdamW over :func:`parameter_groups`; ``fused``: torch's fused CUDA implementation."""
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -1,7 +1,5 @@
 """Metaplastic conversion: function preservation, nonzero gradients for the new gate, CLI, errors."""
 
-import json
-import os
 
 import pytest
 import torch

@@ -23,7 +23,7 @@ def tiny_grid():
 def test_sweep_records_resumes_and_reports(tmp_path, monkeypatch):
     runs = tiny_grid().runs()
     stats = run_sweep(runs, tmp_path, progress=False)
-    assert stats == {"planned": 4, "skipped": 0, "recorded": 4}
+    assert stats == {"planned": 4, "skipped": 0, "recorded": 4, "failed": 0, "unfinished": 0}
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert len(records) == 4 and all(REQUIRED <= set(r) for r in records)
@@ -39,7 +39,8 @@ def test_sweep_records_resumes_and_reports(tmp_path, monkeypatch):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(sweep_module, "train_run", must_not_train)
-    assert run_sweep(runs, tmp_path, progress=False) == {"planned": 4, "skipped": 4, "recorded": 0}
+    assert run_sweep(runs, tmp_path, progress=False) == {"planned": 4, "skipped": 4, "recorded": 0, "failed": 0,
+                                                         "unfinished": 0}
     assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
 
     table, written = write_report(tmp_path / "results.jsonl", tmp_path)
@@ -168,7 +169,8 @@ def test_a_checkpoint_of_another_run_or_a_broken_file_is_refused(tmp_path):
 def test_a_sweep_continues_an_interrupted_run(tmp_path):
     config = RunConfig(model="attention", seq_len=16, num_kv_pairs=2, d_model=8, lr=3e-3, seed=0, **RESUMABLE)
     train_run(config, progress=False, deadline=0.0, checkpoint_path=checkpoint_path(tmp_path, config))
-    assert run_sweep([config], tmp_path, progress=False) == {"planned": 1, "skipped": 0, "recorded": 1}
+    assert run_sweep([config], tmp_path, progress=False) == {"planned": 1, "skipped": 0, "recorded": 1, "failed": 0,
+                                                             "unfinished": 0}
     (record,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert record["resumed_at_steps"] == [1] and record["steps"] == 12
     assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -32,6 +32,6 @@ def test_train_cli_exports_a_loadable_model(tmp_path, capsys):
     model, tokenizer = load_model_and_tokenizer(str(out), device="cpu")
     assert model.config.metaplasticity is False and model.config.vocab_size == 320
     assert tokenizer.eos_token_id == model.config.eos_token_id == 256
-    saved = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, saved[name], msg=name)

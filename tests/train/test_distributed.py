@@ -58,7 +58,7 @@ def corpus(tmp_path_factory):
 
 def test_ddp_and_fsdp2_match_one_process(corpus, tmp_path):
     single = train(_config(corpus, tmp_path / "single", batch_size=2), model_factory=tiny_factory)
-    strategies = ("ddp", "fsdp")
+    strategies = ("ddp", "fsdp", "auto")  # auto is DDP under torchrun
     mp.spawn(_worker, args=(2, _free_port(), corpus, str(tmp_path), strategies), nprocs=2, join=True)
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as handle:

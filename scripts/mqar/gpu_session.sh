@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact GPU session behind results/mqar/gpu/ (one call of about 3 minutes; runs spread over every GPU):
-#   PYTHONPATH=. OUT=<folder> bash results/mqar/gpu_session.sh
+#   PYTHONPATH=. OUT=<folder> bash scripts/mqar/gpu_session.sh
 # 1. checks that the Palimpsa op's Triton backend agrees with the PyTorch one inside the MQAR models
 #    (falls back to --op-backend torch if not);
 # 2. the paper's setting (L=512, 128 pairs, d_model 128): five models x lr {2.15e-3, 4.64e-3} x seeds {0, 1},

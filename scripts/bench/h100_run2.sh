@@ -15,6 +15,6 @@ echo "== ours: python3 scripts/gpu_ops_check.py --skip-check --no-fla --out \$OU
 timeout 200 python3 scripts/gpu_ops_check.py --skip-check --no-fla --out "$OUT/ops_h100_ours.md" --log-dir /tmp/bl 2>&1 | tee -a "$LOG"
 echo "ours rc=$? after $((SECONDS - T0)) s" | tee -a "$LOG"
 left=$((592 - (SECONDS - T0)))
-echo "== fla: python3 results/bench/fla_rows.py \$OUT/fla_rows.json 760M-like 170M-like d64 d128 ($left s left)" | tee -a "$LOG"
-timeout "$left" python3 results/bench/fla_rows.py "$OUT/fla_rows.json" 760M-like 170M-like d64 d128 2>&1 | tee -a "$LOG"
+echo "== fla: python3 scripts/bench/fla_rows.py \$OUT/fla_rows.json 760M-like 170M-like d64 d128 ($left s left)" | tee -a "$LOG"
+timeout "$left" python3 scripts/bench/fla_rows.py "$OUT/fla_rows.json" 760M-like 170M-like d64 d128 2>&1 | tee -a "$LOG"
 echo "fla rc=$? after $((SECONDS - T0)) s" | tee -a "$LOG"

@@ -2,8 +2,9 @@
 
 Same skeleton as the Palimpsa LM (embeddings -> N x [pre-RMSNorm token mixer + residual, pre-RMSNorm SwiGLU +
 residual] -> RMSNorm -> tied head), with :class:`palimpsa.layers.gated_deltanet.GatedDeltaNet` as the mixer.
-Registered with the Auto classes as ``gated_deltanet_lm``, so ``palimpsa train --model gated-deltanet-small``
-and ``save_pretrained`` / ``from_pretrained`` work.  Training and evaluation only: no decoding cache.
+Registered with the Auto classes as ``gated_deltanet_lm`` (on ``import palimpsa.models``), so
+``palimpsa train --model gated-deltanet-small`` and ``save_pretrained`` / ``from_pretrained`` work.  Training and
+evaluation only: no decoding cache.
 """
 
 from __future__ import annotations
@@ -13,32 +14,13 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
 from palimpsa.layers.gated_deltanet import GatedDeltaNet, fla_available
 from palimpsa.layers.modules import RMSNorm, SwiGLUMLP
-
-
-class GatedDeltaNetLMConfig(PretrainedConfig):
-    """Sizes of the Gated DeltaNet LM (V = head_dim * expand_v per head; MLP ratio ``hidden_ratio``)."""
-
-    model_type = "gated_deltanet_lm"
-
-    def __init__(self, vocab_size: int = 32000, hidden_size: int = 768, num_hidden_layers: int = 12,
-                 num_heads: int = 12, head_dim: int = 64, expand_v: int = 1, conv_size: int = 4,
-                 hidden_ratio: float = 4, norm_eps: float = 1e-6, initializer_range: float = 0.02,
-                 tie_word_embeddings: bool = True, **kwargs):
-        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
-                            ("num_hidden_layers", num_hidden_layers), ("num_heads", num_heads),
-                            ("head_dim", head_dim), ("expand_v", expand_v), ("conv_size", conv_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GatedDeltaNetLMConfig.{name} must be a positive int, got {value!r}")
-        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
-        self.num_heads, self.head_dim, self.expand_v, self.conv_size = num_heads, head_dim, expand_v, conv_size
-        self.hidden_ratio, self.norm_eps, self.initializer_range = hidden_ratio, norm_eps, initializer_range
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+from palimpsa.models.gated_deltanet.configuration_gated_deltanet import GatedDeltaNetLMConfig
 
 
 def run_per_sequence(mixer: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -147,7 +129,3 @@ class GatedDeltaNetForCausalLM(PreTrainedModel):
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
-
-
-AutoConfig.register(GatedDeltaNetLMConfig.model_type, GatedDeltaNetLMConfig, exist_ok=True)
-AutoModelForCausalLM.register(GatedDeltaNetLMConfig, GatedDeltaNetForCausalLM, exist_ok=True)

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("palimpsa.layers.gated_deltanet")
 
-from palimpsa.train.baselines import GatedDeltaNetForCausalLM, run_per_sequence  # noqa: E402
+from palimpsa.models.gated_deltanet import GatedDeltaNetForCausalLM, run_per_sequence  # noqa: E402
 from palimpsa.train.models import build_model  # noqa: E402
 
 

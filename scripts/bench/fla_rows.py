@@ -5,7 +5,7 @@ written to ``OUT_JSON`` after every kernel, so that a device call stopped by its
 returns what was measured (fla autotunes every kernel anew for each shape; on 2026-11-25 the whole
 table with fla did not finish within 420 s on an H100).
 
-    PYTHONPATH=/tmp/site:. python3 results/bench/fla_rows.py OUT_JSON SHAPE [SHAPE ...]
+    PYTHONPATH=/tmp/site:. python3 scripts/bench/fla_rows.py OUT_JSON SHAPE [SHAPE ...]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Third GPU session: long MQAR runs that outlive one device command.
 #
-#   PYTHONPATH=. OUT=<folder> bash results/mqar/gpu_session3.sh start   # check, launch in the background, wait
-#   PYTHONPATH=. OUT=<folder> bash results/mqar/gpu_session3.sh wait    # wait more, collect what is finished
+#   PYTHONPATH=. OUT=<folder> bash scripts/mqar/gpu_session3.sh start   # check, launch in the background, wait
+#   PYTHONPATH=. OUT=<folder> bash scripts/mqar/gpu_session3.sh wait    # wait more, collect what is finished
 #
 # `start` checks the op's Triton backend inside the MQAR models (which also compiles the kernels once for every
 # worker), then launches two sweeps in a new process session, so that they keep running between the device

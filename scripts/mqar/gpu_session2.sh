@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Second GPU call (the first, gpu_session.sh, lost its Palimpsa and Meta-Mamba2 runs to two bugs fixed since:
 # the op-backend switch and bf16 autocast inside the Palimpsa layer).  About 2.5 minutes:
-#   PYTHONPATH=. OUT=<folder> bash results/mqar/gpu_session2.sh
+#   PYTHONPATH=. OUT=<folder> bash scripts/mqar/gpu_session2.sh
 # A capacity-limited setting that a d_model-128 model learns quickly at full state (L=256, 64 pairs), with a
 # quarter of the paper's state: 8 heads of K=8, V=16 (1,024 entries per layer; Mamba2: state 8, head_dim 16,
 # expand 1).  Five recurrent models + attention, lr 2.15e-3, seeds {0, 1}, every run fitted into 90 s of the

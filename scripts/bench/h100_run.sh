@@ -5,7 +5,7 @@
 # other the checks alone took 386 s for commit ec363a0). Everything lands under $OUT:
 #   bench.log, ops_h100.{md,json}          table (run with --skip-check)
 #   gpu_ops_check.{log,json}                checks of all four shapes and the varlen batch, merged
-# Run from the repository root with the fla wheels in .whl/:  OUT=/some/dir bash results/bench/h100_run.sh
+# Run from the repository root with the fla wheels in .whl/:  OUT=/some/dir bash scripts/bench/h100_run.sh
 set -u
 : "${OUT:?set OUT}"
 T0=$SECONDS
