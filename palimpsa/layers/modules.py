@@ -11,6 +11,7 @@ plain PyTorch code (the same functions, not compiled), so CPU runs and tests nee
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, Dict, Optional, Tuple
@@ -34,6 +35,17 @@ def set_compiled_blocks(enabled: bool) -> None:
 def compiled_blocks_enabled() -> bool:
     """Whether :func:`set_compiled_blocks` turned the compiled blocks on."""
     return _COMPILED_BLOCKS["enabled"]
+
+
+@contextlib.contextmanager
+def compiled_blocks(enabled: bool = True):
+    """Compiled blocks on (or off) inside the ``with`` block; the previous setting is restored after it."""
+    previous = compiled_blocks_enabled()
+    set_compiled_blocks(enabled)
+    try:
+        yield
+    finally:
+        set_compiled_blocks(previous)
 
 
 def compiled_on_cuda(fn: Callable) -> Callable:

@@ -24,6 +24,7 @@ HELP = {
     "parallel": "strategy under torchrun: ddp or fsdp (FSDP2 fully_shard)",
     "stop_at_step": "stop (and checkpoint) after this step; resume later with the same command",
     "save_every": "checkpoint every N steps (0: only at the end)",
+    "compile": "torch.compile the models' element-wise blocks (norms, short convolutions, SwiGLU) on CUDA",
 }
 
 

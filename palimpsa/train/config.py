@@ -57,6 +57,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "bf16"
     parallel: str = "ddp"
+    compile: bool = False
     # output
     out_dir: str = "runs/train"
     log_every: int = 10
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"time_limit_s must be > 0 seconds or None, got {self.time_limit_s!r}")
         if not isinstance(self.model_overrides, dict):
             raise TypeError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(self.compile).__name__}")
         if not self.text_field:
             raise ValueError("text_field must be a non-empty column name")
 

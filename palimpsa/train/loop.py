@@ -8,6 +8,7 @@ takes its share; the loss is the sum of token losses divided by the number of pr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from palimpsa.layers.modules import compiled_blocks
 from palimpsa.train.checkpoint import (
     checkpoint_path,
     full_model_state_dict,
@@ -70,6 +72,22 @@ def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
                            reduction="sum")
 
 
+def takes_shift_labels(model: nn.Module) -> bool:
+    """Whether the model's forward computes its own loss from already-shifted targets (``shift_labels``), as
+    this project's models do with their chunked cross-entropy (no [T, vocab] logits kept for the backward)."""
+    return "shift_labels" in inspect.signature(unwrap_model(model).forward).parameters
+
+
+def packed_loss_sum(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Summed next-token loss (float32) of a packed batch: the model's own lean loss when it has one
+    (:func:`takes_shift_labels`), else :func:`summed_token_loss` of :func:`packed_logits`."""
+    if takes_shift_labels(model):
+        output = model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, shift_labels=batch.targets,
+                       num_items_in_batch=1)
+        return output.loss.float()
+    return summed_token_loss(packed_logits(model, batch), batch.targets)
+
+
 def autocast_context(device: torch.device, precision: str):
     """bf16 autocast on GPU; CPU runs stay in float32 (CPU bf16 is slow and only for debugging here)."""
     if precision == "bf16" and device.type == "cuda":
@@ -111,7 +129,14 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
     """Train ``config.model`` (or ``model_factory(vocab_size)``) on ``config.data``; see TrainConfig.
 
     Run under torchrun for DDP/FSDP2; the process group is joined here and left to the caller to destroy.
+    ``config.compile`` compiles the models' element-wise blocks on CUDA for this run
+    (:func:`palimpsa.layers.modules.compiled_blocks`).
     """
+    with compiled_blocks(config.compile):
+        return _train(config, model_factory)
+
+
+def _train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> TrainResult:
     started = time.perf_counter()
     context = init_distributed(config.device)
     device = context.device
@@ -165,8 +190,7 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
             batch = collate_packs(step_packs[first:first + per_micro]).to(device)
             with gradient_sync(model, enabled=micro == accum - 1):
                 with autocast_context(device, config.precision):
-                    logits = packed_logits(model, batch)
-                loss_sum = summed_token_loss(logits, batch.targets)
+                    loss_sum = packed_loss_sum(model, batch)
                 # DDP/FSDP average gradients over ranks: scale by world so the result is sum / global count.
                 (loss_sum * (world / global_targets)).backward()
             step_loss += loss_sum.detach()
