@@ -53,7 +53,7 @@ def test_packed_loss_equals_per_document_loss(name):
     lean.backward()
     torch.testing.assert_close(lean, packed, rtol=1e-5, atol=1e-5)
     for got, want in zip((p.grad for p in model.parameters()), packed_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
     model.zero_grad()
 
     bounds = batch.cu_seqlens.tolist()
