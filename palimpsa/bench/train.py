@@ -13,7 +13,7 @@ Models (``--models``): palimpsa, notpalimpsa (the same with metaplasticity off),
 ``palimpsa/configs/palimpsa-{170m,340m,760m}.json``; Meta-Mamba2 uses ``meta-mamba2-170m.json`` at 170m and,
 at the larger sizes, the same shape widened to Palimpsa's width with twice its layers (a Mamba2 block has no
 MLP); both Gated DeltaNets use fla's shapes (heads of 256, expand_v 2; 760m: d 1536, 6 heads, 21 layers, as
-benchmarks.md).  ``tiny`` runs on a CPU in seconds (for tests).
+benchmarks.md; 170m and 340m: the layer count closest to Palimpsa's parameters, :data:`GDN_SHAPES`).  ``tiny`` runs on a CPU in seconds (for tests).
 
 fla 0.6 refuses the backward of its gated chunk kernels on Hopper GPUs with Triton >= 3.4 (its issue 640):
 the row then says "refused".  ``--fla-bypass-check`` times fla with that one check switched off
@@ -50,8 +50,9 @@ VOCAB_SIZE = 32000  # the shipped configs' vocabulary
 TINY_VOCAB_SIZE = 256
 SMOKE_TOKENS = 128
 TIMING_ONLY = "timing only, numerics unchecked"
-# (hidden size, heads of 256, layers) of fla-style Gated DeltaNets; 760m as benchmarks.md (794M parameters)
-GDN_SHAPES = {"170m": (768, 3, 17), "340m": (1024, 4, 24), "760m": (1536, 6, 21)}
+# (hidden size, heads of 256, layers) of fla-style Gated DeltaNets: 760m as benchmarks.md; at 170m and 340m the
+# layer count that brings the parameters closest to Palimpsa's at that size (176M vs 172M, 340M vs 345M)
+GDN_SHAPES = {"170m": (768, 3, 16), "340m": (1024, 4, 18), "760m": (1536, 6, 21)}
 TINY_GDN = dict(hidden_size=64, num_heads=4, head_dim=16, num_hidden_layers=2, expand_v=2, hidden_ratio=2)
 
 
