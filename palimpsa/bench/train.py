@@ -17,7 +17,8 @@ benchmarks.md; 170m and 340m: the layer count closest to Palimpsa's parameters, 
 
 fla 0.6 refuses the backward of its gated chunk kernels on Hopper GPUs with Triton >= 3.4 (its issue 640):
 the row then says "refused".  ``--fla-bypass-check`` times fla with that one check switched off
-(:func:`fla_hopper_check_bypassed`); such rows are marked "timing only, numerics unchecked".
+(:func:`palimpsa.bench.fla_compat.hopper_check_bypassed`); such rows are marked "timing only, numerics
+unchecked".
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch
 from torch import nn
 
 from palimpsa.bench.breakdown import COMPONENTS, optimizer_range, profile_step
+from palimpsa.bench.fla_compat import TIMING_ONLY_NOTE, hopper_check_bypassed, is_hopper_refusal
 
 SIZES = ("tiny", "170m", "340m", "760m")
 MODELS = ("palimpsa", "notpalimpsa", "meta-mamba2", "gated-deltanet", "fla-gated-deltanet")
@@ -49,7 +51,6 @@ PRECISIONS = ("bf16", "fp32")
 VOCAB_SIZE = 32000  # the shipped configs' vocabulary
 TINY_VOCAB_SIZE = 256
 SMOKE_TOKENS = 128
-TIMING_ONLY = "timing only, numerics unchecked"
 # (hidden size, heads of 256, layers) of fla-style Gated DeltaNets: 760m as benchmarks.md; at 170m and 340m the
 # layer count that brings the parameters closest to Palimpsa's at that size (176M vs 172M, 340M vs 345M)
 GDN_SHAPES = {"170m": (768, 3, 16), "340m": (1024, 4, 18), "760m": (1536, 6, 21)}
@@ -57,6 +58,7 @@ TINY_GDN = dict(hidden_size=64, num_heads=4, head_dim=16, num_hidden_layers=2, e
 
 
 def fla_importable() -> bool:
+    """Whether fla (flash-linear-attention) can be imported here (without importing it)."""
     return importlib.util.find_spec("fla") is not None
 
 
@@ -112,43 +114,6 @@ def build_bench_model(name: str, size: str) -> nn.Module:
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
         raise RuntimeError(f"this fla's GatedDeltaNetConfig takes none of {unknown}")
     return FlaGatedDeltaNetForCausalLM(GatedDeltaNetConfig(**options))
-
-
-# ------------------------------------------------------------------------------------------------ fla's check
-FLA_CHECK_MODULE = "fla.ops.common.chunk_o"
-FLA_CHECK_FLAG = "TRITON_ABOVE_3_4_0"
-
-
-def is_fla_hopper_refusal(error: BaseException) -> bool:
-    """Whether ``error`` is fla's refusal of its gated chunk backward on Hopper (its issue 640)."""
-    text = str(error)
-    return "chunk_bwd_dqkwg" in text and ("#640" in text or "incorrect results" in text)
-
-
-@contextlib.contextmanager
-def fla_hopper_check_bypassed():
-    """Switch off fla's Hopper refusal in ``chunk_bwd_dqkwg`` (and nothing else) inside the ``with`` block.
-
-    fla raises in ``fla.ops.common.chunk_o.chunk_bwd_dqkwg`` when ``g is not None and IS_NVIDIA_HOPPER and
-    TRITON_ABOVE_3_4_0`` (newer releases add ``and not TRITON_ABOVE_3_7_1``), names it imports into that
-    module.  ``TRITON_ABOVE_3_4_0`` is used there only by that check (verified here from the module's source:
-    one import and one use), so setting that module's copy to False for the block removes the refusal and
-    changes nothing else; the original value is restored on exit.  Any other fla layout raises RuntimeError
-    instead of guessing.
-    """
-    import importlib
-
-    module = importlib.import_module(FLA_CHECK_MODULE)
-    source = inspect.getsource(module)
-    if not hasattr(module, FLA_CHECK_FLAG) or source.count(FLA_CHECK_FLAG) != 2 or "#640" not in source:
-        raise RuntimeError(f"cannot bypass fla's Hopper check: {FLA_CHECK_MODULE} does not have the expected "
-                           f"form (one import and one use of {FLA_CHECK_FLAG} in the issue-640 check)")
-    previous = getattr(module, FLA_CHECK_FLAG)
-    setattr(module, FLA_CHECK_FLAG, False)
-    try:
-        yield
-    finally:
-        setattr(module, FLA_CHECK_FLAG, previous)
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -212,8 +177,6 @@ def bench_model(name: str, size: str, *, batch: int, seq_len: int, device: torch
         row["status"] = "skipped: fla is not importable"
         return row
     bypass = fla_bypass and uses_fla and device.type == "cuda"
-    if bypass:
-        row["notes"].append(TIMING_ONLY + " (fla's Hopper backward check bypassed)")
     if name == "gated-deltanet" and uses_fla:
         row["notes"].append("runs fla's chunk_gated_delta_rule")
     model = optimizer = step = None
@@ -222,8 +185,8 @@ def bench_model(name: str, size: str, *, batch: int, seq_len: int, device: torch
         torch.cuda.reset_peak_memory_stats(device)
     try:
         with contextlib.ExitStack() as stack:
-            if bypass:
-                stack.enter_context(fla_hopper_check_bypassed())
+            if bypass and stack.enter_context(hopper_check_bypassed()):
+                row["notes"].append(TIMING_ONLY_NOTE)
             stack.enter_context(compiled_blocks(compile_blocks and device.type == "cuda"))
             torch.manual_seed(0)
             model = build_bench_model(name, size).to(device).train()
@@ -257,7 +220,7 @@ def bench_model(name: str, size: str, *, batch: int, seq_len: int, device: torch
     except Exception as error:  # one model's failure must not lose the others' numbers
         if device.type == "cuda" and isinstance(error, torch.cuda.OutOfMemoryError):
             row["status"] = "out of memory"
-        elif is_fla_hopper_refusal(error):
+        elif is_hopper_refusal(error):
             row["status"] = ("refused: fla's gated chunk backward refuses this Triton on Hopper (fla issue 640); "
                              "--fla-bypass-check times it anyway")
         else:

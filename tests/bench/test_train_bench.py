@@ -1,4 +1,4 @@
-"""``palimpsa bench train`` at the tiny size on a CPU, and the targeted bypass of fla's Hopper check."""
+"""``palimpsa bench train`` at the tiny size on a CPU, and the bypass of fla's Hopper check it uses."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from palimpsa.bench import breakdown
-from palimpsa.bench.train import fla_hopper_check_bypassed, is_fla_hopper_refusal, main
+from palimpsa.bench.fla_compat import hopper_check_bypassed, is_hopper_refusal
+from palimpsa.bench.train import main
 from palimpsa.cli import main as cli_main
 
 FIELDS = ("model", "size", "status", "params", "step_s", "tokens_per_s", "breakdown")
@@ -97,18 +98,11 @@ def test_fla_check_bypass_switches_off_only_the_check_and_restores_it(fake_fla):
 
     with pytest.raises(RuntimeError) as refusal:
         chunk_o.chunk_bwd_dqkwg(g=1)
-    assert is_fla_hopper_refusal(refusal.value)
-    assert not is_fla_hopper_refusal(RuntimeError("CUDA out of memory"))
-    with fla_hopper_check_bypassed():
+    assert is_hopper_refusal(refusal.value)
+    assert not is_hopper_refusal(RuntimeError("CUDA out of memory"))
+    with hopper_check_bypassed() as bypassed:
+        assert bypassed
         assert chunk_o.chunk_bwd_dqkwg(g=1) == "ran"
-        assert fla.utils.TRITON_ABOVE_3_4_0 is True  # only the kernel module's copy changes
+        assert fla.utils.IS_NVIDIA_HOPPER is True  # only the kernel module's copy changes
     with pytest.raises(RuntimeError):
         chunk_o.chunk_bwd_dqkwg(g=1)
-
-
-def test_fla_check_bypass_refuses_an_unknown_layout(fake_fla):
-    path = fake_fla / "fla" / "ops" / "common" / "chunk_o.py"
-    path.write_text(path.read_text() + "\nOTHER = TRITON_ABOVE_3_4_0\n")
-    with pytest.raises(RuntimeError, match="expected form"):
-        with fla_hopper_check_bypassed():
-            pass
