@@ -10,7 +10,7 @@ compiled blocks keep float32 intermediates that eager bf16 rounds).
     PYTHONPATH=$PWD python scripts/gpu_train_fastpath_check.py [--out OUT_DIR] [--device cuda]
 
 Prints one line per (model, precision) and writes OUT_DIR/fastpath_check.json; exits 1 if any check fails.
-(``--device cpu`` runs the same comparison without compilation, as a smoke test of this script.)
+(``--device cpu --seq-len 64`` runs the same comparison without compilation: a smoke test of this script.)
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ def loss_and_grads(model, batch, device, precision: str, fast: bool):
     return loss.detach().float() / batch.num_targets, grads
 
 
-def check(name: str, device: torch.device, precision: str) -> dict:
+def check(name: str, device: torch.device, precision: str, seq_len: int = LOSS_CHUNK_ROWS) -> dict:
     preset, overrides = MODELS[name]
     torch.manual_seed(0)
     model = build_model(preset, VOCAB, overrides).to(device).train()
-    batch = packed_batch(device)
+    batch = packed_batch(device, seq_len=seq_len)
     plain_loss, plain_grads = loss_and_grads(model, batch, device, precision, fast=False)
     fast_loss, fast_grads = loss_and_grads(model, batch, device, precision, fast=True)
     loss_error = abs(fast_loss - plain_loss).item() / abs(plain_loss).item()
@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--seq-len", type=int, default=LOSS_CHUNK_ROWS,
+                        help="tokens per pack (2 packs; the default spans two loss chunks)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/fastpath_check"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         for precision in ("fp32", "bf16"):
             try:
-                row = check(name, device, precision)
+                row = check(name, device, precision, args.seq_len)
             except Exception as error:  # noqa: BLE001  (recorded, and the check fails)
                 row = {"model": name, "precision": precision, "ok": False,
                        "error": f"{type(error).__name__}: {error}"}
