@@ -140,7 +140,7 @@ def make_step(model: nn.Module, optimizer, tokens: torch.Tensor, device: torch.d
 
     def step() -> torch.Tensor:
         with _autocast(device, precision):
-            loss = model(input_ids=tokens, labels=tokens).loss
+            loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
         loss.backward()
         with optimizer_range():
             optimizer.step()
@@ -155,7 +155,7 @@ def smoke_step(model: nn.Module, vocab: int, seq_len: int, device: torch.device,
     tokens = torch.randint(0, vocab, (1, min(seq_len, SMOKE_TOKENS)), device=device,
                            generator=torch.Generator(device=device).manual_seed(1))
     with _autocast(device, precision):
-        loss = model(input_ids=tokens, labels=tokens).loss
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
     if loss is None or not torch.isfinite(loss):
         raise RuntimeError(f"smoke step: the loss is {loss}, expected a finite number")
     loss.backward()
