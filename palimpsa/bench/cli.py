@@ -1,4 +1,5 @@
-"""``palimpsa bench ops`` (the kernels against fla's, on a CUDA GPU) and ``palimpsa bench cpu`` (the PyTorch path)."""
+"""``palimpsa bench ops`` (the kernels against fla's, on a CUDA GPU), ``palimpsa bench cpu`` (the PyTorch path) and
+``palimpsa bench train`` (a full training step of each model, side by side)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks: ops (GPU kernels), cpu (PyTorch path)")
+    parser = subparsers.add_parser("bench", help="benchmarks: ops (GPU kernels), cpu (PyTorch path), train (a step)")
     verbs = parser.add_subparsers(dest="bench_verb", metavar="<benchmark>")
     ops = verbs.add_parser("ops", help="time the Palimpsa op against fla's kernels at the benchmark shapes")
     ops.add_argument("--shapes", default="all",
@@ -25,6 +26,13 @@ def add_parser(subparsers) -> None:
     cpu.add_argument("--repeats", type=int, default=3)
     cpu.add_argument("--out", default="results/bench", help="folder for cpu_bench.json / cpu_bench.md")
     cpu.set_defaults(func=run_cpu)
+    from palimpsa.bench.train import __doc__ as train_doc, add_arguments
+
+    train = verbs.add_parser("train", help="tokens/s, step time, peak memory and a per-component profile of a full "
+                             "training step of each model, side by side", description=train_doc,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(train)
+    train.set_defaults(func=run_train)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
@@ -49,3 +57,9 @@ def run_cpu(args: argparse.Namespace) -> int:
     from palimpsa.bench import cpu
 
     return cpu.main(["--impl", args.impl, "--repeats", str(args.repeats), "--out", args.out])
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from palimpsa.bench import train
+
+    return train.run(args)

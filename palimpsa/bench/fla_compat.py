@@ -13,7 +13,7 @@ from typing import Iterator
 
 from palimpsa.layers.gated_deltanet import fla_available
 
-__all__ = ["TIMING_ONLY_NOTE", "fla_available", "hopper_check_bypassed"]
+__all__ = ["TIMING_ONLY_NOTE", "fla_available", "hopper_check_bypassed", "is_hopper_refusal"]
 
 TIMING_ONLY_NOTE = "timing only, numerics unchecked (fla's Hopper check bypassed)"
 
@@ -35,3 +35,9 @@ def hopper_check_bypassed(enabled: bool = True) -> Iterator[bool]:
         yield bool(saved)
     finally:
         chunk_o.IS_NVIDIA_HOPPER = saved
+
+
+def is_hopper_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is that refusal (fla's RuntimeError from ``chunk_bwd_dqkwg`` citing its issue 640)."""
+    text = str(error)
+    return "chunk_bwd_dqkwg" in text and ("#640" in text or "incorrect results" in text)

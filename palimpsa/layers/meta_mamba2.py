@@ -257,9 +257,11 @@ class MetaMamba2(nn.Module):
         B, T, _ = u.shape
         if not self.metaplasticity:
             return dt.new_zeros(B, T, self.num_heads, self.head_dim)
-        gate = torch.sigmoid(self.importance_up_proj(self.importance_down_proj(u)).to(dt.dtype))
+        # the sigmoid in the projection's dtype, one product into dt's dtype: no extra float32 [B, T, H, P] copy
+        gate = torch.sigmoid(self.importance_up_proj(self.importance_down_proj(u)))
         gate = rearrange(gate, "b t (h p) -> b t h p", p=self.head_dim)
-        return gate * F.softplus(self.importance_scale.to(dt.dtype))[:, None] * dt[..., None]
+        factor = F.softplus(self.importance_scale.to(dt.dtype)) * dt  # [B, T, H]
+        return gate * factor[..., None]
 
     def forward(
         self,

@@ -1,10 +1,18 @@
-"""Small building blocks shared by the layers and models: short convolution, norms, MLP, a layer cache.
+"""Small building blocks shared by the layers and models: short convolution, norms, MLP, a chunked
+linear cross-entropy, a layer cache.
 
 The norms compute in float32 (float64 for float64 inputs) and return the input dtype.
+
+Compiled blocks: after ``set_compiled_blocks(True)`` the element-wise pieces (short convolution, norms, the SwiGLU
+product, l2 normalisation, the skip connection) run through ``torch.compile`` on CUDA tensors, each fused into
+one or two kernels that keep float32 intermediates in registers instead of memory.  CPU tensors always take the
+plain PyTorch code (the same functions, not compiled), so CPU runs and tests need no compiler.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Callable, Dict, Optional, Tuple
 
@@ -13,6 +21,122 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ACTIVATIONS = {None: None, "silu": F.silu, "swish": F.silu}
+IGNORE_INDEX = -100
+_COMPILED_BLOCKS = {"enabled": False}
+
+
+def set_compiled_blocks(enabled: bool) -> None:
+    """Run the element-wise blocks of this module through ``torch.compile`` on CUDA tensors (off by default)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _COMPILED_BLOCKS["enabled"] = enabled
+
+
+def compiled_blocks_enabled() -> bool:
+    """Whether :func:`set_compiled_blocks` turned the compiled blocks on."""
+    return _COMPILED_BLOCKS["enabled"]
+
+
+@contextlib.contextmanager
+def compiled_blocks(enabled: bool = True):
+    """Compiled blocks on (or off) inside the ``with`` block; the previous setting is restored after it."""
+    previous = compiled_blocks_enabled()
+    set_compiled_blocks(enabled)
+    try:
+        yield
+    finally:
+        set_compiled_blocks(previous)
+
+
+def compiled_on_cuda(fn: Callable) -> Callable:
+    """``fn``, run through ``torch.compile`` when compiled blocks are on and its first argument is a CUDA tensor.
+
+    Inside an enclosing ``torch.compile`` trace, or on other devices, ``fn`` runs as written.  The compiled
+    version is made on first use.
+    """
+    compiled = None
+
+    @functools.wraps(fn)
+    def dispatch(*args):
+        nonlocal compiled
+        if _COMPILED_BLOCKS["enabled"] and args[0].is_cuda and not torch.compiler.is_compiling():
+            if compiled is None:
+                compiled = torch.compile(fn)
+            return compiled(*args)
+        return fn(*args)
+
+    dispatch.uncompiled = fn
+    return dispatch
+
+
+@compiled_on_cuda
+def causal_conv_taps(full: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     offset: Optional[torch.Tensor], activation: Optional[str]) -> torch.Tensor:
+    """Causal depthwise convolution as W shifted multiply-adds (one fused kernel when compiled).
+
+    full: [B, C, W - 1 + T] the W - 1 preceding inputs then the T inputs; weight: [C, W]; bias: [C] or None;
+    offset: [T] position of every token inside its packed sequence (a tap reaching back s tokens counts only
+    where offset >= s), or None.  Returns y [B, T, C] in the dtype of ``full``.
+    """
+    W = weight.shape[-1]
+    T = full.shape[-1] - (W - 1)
+    fp = torch.promote_types(full.dtype, torch.float32)
+    y = None
+    for s in range(W):  # output t reads input t - s through tap W - 1 - s
+        tap = full[..., W - 1 - s: W - 1 - s + T].to(fp) * weight[:, W - 1 - s, None].to(fp)
+        if offset is not None:
+            tap = tap * (offset >= s).to(fp)
+        y = tap if y is None else y + tap
+    if bias is not None:
+        y = y + bias.to(fp)[:, None]
+    y = y.transpose(1, 2)
+    if activation is not None:
+        y = ACTIVATIONS[activation](y)
+    return y.to(full.dtype)
+
+
+@compiled_on_cuda
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension, in float32.  x: [..., D] -> dtype of x."""
+    fp = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(fp)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.to(fp) * h).to(x.dtype)
+
+
+@compiled_on_cuda
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                   norm_before_gate: bool) -> torch.Tensor:
+    """RMSNorm with a SiLU gate (see :class:`GatedRMSNorm`).  x, gate: [..., D] -> [..., D] in the dtype of x."""
+    fp = torch.promote_types(x.dtype, torch.float32)
+    h, swish = x.to(fp), F.silu(gate.to(fp))
+    if not norm_before_gate:
+        h = h * swish
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if norm_before_gate:
+        h = h * swish
+    return (weight.to(fp) * h).to(x.dtype)
+
+
+@compiled_on_cuda
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (the SwiGLU product; one kernel forward and one backward when compiled)."""
+    return F.silu(gate) * up
+
+
+@compiled_on_cuda
+def l2_normalize(x: torch.Tensor, out_dtype: torch.dtype, eps: float = 1e-12) -> torch.Tensor:
+    """``x / max(||x||, eps)`` over the last dimension (``F.normalize``), computed in float32, cast to out_dtype."""
+    fp = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(fp)
+    return (h / h.norm(dim=-1, keepdim=True).clamp_min(eps)).to(out_dtype)
+
+
+@compiled_on_cuda
+def add_scaled_skip(o: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``o + scale[h] * x`` in float32, cast to out_dtype.  o, x: [B, T, H, V]; scale: [H]."""
+    fp = torch.promote_types(torch.promote_types(o.dtype, x.dtype), torch.float32)
+    return (o.to(fp) + scale.to(fp)[:, None] * x.to(fp)).to(out_dtype)
 
 
 def positions_in_sequences(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -75,22 +199,16 @@ class ShortConvolution(nn.Conv1d):
             raise ValueError(f"state must have shape [B, C, W - 1] = [{B}, {C}, {W - 1}], got {tuple(state.shape)}")
         past = x.new_zeros(B, C, W - 1) if state is None else state.to(x.dtype)
         full = torch.cat([past, x.transpose(1, 2)], dim=-1)  # [B, C, W - 1 + T]
-        if cu_seqlens is None:
-            y = F.conv1d(full, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
-                         groups=C)
-        else:
+        bias = None if self.bias is None else self.bias
+        if cu_seqlens is not None or (compiled_blocks_enabled() and x.is_cuda):
             # output t uses input t - s (weight tap W - 1 - s) only when that input is in t's own sequence
-            offset = positions_in_sequences(cu_seqlens.to(x.device, torch.long), T)
-            weight = self.weight[:, 0].to(x.dtype)  # [C, W]
-            y = torch.zeros(B, C, T, device=x.device, dtype=x.dtype)
-            for s in range(W):
-                shifted = full[..., W - 1 - s: W - 1 - s + T]
-                y = y + shifted * weight[:, W - 1 - s, None] * (offset >= s).to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias.to(x.dtype)[:, None]
-        y = y.transpose(1, 2)
-        if self.activation is not None:
-            y = ACTIVATIONS[self.activation](y)
+            offset = None if cu_seqlens is None else positions_in_sequences(cu_seqlens.to(x.device, torch.long), T)
+            y = causal_conv_taps(full, self.weight[:, 0], bias, offset, self.activation)
+        else:
+            y = F.conv1d(full, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype), groups=C)
+            y = y.transpose(1, 2)
+            if self.activation is not None:
+                y = ACTIVATIONS[self.activation](y)
         final_state = full[..., full.shape[-1] - (W - 1):].contiguous() if output_final_state else None
         return y, final_state
 
@@ -104,10 +222,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fp = torch.promote_types(x.dtype, torch.float32)
-        h = x.to(fp)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.to(fp) * h).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -124,14 +239,7 @@ class GatedRMSNorm(nn.Module):
         self.norm_before_gate = norm_before_gate
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        fp = torch.promote_types(x.dtype, torch.float32)
-        h, swish = x.to(fp), F.silu(gate.to(fp))
-        if not self.norm_before_gate:
-            h = h * swish
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.norm_before_gate:
-            h = h * swish
-        return (self.weight.to(fp) * h).to(x.dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps, self.norm_before_gate)
 
 
 def swiglu_intermediate_size(hidden_size: int, hidden_ratio: float) -> int:
@@ -164,7 +272,134 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+LOSS_CHUNK_ROWS = 4096
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T``, a chunk of rows at a time; gradients made in the forward.
+
+    Each chunk's logits [C, vocab] exist only while that chunk is processed: the forward computes the chunk's
+    loss and, when gradients are needed, the chunk's softmax-minus-one-hot and from it the gradients of hidden
+    and weight (as Liger-Kernel's fused linear cross-entropy does), so no [N, vocab] tensor is ever stored and
+    the backward only scales them.  Matmuls run in ``compute_dtype`` (what autocast would pick), the softmax in
+    float32 (float64 for float64 inputs).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_rows: int, compute_dtype: torch.dtype):
+        acc = torch.promote_types(compute_dtype, torch.float32)
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows].to(compute_dtype)
+            t = targets[start:start + chunk_rows]
+            valid = t != ignore_index
+            safe = torch.where(valid, t, torch.zeros_like(t))
+            logits = (h @ w.T).to(acc)  # [C, vocab]
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[:, None])[:, 0]
+            total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+            if need_hidden or need_weight:
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad_logits.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+                grad_logits.mul_(valid[:, None].to(acc))
+                grad_logits = grad_logits.to(compute_dtype)
+                if need_hidden:
+                    grad_hidden[start:start + chunk_rows] = (grad_logits @ w).to(hidden.dtype)
+                if need_weight:
+                    grad_weight += (grad_logits.T @ h).to(acc)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                         chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """Cross-entropy of the logits ``hidden @ weight.T`` without materialising them (chunks of rows).
+
+    Equals ``F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=..., reduction=...)``, values
+    and gradients (up to float rounding), at a memory cost of one [chunk_rows, vocab] block instead of
+    [N, vocab].  Under autocast the matmuls run in the autocast dtype, as ``nn.Linear`` would.
+
+    Args:
+        hidden: [N, d] (or [..., d], flattened); weight: [vocab, d] (an output head, e.g. tied embeddings).
+        targets: [N] (or [...]) int class ids in [0, vocab), or ``ignore_index``.
+        reduction: "sum" or "mean" (over the targets that are not ignored; NaN when all are).
+        chunk_rows: rows per chunk.
+
+    Returns:
+        a float32 scalar (float64 for float64 inputs).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden [..., d] and weight [vocab, d] must agree on d, got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
+                         f"dimension), got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be int64 class ids, got {targets.dtype}")
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+    if not targets.is_cuda:  # on CUDA, gather's device-side index check catches these (without a sync here)
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"targets must be in [0, {weight.shape[0]}) or {ignore_index}, got "
+                             f"{targets[bad][0].item()}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    with torch.autocast(device_type, enabled=False):
+        total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows, compute_dtype)
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum()
+
+
+def causal_lm_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                   shift_labels: Optional[torch.Tensor] = None, num_items_in_batch=None,
+                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token loss of a causal LM from its final hidden states and output head, without the logits.
+
+    The ``transformers`` contract (``ForCausalLMLoss``): ``labels`` [B, T] are shifted inside (position t
+    predicts labels[t + 1]); ``shift_labels`` [B, T] are targets already aligned with the positions (give one of
+    the two); the loss is the mean over targets that are not ``ignore_index``, or, with
+    ``num_items_in_batch``, their sum divided by it (``num_items_in_batch=1``: the sum).
+
+    hidden_states: [B, T, d]; weight: [vocab, d].  Returns a float32 scalar (float64 for float64 inputs).
+    """
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("pass exactly one of labels [B, T] (shifted inside) or shift_labels [B, T]")
+    if shift_labels is None:
+        if labels.shape != hidden_states.shape[:-1]:
+            raise ValueError(f"labels must have shape {tuple(hidden_states.shape[:-1])}, got {tuple(labels.shape)}")
+        shift_labels = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+    if num_items_in_batch is None:
+        return linear_cross_entropy(hidden_states, weight, shift_labels, ignore_index, reduction="mean")
+    total = linear_cross_entropy(hidden_states, weight, shift_labels, ignore_index, reduction="sum")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 class RecurrentLayerCache:

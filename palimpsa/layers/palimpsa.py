@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from palimpsa.layers.checks import binary_mask, check_has_tokens
-from palimpsa.layers.modules import GatedRMSNorm, RecurrentLayerCache, ShortConvolution
+from palimpsa.layers.modules import (
+    GatedRMSNorm,
+    RecurrentLayerCache,
+    ShortConvolution,
+    add_scaled_skip,
+    l2_normalize,
+)
 from palimpsa.ops import chunk_palimpsa, palimpsa_step
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
@@ -225,21 +231,22 @@ class Palimpsa(nn.Module):
         # The op takes q, k, v, beta in one dtype: that of the projections (bf16 under autocast, where
         # F.normalize would otherwise hand back float32 while the values stay bf16).
         op_dtype = x_in.dtype
-        q = F.normalize(rearrange(q, "b t (h k) -> b t h k", h=H), p=2, dim=-1).to(op_dtype)
-        k = F.normalize(rearrange(k, "b t (h k) -> b t h k", h=H), p=2, dim=-1).to(op_dtype)
+        q = l2_normalize(rearrange(q, "b t (h k) -> b t h k", h=H), op_dtype)
+        k = l2_normalize(rearrange(k, "b t (h k) -> b t h k", h=H), op_dtype)
         x = rearrange(x, "b t (h v) -> b t h v", h=H)
 
         # gates in float32 (float64 for float64 inputs), whatever the input dtype
         fp = torch.promote_types(u.dtype, torch.float32)
         input_gate = torch.sigmoid(self.input_gate_proj(u).to(fp))  # s [B, T, H]
-        v = (x.to(fp) * input_gate[..., None]).to(op_dtype)
+        # [B, T, H, V] products in the projections' dtype (no float32 copies of them): per-head factors are cast
+        v = (x * input_gate[..., None].to(x.dtype)).to(op_dtype)
         dt = F.softplus(self.dt_proj(u).to(fp) + self.dt_bias.to(fp))
         g = -dt * torch.exp(self.A_log.to(fp))  # log decay [B, T, H]
         if self.metaplasticity:
-            gate = torch.sigmoid(self.importance_up_proj(self.importance_down_proj(u)).to(fp))
+            gate = torch.sigmoid(self.importance_up_proj(self.importance_down_proj(u)))
             gate = rearrange(gate, "b t (h v) -> b t h v", h=H)
-            beta = gate * F.softplus(self.importance_scale.to(fp))[:, None] * input_gate[..., None]
-            beta = beta.to(op_dtype)
+            factor = F.softplus(self.importance_scale.to(fp)) * input_gate  # [B, T, H]
+            beta = (gate * factor[..., None].to(gate.dtype)).to(op_dtype)
         else:
             beta = torch.zeros_like(v)
         if mask is not None:  # padded tokens: alpha = 1, nothing written, importance unchanged
@@ -261,7 +268,7 @@ class Palimpsa(nn.Module):
             cache.conv_states = {"q": q_state, "k": k_state, "v": x_state}
             cache.seen_tokens += T
 
-        o = (o.to(fp) + self.D.to(fp)[:, None] * x.to(fp)).to(u.dtype)
+        o = add_scaled_skip(o, x, self.D, u.dtype)  # o + D * x, in float32
         o = self.o_norm(o, rearrange(self.g_proj(u), "b t (h v) -> b t h v", h=H))
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)")), variance
 

@@ -26,6 +26,7 @@ HELP = {
     "precision": "auto (bf16 autocast on CUDA, float32 on CPU), bf16 (autocast on any device; slow on CPU) or fp32",
     "stop_at_step": "stop (and checkpoint) after this step; resume later with the same command",
     "save_every": "checkpoint every N steps (0: only at the end)",
+    "compile": "torch.compile the models' element-wise blocks (norms, short convolutions, SwiGLU) on CUDA",
 }
 
 

@@ -104,6 +104,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     parallel: str = "auto"
+    compile: bool = False
     # output
     out_dir: str = "runs/train"
     log_every: int = 10

@@ -11,6 +11,7 @@ takes its share; the loss is the sum of token losses divided by the number of pr
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from palimpsa.layers.modules import compiled_blocks
 from palimpsa.train.checkpoint import (
     checkpoint_path,
     full_model_state_dict,
@@ -86,12 +88,26 @@ def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
                            reduction="sum")
 
 
+def takes_shift_labels(model: nn.Module) -> bool:
+    """Whether the model's forward computes its own loss from already-shifted targets (``shift_labels``), as
+    this project's models do with their chunked cross-entropy (no [T, vocab] logits kept for the backward)."""
+    return "shift_labels" in inspect.signature(unwrap_model(model).forward).parameters
+
+
+def packed_loss_sum(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Summed next-token loss (float32) of a packed batch: the model's own lean loss when it has one
+    (:func:`takes_shift_labels`), else :func:`summed_token_loss` of :func:`packed_logits`."""
+    if takes_shift_labels(model):
+        output = model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, shift_labels=batch.targets,
+                       num_items_in_batch=1)
+        return output.loss.float()
+    return summed_token_loss(packed_logits(model, batch), batch.targets)
+
+
 def batch_loss(model: nn.Module, batch: PackedBatch, device: torch.device, precision: str) -> torch.Tensor:
-    """The summed token loss (float32 scalar) of one packed micro-batch: the forward under autocast, the loss
-    outside it."""
+    """The summed token loss (float32 scalar) of one packed micro-batch, the forward under autocast."""
     with autocast_context(device, precision):
-        logits = packed_logits(model, batch)
-    return summed_token_loss(logits, batch.targets)
+        return packed_loss_sum(model, batch)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -144,7 +160,14 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
     """Train ``config.model`` (or ``model_factory(vocab_size)``) on ``config.data``; see TrainConfig.
 
     Run under torchrun for DDP/FSDP2; the process group is joined here and left to the caller to destroy.
+    ``config.compile`` compiles the models' element-wise blocks on CUDA for this run
+    (:func:`palimpsa.layers.modules.compiled_blocks`).
     """
+    with compiled_blocks(config.compile):
+        return _train(config, model_factory)
+
+
+def _train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> TrainResult:
     _check_launch(config)
     started = time.perf_counter()
     context = init_distributed(config.device)

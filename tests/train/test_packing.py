@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from palimpsa.train.data import PackedStream, collate_packs
-from palimpsa.train.loop import packed_logits, summed_token_loss
+from palimpsa.train.loop import packed_logits, packed_loss_sum, summed_token_loss
 from palimpsa.train.models import build_model
 from tests.train.tiny_model import tiny_factory
 
@@ -46,6 +46,14 @@ def test_packed_loss_equals_per_document_loss(name):
     packed = summed_token_loss(packed_out, batch.targets)
     packed.backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    # what the training loop computes (the models' chunked loss, without logits) is the same loss and gradients
+    lean = packed_loss_sum(model, batch)
+    lean.backward()
+    torch.testing.assert_close(lean, packed, rtol=1e-5, atol=1e-5)
+    for got, want in zip((p.grad for p in model.parameters()), packed_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
     model.zero_grad()
 
     bounds = batch.cu_seqlens.tolist()

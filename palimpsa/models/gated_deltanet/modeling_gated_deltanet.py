@@ -19,7 +19,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
 from palimpsa.layers.gated_deltanet import GatedDeltaNet, fla_available
-from palimpsa.layers.modules import RMSNorm, SwiGLUMLP
+from palimpsa.layers.modules import RMSNorm, SwiGLUMLP, causal_lm_loss
 from palimpsa.models.gated_deltanet.configuration_gated_deltanet import GatedDeltaNetLMConfig
 
 
@@ -108,9 +108,14 @@ class GatedDeltaNetForCausalLM(PreTrainedModel):
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.LongTensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
-                **unused) -> CausalLMOutput:
+                shift_labels: Optional[torch.LongTensor] = None, skip_logits: Optional[bool] = None,
+                num_items_in_batch=None, **unused) -> CausalLMOutput:
         """Logits [B, T, vocab]; with labels [B, T] also the mean next-token loss (shifted inside, -100 ignored).
 
+        ``shift_labels`` [B, T]: targets already shifted (instead of labels); ``num_items_in_batch``: the loss
+        is the sum divided by it.  ``skip_logits`` (default: training with labels): the loss is computed a chunk
+        of tokens at a time from the hidden states and no logits are returned
+        (:func:`palimpsa.layers.modules.causal_lm_loss`).
         attention_mask: only right padding (all ones, or ones then zeros) is accepted: a causal model then
         gives the unpadded result at every real token.
         """
@@ -120,12 +125,21 @@ class GatedDeltaNetForCausalLM(PreTrainedModel):
                 raise ValueError("GatedDeltaNetForCausalLM accepts only right padding in attention_mask")
         if cu_seqlens is not None and input_ids.shape[0] != 1:
             raise ValueError(f"cu_seqlens needs input_ids of batch size 1, got {tuple(input_ids.shape)}")
+        has_labels = labels is not None or shift_labels is not None
+        if skip_logits is None:
+            skip_logits = self.training and has_labels
+        if skip_logits and not has_labels:
+            raise ValueError("skip_logits=True needs labels or shift_labels (the loss is then all that is computed)")
         hidden_states = self.embeddings(input_ids)
         for block in self.layers:
             hidden_states = block(hidden_states, cu_seqlens)
-        logits = self.lm_head(self.norm(hidden_states))
+        hidden_states = self.norm(hidden_states)
+        if skip_logits:
+            loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels, shift_labels, num_items_in_batch)
+            return CausalLMOutput(loss=loss, logits=None)
+        logits = self.lm_head(hidden_states)
         loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                               ignore_index=-100)
+        if has_labels:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
         return CausalLMOutput(loss=loss, logits=logits)

@@ -24,6 +24,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from palimpsa.layers.checks import binary_mask
 from palimpsa.layers.meta_mamba2 import MetaMamba2, MetaMamba2LayerCache
+from palimpsa.layers.modules import causal_lm_loss
 from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
 from palimpsa.models.meta_mamba2.configuration_meta_mamba2 import MetaMamba2Config
 
@@ -341,11 +342,17 @@ class MetaMamba2ForCausalLM(MetaMamba2PreTrainedModel, GenerationMixin):
         logits_to_keep: Union[int, torch.Tensor] = 0,
         cache_params: Optional[MetaMamba2Cache] = None,
         cache: Optional[MetaMamba2Cache] = None,
+        shift_labels: Optional[torch.LongTensor] = None,
+        skip_logits: Optional[bool] = None,
         **kwargs,
     ) -> Union[Tuple, MetaMamba2CausalLMOutput]:
-        """Logits [B, T, vocab] (float32, or float64 for a float64 model) and, with ``labels`` [B, T], the next-token cross-entropy (labels are
-        shifted inside; -100 is ignored).  Other arguments as :meth:`MetaMamba2Model.forward`;
-        ``logits_to_keep`` = n > 0 computes only the last n positions' logits."""
+        """Logits [B, T, vocab] (float32, or float64 for a float64 model) and, with ``labels`` [B, T], the
+        next-token cross-entropy (labels are shifted inside; -100 is ignored; ``shift_labels`` [B, T]: targets
+        already shifted, instead of labels; ``num_items_in_batch``: the loss is a sum divided by it).  Other
+        arguments as :meth:`MetaMamba2Model.forward`; ``logits_to_keep`` = n > 0 computes only the last n
+        positions' logits.  ``skip_logits`` (default: training with labels): the loss is computed a chunk of
+        tokens at a time from the hidden states and no logits are returned
+        (:func:`palimpsa.layers.modules.causal_lm_loss`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         past_key_values = resolve_cache_kwarg(cache, past_key_values, cache_params)
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
@@ -353,13 +360,23 @@ class MetaMamba2ForCausalLM(MetaMamba2PreTrainedModel, GenerationMixin):
                                 output_variance=output_variance, output_hidden_states=output_hidden_states,
                                 return_dict=True)
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype))
-        if logits.dtype != torch.float64:
-            logits = logits.float()
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        has_labels = labels is not None or shift_labels is not None
+        if skip_logits is None:
+            skip_logits = self.training and has_labels
+        if skip_logits and not has_labels:
+            raise ValueError("skip_logits=True needs labels or shift_labels (the loss is then all that is computed)")
+        logits = loss = None
+        if skip_logits:
+            loss = causal_lm_loss(hidden_states.to(self.lm_head.weight.dtype), self.lm_head.weight, labels,
+                                  shift_labels, kwargs.get("num_items_in_batch"))
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype))
+            if logits.dtype != torch.float64:
+                logits = logits.float()
+            if has_labels:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                          shift_labels=shift_labels, **kwargs)
         output = MetaMamba2CausalLMOutput(loss=loss, logits=logits, **cache_output_kwargs(output_cache(outputs)),
                                           hidden_states=outputs.hidden_states, variances=outputs.variances)
         return output if return_dict else output.to_tuple()

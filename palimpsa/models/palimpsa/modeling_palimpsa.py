@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
 
 from palimpsa.layers.checks import binary_mask
-from palimpsa.layers.modules import RecurrentLayerCache, RMSNorm, SwiGLUMLP
+from palimpsa.layers.modules import RecurrentLayerCache, RMSNorm, SwiGLUMLP, causal_lm_loss
 from palimpsa.layers.palimpsa import Palimpsa, sample_A_log, sample_dt_bias
 from palimpsa.models.palimpsa.configuration_palimpsa import PalimpsaConfig
 
@@ -253,10 +253,17 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
         output_hidden_states: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
         cache: Optional[PalimpsaCache] = None,
+        shift_labels: Optional[torch.LongTensor] = None,
+        skip_logits: Optional[bool] = None,
         **kwargs,
     ) -> Union[PalimpsaCausalLMOutput, tuple]:
         """Logits [B, T, vocab] (the last ``logits_to_keep`` positions when > 0) and, with labels [B, T], the
-        next-token cross-entropy (labels are shifted inside; -100 is ignored).  Other arguments: see
+        next-token cross-entropy (labels are shifted inside; -100 is ignored).  ``shift_labels`` [B, T] are
+        targets already shifted (instead of labels); ``num_items_in_batch`` makes the loss a sum divided by it.
+
+        ``skip_logits`` (default: training with labels): compute the loss from the hidden states and the output
+        weight a chunk of tokens at a time, and return no logits, so that no [B, T, vocab] float32 logits are
+        ever stored (:func:`palimpsa.layers.modules.causal_lm_loss`).  Other arguments: see
         :meth:`PalimpsaModel.forward`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         past_key_values = resolve_cache_kwarg(cache, past_key_values)
@@ -265,12 +272,22 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
                              output_variance=output_variance, output_hidden_states=output_hidden_states,
                              return_dict=True)
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                      num_items_in_batch=kwargs.get("num_items_in_batch"))
+        has_labels = labels is not None or shift_labels is not None
+        if skip_logits is None:
+            skip_logits = self.training and has_labels
+        if skip_logits and not has_labels:
+            raise ValueError("skip_logits=True needs labels or shift_labels (the loss is then all that is computed)")
+        logits = loss = None
+        if skip_logits:
+            loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels, shift_labels,
+                                  kwargs.get("num_items_in_batch"))
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep])
+            if has_labels:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                          num_items_in_batch=kwargs.get("num_items_in_batch"),
+                                          shift_labels=shift_labels)
         output = PalimpsaCausalLMOutput(loss=loss, logits=logits, **cache_output_kwargs(output_cache(outputs)),
                                         hidden_states=outputs.hidden_states, variances=outputs.variances)
         return output if return_dict else output.to_tuple()

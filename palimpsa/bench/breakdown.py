@@ -1,0 +1,217 @@
+"""Where a training step's time goes, by component, from one step under the PyTorch profiler.
+
+How a profiled operator is assigned a component (robust to any model built from ``nn.Module``\\ s):
+
+1. Forward: every module gets a ``record_function`` range for the duration of its forward, named after its
+   component (:func:`module_component`: class names with "MLP", "Conv", "Norm", ``nn.Linear`` projections,
+   ``nn.Embedding``, the output head / loss modules, the token mixer itself, ``other`` for blocks).  The
+   token-mixing op (functions named ``chunk_*``, ``fused_recurrent_*`` or ``naive_*`` in the layer modules of
+   :data:`OP_MODULES`) gets an ``op`` range by wrapping those functions for the profiled step only (and
+   :data:`CONV_FUNCTIONS` a ``convolutions`` range).  The
+   optimizer step is one ``optimizer`` range.  An operator belongs to its innermost range, except that
+   ``op``, ``mlp``, ``loss`` and ``optimizer`` ranges claim everything inside them (an MLP's projections
+   count as MLP).  What runs in the model's own forward outside every sub-module (our chunked loss) counts as
+   ``loss``; what runs in a mixer outside its sub-modules and op counts as ``gates``.
+2. Backward: autograd records, for every backward node it evaluates, the sequence number of the forward
+   operator that made it; the node's operators get that forward operator's component.
+3. Time: per operator, its own device (CUDA kernel) time on a GPU, its own CPU time on a CPU.  Accumulating
+   gradients and anything else unmatched is ``other``; kernels the profiler could not tie to an operator are
+   reported as ``unattributed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+COMPONENTS = ("op", "gates", "projections", "convolutions", "norms", "mlp", "embedding", "loss", "optimizer",
+              "other")
+ABSORBING = ("op", "mlp", "loss", "optimizer")  # these claim every operator inside them
+PREFIX = "bench::"
+#: modules whose ``chunk_*`` / ``fused_recurrent_*`` / ``naive_*`` functions are the token-mixing ops
+OP_MODULES = ("palimpsa.layers.palimpsa", "palimpsa.layers.meta_mamba2", "palimpsa.layers.gated_deltanet",
+              "fla.layers.gated_deltanet", "fla.ops.gated_delta_rule")
+OP_PREFIXES = ("chunk_", "fused_recurrent_", "naive_")
+CONV_FUNCTIONS = ("causal_depthwise_conv",)  # convolutions a layer calls as functions (Meta-Mamba2's)
+MIXER_NAMES = ("mixer", "attn")  # attribute names of token mixers in our blocks and in fla's
+
+
+def module_component(name: str, module: nn.Module, root: nn.Module) -> Optional[str]:
+    """The component of a module's own work (outside its sub-modules)."""
+    cls = type(module).__name__
+    leaf = name.rsplit(".", 1)[-1]
+    if module is root:
+        return "loss~"  # the model's own forward outside its sub-modules: head and loss (not absorbing)
+    if leaf == "lm_head" or "CrossEntropy" in cls or cls.endswith("Loss"):
+        return "loss"
+    if "MLP" in cls:
+        return "mlp"
+    if "Conv" in cls:
+        return "convolutions"
+    if "Norm" in cls:
+        return "norms"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Linear):
+        return "projections"
+    if leaf in MIXER_NAMES:
+        return "gates"
+    return "other"  # blocks, backbones: residual additions and the like
+
+
+@contextlib.contextmanager
+def component_ranges(model: nn.Module):
+    """Forward hooks that open a ``bench::<component>`` range around each classified module's forward."""
+    handles, stack = [], []
+
+    def enter(name):
+        def hook(module, args):
+            rf = record_function(PREFIX + name)
+            rf.__enter__()
+            stack.append(rf)
+        return hook
+
+    def leave(module, args, output):
+        stack.pop().__exit__(None, None, None)
+
+    for name, module in model.named_modules():
+        component = module_component(name, module, model)
+        if component is not None:
+            handles.append(module.register_forward_pre_hook(enter(component)))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while stack:
+            stack.pop().__exit__(None, None, None)
+
+
+def _wrap(fn: Callable, component: str) -> Callable:
+    def wrapped(*args, **kwargs):
+        with record_function(PREFIX + component):
+            return fn(*args, **kwargs)
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+def _function_component(name: str) -> Optional[str]:
+    if name.startswith(OP_PREFIXES):
+        return "op"
+    if name in CONV_FUNCTIONS:
+        return "convolutions"
+    return None
+
+
+@contextlib.contextmanager
+def function_ranges():
+    """Wrap the token-mixing ops (and convolution functions) of :data:`OP_MODULES` that are imported in ranges."""
+    patched = []
+    for module_name in OP_MODULES:
+        module = sys.modules.get(module_name)
+        if module is None:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+        for attr, value in list(vars(module).items()):
+            component = _function_component(attr)
+            if component is not None and callable(value) and not isinstance(value, type):
+                patched.append((module, attr, value))
+                setattr(module, attr, _wrap(value, component))
+    try:
+        yield
+    finally:
+        for module, attr, value in reversed(patched):
+            setattr(module, attr, value)
+
+
+def _category(event) -> Optional[str]:
+    """The component of a forward operator: its innermost range, unless an absorbing range encloses it."""
+    chain, node = [], event  # range names, innermost first
+    while node is not None:
+        if node.name.startswith(PREFIX):
+            chain.append(node.name[len(PREFIX):])
+        node = node.cpu_parent
+    for name in reversed(chain):  # outermost absorbing range first
+        if name in ABSORBING:
+            return name
+    if not chain:
+        return None
+    return "loss" if chain[0] == "loss~" else chain[0]
+
+
+def _backward_node(event):
+    node = event
+    while node is not None:
+        if node.name.startswith("autograd::engine::evaluate_function"):
+            return node
+        node = node.cpu_parent
+    return None
+
+
+def _self_time_us(event, on_device: bool) -> float:
+    if on_device:
+        for attr in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(event, attr):
+                return float(getattr(event, attr))
+        return 0.0
+    return float(event.self_cpu_time_total)
+
+
+def attribute(events, on_device: bool) -> Dict[str, float]:
+    """Milliseconds per component (see the module docstring) from a profiler's ``events()``."""
+    cpu_events = [e for e in events if str(getattr(e, "device_type", "CPU")).endswith("CPU")]
+    forward_component: Dict[int, str] = {}
+    categories: List[Optional[str]] = []
+    for event in cpu_events:
+        backward = _backward_node(event)
+        if backward is None:
+            category = _category(event)
+            if category is not None and event.sequence_nr >= 0 and not event.name.startswith(PREFIX):
+                forward_component[event.sequence_nr] = category  # the last one made the autograd node
+            categories.append(category)
+        else:
+            categories.append(None)
+    totals = {name: 0.0 for name in COMPONENTS}
+    for event, category in zip(cpu_events, categories):
+        if category is None:
+            backward = _backward_node(event)
+            if backward is not None:
+                category = forward_component.get(backward.sequence_nr)
+        totals[category if category in totals else "other"] += _self_time_us(event, on_device) / 1e3
+    if on_device:
+        kernels = sum(float(getattr(e, "device_time_total", 0.0)) for e in events
+                      if str(getattr(e, "device_type", "")).endswith("CUDA"))
+        totals["unattributed"] = max(0.0, kernels / 1e3 - sum(totals.values()))
+    return totals
+
+
+def profile_step(model: nn.Module, step: Callable[[], None], device: torch.device) -> Dict[str, object]:
+    """Run ``step()`` once under the profiler; return ``{"ms": {component: ms}, "total_ms": ...}``.
+
+    ``step`` must call the optimizer inside ``record_function("bench::optimizer")`` (see :func:`optimizer_range`).
+    """
+    activities = [ProfilerActivity.CPU]
+    on_device = device.type == "cuda"
+    if on_device:
+        activities.append(ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+    with component_ranges(model), function_ranges(), profile(activities=activities) as prof:
+        step()
+        if on_device:
+            torch.cuda.synchronize(device)
+    ms = attribute(prof.events(), on_device)
+    return {"ms": ms, "total_ms": sum(ms.values()), "clock": "device (CUDA kernels)" if on_device else "CPU"}
+
+
+def optimizer_range():
+    """The range :func:`attribute` counts as ``optimizer``."""
+    return record_function(PREFIX + "optimizer")

@@ -1,0 +1,116 @@
+"""The training fast path against the plain path on a GPU: same loss, same gradients.
+
+Fast path (what ``palimpsa train --compile`` runs): the models' chunked cross-entropy from the hidden states
+(:func:`palimpsa.train.loop.packed_loss_sum`, no logits) and the compiled element-wise blocks.  Plain path:
+the full logits, ``F.cross_entropy`` (:func:`palimpsa.train.loop.summed_token_loss`) and eager PyTorch.  Both
+on the same packed batch (several documents per pack, with cu_seqlens, as training sees them), more tokens
+than one loss chunk, in float32 (tight tolerances: only rounding differs) and under bf16 autocast (looser: the
+compiled blocks keep float32 intermediates that eager bf16 rounds).
+
+    PYTHONPATH=$PWD python scripts/gpu_train_fastpath_check.py [--out OUT_DIR] [--device cuda]
+
+Prints one line per (model, precision) and writes OUT_DIR/fastpath_check.json; exits 1 if any check fails.
+(``--device cpu --seq-len 64`` runs the same comparison without compilation: a smoke test of this script.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from palimpsa.layers.modules import LOSS_CHUNK_ROWS, compiled_blocks
+from palimpsa.train.data import Pack, collate_packs
+from palimpsa.train.loop import autocast_context, packed_logits, packed_loss_sum, summed_token_loss
+from palimpsa.train.models import build_model
+
+MODELS = {"palimpsa": ("palimpsa-small", {}), "notpalimpsa": ("palimpsa-small", {"metaplasticity": False}),
+          "meta-mamba2": ("meta-mamba2-tiny", {}), "gated-deltanet": ("gated-deltanet-small", {})}
+# (loss relative error, gradient relative error in norm per parameter) allowed
+TOLERANCES = {"fp32": (1e-5, 1e-3), "bf16": (1e-2, 5e-2)}
+VOCAB = 32000
+
+
+def packed_batch(device: torch.device, packs: int = 2, seq_len: int = LOSS_CHUNK_ROWS, seed: int = 0):
+    """``packs`` packs of ``seq_len`` random tokens, each cut into random documents."""
+    rng = np.random.default_rng(seed)
+    result = []
+    for _ in range(packs):
+        cuts = np.sort(rng.choice(np.arange(1, seq_len), size=5, replace=False))
+        lengths = np.diff(np.concatenate([[0], cuts, [seq_len]])).tolist()
+        result.append(Pack(rng.integers(0, VOCAB, size=seq_len).astype(np.int64), lengths))
+    return collate_packs(result).to(device)
+
+
+def loss_and_grads(model, batch, device, precision: str, fast: bool):
+    model.zero_grad(set_to_none=True)
+    with compiled_blocks(fast and device.type == "cuda"):
+        with autocast_context(device, precision):
+            if fast:
+                loss = packed_loss_sum(model, batch)
+            else:
+                loss = summed_token_loss(packed_logits(model, batch), batch.targets)
+        (loss / batch.num_targets).backward()
+    grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float() / batch.num_targets, grads
+
+
+def check(name: str, device: torch.device, precision: str, seq_len: int = LOSS_CHUNK_ROWS) -> dict:
+    preset, overrides = MODELS[name]
+    torch.manual_seed(0)
+    model = build_model(preset, VOCAB, overrides).to(device).train()
+    batch = packed_batch(device, seq_len=seq_len)
+    plain_loss, plain_grads = loss_and_grads(model, batch, device, precision, fast=False)
+    fast_loss, fast_grads = loss_and_grads(model, batch, device, precision, fast=True)
+    loss_error = abs(fast_loss - plain_loss).item() / abs(plain_loss).item()
+    worst, worst_name = 0.0, None
+    missing = sorted(set(plain_grads) ^ set(fast_grads))
+    for param, plain in plain_grads.items():
+        if param in fast_grads:
+            error = ((fast_grads[param] - plain).norm() / plain.norm().clamp_min(1e-30)).item()
+            if not error <= worst:  # NaN counts as the worst
+                worst, worst_name = error, param
+    loss_tol, grad_tol = TOLERANCES[precision]
+    ok = loss_error <= loss_tol and worst <= grad_tol and not missing and torch.isfinite(fast_loss).item()
+    return {"model": name, "precision": precision, "tokens": int(batch.input_ids.numel()),
+            "plain_loss": plain_loss.item(), "fast_loss": fast_loss.item(), "loss_rel_error": loss_error,
+            "grad_rel_error_max": worst, "grad_worst_parameter": worst_name, "missing_grads": missing,
+            "loss_tolerance": loss_tol, "grad_tolerance": grad_tol, "ok": ok}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--seq-len", type=int, default=LOSS_CHUNK_ROWS,
+                        help="tokens per pack (2 packs; the default spans two loss chunks)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "runs/fastpath_check"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here")
+    rows = []
+    for name in args.models.split(","):
+        for precision in ("fp32", "bf16"):
+            try:
+                row = check(name, device, precision, args.seq_len)
+            except Exception as error:  # noqa: BLE001  (recorded, and the check fails)
+                row = {"model": name, "precision": precision, "ok": False,
+                       "error": f"{type(error).__name__}: {error}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fastpath_check.json"), "w", encoding="utf-8") as handle:
+        json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "rows": rows}, handle, indent=2)
+    failed = [f"{r['model']}/{r['precision']}" for r in rows if not r["ok"]]
+    print("fast path check: " + ("all passed" if not failed else f"FAILED: {failed}"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""``palimpsa bench train`` at the tiny size on a CPU, and the bypass of fla's Hopper check it uses."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from palimpsa.bench import breakdown
+from palimpsa.bench.fla_compat import hopper_check_bypassed, is_hopper_refusal
+from palimpsa.bench.train import main
+from palimpsa.cli import main as cli_main
+
+FIELDS = ("model", "size", "status", "params", "step_s", "tokens_per_s", "breakdown")
+
+
+def test_bench_train_tiny_writes_the_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["--sizes", "tiny", "--models", "palimpsa,gated-deltanet,fla-gated-deltanet", "--batch", "1",
+                 "--seq-len", "32", "--steps", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "train_bench.json").read_text())
+    assert result["settings"]["batch"] == 1 and result["settings"]["seq_len"] == 32
+    assert result["settings"]["compile_effective"] is False  # a CPU never compiles
+    assert result["environment"]["torch"] == torch.__version__
+    rows = {row["model"]: row for row in result["rows"]}
+    for name in ("palimpsa", "gated-deltanet"):
+        row = rows[name]
+        assert row["status"] == "ok" and all(field in row for field in FIELDS)
+        assert row["params"] > 0 and row["step_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(32 / row["step_s"])
+        ms = row["breakdown"]["ms"]
+        assert set(breakdown.COMPONENTS) <= set(ms)
+        # every component that a step must spend time in was found by the profiler
+        for component in ("op", "projections", "convolutions", "norms", "mlp", "loss", "optimizer"):
+            assert ms[component] > 0, (name, component, ms)
+        assert row["breakdown"]["total_ms"] == pytest.approx(sum(ms.values()))
+    fla_row = rows["fla-gated-deltanet"]
+    if "fla" not in sys.modules and fla_row["status"].startswith("skipped"):
+        assert "fla is not importable" in fla_row["status"]
+    table = (out / "train_bench.md").read_text()
+    assert "| palimpsa | tiny |" in table and "| op | gates | projections |" in table
+    assert table in capsys.readouterr().out
+
+
+def test_bench_train_is_a_palimpsa_subcommand_and_checks_its_flags(tmp_path):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "train", "--sizes", "huge"])
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "train", "--steps", "0"])
+    code = cli_main(["bench", "train", "--sizes", "tiny", "--models", "notpalimpsa", "--batch", "1", "--seq-len",
+                     "16", "--steps", "1", "--warmup", "0", "--no-profile", "--device", "cpu", "--out",
+                     str(tmp_path)])
+    assert code == 0
+    row = json.loads((tmp_path / "train_bench.json").read_text())["rows"][0]
+    assert row["status"] == "ok" and "breakdown" not in row
+
+
+FAKE_CHUNK_O = '''
+from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0
+
+NUM_WARPS = [2, 4] if IS_NVIDIA_HOPPER else [2, 4, 8]
+
+
+def chunk_bwd_dqkwg(g=None):
+    if g is not None and IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0:
+        raise RuntimeError("Triton >= 3.4.0 on Hopper GPUs produces incorrect results for "
+                           "gated chunk_bwd_dqkwg (see #640). Please install tilelang")
+    return "ran"
+'''
+
+
+@pytest.fixture
+def fake_fla(tmp_path, monkeypatch):
+    """A stand-in for fla's layout: fla/utils.py and fla/ops/common/chunk_o.py with the issue-640 check."""
+    root = tmp_path / "fake"
+    (root / "fla" / "ops" / "common").mkdir(parents=True)
+    for package in ("fla", "fla/ops", "fla/ops/common"):
+        (root / package / "__init__.py").write_text("")
+    (root / "fla" / "utils.py").write_text("IS_NVIDIA_HOPPER = True\nTRITON_ABOVE_3_4_0 = True\n")
+    (root / "fla" / "ops" / "common" / "chunk_o.py").write_text(textwrap.dedent(FAKE_CHUNK_O))
+    saved = {name: module for name, module in sys.modules.items() if name == "fla" or name.startswith("fla.")}
+    for name in saved:
+        del sys.modules[name]
+    monkeypatch.syspath_prepend(str(root))
+    yield root
+    for name in [n for n in sys.modules if n == "fla" or n.startswith("fla.")]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def test_fla_check_bypass_switches_off_only_the_check_and_restores_it(fake_fla):
+    import fla.ops.common.chunk_o as chunk_o
+    import fla.utils
+
+    with pytest.raises(RuntimeError) as refusal:
+        chunk_o.chunk_bwd_dqkwg(g=1)
+    assert is_hopper_refusal(refusal.value)
+    assert not is_hopper_refusal(RuntimeError("CUDA out of memory"))
+    with hopper_check_bypassed() as bypassed:
+        assert bypassed
+        assert chunk_o.chunk_bwd_dqkwg(g=1) == "ran"
+        assert fla.utils.IS_NVIDIA_HOPPER is True  # only the kernel module's copy changes
+    with pytest.raises(RuntimeError):
+        chunk_o.chunk_bwd_dqkwg(g=1)

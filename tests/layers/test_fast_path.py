@@ -1,0 +1,105 @@
+"""The lean training path: the chunked linear cross-entropy and the compilable element-wise blocks (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from palimpsa.layers.modules import (
+    ShortConvolution,
+    causal_conv_taps,
+    causal_lm_loss,
+    linear_cross_entropy,
+    set_compiled_blocks,
+)
+
+
+def _inputs(N=37, d=16, vocab=50, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, d, generator=gen, dtype=dtype, requires_grad=True)
+    weight = (0.3 * torch.randn(vocab, d, generator=gen, dtype=dtype)).requires_grad_()
+    targets = torch.randint(0, vocab, (N,), generator=gen)
+    targets[::5] = -100
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("chunk_rows", [1, 8, 1000])
+def test_chunked_loss_equals_the_plain_loss_values_and_gradients(dtype, reduction, chunk_rows):
+    hidden, weight, targets = _inputs(dtype=dtype)
+    chunked = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_rows=chunk_rows)
+    plain = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100, reduction=reduction)
+    got = torch.autograd.grad(3.0 * chunked, (hidden, weight))
+    want = torch.autograd.grad(3.0 * plain, (hidden, weight))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked, plain, **tol)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
+def test_chunked_loss_with_only_weight_needing_gradients():
+    hidden, weight, targets = _inputs()
+    hidden = hidden.detach()
+    (g,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets), (weight,))
+    (w,) = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, targets), (weight,))
+    torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_lm_loss_shifts_labels_and_sums_with_num_items():
+    B, T, d, vocab = 2, 9, 8, 30
+    hidden = torch.randn(B, T, d, dtype=torch.float64)
+    weight = torch.randn(vocab, d, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (B, T))
+    labels[0, :3] = -100
+    logits = hidden @ weight.T
+    mean = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(causal_lm_loss(hidden, weight, labels=labels), mean)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    torch.testing.assert_close(causal_lm_loss(hidden, weight, shift_labels=targets, num_items_in_batch=1), total)
+    torch.testing.assert_close(causal_lm_loss(hidden, weight, shift_labels=targets, num_items_in_batch=4),
+                               total / 4)
+
+
+def test_chunked_loss_rejects_bad_inputs():
+    hidden, weight, targets = _inputs()
+    with pytest.raises(ValueError, match="targets must be in"):
+        linear_cross_entropy(hidden, weight, torch.full_like(targets, 50))
+    with pytest.raises(ValueError, match="targets must have shape"):
+        linear_cross_entropy(hidden, weight, targets[:-1])
+    with pytest.raises(ValueError, match="must agree on d"):
+        linear_cross_entropy(hidden, weight[:, :-1], targets)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(hidden, weight, targets, reduction="none")
+    with pytest.raises(ValueError, match="chunk_rows"):
+        linear_cross_entropy(hidden, weight, targets, chunk_rows=0)
+    with pytest.raises(ValueError, match="exactly one of labels"):
+        causal_lm_loss(hidden[None], weight)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_shifted_tap_convolution_equals_conv1d(bias):
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, kernel_size=4, bias=bias)
+    x = torch.randn(2, 11, 6)
+    y, _ = conv(x)
+    full = torch.cat([x.new_zeros(2, 6, 3), x.transpose(1, 2)], dim=-1)
+    taps = causal_conv_taps(full, conv.weight[:, 0], conv.bias, None, "silu")
+    torch.testing.assert_close(taps, y, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_blocks_leave_cpu_tensors_on_plain_pytorch():
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, kernel_size=4)
+    x = torch.randn(2, 11, 6)
+    before = conv(x)[0]
+    set_compiled_blocks(True)
+    try:
+        after = conv(x)[0]  # CPU: same code, no compiler involved
+    finally:
+        set_compiled_blocks(False)
+    assert torch.equal(before, after)
+    with pytest.raises(TypeError):
+        set_compiled_blocks(1)
