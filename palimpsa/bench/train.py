@@ -8,12 +8,13 @@ before the next is built.  Before timing, each model runs one small fwd + bwd st
 broken model fails at once, with its error in the table.
 
 Models (``--models``): palimpsa, notpalimpsa (the same with metaplasticity off), meta-mamba2, gated-deltanet
-(this project's baseline, :mod:`palimpsa.train.baselines`) and fla-gated-deltanet (fla's
+(this project's baseline, :mod:`palimpsa.models.gated_deltanet`) and fla-gated-deltanet (fla's
 ``GatedDeltaNetForCausalLM``, when fla is importable).  Sizes (``--sizes``): the shipped configs
 ``palimpsa/configs/palimpsa-{170m,340m,760m}.json``; Meta-Mamba2 uses ``meta-mamba2-170m.json`` at 170m and,
 at the larger sizes, the same shape widened to Palimpsa's width with twice its layers (a Mamba2 block has no
 MLP); both Gated DeltaNets use fla's shapes (heads of 256, expand_v 2; 760m: d 1536, 6 heads, 21 layers, as
-benchmarks.md; 170m and 340m: the layer count closest to Palimpsa's parameters, :data:`GDN_SHAPES`).  ``tiny`` runs on a CPU in seconds (for tests).
+benchmarks.md; 170m and 340m: the layer count closest to Palimpsa's parameters, :data:`GDN_SHAPES`).
+``tiny`` runs on a CPU in seconds (for tests).
 
 fla 0.6 refuses the backward of its gated chunk kernels on Hopper GPUs with Triton >= 3.4 (its issue 640):
 the row then says "refused".  ``--fla-bypass-check`` times fla with that one check switched off
@@ -103,7 +104,7 @@ def build_bench_model(name: str, size: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(_meta_mamba2_config(size, vocab))
     shape = _gdn_shape(size)
     if name == "gated-deltanet":
-        from palimpsa.train.baselines import GatedDeltaNetForCausalLM, GatedDeltaNetLMConfig
+        from palimpsa.models.gated_deltanet import GatedDeltaNetForCausalLM, GatedDeltaNetLMConfig
 
         return GatedDeltaNetForCausalLM(GatedDeltaNetLMConfig(vocab_size=vocab, tie_word_embeddings=True, **shape))
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM as FlaGatedDeltaNetForCausalLM
