@@ -11,7 +11,7 @@ Kernels (grid in brackets; NC chunks, NK / NV blocks of K / Vd):
             ``_fwd_output`` [NV, NC, N*HV]: o = scale ((q e^b) h_c + tril(e^{b_t - b_s} q k^T) v).
   backward  ``_bwd_states`` [NK, NV, N*HV]: adjoints of the chunk-end states, sequential in reverse;
             ``_bwd_dv`` [NV, NC, N*HV] and ``_bwd_dqk`` [NK, NC, N*HV]: per-chunk gradients in parallel.
-            dg follows from d/db_r = q_r . dq_r - k_r . dk_r and a reverse cumulative sum.
+            dg is summed per chunk from the pairs of tokens its decay separates (see ``_bwd_dqk``).
 Transposed products are formed from transposed *loads* (never by transposing a matrix-product result, which
 Triton 3.6 miscompiles on Hopper when it feeds another product).
 """
@@ -164,7 +164,13 @@ def _bwd_dv(q, k, g, do, dhs, dv, scale, T, NC,
 def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
              HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """dq, dk (per query head) and the K-block's part of d/db_t = q_t . dq_t - k_t . dk_t."""
+    """dq, dk (per query head) and this K block's part of the log-decay gradient dg, chunk by chunk.
+
+    dg_t sums, over every (writer s, reader r) pair with s < t <= r, that pair's term of the loss; so inside the
+    chunk it is (a) the in-chunk pairs, (b) in-chunk readers of the chunk-start state, (c) in-chunk writers read
+    after the chunk, (d) pairs straddling the whole chunk.  Each is summed directly (no reverse running sum over
+    the sequence, whose cancellation loses the small gradients of bf16 inputs).
+    """
     i_k, c, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_hk = i_hv // (HV // HK)
@@ -175,6 +181,7 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
     d_scores_t = tl.zeros([C, C], dtype=tl.float32)  # [s, t] = v_s . do_t
     dq_state = tl.zeros([C, BK], dtype=tl.float32)
     dk_state = tl.zeros([C, BK], dtype=tl.float32)
+    straddle = tl.zeros([BK], dtype=tl.float32)  # sum over V of h_start * dh_end, this K block
     for i_v in range(tl.cdiv(VD, BV)):
         offs_v = i_v * BV + tl.arange(0, BV)
         row = ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :]
@@ -185,12 +192,13 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
         v_t = tl.load(v + col, mask=offs_v[:, None] < VD, other=0.0)
         state = (i_nh * NC + c).to(tl.int64) * K * VD + offs_v[:, None] + offs_k[None, :] * VD  # [BV, BK]
         mask_vk = (offs_v[:, None] < VD) & (offs_k[None, :] < K)
-        h_t = tl.load(hs + state, mask=mask_vk, other=0.0).to(do_c.dtype)
-        dh_t = tl.load(dhs + state, mask=mask_vk, other=0.0).to(do_c.dtype)
+        h_t = tl.load(hs + state, mask=mask_vk, other=0.0)
+        dh_t = tl.load(dhs + state, mask=mask_vk, other=0.0)
+        straddle += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), 0)
         d_scores += tl.dot(do_c, v_t, input_precision=PREC)
         d_scores_t += tl.dot(v_c, do_t, input_precision=PREC)
-        dq_state += tl.dot(do_c, h_t, input_precision=PREC)
-        dk_state += tl.dot(v_c, dh_t, input_precision=PREC)
+        dq_state += tl.dot(do_c, h_t.to(do_c.dtype), input_precision=PREC)
+        dk_state += tl.dot(v_c, dh_t.to(do_c.dtype), input_precision=PREC)
     rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
     d_scores = tl.where(rows >= cols, d_scores * tl.exp(tl.where(rows >= cols, b[:, None] - b[None, :], 0.0)), 0.0)
     d_scores_t = tl.where(rows <= cols, d_scores_t * tl.exp(tl.where(rows <= cols, b[None, :] - b[:, None], 0.0)),
@@ -199,12 +207,25 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
     k_ptr = ((i_n * T + offs_t[:, None]) * HK + i_hk).to(tl.int64) * K + offs_k[None, :]
     q_c = tl.load(q + q_ptr, mask=offs_k[None, :] < K, other=0.0)
     k_c = tl.load(k + k_ptr, mask=offs_k[None, :] < K, other=0.0)
-    grad_q = scale * (dq_state * tl.exp(b)[:, None] + tl.dot(d_scores.to(k_c.dtype), k_c, input_precision=PREC))
-    grad_k = scale * tl.dot(d_scores_t.to(q_c.dtype), q_c, input_precision=PREC) \
-        + dk_state * tl.exp(b_last - b)[:, None]
+    k_t = tl.load(k + ((i_n * T + offs_t[None, :]) * HK + i_hk).to(tl.int64) * K + offs_k[:, None],
+                  mask=offs_k[:, None] < K, other=0.0)
+    dq_state = dq_state * (scale * tl.exp(b))[:, None]
+    dk_state = dk_state * tl.exp(b_last - b)[:, None]
+    grad_q = dq_state + scale * tl.dot(d_scores.to(k_c.dtype), k_c, input_precision=PREC)
+    grad_k = scale * tl.dot(d_scores_t.to(q_c.dtype), q_c, input_precision=PREC) + dk_state
     tl.store(dq + q_ptr, grad_q, mask=offs_k[None, :] < K)
     tl.store(dk + q_ptr, grad_k, mask=offs_k[None, :] < K)  # per query head; summed over a key head's group
-    part = tl.sum(q_c.to(tl.float32) * grad_q - k_c.to(tl.float32) * grad_k, 1)
+    # (a) pairs inside the chunk: sum over r >= t > s of (scale q_r . k_s) e^{b_r - b_s} (do_r . v_s)
+    pairs = tl.where(rows > cols, scale * tl.dot(q_c, k_t, input_precision=PREC) * d_scores, 0.0)  # [r, s]
+    before = tl.cumsum(pairs, 1) - pairs  # [r, t]: sum over s < t
+    inside = tl.sum(tl.where(rows >= cols, before, 0.0), 0)  # [t]: sum over r >= t
+    # (b) readers r >= t of the chunk-start state, (c) writers s < t read after the chunk
+    read = tl.sum(q_c.to(tl.float32) * dq_state, 1)  # [r]
+    written = tl.sum(k_c.to(tl.float32) * dk_state, 1)  # [s]
+    readers = tl.sum(read, 0) - tl.cumsum(read, 0) + read
+    writers = tl.cumsum(written, 0) - written
+    # (d) pairs straddling the chunk
+    part = inside + readers + writers + tl.exp(b_last) * tl.sum(straddle, 0)
     tl.store(dlogdecay + ((i_k * tl.num_programs(2) + i_nh) * T + offs_t).to(tl.int64), part)
 
 
@@ -238,13 +259,13 @@ class GLAFunction(torch.autograd.Function):
             k, v, g, h0, hs, hT, T, NC, HAS_INIT=h0 is not None, STORE_FINAL=True, **meta)
         o = torch.empty_like(v)
         _fwd_output[(triton.cdiv(VD, BV), NC, N * HV)](q, k, v, g, hs, o, scale, T, NC, **meta)
-        ctx.save_for_backward(q, k, v, g, h0, hT)
+        ctx.save_for_backward(q, k, v, g, h0)
         ctx.scale, ctx.chunk, ctx.has_init = scale, chunk, h0 is not None
         return o, hT
 
     @staticmethod
     def backward(ctx, do, dhT):
-        q, k, v, g, h0, hT = ctx.saved_tensors
+        q, k, v, g, h0 = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         N, T, HV, K = q.shape
         HK, VD = k.shape[2], v.shape[-1]
@@ -273,10 +294,7 @@ class GLAFunction(torch.autograd.Function):
         _bwd_dqk[(NK, NC, N * HV)](q, k, v, g, hs, do, dhs, dq, dk_per_query, dlogdecay, scale, T, NC, **meta)
         G = HV // HK
         dk = dk_per_query.reshape(N, T, HK, G, K).sum(3)
-        d_b = dlogdecay.sum(0).reshape(N, HK, G, T).sum(2).transpose(1, 2)  # [N, T, HK]
-        if has_final_grad:  # the final state is read after the last token
-            d_b[:, -1] += (dhT * hT).sum((-1, -2)).reshape(N, HK, G).sum(-1)
-        dg = d_b.flip(1).cumsum(1).flip(1)
+        dg = dlogdecay.sum(0).reshape(N, HK, G, T).sum(2).transpose(1, 2)  # [N, T, HK]
         return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0, None, None
 
 
