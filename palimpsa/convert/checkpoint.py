@@ -41,6 +41,7 @@ def convert_checkpoint(
     tolerance: float = DEFAULT_TOLERANCE,
     overwrite: bool = False,
     seed: int = 0,
+    importance_groups: Optional[int] = None,
 ) -> Dict[str, object]:
     """Convert the checkpoint ``src`` (a directory or Hub id) of ``kind`` ("mamba2" or "palimpsa") into ``dst``.
 
@@ -59,7 +60,8 @@ def convert_checkpoint(
     check_destination(dst, overwrite)  # fail early, before any loading
     converter, model_type, what = CONVERTERS[kind]
     source = load_checkpoint(src, _source_class(kind), model_type, what)
-    model = converter(source, importance_rank=importance_rank, importance_scale=importance_scale, seed=seed)
+    model = converter(source, importance_rank=importance_rank, importance_scale=importance_scale, seed=seed,
+                      importance_groups=importance_groups)
     importance_scale = model.config.importance_scale_init  # the value used (calibrated when "auto")
     change = None
     if verify:

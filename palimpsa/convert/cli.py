@@ -28,6 +28,7 @@ def scale_argument(text: str):
 def run(args: argparse.Namespace) -> int:
     try:
         report = convert_checkpoint(args.kind, args.src, args.dst, importance_rank=args.importance_rank,
+                                    importance_groups=args.importance_groups,
                                     importance_scale=args.importance_scale, verify=not args.no_verify,
                                     tolerance=args.tolerance, overwrite=args.overwrite, seed=args.seed)
     except (ValueError, TypeError, FileExistsError) as err:
@@ -46,6 +47,9 @@ def add_parser(subparsers) -> None:
         sub.add_argument("src", help="source checkpoint: a directory or a Hub id")
         sub.add_argument("dst", help="output directory (written atomically; must not exist unless --overwrite)")
         sub.add_argument("--importance-rank", type=int, default=None, help="rank r of the new importance gates")
+        sub.add_argument("--importance-groups", type=int, default=None,
+                         help="importance gates per head and token, each shared by a group of value channels "
+                              "(default: one per channel, the paper's model; 1: one per head, the fast path)")
         sub.add_argument("--importance-scale", type=scale_argument, default=CONVERTED_IMPORTANCE_SCALE,
                          help="initial c of the gates' softplus(c) factor, or 'auto' (default): calibrated so "
                               "that the gates move the logits by at most 1e-6")

@@ -18,6 +18,7 @@ def mamba2_to_meta_mamba2(
     importance_rank: Optional[int] = None,
     importance_scale: Union[float, str] = CONVERTED_IMPORTANCE_SCALE,
     seed: int = 0,
+    importance_groups: Optional[int] = None,
     max_gate_effect: float = DEFAULT_MAX_GATE_EFFECT,
 ) -> MetaMamba2ForCausalLM:
     """Make a trained Mamba2 metaplastic without changing its outputs.
@@ -29,6 +30,7 @@ def mamba2_to_meta_mamba2(
             whose effect on the logits is at most ``max_gate_effect`` (see :mod:`palimpsa.convert.metaplastic`),
             so the logits stay within 1e-5 (relative, fp32) of the source while every new parameter gets a
             nonzero gradient.  The value used is stored as ``config.importance_scale_init``.
+        importance_groups: importance gates per head and token (default: one per value channel).
         seed: seed of the random init of the gates' low-rank projections (the global RNG is left untouched).
         max_gate_effect: bound of the "auto" calibration (relative change of the logits on random tokens).
 
@@ -47,6 +49,8 @@ def mamba2_to_meta_mamba2(
                      norm_per_group=source_norm_per_group(mamba2))
     if importance_rank is not None:
         overrides["importance_rank"] = importance_rank
+    if importance_groups is not None:
+        overrides["importance_groups"] = importance_groups
     config = MetaMamba2Config.from_mamba2_config(mamba2.config, **overrides)
     parameter = next(mamba2.parameters())
     with torch.random.fork_rng(devices=[]):

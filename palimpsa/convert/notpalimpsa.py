@@ -19,6 +19,7 @@ def notpalimpsa_to_palimpsa(
     importance_rank: Optional[int] = None,
     importance_scale: Union[float, str] = CONVERTED_IMPORTANCE_SCALE,
     seed: int = 0,
+    importance_groups: Optional[int] = None,
     max_gate_effect: float = DEFAULT_MAX_GATE_EFFECT,
 ):
     """Turn on metaplasticity in a trained NotPalimpsa model without changing its outputs.
@@ -28,6 +29,7 @@ def notpalimpsa_to_palimpsa(
         importance_rank: rank r of the new importance gates (default: the source config's).
         importance_scale: initial c of the gates' softplus(c) factor (tiny beta, nonzero gradients), or "auto"
             (calibrated as in :func:`palimpsa.convert.mamba2_to_meta_mamba2`).
+        importance_groups: importance gates per head and token (default: one per value channel).
         seed: seed of the random init of the gates' low-rank projections (the global RNG is left untouched).
         max_gate_effect: bound of the "auto" calibration (relative change of the logits on random tokens).
 
@@ -51,6 +53,8 @@ def notpalimpsa_to_palimpsa(
     values.update(metaplasticity=True, importance_scale_init=initial_scale)
     if importance_rank is not None:
         values["importance_rank"] = importance_rank
+    if importance_groups is not None:
+        values["importance_groups"] = importance_groups
     config = PalimpsaConfig(**values)
     parameter = next(notpalimpsa.parameters())
     with torch.random.fork_rng(devices=[]):

@@ -146,6 +146,8 @@ class MetaMamba2(nn.Module):
         importance_rank: r of the importance gate (default ceil(d / 16)).
         metaplasticity: False gives beta = 0, i.e. exactly Mamba2 (the gate parameters are not created).
         importance_scale_init: initial c_h of the gate factor softplus(c_h).
+        importance_groups: G importance gates per head and token, each shared by P / G channels (default P,
+            one per channel; G < P is exact and runs as gated linear attention, spec 5.2).
         norm_eps: epsilon of the gated RMSNorm.
         norm_per_group: normalise the gated scan output per group of inner_width / n_groups channels, as
             ``mamba_ssm`` (and ``transformers`` from 5.23) do; False (default) normalises over all channels, as
@@ -168,6 +170,7 @@ class MetaMamba2(nn.Module):
         importance_rank: Optional[int] = None,
         metaplasticity: bool = True,
         importance_scale_init: float = 1.0,
+        importance_groups: Optional[int] = None,
         norm_eps: float = 1e-5,
         norm_per_group: bool = False,
         use_bias: bool = False,
@@ -194,6 +197,11 @@ class MetaMamba2(nn.Module):
             importance_rank = math.ceil(hidden_size / 16)
         if isinstance(importance_rank, bool) or not isinstance(importance_rank, int) or importance_rank < 1:
             raise ValueError(f"importance_rank must be a positive int or None, got {importance_rank!r}")
+        importance_groups = head_dim if importance_groups is None else importance_groups
+        if isinstance(importance_groups, bool) or not isinstance(importance_groups, int) or importance_groups < 1 \
+                or head_dim % importance_groups:
+            raise ValueError(f"importance_groups must be a positive int dividing head_dim ({head_dim}), "
+                             f"got {importance_groups!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not (0 < time_step_min <= time_step_max):
@@ -208,6 +216,7 @@ class MetaMamba2(nn.Module):
         self.conv_kernel_size = conv_kernel
         self.conv_dim = intermediate_size + 2 * n_groups * state_size
         self.importance_rank = importance_rank
+        self.importance_groups = importance_groups
         self.metaplasticity = metaplasticity
         self.time_step_min, self.time_step_max, self.time_step_floor = time_step_min, time_step_max, time_step_floor
         self.time_step_limit = tuple(float(x) for x in time_step_limit)
@@ -226,7 +235,7 @@ class MetaMamba2(nn.Module):
         self.out_proj = nn.Linear(intermediate_size, hidden_size, bias=use_bias)
         if metaplasticity:
             self.importance_down_proj = nn.Linear(hidden_size, importance_rank, bias=False)
-            self.importance_up_proj = nn.Linear(importance_rank, intermediate_size, bias=False)
+            self.importance_up_proj = nn.Linear(importance_rank, num_heads * importance_groups, bias=False)
             self.importance_scale = nn.Parameter(torch.full((num_heads,), float(importance_scale_init)))
         self.reset_ssm_parameters(importance_scale_init)
 
@@ -248,18 +257,17 @@ class MetaMamba2(nn.Module):
         """An empty decoding cache for this layer."""
         return MetaMamba2LayerCache()
 
-    def importance_gate(self, u: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    def importance_gate(self, u: torch.Tensor, dt: torch.Tensor) -> Optional[torch.Tensor]:
         """beta = sigmoid(W_up W_down u) * softplus(c_h) * dt.
 
-        u: [B, T, d]; dt: [B, T, H] (after softplus).  Returns beta [B, T, H, P] in the dtype of dt (zeros
-        when metaplasticity is off).
+        u: [B, T, d]; dt: [B, T, H] (after softplus).  Returns beta [B, T, H, G] (G = importance_groups) in the
+        dtype of dt, or None when metaplasticity is off (the op then runs as gated linear attention: Mamba2).
         """
-        B, T, _ = u.shape
         if not self.metaplasticity:
-            return dt.new_zeros(B, T, self.num_heads, self.head_dim)
+            return None
         # the sigmoid in the projection's dtype, one product into dt's dtype: no extra float32 [B, T, H, P] copy
         gate = torch.sigmoid(self.importance_up_proj(self.importance_down_proj(u)))
-        gate = rearrange(gate, "b t (h p) -> b t h p", p=self.head_dim)
+        gate = rearrange(gate, "b t (h g) -> b t h g", g=self.importance_groups)
         factor = F.softplus(self.importance_scale.to(dt.dtype)) * dt  # [B, T, H]
         return gate * factor[..., None]
 
@@ -337,13 +345,14 @@ class MetaMamba2(nn.Module):
         return out, variance
 
     def _scan(self, q, k, v, g, beta, cache, cu_seqlens, output_variance):
-        """The Palimpsa op (float32).  q, k [B, T, H, N]; v, beta [B, T, H, P]; g [B, T, H].
+        """The Palimpsa op (float32).  q, k [B, T, H, N]; v [B, T, H, P]; beta [B, T, H, G] or None; g [B, T, H].
 
         Returns o [B, T, H, P] and the variance (or None); updates ``cache.ssm_state`` in place.
         """
         initial_state = cache.ssm_state if cache is not None else None
         if (cache is not None and cache.has_state and q.shape[1] == 1 and not torch.is_grad_enabled()):
-            result = palimpsa_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.ssm_state,
+            result = palimpsa_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0] if beta is not None else None,
+                                   cache.ssm_state,
                                    prior=1.0, scale=1.0, output_variance=output_variance,
                                    check_values=False)  # g <= 0, beta >= 0 by construction
             if output_variance:

@@ -67,6 +67,9 @@ class Palimpsa(nn.Module):
         head_k_dim: K (default d // H).
         head_v_dim: V (default K).
         importance_rank: r, rank of the importance gate (default ceil(d / 16)).
+        importance_groups: G, importance gates per head and token, each shared by V / G consecutive value
+            channels (default V: one per channel, the paper's model).  G < V is exact and runs as gated linear
+            attention on tensor cores (spec 5.2).
         conv_size: kernel of the causal depthwise convolutions on q, k and x.
         metaplasticity: False gives beta = 0 ("NotPalimpsa"); the gate parameters are then not created.
         importance_scale_init: initial value of c (the gate factor is softplus(c)).
@@ -84,6 +87,7 @@ class Palimpsa(nn.Module):
         head_k_dim: Optional[int] = None,
         head_v_dim: Optional[int] = None,
         importance_rank: Optional[int] = None,
+        importance_groups: Optional[int] = None,
         conv_size: int = 4,
         metaplasticity: bool = True,
         importance_scale_init: float = 1.0,
@@ -102,6 +106,10 @@ class Palimpsa(nn.Module):
         head_v_dim = _positive_int("head_v_dim", head_k_dim if head_v_dim is None else head_v_dim)
         importance_rank = math.ceil(hidden_size / 16) if importance_rank is None else importance_rank
         _positive_int("importance_rank", importance_rank)
+        importance_groups = head_v_dim if importance_groups is None else importance_groups
+        _positive_int("importance_groups", importance_groups)
+        if head_v_dim % importance_groups:
+            raise ValueError(f"importance_groups ({importance_groups}) must divide head_v_dim ({head_v_dim})")
         _positive_int("conv_size", conv_size)
         if not isinstance(metaplasticity, bool):
             raise TypeError(f"metaplasticity must be a bool, got {type(metaplasticity).__name__}")
@@ -113,6 +121,7 @@ class Palimpsa(nn.Module):
         self.head_k_dim = head_k_dim
         self.head_v_dim = head_v_dim
         self.importance_rank = importance_rank
+        self.importance_groups = importance_groups
         self.conv_size = conv_size
         self.metaplasticity = metaplasticity
         self.importance_scale_init = float(importance_scale_init)
@@ -136,7 +145,7 @@ class Palimpsa(nn.Module):
 
         if metaplasticity:
             self.importance_down_proj = nn.Linear(hidden_size, importance_rank, bias=False)
-            self.importance_up_proj = nn.Linear(importance_rank, value_dim, bias=False)
+            self.importance_up_proj = nn.Linear(importance_rank, num_heads * importance_groups, bias=False)
             self.importance_scale = nn.Parameter(torch.empty(num_heads))
             self.importance_scale._no_weight_decay = True
         else:
@@ -165,6 +174,7 @@ class Palimpsa(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "
                 f"head_v_dim={self.head_v_dim}, importance_rank={self.importance_rank}, "
+                f"importance_groups={self.importance_groups}, "
                 f"metaplasticity={self.metaplasticity}, layer_idx={self.layer_idx}")
 
     def _check_inputs(self, hidden_states, attention_mask, cache, cu_seqlens) -> Optional[torch.Tensor]:
@@ -244,14 +254,15 @@ class Palimpsa(nn.Module):
         g = -dt * torch.exp(self.A_log.to(fp))  # log decay [B, T, H]
         if self.metaplasticity:
             gate = torch.sigmoid(self.importance_up_proj(self.importance_down_proj(u)))
-            gate = rearrange(gate, "b t (h v) -> b t h v", h=H)
+            gate = rearrange(gate, "b t (h g) -> b t h g", h=H)  # [B, T, H, G]
             factor = F.softplus(self.importance_scale.to(fp)) * input_gate  # [B, T, H]
             beta = (gate * factor[..., None].to(gate.dtype)).to(op_dtype)
         else:
-            beta = torch.zeros_like(v)
+            beta = None  # NotPalimpsa: the op runs as gated linear attention over the prior
         if mask is not None:  # padded tokens: alpha = 1, nothing written, importance unchanged
             g = g * mask[..., None].to(fp)
-            beta, k, v = beta * mask[..., None, None], k * mask[..., None, None], v * mask[..., None, None]
+            k, v = k * mask[..., None, None], v * mask[..., None, None]
+            beta = beta * mask[..., None, None] if beta is not None else None
 
         variance = None
         if cache is not None and T == 1:
@@ -273,7 +284,8 @@ class Palimpsa(nn.Module):
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)")), variance
 
     def _decode_step(self, q, k, v, g, beta, cache: RecurrentLayerCache, output_variance: bool):
-        """One token with the in-place step op.  q, k [B, 1, H, K]; v, beta [B, 1, H, V]; g [B, 1, H]."""
+        """One token with the in-place step op.  q, k [B, 1, H, K]; v [B, 1, H, V]; beta [B, 1, H, G] or None;
+        g [B, 1, H]."""
         B, _, H, K = q.shape
         if cache.recurrent_state is None:
             state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -283,7 +295,8 @@ class Palimpsa(nn.Module):
         elif cache.recurrent_state[0].requires_grad or cache.recurrent_state[1].requires_grad:
             # the step op updates the state in place: never on tensors an autograd graph still needs
             cache.recurrent_state = tuple(s.detach().clone() for s in cache.recurrent_state)
-        out = palimpsa_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.recurrent_state,
+        out = palimpsa_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0] if beta is not None else None,
+                            cache.recurrent_state,
                             prior=self.prior, output_variance=output_variance,
                             check_values=False)  # g <= 0, beta >= 0 by construction: no device sync
         if output_variance:

@@ -178,7 +178,8 @@ def test_bad_configs_raise_clear_errors():
         model(tokens(), past_key_values=object())
 
 
-@pytest.mark.parametrize("name, millions", [("palimpsa-170m", 170), ("palimpsa-340m", 340), ("palimpsa-760m", 760)])
+@pytest.mark.parametrize("name, millions", [("palimpsa-170m", 170), ("palimpsa-340m", 340), ("palimpsa-760m", 760),
+                                                    ("palimpsa-760m-g1", 760)])
 def test_shipped_configs_have_their_nominal_size(name, millions):
     path = SHIPPED_CONFIGS / f"{name}.json"
     config = PalimpsaConfig.from_pretrained(path)

@@ -17,6 +17,7 @@ class MetaMamba2Config(PretrainedConfig):
     Args:
         metaplasticity: False makes every layer exactly Mamba2 (beta = 0, no gate parameters).
         importance_rank: rank r of the importance gate W_up W_down (default ceil(hidden_size / 16)).
+        importance_groups: G gates per head and token, each shared by head_dim / G channels (None: head_dim).
         importance_scale_init: initial c_h of the gate factor softplus(c_h).
         norm_per_group: normalise the gated scan output per group of channels, as ``mamba_ssm`` and
             ``transformers`` >= 5.23 do for Mamba2; False (default) normalises over all channels, as
@@ -60,6 +61,7 @@ class MetaMamba2Config(PretrainedConfig):
         metaplasticity: bool = True,
         importance_rank: Optional[int] = None,
         importance_scale_init: float = 1.0,
+        importance_groups: Optional[int] = None,
         norm_per_group: bool = False,
         **kwargs,
     ):
@@ -98,6 +100,12 @@ class MetaMamba2Config(PretrainedConfig):
         self.metaplasticity = metaplasticity
         self.importance_rank = math.ceil(hidden_size / 16) if importance_rank is None else importance_rank
         self.importance_scale_init = importance_scale_init
+        if importance_groups is not None and (isinstance(importance_groups, bool)
+                                              or not isinstance(importance_groups, int)
+                                              or importance_groups < 1 or head_dim % importance_groups):
+            raise ValueError(f"importance_groups must be a positive int dividing head_dim ({head_dim}), "
+                             f"got {importance_groups!r}")
+        self.importance_groups = importance_groups
         self.norm_per_group = norm_per_group
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -153,6 +153,7 @@ class MetaMamba2Block(GradientCheckpointingLayer):
             expand=config.expand,
             conv_kernel=config.conv_kernel,
             importance_rank=config.importance_rank,
+            importance_groups=getattr(config, "importance_groups", None),
             metaplasticity=config.metaplasticity,
             importance_scale_init=config.importance_scale_init,
             norm_eps=config.layer_norm_epsilon,

@@ -31,6 +31,8 @@ class PalimpsaConfig(PretrainedConfig):
         head_dim: K, the key size of a head.
         expand_v: V = head_dim * expand_v, the value size of a head (must be a whole number).
         importance_rank: r, rank of the importance gate (default ceil(hidden_size / 16)).
+        importance_groups: G, importance gates per head and token, each shared by V / G value channels
+            (None: one per value channel, G = V, the paper's model; G < V runs as gated linear attention).
         metaplasticity: False gives "NotPalimpsa" (importance gate beta = 0).
         importance_scale_init: initial c of the importance gate factor softplus(c).
         conv_size: kernel of the short causal convolutions on q, k and x.
@@ -54,6 +56,7 @@ class PalimpsaConfig(PretrainedConfig):
         head_dim: int = 48,
         expand_v: float = 1,
         importance_rank: Optional[int] = None,
+        importance_groups: Optional[int] = None,
         metaplasticity: bool = True,
         importance_scale_init: float = 1.0,
         conv_size: int = 4,
@@ -80,6 +83,11 @@ class PalimpsaConfig(PretrainedConfig):
         if importance_rank is None:
             importance_rank = math.ceil(hidden_size / 16)
         _check_positive_int("importance_rank", importance_rank)
+        if importance_groups is not None:
+            _check_positive_int("importance_groups", importance_groups)
+            if round(head_v_dim) % importance_groups:
+                raise ValueError(f"PalimpsaConfig.importance_groups must divide the value head size "
+                                 f"head_dim * expand_v = {round(head_v_dim)}, got {importance_groups}")
         if not isinstance(metaplasticity, bool):
             raise ValueError(f"PalimpsaConfig.metaplasticity must be true or false, got {metaplasticity!r}")
         if isinstance(importance_scale_init, bool) or not isinstance(importance_scale_init, (int, float)) \
@@ -100,6 +108,7 @@ class PalimpsaConfig(PretrainedConfig):
         self.head_dim = head_dim
         self.expand_v = expand_v
         self.importance_rank = importance_rank
+        self.importance_groups = importance_groups
         self.metaplasticity = metaplasticity
         self.importance_scale_init = importance_scale_init
         self.conv_size = conv_size

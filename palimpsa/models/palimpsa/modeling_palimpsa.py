@@ -79,6 +79,7 @@ class PalimpsaBlock(GradientCheckpointingLayer):
             head_k_dim=config.head_dim,
             head_v_dim=config.head_v_dim,
             importance_rank=config.importance_rank,
+            importance_groups=getattr(config, "importance_groups", None),
             conv_size=config.conv_size,
             metaplasticity=config.metaplasticity,
             importance_scale_init=config.importance_scale_init,
