@@ -91,6 +91,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="170M-like,760M-like")
     parser.add_argument("--log", default=None, help="also append the lines to this file")
+    parser.add_argument("--groups", default="1,4,none", help="comma-separated G values ('none': beta = None)")
+    parser.add_argument("--no-varlen", action="store_true", help="skip the varlen cases")
     parser.add_argument("--tokens", type=int, default=None, help="override T (a quick dry run)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (dry run)")
     args = parser.parse_args()
@@ -106,13 +108,14 @@ def main() -> int:
     ok = True
     for name in args.shapes.split(","):
         shape = bench.shape_by_name(name.strip())
-        for G in (1, 4, None):
+        groups = [None if x.strip() == "none" else int(x) for x in args.groups.split(",")]
+        for G in groups:
             T = args.tokens or shape.T
             leaves = case_inputs(shape.K, shape.V, T, G, seed=len(name), device=device)
             ok &= check(f"{shape.name} T={T} G={G}", leaves, log)
     # varlen: three sequences packed, initial state per sequence
     K, V = 96, 192
-    for G in (1, None):
+    for G in (() if args.no_varlen else (1, None)):
         T = min(1000, args.tokens or 1000)
         leaves = case_inputs(K, V, T, G, seed=7, device=device, N=1)
         mu0, imp0 = leaves["initial_state"]

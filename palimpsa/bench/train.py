@@ -7,7 +7,8 @@ step's time goes by component (:mod:`palimpsa.bench.breakdown`).  Models run one
 before the next is built.  Before timing, each model runs one small fwd + bwd step ("smoke step") so that a
 broken model fails at once, with its error in the table.
 
-Models (``--models``): palimpsa, notpalimpsa (the same with metaplasticity off), meta-mamba2, gated-deltanet
+Models (``--models``): palimpsa, palimpsa-g1 (one importance gate per head and token, ``importance_groups=1``),
+notpalimpsa (the same with metaplasticity off), meta-mamba2, gated-deltanet
 (this project's baseline, :mod:`palimpsa.models.gated_deltanet`) and fla-gated-deltanet (fla's
 ``GatedDeltaNetForCausalLM``, when fla is importable).  Sizes (``--sizes``): the shipped configs
 ``palimpsa/configs/palimpsa-{170m,340m,760m}.json``; Meta-Mamba2 uses ``meta-mamba2-170m.json`` at 170m and,
@@ -47,7 +48,7 @@ from palimpsa.bench.breakdown import COMPONENTS, optimizer_range, profile_step
 from palimpsa.bench.fla_compat import TIMING_ONLY_NOTE, hopper_check_bypassed, is_hopper_refusal
 
 SIZES = ("tiny", "170m", "340m", "760m")
-MODELS = ("palimpsa", "notpalimpsa", "meta-mamba2", "gated-deltanet", "fla-gated-deltanet")
+MODELS = ("palimpsa", "palimpsa-g1", "notpalimpsa", "meta-mamba2", "gated-deltanet", "fla-gated-deltanet")
 PRECISIONS = ("bf16", "fp32")
 VOCAB_SIZE = 32000  # the shipped configs' vocabulary
 TINY_VOCAB_SIZE = 256
@@ -97,8 +98,9 @@ def build_bench_model(name: str, size: str) -> nn.Module:
     vocab = TINY_VOCAB_SIZE if size == "tiny" else VOCAB_SIZE
     from transformers import AutoModelForCausalLM
 
-    if name in ("palimpsa", "notpalimpsa"):
-        overrides = {"metaplasticity": False} if name == "notpalimpsa" else {}
+    if name in ("palimpsa", "palimpsa-g1", "notpalimpsa"):
+        overrides = {"palimpsa": {}, "palimpsa-g1": {"importance_groups": 1},
+                     "notpalimpsa": {"metaplasticity": False}}[name]
         return AutoModelForCausalLM.from_config(_preset_config(f"palimpsa-{size}", vocab, overrides))
     if name == "meta-mamba2":
         return AutoModelForCausalLM.from_config(_meta_mamba2_config(size, vocab))
