@@ -92,3 +92,12 @@ def test_groups_must_divide_value_size(G):
     beta = torch.rand(1, 4, 1, G, dtype=torch.float64)
     with pytest.raises(ValueError, match="G dividing V=8"):
         chunk_palimpsa(inputs["q"], inputs["k"], inputs["v"], inputs["g"], beta)
+
+
+@pytest.mark.parametrize("G", [1, None])
+def test_full_reset_runs_per_channel_and_matches_reference(G):
+    """g = -inf (a full reset) would give NaN decay differences on the GLA path: the op runs per channel."""
+    inputs = grouped_inputs(1, 30, 2, 4, 8, G)
+    with torch.no_grad():
+        inputs["g"][0, [3, 17], 0] = float("-inf")
+    assert_close_to_reference(_chunk(8), naive_palimpsa, inputs, 1e-10)
