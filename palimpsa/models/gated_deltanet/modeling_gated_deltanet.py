@@ -19,8 +19,9 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
 from palimpsa.layers.gated_deltanet import GatedDeltaNet, fla_available
-from palimpsa.layers.modules import RMSNorm, SwiGLUMLP, causal_lm_loss
+from palimpsa.layers.modules import RMSNorm, SwiGLUMLP
 from palimpsa.models.gated_deltanet.configuration_gated_deltanet import GatedDeltaNetLMConfig
+from palimpsa.models.lm_head import causal_lm_head
 
 
 def run_per_sequence(mixer: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -125,21 +126,10 @@ class GatedDeltaNetForCausalLM(PreTrainedModel):
                 raise ValueError("GatedDeltaNetForCausalLM accepts only right padding in attention_mask")
         if cu_seqlens is not None and input_ids.shape[0] != 1:
             raise ValueError(f"cu_seqlens needs input_ids of batch size 1, got {tuple(input_ids.shape)}")
-        has_labels = labels is not None or shift_labels is not None
-        if skip_logits is None:
-            skip_logits = self.training and has_labels
-        if skip_logits and not has_labels:
-            raise ValueError("skip_logits=True needs labels or shift_labels (the loss is then all that is computed)")
         hidden_states = self.embeddings(input_ids)
         for block in self.layers:
             hidden_states = block(hidden_states, cu_seqlens)
         hidden_states = self.norm(hidden_states)
-        if skip_logits:
-            loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels, shift_labels, num_items_in_batch)
-            return CausalLMOutput(loss=loss, logits=None)
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if has_labels:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                      num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
+        loss, logits = causal_lm_head(self, hidden_states, labels, shift_labels, skip_logits,
+                                      num_items_in_batch=num_items_in_batch)
         return CausalLMOutput(loss=loss, logits=logits)

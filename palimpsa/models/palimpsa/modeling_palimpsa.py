@@ -19,8 +19,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
 
 from palimpsa.layers.checks import binary_mask
-from palimpsa.layers.modules import RecurrentLayerCache, RMSNorm, SwiGLUMLP, causal_lm_loss
+from palimpsa.layers.modules import RecurrentLayerCache, RMSNorm, SwiGLUMLP
 from palimpsa.layers.palimpsa import Palimpsa, sample_A_log, sample_dt_bias
+from palimpsa.models.lm_head import causal_lm_head
 from palimpsa.models.palimpsa.configuration_palimpsa import PalimpsaConfig
 
 
@@ -273,22 +274,8 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
                              output_variance=output_variance, output_hidden_states=output_hidden_states,
                              return_dict=True)
         hidden_states = outputs.last_hidden_state
-        has_labels = labels is not None or shift_labels is not None
-        if skip_logits is None:
-            skip_logits = self.training and has_labels
-        if skip_logits and not has_labels:
-            raise ValueError("skip_logits=True needs labels or shift_labels (the loss is then all that is computed)")
-        logits = loss = None
-        if skip_logits:
-            loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels, shift_labels,
-                                  kwargs.get("num_items_in_batch"))
-        else:
-            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.lm_head(hidden_states[:, keep])
-            if has_labels:
-                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                          num_items_in_batch=kwargs.get("num_items_in_batch"),
-                                          shift_labels=shift_labels)
+        loss, logits = causal_lm_head(self, hidden_states, labels, shift_labels, skip_logits, logits_to_keep,
+                                      num_items_in_batch=kwargs.get("num_items_in_batch"))
         output = PalimpsaCausalLMOutput(loss=loss, logits=logits, **cache_output_kwargs(output_cache(outputs)),
                                         hidden_states=outputs.hidden_states, variances=outputs.variances)
         return output if return_dict else output.to_tuple()
