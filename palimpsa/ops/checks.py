@@ -38,7 +38,6 @@ class PreparedInputs:
     cu_seqlens: Optional[torch.Tensor]
     state_dtype: torch.dtype
     groups: int
-    has_reset: bool = False  # g holds a -inf (known only when the values were checked)
 
     @property
     def per_channel(self) -> bool:
@@ -168,24 +167,23 @@ def prepare_inputs(
                 raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
         initial_state = (mu0.to(device=q.device, dtype=sdtype), imp0.to(device=q.device, dtype=sdtype))
 
-    has_reset = False
     if check_values:
-        has_reset = check_gate_values(g, beta, prior_t if isinstance(prior, torch.Tensor) else None, initial_state,
-                                      state_name="initial_state")
+        check_gate_values(g, beta, prior_t if isinstance(prior, torch.Tensor) else None, initial_state,
+                          state_name="initial_state")
 
     return PreparedInputs(q, k, v, g, beta, prior_t, prior_requires_grad, scale, initial_state, cu_seqlens, sdtype,
-                          groups, has_reset)
+                          groups)
 
 
 def check_gate_values(g: torch.Tensor, beta: Optional[torch.Tensor], prior: Optional[torch.Tensor] = None,
-                      state: Optional[State] = None, state_name: str = "state") -> bool:
+                      state: Optional[State] = None, state_name: str = "state") -> None:
     """Raise a ValueError naming the first argument that holds a bad value; one host sync for all of them.
 
     g: log decays, <= 0 or -inf (a full reset), never NaN or +inf; beta: importance gates, finite and >= 0
     (None: no gates); prior: a tensor prior precision, finite and > 0; state: (mu, I) with mu finite and I
     finite and > 0.  Any shapes (the ops' [B, T, H, ...] tensors or a decoding step's [B, H, ...]).
     Every condition is reduced on the device and the flags come back together, so the checks cost one
-    synchronisation whatever their number.  Returns whether g holds a -inf (a full reset), read in the same sync.
+    synchronisation whatever their number.
     """
     checks = [(torch.isnan(g), "g (the log decay) must be <= 0 (or -inf, a full reset); got NaN"),
               (g > 0, "g (the log decay) must be <= 0 everywhere; got a positive entry")]
@@ -200,8 +198,7 @@ def check_gate_values(g: torch.Tensor, beta: Optional[torch.Tensor], prior: Opti
         checks += [(~torch.isfinite(mu), f"{state_name}[0] (the mean mu) must be finite; got NaN or inf"),
                    (~torch.isfinite(imp), f"{state_name}[1] (the importance I) must be finite; got NaN or inf"),
                    (imp <= 0, f"{state_name}[1] (the importance I) must be > 0 everywhere")]
-    flags = torch.stack([bad.any().to(g.device) for bad, _ in checks] + [torch.isinf(g).any()]).tolist()
-    for bad, (_, message) in zip(flags, checks):
+    failed = torch.stack([bad.any().to(g.device) for bad, _ in checks]).tolist()
+    for bad, (_, message) in zip(failed, checks):
         if bad:
             raise ValueError(message)
-    return bool(flags[-1])

@@ -59,13 +59,10 @@ def triton_fits(x: PreparedInputs) -> bool:
 def can_run_grouped(x: PreparedInputs) -> bool:
     """True when the grouped path computes the op exactly, gradients included.
 
-    It needs finite log decays (a -inf, a full reset, runs per channel; known when the values were checked), an
-    initial importance constant within each value group (a device sync to check, when an initial
+    It needs an initial importance constant within each value group (a device sync to check, when an initial
     state is given) and not requiring a gradient: the grouped path sees one importance per group, so it could
     give only the group's summed gradient, not each channel's.  Otherwise the op runs per channel.
     """
-    if x.has_reset:  # a -inf log decay: the in-chunk decay differences of the GLA path would be NaN
-        return False
     if x.initial_state is None:
         return True
     imp = x.initial_state[1]

@@ -8,8 +8,9 @@ Both are gated linear-attention recurrences with one scalar decay per head (alph
 * :func:`importance_scan_torch`: the grouped importance ``iota_t = I0 + J_t`` with
   ``J_t = alpha_t J_{t-1} + (k_t ** 2) outer b_t``, a [G, K] state read out in full at every token.
 
-Inside a chunk of C tokens every decay product is ``exp(b_t - b_s)`` with ``b`` the in-chunk cumulative log
-decay, so no quantity is ever divided by a decay; across chunks the state is carried by a short loop.
+Inside a chunk of C tokens every decay factor is the exp of the log decays of the tokens it spans, summed per
+segment (:mod:`palimpsa.ops.decay`: exact for g = -1e4, and g = -inf is a full reset), so no quantity is ever
+divided by a decay; across chunks the state is carried by a short loop.
 These are the CPU path and the readable statement of what the Triton kernels in
 :mod:`palimpsa.ops.triton.gla` compute.
 """
@@ -21,6 +22,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from palimpsa.ops.decay import log_decay_to_end, segment_log_decay
+
 
 def pad_time(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad dim 1 (time) of x [N, T, ...] up to a multiple of ``multiple``."""
@@ -30,18 +33,17 @@ def pad_time(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0,) * (2 * (x.dim() - 2)) + (0, pad))
 
 
-def in_chunk_decays(g: torch.Tensor, chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cumulative log decays inside each chunk and the causal decay matrices.
+def in_chunk_decays(g: torch.Tensor, chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log decays inside each chunk, each summed over its own tokens (:mod:`palimpsa.ops.decay`).
 
-    g: [N, T, H] with T a multiple of ``chunk``.  Returns b [N, NC, C, H] (b_t = sum of g over the chunk up to
-    and including t) and D [N, NC, H, C, C] with D[t, s] = exp(b_t - b_s) for s <= t and 0 above the diagonal.
+    g: [N, T, H] with T a multiple of ``chunk``.  Returns b [N, NC, C, H] (from the chunk's start: the sum of g
+    up to and including t), to_end [N, NC, C, H] (the sum of g after t to the chunk's end) and the causal decay
+    matrices D [N, NC, H, C, C], D[t, s] = exp(g_{s+1} + ... + g_t) for s <= t and 0 above the diagonal.
     """
     N, T, H = g.shape
-    b = g.reshape(N, T // chunk, chunk, H).cumsum(2)
-    diff = b.transpose(2, 3)[..., :, None] - b.transpose(2, 3)[..., None, :]  # [N, NC, H, C(t), C(s)]
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=g.device).tril()
-    D = torch.exp(diff.masked_fill(~causal, float("-inf")))
-    return b, D
+    gc = g.reshape(N, T // chunk, chunk, H)
+    D = torch.exp(segment_log_decay(gc.transpose(2, 3)))
+    return gc.cumsum(2), log_decay_to_end(gc, dim=2), D
 
 
 def gla_chunk_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
@@ -58,19 +60,18 @@ def gla_chunk_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     chunk = min(chunk, T)
     q, k, v, g = (pad_time(x, chunk) for x in (q, k, v, g))
     NC = q.shape[1] // chunk
-    b, D = in_chunk_decays(g, chunk)  # [N, NC, C, HK], [N, NC, HK, C, C]
+    b, to_end, D = in_chunk_decays(g, chunk)  # [N, NC, C, HK] (twice), [N, NC, HK, C, C]
     if G > 1:
         k = k.repeat_interleave(G, dim=2)
-        b = b.repeat_interleave(G, dim=3)
+        b, to_end = b.repeat_interleave(G, dim=3), to_end.repeat_interleave(G, dim=3)
         D = D.repeat_interleave(G, dim=2)
     qc, kc, vc = (x.reshape(N, NC, chunk, HV, -1) for x in (q, k, v))
     # inside the chunk: A[t, s] = exp(b_t - b_s) q_t . k_s for s <= t
     A = torch.einsum("nctha,ncsha->nchts", qc, kc) * D
     o = torch.einsum("nchts,ncshd->ncthd", A, vc)  # [N, NC, C, HV, Vd]
     # across chunks: the state at each chunk's start
-    to_end = torch.exp(b[:, :, -1:] - b)  # [N, NC, C, HV]
     chunk_decay = torch.exp(b[:, :, -1])  # [N, NC, HV]
-    writes = torch.einsum("ncsha,ncshd->nchad", kc * to_end[..., None], vc)  # [N, NC, HV, K, Vd]
+    writes = torch.einsum("ncsha,ncshd->nchad", kc * torch.exp(to_end)[..., None], vc)  # [N, NC, HV, K, Vd]
     S = q.new_zeros(N, HV, K, Vd) if initial_state is None else initial_state.to(q.dtype)
     starts = []
     for c in range(NC):
@@ -99,14 +100,13 @@ def importance_scan_torch(k: torch.Tensor, g: torch.Tensor, beta: Optional[torch
     chunk = min(chunk, T)
     g_p = pad_time(g, chunk)
     NC = g_p.shape[1] // chunk
-    b, D = in_chunk_decays(g_p, chunk)  # [N, NC, C, H], [N, NC, H, C, C]
+    b, to_end, D = in_chunk_decays(g_p, chunk)  # [N, NC, C, H] (twice), [N, NC, H, C, C]
     J = k.new_zeros(N, NC, chunk, H, G, K)
     if beta is not None:
         X = (pad_time(k, chunk) ** 2)[..., None, :] * pad_time(beta, chunk)[..., None]  # [N, Tp, H, G, K]
         Xc = X.reshape(N, NC, chunk, H, G, K)
         J = torch.einsum("nchts,ncshgk->ncthgk", D, Xc)
-        to_end = torch.exp(b[:, :, -1:] - b)  # [N, NC, C, H]
-        writes = torch.einsum("ncsh,ncshgk->nchgk", to_end, Xc)  # [N, NC, H, G, K]
+        writes = torch.einsum("ncsh,ncshgk->nchgk", torch.exp(to_end), Xc)  # [N, NC, H, G, K]
     else:
         writes = None
     chunk_decay = torch.exp(b[:, :, -1])  # [N, NC, H]

@@ -94,10 +94,34 @@ def test_groups_must_divide_value_size(G):
         chunk_palimpsa(inputs["q"], inputs["k"], inputs["v"], inputs["g"], beta)
 
 
-@pytest.mark.parametrize("G", [1, None])
-def test_full_reset_runs_per_channel_and_matches_reference(G):
-    """g = -inf (a full reset) would give NaN decay differences on the GLA path: the op runs per channel."""
-    inputs = grouped_inputs(1, 30, 2, 4, 8, G)
-    with torch.no_grad():
-        inputs["g"][0, [3, 17], 0] = float("-inf")
+def _extreme(inputs, kind):
+    """Put a full reset (-inf), a strong forget (-1e4) or saturated decays (-35) into inputs["g"]."""
+    g = inputs["g"].detach().clone()
+    if kind == "reset":
+        g[0, [0, 3, 8, 9, 17], 0] = float("-inf")
+        g[0, 12, 1] = float("-inf")
+    elif kind == "forget":
+        g[0, 5, :] = -1e4
+    else:
+        g[0, [3, 9, 15, 16]] -= 35.0
+    inputs["g"] = g.requires_grad_()
+    return inputs
+
+
+def as_float32(inputs):
+    """The same leaves in float32 (the prior and initial state included), keeping which need a gradient."""
+    def cast(t):
+        return t.detach().float().requires_grad_(t.requires_grad)
+    return {n: cast(t) if isinstance(t, torch.Tensor) else tuple(map(cast, t)) if isinstance(t, tuple) else t
+            for n, t in inputs.items()}
+
+
+@pytest.mark.parametrize("G", [1, 2, None])
+@pytest.mark.parametrize("kind", ["reset", "forget", "saturated"])
+def test_extreme_decays_on_the_grouped_path(G, kind):
+    """g = -inf (a full reset), -1e4 and g <= -35 on the GLA path itself, every gradient: in float64 against the
+    reference, and in float32 within 1e-5 of the token-by-token recurrence in float32 (which sums no decays).
+    The path's decays are summed per segment (palimpsa/ops/decay.py), never differenced."""
+    inputs = _extreme(grouped_inputs(1, 30, 2, 4, 8, G, "grouped", seed=3), kind)
     assert_close_to_reference(_chunk(8), naive_palimpsa, inputs, 1e-10)
+    assert_close_to_reference(_chunk(8), naive_palimpsa, as_float32(inputs), 1e-5)

@@ -57,3 +57,14 @@ def test_grouped_kernels_varlen():
     inputs = _as_float32(grouped_inputs(1, 45, 1, 16, 16, 1))
     cu = torch.tensor([0, 9, 30, 45])
     assert_close_to_reference(_triton(cu_seqlens=cu), lambda **kw: naive_palimpsa(**kw, cu_seqlens=cu), inputs, 2e-5)
+
+
+@pytest.mark.parametrize("G", [1, None])
+@pytest.mark.parametrize("kind", ["reset", "forget", "saturated"])
+def test_grouped_kernels_extreme_decays(G, kind):
+    """g = -inf, -1e4 and <= -35 in the kernels: within 1e-5 of the token-by-token recurrence in float32."""
+    _interpreted()
+    from tests.ops.test_grouped import _extreme
+
+    inputs = _extreme(grouped_inputs(1, 40, 2, 16, 16, G, "grouped", seed=3), kind)
+    assert_close_to_reference(_triton(), naive_palimpsa, _as_float32(inputs), 1e-5)

@@ -3,8 +3,9 @@
 The same function as :func:`palimpsa.ops.torch_gla.gla_chunk_torch`: for every query/value head hv (reading
 key head hv // G), with S_t = alpha_t S_{t-1} + k_t v_t^T and o_t = scale * q_t^T S_t.  Grouped importance runs
 it on the rescaled queries q / iota (one virtual head per importance group); without metaplasticity it is the
-whole op.  Inside a chunk of C tokens, b is the cumulative log decay, so every decay factor is exp(b_t - b_s)
-with s <= t, or exp(b_last - b_s) to the chunk's end: nothing is ever divided by a decay.
+whole op.  Inside a chunk of C tokens every decay factor is the exp of a sum of the log decays of the tokens
+it spans (:func:`chunk_log_decays`; written e^{b_t - b_s} below): nothing is ever divided by a decay, and no
+cumulative sums are subtracted, so g = -1e4 keeps float32 accuracy and g = -inf (a full reset) is exact.
 
 Kernels (grid in brackets; NC chunks, NK / NV blocks of K / Vd):
   forward   ``_fwd_states`` [NK, NV, N*HV]: chunk-start states h_c, sequential over chunks;
@@ -28,12 +29,22 @@ from palimpsa.ops.torch_gla import pad_time
 
 
 @triton.jit
-def _chunk_log_decay(g, i_n, i_hk, c, T, HK: tl.constexpr, C: tl.constexpr):
-    """In-chunk cumulative log decay b [C] (float32) and its last value, for chunk c of sequence i_n."""
-    offs_t = c * C + tl.arange(0, C)
-    g_c = tl.load(g + (i_n * T + offs_t) * HK + i_hk).to(tl.float32)
-    b = tl.cumsum(g_c, 0)
-    return b, tl.sum(g_c, 0)
+def chunk_log_decays(g, i_n, i_h, c, T, H: tl.constexpr, C: tl.constexpr):
+    """Log decays of chunk c of sequence i_n and head i_h (g: [N, T, H] float32), each summed over its own tokens.
+
+    Never a difference of cumulative sums (palimpsa/ops/decay.py says why): exact for g = -1e4, and a -inf
+    (a full reset) stays -inf, whose exp is the exact 0.  Returns
+      from_start [C]: g_0 + ... + g_t;   to_end [C]: g_{t+1} + ... + g_last;   total: the whole chunk's;
+      between [C, C]: [t, s] = g_{s+1} + ... + g_t for s < t (0 elsewhere);   between_t [C, C]: [s, t], the same.
+    """
+    idx = tl.arange(0, C)
+    ptr = g + (i_n * T + c * C + idx) * H + i_h
+    g_c = tl.load(ptr)
+    g_next = tl.load(ptr + H, mask=idx < C - 1, other=0.0)
+    rows, cols = idx[:, None], idx[None, :]
+    between = tl.cumsum(tl.where(rows > cols, g_c[:, None], 0.0), 0)
+    between_t = tl.cumsum(tl.where(cols > rows, g_c[None, :], 0.0), 1)
+    return tl.cumsum(g_c, 0), tl.cumsum(g_next, 0, reverse=True), tl.sum(g_c, 0), between, between_t
 
 
 @triton.jit
@@ -53,15 +64,15 @@ def _fwd_states(k, v, g, h0, hs, hT, T, NC,
         h += tl.load(h0 + i_nh * K * VD + tile, mask=mask_kv, other=0.0)
     for c in range(NC):
         tl.store(hs + (i_nh * NC + c).to(tl.int64) * K * VD + tile, h.to(hs.dtype.element_ty), mask=mask_kv)
-        b, b_last = _chunk_log_decay(g, i_n, i_hk, c, T, HK, C)
+        _, to_end, total, _, _ = chunk_log_decays(g, i_n, i_hk, c, T, HK, C)
         offs_t = c * C + tl.arange(0, C)
         # k^T [BK, C] straight from memory
         k_t = tl.load(k + ((i_n * T + offs_t[None, :]) * HK + i_hk).to(tl.int64) * K + offs_k[:, None],
                       mask=offs_k[:, None] < K, other=0.0)
         v_c = tl.load(v + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
                       mask=offs_v[None, :] < VD, other=0.0)
-        v_c = (v_c * tl.exp(b_last - b)[:, None]).to(k_t.dtype)
-        h = h * tl.exp(b_last) + tl.dot(k_t, v_c, input_precision=PREC)
+        v_c = (v_c * tl.exp(to_end)[:, None]).to(k_t.dtype)
+        h = h * tl.exp(total) + tl.dot(k_t, v_c, input_precision=PREC)
     if STORE_FINAL:
         tl.store(hT + i_nh * K * VD + tile, h, mask=mask_kv)
 
@@ -75,7 +86,7 @@ def _fwd_output(q, k, v, g, hs, o, scale, T, NC,
     i_hk = i_hv // (HV // HK)
     offs_t = c * C + tl.arange(0, C)
     offs_v = i_v * BV + tl.arange(0, BV)
-    b, _ = _chunk_log_decay(g, i_n, i_hk, c, T, HK, C)
+    b, _, _, between, _ = chunk_log_decays(g, i_n, i_hk, c, T, HK, C)
     acc = tl.zeros([C, BV], dtype=tl.float32)
     scores = tl.zeros([C, C], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -89,7 +100,7 @@ def _fwd_output(q, k, v, g, hs, o, scale, T, NC,
         acc += tl.dot(q_c, h.to(q_c.dtype), input_precision=PREC)
         scores += tl.dot(q_c, k_t, input_precision=PREC)
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
-    scores = tl.where(causal, scores * tl.exp(tl.where(causal, b[:, None] - b[None, :], 0.0)), 0.0)
+    scores = tl.where(causal, scores * tl.exp(between), 0.0)
     v_c = tl.load(v + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
                   mask=offs_v[None, :] < VD, other=0.0)
     acc = acc * tl.exp(b)[:, None] + tl.dot(scores.to(v_c.dtype), v_c, input_precision=PREC)
@@ -116,14 +127,14 @@ def _bwd_states(q, g, do, dhT, dhs, dh0, scale, T, NC,
     for i in range(NC):
         c = NC - 1 - i
         tl.store(dhs + (i_nh * NC + c).to(tl.int64) * K * VD + tile, dh.to(dhs.dtype.element_ty), mask=mask_kv)
-        b, b_last = _chunk_log_decay(g, i_n, i_hk, c, T, HK, C)
+        b, _, total, _, _ = chunk_log_decays(g, i_n, i_hk, c, T, HK, C)
         offs_t = c * C + tl.arange(0, C)
         q_t = tl.load(q + ((i_n * T + offs_t[None, :]) * HV + i_hv).to(tl.int64) * K + offs_k[:, None],
                       mask=offs_k[:, None] < K, other=0.0)
         do_c = tl.load(do + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
                        mask=offs_v[None, :] < VD, other=0.0)
         q_t = (q_t * (scale * tl.exp(b))[None, :]).to(do_c.dtype)
-        dh = dh * tl.exp(b_last) + tl.dot(q_t, do_c, input_precision=PREC)
+        dh = dh * tl.exp(total) + tl.dot(q_t, do_c, input_precision=PREC)
     if STORE_INIT_GRAD:
         tl.store(dh0 + i_nh * K * VD + tile, dh, mask=mask_kv)
 
@@ -132,13 +143,13 @@ def _bwd_states(q, g, do, dhT, dhs, dh0, scale, T, NC,
 def _bwd_dv(q, k, g, do, dhs, dv, scale, T, NC,
             HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """dv_s = scale sum_{t >= s} e^{b_t - b_s} (q_t . k_s) do_t + e^{b_last - b_s} k_s^T dh_end."""
+    """dv_s = scale sum_{t >= s} (decay s -> t) (q_t . k_s) do_t + (decay s -> chunk end) k_s^T dh_end."""
     i_v, c, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_hk = i_hv // (HV // HK)
     offs_t = c * C + tl.arange(0, C)
     offs_v = i_v * BV + tl.arange(0, BV)
-    b, b_last = _chunk_log_decay(g, i_n, i_hk, c, T, HK, C)
+    _, to_end, _, _, between_t = chunk_log_decays(g, i_n, i_hk, c, T, HK, C)
     scores_t = tl.zeros([C, C], dtype=tl.float32)  # [s, t] = k_s . q_t
     k_dh = tl.zeros([C, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -152,10 +163,10 @@ def _bwd_dv(q, k, g, do, dhs, dv, scale, T, NC,
         scores_t += tl.dot(k_c, q_t, input_precision=PREC)
         k_dh += tl.dot(k_c, dh.to(k_c.dtype), input_precision=PREC)
     later = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]
-    scores_t = tl.where(later, scores_t * tl.exp(tl.where(later, b[None, :] - b[:, None], 0.0)), 0.0)
+    scores_t = tl.where(later, scores_t * tl.exp(between_t), 0.0)
     do_c = tl.load(do + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
                    mask=offs_v[None, :] < VD, other=0.0)
-    grad = scale * tl.dot(scores_t.to(do_c.dtype), do_c, input_precision=PREC) + k_dh * tl.exp(b_last - b)[:, None]
+    grad = scale * tl.dot(scores_t.to(do_c.dtype), do_c, input_precision=PREC) + k_dh * tl.exp(to_end)[:, None]
     tl.store(dv + ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :],
              grad.to(dv.dtype.element_ty), mask=offs_v[None, :] < VD)
 
@@ -176,7 +187,7 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
     i_hk = i_hv // (HV // HK)
     offs_t = c * C + tl.arange(0, C)
     offs_k = i_k * BK + tl.arange(0, BK)
-    b, b_last = _chunk_log_decay(g, i_n, i_hk, c, T, HK, C)
+    b, to_end, total, between, between_t = chunk_log_decays(g, i_n, i_hk, c, T, HK, C)
     d_scores = tl.zeros([C, C], dtype=tl.float32)  # [t, s] = do_t . v_s
     d_scores_t = tl.zeros([C, C], dtype=tl.float32)  # [s, t] = v_s . do_t
     dq_state = tl.zeros([C, BK], dtype=tl.float32)
@@ -200,9 +211,8 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
         dq_state += tl.dot(do_c, h_t.to(do_c.dtype), input_precision=PREC)
         dk_state += tl.dot(v_c, dh_t.to(do_c.dtype), input_precision=PREC)
     rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
-    d_scores = tl.where(rows >= cols, d_scores * tl.exp(tl.where(rows >= cols, b[:, None] - b[None, :], 0.0)), 0.0)
-    d_scores_t = tl.where(rows <= cols, d_scores_t * tl.exp(tl.where(rows <= cols, b[None, :] - b[:, None], 0.0)),
-                          0.0)
+    d_scores = tl.where(rows >= cols, d_scores * tl.exp(between), 0.0)
+    d_scores_t = tl.where(rows <= cols, d_scores_t * tl.exp(between_t), 0.0)
     q_ptr = ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * K + offs_k[None, :]
     k_ptr = ((i_n * T + offs_t[:, None]) * HK + i_hk).to(tl.int64) * K + offs_k[None, :]
     q_c = tl.load(q + q_ptr, mask=offs_k[None, :] < K, other=0.0)
@@ -210,7 +220,7 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
     k_t = tl.load(k + ((i_n * T + offs_t[None, :]) * HK + i_hk).to(tl.int64) * K + offs_k[:, None],
                   mask=offs_k[:, None] < K, other=0.0)
     dq_state = dq_state * (scale * tl.exp(b))[:, None]
-    dk_state = dk_state * tl.exp(b_last - b)[:, None]
+    dk_state = dk_state * tl.exp(to_end)[:, None]
     grad_q = dq_state + scale * tl.dot(d_scores.to(k_c.dtype), k_c, input_precision=PREC)
     grad_k = scale * tl.dot(d_scores_t.to(q_c.dtype), q_c, input_precision=PREC) + dk_state
     tl.store(dq + q_ptr, grad_q, mask=offs_k[None, :] < K)
@@ -225,7 +235,7 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
     readers = tl.sum(read, 0) - tl.cumsum(read, 0) + read
     writers = tl.cumsum(written, 0) - written
     # (d) pairs straddling the chunk
-    part = inside + readers + writers + tl.exp(b_last) * tl.sum(straddle, 0)
+    part = inside + readers + writers + tl.exp(total) * tl.sum(straddle, 0)
     tl.store(dlogdecay + ((i_k * tl.num_programs(2) + i_nh) * T + offs_t).to(tl.int64), part)
 
 

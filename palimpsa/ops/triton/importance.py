@@ -5,7 +5,8 @@ Same function as :func:`palimpsa.ops.torch_gla.importance_scan_torch`::
     iota_t = I0 + J_t,   J_t = alpha_t J_{t-1} + (k_t ** 2) beta_t[j]      (one [K] row per group j)
 
 One program per (sequence, head, group) walks the chunks in order; inside a chunk the scan is one product of
-the causal decay matrix exp(b_t - b_s) with the chunk's writes (float32 throughout: the importance is a
+the causal decay matrix (exp of the log decays between two tokens, summed per segment:
+:func:`palimpsa.ops.triton.gla.chunk_log_decays`) with the chunk's writes (float32 throughout: the importance is a
 denominator).  The backward walks the chunks in reverse with the adjoint
 lambda_t = d iota_t + alpha_{t+1} lambda_{t+1} (the same product with the transposed decay matrix) and gives
 dbeta_t[j] = sum_k lambda k^2, dk_t = 2 k sum_j beta_t[j] lambda[j], and d/db_t = <d iota_t, J_t> - <lambda_t,
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from palimpsa.ops.torch_gla import pad_time
+from palimpsa.ops.triton.gla import chunk_log_decays
 
 
 @triton.jit
@@ -38,21 +40,18 @@ def _scan_fwd(k, g, beta, prior, excess0, iota, T, NC,
         excess += tl.load(excess0 + i_nhg * K + offs_k, mask=mask_k, other=0.0)
     for c in range(NC):
         offs_t = c * C + tl.arange(0, C)
-        g_c = tl.load(g + (i_n * T + offs_t) * H + i_h)
-        b = tl.cumsum(g_c, 0)
-        b_last = tl.sum(g_c, 0)
+        b, to_end, total, between, _ = chunk_log_decays(g, i_n, i_h, c, T, H, C)
         J = tl.exp(b)[:, None] * excess[None, :]
         if HAS_BETA:
             k_c = tl.load(k + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
                           mask=mask_k[None, :], other=0.0).to(tl.float32)
             beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
             writes = k_c * k_c * beta_c[:, None]
-            causal = rows >= cols
-            decay = tl.where(causal, tl.exp(tl.where(causal, b[:, None] - b[None, :], 0.0)), 0.0)
+            decay = tl.where(rows >= cols, tl.exp(between), 0.0)
             J += tl.dot(decay, writes, input_precision="ieee")
-            excess = excess * tl.exp(b_last) + tl.sum(tl.exp(b_last - b)[:, None] * writes, 0)
+            excess = excess * tl.exp(total) + tl.sum(tl.exp(to_end)[:, None] * writes, 0)
         else:
-            excess = excess * tl.exp(b_last)
+            excess = excess * tl.exp(total)
         out = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
         tl.store(iota + out, J + prior_h, mask=mask_k[None, :])
 
@@ -71,14 +70,12 @@ def _scan_bwd(k, g, beta, prior, iota, d_iota, d_beta, d_k, d_b, d_excess0, T, N
     for i in range(NC):
         c = NC - 1 - i
         offs_t = c * C + tl.arange(0, C)
-        g_c = tl.load(g + (i_n * T + offs_t) * H + i_h)
-        b = tl.cumsum(g_c, 0)
-        b_last = tl.sum(g_c, 0)
+        b, to_end, total, _, between_t = chunk_log_decays(g, i_n, i_h, c, T, H, C)
         tok = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
         d_iota_c = tl.load(d_iota + tok, mask=mask_k[None, :], other=0.0)
         later = rows <= cols  # [t, r]: r >= t
-        decay_t = tl.where(later, tl.exp(tl.where(later, b[None, :] - b[:, None], 0.0)), 0.0)
-        lam = tl.dot(decay_t, d_iota_c, input_precision="ieee") + tl.exp(b_last - b)[:, None] * carry[None, :]
+        decay_t = tl.where(later, tl.exp(between_t), 0.0)
+        lam = tl.dot(decay_t, d_iota_c, input_precision="ieee") + tl.exp(to_end)[:, None] * carry[None, :]
         excess_c = tl.load(iota + tok, mask=mask_k[None, :], other=0.0) - prior_h
         d_b_c = tl.sum(d_iota_c * excess_c, 1)
         if HAS_BETA:
@@ -91,7 +88,7 @@ def _scan_bwd(k, g, beta, prior, iota, d_iota, d_beta, d_k, d_b, d_excess0, T, N
             tl.store(d_k + tok, 2.0 * k_c * lam * beta_c[:, None], mask=mask_k[None, :])
             d_b_c -= lam_k2 * beta_c
         tl.store(d_b + (i_nhg * T + offs_t).to(tl.int64), d_b_c)
-        carry = carry * tl.exp(b_last) + tl.sum(tl.exp(b)[:, None] * d_iota_c, 0)
+        carry = carry * tl.exp(total) + tl.sum(tl.exp(b)[:, None] * d_iota_c, 0)
     if HAS_INIT:
         tl.store(d_excess0 + i_nhg * K + offs_k, carry, mask=mask_k)
 
