@@ -1,0 +1,34 @@
+"""``palimpsa bench ops`` pieces that run without a GPU: the grouped forwards and the table."""
+
+from __future__ import annotations
+
+import torch
+
+from palimpsa.bench import ops
+from palimpsa.ops import naive_palimpsa
+
+
+def test_grouped_forwards_compute_the_op():
+    shape = ops.Shape("tiny", 1, 20, 2, 8, 16)
+    x = {n: t.double() for n, t in ops.make_inputs(shape, torch.float32, "cpu").items()}
+    # the benchmark's G = 1 and NotPalimpsa forwards go through the grouped path (PyTorch here)
+    from palimpsa.ops.checks import prepare_inputs
+    from palimpsa.ops.grouped import grouped_palimpsa
+
+    for beta in (x["beta"][..., :1], None):
+        prepared = prepare_inputs(x["q"], x["k"], x["v"], x["g"], beta, 1.0, None, None, None)
+        o = grouped_palimpsa(prepared, False, False, None, use_triton=False)[0]
+        ref, _ = naive_palimpsa(x["q"], x["k"], x["v"], x["g"], beta)
+        torch.testing.assert_close(o, ref)
+
+
+def test_table_has_the_grouped_rows_and_marks_timing_only_fla():
+    timing = {"fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "peak_mb": 10.0}
+    row = {"shape": {"name": "760M-like", "B": 4, "T": 4096, "H": 16, "K": 96, "V": 192}, "floor_ms": 0.5,
+           "ours": dict(timing, fwd_over_floor=2.0), "grouped_g1": dict(timing), "not_palimpsa": dict(timing),
+           "fla_chunk_simple_gla": {"fwd_ms": 0.5, "fwd_bwd_ms": 2.0, "peak_mb": 5.0,
+                                    "note": ops.TIMING_ONLY_NOTE},
+           "fla_chunk_gated_delta_rule": {"error": "RuntimeError: no"}}
+    table = ops.format_table({"environment": {"torch": "x", "triton": "y", "fla": "z"}, "rows": [row]})
+    assert "| 760M-like | 1.000 | 3.000 | 10 | 1.000 | 3.000 | 0.500 | 2.000 | 1.50x |" in table
+    assert ops.TIMING_ONLY_NOTE in table
