@@ -68,3 +68,29 @@ def test_grouped_kernels_extreme_decays(G, kind):
 
     inputs = _extreme(grouped_inputs(1, 40, 2, 16, 16, G, "grouped", seed=3), kind)
     assert_close_to_reference(_triton(), naive_palimpsa, _as_float32(inputs), 1e-5)
+
+
+@pytest.mark.parametrize("G", [1, None])
+def test_grouped_kernels_dg_of_saturated_decays_is_accurate_per_token(G):
+    """Where a decay saturates (g <= -35) dg is ~e^-35: summed per chunk from token pairs, it keeps its own
+    relative accuracy (a reverse running sum over the sequence would leave float32 noise of ~1e-7 there)."""
+    _interpreted()
+    from tests.ops.test_grouped import _extreme
+
+    inputs = _extreme(grouped_inputs(1, 40, 2, 16, 16, G, "grouped", seed=4), "saturated")
+    saturated = torch.zeros(1, 40, 2, dtype=torch.bool)
+    saturated[0, [3, 9, 15, 16]] = True
+    grads = []
+    for leaves, kw in ((inputs, dict(backend="torch")), (_as_float32(inputs), dict(backend="triton", chunk_size=16))):
+        g = leaves["g"].detach().clone().requires_grad_()
+        beta = leaves["beta"].detach() if leaves["beta"] is not None else None
+        mu0, imp0 = (t.detach() for t in leaves["initial_state"])
+        o, (mu, imp) = chunk_palimpsa(leaves["q"].detach(), leaves["k"].detach(), leaves["v"].detach(), g, beta,
+                                      prior=leaves["prior"].detach(), initial_state=(mu0, imp0),
+                                      output_final_state=True, **kw)
+        weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        loss = (o.double() * weights).sum() + mu.double().sum() + imp.double().sum()
+        grads.append(torch.autograd.grad(loss, g)[0].double())
+    ref, got = grads
+    assert ref[saturated].abs().max() < 1e-10
+    assert ((got - ref).abs() / ref.abs())[saturated].max() < 1e-3

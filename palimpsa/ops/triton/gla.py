@@ -48,6 +48,26 @@ def chunk_log_decays(g, i_n, i_h, c, T, H: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def pairs_around(pairs, C: tl.constexpr):
+    """[t] = sum of pairs[r, s] over s < t <= r: pairs [C, C] indexed [reader r, writer s].
+
+    Summed without differences of running sums: a pair's term that does not straddle t is never added and then
+    taken away again, so where t's decay saturates (every straddling term ~e^-35) the sum keeps its accuracy.
+    """
+    rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
+    earlier = tl.where(rows < cols, 1.0, 0.0)  # [s, t]: s < t
+    before = tl.dot(pairs, earlier, input_precision="ieee")  # [r, t]: sum over s < t
+    return tl.sum(tl.where(rows >= cols, before, 0.0), 0)
+
+
+@triton.jit
+def written_before(written, C: tl.constexpr):
+    """[t] = sum of written[s] over s < t (an exclusive running sum, taken without a difference)."""
+    rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
+    return tl.sum(tl.where(cols < rows, written[None, :], 0.0), 1)
+
+
+@triton.jit
 def _fwd_states(k, v, g, h0, hs, hT, T, NC,
                 HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
@@ -227,15 +247,12 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
     tl.store(dk + q_ptr, grad_k, mask=offs_k[None, :] < K)  # per query head; summed over a key head's group
     # (a) pairs inside the chunk: sum over r >= t > s of (scale q_r . k_s) e^{b_r - b_s} (do_r . v_s)
     pairs = tl.where(rows > cols, scale * tl.dot(q_c, k_t, input_precision=PREC) * d_scores, 0.0)  # [r, s]
-    before = tl.cumsum(pairs, 1) - pairs  # [r, t]: sum over s < t
-    inside = tl.sum(tl.where(rows >= cols, before, 0.0), 0)  # [t]: sum over r >= t
-    # (b) readers r >= t of the chunk-start state, (c) writers s < t read after the chunk
+    part = pairs_around(pairs, C)
+    # (b) readers r >= t of the chunk-start state, (c) writers s < t read after the chunk, (d) pairs straddling
+    # the chunk
     read = tl.sum(q_c.to(tl.float32) * dq_state, 1)  # [r]
     written = tl.sum(k_c.to(tl.float32) * dk_state, 1)  # [s]
-    readers = tl.sum(read, 0) - tl.cumsum(read, 0) + read
-    writers = tl.cumsum(written, 0) - written
-    # (d) pairs straddling the chunk
-    part = inside + readers + writers + tl.exp(total) * tl.sum(straddle, 0)
+    part += tl.cumsum(read, 0, reverse=True) + written_before(written, C) + tl.exp(total) * tl.sum(straddle, 0)
     tl.store(dlogdecay + ((i_k * tl.num_programs(2) + i_nh) * T + offs_t).to(tl.int64), part)
 
 

@@ -9,8 +9,8 @@ the causal decay matrix (exp of the log decays between two tokens, summed per se
 :func:`palimpsa.ops.triton.gla.chunk_log_decays`) with the chunk's writes (float32 throughout: the importance is a
 denominator).  The backward walks the chunks in reverse with the adjoint
 lambda_t = d iota_t + alpha_{t+1} lambda_{t+1} (the same product with the transposed decay matrix) and gives
-dbeta_t[j] = sum_k lambda k^2, dk_t = 2 k sum_j beta_t[j] lambda[j], and d/db_t = <d iota_t, J_t> - <lambda_t,
-k_t^2 beta_t> for the decay gradient (a reverse cumulative sum).
+dbeta_t[j] = sum_k lambda k^2, dk_t = 2 k sum_j beta_t[j] lambda[j], and the decay gradient summed per chunk
+from the (writer, reader) pairs each decay separates (see ``_scan_bwd``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from palimpsa.ops.torch_gla import pad_time
-from palimpsa.ops.triton.gla import chunk_log_decays
+from palimpsa.ops.triton.gla import chunk_log_decays, pairs_around, written_before
 
 
 @triton.jit
@@ -57,9 +57,15 @@ def _scan_fwd(k, g, beta, prior, excess0, iota, T, NC,
 
 
 @triton.jit
-def _scan_bwd(k, g, beta, prior, iota, d_iota, d_beta, d_k, d_b, d_excess0, T, NC,
+def _scan_bwd(k, g, beta, prior, iota, excess0, d_iota, d_beta, d_k, d_g, d_excess0, T, NC,
               H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               HAS_BETA: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Reverse walk over the chunks with the adjoint lambda; d_g gets this group's part of dg per token.
+
+    dg_t sums the terms of every (writer s, reader r) pair with s < t <= r, as the GLA backward does: pairs inside
+    the chunk, readers of the chunk-start state, writers read after the chunk, pairs straddling the chunk.  Summed
+    directly (no reverse running sum), dg keeps its relative accuracy where a decay saturates.
+    """
     i_nhg = tl.program_id(0)
     i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
     offs_k = tl.arange(0, BK)
@@ -70,24 +76,37 @@ def _scan_bwd(k, g, beta, prior, iota, d_iota, d_beta, d_k, d_b, d_excess0, T, N
     for i in range(NC):
         c = NC - 1 - i
         offs_t = c * C + tl.arange(0, C)
-        b, to_end, total, _, between_t = chunk_log_decays(g, i_n, i_h, c, T, H, C)
+        b, to_end, total, between, between_t = chunk_log_decays(g, i_n, i_h, c, T, H, C)
         tok = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
         d_iota_c = tl.load(d_iota + tok, mask=mask_k[None, :], other=0.0)
         later = rows <= cols  # [t, r]: r >= t
-        decay_t = tl.where(later, tl.exp(between_t), 0.0)
-        lam = tl.dot(decay_t, d_iota_c, input_precision="ieee") + tl.exp(to_end)[:, None] * carry[None, :]
-        excess_c = tl.load(iota + tok, mask=mask_k[None, :], other=0.0) - prior_h
-        d_b_c = tl.sum(d_iota_c * excess_c, 1)
+        lam = tl.dot(tl.where(later, tl.exp(between_t), 0.0), d_iota_c, input_precision="ieee") \
+            + tl.exp(to_end)[:, None] * carry[None, :]
+        # J at the chunk's start: the last token of the previous chunk, or the initial excess
+        start = tl.zeros([BK], dtype=tl.float32)
+        if c > 0:
+            prev = ((((i_n * T + c * C - 1) * H + i_h) * G + i_j).to(tl.int64)) * K + offs_k
+            start += tl.load(iota + prev, mask=mask_k, other=0.0) - prior_h
+        elif HAS_INIT:
+            start += tl.load(excess0 + i_nhg * K + offs_k, mask=mask_k, other=0.0)
+        read = tl.exp(b) * tl.sum(d_iota_c * start[None, :], 1)  # [r]: readers of the chunk-start state
+        part = tl.cumsum(read, 0, reverse=True) + tl.exp(total) * tl.sum(carry * start, 0)
         if HAS_BETA:
             k_c = tl.load(k + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
                           mask=mask_k[None, :], other=0.0).to(tl.float32)
+            k_t = tl.load(k + ((i_n * T + offs_t[None, :]) * H + i_h).to(tl.int64) * K + offs_k[:, None],
+                          mask=mask_k[:, None], other=0.0).to(tl.float32)
             beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
             k2 = k_c * k_c
             lam_k2 = tl.sum(lam * k2, 1)
             tl.store(d_beta + ((i_n * T + offs_t) * H + i_h) * G + i_j, lam_k2)
             tl.store(d_k + tok, 2.0 * k_c * lam * beta_c[:, None], mask=mask_k[None, :])
-            d_b_c -= lam_k2 * beta_c
-        tl.store(d_b + (i_nhg * T + offs_t).to(tl.int64), d_b_c)
+            writes_t = k_t * k_t * beta_c[None, :]  # [BK, s]
+            pairs = tl.dot(d_iota_c, writes_t, input_precision="ieee")  # [r, s] = <d iota_r, X_s>
+            pairs = tl.where(rows > cols, pairs * tl.exp(between), 0.0)
+            written = tl.exp(to_end) * tl.sum(carry[None, :] * k2, 1) * beta_c  # [s]: read after the chunk
+            part += pairs_around(pairs, C) + written_before(written, C)
+        tl.store(d_g + (i_nhg * T + offs_t).to(tl.int64), part)
         carry = carry * tl.exp(total) + tl.sum(tl.exp(b)[:, None] * d_iota_c, 0)
     if HAS_INIT:
         tl.store(d_excess0 + i_nhg * K + offs_k, carry, mask=mask_k)
@@ -104,25 +123,25 @@ class ImportanceScanFunction(torch.autograd.Function):
         meta = dict(H=H, G=groups, K=K, C=chunk, BK=max(16, triton.next_power_of_2(K)),
                     HAS_BETA=beta is not None, HAS_INIT=excess0 is not None)
         _scan_fwd[(N * H * groups,)](k, g, beta, prior, excess0, iota, T, T // chunk, **meta)
-        ctx.save_for_backward(k, g, beta, prior, iota)
+        ctx.save_for_backward(k, g, beta, prior, iota, excess0)
         ctx.meta = meta
         return iota
 
     @staticmethod
     def backward(ctx, d_iota):
-        k, g, beta, prior, iota = ctx.saved_tensors
+        k, g, beta, prior, iota, excess0 = ctx.saved_tensors
         meta = ctx.meta
         N, T, H, K = k.shape
         G = meta["G"]
         d_iota = d_iota.contiguous()
         d_beta = torch.empty_like(beta) if beta is not None else None
         d_k = k.new_empty(N, T, H, G, K) if beta is not None else None
-        d_b = k.new_empty(N, H, G, T)
+        d_g = k.new_empty(N, H, G, T)
         d_excess0 = k.new_empty(N, H, G, K) if meta["HAS_INIT"] else None
-        _scan_bwd[(N * H * G,)](k, g, beta, prior, iota, d_iota, d_beta, d_k, d_b, d_excess0, T, T // meta["C"],
-                                **meta)
+        _scan_bwd[(N * H * G,)](k, g, beta, prior, iota, excess0, d_iota, d_beta, d_k, d_g, d_excess0, T,
+                                T // meta["C"], **meta)
         dk = d_k.sum(3) if d_k is not None else None
-        dg = d_b.sum(2).transpose(1, 2).flip(1).cumsum(1).flip(1)  # [N, T, H]
+        dg = d_g.sum(2).transpose(1, 2)  # [N, T, H]
         d_prior = d_iota.sum((0, 1, 3, 4))
         return dk, dg, d_beta, d_prior, d_excess0, None, None
 
