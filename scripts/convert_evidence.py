@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field, value in asdict(Settings()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--out", default="results/convert")
+    parser.add_argument("--out", default="runs/convert", help="output folder (default: runs/convert)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     s = Settings(**{k: getattr(args, k) for k in asdict(Settings())})

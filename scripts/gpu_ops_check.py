@@ -189,7 +189,8 @@ def parse_shapes(names: str):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="results/bench/ops_h100.md", help="benchmark table (markdown; .json beside)")
+    parser.add_argument("--out", default="runs/bench/ops_h100.md",
+                        help="benchmark table (markdown; .json beside; default: runs/bench/ops_h100.md)")
     parser.add_argument("--log-dir", default=os.environ.get("OUT", "."), help="where check/sweep JSON go")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--skip-check", action="store_true")

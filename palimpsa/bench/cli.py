@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 
 
+class DescriptionAndDefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and each option's default after its help."""
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks: ops (GPU kernels), cpu (PyTorch path), train (a step)")
     verbs = parser.add_subparsers(dest="bench_verb", metavar="<benchmark>")
     ops = verbs.add_parser("ops", help="time the Palimpsa op against fla's kernels at the benchmark shapes")
     ops.add_argument("--shapes", default="all",
-                     help="comma-separated shape names (170M-like, 760M-like, d64, d128) or 'all'")
+                     help="comma-separated shape names (170M-like, 760M-like, d64, d128) or 'all' (default: all)")
     ops.add_argument("--no-fla", action="store_true", help="skip fla's chunk_simple_gla and chunk_gated_delta_rule")
     ops.add_argument("--no-decode", action="store_true", help="skip the decoding-step timing")
     ops.add_argument("--no-grouped", action="store_true",
@@ -19,18 +23,21 @@ def add_parser(subparsers) -> None:
     ops.add_argument("--fla-bypass-check", action="store_true",
                      help="time fla's backward even where it refuses this Triton on Hopper (timing only, "
                           "numerics unchecked; the table says so)")
-    ops.add_argument("--out", default=None, help="write the table (markdown) here and the numbers beside it (.json)")
+    ops.add_argument("--out", default=None,
+                     help="write the table (markdown) here and the numbers beside it (.json) (default: print only)")
     ops.set_defaults(func=run_ops)
     cpu = verbs.add_parser("cpu", help="chunk_palimpsa fwd+bwd on the CPU against a per-token loop")
-    cpu.add_argument("--impl", choices=["both", "chunk", "loop"], default="both")
-    cpu.add_argument("--repeats", type=int, default=3)
-    cpu.add_argument("--out", default="results/bench", help="folder for cpu_bench.json / cpu_bench.md")
+    cpu.add_argument("--impl", choices=["both", "chunk", "loop"], default="both",
+                     help="time chunk_palimpsa, the per-token loop, or both (default: both)")
+    cpu.add_argument("--repeats", type=int, default=3, help="timed runs of each; the median is reported (default: 3)")
+    cpu.add_argument("--out", default="runs/bench",
+                     help="folder for cpu_bench.json / cpu_bench.md (default: runs/bench)")
     cpu.set_defaults(func=run_cpu)
     from palimpsa.bench.train import __doc__ as train_doc, add_arguments
 
     train = verbs.add_parser("train", help="tokens/s, step time, peak memory and a per-component profile of a full "
                              "training step of each model, side by side", description=train_doc,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+                             formatter_class=DescriptionAndDefaultsFormatter)
     add_arguments(train)
     train.set_defaults(func=run_train)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)

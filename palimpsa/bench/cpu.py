@@ -4,7 +4,7 @@ Forward + backward at B=4, T=1024, H=4, K=V=32, float32 (issue default), on howe
 uses.  The loop baseline is ``naive_palimpsa``: the recurrence written token by token, differentiated by
 autograd.  Writes ``OUT/cpu_bench.json`` and ``OUT/cpu_bench.md`` atomically.
 
-    python -m palimpsa.bench.cpu                  # both, table + files under results/bench
+    python -m palimpsa.bench.cpu                  # both, table + files under runs/bench (--out DIR)
     python -m palimpsa.bench.cpu --impl chunk     # one implementation only (for whole-process timers)
 """
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--impl", choices=["both", *IMPLEMENTATIONS], default="both")
     parser.add_argument("--shape", type=int, nargs=5, default=[4, 1024, 4, 32, 32], metavar=("B", "T", "H", "K", "V"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = parser.parse_args(argv)
     impls = list(IMPLEMENTATIONS) if args.impl == "both" else [args.impl]
     rows = {}
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         f"| {k} | {v['median_s'] * 1e3:.1f} | {v['min_s'] * 1e3:.1f} | {v['max_s'] * 1e3:.1f} |\n" for k, v in rows.items())
         + f"\nB,T,H,K,V = {tuple(args.shape)}, float32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"median of {args.repeats} runs after one warm-up; speed-up {speedup:.1f}x. "
-        f"Command: `palimpsa bench cpu --repeats {args.repeats}`.\n")
+        f"Command: `palimpsa bench cpu --repeats {args.repeats} --out {args.out}`.\n")
     _write_atomic(args.out / "cpu_bench.md", md)
     return 0
 

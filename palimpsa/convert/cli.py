@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from palimpsa.convert.checkpoint import DEFAULT_TOLERANCE, convert_checkpoint
 from palimpsa.convert.metaplastic import CONVERTED_IMPORTANCE_SCALE
@@ -26,14 +25,11 @@ def scale_argument(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        report = convert_checkpoint(args.kind, args.src, args.dst, importance_rank=args.importance_rank,
-                                    importance_groups=args.importance_groups,
-                                    importance_scale=args.importance_scale, verify=not args.no_verify,
-                                    tolerance=args.tolerance, overwrite=args.overwrite, seed=args.seed)
-    except (ValueError, TypeError, FileExistsError) as err:
-        print(f"palimpsa convert {args.kind}: error: {err}", file=sys.stderr)
-        return 2
+    # bad input (ValueError, FileNotFoundError, FileExistsError) is reported by palimpsa.cli.main, in flags
+    report = convert_checkpoint(args.kind, args.src, args.dst, importance_rank=args.importance_rank,
+                                importance_groups=args.importance_groups,
+                                importance_scale=args.importance_scale, verify=not args.no_verify,
+                                tolerance=args.tolerance, overwrite=args.overwrite, seed=args.seed)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -46,7 +42,9 @@ def add_parser(subparsers) -> None:
         sub = kinds.add_parser(kind, help=description, description=description)
         sub.add_argument("src", help="source checkpoint: a directory or a Hub id")
         sub.add_argument("dst", help="output directory (written atomically; must not exist unless --overwrite)")
-        sub.add_argument("--importance-rank", type=int, default=None, help="rank r of the new importance gates")
+        rank_default = "ceil(hidden_size / 16)" if kind == "mamba2" else "the source's"
+        sub.add_argument("--importance-rank", type=int, default=None,
+                         help=f"rank r of the new importance gates (default: {rank_default})")
         sub.add_argument("--importance-groups", type=int, default=None,
                          help="importance gates per head and token, each shared by a group of value channels "
                               "(default: one per channel, the paper's model; 1: one per head, the fast path)")
@@ -54,8 +52,8 @@ def add_parser(subparsers) -> None:
                          help="initial c of the gates' softplus(c) factor, or 'auto' (default): calibrated so "
                               "that the gates move the logits by at most 1e-6")
         sub.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                         help="largest accepted relative change of the logits on random tokens")
+                         help="largest accepted relative change of the logits on random tokens (default: %(default)g)")
         sub.add_argument("--no-verify", action="store_true", help="skip the logits comparison")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing DST")
-        sub.add_argument("--seed", type=int, default=0, help="seed of the gates' random projections")
+        sub.add_argument("--seed", type=int, default=0, help="seed of the gates' random projections (default: 0)")
         sub.set_defaults(func=run)

@@ -23,7 +23,7 @@ def check_destination(dst: Union[str, os.PathLike], overwrite: bool) -> Path:
     dst = Path(dst)
     if dst.exists() and not overwrite:
         if not dst.is_dir() or any(dst.iterdir()):
-            raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(f"{dst} already exists; pass overwrite=True to replace it")
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} exists and is not a directory")
     return dst

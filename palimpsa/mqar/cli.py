@@ -52,20 +52,20 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="named grid (default: quick)")
     p.add_argument("--out", default=None, help="output folder (default: runs/mqar/<preset>)")
-    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, help="models to train")
-    p.add_argument("--settings", nargs="+", type=_pairs, metavar="L:KV", help="(sequence length, kv pairs) pairs")
-    p.add_argument("--d-models", nargs="+", type=int, help="model widths")
-    p.add_argument("--lrs", nargs="+", type=float, help="learning rates")
-    p.add_argument("--seeds", nargs="+", type=int, help="seeds (model init and data)")
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, help="models to train (default: the preset's)")
+    p.add_argument("--settings", nargs="+", type=_pairs, metavar="L:KV", help="(sequence length, kv pairs) pairs (default: the preset's)")
+    p.add_argument("--d-models", nargs="+", type=int, help="model widths (default: the preset's)")
+    p.add_argument("--lrs", nargs="+", type=float, help="learning rates (default: the preset's)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (model init and data; default: the preset's)")
     for name, typ, text in FIXED_OPTIONS:
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text + " (default: the preset's)")
     p.add_argument("--mlp", action="store_true", default=None, help="add a SwiGLU MLP to every block")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default=None,
-                   help="mixed precision (auto: bf16 autocast on CUDA only)")
+                   help="mixed precision (auto: bf16 autocast on CUDA only; default: the preset's, else auto)")
     p.add_argument("--gdn-backend", choices=("auto", "torch", "fla"), default=None,
-                   help="Gated DeltaNet delta-rule backend")
+                   help="Gated DeltaNet delta-rule backend (default: the preset's, else auto)")
     p.add_argument("--op-backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="backend of the Palimpsa op in the Palimpsa / Meta-Mamba2 layers (auto: Triton on CUDA)")
+                   help="backend of the Palimpsa op in the Palimpsa / Meta-Mamba2 layers (default: auto, Triton on CUDA)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per run (default: cores shared evenly among CPU workers)")
     p.add_argument("--devices", nargs="+", default=None, help="e.g. cuda:0 cuda:1 (default: all GPUs, else cpu)")
@@ -78,7 +78,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; no run starts after it and runs still going stop and are not recorded (they go to "
                         "OUT/unfinished.jsonl; the same command continues them); the exit status is 1 when any run "
-                        "failed, with or without a budget")
+                        "failed, with or without a budget; default: none)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and plots")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and exit")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")

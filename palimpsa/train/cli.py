@@ -15,16 +15,37 @@ import typing
 from palimpsa.train.config import TrainConfig
 
 HELP = {
-    "model": "preset name (palimpsa/configs), JSON model config or HF config directory",
+    "model": "preset name (palimpsa/train/presets: tiny/small sizes; palimpsa/configs: the paper's), "
+             "JSON model config or HF config directory",
     "model_overrides": "JSON object of model config fields to replace, e.g. '{\"metaplasticity\": false}'",
     "data": "local files/directories/globs, or hf:NAME[:CONFIG] (streaming)",
+    "text_field": "the text column of .jsonl/.json/.parquet documents and hf: datasets",
+    "hf_split": "split of an hf: dataset",
     "tokenizer": "'byte' (offline byte-level) or an HF tokenizer directory / hub id",
+    "append_eos": "end every document with the tokenizer's end-of-sequence token",
     "seq_len": "tokens per pack (documents are packed, boundaries passed as cu_seqlens)",
     "batch_size": "packs per micro-batch per rank",
     "grad_accum": "micro-batches per optimizer step",
     "parallel": "auto (DDP under torchrun, else one process), or ddp / fsdp (FSDP2 fully_shard): need torchrun",
     "precision": "auto (bf16 autocast on CUDA, float32 on CPU), bf16 (autocast on any device; slow on CPU) or fp32",
+    "device": "auto (the GPU of this rank when there is one, else the CPU), cpu, cuda or cuda:N",
+    "max_steps": "optimizer steps of the run (the schedule's length)",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine schedule ends at lr * min_lr_ratio",
+    "warmup_steps": "steps of linear warm-up before the cosine decay",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "betas": "AdamW betas",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "seed": "seed of the weights and the data order",
+    "out_dir": "run folder: checkpoint, metrics, the exported model in OUT_DIR/model",
+    "log_every": "log the loss every N steps",
+    "resume": "continue from OUT_DIR's checkpoint when there is one",
     "stop_at_step": "stop (and checkpoint) after this step; resume later with the same command",
+    "time_limit_s": "stop (and checkpoint) after this many seconds; resume later with the same command",
+    "export_hf": "save a Hugging Face model (and tokenizer) in OUT_DIR/model when the run finishes",
+    "progress": "show a progress bar",
+    "wandb_project": "also log to this Weights & Biases project",
+    "tensorboard": "also write TensorBoard logs",
     "save_every": "checkpoint every N steps (0: only at the end)",
     "compile": "torch.compile the models' element-wise blocks (norms, short convolutions, SwiGLU) on CUDA",
 }
@@ -53,7 +74,8 @@ def _field_kwargs(f: dataclasses.Field, hints) -> dict:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a language model (torchrun for DDP/FSDP2)",
                                    description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="JSON file of TrainConfig fields; flags given here override it")
+    parser.add_argument("--config", help="JSON file of TrainConfig fields; flags given here override it "
+                                         "(default: none)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_field_kwargs(f, hints))
