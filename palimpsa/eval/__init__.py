@@ -3,9 +3,9 @@
     from palimpsa.eval import evaluate_with_harness, per_position_loss
 """
 
-from palimpsa.eval.harness import PAPER_TASKS, evaluate_with_harness
+from palimpsa.eval.harness import LOCAL_TASKS, PAPER_TASKS, evaluate_with_harness
 from palimpsa.eval.position_loss import per_position_loss, plot_position_loss
 from palimpsa.eval.report import markdown_summary, write_report
 
-__all__ = ["PAPER_TASKS", "evaluate_with_harness", "per_position_loss", "plot_position_loss", "markdown_summary",
+__all__ = ["LOCAL_TASKS", "PAPER_TASKS", "evaluate_with_harness", "per_position_loss", "plot_position_loss", "markdown_summary",
            "write_report"]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+from palimpsa.eval.harness import LOCAL_TASKS_DIR as TASKS_DIR  # noqa: F401  (the shipped offline tasks)
+
 TINY_PALIMPSA = dict(model_type="palimpsa", hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8,
                      hidden_ratio=2)
 
