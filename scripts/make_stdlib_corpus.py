@@ -28,9 +28,9 @@ def stdlib_files(root: str):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-files", type=int)
+    parser.add_argument("out", help="the JSON-lines file to write (its folder is created)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the file order (default: 0)")
+    parser.add_argument("--max-files", type=int, help="keep only this many files (default: all)")
     args = parser.parse_args()
     root = sysconfig.get_paths()["stdlib"]
     documents, skipped = [], 0
@@ -46,6 +46,7 @@ def main() -> int:
     random.Random(args.seed).shuffle(documents)
     if args.max_files:
         documents = documents[:args.max_files]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     temporary = args.out + ".tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
         for document in documents:
