@@ -7,8 +7,10 @@ from typing import Optional, Sequence, Union
 
 from transformers import PretrainedConfig
 
+from palimpsa.models.auto_module import SavesAutoMap
 
-class MetaMamba2Config(PretrainedConfig):
+
+class MetaMamba2Config(SavesAutoMap, PretrainedConfig):
     """A ``transformers`` ``Mamba2Config`` plus the importance gate of Meta-Mamba2.
 
     Every field of ``Mamba2Config`` is accepted with the same name and meaning, so a Mamba2 ``config.json``
@@ -28,6 +30,8 @@ class MetaMamba2Config(PretrainedConfig):
     """
 
     model_type = "meta_mamba2"
+    auto_classes = {"AutoConfig": "MetaMamba2Config", "AutoModel": "MetaMamba2Model",
+                    "AutoModelForCausalLM": "MetaMamba2ForCausalLM"}
 
     def __init__(
         self,

@@ -7,6 +7,8 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
+from palimpsa.models.auto_module import SavesAutoMap
+
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -18,7 +20,7 @@ def _check_positive_number(name: str, value) -> None:
         raise ValueError(f"PalimpsaConfig.{name} must be a finite number > 0, got {value!r}")
 
 
-class PalimpsaConfig(PretrainedConfig):
+class PalimpsaConfig(SavesAutoMap, PretrainedConfig):
     """Sizes and switches of a Palimpsa language model (blocks of a Palimpsa mixer and a SwiGLU MLP).
 
     The defaults are the paper's 170M model (d = 768, 19 layers, 16 heads, K = V = 48, r = 48).
@@ -45,6 +47,8 @@ class PalimpsaConfig(PretrainedConfig):
     """
 
     model_type = "palimpsa"
+    auto_classes = {"AutoConfig": "PalimpsaConfig", "AutoModel": "PalimpsaModel",
+                    "AutoModelForCausalLM": "PalimpsaForCausalLM"}
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
