@@ -143,6 +143,8 @@ def prepare_inputs(
         prior_t = prior.to(device=q.device, dtype=sdtype)
     else:
         try:
+            if isinstance(prior, (str, bytes, bool)):  # float("1") and float(True) would pass
+                raise TypeError
             prior_f = float(prior)
         except (TypeError, ValueError):
             raise TypeError(f"prior must be a positive float or a [H] tensor, got {type(prior).__name__}") from None
