@@ -26,6 +26,7 @@ from palimpsa.layers.checks import binary_mask
 from palimpsa.layers.meta_mamba2 import MetaMamba2, MetaMamba2LayerCache
 from palimpsa.models.lm_head import causal_lm_head
 from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
+from palimpsa.models.checks import check_input_ids
 from palimpsa.models.meta_mamba2.configuration_meta_mamba2 import MetaMamba2Config
 
 
@@ -262,6 +263,7 @@ class MetaMamba2Model(MetaMamba2PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, d]")
         if inputs_embeds is None:
+            check_input_ids(input_ids)
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
             inputs_embeds = self.embeddings(input_ids)

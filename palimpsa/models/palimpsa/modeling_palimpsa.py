@@ -17,6 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
+from palimpsa.models.checks import check_input_ids
 
 from palimpsa.layers.checks import binary_mask
 from palimpsa.layers.modules import RecurrentLayerCache, RMSNorm, SwiGLUMLP
@@ -179,6 +180,7 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, d]")
+        check_input_ids(input_ids)
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
         past_key_values = resolve_cache_kwarg(cache, past_key_values)
