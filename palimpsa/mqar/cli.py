@@ -47,8 +47,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "mqar", help="multi-query associative recall benchmark (resumable sweep, table, plots)",
         description="Run an MQAR sweep (finished runs in OUT/results.jsonl are skipped), then write "
-                    "OUT/summary.md, OUT/accuracy_vs_seq_len.png, OUT/accuracy_vs_state_size.png and "
-                    "OUT/accuracy_vs_step.png.",
+                    "OUT/summary.md, OUT/accuracy_vs_state_size.png, OUT/accuracy_vs_step.png and, when the "
+                    "sweep has several sequence lengths, OUT/accuracy_vs_seq_len.png.",
     )
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="named grid (default: quick)")
     p.add_argument("--out", default=None, help="output folder (default: runs/mqar/<preset>)")

@@ -183,8 +183,17 @@ def plot_accuracy_vs_seq_len(rows: list[dict], path: str | os.PathLike) -> None:
     _save_figure(fig, path)
 
 
+def _state_entries(shape: str) -> Optional[int]:
+    """H * K * V of an 'H×K×V' state shape (None for 'KV cache' or '?')."""
+    parts = shape.split("×")
+    return None if len(parts) != 3 or not all(p.isdigit() for p in parts) else int(parts[0]) * int(parts[1]) * int(parts[2])
+
+
 def plot_accuracy_vs_state_size(rows: list[dict], path: str | os.PathLike) -> None:
-    """PNG: test accuracy against recurrent-state bytes per layer, one panel per (L, kv), one line per model."""
+    """PNG: test accuracy against the recurrent state's shape H×K×V (log of its entries), one panel per (L, kv),
+    one line per model.  Models of the same shape share an x position (moved slightly apart) whatever their
+    bytes (the metaplastic ones store I beside mu: twice the bytes, given in the table); attention is a dotted
+    reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,14 +203,29 @@ def plot_accuracy_vs_state_size(rows: list[dict], path: str | os.PathLike) -> No
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
     for ax, (L, kv) in zip(axes[0], settings):
         panel: dict = defaultdict(list)
+        ticks: dict = defaultdict(set)
         for r in rows:
-            if (r["seq_len"], r["num_kv_pairs"]) == (L, kv):
-                panel[r["model"]].append((r["state_bytes"], r["test_mean"], r["test_std"]))
-        for label, points in sorted(panel.items()):
+            if (r["seq_len"], r["num_kv_pairs"]) != (L, kv):
+                continue
+            if r["model"] == "attention":
+                ax.axhline(100 * r["test_mean"], linestyle=":", color="gray", label="attention (KV cache)")
+                continue
+            entries = _state_entries(r["state_shape"])
+            if entries is not None:  # records without a config have no known shape
+                panel[r["model"]].append((entries, r["test_mean"], r["test_std"]))
+                ticks[entries].add(r["state_shape"])
+        for i, (label, points) in enumerate(sorted(panel.items())):
             xs, ys, es = zip(*sorted(points))
-            ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=label)
+            dodge = 2 ** (0.05 * (i - (len(panel) - 1) / 2))  # side by side, so the error bars stay apart
+            ax.errorbar([x * dodge for x in xs], [100 * y for y in ys], yerr=[100 * e for e in es], marker="o",
+                        capsize=3, label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("recurrent state per layer (bytes)")
+        ax.set_xticks(sorted(ticks), ["\n".join(sorted(ticks[x])) for x in sorted(ticks)])
+        ax.minorticks_off()
+        if len(ticks) == 1:
+            x = next(iter(ticks))
+            ax.set_xlim(x / 2, x * 2)
+        ax.set_xlabel("recurrent state per layer, H×K×V")
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.set_title(f"L={L}, {kv} key-value pairs")
@@ -283,8 +307,9 @@ def format_unfinished(records: list[dict]) -> str:
 
 
 def write_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[str, list[Path]]:
-    """Read results.jsonl, write summary.md and the three plots (accuracy vs sequence length, vs state size, and
-    the chosen runs' validation accuracy vs step) into out_dir; return (table, written paths).
+    """Read results.jsonl, write summary.md and the plots (accuracy vs state shape, the chosen runs' validation
+    accuracy vs step, and accuracy vs sequence length when there are several lengths) into out_dir; return
+    (table, written paths).
 
     Runs listed in an ``unfinished.jsonl`` beside results.jsonl (stopped by a sweep's time budget, and not
     finished since) get their own table in summary.md and never enter the main table or the plots.
@@ -310,9 +335,10 @@ def write_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) ->
                           "validation accuracy; test accuracy mean ± std over seeds.\n\n" + table + extra
                           + "\n## Every run\n\n" + format_runs(results))
         written.append(summary)
-        plot_accuracy_vs_seq_len(rows, out_dir / "accuracy_vs_seq_len.png")
+        if len({r["seq_len"] for r in rows}) > 1:  # one length would be a single point
+            plot_accuracy_vs_seq_len(rows, out_dir / "accuracy_vs_seq_len.png")
+            written.append(out_dir / "accuracy_vs_seq_len.png")
         plot_accuracy_vs_state_size(rows, out_dir / "accuracy_vs_state_size.png")
         plot_learning_curves(results, out_dir / "accuracy_vs_step.png")
-        written += [out_dir / "accuracy_vs_seq_len.png", out_dir / "accuracy_vs_state_size.png",
-                    out_dir / "accuracy_vs_step.png"]
+        written += [out_dir / "accuracy_vs_state_size.png", out_dir / "accuracy_vs_step.png"]
     return table, written
