@@ -9,6 +9,10 @@ from typing import Any, Dict, List, Tuple
 from palimpsa.eval.harness import PAPER_METRICS
 
 
+# numeric entries of a task's results that are counts, not metrics
+NOT_METRICS = ("sample_len",)
+
+
 def _metric(task_results: Dict[str, Any], metric: str):
     """The value of ``metric`` whatever the harness's filter suffix (``acc,none``)."""
     for key, value in task_results.items():
@@ -24,7 +28,7 @@ def summary_rows(results: Dict[str, Any]) -> List[Tuple[str, str, float]]:
         metrics = PAPER_METRICS.get(task)
         if metrics is None:
             metrics = sorted({k.partition(",")[0] for k, v in task_results.items()
-                              if isinstance(v, (int, float)) and "_stderr" not in k})
+                              if isinstance(v, (int, float)) and "_stderr" not in k and k not in NOT_METRICS})
         for metric in metrics:
             value = _metric(task_results, metric)
             if value is not None:
