@@ -93,7 +93,8 @@ def main(args) -> int:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="train a tiny Palimpsa LM on the CPU (about a minute)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of 16 x 128 bytes (default: 300)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the text, the weights and the batches (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the text, the weights and the batches (default: 0)")
     parser.add_argument("--no-metaplasticity", action="store_true", help="the NotPalimpsa ablation")
     parser.set_defaults(func=main)
 

@@ -27,6 +27,8 @@ as they do after `import palimpsa`.  Written by palimpsa's save_pretrained ({__n
 """
 
 from palimpsa.models import (  # noqa: F401
+    GatedDeltaNetForCausalLM,
+    GatedDeltaNetLMConfig,
     MetaMamba2Config,
     MetaMamba2ForCausalLM,
     MetaMamba2Model,

@@ -53,7 +53,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="named grid (default: quick)")
     p.add_argument("--out", default=None, help="output folder (default: runs/mqar/<preset>)")
     p.add_argument("--models", nargs="+", choices=MODEL_NAMES, help="models to train (default: the preset's)")
-    p.add_argument("--settings", nargs="+", type=_pairs, metavar="L:KV", help="(sequence length, kv pairs) pairs (default: the preset's)")
+    p.add_argument("--settings", nargs="+", type=_pairs, metavar="L:KV",
+                   help="(sequence length, kv pairs) pairs (default: the preset's)")
     p.add_argument("--d-models", nargs="+", type=int, help="model widths (default: the preset's)")
     p.add_argument("--lrs", nargs="+", type=float, help="learning rates (default: the preset's)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (model init and data; default: the preset's)")
@@ -65,7 +66,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gdn-backend", choices=("auto", "torch", "fla"), default=None,
                    help="Gated DeltaNet delta-rule backend (default: the preset's, else auto)")
     p.add_argument("--op-backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="backend of the Palimpsa op in the Palimpsa / Meta-Mamba2 layers (default: auto, Triton on CUDA)")
+                   help="backend of the Palimpsa op in the Palimpsa / Meta-Mamba2 layers "
+                        "(default: auto, Triton on CUDA)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per run (default: cores shared evenly among CPU workers)")
     p.add_argument("--devices", nargs="+", default=None, help="e.g. cuda:0 cuda:1 (default: all GPUs, else cpu)")

@@ -186,7 +186,9 @@ def plot_accuracy_vs_seq_len(rows: list[dict], path: str | os.PathLike) -> None:
 def _state_entries(shape: str) -> Optional[int]:
     """H * K * V of an 'H×K×V' state shape (None for 'KV cache' or '?')."""
     parts = shape.split("×")
-    return None if len(parts) != 3 or not all(p.isdigit() for p in parts) else int(parts[0]) * int(parts[1]) * int(parts[2])
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]) * int(parts[1]) * int(parts[2])
 
 
 def plot_accuracy_vs_state_size(rows: list[dict], path: str | os.PathLike) -> None:

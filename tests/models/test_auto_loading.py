@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from palimpsa.models import MetaMamba2Config, MetaMamba2ForCausalLM, PalimpsaConfig, PalimpsaForCausalLM
+from palimpsa.models import (GatedDeltaNetForCausalLM, GatedDeltaNetLMConfig, MetaMamba2Config, MetaMamba2ForCausalLM,
+                             PalimpsaConfig, PalimpsaForCausalLM)
 from palimpsa.models.auto_module import MODULE_NAME
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,6 +47,9 @@ def test_auto_classes_load_saved_models_without_import_palimpsa(tmp_path):
         "meta_mamba2": MetaMamba2ForCausalLM(MetaMamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                               num_heads=4, head_dim=16, state_size=8, expand=2,
                                                               n_groups=1)),
+        "gated_deltanet": GatedDeltaNetForCausalLM(GatedDeltaNetLMConfig(vocab_size=64, hidden_size=32,
+                                                                         num_hidden_layers=1, num_heads=2, head_dim=8,
+                                                                         hidden_ratio=2)),
     }
     folders = {}
     for name, model in models.items():

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from palimpsa.models.auto_module import SavesAutoMap
 
-class GatedDeltaNetLMConfig(PretrainedConfig):
+
+class GatedDeltaNetLMConfig(SavesAutoMap, PretrainedConfig):
     """Sizes of the Gated DeltaNet LM (V = head_dim * expand_v per head; MLP ratio ``hidden_ratio``)."""
 
     model_type = "gated_deltanet_lm"
+    auto_classes = {"AutoConfig": "GatedDeltaNetLMConfig", "AutoModelForCausalLM": "GatedDeltaNetForCausalLM"}
 
     def __init__(self, vocab_size: int = 32000, hidden_size: int = 768, num_hidden_layers: int = 12,
                  num_heads: int = 12, head_dim: int = 64, expand_v: int = 1, conv_size: int = 4,
