@@ -232,7 +232,8 @@ def plot_accuracy_vs_state_size(rows: list[dict], path: str | os.PathLike) -> No
         ax.set_ylim(-2, 102)
         ax.set_title(f"L={L}, {kv} key-value pairs")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if panel or ax.lines:  # records without a config have no shape to plot
+            ax.legend(fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path)
 

@@ -53,12 +53,12 @@ def test_a_run_is_never_recorded_twice(tmp_path):
 def test_report_writers_use_their_own_temporary_files(tmp_path):
     run_sweep([_config()], tmp_path, progress=False)
     # another writer's temporary files at the names every writer used to share
-    for name in ("summary.md.tmp", "accuracy_vs_seq_len.png.tmp.png", "accuracy_vs_step.png.tmp.png"):
+    for name in ("summary.md.tmp", "accuracy_vs_state_size.png.tmp.png", "accuracy_vs_step.png.tmp.png"):
         (tmp_path / name).mkdir()
     table, written = write_report(tmp_path / "results.jsonl", tmp_path)
-    assert len(written) == 4 and all(path.stat().st_size > 0 for path in written)
+    assert len(written) == 3 and all(path.stat().st_size > 0 for path in written)  # one length: no length plot
     assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == [
-        "accuracy_vs_seq_len.png.tmp.png", "accuracy_vs_step.png.tmp.png", "summary.md.tmp"]
+        "accuracy_vs_state_size.png.tmp.png", "accuracy_vs_step.png.tmp.png", "summary.md.tmp"]
 
 
 @pytest.mark.parametrize("budget", [[], ["--time-budget", "600"]])
