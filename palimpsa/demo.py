@@ -1,4 +1,4 @@
-"""``palimpsa demo``: train a tiny byte-level Palimpsa language model on the CPU for about a minute.
+"""``palimpsa demo``: train a tiny byte-level Palimpsa language model on the CPU in under a minute.
 
 The text is generated here (no download): short sentences from a small grammar, so a model that learns
 gets visibly better samples.  Shows a progress bar, prints the loss curve's start and end and a greedy
@@ -91,7 +91,7 @@ def main(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="train a tiny Palimpsa LM on the CPU (about a minute)")
+    parser = subparsers.add_parser("demo", help="train a tiny Palimpsa LM on the CPU (under a minute on 2 cores)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of 16 x 128 bytes (default: 300)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the text, the weights and the batches (default: 0)")
