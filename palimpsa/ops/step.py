@@ -44,6 +44,8 @@ def _check_step_values(g, beta, prior, state, num_heads):
     one host sync for all of them."""
     if torch.compiler.is_compiling():
         return
+    if isinstance(prior, (str, bytes, bool)) or not isinstance(prior, (int, float, torch.Tensor)):
+        raise TypeError(f"prior must be a positive float or a [H] tensor, got {type(prior).__name__}")
     if isinstance(prior, torch.Tensor):
         if prior.numel() not in (1, num_heads):
             raise ValueError(f"prior must be a positive float or a tensor of shape [H] = [{num_heads}], "

@@ -15,3 +15,15 @@ def test_prior_of_the_wrong_type_is_refused(op, prior):
     with pytest.raises(TypeError, match="prior must be a positive float"):
         op(q, k, v, g, beta, prior=prior)
     op(q, k, v, g, beta, prior=1)  # an int is a number
+
+
+@pytest.mark.parametrize("prior", ["1", b"1", True])
+def test_step_refuses_a_prior_of_the_wrong_type(prior):
+    from palimpsa.ops import palimpsa_step
+
+    B, H, K, V = 1, 2, 4, 4
+    q, k, v = torch.randn(B, H, K), torch.randn(B, H, K), torch.randn(B, H, V)
+    state = (torch.zeros(B, H, K, V), torch.ones(B, H, K, V))
+    with pytest.raises(TypeError, match="prior must be a positive float"):
+        palimpsa_step(q, k, v, -torch.rand(B, H), torch.rand(B, H, V), state, prior=prior)
+    palimpsa_step(q, k, v, -torch.rand(B, H), torch.rand(B, H, V), state, prior=1)
