@@ -10,7 +10,7 @@ from palimpsa.mqar.data import check_task
 from palimpsa.mqar.presets import PRESETS, preset_grid, preset_workers_per_device
 from palimpsa.mqar.report import write_report
 from palimpsa.mqar.sweep import ERRORS_FILE, RESULTS_FILE, UNFINISHED_FILE, run_sweep
-from palimpsa.mqar.models import MODEL_NAMES
+from palimpsa.mqar.models import MODEL_NAMES, parse_model_name
 
 # RunConfig fields settable from the command line: (flag, type, help)
 FIXED_OPTIONS = (
@@ -42,6 +42,14 @@ def _pairs(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"a setting is SEQ_LEN:NUM_KV_PAIRS, e.g. 512:128, got {text!r}")
 
 
+def _model_name(text: str) -> str:
+    try:
+        parse_model_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    return text
+
+
 def add_parser(subparsers) -> None:
     """Add the ``mqar`` verb."""
     p = subparsers.add_parser(
@@ -52,7 +60,10 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="named grid (default: quick)")
     p.add_argument("--out", default=None, help="output folder (default: runs/mqar/<preset>)")
-    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, help="models to train (default: the preset's)")
+    p.add_argument("--models", nargs="+", type=_model_name, metavar="MODEL",
+                   help=f"models to train (default: the preset's): {', '.join(MODEL_NAMES)}; palimpsa_g<G> or "
+                        "meta_mamba2_g<G> is the model with G importance gates per head and token, each shared by V/G "
+                        "value channels (G divides V; the plain name is the paper's model, one gate per channel)")
     p.add_argument("--settings", nargs="+", type=_pairs, metavar="L:KV",
                    help="(sequence length, kv pairs) pairs (default: the preset's)")
     p.add_argument("--d-models", nargs="+", type=int, help="model widths (default: the preset's)")

@@ -14,12 +14,17 @@ Mixers (``MODEL_NAMES``), with the paper's MQAR configuration when d_model = 128
     gated_deltanet  GatedDeltaNet, K, V as above
     attention       causal softmax attention with rotary positions, head size d_model / num_heads
 
+A metaplastic model's name may end in ``_g<G>`` (e.g. ``palimpsa_g1``, ``meta_mamba2_g4``): the same mixer with
+G importance gates per head and token, each shared by V / G value channels (``importance_groups``; the plain name
+is the paper's model, one gate per value channel, G = V).  See :func:`parse_model_name`.
+
 Every recurrent mixer gets the paper's "small forgetting" initialisation (see :func:`small_forgetting_init`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -37,6 +42,25 @@ METAPLASTIC_MODELS = ("palimpsa", "meta_mamba2")
 # without metaplasticity, which makes them the control for the variance's usefulness)
 VARIANCE_MODELS = ("palimpsa", "notpalimpsa", "meta_mamba2", "mamba2")
 STATE_BYTES_PER_ELEMENT = 4  # recurrent states (and the attention KV cache) counted in float32
+_GROUPED_NAME = re.compile(r"^(?P<base>[a-z0-9_]+?)_g(?P<groups>[1-9][0-9]*)$")
+
+
+def parse_model_name(name: str) -> Tuple[str, Optional[int]]:
+    """A model name as ``--models`` accepts it -> (mixer name in MODEL_NAMES, importance_groups or None).
+
+    "palimpsa" -> ("palimpsa", None) (one importance gate per value channel, the paper's model);
+    "palimpsa_g4" -> ("palimpsa", 4).  The ``_g<G>`` suffix is allowed on METAPLASTIC_MODELS only; anything
+    else raises ValueError naming the valid forms.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {name!r}")
+    if name in MODEL_NAMES:
+        return name, None
+    match = _GROUPED_NAME.match(name)
+    if match is None or match["base"] not in METAPLASTIC_MODELS:
+        raise ValueError(f"model name must be one of {MODEL_NAMES}, or one of {METAPLASTIC_MODELS} followed by "
+                         f"_g<G> (G importance groups per head, e.g. palimpsa_g1), got {name!r}")
+    return match["base"], int(match["groups"])
 
 
 @dataclass(frozen=True)
@@ -45,6 +69,8 @@ class MQARModelConfig:
 
     name: one of MODEL_NAMES.  head_k_dim / head_v_dim: None gives K = d_model / num_heads, V = 2 K.
     gdn_backend: Gated DeltaNet's delta-rule backend ("auto", "torch" or "fla").
+    importance_groups: G for the metaplastic models (a divisor of V; None = V, one gate per value channel);
+    must stay None for the others.  :meth:`from_model_name` reads it from a name such as "palimpsa_g1".
     """
 
     name: str
@@ -57,6 +83,7 @@ class MQARModelConfig:
     mlp: bool = False
     small_forgetting: bool = True
     gdn_backend: str = "auto"
+    importance_groups: Optional[int] = None
 
     def __post_init__(self):
         if self.name not in MODEL_NAMES:
@@ -67,6 +94,29 @@ class MQARModelConfig:
                 raise ValueError(f"{field} must be a positive int, got {value!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
+        groups = self.importance_groups
+        if groups is not None:
+            if self.name not in METAPLASTIC_MODELS:
+                raise ValueError(f"importance_groups applies to {METAPLASTIC_MODELS} only, got {groups!r} for "
+                                 f"{self.name!r}")
+            if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or self.value_dim % groups:
+                raise ValueError(f"importance_groups must be a positive int dividing the value size V "
+                                 f"({self.value_dim}), got {groups!r}")
+
+    @classmethod
+    def from_model_name(cls, name: str, **fields) -> "MQARModelConfig":
+        """The config of a model named as ``--models`` accepts it ("palimpsa_g4" -> name "palimpsa",
+        importance_groups 4); ``fields``: any other field."""
+        base, groups = parse_model_name(name)
+        return cls(name=base, importance_groups=groups, **fields)
+
+    @property
+    def groups(self) -> Optional[int]:
+        """G, the importance gates per head and token of a metaplastic model (V when importance_groups is None);
+        None for the models without an importance."""
+        if self.name not in METAPLASTIC_MODELS:
+            return None
+        return self.importance_groups or self.value_dim
 
     @property
     def key_dim(self) -> int:
@@ -145,15 +195,16 @@ def build_mixer(config: MQARModelConfig, layer_idx: int) -> nn.Module:
     if name in ("palimpsa", "notpalimpsa"):
         from palimpsa.layers.palimpsa import Palimpsa
 
-        mixer = Palimpsa(d, num_heads=H, head_k_dim=K, head_v_dim=V, metaplasticity=name == "palimpsa",
-                         layer_idx=layer_idx)
+        mixer = Palimpsa(d, num_heads=H, head_k_dim=K, head_v_dim=V, importance_groups=config.importance_groups,
+                         metaplasticity=name == "palimpsa", layer_idx=layer_idx)
     elif name in ("meta_mamba2", "mamba2"):
         from palimpsa.layers.meta_mamba2 import MetaMamba2
 
         if (H * V) % d:
             raise ValueError(f"Mamba2 needs num_heads * head_v_dim ({H * V}) to be a multiple of d_model ({d})")
         mixer = MetaMamba2(d, state_size=K, head_dim=V, n_groups=H, expand=H * V // d,
-                           metaplasticity=name == "meta_mamba2", layer_idx=layer_idx)
+                           importance_groups=config.importance_groups, metaplasticity=name == "meta_mamba2",
+                           layer_idx=layer_idx)
     else:
         mixer = GatedDeltaNet(d, num_heads=H, head_k_dim=K, head_v_dim=V, layer_idx=layer_idx,
                               backend=config.gdn_backend)
@@ -255,15 +306,16 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def recurrent_state_bytes(config: MQARModelConfig, seq_len: int) -> int:
     """Bytes of the memory one layer carries between tokens, per sequence, in float32.
 
-    Recurrent mixers: H * K * V entries, twice for the metaplastic ones (the mean mu and the importance I;
-    without metaplasticity I stays at the prior and need not be stored).  Attention: its key-value cache
-    after ``seq_len`` tokens, 2 * seq_len * d_model entries.  Convolution buffers (3 tokens) are not counted.
+    Recurrent mixers: the mean mu, H * K * V entries, plus for the metaplastic ones the importance I, H * K * G
+    entries for G importance groups (I is constant within a group of V / G value channels, so G = V gives
+    twice the mean's size and G = 1 adds H * K); without metaplasticity I stays at the prior and need not be
+    stored.  Attention: its key-value cache after ``seq_len`` tokens, 2 * seq_len * d_model entries.
+    Convolution buffers (3 tokens) are not counted.
     """
     if config.name == "attention":
         entries = 2 * seq_len * config.d_model
     else:
-        copies = 2 if config.name in METAPLASTIC_MODELS else 1
-        entries = copies * config.num_heads * config.key_dim * config.value_dim
+        entries = config.num_heads * config.key_dim * (config.value_dim + (config.groups or 0))
     return entries * STATE_BYTES_PER_ELEMENT
 
 

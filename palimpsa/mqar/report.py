@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 import torch
 
 from palimpsa.io import atomic_write, atomic_write_text, read_json_lines
+from palimpsa.mqar.models import METAPLASTIC_MODELS, parse_model_name
 
 GROUP_KEYS = ("model", "seq_len", "num_kv_pairs", "d_model")
 
@@ -82,6 +83,35 @@ def _state_shape(record: dict) -> str:
     return f"{heads}×{key}×{value}"
 
 
+def _value_dim(record: dict) -> Optional[int]:
+    """V of a record's model (None without a config)."""
+    config = record.get("config")
+    if not config:
+        return None
+    key = config.get("head_k_dim") or config["d_model"] // config["num_heads"]
+    return config.get("head_v_dim") or 2 * key
+
+
+def _importance_groups(record: dict) -> Optional[int]:
+    """G of a metaplastic model's record (records written before grouped importance existed were all G = V);
+    None for the other models."""
+    if "importance_groups" in record:
+        return record["importance_groups"]
+    base, groups = parse_model_name(record["model"])
+    if base not in METAPLASTIC_MODELS:
+        return None
+    return groups or _value_dim(record)
+
+
+def _format_groups(record: dict) -> str:
+    """The table's G cell: "1", "4", "16 (= V)" for one gate per value channel, "—" without an importance ("?"
+    for a metaplastic model whose record has no config)."""
+    groups = record["importance_groups"]
+    if groups is None:
+        return "?" if parse_model_name(record["model"])[0] in METAPLASTIC_MODELS else "—"
+    return f"{groups} (= V)" if groups == record["value_dim"] else str(groups)
+
+
 def chosen_runs(results: Iterable[dict]) -> dict[tuple, list[dict]]:
     """{row key: the chosen run of each seed}: per row (see ``_group_key``) and seed, the run with the best
     validation accuracy (ties go to the smaller lr, then the earlier record), in seed order."""
@@ -99,7 +129,8 @@ def summarize(results: Iterable[dict]) -> list[dict]:
     """One row per (model, seq_len, num_kv_pairs, d_model, other settings): best lr per seed on validation,
     test mean/std over seeds.
 
-    Row keys: the group keys, state_bytes, seeds, lrs (the chosen lr of each seed), test_mean, test_std,
+    Row keys: the group keys, state_shape, importance_groups (G; None without an importance), value_dim, state_bytes,
+    seeds, lrs (the chosen lr of each seed), test_mean, test_std,
     val_mean, steps_mean, auroc_mean / auroc_std (None unless some chosen run has a variance AUROC),
     auroc_n (how many seeds had one).
     """
@@ -111,6 +142,8 @@ def summarize(results: Iterable[dict]) -> list[dict]:
         rows.append({
             **{k: chosen[0][k] for k in GROUP_KEYS},
             "state_shape": _state_shape(chosen[0]),
+            "importance_groups": _importance_groups(chosen[0]),
+            "value_dim": _value_dim(chosen[0]),
             "state_bytes": chosen[0]["state_bytes"],
             "seeds": len(chosen),
             "lrs": [r["lr"] for r in chosen],
@@ -125,21 +158,22 @@ def summarize(results: Iterable[dict]) -> list[dict]:
         })
     model_order = {"palimpsa": 0, "notpalimpsa": 1, "meta_mamba2": 2, "mamba2": 3, "gated_deltanet": 4,
                    "attention": 5}
-    rows.sort(key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"], model_order.get(r["model"], 99),
+    rows.sort(key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"],
+                             model_order.get(parse_model_name(r["model"])[0], 99), -(r["importance_groups"] or 0),
                              r["model"], r["state_bytes"]))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """The summary as a markdown table."""
-    header = ("| model | L | kv pairs | d_model | state H×K×V | state bytes/layer | test accuracy (mean ± std) | "
-              "seeds | chosen lr per seed | mean steps | variance AUROC (wrong answers) |")
-    lines = [header, "|" + "---|" * 11]
+    header = ("| model | L | kv pairs | d_model | state H×K×V | importance groups G | state bytes/layer | "
+              "test accuracy (mean ± std) | seeds | chosen lr per seed | mean steps | variance AUROC (wrong answers) |")
+    lines = [header, "|" + "---|" * 12]
     for r in rows:
         auroc = "—" if r["auroc_mean"] is None else f"{r['auroc_mean']:.3f} ± {r['auroc_std']:.3f} (n={r['auroc_n']})"
         lrs = ", ".join(f"{lr:g}" for lr in r["lrs"])
         lines.append(f"| {r['model']} | {r['seq_len']} | {r['num_kv_pairs']} | {r['d_model']} | {r['state_shape']} | "
-                     f"{r['state_bytes']:,} | "
+                     f"{_format_groups(r)} | {r['state_bytes']:,} | "
                      f"{100 * r['test_mean']:.1f}% ± {100 * r['test_std']:.1f} | {r['seeds']} | {lrs} | "
                      f"{r['steps_mean']:.0f} | {auroc} |")
     return "\n".join(lines) + "\n"

@@ -118,10 +118,14 @@ class RunConfig:
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 or None, got {self.eval_every!r}")
 
+        self.model_config()  # a bad model name or importance_groups fails here, not inside a worker
+
     def model_config(self) -> MQARModelConfig:
-        return MQARModelConfig(name=self.model, vocab_size=self.vocab_size, d_model=self.d_model,
-                               n_layers=self.n_layers, num_heads=self.num_heads, head_k_dim=self.head_k_dim,
-                               head_v_dim=self.head_v_dim, mlp=self.mlp, gdn_backend=self.gdn_backend)
+        """The architecture; ``model`` may name importance groups (e.g. "palimpsa_g1", see parse_model_name)."""
+        return MQARModelConfig.from_model_name(self.model, vocab_size=self.vocab_size, d_model=self.d_model,
+                                               n_layers=self.n_layers, num_heads=self.num_heads,
+                                               head_k_dim=self.head_k_dim, head_v_dim=self.head_v_dim, mlp=self.mlp,
+                                               gdn_backend=self.gdn_backend)
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
@@ -215,7 +219,8 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
     (see the module docstring); the file is removed once the run ends, unless a deadline stopped it.
 
     Returns a dict with model, seq_len, num_kv_pairs, d_model, lr, seed, epochs (completed, fractional),
-    steps, val_accuracy, test_accuracy, state_bytes (recurrent state per layer), seconds, device, and also
+    steps, val_accuracy, test_accuracy, state_bytes (recurrent state per layer), importance_groups (G of a
+    metaplastic model, V for the paper's one gate per value channel; None for the others), seconds, device, and also
     run_id, planned_steps, stop_reason, num_parameters, variance_auroc (models in VARIANCE_MODELS; None
     when undefined), history ([step, train loss, validation accuracy] at each validation), seconds_per_step
     (training steps after the first 5, validations excluded), op_backend, resumed_at_steps (the steps it
@@ -520,7 +525,7 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
 
     if run.best["state"] is not None:
         model.load_state_dict(run.best["state"])
-    with_variance = config.model in VARIANCE_MODELS
+    with_variance = config.model_config().name in VARIANCE_MODELS
     test = evaluate(model, *splits.test, config.batch_size, config.amp, with_variance=with_variance)
     if checkpoint_path is not None and stop_reason not in ("deadline", "interrupted"):
         checkpoint_path.unlink(missing_ok=True)  # the run is over; a stopped run keeps it to resume
@@ -536,6 +541,7 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
         "val_accuracy": max(run.best["accuracy"], 0.0) if run.best["state"] is not None else None,
         "test_accuracy": test["accuracy"],
         "state_bytes": recurrent_state_bytes(config.model_config(), config.seq_len),
+        "importance_groups": config.model_config().groups,
         "seconds": round(time.time() - clock.started, 2),
         "seconds_per_step": None if timed_steps == 0 else round(timed_seconds / timed_steps, 5),
         "device": describe_device(device),

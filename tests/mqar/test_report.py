@@ -43,7 +43,7 @@ def test_summary_picks_lr_on_validation_and_averages_seeds():
     assert abs(palimpsa["test_mean"] - 0.55) < 1e-12 and abs(palimpsa["test_std"] - 0.0707106781) < 1e-8
     assert palimpsa["auroc_mean"] == 0.7 and palimpsa["auroc_n"] == 1
     table = format_table(list(rows.values()))
-    assert "| palimpsa | 64 | 8 | 32 | ? | 1,024 | 55.0% ± 7.1 | 2 |" in table
+    assert "| palimpsa | 64 | 8 | 32 | ? | ? | 1,024 | 55.0% ± 7.1 | 2 |" in table
 
 
 def test_a_run_finished_later_leaves_the_unfinished_table(tmp_path):
