@@ -1,8 +1,9 @@
 """Named MQAR sweeps.  Every value can be overridden from the command line (``palimpsa mqar --help``).
 
-quick    the default: Palimpsa vs NotPalimpsa on the CPU in under 10 minutes on 2 cores (L=64, 16 pairs,
-         d_model 64, 4 heads of K=8, V=16, vocabulary 128, 1,000 steps of 32, seeds 0 and 1), a size where the
-         model without metaplasticity is capacity-limited, so the comparison means something.
+quick    the default: Palimpsa (one importance gate per value channel, and palimpsa_g1: one per head) vs
+         NotPalimpsa on the CPU in under 10 minutes on 2 cores (L=64, 16 pairs, d_model 64, 4 heads of K=8, V=16,
+         vocabulary 128, 1,000 steps of 32, seeds 0 and 1), a size where the model without metaplasticity is
+         capacity-limited, so the comparison means something.
 paper    the paper's sweep (spec benchmarks.md section 2): (L, kv) in {(512, 128), (1024, 256)}, d_model 128,
          2 layers, 8 heads, 100k train / 3k test, batch 128 / 64, 60 epochs, 4 learning rates, 8 seeds.
 zoology  Zoology's figure 2 grid, as we read its configs: (64, 4), (128, 8), (256, 16), (512, 64);
@@ -18,9 +19,9 @@ ALL_MODELS = PAPER_MODELS + ("attention",)
 
 PRESETS = {
     "quick": dict(
-        # measured on 2 shared CPU cores (results/mqar/quick/CARD.md): at this size NotPalimpsa
-        # reaches 81% in 1,000 steps against 97% with a 4x larger state (K=16, V=32): capacity-limited
-        models=["palimpsa", "notpalimpsa"],
+        # measured on 2 shared CPU cores (results/mqar/quick/CARD.md): 316 s for the 6 runs; at this size
+        # NotPalimpsa reaches 51-63% in 1,000 steps against 97-100% with a 4x larger state (K=16, V=32)
+        models=["palimpsa", "palimpsa_g1", "notpalimpsa"],
         settings=[(64, 16)],
         d_models=[64],
         lrs=[1e-2],
