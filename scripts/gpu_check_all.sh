@@ -1,0 +1,42 @@
+#!/bin/bash
+# One device call (<= 600 s): every Triton path against the float64 reference on the GPU, in parallel processes
+# (the reference is a per-token Python loop that leaves the GPU mostly idle), before any timing counts.
+#   per channel (scripts/gpu_ops_check.py): 760M-like | d128 | 170M-like + varlen | d64
+#   grouped / NotPalimpsa (scripts/gpu_grouped_check.py): 760M-like | 170M-like + varlen | d64 + d128
+# Logs land in $OUT (one per process) and a summary of PASS/FAIL lines in $OUT/check_summary.txt.
+#   OUT=/some/dir bash scripts/gpu_check_all.sh         (from the repository root)
+set -u
+: "${OUT:?set OUT}"
+T0=$SECONDS
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+LIMIT=${LIMIT:-560}
+{
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'no git HEAD here')"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/check_summary.txt"
+
+per_channel() {  # name, then gpu_ops_check.py arguments (its trailing 170M-like table without fla is not used)
+    local name=$1
+    shift
+    timeout "$LIMIT" python3 scripts/gpu_ops_check.py "$@" --shapes 170M-like --no-fla \
+        --out "/tmp/chk/$name/ops.md" --log-dir "/tmp/chk/$name" >"$OUT/check_$name.log" 2>&1
+    echo "process $name rc=$? after $((SECONDS - T0)) s" >>"$OUT/check_$name.log"
+}
+grouped() {  # name, then gpu_grouped_check.py arguments
+    local name=$1
+    shift
+    timeout "$LIMIT" python3 scripts/gpu_grouped_check.py "$@" >"$OUT/check_$name.log" 2>&1
+    echo "process $name rc=$? after $((SECONDS - T0)) s" >>"$OUT/check_$name.log"
+}
+mkdir -p /tmp/chk
+per_channel pc760 --check-shapes 760M-like --no-varlen &
+per_channel pc128 --check-shapes d128 --no-varlen &
+per_channel pc170 --check-shapes 170M-like &
+per_channel pc64 --check-shapes d64 --no-varlen &
+grouped g760 --shapes 760M-like --no-varlen &
+grouped g170 --shapes 170M-like &
+grouped gsmall --shapes d64,d128 --no-varlen &
+wait
+grep -h -E "PASS|FAIL| ok$|ALL|SOME|rc=" "$OUT"/check_*.log | cut -c1-200 | tee -a "$OUT/check_summary.txt"
+echo "total $((SECONDS - T0)) s" | tee -a "$OUT/check_summary.txt"
