@@ -125,7 +125,12 @@ def grouped_palimpsa(x: PreparedInputs, output_final_state: bool, output_varianc
         excess0 = imp0.reshape(N, H, K, G, Vg)[..., 0].transpose(2, 3) - prior[:, None, None]  # [N, H, G, K]
 
     iota = _importance(k.to(sdtype), g, beta, prior, excess0, G, chunk, use_triton)  # [N, T, H, G, K]
-    q_tilde = (q.to(sdtype)[:, :, :, None, :] / iota).to(work_dtype).reshape(N, T, H * G, K)
+    if beta is None and excess0 is None:
+        # no metaplasticity: iota is the prior itself (an expanded view); scaling by its reciprocal keeps no
+        # float32 copy of q for the backward
+        q_tilde = (q.to(sdtype) * (1.0 / prior)[:, None]).to(work_dtype)
+    else:
+        q_tilde = (q.to(sdtype)[:, :, :, None, :] / iota).to(work_dtype).reshape(N, T, H * G, K)
     o, M_T = _gla(q_tilde, k, v.reshape(N, T, H * G, Vg), g, x.scale,
                   M0.to(sdtype) if M0 is not None else None, chunk, use_triton)
     o = o.reshape(N, T, H, V)
