@@ -26,3 +26,14 @@ def write_corpus(directory: str, seed: int = 0, text_files: int = 3, jsonl_recor
             handle.write(json.dumps({"text": " ".join(sentence(rng) for _ in range(rng.randint(1, 4))),
                                      "id": rng.random()}) + "\n")
     return directory
+
+
+def stand_in_config(data_dir, out_dir, **overrides):
+    """A TrainConfig for the tests' stand-in model on the CPU: no progress bar, no export; ``overrides`` win."""
+    from palimpsa.train import TrainConfig
+
+    values = dict(model="stand-in", data=[str(data_dir)], seq_len=32, batch_size=2, grad_accum=1, max_steps=6,
+                  lr=3e-3, warmup_steps=2, log_every=1, out_dir=str(out_dir), progress=False, device="cpu",
+                  export_hf=False)
+    values.update(overrides)
+    return TrainConfig(**values)

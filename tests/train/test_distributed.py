@@ -10,20 +10,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from palimpsa.train import TrainConfig, train
+from palimpsa.train import train
 from palimpsa.train.distributed import shutdown_distributed
-from tests.train.corpus import write_corpus
+from tests.train.corpus import stand_in_config, write_corpus
 from tests.train.tiny_model import tiny_factory
 
 STEPS = 4
 
 
 def _config(data_dir, out_dir, **overrides):
-    values = dict(model="stand-in", data=[str(data_dir)], seq_len=24, batch_size=1, grad_accum=1,
-                  max_steps=STEPS, lr=3e-3, warmup_steps=1, log_every=1, out_dir=str(out_dir), progress=False,
-                  device="cpu", export_hf=False)
-    values.update(overrides)
-    return TrainConfig(**values)
+    return stand_in_config(data_dir, out_dir, **{**dict(seq_len=24, batch_size=1, max_steps=STEPS, warmup_steps=1),
+                                                 **overrides})
 
 
 def _free_port() -> int:

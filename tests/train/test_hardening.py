@@ -15,21 +15,12 @@ from palimpsa.train.checkpoint import CheckpointError
 from palimpsa.train.interrupt import Interrupted
 from palimpsa.train.loop import NonFiniteLossError
 from palimpsa.train.metrics import read_metrics
-from tests.train.corpus import write_corpus
+from tests.train.corpus import stand_in_config, write_corpus
 from tests.train.tiny_model import TinyPackedLM, tiny_factory
 
 
 def _config(data_dir, out_dir, **overrides):
-    values = dict(model="stand-in", data=[str(data_dir)], seq_len=32, batch_size=2, grad_accum=1, max_steps=6,
-                  lr=3e-3, warmup_steps=2, log_every=1, out_dir=str(out_dir), progress=False, device="cpu",
-                  export_hf=False)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(str(tmp_path_factory.mktemp("corpus")))
+    return stand_in_config(data_dir, out_dir, **overrides)
 
 
 class OnCall(TinyPackedLM):

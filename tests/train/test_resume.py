@@ -9,21 +9,12 @@ import pytest
 
 from palimpsa.train import TrainConfig, train
 from palimpsa.train.metrics import read_metrics
-from tests.train.corpus import write_corpus
+from tests.train.corpus import stand_in_config
 from tests.train.tiny_model import tiny_factory
 
 
 def _config(data_dir, out_dir, **overrides):
-    values = dict(model="stand-in", data=[str(data_dir)], seq_len=32, batch_size=2, grad_accum=2, max_steps=8,
-                  lr=3e-3, warmup_steps=2, log_every=1, out_dir=str(out_dir), progress=False, device="cpu",
-                  export_hf=False)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(str(tmp_path_factory.mktemp("corpus")))
+    return stand_in_config(data_dir, out_dir, **{**dict(grad_accum=2, max_steps=8), **overrides})
 
 
 def test_stop_and_resume_gives_the_same_losses(corpus, tmp_path):
