@@ -66,7 +66,7 @@ def gla_chunk_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
         b, to_end = b.repeat_interleave(G, dim=3), to_end.repeat_interleave(G, dim=3)
         D = D.repeat_interleave(G, dim=2)
     qc, kc, vc = (x.reshape(N, NC, chunk, HV, -1) for x in (q, k, v))
-    # inside the chunk: A[t, s] = exp(b_t - b_s) q_t . k_s for s <= t
+    # inside the chunk: A[t, s] = (decay from s to t) q_t . k_s for s <= t
     A = torch.einsum("nctha,ncsha->nchts", qc, kc) * D
     o = torch.einsum("nchts,ncshd->ncthd", A, vc)  # [N, NC, C, HV, Vd]
     # across chunks: the state at each chunk's start
