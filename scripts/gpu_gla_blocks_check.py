@@ -1,0 +1,99 @@
+"""Which value widths and key sharing the Triton GLA kernels get right on this GPU (one subprocess per case).
+
+    PYTHONPATH=. python scripts/gpu_gla_blocks_check.py [--log FILE]
+
+Each case runs ``GLAFunction`` (palimpsa/ops/triton/gla.py) forward and backward on random inputs and compares
+the output, final state and every gradient (q, k, v, g, initial state) with the PyTorch twin
+(``gla_chunk_torch``) in float64 on the same values.  Cases: value width Vd in {12, 16, 24, 48, 64}, float32 and
+bf16, keys shared by 4 query heads (passed shared, as the kernels can index them) or one key head per query
+head.  A case that crashes the CUDA context (an illegal memory access) is reported as CRASH without stopping
+the others.  Limits: float32 1e-4, bf16 2e-2 (relative, Frobenius).  Exit code 1 if any case fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+
+LIMITS = {"float32": 1e-4, "bfloat16": 2e-2}
+
+
+def one_case(vd: int, dtype_name: str, shared: bool) -> dict:
+    import torch
+
+    from palimpsa.ops.torch_gla import gla_chunk_torch
+    from palimpsa.ops.triton.gla import GLAFunction
+
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator(device="cpu").manual_seed(vd)
+    N, T, HV, K, chunk = 2, 256, 8, 64, 64
+    HK = 2 if shared else HV
+    q = torch.randn(N, T, HV, K, generator=gen) * K ** -0.5
+    k = torch.randn(N, T, HK, K, generator=gen) * K ** -0.5
+    v = torch.randn(N, T, HV, vd, generator=gen)
+    g = -torch.rand(N, T, HK, generator=gen) * 0.2
+    h0 = torch.randn(N, HV, K, vd, generator=gen)
+    leaves = [x.to(dtype).double() for x in (q, k, v)] + [g.double(), h0.double()]
+    w_o, w_s = torch.randn(N, T, HV, vd, generator=gen).double(), torch.randn(N, HV, K, vd, generator=gen).double()
+
+    def grads(fn, tensors):
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        o, hT = fn(*tensors)
+        loss = (o.double() * w_o.to(o.device)).sum() + (hT.double() * w_s.to(hT.device)).sum()
+        return [o, hT] + list(torch.autograd.grad(loss, tensors))
+
+    def expand(x):
+        return x.repeat_interleave(HV // HK, dim=2)
+
+    ref = grads(lambda q, k, v, g, h0: gla_chunk_torch(q, expand(k), v, expand(g), 1.0, h0, chunk), leaves)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only under TRITON_INTERPRET=1
+    dev = [t.to(device) for t in leaves]
+    dev = [t.to(dtype) for t in dev[:3]] + [dev[3].float(), dev[4].float()]
+    ours = grads(lambda q, k, v, g, h0: GLAFunction.apply(q, k, v, g, h0, 1.0, chunk), dev)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    errs = {}
+    for name, a, b in zip(("o", "hT", "dq", "dk", "dv", "dg", "dh0"), ours, ref):
+        a = a.double().cpu()
+        errs[name] = float("inf") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm()).item()
+    return errs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--log", default=None)
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args()
+    if args.case:
+        vd, dtype_name, shared = args.case.split(",")
+        print(json.dumps(one_case(int(vd), dtype_name, shared == "shared")))
+        return 0
+    failed = False
+    lines = []
+    for vd, dtype_name, shared in itertools.product((12, 16, 24, 48, 64), ("float32", "bfloat16"),
+                                                    ("shared", "copied")):
+        case = f"{vd},{dtype_name},{shared}"
+        proc = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+            line, failed = f"Vd={vd:3d} {dtype_name:8s} {shared:6s} CRASH {tail}", True
+        else:
+            errs = json.loads(proc.stdout.strip().splitlines()[-1])
+            worst = max(errs, key=errs.get)
+            ok = errs[worst] <= LIMITS[dtype_name]
+            failed |= not ok
+            detail = " ".join(f"{k}={e:.1e}" for k, e in errs.items())
+            line = f"Vd={vd:3d} {dtype_name:8s} {shared:6s} {'PASS' if ok else 'FAIL'} worst {worst} {detail}"
+        print(line, flush=True)
+        lines.append(line)
+    if args.log:
+        with open(args.log, "a") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
