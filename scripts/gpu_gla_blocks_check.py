@@ -4,24 +4,25 @@
 
 Each case runs ``GLAFunction`` (palimpsa/ops/triton/gla.py) forward and backward on random inputs and compares
 the output, final state and every gradient (q, k, v, g, initial state) with the PyTorch twin
-(``gla_chunk_torch``) in float64 on the same values.  Cases: value width Vd in {12, 16, 24, 48, 64}, float32 and
-bf16, keys shared by 4 query heads (passed shared, as the kernels can index them) or one key head per query
-head.  A case that crashes the CUDA context (an illegal memory access) is reported as CRASH without stopping
-the others.  Limits: float32 1e-4, bf16 2e-2 (relative, Frobenius).  Exit code 1 if any case fails.
+(``gla_chunk_torch``) in float64 on the same values.  Cases: (K, Vd) in {(64, 12), (64, 16), (64, 24),
+(64, 48), (64, 64), (8, 4), (8, 16)} (the last two: MQAR's quarter state with G = 4 and 1); bf16 with keys
+shared by 4 query heads (as grouped importance runs them) or one key head per query head; float32 with shared
+keys.  A case that crashes the CUDA context (an illegal memory access) is reported as CRASH without stopping the
+others.  Limits: float32 1e-4, bf16 2e-2 (relative, Frobenius).  Exit code 1 if any case fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import sys
 
 LIMITS = {"float32": 1e-4, "bfloat16": 2e-2}
 
 
-def one_case(vd: int, dtype_name: str, shared: bool) -> dict:
+def one_case(kd: int, vd: int, dtype_name: str, shared: bool) -> dict:
     import torch
 
     from palimpsa.ops.torch_gla import gla_chunk_torch
@@ -29,7 +30,7 @@ def one_case(vd: int, dtype_name: str, shared: bool) -> dict:
 
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator(device="cpu").manual_seed(vd)
-    N, T, HV, K, chunk = 2, 256, 8, 64, 64
+    N, T, HV, K, chunk = 2, 256, 8, kd, 64
     HK = 2 if shared else HV
     q = torch.randn(N, T, HV, K, generator=gen) * K ** -0.5
     k = torch.randn(N, T, HK, K, generator=gen) * K ** -0.5
@@ -68,27 +69,34 @@ def main() -> int:
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     if args.case:
-        vd, dtype_name, shared = args.case.split(",")
-        print(json.dumps(one_case(int(vd), dtype_name, shared == "shared")))
+        kd, vd, dtype_name, shared = args.case.split(",")
+        print(json.dumps(one_case(int(kd), int(vd), dtype_name, shared == "shared")))
         return 0
-    failed = False
-    lines = []
-    for vd, dtype_name, shared in itertools.product((12, 16, 24, 48, 64), ("float32", "bfloat16"),
-                                                    ("shared", "copied")):
-        case = f"{vd},{dtype_name},{shared}"
-        proc = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True)
+    sizes = ((64, 12), (64, 16), (64, 24), (64, 48), (64, 64), (8, 4), (8, 16))
+    cases = [(kd, vd, "bfloat16", shared) for kd, vd in sizes for shared in ("shared", "copied")]
+    cases += [(kd, vd, "float32", "shared") for kd, vd in sizes]
+
+    def run_case(case):
+        kd, vd, dtype_name, shared = case
+        proc = subprocess.run([sys.executable, __file__, "--case", f"{kd},{vd},{dtype_name},{shared}"],
+                              capture_output=True, text=True)
+        name = f"K={kd:2d} Vd={vd:3d} {dtype_name:8s} {shared:6s}"
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
-            line, failed = f"Vd={vd:3d} {dtype_name:8s} {shared:6s} CRASH {tail}", True
-        else:
-            errs = json.loads(proc.stdout.strip().splitlines()[-1])
-            worst = max(errs, key=errs.get)
-            ok = errs[worst] <= LIMITS[dtype_name]
+            return f"{name} CRASH {tail}", False
+        errs = json.loads(proc.stdout.strip().splitlines()[-1])
+        worst = max(errs, key=errs.get)
+        ok = errs[worst] <= LIMITS[dtype_name]
+        detail = " ".join(f"{k}={e:.1e}" for k, e in errs.items())
+        return f"{name} {'PASS' if ok else 'FAIL'} worst {worst} {detail}", ok
+
+    lines = []
+    failed = False
+    with ThreadPoolExecutor(max_workers=8) as pool:  # one CUDA context per case, 8 at a time
+        for line, ok in pool.map(run_case, cases):
+            print(line, flush=True)
+            lines.append(line)
             failed |= not ok
-            detail = " ".join(f"{k}={e:.1e}" for k, e in errs.items())
-            line = f"Vd={vd:3d} {dtype_name:8s} {shared:6s} {'PASS' if ok else 'FAIL'} worst {worst} {detail}"
-        print(line, flush=True)
-        lines.append(line)
     if args.log:
         with open(args.log, "a") as fh:
             fh.write("\n".join(lines) + "\n")

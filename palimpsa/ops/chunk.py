@@ -9,7 +9,7 @@ import torch
 
 from palimpsa.ops.backends import resolve_backend
 from palimpsa.ops.checks import State, prepare_inputs
-from palimpsa.ops.grouped import as_per_channel, can_run_grouped, grouped_palimpsa, triton_fits
+from palimpsa.ops.grouped import as_per_channel, can_run_grouped, grouped_palimpsa
 
 
 def chunk_palimpsa(
@@ -58,7 +58,7 @@ def chunk_palimpsa(
                        check_values=check_values and not torch.compiler.is_compiling())
     which = resolve_backend(backend, q.device, q.dtype)
     if not x.per_channel:
-        if can_run_grouped(x) and (which != "triton" or triton_fits(x)):
+        if can_run_grouped(x):
             o, var, final = grouped_palimpsa(x, output_final_state, output_variance, chunk_size,
                                              use_triton=which == "triton")
             return (o, var, final) if output_variance else (o, final)

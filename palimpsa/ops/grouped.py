@@ -47,15 +47,6 @@ def as_per_channel(x: PreparedInputs) -> PreparedInputs:
     return dataclasses.replace(x, beta=per_channel_beta(x), groups=x.v.shape[-1])
 
 
-def triton_fits(x: PreparedInputs) -> bool:
-    """Whether the Triton GLA kernels take these sizes: V / G a multiple of 16.
-
-    (On an H200 under Triton 3.6, bf16 value blocks that are partly masked gave non-finite outputs: such sizes
-    run per channel instead, which is exact.)
-    """
-    return (x.v.shape[-1] // x.groups) % 16 == 0
-
-
 def can_run_grouped(x: PreparedInputs) -> bool:
     """True when the grouped path computes the op exactly, gradients included.
 

@@ -257,10 +257,12 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
 
 
 def _blocks(K: int, VD: int):
-    """Tile sizes: at least 32 wide (16-wide bf16 tiles faulted or gave inf on an H200 under Triton 3.6)."""
-    BK = max(32, min(64, triton.next_power_of_2(K)))
-    BV = max(32, min(64, triton.next_power_of_2(VD)))
-    return BK, BV
+    """Tile sizes: 64 x 64, masked where K or Vd is smaller.
+
+    On an H200 under Triton 3.6, bf16 value tiles 16 or 32 wide gave illegal memory accesses (Vd = 12, 16, 24;
+    scripts/gpu_gla_blocks_check.py), while 64-wide tiles, masked or not, are exact (Vd = 48, 64).
+    """
+    return 64, 64
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -333,12 +335,6 @@ def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     Returns o [N, T, HV, Vd] in the dtype of q and the final state [N, HV, K, Vd] float32.
     """
     T = q.shape[1]
-    G = q.shape[2] // k.shape[2]
-    if G > 1:
-        # Keys shared by G query heads give illegal memory accesses in bf16 under Triton 3.6 on an H200 (float32
-        # is right): until that is understood, every query head gets its own copy of its keys and decays
-        # (autograd sums their gradients back).
-        k, g = k.repeat_interleave(G, dim=2), g.repeat_interleave(G, dim=2)
     chunk = max(16, min(chunk, triton.next_power_of_2(T)))
     q, k, v, g = (pad_time(x, chunk).contiguous() for x in (q, k, v, g.float()))
     h0 = initial_state.float().contiguous() if initial_state is not None else None
