@@ -3,10 +3,12 @@ linear cross-entropy, a layer cache.
 
 The norms compute in float32 (float64 for float64 inputs) and return the input dtype.
 
-Compiled blocks: after ``set_compiled_blocks(True)`` the element-wise pieces (short convolution, norms, the SwiGLU
-product, l2 normalisation, the skip connection) run through ``torch.compile`` on CUDA tensors, each fused into
-one or two kernels that keep float32 intermediates in registers instead of memory.  CPU tensors always take the
-plain PyTorch code (the same functions, not compiled), so CPU runs and tests need no compiler.
+Compiled blocks: after ``set_compiled_blocks(True)`` every decoder block's forward (the layer around the op, its
+norms, short convolutions, gates, skip, MLP and residuals) runs through ``torch.compile`` on CUDA tensors, the op
+itself being a graph break (its Triton kernels run as they are); so do the element-wise pieces used outside the
+blocks (the final norm).  Inductor fuses the element-wise chains into a few kernels that keep float32
+intermediates in registers instead of memory.  CPU tensors take the plain PyTorch code (the same functions, not
+compiled), so CPU runs and tests need no compiler.
 """
 
 from __future__ import annotations
@@ -22,14 +24,21 @@ import torch.nn.functional as F
 
 ACTIVATIONS = {None: None, "silu": F.silu, "swish": F.silu}
 IGNORE_INDEX = -100
-_COMPILED_BLOCKS = {"enabled": False}
+_COMPILED_BLOCKS = {"enabled": False, "devices": ("cuda",)}
 
 
-def set_compiled_blocks(enabled: bool) -> None:
-    """Run the element-wise blocks of this module through ``torch.compile`` on CUDA tensors (off by default)."""
+def set_compiled_blocks(enabled: bool, devices: Tuple[str, ...] = ("cuda",)) -> None:
+    """Run decoder blocks and element-wise pieces through ``torch.compile`` (off by default).
+
+    ``devices``: the device types whose tensors take the compiled code (CUDA; "cpu" too needs a C++ compiler,
+    which the tests use to check the compiled code against the plain one).
+    """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    if isinstance(devices, str) or not all(d in ("cuda", "cpu") for d in devices):
+        raise ValueError(f"devices must be a tuple of 'cuda' and/or 'cpu', got {devices!r}")
     _COMPILED_BLOCKS["enabled"] = enabled
+    _COMPILED_BLOCKS["devices"] = tuple(devices)
 
 
 def compiled_blocks_enabled() -> bool:
@@ -38,34 +47,62 @@ def compiled_blocks_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def compiled_blocks(enabled: bool = True):
+def compiled_blocks(enabled: bool = True, devices: Tuple[str, ...] = ("cuda",)):
     """Compiled blocks on (or off) inside the ``with`` block; the previous setting is restored after it."""
-    previous = compiled_blocks_enabled()
-    set_compiled_blocks(enabled)
+    previous = dict(_COMPILED_BLOCKS)
+    set_compiled_blocks(enabled, devices)
     try:
         yield
     finally:
-        set_compiled_blocks(previous)
+        _COMPILED_BLOCKS.update(previous)
+
+
+def _compiles(x: torch.Tensor) -> bool:
+    return (_COMPILED_BLOCKS["enabled"] and x.device.type in _COMPILED_BLOCKS["devices"]
+            and not torch.compiler.is_compiling())
 
 
 def compiled_on_cuda(fn: Callable) -> Callable:
     """``fn``, run through ``torch.compile`` when compiled blocks are on and its first argument is a CUDA tensor.
 
-    Inside an enclosing ``torch.compile`` trace, or on other devices, ``fn`` runs as written.  The compiled
-    version is made on first use.
+    Inside an enclosing ``torch.compile`` trace (a compiled block), or on other devices, ``fn`` runs as
+    written.  The compiled version is made on first use.
     """
     compiled = None
 
     @functools.wraps(fn)
     def dispatch(*args):
         nonlocal compiled
-        if _COMPILED_BLOCKS["enabled"] and args[0].is_cuda and not torch.compiler.is_compiling():
+        if _compiles(args[0]):
             if compiled is None:
                 compiled = torch.compile(fn)
             return compiled(*args)
         return fn(*args)
 
     dispatch.uncompiled = fn
+    return dispatch
+
+
+def compiled_block_forward(forward: Callable) -> Callable:
+    """Decorator for a decoder block's ``forward(self, hidden_states, ...)``: compiled when blocks are.
+
+    When compiled blocks are on, ``hidden_states`` is a CUDA tensor and no decoding ``cache`` is passed
+    (training and full-sequence forwards), the forward runs through ``torch.compile`` (static shapes; one
+    compiled graph per shape, shared by every block of the class, whose parameters are inputs).  The ops are
+    graph breaks (:func:`palimpsa.ops.chunk_palimpsa` is opaque to the compiler).  Otherwise it runs as written.
+    """
+    compiled = None
+
+    @functools.wraps(forward)
+    def dispatch(self, hidden_states, *args, **kwargs):
+        nonlocal compiled
+        if kwargs.get("cache") is None and _compiles(hidden_states):
+            if compiled is None:
+                compiled = torch.compile(forward, dynamic=False)
+            return compiled(self, hidden_states, *args, **kwargs)
+        return forward(self, hidden_states, *args, **kwargs)
+
+    dispatch.uncompiled = forward
     return dispatch
 
 
@@ -200,7 +237,7 @@ class ShortConvolution(nn.Conv1d):
         past = x.new_zeros(B, C, W - 1) if state is None else state.to(x.dtype)
         full = torch.cat([past, x.transpose(1, 2)], dim=-1)  # [B, C, W - 1 + T]
         bias = None if self.bias is None else self.bias
-        if cu_seqlens is not None or (compiled_blocks_enabled() and x.is_cuda):
+        if cu_seqlens is not None or torch.compiler.is_compiling() or _compiles(x):
             # output t uses input t - s (weight tap W - 1 - s) only when that input is in t's own sequence
             offset = None if cu_seqlens is None else positions_in_sequences(cu_seqlens.to(x.device, torch.long), T)
             y = causal_conv_taps(full, self.weight[:, 0], bias, offset, self.activation)

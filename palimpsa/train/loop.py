@@ -160,7 +160,7 @@ def train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) -> 
     """Train ``config.model`` (or ``model_factory(vocab_size)``) on ``config.data``; see TrainConfig.
 
     Run under torchrun for DDP/FSDP2; the process group is joined here and left to the caller to destroy.
-    ``config.compile`` compiles the models' element-wise blocks on CUDA for this run
+    ``config.compile`` compiles the models' decoder blocks on CUDA for this run
     (:func:`palimpsa.layers.modules.compiled_blocks`).
     """
     with compiled_blocks(config.compile):

@@ -103,3 +103,45 @@ def test_compiled_blocks_leave_cpu_tensors_on_plain_pytorch():
     assert torch.equal(before, after)
     with pytest.raises(TypeError):
         set_compiled_blocks(1)
+
+
+def _loss_and_grads(model, tokens):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["palimpsa", "meta_mamba2"])
+def test_compiled_blocks_equal_the_plain_blocks(family):
+    """Whole decoder blocks through torch.compile (on the CPU here), the op a graph break: same loss and gradients,
+    and one compiled graph per piece shared by every layer (no recompilation per layer)."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    if family == "palimpsa":
+        from palimpsa.models.palimpsa import PalimpsaConfig, PalimpsaForCausalLM
+
+        model = PalimpsaForCausalLM(PalimpsaConfig(vocab_size=64, hidden_size=32, num_heads=2, num_hidden_layers=3,
+                                                   importance_groups=1))
+    else:
+        from palimpsa.models.meta_mamba2 import MetaMamba2Config, MetaMamba2ForCausalLM
+
+        model = MetaMamba2ForCausalLM(MetaMamba2Config(vocab_size=64, hidden_size=32, state_size=8, head_dim=8,
+                                                       num_heads=8, num_hidden_layers=3, n_groups=1))
+    tokens = torch.randint(0, 64, (2, 24))
+    loss, grads = _loss_and_grads(model, tokens)
+    counters.clear()
+    set_compiled_blocks(True, devices=("cpu",))
+    try:
+        compiled_loss, compiled_grads = _loss_and_grads(model, tokens)
+    finally:
+        set_compiled_blocks(False)
+    assert counters["stats"]["unique_graphs"] > 0, "the blocks did not go through torch.compile"
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    assert any("chunk_palimpsa" in reason for reason in counters["graph_break"]), "the op is not a graph break"
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == compiled_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -19,7 +19,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
 from palimpsa.layers.gated_deltanet import GatedDeltaNet, fla_available
-from palimpsa.layers.modules import RMSNorm, SwiGLUMLP
+from palimpsa.layers.modules import RMSNorm, SwiGLUMLP, compiled_block_forward
 from palimpsa.models.gated_deltanet.configuration_gated_deltanet import GatedDeltaNetLMConfig
 from palimpsa.models.lm_head import causal_lm_head
 
@@ -54,6 +54,7 @@ class GatedDeltaNetBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLUMLP(config.hidden_size, config.hidden_ratio)
 
+    @compiled_block_forward
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, T, d] -> [B, T, d]; with cu_seqlens (B == 1) nothing crosses a sequence boundary."""
         normed = self.mixer_norm(hidden_states)

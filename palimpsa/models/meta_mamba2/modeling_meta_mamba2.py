@@ -24,6 +24,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from palimpsa.layers.checks import binary_mask
 from palimpsa.layers.meta_mamba2 import MetaMamba2, MetaMamba2LayerCache
+from palimpsa.layers.modules import compiled_block_forward
 from palimpsa.models.lm_head import causal_lm_head
 from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
 from palimpsa.models.checks import check_input_ids
@@ -168,6 +169,7 @@ class MetaMamba2Block(GradientCheckpointingLayer):
             layer_idx=layer_idx,
         )
 
+    @compiled_block_forward
     def forward(self, hidden_states, attention_mask=None, cache=None, cu_seqlens=None, output_variance=False):
         """hidden_states [B, T, d] -> ([B, T, d], variance [B, T, H, P] or None)."""
         residual = hidden_states

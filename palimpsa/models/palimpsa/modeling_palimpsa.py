@@ -20,7 +20,7 @@ from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_c
 from palimpsa.models.checks import check_input_ids
 
 from palimpsa.layers.checks import binary_mask
-from palimpsa.layers.modules import RecurrentLayerCache, RMSNorm, SwiGLUMLP
+from palimpsa.layers.modules import RecurrentLayerCache, RMSNorm, SwiGLUMLP, compiled_block_forward
 from palimpsa.layers.palimpsa import Palimpsa, sample_A_log, sample_dt_bias
 from palimpsa.models.lm_head import causal_lm_head
 from palimpsa.models.palimpsa.configuration_palimpsa import PalimpsaConfig
@@ -94,6 +94,7 @@ class PalimpsaBlock(GradientCheckpointingLayer):
         else:
             self.mlp_norm = self.mlp = None
 
+    @compiled_block_forward
     def forward(self, hidden_states, attention_mask=None, cache=None, cu_seqlens=None, output_variance=False):
         """hidden_states [B, T, d] -> ([B, T, d], variance [B, T, H, V] or None); see :class:`Palimpsa`."""
         mixed, variance = self.mixer(self.mixer_norm(hidden_states), attention_mask=attention_mask, cache=cache,
