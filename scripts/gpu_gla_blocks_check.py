@@ -92,7 +92,7 @@ def main() -> int:
 
     lines = []
     failed = False
-    with ThreadPoolExecutor(max_workers=8) as pool:  # one CUDA context per case, 8 at a time
+    with ThreadPoolExecutor(max_workers=12) as pool:  # one CUDA context per case, 12 at a time
         for line, ok in pool.map(run_case, cases):
             print(line, flush=True)
             lines.append(line)
