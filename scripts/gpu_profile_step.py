@@ -61,12 +61,14 @@ def main() -> None:
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             peak = torch.cuda.max_memory_allocated() / 1e9
-            print(f"== {args.model} {args.size} x{args.layers} layers, {mode}: step {1e3 * statistics.median(times):.1f} ms "
+            ms = 1e3 * statistics.median(times)
+            print(f"== {args.model} {args.size} x{args.layers} layers, {mode}: step {ms:.1f} ms "
                   f"(warm-up {warm:.1f} s), peak {peak:.1f} GB", flush=True)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 step()
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=70)
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top,
+                                              max_name_column_width=70)
             print(table, flush=True)
 
 
