@@ -52,6 +52,15 @@ def test_grouped_kernels_match_reference(G, initial):
     assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5)
 
 
+@pytest.mark.parametrize("G", [1, 2])
+def test_grouped_kernels_with_several_key_blocks(G):
+    """K = 40: the importance scan splits the key channels over two programs (32 + a masked 8) and sums their
+    parts of dbeta and dg."""
+    _interpreted()
+    inputs = _as_float32(grouped_inputs(1, 37, 2, 40, 8, G, "grouped"))
+    assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5)
+
+
 def test_grouped_kernels_varlen():
     _interpreted()
     inputs = _as_float32(grouped_inputs(1, 45, 1, 16, 16, 1))

@@ -4,10 +4,10 @@ Same function as :func:`palimpsa.ops.torch_gla.importance_scan_torch`::
 
     iota_t = I0 + J_t,   J_t = alpha_t J_{t-1} + (k_t ** 2) beta_t[j]      (one [K] row per group j)
 
-One program per (sequence, head, group) walks the chunks in order; inside a chunk the scan is one product of
-the causal decay matrix (exp of the log decays between two tokens, summed per segment:
-:func:`palimpsa.ops.triton.gla.chunk_log_decays`) with the chunk's writes (float32 throughout: the importance is a
-denominator).  The backward walks the chunks in reverse with the adjoint
+One program per (block of key channels, sequence, head, group) walks the chunks in order; inside a chunk the
+scan is one product of the causal decay matrix (exp of the log decays between two tokens, summed per segment:
+:func:`palimpsa.ops.triton.gla.chunk_log_decays`) with the chunk's writes (float32 throughout: the importance is
+a denominator).  The backward walks the chunks in reverse with the adjoint
 lambda_t = d iota_t + alpha_{t+1} lambda_{t+1} (the same product with the transposed decay matrix) and gives
 dbeta_t[j] = sum_k lambda k^2, dk_t = 2 k sum_j beta_t[j] lambda[j], and the decay gradient summed per chunk
 from the (writer, reader) pairs each decay separates (see ``_scan_bwd``).
@@ -29,9 +29,9 @@ from palimpsa.ops.triton.gla import chunk_log_decays, pairs_around, written_befo
 def _scan_fwd(k, g, beta, prior, excess0, iota, T, NC,
               H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               HAS_BETA: tl.constexpr, HAS_INIT: tl.constexpr):
-    i_nhg = tl.program_id(0)
+    i_k, i_nhg = tl.program_id(0), tl.program_id(1)
     i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
-    offs_k = tl.arange(0, BK)
+    offs_k = i_k * BK + tl.arange(0, BK)
     mask_k = offs_k < K
     rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
     prior_h = tl.load(prior + i_h)
@@ -60,15 +60,18 @@ def _scan_fwd(k, g, beta, prior, excess0, iota, T, NC,
 def _scan_bwd(k, g, beta, prior, iota, excess0, d_iota, d_beta, d_k, d_g, d_excess0, T, NC,
               H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               HAS_BETA: tl.constexpr, HAS_INIT: tl.constexpr):
-    """Reverse walk over the chunks with the adjoint lambda; d_g gets this group's part of dg per token.
+    """Reverse walk over the chunks with the adjoint lambda, one program per (K block, sequence, head, group).
 
+    The adjoint is independent per key channel, so each program takes BK of them (few enough tiles to stay in
+    registers); d_beta and d_g, sums over the key channels, get this block's part ([NK, ...], summed after).
     dg_t sums the terms of every (writer s, reader r) pair with s < t <= r, as the GLA backward does: pairs inside
     the chunk, readers of the chunk-start state, writers read after the chunk, pairs straddling the chunk.  Summed
     directly (no reverse running sum), dg keeps its relative accuracy where a decay saturates.
     """
-    i_nhg = tl.program_id(0)
+    i_k, i_nhg = tl.program_id(0), tl.program_id(1)
     i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
-    offs_k = tl.arange(0, BK)
+    part_at = (i_k * tl.num_programs(1)).to(tl.int64) * T  # this K block's slice of the partial sums d_beta, d_g
+    offs_k = i_k * BK + tl.arange(0, BK)
     mask_k = offs_k < K
     rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
     prior_h = tl.load(prior + i_h)
@@ -99,17 +102,23 @@ def _scan_bwd(k, g, beta, prior, iota, excess0, d_iota, d_beta, d_k, d_g, d_exce
             beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
             k2 = k_c * k_c
             lam_k2 = tl.sum(lam * k2, 1)
-            tl.store(d_beta + ((i_n * T + offs_t) * H + i_h) * G + i_j, lam_k2)
+            tl.store(d_beta + part_at + ((i_n * T + offs_t) * H + i_h) * G + i_j, lam_k2)
             tl.store(d_k + tok, 2.0 * k_c * lam * beta_c[:, None], mask=mask_k[None, :])
             writes_t = k_t * k_t * beta_c[None, :]  # [BK, s]
             pairs = tl.dot(d_iota_c, writes_t, input_precision="ieee")  # [r, s] = <d iota_r, X_s>
             pairs = tl.where(rows > cols, pairs * tl.exp(between), 0.0)
             written = tl.exp(to_end) * tl.sum(carry[None, :] * k2, 1) * beta_c  # [s]: read after the chunk
             part += pairs_around(pairs, C) + written_before(written, C)
-        tl.store(d_g + (i_nhg * T + offs_t).to(tl.int64), part)
+        tl.store(d_g + part_at + (i_nhg * T + offs_t).to(tl.int64), part)
         carry = carry * tl.exp(total) + tl.sum(tl.exp(b)[:, None] * d_iota_c, 0)
     if HAS_INIT:
         tl.store(d_excess0 + i_nhg * K + offs_k, carry, mask=mask_k)
+
+
+def _key_block(K: int) -> int:
+    """Key channels per program: at most 32, so that a program's [C, BK] float32 tiles stay in registers (the
+    whole K = 96 in one program spilled: a 43 ms backward at the 760M-like shape on an H200)."""
+    return max(16, min(32, triton.next_power_of_2(K)))
 
 
 class ImportanceScanFunction(torch.autograd.Function):
@@ -120,9 +129,10 @@ class ImportanceScanFunction(torch.autograd.Function):
     def forward(ctx, k, g, beta, prior, excess0, groups, chunk):
         N, T, H, K = k.shape
         iota = k.new_empty(N, T, H, groups, K)
-        meta = dict(H=H, G=groups, K=K, C=chunk, BK=max(16, triton.next_power_of_2(K)),
-                    HAS_BETA=beta is not None, HAS_INIT=excess0 is not None)
-        _scan_fwd[(N * H * groups,)](k, g, beta, prior, excess0, iota, T, T // chunk, **meta)
+        meta = dict(H=H, G=groups, K=K, C=chunk, BK=_key_block(K), HAS_BETA=beta is not None,
+                    HAS_INIT=excess0 is not None)
+        _scan_fwd[(triton.cdiv(K, meta["BK"]), N * H * groups)](k, g, beta, prior, excess0, iota, T, T // chunk,
+                                                                 **meta)
         ctx.save_for_backward(k, g, beta, prior, iota, excess0)
         ctx.meta = meta
         return iota
@@ -134,14 +144,16 @@ class ImportanceScanFunction(torch.autograd.Function):
         N, T, H, K = k.shape
         G = meta["G"]
         d_iota = d_iota.contiguous()
-        d_beta = torch.empty_like(beta) if beta is not None else None
+        NK = triton.cdiv(K, meta["BK"])
+        d_beta = k.new_empty(NK, *beta.shape) if beta is not None else None
         d_k = k.new_empty(N, T, H, G, K) if beta is not None else None
-        d_g = k.new_empty(N, H, G, T)
+        d_g = k.new_empty(NK, N, H, G, T)
         d_excess0 = k.new_empty(N, H, G, K) if meta["HAS_INIT"] else None
-        _scan_bwd[(N * H * G,)](k, g, beta, prior, iota, excess0, d_iota, d_beta, d_k, d_g, d_excess0, T,
-                                T // meta["C"], **meta)
+        _scan_bwd[(NK, N * H * G)](k, g, beta, prior, iota, excess0, d_iota, d_beta, d_k, d_g, d_excess0, T,
+                                   T // meta["C"], **meta)
+        d_beta = d_beta.sum(0) if d_beta is not None else None
         dk = d_k.sum(3) if d_k is not None else None
-        dg = d_g.sum(2).transpose(1, 2)  # [N, T, H]
+        dg = d_g.sum((0, 3)).transpose(1, 2)  # [N, T, H]
         d_prior = d_iota.sum((0, 1, 3, 4))
         return dk, dg, d_beta, d_prior, d_excess0, None, None
 
