@@ -150,7 +150,7 @@ class ImportanceScanFunction(torch.autograd.Function):
         d_g = k.new_empty(NK, N, H, G, T)
         d_excess0 = k.new_empty(N, H, G, K) if meta["HAS_INIT"] else None
         _scan_bwd[(NK, N * H * G)](k, g, beta, prior, iota, excess0, d_iota, d_beta, d_k, d_g, d_excess0, T,
-                                   T // meta["C"], **meta)
+                                   T // meta["C"], num_warps=8, **meta)  # 8 warps: its [C, C] tiles in registers
         d_beta = d_beta.sum(0) if d_beta is not None else None
         dk = d_k.sum(3) if d_k is not None else None
         dg = d_g.sum((0, 3)).transpose(1, 2)  # [N, T, H]
