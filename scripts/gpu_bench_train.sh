@@ -24,6 +24,16 @@ FLA_BYPASS=${FLA_BYPASS---fla-bypass-check}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+# fla's autotuning takes 33-80 s per kernel and shape: reuse the results of an earlier call when they travel
+# with this one (carry .tritoncache), and hand this call's back in $OUT for the next
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+if [ -f .tritoncache/autotune_cache.tgz ]; then
+    mkdir -p "$TRITON_CACHE_DIR" && tar xzf .tritoncache/autotune_cache.tgz -C "$TRITON_CACHE_DIR"
+fi
+save_autotune() {
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/autotune_cache.tgz" -T -) || true
+}
+trap save_autotune EXIT
 $PYTHON - <<'PY' | tee "$OUT/versions.txt"
 import importlib, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
