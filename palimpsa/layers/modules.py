@@ -4,9 +4,9 @@ linear cross-entropy, a layer cache.
 The norms compute in float32 (float64 for float64 inputs) and return the input dtype.
 
 Compiled blocks: after ``set_compiled_blocks(True)`` every decoder block's forward (the layer around the op, its
-norms, short convolutions, gates, skip, MLP and residuals) runs through ``torch.compile`` on CUDA tensors, the op
-itself being a graph break (its Triton kernels run as they are); so do the element-wise pieces used outside the
-blocks (the final norm).  Inductor fuses the element-wise chains into a few kernels that keep float32
+norms, short convolutions, gates, skip, MLP and residuals) runs through ``torch.compile`` on CUDA tensors (the
+per-channel op traces as custom ops; the grouped path's kernels are graph breaks and run as they are); so do the
+element-wise pieces used outside the blocks (the final norm).  Inductor fuses the element-wise chains into a few kernels that keep float32
 intermediates in registers instead of memory.  CPU tensors take the plain PyTorch code (the same functions, not
 compiled), so CPU runs and tests need no compiler.
 """
@@ -88,8 +88,9 @@ def compiled_block_forward(forward: Callable) -> Callable:
 
     When compiled blocks are on, ``hidden_states`` is a CUDA tensor and no decoding ``cache`` is passed
     (training and full-sequence forwards), the forward runs through ``torch.compile`` (static shapes; one
-    compiled graph per shape, shared by every block of the class, whose parameters are inputs).  The ops are
-    graph breaks (:func:`palimpsa.ops.chunk_palimpsa` is opaque to the compiler).  Otherwise it runs as written.
+    compiled graph per shape, shared by every block of the class, whose parameters are inputs).  The
+    per-channel Triton op traces as custom ops; the grouped path's Triton kernels and fla's are graph breaks.
+    Otherwise it runs as written.
     """
     compiled = None
 

@@ -12,7 +12,6 @@ from palimpsa.ops.checks import State, prepare_inputs
 from palimpsa.ops.grouped import as_per_channel, can_run_grouped, grouped_palimpsa
 
 
-@torch.compiler.disable  # a graph break under torch.compile: its Triton kernels and autograd run as they are
 def chunk_palimpsa(
     q: torch.Tensor,
     k: torch.Tensor,

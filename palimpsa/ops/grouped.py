@@ -75,14 +75,33 @@ def _gla(q, k, v, g, scale, initial_state, chunk, use_triton):
     return gla_chunk_torch(q, k, v, g, scale, initial_state, chunk)
 
 
-def _importance(k, g, beta, prior, initial_excess, groups, chunk, use_triton):
-    if use_triton and (beta is not None or initial_excess is not None):
-        from palimpsa.ops.triton.importance import importance_scan_triton
+def _rescaled_query(q, k, g, beta, prior, excess0, groups, chunk, scale, with_variance, use_triton):
+    """q~ = q / iota per group [N, T, H, G, K] (dtype of q), the variance's per-group factor
+    scale^2 sum_k q^2 / iota [N, T, H, G] (or None) and iota at the last token [N, H, G, K].
 
-        return importance_scan_triton(k, g, beta, prior, initial_excess, groups, chunk)
+    On CUDA one autograd function that recomputes iota in its backward (no [N, T, H, G, K] float32 tensor kept
+    per layer); on the CPU the PyTorch scan under autograd.  Without metaplasticity iota is the prior itself.
+    """
+    N, T, H, K = q.shape
+    sdtype = g.dtype
+    if beta is None and excess0 is None:
+        # no metaplasticity: iota = I0; scaling by its reciprocal keeps no float32 copy of q for the backward
+        inv_prior = (1.0 / prior)[:, None]  # [H, 1]
+        q_tilde = (q.to(sdtype) * inv_prior).to(q.dtype)[:, :, :, None, :].expand(N, T, H, groups, K)
+        variance = None
+        if with_variance:
+            variance = ((scale ** 2) * (q.to(sdtype) ** 2 * inv_prior).sum(-1))[..., None].expand(N, T, H, groups)
+        return q_tilde, variance, prior.to(sdtype)[None, :, None, None].expand(N, H, groups, K)
+    if use_triton:
+        from palimpsa.ops.triton.importance import rescaled_query_triton
+
+        return rescaled_query_triton(q, k, g, beta, prior, excess0, groups, chunk, scale, with_variance)
     from palimpsa.ops.torch_gla import importance_scan_torch
 
-    return importance_scan_torch(k, g, beta, prior, initial_excess, groups, chunk)
+    iota = importance_scan_torch(k.to(sdtype), g, beta, prior, excess0, groups, chunk)  # [N, T, H, G, K]
+    qf = q.to(sdtype)[:, :, :, None, :]
+    variance = (scale ** 2) * torch.einsum("nthgk,nthgk->nthg", qf * qf, 1.0 / iota) if with_variance else None
+    return (qf / iota).to(q.dtype), variance, iota[:, -1]
 
 
 def grouped_palimpsa(x: PreparedInputs, output_final_state: bool, output_variance: bool,
@@ -115,26 +134,18 @@ def grouped_palimpsa(x: PreparedInputs, output_final_state: bool, output_varianc
         M0 = (mu0 * imp0).reshape(N, H, K, G, Vg).permute(0, 1, 3, 2, 4).reshape(N, H * G, K, Vg)
         excess0 = imp0.reshape(N, H, K, G, Vg)[..., 0].transpose(2, 3) - prior[:, None, None]  # [N, H, G, K]
 
-    iota = _importance(k.to(sdtype), g, beta, prior, excess0, G, chunk, use_triton)  # [N, T, H, G, K]
-    if beta is None and excess0 is None:
-        # no metaplasticity: iota is the prior itself (an expanded view); scaling by its reciprocal keeps no
-        # float32 copy of q for the backward
-        q_tilde = (q.to(sdtype) * (1.0 / prior)[:, None]).to(work_dtype)
-    else:
-        q_tilde = (q.to(sdtype)[:, :, :, None, :] / iota).to(work_dtype).reshape(N, T, H * G, K)
-    o, M_T = _gla(q_tilde, k, v.reshape(N, T, H * G, Vg), g, x.scale,
+    q_tilde, var_groups, iota_T = _rescaled_query(q, k, g, beta, prior, excess0, G, chunk, x.scale,
+                                                  output_variance, use_triton)
+    o, M_T = _gla(q_tilde.reshape(N, T, H * G, K), k, v.reshape(N, T, H * G, Vg), g, x.scale,
                   M0.to(sdtype) if M0 is not None else None, chunk, use_triton)
     o = o.reshape(N, T, H, V)
-    var = None
-    if output_variance:
-        qf = q.to(sdtype)
-        var = expand_groups((x.scale ** 2) * torch.einsum("nthk,nthgk->nthg", qf * qf, 1.0 / iota), V)
+    var = expand_groups(var_groups, V) if output_variance else None
     if lengths is not None:
         o = unpad_sequences(o, lengths)
         var = unpad_sequences(var, lengths) if var is not None else None
     final = None
     if output_final_state:
-        iota_T = iota[:, -1]  # [N, H, G, K]; padding (g = 0, no writes) leaves the state unchanged
+        # iota_T [N, H, G, K]; padding (g = 0, no writes) leaves the state unchanged
         imp_T = expand_groups(iota_T.transpose(2, 3), V)  # [N, H, K, V]
         M = M_T.to(sdtype).reshape(N, H, G, K, Vg).permute(0, 1, 3, 2, 4).reshape(N, H, K, V)
         final = (M / imp_T, imp_T)

@@ -114,8 +114,8 @@ def _loss_and_grads(model, tokens):
 
 @pytest.mark.parametrize("family", ["palimpsa", "meta_mamba2"])
 def test_compiled_blocks_equal_the_plain_blocks(family):
-    """Whole decoder blocks through torch.compile (on the CPU here), the op a graph break: same loss and gradients,
-    and one compiled graph per piece shared by every layer (no recompilation per layer)."""
+    """Whole decoder blocks through torch.compile (on the CPU here, the op's PyTorch path traced with them): same
+    loss and gradients, and one compiled graph shared by every layer (no recompilation per layer)."""
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
@@ -140,7 +140,6 @@ def test_compiled_blocks_equal_the_plain_blocks(family):
         set_compiled_blocks(False)
     assert counters["stats"]["unique_graphs"] > 0, "the blocks did not go through torch.compile"
     assert not counters["recompiles"], dict(counters["recompiles"])
-    assert any("chunk_palimpsa" in reason for reason in counters["graph_break"]), "the op is not a graph break"
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == compiled_grads.keys()
     for name, grad in grads.items():

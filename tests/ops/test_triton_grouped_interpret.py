@@ -61,6 +61,15 @@ def test_grouped_kernels_with_several_key_blocks(G):
     assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5)
 
 
+@pytest.mark.parametrize("variance,final", [(False, False), (False, True), (True, False)])
+def test_grouped_kernels_without_variance_or_final_state(variance, final):
+    """The training path (no variance, no final state) and the mixed cases: the rescaled query's backward then
+    gets no gradient for the variance or the last importance."""
+    _interpreted()
+    inputs = _as_float32(grouped_inputs(2, 37, 2, 24, 20, 1, "grouped"))
+    assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5, variance=variance, final=final)
+
+
 def test_grouped_kernels_varlen():
     _interpreted()
     inputs = _as_float32(grouped_inputs(1, 45, 1, 16, 16, 1))
@@ -103,3 +112,23 @@ def test_grouped_kernels_dg_of_saturated_decays_is_accurate_per_token(G):
     ref, got = grads
     assert ref[saturated].abs().max() < 1e-10
     assert ((got - ref).abs() / ref.abs())[saturated].max() < 1e-3
+
+
+def test_grouped_kernels_under_torch_compile():
+    """Inside torch.compile the grouped path's kernels are graph breaks: same outputs and gradients as eager."""
+    _interpreted()
+    inputs = _as_float32(grouped_inputs(1, 20, 2, 16, 16, 1))
+    names = ("q", "k", "v", "g", "beta")
+
+    def f(q, k, v, g, beta):
+        o, _ = chunk_palimpsa(q, k, v, g, beta, prior=inputs["prior"].detach(), backend="triton", chunk_size=16)
+        return (o * o).sum()
+
+    def grads_of(fn):
+        leaves = [inputs[n].detach().clone().requires_grad_() for n in names]
+        out = fn(*leaves)
+        out.backward()
+        return [out] + [x.grad for x in leaves]
+
+    for a, b in zip(grads_of(torch.compile(f, backend="aot_eager")), grads_of(f)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

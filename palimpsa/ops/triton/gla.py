@@ -328,6 +328,7 @@ class GLAFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0, None, None
 
 
+@torch.compiler.disable  # a graph break under torch.compile: the kernels and their autograd run as written
 def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
                      initial_state: Optional[torch.Tensor], chunk: int = 64):
     """Same contract as :func:`palimpsa.ops.torch_gla.gla_chunk_torch` (q, k, v in one float dtype; g float32).

@@ -121,50 +121,98 @@ def _key_block(K: int) -> int:
     return max(16, min(32, triton.next_power_of_2(K)))
 
 
-class ImportanceScanFunction(torch.autograd.Function):
-    """k [N, T, H, K] float32; g [N, T, H] float32; beta [N, T, H, G] float32 or None; prior [H] float32;
-    excess0 (J_0) [N, H, G, K] float32 or None.  T a multiple of ``chunk``.  Returns iota [N, T, H, G, K]."""
+def _scan_forward(k, g, beta, prior, excess0, groups: int, chunk: int):
+    """iota [N, T, H, G, K] float32 and the launch constants.  k [N, T, H, K] (any float dtype: read as float32);
+    g [N, T, H] float32; beta [N, T, H, G] float32 or None; prior [H] float32; excess0 [N, H, G, K] or None."""
+    N, T, H, K = k.shape
+    iota = torch.empty(N, T, H, groups, K, dtype=torch.float32, device=k.device)
+    meta = dict(H=H, G=groups, K=K, C=chunk, BK=_key_block(K), HAS_BETA=beta is not None,
+                HAS_INIT=excess0 is not None)
+    _scan_fwd[(triton.cdiv(K, meta["BK"]), N * H * groups)](k, g, beta, prior, excess0, iota, T, T // chunk, **meta)
+    return iota, meta
+
+
+def _scan_backward(k, g, beta, prior, iota, excess0, d_iota, meta):
+    """Gradients of the scan from d_iota [N, T, H, G, K] float32: (dk [N, T, H, K] float32, dg [N, T, H],
+    dbeta [N, T, H, G] or None, dprior [H], d_excess0 [N, H, G, K] or None)."""
+    N, T, H, K = k.shape
+    G = meta["G"]
+    d_iota = d_iota.contiguous()
+    NK = triton.cdiv(K, meta["BK"])
+    f32 = dict(dtype=torch.float32, device=k.device)
+    d_beta = torch.empty(NK, *beta.shape, **f32) if beta is not None else None
+    d_k = torch.empty(N, T, H, G, K, **f32) if beta is not None else None
+    d_g = torch.empty(NK, N, H, G, T, **f32)
+    d_excess0 = torch.empty(N, H, G, K, **f32) if meta["HAS_INIT"] else None
+    _scan_bwd[(NK, N * H * G)](k, g, beta, prior, iota, excess0, d_iota, d_beta, d_k, d_g, d_excess0, T,
+                               T // meta["C"], num_warps=8, **meta)  # 8 warps: its [C, C] tiles in registers
+    d_beta = d_beta.sum(0) if d_beta is not None else None
+    dk = d_k.sum(3) if d_k is not None else None
+    dg = d_g.sum((0, 3)).transpose(1, 2)  # [N, T, H]
+    return dk, dg, d_beta, d_iota.sum((0, 1, 3, 4)), d_excess0
+
+
+class RescaledQueryFunction(torch.autograd.Function):
+    """The importance scan and what the grouped path takes from it, keeping no [N, T, H, G, K] tensor for the
+    backward (iota is recomputed there: one more forward scan, cheaper than storing it in float32).
+
+    Inputs: q, k [N, T, H, K] (one float dtype); g [N, T, H] float32; beta [N, T, H, G] float32 or None;
+    prior [H] float32; excess0 [N, H, G, K] float32 or None; T a multiple of ``chunk``.
+    Outputs: q~ = q / iota [N, T, H, G, K] in the dtype of q; the variance scale^2 sum_k q^2 / iota
+    [N, T, H, G] float32 (None unless ``with_variance``); iota at the last token [N, H, G, K] float32.
+    """
 
     @staticmethod
-    def forward(ctx, k, g, beta, prior, excess0, groups, chunk):
-        N, T, H, K = k.shape
-        iota = k.new_empty(N, T, H, groups, K)
-        meta = dict(H=H, G=groups, K=K, C=chunk, BK=_key_block(K), HAS_BETA=beta is not None,
-                    HAS_INIT=excess0 is not None)
-        _scan_fwd[(triton.cdiv(K, meta["BK"]), N * H * groups)](k, g, beta, prior, excess0, iota, T, T // chunk,
-                                                                 **meta)
-        ctx.save_for_backward(k, g, beta, prior, iota, excess0)
-        ctx.meta = meta
-        return iota
+    def forward(ctx, q, k, g, beta, prior, excess0, groups, chunk, scale, with_variance):
+        iota, meta = _scan_forward(k, g, beta, prior, excess0, groups, chunk)
+        qf = q.float()[:, :, :, None, :]
+        q_tilde = (qf / iota).to(q.dtype)
+        variance = (scale ** 2) * (qf * qf / iota).sum(-1) if with_variance else None
+        ctx.save_for_backward(q, k, g, beta, prior, excess0)
+        ctx.meta, ctx.scale = meta, scale
+        return q_tilde, variance, iota[:, -1].clone()
 
     @staticmethod
-    def backward(ctx, d_iota):
-        k, g, beta, prior, iota, excess0 = ctx.saved_tensors
+    def backward(ctx, d_q_tilde, d_variance, d_iota_last):
+        q, k, g, beta, prior, excess0 = ctx.saved_tensors
         meta = ctx.meta
-        N, T, H, K = k.shape
-        G = meta["G"]
-        d_iota = d_iota.contiguous()
-        NK = triton.cdiv(K, meta["BK"])
-        d_beta = k.new_empty(NK, *beta.shape) if beta is not None else None
-        d_k = k.new_empty(N, T, H, G, K) if beta is not None else None
-        d_g = k.new_empty(NK, N, H, G, T)
-        d_excess0 = k.new_empty(N, H, G, K) if meta["HAS_INIT"] else None
-        _scan_bwd[(NK, N * H * G)](k, g, beta, prior, iota, excess0, d_iota, d_beta, d_k, d_g, d_excess0, T,
-                                   T // meta["C"], num_warps=8, **meta)  # 8 warps: its [C, C] tiles in registers
-        d_beta = d_beta.sum(0) if d_beta is not None else None
-        dk = d_k.sum(3) if d_k is not None else None
-        dg = d_g.sum((0, 3)).transpose(1, 2)  # [N, T, H]
-        d_prior = d_iota.sum((0, 1, 3, 4))
-        return dk, dg, d_beta, d_prior, d_excess0, None, None
+        iota, _ = _scan_forward(k, g, beta, prior, excess0, meta["G"], meta["C"])
+        inv = iota.reciprocal()
+        qf = q.float()[:, :, :, None, :]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        d_iota = torch.zeros_like(inv)
+        if d_q_tilde is not None:  # q~ = q / iota
+            d_qf = d_q_tilde.float() * inv
+            dq += d_qf.sum(3)
+            d_iota -= d_qf * qf * inv
+        if d_variance is not None:  # var = scale^2 sum_k q^2 / iota
+            d_sq = (ctx.scale ** 2) * d_variance[..., None] * inv  # d var / d (q^2), per key channel
+            dq += (2.0 * qf * d_sq).sum(3)
+            d_iota -= d_sq * qf * qf * inv
+        if d_iota_last is not None:
+            d_iota[:, -1] += d_iota_last
+        dk, dg, d_beta, d_prior, d_excess0 = _scan_backward(k, g, beta, prior, iota, excess0, d_iota, meta)
+        return (dq.to(q.dtype), dk.to(k.dtype) if dk is not None else None, dg, d_beta, d_prior, d_excess0,
+                None, None, None, None)
 
 
-def importance_scan_triton(k: torch.Tensor, g: torch.Tensor, beta: Optional[torch.Tensor], prior: torch.Tensor,
-                           initial_excess: Optional[torch.Tensor], groups: int, chunk: int = 64) -> torch.Tensor:
-    """Same contract as :func:`palimpsa.ops.torch_gla.importance_scan_torch` (float32 inputs): iota [N, T, H, G, K]."""
-    T = k.shape[1]
+@torch.compiler.disable  # a graph break under torch.compile: the kernels and their autograd run as written
+def rescaled_query_triton(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: Optional[torch.Tensor],
+                          prior: torch.Tensor, initial_excess: Optional[torch.Tensor], groups: int, chunk: int,
+                          scale: float, with_variance: bool):
+    """q / iota per group, the variance's per-group factor and the last importance (see RescaledQueryFunction).
+
+    q, k: [N, T, H, K] (one float dtype); g [N, T, H]; beta [N, T, H, G] or None; prior [H];
+    initial_excess: J_0 = I_initial - I0 [N, H, G, K] or None.  Returns (q~ [N, T, H, G, K] in the dtype of q,
+    variance [N, T, H, G] float32 or None, iota_T [N, H, G, K] float32).
+    """
+    T = q.shape[1]
     chunk = max(16, min(chunk, triton.next_power_of_2(T)))
-    k, g = pad_time(k.float(), chunk).contiguous(), pad_time(g.float(), chunk).contiguous()
+    q, k = pad_time(q, chunk).contiguous(), pad_time(k, chunk).contiguous()
+    g = pad_time(g.float(), chunk).contiguous()
     beta = pad_time(beta.float(), chunk).contiguous() if beta is not None else None
     excess0 = initial_excess.float().contiguous() if initial_excess is not None else None
-    iota = ImportanceScanFunction.apply(k, g, beta, prior.float().contiguous(), excess0, groups, chunk)
-    return iota[:, :T]
+    q_tilde, variance, iota_last = RescaledQueryFunction.apply(q, k, g, beta, prior.float().contiguous(), excess0,
+                                                               groups, chunk, float(scale), with_variance)
+    # padded tokens (g = 0, beta = 0) leave the importance unchanged: iota at the padded end is iota at T - 1
+    return q_tilde[:, :T], (variance[:, :T] if variance is not None else None), iota_last
