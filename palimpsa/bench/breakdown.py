@@ -17,6 +17,12 @@ How a profiled operator is assigned a component (robust to any model built from 
 3. Time: per operator, its own device (CUDA kernel) time on a GPU, its own CPU time on a CPU.  Accumulating
    gradients and anything else unmatched is ``other``; kernels the profiler could not tie to an operator are
    reported as ``unattributed``.
+
+Compiled blocks hide their modules from the profiler (their fused kernels land in ``other`` or
+``unattributed``), so on a GPU the same step is also split by *kernel kind*, from kernel names alone
+(:func:`kernel_kinds`): the op's kernels (those defined in ``palimpsa.ops.triton`` and ``fla.ops``), matrix
+products, the fused kernels of ``torch.compile``, other element-wise and reduction kernels, the short
+convolutions, the optimizer.
 """
 
 from __future__ import annotations
@@ -194,8 +200,58 @@ def attribute(events, on_device: bool) -> Dict[str, float]:
     return totals
 
 
+KERNEL_KINDS = ("op", "matmul", "compiled", "elementwise", "convolution", "optimizer", "other")
+_MATMUL_MARKS = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")
+
+
+def op_kernel_names() -> frozenset:
+    """Names of the Triton kernels of the token-mixing ops: every jitted function in the imported modules of
+    ``palimpsa.ops.triton`` and ``fla.ops`` (a kernel's profiler name is its function's name)."""
+    names = set()
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith(("palimpsa.ops.triton", "fla.ops")):
+            continue
+        for attr, value in list(vars(module).items()):
+            inner = value
+            while type(inner).__name__ in ("Autotuner", "Heuristics"):  # @triton.autotune / @triton.heuristics
+                inner = inner.fn
+            if type(inner).__name__ in ("JITFunction", "InterpretedFunction"):
+                names.add(getattr(getattr(inner, "fn", None), "__name__", attr))
+    return frozenset(names)
+
+
+def kernel_kind(name: str, op_kernels: frozenset) -> str:
+    """The kind of one CUDA kernel, from its name (see :data:`KERNEL_KINDS`)."""
+    if name in op_kernels:
+        return "op"
+    lowered = name.lower()
+    if name.startswith("triton_"):  # torch.compile's (inductor's) generated kernels
+        return "compiled"
+    if any(mark in lowered for mark in _MATMUL_MARKS):
+        return "matmul"
+    if "multi_tensor_apply" in lowered or "adam" in lowered:
+        return "optimizer"
+    if "conv" in lowered:
+        return "convolution"
+    if any(mark in lowered for mark in ("elementwise", "reduce_kernel", "copy", "catarray", "index", "softmax",
+                                        "norm", "scatter", "gather", "fill")):
+        return "elementwise"
+    return "other"
+
+
+def kernel_kinds(events, op_kernels: Optional[frozenset] = None) -> Dict[str, float]:
+    """Milliseconds of device time per kernel kind from a profiler's ``events()`` (CUDA kernels only)."""
+    op_kernels = op_kernel_names() if op_kernels is None else op_kernels
+    totals = {kind: 0.0 for kind in KERNEL_KINDS}
+    for event in events:
+        if str(getattr(event, "device_type", "")).endswith("CUDA"):
+            totals[kernel_kind(event.name, op_kernels)] += _self_time_us(event, True) / 1e3
+    return totals
+
+
 def profile_step(model: nn.Module, step: Callable[[], None], device: torch.device) -> Dict[str, object]:
-    """Run ``step()`` once under the profiler; return ``{"ms": {component: ms}, "total_ms": ...}``.
+    """Run ``step()`` once under the profiler; return ``{"ms": {component: ms}, "total_ms": ...}`` (and on a GPU
+    ``"kernels": {kind: ms}``, see :func:`kernel_kinds`).
 
     ``step`` must call the optimizer inside ``record_function("bench::optimizer")`` (see :func:`optimizer_range`).
     """
@@ -208,8 +264,12 @@ def profile_step(model: nn.Module, step: Callable[[], None], device: torch.devic
         step()
         if on_device:
             torch.cuda.synchronize(device)
-    ms = attribute(prof.events(), on_device)
-    return {"ms": ms, "total_ms": sum(ms.values()), "clock": "device (CUDA kernels)" if on_device else "CPU"}
+    events = prof.events()
+    ms = attribute(events, on_device)
+    result = {"ms": ms, "total_ms": sum(ms.values()), "clock": "device (CUDA kernels)" if on_device else "CPU"}
+    if on_device:
+        result["kernels"] = kernel_kinds(events)
+    return result
 
 
 def optimizer_range():

@@ -44,7 +44,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from palimpsa.bench.breakdown import COMPONENTS, optimizer_range, profile_step
+from palimpsa.bench.breakdown import COMPONENTS, KERNEL_KINDS, optimizer_range, profile_step
 from palimpsa.bench.fla_compat import TIMING_ONLY_NOTE, hopper_check_bypassed, is_hopper_refusal
 
 SIZES = ("tiny", "170m", "340m", "760m")
@@ -286,6 +286,16 @@ def format_tables(result: Dict) -> str:
             cells = [f"{ms.get(c, 0.0):.1f}" for c in columns]
             lines.append(f"| {row['model']} | {row['size']} | " + " | ".join(cells)
                          + f" | {row['breakdown']['total_ms']:.1f} |")
+    by_kind = [r for r in profiled if "kernels" in r["breakdown"]]
+    if by_kind:
+        lines += ["", "The same step by kernel kind, milliseconds of device time (names only: sees inside compiled "
+                  "blocks; 'compiled' = torch.compile's fused kernels):", "",
+                  "| model | size | " + " | ".join(KERNEL_KINDS) + " | total |",
+                  "|---|---|" + "---|" * (len(KERNEL_KINDS) + 1)]
+        for row in by_kind:
+            ms = row["breakdown"]["kernels"]
+            cells = [f"{ms.get(k, 0.0):.1f}" for k in KERNEL_KINDS]
+            lines.append(f"| {row['model']} | {row['size']} | " + " | ".join(cells) + f" | {sum(ms.values()):.1f} |")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 

@@ -106,3 +106,28 @@ def test_fla_check_bypass_switches_off_only_the_check_and_restores_it(fake_fla):
         assert fla.utils.IS_NVIDIA_HOPPER is True  # only the kernel module's copy changes
     with pytest.raises(RuntimeError):
         chunk_o.chunk_bwd_dqkwg(g=1)
+
+
+def test_kernel_kinds_sort_kernels_by_name():
+    from types import SimpleNamespace
+
+    def kernel(name, us):
+        return SimpleNamespace(name=name, device_type="DeviceType.CUDA", self_device_time_total=us)
+
+    events = [kernel("_scan_bwd", 4000.0), kernel("nvjet_sm90_tst_256x128_64x4", 2000.0),
+              kernel("triton_poi_fused_add_mul_0", 500.0), kernel("void at::native::elementwise_kernel<128, 4>", 250.0),
+              kernel("void at::native::conv_depthwise2d_forward_kernel", 100.0),
+              kernel("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 50.0),
+              kernel("something_else", 25.0),
+              SimpleNamespace(name="aten::mm", device_type="DeviceType.CPU", self_cpu_time_total=1e6)]
+    ms = breakdown.kernel_kinds(events, op_kernels=frozenset({"_scan_bwd"}))
+    assert ms == {"op": 4.0, "matmul": 2.0, "compiled": 0.5, "elementwise": 0.25, "convolution": 0.1,
+                  "optimizer": 0.05, "other": 0.025}
+
+
+def test_op_kernel_names_include_the_grouped_kernels():
+    import palimpsa.ops.triton.gla  # noqa: F401
+    import palimpsa.ops.triton.importance  # noqa: F401
+
+    names = breakdown.op_kernel_names()
+    assert {"_scan_bwd", "_scan_fwd", "_fwd_states", "_bwd_dqk"} <= names
