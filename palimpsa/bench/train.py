@@ -197,7 +197,8 @@ def bench_model(name: str, size: str, *, batch: int, seq_len: int, device: torch
             row["params"] = sum(p.numel() for p in model.parameters())
             optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95),
                                           fused=device.type == "cuda")
-            smoke_step(model, vocab, seq_len, device, precision)
+            with compiled_blocks(False):  # fail fast without compiling a graph for the smoke step's shape
+                smoke_step(model, vocab, seq_len, device, precision)
             tokens = torch.randint(0, vocab, (batch, seq_len), device=device,
                                    generator=torch.Generator(device=device).manual_seed(0))
             step = make_step(model, optimizer, tokens, device, precision)
