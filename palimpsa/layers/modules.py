@@ -6,9 +6,9 @@ The norms compute in float32 (float64 for float64 inputs) and return the input d
 Compiled blocks: after ``set_compiled_blocks(True)`` every decoder block's forward (the layer around the op, its
 norms, short convolutions, gates, skip, MLP and residuals) runs through ``torch.compile`` on CUDA tensors (the
 per-channel op traces as custom ops; the grouped path's kernels are graph breaks and run as they are); so do the
-element-wise pieces used outside the blocks (the final norm).  Inductor fuses the element-wise chains into a few kernels that keep float32
-intermediates in registers instead of memory.  CPU tensors take the plain PyTorch code (the same functions, not
-compiled), so CPU runs and tests need no compiler.
+element-wise pieces used outside the blocks (the final norm).  Inductor fuses the element-wise chains into a few
+kernels that keep float32 intermediates in registers instead of memory.  CPU tensors take the plain PyTorch code
+(the same functions, not compiled), so CPU runs and tests need no compiler.
 """
 
 from __future__ import annotations
