@@ -8,6 +8,7 @@
 # each freed before the next; peak memory is per model.
 #
 #   bash scripts/gpu_bench_train.sh "$OUT"        (writes $OUT/bench-760m/ and $OUT/bench-170m/)
+# MODELS=palimpsa-g1,notpalimpsa,fla-gated-deltanet (say) limits the models; SIZES_170= skips the 170m run.
 # CPU smoke test of this script: DEVICE=cpu SIZES_760=tiny SIZES_170=tiny BATCH=1 SEQ_LEN=64 STEPS=1 WARMUP=0 \
 #   bash scripts/gpu_bench_train.sh /tmp/bench
 set -euo pipefail
@@ -18,8 +19,9 @@ BATCH=${BATCH:-4}
 SEQ_LEN=${SEQ_LEN:-4096}
 STEPS=${STEPS:-5}
 WARMUP=${WARMUP:-2}
-SIZES_760=${SIZES_760:-760m}
-SIZES_170=${SIZES_170:-170m}
+SIZES_760=${SIZES_760-760m}
+SIZES_170=${SIZES_170-170m}
+MODELS=${MODELS:-all}
 FLA_BYPASS=${FLA_BYPASS---fla-bypass-check}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 export PYTHONUNBUFFERED=1
@@ -48,8 +50,9 @@ PY
 status=0
 for run in "760:$SIZES_760" "170:$SIZES_170"; do
     name=${run%%:*}; sizes=${run#*:}
+    [ -n "$sizes" ] || continue
     start=$(date +%s)
-    $PYTHON -m palimpsa bench train --sizes "$sizes" --models all --batch "$BATCH" --seq-len "$SEQ_LEN" \
+    $PYTHON -m palimpsa bench train --sizes "$sizes" --models "$MODELS" --batch "$BATCH" --seq-len "$SEQ_LEN" \
         --steps "$STEPS" --warmup "$WARMUP" --device "$DEVICE" $FLA_BYPASS --out "$OUT/bench-${name}m" \
         2> >(tee "$OUT/bench-${name}m.log" >&2) || status=$?
     echo "bench ${name}m: $(( $(date +%s) - start )) s (exit $status)"
