@@ -79,6 +79,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--op-backend", choices=("auto", "torch", "triton"), default="auto",
                    help="backend of the Palimpsa op in the Palimpsa / Meta-Mamba2 layers "
                         "(default: auto, Triton on CUDA)")
+    p.add_argument("--torch-op-for", nargs="+", type=_model_name, default=[], metavar="MODEL",
+                   help="models whose Palimpsa op runs on the PyTorch backend whatever --op-backend says (e.g. those "
+                        "whose `python -m palimpsa.mqar.backend_check` failed on this device)")
+    p.add_argument("--equal-steps", action="store_true",
+                   help="train every run at once and in lockstep, so that with --time-limit-s all end with the same "
+                        "number of steps, the smallest any of them fits (each run waits while it is ahead of the "
+                        "slowest; needs --workers-per-device x devices >= runs; use --warmup-steps >= 200 so that "
+                        "the fitted length changes no learning rate already used)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per run (default: cores shared evenly among CPU workers)")
     p.add_argument("--devices", nargs="+", default=None, help="e.g. cuda:0 cuda:1 (default: all GPUs, else cpu)")
@@ -135,7 +143,9 @@ def main(args: argparse.Namespace) -> int:
         stats = run_sweep(runs, out, devices=args.devices, workers_per_device=workers,
                           progress=not args.no_progress, time_budget_s=args.time_budget,
                           op_backend=args.op_backend, threads=args.threads,
-                          checkpoints=not args.no_checkpoints)
+                          checkpoints=not args.no_checkpoints,
+                          op_backend_by_model={model: "torch" for model in args.torch_op_for},
+                          equal_steps=args.equal_steps)
         print(f"{stats['planned']} runs planned, {stats['skipped']} already done, {stats['recorded']} recorded "
               f"now -> {out / RESULTS_FILE}", file=sys.stderr)
     table, written = write_report(out / RESULTS_FILE, out)

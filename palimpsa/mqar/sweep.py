@@ -6,7 +6,9 @@ to a temporary name and renaming it over the old one, so a reader (or a crash) n
 parallel workers never interleave.  With several devices (or ``workers_per_device`` > 1) one worker process
 per slot pulls runs from a shared queue.  Each run in progress keeps a checkpoint in ``OUT/checkpoints/``
 (saved at every validation, removed when the run ends), so a run cut short by the time budget or a lost machine
-continues from its last validation when the sweep is run again.
+continues from its last validation when the sweep is run again.  With ``equal_steps`` every run trains at once
+and in lockstep (:mod:`palimpsa.mqar.lockstep`), so that time-limited runs of models of different speeds end
+with the same number of steps.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Optional, Sequence
 import torch
 
 from palimpsa.io import atomic_write, json_line, read_json_lines
+from palimpsa.mqar.lockstep import Lockstep, LockstepMember
+from palimpsa.mqar.models import OP_BACKENDS
 from palimpsa.mqar.train import RunConfig, run_id, train_run
 from palimpsa.train.interrupt import Interrupted, resume_message, stop_on_interrupt, stop_requested
 
@@ -150,7 +154,8 @@ def checkpoint_path(out_dir: str | os.PathLike, config: RunConfig) -> Path:
 
 
 def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: bool, position: int,
-                    deadline: Optional[float], op_backend: str, checkpoints: bool) -> dict:
+                    deadline: Optional[float], op_backend: str, checkpoints: bool,
+                    lockstep: Optional[LockstepMember] = None) -> dict:
     """Train one run and file its record: results.jsonl when finished, unfinished.jsonl when the time budget cut
     it short, nowhere when Ctrl-C stopped it (its checkpoint resumes it); a failure goes to OUT/errors.log.
 
@@ -159,7 +164,8 @@ def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: boo
     try:
         record = train_run(config, device=device, progress=progress, progress_position=position, deadline=deadline,
                            op_backend=op_backend, on_eval=lambda line: _locked_append(out_dir / PROGRESS_FILE, line),
-                           checkpoint_path=checkpoint_path(out_dir, config) if checkpoints else None)
+                           checkpoint_path=checkpoint_path(out_dir, config) if checkpoints else None,
+                           lockstep=lockstep)
     except Exception:  # one broken run must not stop the sweep; its traceback is kept
         message = f"run {run_id(config)} {config}\n{traceback.format_exc()}\n"
         with open(out_dir / ERRORS_FILE, "a") as f:
@@ -175,9 +181,10 @@ def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: boo
 
 
 def _worker(slot: int, device: str, queue, outcomes, out_dir: str, progress: bool, deadline: Optional[float],
-            op_backend: str, threads: Optional[int], checkpoints: bool) -> None:
-    """Worker process: take runs from the queue until a None arrives, the deadline passes or Ctrl-C is pressed;
-    put each run's outcome (see :func:`_run_and_record`) on ``outcomes``."""
+            op_backends: dict, threads: Optional[int], checkpoints: bool, lockstep: Optional[Lockstep]) -> None:
+    """Worker process: take (run index, run config) items from the queue until a None arrives, the deadline
+    passes or Ctrl-C is pressed; put each run's outcome (see :func:`_run_and_record`) on ``outcomes``.
+    op_backends: the op backend of each model; lockstep: the sweep's group (each run has the slot of its index)."""
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     if threads:
@@ -188,8 +195,15 @@ def _worker(slot: int, device: str, queue, outcomes, out_dir: str, progress: boo
                 item = queue.get()
                 if item is None or (deadline is not None and time.time() > deadline):
                     return
-                outcomes.put(_run_and_record(RunConfig.from_dict(item), device, Path(out_dir), progress, slot,
-                                             deadline, op_backend, checkpoints))
+                index, values = item
+                config = RunConfig.from_dict(values)
+                member = lockstep.member(index) if lockstep is not None else None
+                try:
+                    outcomes.put(_run_and_record(config, device, Path(out_dir), progress, slot, deadline,
+                                                 op_backends[config.model], checkpoints, member))
+                finally:
+                    if member is not None:
+                        member.finish()
     except KeyboardInterrupt:  # a second Ctrl-C: the sweep's process says what happened
         return
 
@@ -218,6 +232,8 @@ def run_sweep(
     op_backend: str = "auto",
     threads: Optional[int] = None,
     checkpoints: bool = True,
+    op_backend_by_model: Optional[dict] = None,
+    equal_steps: bool = False,
 ) -> dict:
     """Run every run not yet recorded in OUT/results.jsonl.
 
@@ -235,6 +251,11 @@ def run_sweep(
         threads: torch CPU threads per worker (default: the cores shared evenly among the workers, which
             avoids oversubscribed thread pools; torch's own default for a single in-process run).
         checkpoints: keep each run's training state in OUT/checkpoints/ while it runs, and resume from it.
+        op_backend_by_model: {model name: op backend} for models whose op runs on another backend than
+            ``op_backend`` (e.g. those whose Triton check failed on this device).
+        equal_steps: every run trains at once, in lockstep, and time-limited runs share one length, the smallest
+            any of them fits (see :mod:`palimpsa.mqar.lockstep`); needs a worker slot per run to go
+            (devices x workers_per_device), else ValueError.
 
     Returns:
         {"planned": n, "skipped": already recorded, "recorded": newly recorded, "failed": runs that raised (see
@@ -246,6 +267,12 @@ def run_sweep(
     """
     if workers_per_device < 1:
         raise ValueError(f"workers_per_device must be >= 1, got {workers_per_device}")
+    op_backend_by_model = dict(op_backend_by_model or {})
+    for model, backend in [("", op_backend), *op_backend_by_model.items()]:
+        if backend not in OP_BACKENDS:
+            raise ValueError(f"op backend{' of ' + model if model else ''} must be one of {OP_BACKENDS}, "
+                             f"got {backend!r}")
+    op_backends = {config.model: op_backend_by_model.get(config.model, op_backend) for config in runs}
     out_dir = Path(out_dir)
     devices = list(devices) if devices else visible_devices()
     with sweep_lock(out_dir), stop_on_interrupt():
@@ -258,13 +285,19 @@ def run_sweep(
                 seen.add(rid)
         deadline = None if time_budget_s is None else time.time() + time_budget_s
         # interleaved (cuda:0, cuda:1, cuda:0, ...) and no more workers than runs, so the runs spread evenly
-        slots = [device for _ in range(workers_per_device) for device in devices][:max(1, len(pending))]
+        slots = [device for _ in range(workers_per_device) for device in devices]
+        if equal_steps and len(pending) > len(slots):
+            raise ValueError(f"equal steps need every run to train at once: {len(pending)} runs to go but "
+                             f"{len(slots)} worker slots ({len(devices)} devices x {workers_per_device} workers per "
+                             "device); raise workers_per_device")
+        slots = slots[:max(1, len(pending))]
         try:
             if len(slots) == 1 or len(pending) <= 1:
-                outcomes = _run_here(pending, slots[0], out_dir, progress, deadline, op_backend, threads, checkpoints)
+                outcomes = _run_here(pending, slots[0], out_dir, progress, deadline, op_backends, threads,
+                                     checkpoints)
             else:
-                outcomes = _run_in_workers(pending, slots, out_dir, progress, deadline, op_backend, threads,
-                                           checkpoints)
+                outcomes = _run_in_workers(pending, slots, out_dir, progress, deadline, op_backends, threads,
+                                           checkpoints, equal_steps)
         except KeyboardInterrupt as interrupt:  # a second Ctrl-C: no waiting for the runs' last validation
             if isinstance(interrupt, Interrupted):
                 raise
@@ -277,7 +310,7 @@ def run_sweep(
 
 
 def _run_here(pending: list[RunConfig], device: str, out_dir: Path, progress: bool, deadline: Optional[float],
-              op_backend: str, threads: Optional[int], checkpoints: bool) -> list[dict]:
+              op_backends: dict, threads: Optional[int], checkpoints: bool) -> list[dict]:
     """The runs one after another in this process; their outcomes."""
     outcomes = []
     previous_threads = torch.get_num_threads()
@@ -287,27 +320,30 @@ def _run_here(pending: list[RunConfig], device: str, out_dir: Path, progress: bo
         for config in pending:
             if (deadline is not None and time.time() > deadline) or stop_requested():
                 break
-            outcomes.append(_run_and_record(config, device, out_dir, progress, 0, deadline, op_backend, checkpoints))
+            outcomes.append(_run_and_record(config, device, out_dir, progress, 0, deadline, op_backends[config.model],
+                                            checkpoints))
     finally:
         torch.set_num_threads(previous_threads)
     return outcomes
 
 
 def _run_in_workers(pending: list[RunConfig], slots: list[str], out_dir: Path, progress: bool,
-                    deadline: Optional[float], op_backend: str, threads: Optional[int],
-                    checkpoints: bool) -> list[dict]:
-    """The runs spread over one worker process per slot (a device name); their outcomes."""
+                    deadline: Optional[float], op_backends: dict, threads: Optional[int],
+                    checkpoints: bool, equal_steps: bool = False) -> list[dict]:
+    """The runs spread over one worker process per slot (a device name), in lockstep with ``equal_steps``;
+    their outcomes."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue, outcome_queue = ctx.Queue(), ctx.Queue()
-    for config in pending:
-        queue.put({f.name: getattr(config, f.name) for f in fields(RunConfig)})
+    lockstep = Lockstep(len(pending), ctx) if equal_steps else None
+    for index, config in enumerate(pending):
+        queue.put((index, {f.name: getattr(config, f.name) for f in fields(RunConfig)}))
     for _ in slots:
         queue.put(None)
     worker_threads = threads or max(1, (os.cpu_count() or 1) // len(slots))
     workers = [ctx.Process(target=_worker, args=(i, device, queue, outcome_queue, str(out_dir), progress, deadline,
-                                                 op_backend, worker_threads, checkpoints))
+                                                 op_backends, worker_threads, checkpoints, lockstep))
                for i, device in enumerate(slots)]
     for w in workers:
         w.start()

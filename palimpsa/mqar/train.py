@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from palimpsa.mqar.data import IGNORE_INDEX, make_splits
+from palimpsa.mqar.lockstep import LockstepMember
 from palimpsa.mqar.models import (VARIANCE_MODELS, MQARModel, MQARModelConfig, count_parameters,
                                   palimpsa_op_backend, recurrent_state_bytes)
 from palimpsa.mqar.report import variance_auroc
@@ -207,7 +208,8 @@ def describe_device(device: torch.device) -> str:
 def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: bool = True,
               progress_position: int = 0, deadline: Optional[float] = None, op_backend: str = "auto",
               on_eval: Optional[Callable[[dict], None]] = None,
-              checkpoint_path: Optional[str | os.PathLike] = None) -> dict:
+              checkpoint_path: Optional[str | os.PathLike] = None,
+              lockstep: Optional[LockstepMember] = None) -> dict:
     """Train one run and return its result record (see the module docstring for the protocol).
 
     ``deadline`` (a time.time() value) stops training early with stop_reason "deadline" (a sweep's budget).
@@ -217,6 +219,8 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
     speed, not the math, so it is recorded but is not part of the run's identity.
     ``checkpoint_path``: save the training state there at every validation and resume from it when it exists
     (see the module docstring); the file is removed once the run ends, unless a deadline stopped it.
+    ``lockstep``: this run's place in a group of runs training at once (see :mod:`palimpsa.mqar.lockstep`): it
+    keeps pace with the group after every step, and a time-limited run takes the group's fitted length.
 
     Returns a dict with model, seq_len, num_kv_pairs, d_model, lr, seed, epochs (completed, fractional),
     steps, val_accuracy, test_accuracy, state_bytes (recurrent state per layer), importance_groups (G of a
@@ -224,12 +228,17 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
     run_id, planned_steps, stop_reason, num_parameters, variance_auroc (models in VARIANCE_MODELS; None
     when undefined), history ([step, train loss, validation accuracy] at each validation), seconds_per_step
     (training steps after the first 5, validations excluded), op_backend, resumed_at_steps (the steps it
-    resumed from checkpoints at) and the whole config.
+    resumed from checkpoints at), lockstep_runs (the size of its lockstep group, None without one) and the whole
+    config.
     """
     checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
-    with palimpsa_op_backend(op_backend):
-        record = _train(config, torch.device(device), progress, progress_position, deadline, on_eval,
-                        checkpoint_path)
+    try:
+        with palimpsa_op_backend(op_backend):
+            record = _train(config, torch.device(device), progress, progress_position, deadline, on_eval,
+                            checkpoint_path, lockstep)
+    finally:
+        if lockstep is not None:  # a failed run must not be waited for
+            lockstep.finish()
     record["op_backend"] = op_backend
     return record
 
@@ -436,7 +445,7 @@ def _describe(config: RunConfig) -> str:
 
 def _train(config: RunConfig, device: torch.device, progress: bool, progress_position: int,
            deadline: Optional[float], on_eval: Optional[Callable[[dict], None]],
-           checkpoint_path: Optional[Path]) -> dict:
+           checkpoint_path: Optional[Path], lockstep: Optional[LockstepMember]) -> dict:
     """The body of :func:`train_run`, top to bottom: set up (or resume), then step and validate until the run
     ends, then test the best validated weights."""
     clock = Clock()
@@ -464,6 +473,8 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
     bar = tqdm(total=run.total, initial=run.step, desc=_describe(config), disable=not progress,
                position=progress_position, leave=progress_position == 0, dynamic_ncols=True, mininterval=1.0)
     timer.begin(run.step, run.total)
+    if lockstep is not None:
+        lockstep.start(run.step, will_fit=fit.time_limit_s is not None and not fit.fitted and run.total > fit.fit_at)
     batches = _batch_positions(config, order_gen, device, resumed_epoch)
     stop_reason = "planned_steps"
     non_finite = None  # device flag: a non-finite training loss since the start
@@ -486,6 +497,8 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
         out_of_time = deadline is not None and time.time() > deadline
         fit.after_step(run.step, device, timer.eval_seconds)
         fit_now = fit.due(run.step, run.total)
+        if lockstep is not None:
+            lockstep.after_step(run.step)
         # the validations every run makes; a deadline's (or Ctrl-C's) extra one is scored for the stopped run's
         # record but kept out of the state it resumes from, so that the resumed run matches an uninterrupted one
         scheduled = run.step % eval_every == 0 or run.step == run.total or fit_now
@@ -506,6 +519,8 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
         if fit_now:
             run.total = fit.fit(config, run.step, run.total, eval_every, eval_started, eval_seconds_at_probe_end,
                                 time.time() - eval_started, time.time() - clock.train_started)
+            if lockstep is not None:
+                run.total = lockstep.agree(run.total)
             bar.total = run.total
             bar.refresh()
         bar.set_postfix(loss=f"{run.loss:.3f}", val_acc=f"{val:.3f}")
@@ -520,6 +535,8 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
             stop_reason = "interrupted" if interrupted else "deadline"
             break
     bar.close()
+    if lockstep is not None:
+        lockstep.finish()
     _synchronize(device)
     timed_seconds, timed_steps = timer.totals(run.step)
 
@@ -555,5 +572,6 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
         "variance_auroc": test.get("variance_auroc"),
         "history": run.history,
         "resumed_at_steps": run.resumed_at,
+        "lockstep_runs": lockstep.size if lockstep is not None else None,
         "config": asdict(config),
     }
