@@ -30,7 +30,8 @@ FIXED_OPTIONS = (
     ("eval_every", int, "steps between validations (default once per epoch)"),
     ("early_stop_accuracy", float, "stop once validation accuracy exceeds this"),
     ("power_a", float, "power-law exponent of the query placement"),
-    ("time_limit_s", float, "fit each run into this many seconds (its step count is set after a short timing)"),
+    ("time_limit_s", float, "fit each run into this many seconds, and before the end of --time-budget (its step count "
+                            "is set after a short timing)"),
 )
 
 

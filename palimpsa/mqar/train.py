@@ -63,7 +63,8 @@ class RunConfig:
     cosine schedule spans min(epochs * steps_per_epoch, max_steps)).  eval_every: steps between validations
     (None = once per epoch).  amp: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "off".
     time_limit_s: fit the run into this many seconds of training and evaluation: once steps FIT_PROBE_START
-    to FIT_AT_STEP are timed, the planned total is cut to the steps that fit (the record keeps the steps
+    to FIT_AT_STEP are timed, the planned total is cut to the steps that fit, and that end before the deadline
+    of a run given one (a sweep's time budget; the record keeps the steps
     actually run, and with warmup_steps >= FIT_AT_STEP the schedule equals that of ``max_steps`` = those steps,
     so the run can be repeated exactly without a time limit).
     """
@@ -334,16 +335,20 @@ class TimeLimitFit:
         return self.time_limit_s is not None and not self.fitted and step == self.fit_at and step < total
 
     def fit(self, config: RunConfig, step: int, total: int, eval_every: int, probe_end: float, eval_seconds: float,
-            validation_seconds: float, elapsed: float) -> int:
-        """The new total: the most steps that fit in what is left of the time limit, counting the validations
-        every ``eval_every`` steps and the final test pass (each timed from this one validation of
-        ``validation_seconds``), never fewer than ``step`` nor more than ``total``.  ``probe_end``: when the
-        probe's training ended; ``eval_seconds``: StepTimer.eval_seconds then."""
+            validation_seconds: float, elapsed: float, deadline_left: Optional[float] = None) -> int:
+        """The new total: the most steps that fit in what is left of the time limit (and before the deadline,
+        ``deadline_left`` seconds away, when there is one), counting the validations every ``eval_every`` steps
+        and the final test pass (each timed from this one validation of ``validation_seconds``), never fewer than
+        ``step`` nor more than ``total``.  ``probe_end``: when the probe's training ended; ``eval_seconds``:
+        StepTimer.eval_seconds then."""
         probe_train = probe_end - self.probe_start - (eval_seconds - self.probe_eval_seconds)
         seconds_per_step = probe_train / (self.fit_at - self.probe_from)
         self.fitted = True
         test_seconds = validation_seconds * config.num_test / config.num_validation
-        left = FIT_SAFETY * (self.time_limit_s - elapsed) - test_seconds
+        time_left = self.time_limit_s - elapsed
+        if deadline_left is not None:  # a run that would still be going at the deadline would not be recorded
+            time_left = min(time_left, deadline_left)
+        left = FIT_SAFETY * time_left - test_seconds
         per_step = seconds_per_step + validation_seconds / eval_every
         return max(step, min(total, step + int(left / per_step)))
 
@@ -518,7 +523,8 @@ def _train(config: RunConfig, device: torch.device, progress: bool, progress_pos
                      "val_accuracy": round(val, 4), "seconds": round(time.time() - clock.started, 1)})
         if fit_now:
             run.total = fit.fit(config, run.step, run.total, eval_every, eval_started, eval_seconds_at_probe_end,
-                                time.time() - eval_started, time.time() - clock.train_started)
+                                time.time() - eval_started, time.time() - clock.train_started,
+                                None if deadline is None else deadline - time.time())
             if lockstep is not None:
                 run.total = lockstep.agree(run.total)
             bar.total = run.total

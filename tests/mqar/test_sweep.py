@@ -175,3 +175,19 @@ def test_a_sweep_continues_an_interrupted_run(tmp_path):
     (record,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert record["resumed_at_steps"] == [1] and record["steps"] == 12
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_time_limited_run_fits_its_length_before_the_deadline(monkeypatch):
+    """A time limit with time to spare but a sweep deadline close by: the run fits its length to the deadline (here:
+    it stops at the fit step, planned and recorded) instead of being cut short there and left unrecorded."""
+    import time
+
+    import palimpsa.mqar.train as train_module
+
+    monkeypatch.setattr(train_module, "FIT_PROBE_START", 2)
+    monkeypatch.setattr(train_module, "FIT_AT_STEP", 4)
+    config = RunConfig(model="attention", seq_len=16, num_kv_pairs=2, d_model=8, lr=1e-3, max_steps=100_000,
+                       eval_every=1000, time_limit_s=3600.0, warmup_steps=4, **dict(TINY, num_train=64, epochs=1e6))
+    record = train_module.train_run(config, progress=False, deadline=time.time() + 2.0)
+    assert record["stop_reason"] == "planned_steps" and record["fitted_to_time_limit"]
+    assert record["steps"] == record["planned_steps"] < 100_000
