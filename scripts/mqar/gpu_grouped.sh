@@ -14,7 +14,7 @@
 # How the 48 runs fit: both sweeps start together, every run on the one GPU at once, time-sliced (MPS=1 tries the
 # MPS daemon first; it is off by default: MPS limits the clients per GPU, 48 in NVIDIA's documentation of Volta
 # MPS, and the H200 of results/mqar/gpu4 did not start it).  Batch 64, not the paper's 128: it halves the
-# work per step and the activation memory of 48 processes sharing the card (about 2 GB each).  Each sweep trains
+# work per step and the activation memory of 48 processes sharing the card (estimated at about 2 GB each).  Each sweep trains
 # its runs in lockstep (`--equal-steps`): a run waits while it is more than 5 steps ahead of the slowest, so the
 # GPU time a cheap model leaves goes to the dear ones; after timing steps 100-200, every run fits its length into
 # its time limit and the sweep's budget, and the runs of a sweep agree on the smallest of these lengths.  So the
@@ -25,13 +25,15 @@
 #
 # Expected pace.  results/mqar/gpu3 ran 20 runs at L=256, batch 128, time-sliced on an H100: a per-channel run
 # (palimpsa; palimpsa_g4 runs per channel too, as V/G is below 16) cost 18.7 ms of GPU per step at full state and
-# 11.8 ms at quarter state; results/mqar/gpu4 ran L=512 on an H200 at the same cost per token.  palimpsa_g1 and
-# notpalimpsa now run on the GLA-shaped path, not yet timed in MQAR: taken here at 0.5-1x the per-channel cost.
-# At batch 64 a lockstep round of the full sweep then costs about 0.2-0.25 s of GPU and one of the quarter sweep
-# 0.12-0.16 s; sharing the GPU, a full-state run takes about 0.4-0.55 s per step and a quarter-state run
-# 0.27-0.4 s.  With about 340 s of training per run (below): about 600-850 steps at full state and 850-1,250 at
-# quarter state.  If batch 64 costs as much as batch 128 and the GLA path no less than the per-channel one: about
-# 380 and 600.  The steps actually run and the seconds per step are in results.jsonl and the summary's last lines.
+# 11.8 ms at quarter state (0.37 and 0.24 s per step with 20 runs sharing); results/mqar/gpu4 ran L=512 on an H200
+# at the same cost per token (0.60-0.76 s per step with 20 runs).  palimpsa_g1 and notpalimpsa now run on the
+# GLA-shaped path, not yet timed in MQAR.  Taking batch 64 at 0.6x the cost of batch 128 and the GLA path at 0.75x
+# the per-channel one, a lockstep round of the 24 full-state runs costs 0.235 s of GPU and one of the quarter-state
+# runs 0.149 s; each sweep holds half the processes, so about 0.47 s per step for a full-state run and 0.30 s for
+# a quarter-state run: about 770 and 1,200 steps in the ~360 s of training each run gets (below).  Bounds: 0.34-0.9
+# s per step at full state (1,060-400 steps) and 0.21-0.56 s at quarter state (1,700-640 steps), from "batch 64
+# costs half and the GLA path half" to "batch 64 costs as much as 128 and the GLA path as much as per channel".
+# The steps actually run and the seconds per step are in results.jsonl and at the end of summary.md.
 #
 # Phases (seconds from the start; the times are estimates):
 #   0-5      machine and software into the log;
@@ -41,7 +43,8 @@
 #            do not compile at once.  A model whose check fails runs its op on PyTorch (`--torch-op-for`);
 #   70-495   the two sweeps, --time-budget ending at WALL_S - REPORT_S (a run still going then is scored at its best
 #            validation and goes to unfinished.jsonl); every run's time limit is that budget less SLACK_S, against
-#            a pace that slows after it was timed (the runs start 15-30 s into the budget, then train ~340 s);
+#            a pace that slows after it was timed (the runs start 15-30 s into the budget; each fits ~360 s of
+#            steps and validations, and its test pass, into what is left);
 #   495-510  the report.  A watchdog interrupts the sweeps 20 s after their budget and kills them 15 s later, so
 #            the command ends by about WALL_S + 10 s at worst.
 #
