@@ -82,7 +82,7 @@ def add_parser(subparsers) -> None:
                         "(default: auto, Triton on CUDA)")
     p.add_argument("--torch-op-for", nargs="+", type=_model_name, default=[], metavar="MODEL",
                    help="models whose Palimpsa op runs on the PyTorch backend whatever --op-backend says (e.g. those "
-                        "whose `python -m palimpsa.mqar.backend_check` failed on this device)")
+                        "whose `python -m palimpsa.mqar.backend_check` failed on this device; default: none)")
     p.add_argument("--equal-steps", action="store_true",
                    help="train every run at once and in lockstep, so that with --time-limit-s all end with the same "
                         "number of steps, the smallest any of them fits (each run waits while it is ahead of the "
