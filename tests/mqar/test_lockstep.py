@@ -51,7 +51,7 @@ def test_a_fast_run_keeps_pace_with_a_slow_one():
         slow.finish()
 
     in_threads(run_fast, run_slow)
-    assert max(leads) <= 2  # never more than lag steps ahead of the slow run (which is at least at -1 + ...)
+    assert max(leads) <= 2  # never more than lag steps ahead of the slow run
     assert leads[-1] >= 0
 
 
@@ -70,7 +70,7 @@ def test_the_group_agrees_on_the_smallest_fitted_length():
 
 def test_an_ended_or_silent_run_is_not_waited_for():
     group = Lockstep(3, lag=1, stall_s=0.2, poll_s=0.001)
-    ended, silent, running = group.member(0), group.member(1), group.member(2)
+    ended, running = group.member(0), group.member(2)  # slot 1: a run that never starts
     ended.start(0, will_fit=True)
     ended.finish()
     running.start(0, will_fit=True)

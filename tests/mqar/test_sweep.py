@@ -186,6 +186,7 @@ def test_a_time_limited_run_fits_its_length_before_the_deadline(monkeypatch):
 
     monkeypatch.setattr(train_module, "FIT_PROBE_START", 2)
     monkeypatch.setattr(train_module, "FIT_AT_STEP", 4)
+    monkeypatch.setattr(train_module, "FIT_SAFETY", 0.5)  # room for a busy machine's slower steps after the fit
     config = RunConfig(model="attention", seq_len=16, num_kv_pairs=2, d_model=8, lr=1e-3, max_steps=100_000,
                        eval_every=1000, time_limit_s=3600.0, warmup_steps=4, **dict(TINY, num_train=64, epochs=1e6))
     record = train_module.train_run(config, progress=False, deadline=time.time() + 2.0)
