@@ -63,7 +63,7 @@
 # CHECK (1; 0 skips the checks), CHECK_TIMEOUT_S (120), MPS (0), DEVICE (cuda), PYTHON (python), WORK (scratch
 # folder, emptied first; default runs/mqar/gpu_grouped).
 # A CPU smoke test (about 3 minutes on 2 cores; the checks fail there, so every op runs on PyTorch):
-#   OUT=/tmp/grouped_out WORK=/tmp/grouped_work DEVICE=cpu WALL_S=170 REPORT_S=30 SLACK_S=30 SEEDS=0 LRS=1e-2 \
+#   OUT=/tmp/grouped_out WORK=/tmp/grouped_work DEVICE=cpu WALL_S=200 REPORT_S=30 SLACK_S=30 SEEDS=0 LRS=1e-2 \
 #     SETTING=32:4 D_MODEL=16 NUM_HEADS=2 STATES="full:8:16 quarter:4:8" BATCH=8 \
 #     EXTRA_ARGS="--vocab-size 64 --num-train 512 --num-validation 32 --num-test 32" bash scripts/mqar/gpu_grouped.sh
 set -u
@@ -134,15 +134,17 @@ for state in $STATES; do
 done
 if [ "$CHECK" = 1 ]; then
     IFS=: read -r L KV <<< "$SETTING"
+    CHECK_PIDS=()
     for state in $STATES; do
         IFS=: read -r name K V <<< "$state"
         for model in $MODELS; do
             OMP_NUM_THREADS=2 timeout "$CHECK_TIMEOUT_S" "$PYTHON" -m palimpsa.mqar.backend_check --models "$model" \
                 --device "$DEVICE" --seq-len "$L" --num-kv-pairs "$KV" --batch 2 --d-model "$D_MODEL" \
                 --num-heads "$NUM_HEADS" --head-k-dim "$K" --head-v-dim "$V" > "$WORK/checks/${name}_$model.log" 2>&1 &
+            CHECK_PIDS+=($!)
         done
     done
-    wait
+    wait "${CHECK_PIDS[@]}"  # (not a bare wait: the GPU monitor runs in the background until the end)
     for state in $STATES; do
         IFS=: read -r name K V <<< "$state"
         for model in $MODELS; do
