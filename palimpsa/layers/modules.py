@@ -24,21 +24,22 @@ import torch.nn.functional as F
 
 ACTIVATIONS = {None: None, "silu": F.silu, "swish": F.silu}
 IGNORE_INDEX = -100
-_COMPILED_BLOCKS = {"enabled": False, "devices": ("cuda",)}
+_COMPILED_BLOCKS = {"enabled": False, "devices": ("cuda",), "backend": "inductor"}
 
 
-def set_compiled_blocks(enabled: bool, devices: Tuple[str, ...] = ("cuda",)) -> None:
+def set_compiled_blocks(enabled: bool, devices: Tuple[str, ...] = ("cuda",), backend: str = "inductor") -> None:
     """Run decoder blocks and element-wise pieces through ``torch.compile`` (off by default).
 
     ``devices``: the device types whose tensors take the compiled code (CUDA; "cpu" too needs a C++ compiler,
-    which the tests use to check the compiled code against the plain one).
+    which the tests use to check the compiled code against the plain one).  ``backend``: torch.compile's
+    backend ("aot_eager" traces and partitions like inductor without generating kernels: the CPU tests use it).
+    Graphs compiled before a change keep the settings they were made with.
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     if isinstance(devices, str) or not all(d in ("cuda", "cpu") for d in devices):
         raise ValueError(f"devices must be a tuple of 'cuda' and/or 'cpu', got {devices!r}")
-    _COMPILED_BLOCKS["enabled"] = enabled
-    _COMPILED_BLOCKS["devices"] = tuple(devices)
+    _COMPILED_BLOCKS.update(enabled=enabled, devices=tuple(devices), backend=backend)
 
 
 def compiled_blocks_enabled() -> bool:
@@ -47,10 +48,10 @@ def compiled_blocks_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def compiled_blocks(enabled: bool = True, devices: Tuple[str, ...] = ("cuda",)):
+def compiled_blocks(enabled: bool = True, devices: Tuple[str, ...] = ("cuda",), backend: str = "inductor"):
     """Compiled blocks on (or off) inside the ``with`` block; the previous setting is restored after it."""
     previous = dict(_COMPILED_BLOCKS)
-    set_compiled_blocks(enabled, devices)
+    set_compiled_blocks(enabled, devices, backend)
     try:
         yield
     finally:
@@ -75,7 +76,7 @@ def compiled_on_cuda(fn: Callable) -> Callable:
         nonlocal compiled
         if _compiles(args[0]):
             if compiled is None:
-                compiled = torch.compile(fn)
+                compiled = torch.compile(fn, backend=_COMPILED_BLOCKS["backend"])
             return compiled(*args)
         return fn(*args)
 
@@ -87,8 +88,9 @@ def compiled_block_forward(forward: Callable) -> Callable:
     """Decorator for a decoder block's ``forward(self, hidden_states, ...)``: compiled when blocks are.
 
     When compiled blocks are on, ``hidden_states`` is a CUDA tensor and no decoding ``cache`` is passed
-    (training and full-sequence forwards), the forward runs through ``torch.compile`` (static shapes; one
-    compiled graph per shape, shared by every block of the class, whose parameters are inputs).  The
+    (training and full-sequence forwards), the forward runs through ``torch.compile`` (one compiled graph shared
+    by every block of the class, whose parameters are inputs; shapes are static until one changes, e.g. the
+    number of packed documents in ``cu_seqlens``, which then becomes dynamic instead of recompiling per value).  The
     per-channel Triton op traces as custom ops; the grouped path's Triton kernels and fla's are graph breaks.
     Otherwise it runs as written.
     """
@@ -99,7 +101,7 @@ def compiled_block_forward(forward: Callable) -> Callable:
         nonlocal compiled
         if kwargs.get("cache") is None and _compiles(hidden_states):
             if compiled is None:
-                compiled = torch.compile(forward, dynamic=False)
+                compiled = torch.compile(forward, backend=_COMPILED_BLOCKS["backend"])
             return compiled(self, hidden_states, *args, **kwargs)
         return forward(self, hidden_states, *args, **kwargs)
 
