@@ -4,7 +4,7 @@
 #   G = 1        one importance gate per head and token ({"importance_groups": 1}),
 #   NotPalimpsa  no importance at all ({"metaplasticity": false}).
 # Same byte-level tokens in the same order, same schedule and step budget, same seeds; the validation loss is measured
-# on the same held-out packs (documents the training split never sees).  About 40 minutes on 2 CPU cores.
+# on the same held-out packs (documents the training split never sees).  About 30 minutes on 2 otherwise idle CPU cores.
 #
 #   bash scripts/lm_grouped_cpu.sh --out OUT_DIR
 #
@@ -12,7 +12,7 @@
 # last VAL_DOCS documents are held out.  Runs go to OUT_DIR/runs/<name>/ (metrics.jsonl, checkpoint, exported
 # model); then scripts/summarize_lm_grouped.py writes OUT_DIR/summary.md, runs.json and loss_curves.png.
 # Each seed is a lane (one process at a time per lane, lanes side by side, THREADS torch threads per process).
-# Knobs (environment): SEEDS ("0 1"), STEPS (800), SEQ_LEN (512), BATCH (8 packs per step), LR (2e-3),
+# Knobs (environment): SEEDS ("0 1"), STEPS (600), SEQ_LEN (512), BATCH (8 packs per step), LR (2e-3),
 # EVAL_EVERY (100), EVAL_PACKS (128), VAL_DOCS (64), THREADS (2 / number of seeds, at least 1), PYTHON, and the
 # model sizes D_MODEL (128), LAYERS (4), HEADS (4), HEAD_DIM (32; V = K).
 # Smoke test (a minute): SEEDS=0 STEPS=4 SEQ_LEN=64 BATCH=2 EVAL_EVERY=2 EVAL_PACKS=2 bash scripts/lm_grouped_cpu.sh --out /tmp/lmg
@@ -21,7 +21,7 @@ usage="usage: bash scripts/lm_grouped_cpu.sh --out OUT_DIR"
 [[ $# -eq 2 && $1 == --out ]] || { echo "$usage" >&2; exit 2; }
 OUT=$2
 SEEDS=${SEEDS:-0 1}
-STEPS=${STEPS:-800}
+STEPS=${STEPS:-600}
 SEQ_LEN=${SEQ_LEN:-512}
 BATCH=${BATCH:-8}
 LR=${LR:-2e-3}
