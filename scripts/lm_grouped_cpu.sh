@@ -4,7 +4,8 @@
 #   G = 1        one importance gate per head and token ({"importance_groups": 1}),
 #   NotPalimpsa  no importance at all ({"metaplasticity": false}).
 # Same byte-level tokens in the same order, same schedule and step budget, same seeds; the validation loss is measured
-# on the same held-out packs (documents the training split never sees).  About 30 minutes on 2 otherwise idle CPU cores.
+# on the same held-out packs (documents the training split never sees).  About 30 minutes on 2 idle CPU cores
+# (58 on a shared one: results/train/grouped_cpu/CARD.md).
 #
 #   bash scripts/lm_grouped_cpu.sh --out OUT_DIR
 #
@@ -15,7 +16,8 @@
 # Knobs (environment): SEEDS ("0 1"), STEPS (600), SEQ_LEN (512), BATCH (8 packs per step), LR (2e-3),
 # EVAL_EVERY (100), EVAL_PACKS (128), VAL_DOCS (64), THREADS (2 / number of seeds, at least 1), PYTHON, and the
 # model sizes D_MODEL (128), LAYERS (4), HEADS (4), HEAD_DIM (32; V = K).
-# Smoke test (a minute): SEEDS=0 STEPS=4 SEQ_LEN=64 BATCH=2 EVAL_EVERY=2 EVAL_PACKS=2 bash scripts/lm_grouped_cpu.sh --out /tmp/lmg
+# Smoke test (about a minute):
+#   SEEDS=0 STEPS=4 SEQ_LEN=64 BATCH=2 EVAL_EVERY=2 EVAL_PACKS=2 bash scripts/lm_grouped_cpu.sh --out /tmp/lmg
 set -euo pipefail
 usage="usage: bash scripts/lm_grouped_cpu.sh --out OUT_DIR"
 [[ $# -eq 2 && $1 == --out ]] || { echo "$usage" >&2; exit 2; }
@@ -41,8 +43,10 @@ mkdir -p "$OUT/data" "$OUT/runs"
 started=$(date +%s)
 
 $PYTHON -m palimpsa info > "$OUT/environment.txt"
-{ echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')"
-  echo "cpu    $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(getconf _NPROCESSORS_ONLN) cores, $THREADS torch thread(s) per run"
+changes=$(git diff --quiet HEAD 2>/dev/null || echo " (with local changes)")
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)
+{ echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$changes"
+  echo "cpu    $cpu, $(getconf _NPROCESSORS_ONLN) cores, $THREADS torch thread(s) per run"
   echo "date   $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >> "$OUT/environment.txt"
 
 # Corpus, then the split: the last VAL_DOCS documents (of the shuffled order) are the held-out set.
@@ -70,7 +74,8 @@ lane() {  # lane SEED: the three models one after the other
     name="${models[i]}-seed$seed"
     echo "== $(date +%H:%M:%S) $name"
     $PYTHON -m palimpsa train "${common[@]}" --seed "$seed" --model-overrides "${models[i + 1]}" \
-      --out-dir "$OUT/runs/$name" > "$OUT/runs/$name.log" 2>&1 || { echo "$name failed: $OUT/runs/$name.log"; return 1; }
+      --out-dir "$OUT/runs/$name" > "$OUT/runs/$name.log" 2>&1 \
+      || { echo "$name failed: $OUT/runs/$name.log"; return 1; }
   done
 }
 status=0

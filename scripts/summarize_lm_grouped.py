@@ -5,7 +5,7 @@ or a ``runs.json`` collected earlier, and writes to OUT_DIR:
   runs.json         per run: model label, seed, parameters, recurrent state size and every metric record,
   summary.md        final validation loss / bits per byte / perplexity per run and per model (mean over seeds),
                     tokens seen, wall time, tokens/s, parameters and state size,
-  loss_curves.png   validation loss (held-out packs) and training loss against tokens.
+  loss_curves.png   validation loss (held-out packs) against tokens, and training loss minus G = V's (same seed).
 
     python scripts/summarize_lm_grouped.py RUNS_DIR_OR_JSON OUT_DIR
 
@@ -137,7 +137,15 @@ def summary_lines(runs: dict) -> list:
     return lines
 
 
-def plot(runs: dict, path: str) -> None:
+def moving_average(values: list, window: int) -> list:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    return [statistics.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def plot(runs: dict, path: str, window: int = 5) -> None:
+    """Left: validation loss against tokens, every run.  Right: training loss minus that of G = V with the same
+    seed at the same step (every model sees the same batches, so the batch-to-batch swings cancel), as a moving
+    average over ``window`` logged records."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,25 +154,28 @@ def plot(runs: dict, path: str) -> None:
     labels = ordered({run["label"] for run in runs.values()})
     colours = {label: f"C{i}" for i, label in enumerate(labels)}
     styles = ["-", "--", ":", "-."]
-    figure, (val_axis, train_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    reference = {run["seed"]: {r["step"]: r["loss"] for r in run["records"]}
+                 for run in runs.values() if run["label"] == "G = V"}
+    figure, (val_axis, diff_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, run in sorted(runs.items(), key=lambda item: (labels.index(item[1]["label"]), item[1]["seed"])):
         evaluated = [r for r in run["records"] if r.get("val_loss") is not None]
         style = dict(color=colours[run["label"]], linestyle=styles[run["seed"] % len(styles)],
                      label=f"{run['label']}, seed {run['seed']}")
         val_axis.plot([r["tokens"] / 1e6 for r in evaluated], [r["val_loss"] for r in evaluated], marker=".",
                       **style)
-        train_axis.plot([r["tokens"] / 1e6 for r in run["records"]], [r["loss"] for r in run["records"]],
-                        linewidth=0.8, **style)
-    for axis, title in ((val_axis, "validation loss (held-out packs)"), (train_axis, "training loss")):
+        same_seed = reference.get(run["seed"], {})
+        paired = [r for r in run["records"] if r["step"] in same_seed]
+        if paired:
+            diffs = moving_average([r["loss"] - same_seed[r["step"]] for r in paired], window)
+            diff_axis.plot([r["tokens"] / 1e6 for r in paired], diffs, linewidth=1, **style)
+    val_axis.set_title("validation loss (held-out packs)")
+    val_axis.set_ylabel("nats per byte")
+    diff_axis.set_title("training loss minus G = V's (same seed, same batches)")
+    diff_axis.set_ylabel(f"nats per byte (moving mean of {window} records)")
+    diff_axis.axhline(0, color="black", linewidth=0.6)
+    for axis in (val_axis, diff_axis):
         axis.set_xlabel("training tokens (millions)")
-        axis.set_ylabel("nats per byte")
-        axis.set_title(title)
         axis.grid(alpha=0.3)
-    # Zoom on the end: the first evaluations are far above the rest.
-    finals = [r["val_loss"] for run in runs.values() for r in run["records"][-1:] if r.get("val_loss") is not None]
-    if finals:
-        val_axis.set_ylim(min(finals) - 0.05, min(finals) + 0.6)
-        train_axis.set_ylim(min(finals) - 0.4, min(finals) + 0.8)
     val_axis.legend(fontsize=8)
     figure.suptitle("Palimpsa importance groups, byte-level LM on Python stdlib sources (CPU), same tokens")
     figure.tight_layout()
