@@ -19,6 +19,10 @@ HELP = {
              "JSON model config or HF config directory",
     "model_overrides": "JSON object of model config fields to replace, e.g. '{\"metaplasticity\": false}'",
     "data": "local files/directories/globs, or hf:NAME[:CONFIG] (streaming)",
+    "eval_data": "held-out local files/directories/globs (or hf:NAME[:CONFIG]): val_loss over their first "
+                 "eval_packs packs is logged when the run stops (and every eval_every steps if > 0)",
+    "eval_every": "also log val_loss every N steps (0: only when the run stops; needs eval_data)",
+    "eval_packs": "packs of seq_len tokens of eval_data that val_loss averages over",
     "text_field": "the text column of .jsonl/.json/.parquet documents and hf: datasets",
     "hf_split": "split of an hf: dataset",
     "tokenizer": "'byte' (offline byte-level) or an HF tokenizer directory / hub id",
@@ -57,7 +61,7 @@ def _field_kwargs(f: dataclasses.Field, hints) -> dict:
     kwargs = {"help": HELP.get(f.name, "") + f" (default: {default!r})", "default": argparse.SUPPRESS}
     if kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
-    elif f.name == "data":
+    elif f.name in ("data", "eval_data"):
         kwargs["nargs"] = "+"
     elif f.name == "betas":
         kwargs.update(nargs=2, type=float)

@@ -68,6 +68,10 @@ class TrainConfig:
     in order, into packs of exactly ``seq_len`` tokens; a document that does not fit continues in the next
     pack as a new sequence.
 
+    Held-out loss: with ``eval_data`` (entries as in ``data``, read with the same ``text_field`` and ``hf_split``),
+    the mean next-token loss over its first ``eval_packs`` packs (the same packs every time) is logged as
+    ``val_loss`` at the step where the run stops and, when ``eval_every`` > 0, every ``eval_every`` steps.
+
     Batch: one optimizer step consumes ``batch_size * grad_accum * world_size`` packs (the global batch);
     the loss is the mean over every predicted token of the global batch, whatever the split across ranks.
 
@@ -89,6 +93,10 @@ class TrainConfig:
     tokenizer: str = "byte"
     append_eos: bool = True
     seq_len: int = 2048
+    # held-out evaluation
+    eval_data: List[str] = field(default_factory=list)
+    eval_every: int = 0
+    eval_packs: int = 32
     # optimisation
     batch_size: int = 8
     grad_accum: int = 1
@@ -122,6 +130,8 @@ class TrainConfig:
             self.betas = tuple(self.betas)
         if isinstance(self.data, tuple):
             self.data = list(self.data)
+        if isinstance(self.eval_data, tuple):
+            self.eval_data = list(self.eval_data)
         self.validate()
 
     def validate(self) -> None:
@@ -131,15 +141,17 @@ class TrainConfig:
             value = getattr(self, name)
             if not _matches(value, kind):
                 raise ValueError(f"{name} must be {_describe(kind)}, got {value!r}")
-        positive_ints = ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every")
+        positive_ints = ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_packs")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "save_every", "seed"):
+        for name in ("warmup_steps", "save_every", "seed", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.eval_every and not self.eval_data:
+            raise ValueError(f"eval_every={self.eval_every} needs eval_data (held-out files to evaluate on)")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2 (one input and one target), got {self.seq_len}")
         if not self.lr > 0:

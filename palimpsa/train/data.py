@@ -238,6 +238,21 @@ class PackedStream:
         return Pack(tokens=np.concatenate(pieces), seq_lengths=lengths)
 
 
+def held_out_packs(source: DocumentSource, encode: Callable[[str], np.ndarray], seq_len: int,
+                   count: int) -> List[Pack]:
+    """The first ``count`` packs of ``source`` (a held-out split), each of ``seq_len`` tokens: the same packs at
+    every evaluation of every run.  Raises ValueError when the source holds fewer than ``count * seq_len`` tokens
+    (no pack is repeated)."""
+    if count < 1:
+        raise ValueError(f"count must be a positive number of packs, got {count}")
+    stream = PackedStream(source, encode, seq_len)
+    packs = [stream.next_pack() for _ in range(count)]
+    if stream.epoch:
+        raise ValueError(f"the held-out data holds fewer than {count} packs of {seq_len} tokens: give more "
+                         "documents or fewer eval_packs")
+    return packs
+
+
 @dataclass
 class PackedBatch:
     """Packs laid end to end as one row (B == 1), the layout ``cu_seqlens`` models take.

@@ -32,7 +32,16 @@ from palimpsa.train.checkpoint import (
 )
 from palimpsa.train.config import TrainConfig
 from palimpsa.train.interrupt import Interrupted, resume_message, stop_on_interrupt, stop_requested
-from palimpsa.train.data import IGNORE_INDEX, DocumentSource, PackedBatch, PackedStream, collate_packs, make_encoder
+from palimpsa.train.data import (
+    IGNORE_INDEX,
+    DocumentSource,
+    Pack,
+    PackedBatch,
+    PackedStream,
+    collate_packs,
+    held_out_packs,
+    make_encoder,
+)
 from palimpsa.train.distributed import (
     DistributedContext,
     all_reduce_sum,
@@ -110,6 +119,25 @@ def batch_loss(model: nn.Module, batch: PackedBatch, device: torch.device, preci
         return packed_loss_sum(model, batch)
 
 
+@torch.no_grad()
+def held_out_loss(model: nn.Module, packs: List[Pack], batch_size: int, device: torch.device,
+                  precision: str) -> float:
+    """Mean next-token loss (nats per predicted token) of ``model`` in eval mode over ``packs``, ``batch_size``
+    packs per forward; every rank computes it over all the packs (same forwards on every rank, as FSDP2 needs)."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        targets = 0
+        for first in range(0, len(packs), batch_size):
+            batch = collate_packs(packs[first:first + batch_size]).to(device)
+            total += batch_loss(model, batch, device, precision).double()
+            targets += batch.num_targets
+    finally:
+        model.train(was_training)
+    return total.item() / targets
+
+
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on at least one (so all ranks stop at the same step)."""
     if not torch.distributed.is_initialized():
@@ -185,8 +213,10 @@ def _train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) ->
     model = wrap_model(model.to(device), context, config.parallel)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
     scheduler = build_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-    stream = PackedStream(DocumentSource(config.data, config.text_field, config.hf_split),
-                          make_encoder(tokenizer, config.append_eos), config.seq_len)
+    encode = make_encoder(tokenizer, config.append_eos)
+    stream = PackedStream(DocumentSource(config.data, config.text_field, config.hf_split), encode, config.seq_len)
+    held_out = held_out_packs(DocumentSource(config.eval_data, config.text_field, config.hf_split), encode,
+                              config.seq_len, config.eval_packs) if config.eval_data else []
 
     start_step = 0
     ckpt = checkpoint_path(config.out_dir)
@@ -211,7 +241,8 @@ def _train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) ->
                                config=config.to_dict())
     try:
         with stop_on_interrupt():
-            _train_steps(config, context, model, optimizer, scheduler, stream, logger, result, last_step, started)
+            _train_steps(config, context, model, optimizer, scheduler, stream, held_out, logger, result, last_step,
+                         started)
     except KeyboardInterrupt as interrupt:  # a second Ctrl-C: the state saved last is where a rerun resumes
         if isinstance(interrupt, Interrupted):
             raise
@@ -225,9 +256,10 @@ def _train(config: TrainConfig, model_factory: Optional[ModelFactory] = None) ->
 
 
 def _train_steps(config: TrainConfig, context: DistributedContext, model: nn.Module, optimizer, scheduler,
-                 stream: PackedStream, logger: Optional[MetricsLogger], result: TrainResult, last_step: int,
-                 started: float) -> None:
-    """Steps ``result.final_step + 1`` to ``last_step``: train, log every ``log_every`` steps and checkpoint; stop
+                 stream: PackedStream, held_out: List[Pack], logger: Optional[MetricsLogger], result: TrainResult,
+                 last_step: int, started: float) -> None:
+    """Steps ``result.final_step + 1`` to ``last_step``: train, log every ``log_every`` steps (with the loss on the
+    ``held_out`` packs, when there are some, every ``eval_every`` steps and at the stop) and checkpoint; stop
     early at the time limit or on Ctrl-C (then raise Interrupted, after the checkpoint)."""
     device = context.device
     world, accum, per_micro = context.world_size, config.grad_accum, config.batch_size
@@ -272,15 +304,20 @@ def _train_steps(config: TrainConfig, context: DistributedContext, model: nn.Mod
                                                             and _any_rank(stop_requested(), device))
         stopping = step == last_step or out_of_time or interrupted
         saving = (config.save_every and step % config.save_every == 0) or stopping
-        if step % config.log_every == 0 or stopping:
+        evaluating = bool(held_out) and (stopping or bool(config.eval_every) and step % config.eval_every == 0)
+        if step % config.log_every == 0 or stopping or evaluating:
             loss = interval_loss.item() / interval_steps
-            elapsed = time.perf_counter() - interval_start
+            elapsed = time.perf_counter() - interval_start  # training only: tokens/s leaves the evaluation out
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
-                      "tokens_per_s": interval_steps * tokens_per_step / max(elapsed, 1e-9),
-                      "elapsed_s": time.perf_counter() - started}
+                      "tokens_per_s": interval_steps * tokens_per_step / max(elapsed, 1e-9)}
+            if evaluating:
+                eval_started = time.perf_counter()
+                record["val_loss"] = held_out_loss(model, held_out, config.batch_size, device, config.precision)
+                record["eval_s"] = time.perf_counter() - eval_started
+            record["elapsed_s"] = time.perf_counter() - started
             result.steps.append(step)
             result.losses.append(loss)
             if logger is not None:
