@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `palimpsa bench train` on one GPU, the runs of issue 11 (about 6-8 minutes on one H200, compile included):
+# `palimpsa bench train` on one GPU, the 760M and 170M training-step comparison (about 6-8 minutes on one H200, compile included):
 #   1. 760m, B=4 x T=4096, every model (Palimpsa, NotPalimpsa, Meta-Mamba2, our Gated DeltaNet, fla's when
 #      importable), 2 warm-up + 5 timed steps and one profiled step each;
 #   2. 170m, the same batch, the same models.

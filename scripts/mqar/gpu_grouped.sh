@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MQAR with grouped importance on one GPU (issue 12, item 5), in one device command that ends by WALL_S seconds.
+# MQAR with grouped importance on one GPU (G in {1, 4, V} against NotPalimpsa), in one device command that ends by WALL_S seconds.
 #
 #   OUT=$OUT bash scripts/mqar/gpu_grouped.sh          # from the repository root; PYTHONPATH defaults to .
 #
