@@ -2,7 +2,8 @@
 
 For each shape: our forward, forward+backward and peak memory; the same for fla's ``chunk_simple_gla``
 (Mamba2's kernel: the cost of no metaplasticity) and ``chunk_gated_delta_rule`` when fla is installed;
-the element-wise floor (8 FP32 flops per state element per token at 67 TFLOP/s) and our ratio to it;
+the per-channel op's floors (:meth:`Shape.floor_ms`: the reciprocal and FP32 issue bounds of an H100/H200) and
+our ratios to them;
 and one decoding step of a 760M-like layer at B = 1.
 
 Timings are ``triton.testing.do_bench`` medians of the op on prepared inputs (input validation, which
@@ -22,8 +23,13 @@ import torch
 
 from palimpsa.bench.fla_compat import TIMING_ONLY_NOTE, fla_available, hopper_check_bypassed
 
-FLOOR_FLOPS_PER_ELEMENT = 8
-FP32_PEAK_FLOPS = 67e12  # H100 SXM FP32 (FMA counted as two flops)
+# Issue rates of an H100 SXM / H200 (132 SMs at 1.98 GHz): per SM and clock, 128 FP32 lanes (an FMA is one
+# instruction) and 16 MUFU lanes (reciprocal, exp).
+SMS, CLOCK_HZ, FP32_LANES, MUFU_LANES = 132, 1.98e9, 128, 16
+# Work per state element and token of the exact per-channel op: one reciprocal (1 / I) and about 5-6 FP32
+# instructions forward; one reciprocal and about 16-18 FP32 instructions for an ideal backward (one reverse
+# element-wise sweep per chunk, the carries between chunks on tensor cores).
+FLOOR_WORK = {"fwd": (1, 6), "bwd": (1, 17)}  # (reciprocals, FP32 instructions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +48,14 @@ class Shape:
         """State elements touched per token, summed over the batch: B * T * H * K * V."""
         return self.B * self.T * self.H * self.K * self.V
 
-    def floor_ms(self) -> float:
-        return self.elements * FLOOR_FLOPS_PER_ELEMENT / FP32_PEAK_FLOPS * 1e3
+    def floor_ms(self, part: str = "fwd") -> float:
+        """Lower bound of the per-channel op's ``part`` ("fwd", "bwd" or "fwd_bwd") in ms: per pass the larger of
+        its reciprocal (MUFU) and FP32 issue times (:data:`FLOOR_WORK`)."""
+        if part == "fwd_bwd":
+            return self.floor_ms("fwd") + self.floor_ms("bwd")
+        reciprocals, fp32 = FLOOR_WORK[part]
+        per_clock = SMS * CLOCK_HZ
+        return 1e3 * self.elements * max(reciprocals / (MUFU_LANES * per_clock), fp32 / (FP32_LANES * per_clock))
 
 
 BENCH_SHAPES = (
@@ -193,9 +205,11 @@ def bench_shape(shape: Shape, with_fla: bool = True, device="cuda", grouped: boo
     """
     inputs = make_inputs(shape, torch.bfloat16, device)
     grad_names = ("q", "k", "v", "g", "beta")
-    row: Dict[str, object] = {"shape": dataclasses.asdict(shape), "floor_ms": shape.floor_ms()}
+    row: Dict[str, object] = {"shape": dataclasses.asdict(shape), "floor_ms": shape.floor_ms("fwd"),
+                              "floor_fwd_bwd_ms": shape.floor_ms("fwd_bwd")}
     row["ours"] = _measure(palimpsa_forward, inputs, grad_names)
     row["ours"]["fwd_over_floor"] = row["ours"]["fwd_ms"] / row["floor_ms"]
+    row["ours"]["fwd_bwd_over_floor"] = row["ours"]["fwd_bwd_ms"] / row["floor_fwd_bwd_ms"]
     if grouped:
         row["grouped_g1"] = _measure(_grouped_g1, inputs, grad_names)
         row["not_palimpsa"] = _measure(_not_palimpsa, inputs, ("q", "k", "v", "g"))
@@ -276,22 +290,32 @@ def _cell(entry: Optional[Dict[str, object]], key: str, fmt: str = "{:.3f}") -> 
     return fmt.format(entry[key])
 
 
+def _floor_cell(row: Dict[str, object], ours: Dict[str, float]) -> str:
+    if "floor_fwd_bwd_ms" not in row:  # results written before the backward floor was recorded
+        return "n/a | n/a"
+    return f"{row['floor_fwd_bwd_ms']:.3f} | {ours['fwd_bwd_over_floor']:.1f}x"
+
+
 def format_table(result: Dict[str, object]) -> str:
     """Markdown table of a ``run_benchmark`` result."""
     env = result["environment"]
     lines = [f"Device: {env.get('device', 'n/a')}; torch {env['torch']}, triton {env['triton']}, fla {env['fla']}. "
              "Milliseconds (do_bench medians), bf16 inputs, float32 states; peak = extra memory of one fwd+bwd.",
              "",
-             "| shape | ours fwd | ours fwd+bwd | ours peak MB | floor fwd | fwd / floor | simple_gla fwd | "
-             "simple_gla fwd+bwd | simple_gla peak MB | GDN fwd | GDN fwd+bwd | GDN peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Floors: the per-channel op's reciprocal and FP32 issue bounds on an H100/H200 (palimpsa/bench/ops.py).",
+             "",
+             "| shape | ours fwd | ours fwd+bwd | ours peak MB | floor fwd | fwd / floor | floor fwd+bwd | "
+             "fwd+bwd / floor | simple_gla fwd | simple_gla fwd+bwd | simple_gla peak MB | GDN fwd | GDN fwd+bwd | "
+             "GDN peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         ours = row["ours"]
         sgla = row.get("fla_chunk_simple_gla")
         gdn = row.get("fla_chunk_gated_delta_rule")
         lines.append(
             f"| {row['shape']['name']} | {ours['fwd_ms']:.3f} | {ours['fwd_bwd_ms']:.3f} | {ours['peak_mb']:.0f} | "
-            f"{row['floor_ms']:.3f} | {ours['fwd_over_floor']:.1f}x | {_cell(sgla, 'fwd_ms')} | "
+            f"{row['floor_ms']:.3f} | {ours['fwd_over_floor']:.1f}x | {_floor_cell(row, ours)} | "
+            f"{_cell(sgla, 'fwd_ms')} | "
             f"{_cell(sgla, 'fwd_bwd_ms')} | {_cell(sgla, 'peak_mb', '{:.0f}')} | {_cell(gdn, 'fwd_ms')} | "
             f"{_cell(gdn, 'fwd_bwd_ms')} | {_cell(gdn, 'peak_mb', '{:.0f}')} |")
     notes = []

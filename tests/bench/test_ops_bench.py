@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from palimpsa.bench import ops
@@ -25,10 +26,24 @@ def test_grouped_forwards_compute_the_op():
 def test_table_has_the_grouped_rows_and_marks_timing_only_fla():
     timing = {"fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "peak_mb": 10.0}
     row = {"shape": {"name": "760M-like", "B": 4, "T": 4096, "H": 16, "K": 96, "V": 192}, "floor_ms": 0.5,
-           "ours": dict(timing, fwd_over_floor=2.0), "grouped_g1": dict(timing), "not_palimpsa": dict(timing),
+           "floor_fwd_bwd_ms": 1.5, "ours": dict(timing, fwd_over_floor=2.0, fwd_bwd_over_floor=2.0),
+           "grouped_g1": dict(timing), "not_palimpsa": dict(timing),
            "fla_chunk_simple_gla": {"fwd_ms": 0.5, "fwd_bwd_ms": 2.0, "peak_mb": 5.0,
                                     "note": ops.TIMING_ONLY_NOTE},
            "fla_chunk_gated_delta_rule": {"error": "RuntimeError: no"}}
     table = ops.format_table({"environment": {"torch": "x", "triton": "y", "fla": "z"}, "rows": [row]})
     assert "| 760M-like | 1.000 | 3.000 | 10 | 1.000 | 3.000 | 0.500 | 2.000 | 1.50x |" in table
     assert ops.TIMING_ONLY_NOTE in table
+    assert "| 760M-like | 1.000 | 3.000 | 10 | 0.500 | 2.0x | 1.500 | 2.0x | 0.500 | 2.000 | 5 |" in table
+
+
+def test_floors_are_the_reciprocal_and_fp32_issue_bounds():
+    """760M-like: 4.83e9 element-tokens; forward bound by the reciprocals (about 1.16 ms), backward by its FP32
+    instructions (about 2.5 ms) on 132 SMs at 1.98 GHz."""
+    shape = ops.shape_by_name("760M-like")
+    assert shape.elements == 4 * 4096 * 16 * 96 * 192
+    clocks = ops.SMS * ops.CLOCK_HZ
+    assert shape.floor_ms("fwd") == pytest.approx(1e3 * shape.elements / (ops.MUFU_LANES * clocks))
+    assert shape.floor_ms("bwd") == pytest.approx(1e3 * shape.elements * 17 / (ops.FP32_LANES * clocks))
+    assert 1.1 < shape.floor_ms("fwd") < 1.2 and 2.3 < shape.floor_ms("bwd") < 2.6
+    assert shape.floor_ms("fwd_bwd") == pytest.approx(shape.floor_ms("fwd") + shape.floor_ms("bwd"))
