@@ -3,6 +3,7 @@
 # (the reference is a per-token Python loop that leaves the GPU mostly idle), before any timing counts.
 #   per channel (scripts/gpu_ops_check.py): 760M-like | d128 | 170M-like + varlen | d64
 #   grouped / NotPalimpsa (scripts/gpu_grouped_check.py): 760M-like | 170M-like + varlen | d64 + d128
+#   then the GLA kernels alone at narrow value widths (scripts/gpu_gla_blocks_check.py)
 # Logs land in $OUT (one per process) and a summary of PASS/FAIL lines in $OUT/check_summary.txt.
 #   OUT=/some/dir bash scripts/gpu_check_all.sh         (from the repository root)
 set -u
@@ -38,5 +39,8 @@ grouped g760 --shapes 760M-like --no-varlen &
 grouped g170 --shapes 170M-like &
 grouped gsmall --shapes d64,d128 --no-varlen &
 wait
+# the GLA kernels alone at narrow value widths and shared keys (one subprocess per case, 12 at a time)
+timeout 150 python3 scripts/gpu_gla_blocks_check.py >"$OUT/check_gla_blocks.log" 2>&1
+echo "process gla_blocks rc=$? after $((SECONDS - T0)) s" >>"$OUT/check_gla_blocks.log"
 grep -h -E "PASS|FAIL| ok$|ALL|SOME|rc=" "$OUT"/check_*.log | cut -c1-200 | tee -a "$OUT/check_summary.txt"
 echo "total $((SECONDS - T0)) s" | tee -a "$OUT/check_summary.txt"
