@@ -42,5 +42,5 @@ wait
 # the GLA kernels alone at narrow value widths and shared keys (one subprocess per case, 12 at a time)
 timeout 150 python3 scripts/gpu_gla_blocks_check.py >"$OUT/check_gla_blocks.log" 2>&1
 echo "process gla_blocks rc=$? after $((SECONDS - T0)) s" >>"$OUT/check_gla_blocks.log"
-grep -h -E "PASS|FAIL| ok$|ALL|SOME|rc=" "$OUT"/check_*.log | cut -c1-200 | tee -a "$OUT/check_summary.txt"
+grep -h -E "PASS|FAIL|CRASH| ok$|ALL|SOME|rc=" "$OUT"/check_*.log | cut -c1-200 | tee -a "$OUT/check_summary.txt"
 echo "total $((SECONDS - T0)) s" | tee -a "$OUT/check_summary.txt"
