@@ -6,8 +6,9 @@ For G = 1, G = 4 and no metaplasticity (beta = None), at the benchmark shapes' h
 (batch 1, 2 heads: float64 autograd of the token-by-token reference keeps every state), and on a varlen batch:
 outputs, variance, final state and every gradient (q, k, v, g, beta, prior, initial mu; the initial importance
 is grouped and fixed), for bf16 and float32 inputs, against ``naive_palimpsa`` in float64 on the same (bf16-exact)
-values.  Limits: float32 1e-4, bf16 2e-2.  Triton 3.6 has known Hopper miscompilations: a timing of this path
-counts only after this passes.  Exit code 1 on any failure.
+values; then each case again as a training step runs it (no initial state, no variance, no final state:
+other kernel variants), output and gradients.  Limits: float32 1e-4, bf16 2e-2.  Triton 3.6 has known Hopper
+miscompilations: a timing of this path counts only after this passes.  Exit code 1 on any failure.
 """
 
 from __future__ import annotations
@@ -47,11 +48,14 @@ def case_inputs(K, V, T, G, seed, device, N=1, H=2):
     return leaves
 
 
-def run(fn, leaves, dtype, weights=None, **kw):
-    """Outputs and gradients of a fixed random projection of (o, var, final mu, final I)."""
+def run(fn, leaves, dtype, weights=None, training=False, **kw):
+    """Outputs and gradients of a fixed random projection of (o, var, final mu, final I); ``training``: of o
+    alone, without an initial state (what a training step runs: its own kernels, no variance, no final state)."""
     args = {}
     for n, t in leaves.items():
-        if n == "initial_state":
+        if n == "initial_state" and training:
+            args[n] = None
+        elif n == "initial_state":
             args[n] = (t[0].to(torch.float32 if dtype != torch.float64 else dtype).requires_grad_(),
                        t[1].to(torch.float32 if dtype != torch.float64 else dtype))
         elif t is None:
@@ -59,19 +63,32 @@ def run(fn, leaves, dtype, weights=None, **kw):
         else:
             keep = torch.float32 if n in ("g", "prior") and dtype != torch.float64 else dtype
             args[n] = t.to(keep).requires_grad_()
-    o, var, final = fn(**args, output_final_state=True, output_variance=True, **kw)
-    outs = (o, var, final[0], final[1])
+    if training:
+        outs = (fn(**args, **kw)[0],)
+    else:
+        o, var, final = fn(**args, output_final_state=True, output_variance=True, **kw)
+        outs = (o, var, final[0], final[1])
     if weights is None:
         gen = torch.Generator(device="cpu").manual_seed(99)
         weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device) for t in outs]
     loss = sum((t.double() * w).sum() for t, w in zip(outs, weights))
-    names = [n for n in ("q", "k", "v", "g", "beta", "prior") if args[n] is not None] + ["mu0"]
-    tensors = [args[n] for n in names[:-1]] + [args["initial_state"][0]]
+    names = [n for n in ("q", "k", "v", "g", "beta", "prior") if args[n] is not None]
+    tensors = [args[n] for n in names]
+    if not training:
+        names.append("mu0")
+        tensors.append(args["initial_state"][0])
     grads = torch.autograd.grad(loss, tensors)
     return dict(zip(("o", "var", "mu", "I"), outs)), dict(zip(["d" + n for n in names], grads)), weights
 
 
 def check(label, leaves, log, **kw) -> bool:
+    ok = True
+    for training in (False, True):
+        ok &= _check(label + (" training" if training else ""), leaves, log, training=training, **kw)
+    return ok
+
+
+def _check(label, leaves, log, **kw) -> bool:
     ref_out, ref_grad, w = run(naive_palimpsa, leaves, torch.float64, **kw)
     ok = True
     for dtype in (torch.float32, torch.bfloat16):
