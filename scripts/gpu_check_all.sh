@@ -2,7 +2,8 @@
 # One device call (<= 600 s): every Triton path against the float64 reference on the GPU, in parallel processes
 # (the reference is a per-token Python loop that leaves the GPU mostly idle), before any timing counts.
 #   per channel (scripts/gpu_ops_check.py): 760M-like | d128 | 170M-like + varlen | d64
-#   grouped / NotPalimpsa (scripts/gpu_grouped_check.py): 760M-like | 170M-like + varlen | d64 + d128
+#   grouped / NotPalimpsa (scripts/gpu_grouped_check.py): 760M-like G = 1 | 760M-like G = 4, None |
+#   170M-like + varlen | d64 + d128 (each case also as a training step runs it)
 #   then the GLA kernels alone at narrow value widths (scripts/gpu_gla_blocks_check.py)
 # Logs land in $OUT (one per process) and a summary of PASS/FAIL lines in $OUT/check_summary.txt.
 #   OUT=/some/dir bash scripts/gpu_check_all.sh         (from the repository root)
@@ -35,7 +36,8 @@ per_channel pc760 --check-shapes 760M-like --no-varlen &
 per_channel pc128 --check-shapes d128 --no-varlen &
 per_channel pc170 --check-shapes 170M-like &
 per_channel pc64 --check-shapes d64 --no-varlen &
-grouped g760 --shapes 760M-like --no-varlen &
+grouped g760a --shapes 760M-like --groups 1 --no-varlen &
+grouped g760b --shapes 760M-like --groups 4,none --no-varlen &
 grouped g170 --shapes 170M-like &
 grouped gsmall --shapes d64,d128 --no-varlen &
 wait
