@@ -5,7 +5,7 @@
 #   grouped / NotPalimpsa (scripts/gpu_grouped_check.py): 760M-like G = 1 | 760M-like G = 4, None |
 #   170M-like + varlen | d64 + d128 (each case also as a training step runs it)
 #   then the GLA kernels alone at narrow value widths (scripts/gpu_gla_blocks_check.py)
-# Logs land in $OUT (one per process) and a summary of PASS/FAIL lines in $OUT/check_summary.txt.
+# A summary of PASS/FAIL lines lands in $OUT/check_summary.txt, the per-process logs in $OUT/check_logs.tgz.
 #   OUT=/some/dir bash scripts/gpu_check_all.sh         (from the repository root)
 set -u
 : "${OUT:?set OUT}"
@@ -46,3 +46,5 @@ timeout 150 python3 scripts/gpu_gla_blocks_check.py >"$OUT/check_gla_blocks.log"
 echo "process gla_blocks rc=$? after $((SECONDS - T0)) s" >>"$OUT/check_gla_blocks.log"
 grep -h -E "PASS|FAIL|CRASH| ok$|ALL|SOME|rc=" "$OUT"/check_*.log | cut -c1-200 | tee -a "$OUT/check_summary.txt"
 echo "total $((SECONDS - T0)) s" | tee -a "$OUT/check_summary.txt"
+# at most 8 files come back from a device call: the per-process logs travel as one archive
+(cd "$OUT" && tar czf check_logs.tgz check_*.log && rm -f check_*.log)
