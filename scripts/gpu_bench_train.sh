@@ -26,9 +26,11 @@ FLA_BYPASS=${FLA_BYPASS---fla-bypass-check}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: save_autotune below writes there from another directory
 # fla's autotuning takes 33-80 s per kernel and shape: reuse the results of an earlier call when they travel
 # with this one (carry .tritoncache), and hand this call's back in $OUT for the next
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+mkdir -p "$TRITON_CACHE_DIR" && TRITON_CACHE_DIR=$(cd "$TRITON_CACHE_DIR" && pwd)
 if [ -f .tritoncache/autotune_cache.tgz ]; then
     mkdir -p "$TRITON_CACHE_DIR" && tar xzf .tritoncache/autotune_cache.tgz -C "$TRITON_CACHE_DIR"
 fi

@@ -11,7 +11,7 @@ set -u
 : "${OUT:?set OUT}"
 T0=$SECONDS
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-LIMIT=${LIMIT:-560}
+LIMIT=${LIMIT:-400}  # per parallel process; the width check after them takes up to 150 s more
 {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'no git HEAD here')"

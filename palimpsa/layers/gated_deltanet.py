@@ -84,6 +84,14 @@ def recurrent_gated_delta_rule_torch(
     return o, (S if output_final_state else None)
 
 
+@torch.compiler.disable  # a graph break in a compiled block: fla's kernels run as written
+def _fla_gated_delta_rule(q, k, v, g, beta, cu_seqlens):
+    """fla's chunked gated delta rule (q, k l2-normalised in its kernel): o [B, T, H, V]."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    return chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)[0]
+
+
 def chunk_gated_delta_rule_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -251,10 +259,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.to(fp).exp() * F.softplus(self.a_proj(u).to(fp) + self.dt_bias.to(fp))
         use_fla = self.backend == "fla" or (self.backend == "auto" and u.is_cuda and fla_available())
         if use_fla:
-            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-            run = torch.compiler.disable(chunk_gated_delta_rule)  # a graph break in a compiled block
-            o, _ = run(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)
+            o = _fla_gated_delta_rule(q, k, v, g, beta, cu_seqlens)
         else:
             q, k = l2_normalize(q.to(fp)), l2_normalize(k.to(fp))
             if cu_seqlens is None:

@@ -32,8 +32,8 @@ def set_compiled_blocks(enabled: bool, devices: Tuple[str, ...] = ("cuda",), bac
 
     ``devices``: the device types whose tensors take the compiled code (CUDA; "cpu" too needs a C++ compiler,
     which the tests use to check the compiled code against the plain one).  ``backend``: torch.compile's
-    backend ("aot_eager" traces and partitions like inductor without generating kernels: the CPU tests use it).
-    Graphs compiled before a change keep the settings they were made with.
+    backend ("aot_eager" traces and partitions like inductor without generating kernels: the CPU tests use it;
+    each backend keeps its own compiled functions).
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
@@ -69,15 +69,15 @@ def compiled_on_cuda(fn: Callable) -> Callable:
     Inside an enclosing ``torch.compile`` trace (a compiled block), or on other devices, ``fn`` runs as
     written.  The compiled version is made on first use.
     """
-    compiled = None
+    compiled = {}  # backend -> compiled fn
 
     @functools.wraps(fn)
     def dispatch(*args):
-        nonlocal compiled
         if _compiles(args[0]):
-            if compiled is None:
-                compiled = torch.compile(fn, backend=_COMPILED_BLOCKS["backend"])
-            return compiled(*args)
+            backend = _COMPILED_BLOCKS["backend"]
+            if backend not in compiled:
+                compiled[backend] = torch.compile(fn, backend=backend)
+            return compiled[backend](*args)
         return fn(*args)
 
     dispatch.uncompiled = fn
@@ -94,15 +94,15 @@ def compiled_block_forward(forward: Callable) -> Callable:
     per-channel Triton op traces as custom ops; the grouped path's Triton kernels and fla's are graph breaks.
     Otherwise it runs as written.
     """
-    compiled = None
+    compiled = {}  # backend -> compiled forward
 
     @functools.wraps(forward)
     def dispatch(self, hidden_states, *args, **kwargs):
-        nonlocal compiled
         if kwargs.get("cache") is None and _compiles(hidden_states):
-            if compiled is None:
-                compiled = torch.compile(forward, backend=_COMPILED_BLOCKS["backend"])
-            return compiled(self, hidden_states, *args, **kwargs)
+            backend = _COMPILED_BLOCKS["backend"]
+            if backend not in compiled:
+                compiled[backend] = torch.compile(forward, backend=backend)
+            return compiled[backend](self, hidden_states, *args, **kwargs)
         return forward(self, hidden_states, *args, **kwargs)
 
     dispatch.uncompiled = forward

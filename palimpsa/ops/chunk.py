@@ -12,6 +12,11 @@ from palimpsa.ops.checks import State, prepare_inputs
 from palimpsa.ops.grouped import as_per_channel, can_run_grouped, grouped_palimpsa
 
 
+# Under torch.compile the grouped path is one graph break: its kernels run as written, and its host-side
+# bookkeeping (varlen lengths) is not traced, which would recompile for every new number of packed sequences.
+_grouped_outside_compile = torch.compiler.disable(grouped_palimpsa)
+
+
 def chunk_palimpsa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,8 +64,8 @@ def chunk_palimpsa(
     which = resolve_backend(backend, q.device, q.dtype)
     if not x.per_channel:
         if can_run_grouped(x):
-            o, var, final = grouped_palimpsa(x, output_final_state, output_variance, chunk_size,
-                                             use_triton=which == "triton")
+            o, var, final = _grouped_outside_compile(x, output_final_state, output_variance, chunk_size,
+                                                     use_triton=which == "triton")
             return (o, var, final) if output_variance else (o, final)
         x = as_per_channel(x)  # see can_run_grouped: run per channel
     if which == "triton":

@@ -34,9 +34,9 @@ def _scan_fwd(q, k, g, beta, prior, excess0, q_tilde, var_part, starts, T, NC,
               HAS_BETA: tl.constexpr, HAS_INIT: tl.constexpr, WITH_VAR: tl.constexpr):
     """Chunks in order: iota of every token (never stored), q~ = q / iota, this block's part of
     sum_k q^2 / iota (the variance) and J at every chunk's start (``starts``; index NC: after the last)."""
-    i_k, i_nhg = tl.program_id(0), tl.program_id(1)
+    i_nhg, i_k = tl.program_id(0), tl.program_id(1)  # N H G on the axis without the 65535 limit
     i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
-    part_at = (i_k * tl.num_programs(1)).to(tl.int64) * T  # this K block's slice of var_part
+    part_at = (i_k * tl.num_programs(0)).to(tl.int64) * T  # this K block's slice of var_part
     offs_k = i_k * BK + tl.arange(0, BK)
     mask_k = offs_k < K
     rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
@@ -84,9 +84,9 @@ def _scan_bwd(q, k, g, beta, prior, starts, excess0, d_q_tilde, d_var, d_iota_la
     the chunk, readers of the chunk-start state, writers read after the chunk, pairs straddling the chunk.  Summed
     directly (no reverse running sum), dg keeps its relative accuracy where a decay saturates.
     """
-    i_k, i_nhg = tl.program_id(0), tl.program_id(1)
+    i_nhg, i_k = tl.program_id(0), tl.program_id(1)  # N H G on the axis without the 65535 limit
     i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
-    part_at = (i_k * tl.num_programs(1)).to(tl.int64) * T  # this K block's slice of the partial sums d_beta, d_g
+    part_at = (i_k * tl.num_programs(0)).to(tl.int64) * T  # this K block's slice of the partial sums d_beta, d_g
     offs_k = i_k * BK + tl.arange(0, BK)
     mask_k = offs_k < K
     rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
@@ -137,7 +137,7 @@ def _scan_bwd(q, k, g, beta, prior, starts, excess0, d_q_tilde, d_var, d_iota_la
             part += pairs_around(pairs, C) + written_before(written, C)
         tl.store(d_g + part_at + (i_nhg * T + offs_t).to(tl.int64), part)
         carry = carry * tl.exp(total) + tl.sum(tl.exp(b)[:, None] * d_iota_c, 0)
-    tl.store(d_prior_part + (i_k * tl.num_programs(1) + i_nhg) * BK + tl.arange(0, BK), d_prior)
+    tl.store(d_prior_part + (i_k * tl.num_programs(0) + i_nhg) * BK + tl.arange(0, BK), d_prior)
     if HAS_INIT:
         tl.store(d_excess0 + i_nhg * K + offs_k, carry, mask=mask_k)
 
@@ -168,7 +168,7 @@ class RescaledQueryFunction(torch.autograd.Function):
         var_part = torch.empty(NK, N, T, H, G, **f32) if with_variance else None
         starts = torch.empty(N * H * G, NC + 1, K, **f32)
         meta = dict(H=H, G=G, K=K, C=chunk, BK=BK, HAS_BETA=beta is not None, HAS_INIT=excess0 is not None)
-        _scan_fwd[(NK, N * H * G)](q, k, g, beta, prior, excess0, q_tilde, var_part, starts, T, NC,
+        _scan_fwd[(N * H * G, NK)](q, k, g, beta, prior, excess0, q_tilde, var_part, starts, T, NC,
                                    WITH_VAR=with_variance, **meta)
         variance = (scale ** 2) * var_part.sum(0) if with_variance else None
         iota_last = starts[:, NC].reshape(N, H, G, K) + prior[None, :, None, None]
@@ -193,12 +193,12 @@ class RescaledQueryFunction(torch.autograd.Function):
         d_g = torch.empty(NK, N, H, G, T, **f32)
         d_prior_part = torch.empty(NK, N * H * G, BK, **f32)
         d_excess0 = torch.empty(N, H, G, K, **f32) if meta["HAS_INIT"] else None
-        _scan_bwd[(NK, N * H * G)](q, k, g, beta, prior, starts, excess0, d_q_tilde, d_var, d_last, dq_part,
+        _scan_bwd[(N * H * G, NK)](q, k, g, beta, prior, starts, excess0, d_q_tilde, d_var, d_last, dq_part,
                                    d_beta, d_k, d_g, d_prior_part, d_excess0, T, T // meta["C"],
                                    WITH_VAR=d_var is not None, HAS_LAST=d_last is not None,
                                    num_warps=8, **meta)  # 8 warps: its [C, C] tiles in registers
-        dq = dq_part.sum(3)
-        dk = d_k.sum(3) if d_k is not None else None
+        dq = dq_part.sum(3) if G > 1 else dq_part[:, :, :, 0]
+        dk = (d_k.sum(3) if G > 1 else d_k[:, :, :, 0]) if d_k is not None else None
         dg = d_g.sum((0, 3)).transpose(1, 2)  # [N, T, H]
         d_prior = d_prior_part.reshape(NK, N, H, G, BK).sum((0, 1, 3, 4))
         if d_last is not None:
