@@ -358,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
                         help="bf16: autocast on CUDA (a CPU stays in float32); fp32: no autocast")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="torch.compile every decoder block (the grouped path's kernels are graph breaks) and the "
+                        help="torch.compile every decoder block (the grouped path is a graph break) and the "
                              "final norm; CUDA only")
     parser.add_argument("--steps", type=_positive, default=8, help="timed steps per model")
     parser.add_argument("--warmup", type=_non_negative, default=3, help="untimed steps per model before timing")

@@ -5,7 +5,7 @@ The norms compute in float32 (float64 for float64 inputs) and return the input d
 
 Compiled blocks: after ``set_compiled_blocks(True)`` every decoder block's forward (the layer around the op, its
 norms, short convolutions, gates, skip, MLP and residuals) runs through ``torch.compile`` on CUDA tensors (the
-per-channel op traces as custom ops; the grouped path's kernels are graph breaks and run as they are); so do the
+per-channel op traces as custom ops; the grouped path is one graph break and runs as written); so do the
 element-wise pieces used outside the blocks (the final norm).  Inductor fuses the element-wise chains into a few
 kernels that keep float32 intermediates in registers instead of memory.  CPU tensors take the plain PyTorch code
 (the same functions, not compiled), so CPU runs and tests need no compiler.
@@ -91,7 +91,7 @@ def compiled_block_forward(forward: Callable) -> Callable:
     (training and full-sequence forwards), the forward runs through ``torch.compile`` (one compiled graph shared
     by every block of the class, whose parameters are inputs; shapes are static until one changes, e.g. the
     number of packed documents in ``cu_seqlens``, which then becomes dynamic instead of recompiling per value).  The
-    per-channel Triton op traces as custom ops; the grouped path's Triton kernels and fla's are graph breaks.
+    per-channel Triton op traces as custom ops; the grouped path and fla's kernels are graph breaks.
     Otherwise it runs as written.
     """
     compiled = {}  # backend -> compiled forward
