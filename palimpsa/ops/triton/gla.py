@@ -323,7 +323,7 @@ class GLAFunction(torch.autograd.Function):
         dlogdecay = q.new_empty(NK, N * HV, T, dtype=torch.float32)
         _bwd_dqk[(NK, NC, N * HV)](q, k, v, g, hs, do, dhs, dq, dk_per_query, dlogdecay, scale, T, NC, **meta)
         G = HV // HK
-        dk = dk_per_query.reshape(N, T, HK, G, K).sum(3)
+        dk = dk_per_query.reshape(N, T, HK, G, K).sum(3) if G > 1 else dk_per_query
         dg = dlogdecay.sum(0).reshape(N, HK, G, T).sum(2).transpose(1, 2)  # [N, T, HK]
         return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0, None, None
 
