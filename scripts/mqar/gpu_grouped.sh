@@ -24,10 +24,10 @@
 # weights.
 #
 # Expected pace.  results/mqar/gpu3 ran 20 runs at L=256, batch 128, time-sliced on an H100: a per-channel run
-# (palimpsa; palimpsa_g4 runs per channel too, as V/G is below 16) cost 18.7 ms of GPU per step at full state and
+# (palimpsa) cost 18.7 ms of GPU per step at full state and
 # 11.8 ms at quarter state (0.37 and 0.24 s per step with 20 runs sharing); results/mqar/gpu4 ran L=512 on an H200
-# at the same cost per token (0.60-0.76 s per step with 20 runs).  palimpsa_g1 and notpalimpsa now run on the
-# GLA-shaped path, not yet timed in MQAR.  Taking batch 64 at 0.6x the cost of batch 128 and the GLA path at 0.75x
+# at the same cost per token (0.60-0.76 s per step with 20 runs).  palimpsa_g1, palimpsa_g4 and notpalimpsa run
+# on the GLA-shaped path (any V / G), not yet timed in MQAR.  Taking batch 64 at 0.6x the cost of batch 128 and the GLA path at 0.75x
 # the per-channel one, a lockstep round of the 24 full-state runs costs 0.235 s of GPU and one of the quarter-state
 # runs 0.149 s; each sweep holds half the processes, so about 0.47 s per step for a full-state run and 0.30 s for
 # a quarter-state run: about 770 and 1,200 steps in the ~360 s of training each run gets (below).  Bounds: 0.34-0.9
