@@ -259,6 +259,17 @@ def _fmt_tokens(x: float) -> str:
     return f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
 
+def _ms_table(title: str, rows: List[Dict], key: str, columns) -> List[str]:
+    """Markdown lines: ``title``, then one row per model of ``row["breakdown"][key]`` (ms per column) and a total."""
+    lines = ["", title, "", "| model | size | " + " | ".join(columns) + " | total |",
+             "|---|---|" + "---|" * (len(columns) + 1)]
+    for row in rows:
+        ms = row["breakdown"][key]
+        cells = [f"{ms.get(c, 0.0):.1f}" for c in columns]
+        lines.append(f"| {row['model']} | {row['size']} | " + " | ".join(cells) + f" | {sum(ms.values()):.1f} |")
+    return lines
+
+
 def format_tables(result: Dict) -> str:
     """The summary table and the per-component breakdown (markdown)."""
     s = result["settings"]
@@ -276,27 +287,15 @@ def format_tables(result: Dict) -> str:
         lines.append(f"| {row['model']} | {row['size']} | {params} | {tokens} | {step} | {memory} | {status} |")
     profiled = [r for r in result["rows"] if "breakdown" in r]
     if profiled:
-        columns = [*COMPONENTS, "unattributed"]
         clock = profiled[0]["breakdown"]["clock"]
-        lines += ["", f"One profiled step by component, milliseconds of {clock} time "
-                  "(palimpsa/bench/breakdown.py says how operators are assigned):", "",
-                  "| model | size | " + " | ".join(columns) + " | total |",
-                  "|---|---|" + "---|" * (len(columns) + 1)]
-        for row in profiled:
-            ms = row["breakdown"]["ms"]
-            cells = [f"{ms.get(c, 0.0):.1f}" for c in columns]
-            lines.append(f"| {row['model']} | {row['size']} | " + " | ".join(cells)
-                         + f" | {row['breakdown']['total_ms']:.1f} |")
+        lines += _ms_table(f"One profiled step by component, milliseconds of {clock} time (palimpsa/bench/"
+                           "breakdown.py says how operators are assigned):", profiled, "ms",
+                           [*COMPONENTS, "unattributed"])
     by_kind = [r for r in profiled if "kernels" in r["breakdown"]]
     if by_kind:
-        lines += ["", "The same step by kernel kind, milliseconds of device time (names only: sees inside compiled "
-                  "blocks; 'compiled' = torch.compile's fused kernels):", "",
-                  "| model | size | " + " | ".join(KERNEL_KINDS) + " | total |",
-                  "|---|---|" + "---|" * (len(KERNEL_KINDS) + 1)]
-        for row in by_kind:
-            ms = row["breakdown"]["kernels"]
-            cells = [f"{ms.get(k, 0.0):.1f}" for k in KERNEL_KINDS]
-            lines.append(f"| {row['model']} | {row['size']} | " + " | ".join(cells) + f" | {sum(ms.values()):.1f} |")
+        lines += _ms_table("The same step by kernel kind, milliseconds of device time (names only: sees inside "
+                           "compiled blocks; 'compiled' = torch.compile's fused kernels):", by_kind, "kernels",
+                           KERNEL_KINDS)
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
