@@ -17,6 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from palimpsa.mqar.cli import model_name_argument
 from palimpsa.mqar.data import IGNORE_INDEX, multiquery_ar
 from palimpsa.mqar.models import MQARModel, MQARModelConfig, palimpsa_op_backend, parse_model_name
 
@@ -69,17 +70,9 @@ def compare_backends(name: str, device: str, seq_len: int, num_kv_pairs: int, ba
     return {"loss": relative_error(loss, ref_loss), "grad": errors[worst], "worst_param": worst, "eval": eval_error}
 
 
-def _model_name(text: str) -> str:
-    try:
-        parse_model_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
-    return text
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", type=_model_name, default=["palimpsa", "meta_mamba2"],
+    parser.add_argument("--models", nargs="+", type=model_name_argument, default=["palimpsa", "meta_mamba2"],
                         help="model names as `palimpsa mqar --models` takes them, e.g. palimpsa_g1")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seq-len", type=int, default=512)

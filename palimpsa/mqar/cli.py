@@ -43,7 +43,8 @@ def _pairs(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"a setting is SEQ_LEN:NUM_KV_PAIRS, e.g. 512:128, got {text!r}")
 
 
-def _model_name(text: str) -> str:
+def model_name_argument(text: str) -> str:
+    """argparse type of a model name (see :func:`palimpsa.mqar.models.parse_model_name`)."""
     try:
         parse_model_name(text)
     except ValueError as error:
@@ -61,7 +62,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="named grid (default: quick)")
     p.add_argument("--out", default=None, help="output folder (default: runs/mqar/<preset>)")
-    p.add_argument("--models", nargs="+", type=_model_name, metavar="MODEL",
+    p.add_argument("--models", nargs="+", type=model_name_argument, metavar="MODEL",
                    help=f"models to train (default: the preset's): {', '.join(MODEL_NAMES)}; palimpsa_g<G> or "
                         "meta_mamba2_g<G> is the model with G importance gates per head and token, each shared by V/G "
                         "value channels (G divides V; the plain name is the paper's model, one gate per channel)")
@@ -80,7 +81,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--op-backend", choices=("auto", "torch", "triton"), default="auto",
                    help="backend of the Palimpsa op in the Palimpsa / Meta-Mamba2 layers "
                         "(default: auto, Triton on CUDA)")
-    p.add_argument("--torch-op-for", nargs="+", type=_model_name, default=[], metavar="MODEL",
+    p.add_argument("--torch-op-for", nargs="+", type=model_name_argument, default=[], metavar="MODEL",
                    help="models whose Palimpsa op runs on the PyTorch backend whatever --op-backend says (e.g. those "
                         "whose `python -m palimpsa.mqar.backend_check` failed on this device; default: none)")
     p.add_argument("--equal-steps", action="store_true",
