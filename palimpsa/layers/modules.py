@@ -63,6 +63,14 @@ def _compiles(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def _compiled(cache: Dict[str, Callable], fn: Callable) -> Callable:
+    """``torch.compile(fn)`` for the current backend, made on first use and kept in ``cache`` (backend -> fn)."""
+    backend = _COMPILED_BLOCKS["backend"]
+    if backend not in cache:
+        cache[backend] = torch.compile(fn, backend=backend)
+    return cache[backend]
+
+
 def compiled_on_cuda(fn: Callable) -> Callable:
     """``fn``, run through ``torch.compile`` when compiled blocks are on and its first argument is a CUDA tensor.
 
@@ -74,10 +82,7 @@ def compiled_on_cuda(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def dispatch(*args):
         if _compiles(args[0]):
-            backend = _COMPILED_BLOCKS["backend"]
-            if backend not in compiled:
-                compiled[backend] = torch.compile(fn, backend=backend)
-            return compiled[backend](*args)
+            return _compiled(compiled, fn)(*args)
         return fn(*args)
 
     dispatch.uncompiled = fn
@@ -99,10 +104,7 @@ def compiled_block_forward(forward: Callable) -> Callable:
     @functools.wraps(forward)
     def dispatch(self, hidden_states, *args, **kwargs):
         if kwargs.get("cache") is None and _compiles(hidden_states):
-            backend = _COMPILED_BLOCKS["backend"]
-            if backend not in compiled:
-                compiled[backend] = torch.compile(forward, backend=backend)
-            return compiled[backend](self, hidden_states, *args, **kwargs)
+            return _compiled(compiled, forward)(self, hidden_states, *args, **kwargs)
         return forward(self, hidden_states, *args, **kwargs)
 
     dispatch.uncompiled = forward
