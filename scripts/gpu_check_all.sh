@@ -7,6 +7,7 @@
 #   then the GLA kernels alone at narrow value widths (scripts/gpu_gla_blocks_check.py)
 # A summary of PASS/FAIL lines lands in $OUT/check_summary.txt, the per-process logs in $OUT/check_logs.tgz.
 #   OUT=/some/dir bash scripts/gpu_check_all.sh         (from the repository root)
+# PER_CHANNEL=0 skips the per-channel checks (when only the grouped / GLA-shaped kernels changed).
 set -u
 : "${OUT:?set OUT}"
 T0=$SECONDS
@@ -32,10 +33,12 @@ grouped() {  # name, then gpu_grouped_check.py arguments
     echo "process $name rc=$? after $((SECONDS - T0)) s" >>"$OUT/check_$name.log"
 }
 mkdir -p /tmp/chk
-per_channel pc760 --check-shapes 760M-like --no-varlen &
-per_channel pc128 --check-shapes d128 --no-varlen &
-per_channel pc170 --check-shapes 170M-like &
-per_channel pc64 --check-shapes d64 --no-varlen &
+if [ "${PER_CHANNEL:-1}" != 0 ]; then
+    per_channel pc760 --check-shapes 760M-like --no-varlen &
+    per_channel pc128 --check-shapes d128 --no-varlen &
+    per_channel pc170 --check-shapes 170M-like &
+    per_channel pc64 --check-shapes d64 --no-varlen &
+fi
 grouped g760a --shapes 760M-like --groups 1 --no-varlen &
 grouped g760b --shapes 760M-like --groups 4,none --no-varlen &
 grouped g170 --shapes 170M-like &

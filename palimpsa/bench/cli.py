@@ -17,6 +17,8 @@ def add_parser(subparsers) -> None:
     ops.add_argument("--shapes", default="all",
                      help="comma-separated shape names (170M-like, 760M-like, d64, d128) or 'all' (default: all)")
     ops.add_argument("--no-fla", action="store_true", help="skip fla's chunk_simple_gla and chunk_gated_delta_rule")
+    ops.add_argument("--fla-kernels", default="simple_gla,gated_delta_rule",
+                     help="comma-separated fla kernels to time beside ours: simple_gla, gated_delta_rule")
     ops.add_argument("--no-decode", action="store_true", help="skip the decoding-step timing")
     ops.add_argument("--no-grouped", action="store_true",
                      help="skip grouped importance (G = 1) and NotPalimpsa on the GLA-shaped path")
@@ -53,7 +55,8 @@ def run_ops(args: argparse.Namespace) -> int:
     shapes = ops.BENCH_SHAPES if args.shapes == "all" else tuple(
         ops.shape_by_name(name.strip()) for name in args.shapes.split(","))
     result = ops.run_benchmark(shapes, with_fla=not args.no_fla, decode=not args.no_decode,
-                               grouped=not args.no_grouped, fla_bypass_check=args.fla_bypass_check)
+                               grouped=not args.no_grouped, fla_bypass_check=args.fla_bypass_check,
+                               fla_kernels=tuple(name.strip() for name in args.fla_kernels.split(",") if name.strip()))
     print(ops.format_table(result), end="")
     if args.out:
         ops.save_result(result, args.out)

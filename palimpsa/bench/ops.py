@@ -196,13 +196,20 @@ def _try_measure(forward, inputs, grad_names) -> Dict[str, object]:
     return out
 
 
+FLA_KERNELS = ("simple_gla", "gated_delta_rule")
+
+
 def bench_shape(shape: Shape, with_fla: bool = True, device="cuda", grouped: bool = True,
-                fla_bypass_check: bool = False) -> Dict[str, object]:
+                fla_bypass_check: bool = False, fla_kernels=FLA_KERNELS) -> Dict[str, object]:
     """All timings of one shape (bf16 inputs).
 
     ``grouped``: also time grouped importance with G = 1 and no metaplasticity (the GLA-shaped path).
     ``fla_bypass_check``: time fla's backward with its Hopper check bypassed (timing only, marked).
+    ``fla_kernels``: which of fla's kernels (:data:`FLA_KERNELS`) to time beside ours.
     """
+    unknown = sorted(set(fla_kernels) - set(FLA_KERNELS))
+    if unknown:
+        raise ValueError(f"fla_kernels: unknown {unknown}; expected some of {list(FLA_KERNELS)}")
     inputs = make_inputs(shape, torch.bfloat16, device)
     grad_names = ("q", "k", "v", "g", "beta")
     row: Dict[str, object] = {"shape": dataclasses.asdict(shape), "floor_ms": shape.floor_ms("fwd"),
@@ -215,12 +222,15 @@ def bench_shape(shape: Shape, with_fla: bool = True, device="cuda", grouped: boo
         row["not_palimpsa"] = _measure(_not_palimpsa, inputs, ("q", "k", "v", "g"))
     if with_fla and fla_available():
         with hopper_check_bypassed(fla_bypass_check) as bypassed:
-            row["fla_chunk_simple_gla"] = _try_measure(_fla_simple_gla, inputs, ("q", "k", "v", "g"))
-            row["fla_chunk_gated_delta_rule"] = _try_measure(_fla_gated_delta_rule, inputs,
-                                                             ("q", "k", "v", "g", "beta"))
+            if "simple_gla" in fla_kernels:
+                row["fla_chunk_simple_gla"] = _try_measure(_fla_simple_gla, inputs, ("q", "k", "v", "g"))
+            if "gated_delta_rule" in fla_kernels:
+                row["fla_chunk_gated_delta_rule"] = _try_measure(_fla_gated_delta_rule, inputs,
+                                                                 ("q", "k", "v", "g", "beta"))
         if bypassed:
             for name in ("fla_chunk_simple_gla", "fla_chunk_gated_delta_rule"):
-                row[name]["note"] = TIMING_ONLY_NOTE
+                if name in row:
+                    row[name]["note"] = TIMING_ONLY_NOTE
     return row
 
 
@@ -271,8 +281,9 @@ def environment() -> Dict[str, str]:
 
 
 def run_benchmark(shapes=BENCH_SHAPES, with_fla: bool = True, decode: bool = True, grouped: bool = True,
-                  fla_bypass_check: bool = False) -> Dict[str, object]:
-    rows: List[Dict[str, object]] = [bench_shape(shape, with_fla, grouped=grouped, fla_bypass_check=fla_bypass_check)
+                  fla_bypass_check: bool = False, fla_kernels=FLA_KERNELS) -> Dict[str, object]:
+    rows: List[Dict[str, object]] = [bench_shape(shape, with_fla, grouped=grouped, fla_bypass_check=fla_bypass_check,
+                                                 fla_kernels=fla_kernels)
                                      for shape in shapes]
     result: Dict[str, object] = {"environment": environment(), "rows": rows}
     if decode:

@@ -47,3 +47,8 @@ def test_floors_are_the_reciprocal_and_fp32_issue_bounds():
     assert shape.floor_ms("bwd") == pytest.approx(1e3 * shape.elements * 17 / (ops.FP32_LANES * clocks))
     assert 1.1 < shape.floor_ms("fwd") < 1.2 and 2.3 < shape.floor_ms("bwd") < 2.6
     assert shape.floor_ms("fwd_bwd") == pytest.approx(shape.floor_ms("fwd") + shape.floor_ms("bwd"))
+
+
+def test_bench_shape_rejects_unknown_fla_kernel():
+    with pytest.raises(ValueError, match="fla_kernels"):
+        ops.bench_shape(ops.shape_by_name("170M-like"), device="cpu", fla_kernels=("simple_gla", "flash"))
