@@ -239,6 +239,19 @@ def kernel_kind(name: str, op_kernels: frozenset) -> str:
     return "other"
 
 
+def top_kernels(events, count: int = 12) -> List[List[object]]:
+    """The ``count`` CUDA kernels of most device time in a profiler's ``events()``: ``[name, ms, calls]``, names cut
+    to 90 characters."""
+    totals: Dict[str, List[float]] = {}
+    for event in events:
+        if str(getattr(event, "device_type", "")).endswith("CUDA"):
+            entry = totals.setdefault(event.name[:90], [0.0, 0])
+            entry[0] += _self_time_us(event, True) / 1e3
+            entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [[name, round(ms, 3), calls] for name, (ms, calls) in ranked]
+
+
 def kernel_kinds(events, op_kernels: Optional[frozenset] = None) -> Dict[str, float]:
     """Milliseconds of device time per kernel kind from a profiler's ``events()`` (CUDA kernels only)."""
     op_kernels = op_kernel_names() if op_kernels is None else op_kernels
@@ -251,24 +264,32 @@ def kernel_kinds(events, op_kernels: Optional[frozenset] = None) -> Dict[str, fl
 
 def profile_step(model: nn.Module, step: Callable[[], None], device: torch.device) -> Dict[str, object]:
     """Run ``step()`` once under the profiler; return ``{"ms": {component: ms}, "total_ms": ...}`` (and on a GPU
-    ``"kernels": {kind: ms}``, see :func:`kernel_kinds`).
+    ``"kernels": {kind: ms}``, see :func:`kernel_kinds`, and ``"top_kernels"``, see :func:`top_kernels`).
 
-    ``step`` must call the optimizer inside ``record_function("bench::optimizer")`` (see :func:`optimizer_range`).
+    ``step`` runs once with the component ranges in place before the profiled run: the ranges change what
+    ``torch.compile`` traces, and the recompilation (with inductor's first-run tuning of its kernels) must not land
+    in the profiled step.  ``step`` must call the optimizer inside ``record_function("bench::optimizer")`` (see
+    :func:`optimizer_range`).
     """
     activities = [ProfilerActivity.CPU]
     on_device = device.type == "cuda"
     if on_device:
         activities.append(ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
-    with component_ranges(model), function_ranges(), profile(activities=activities) as prof:
+    with component_ranges(model), function_ranges():
         step()
         if on_device:
             torch.cuda.synchronize(device)
+        with profile(activities=activities) as prof:
+            step()
+            if on_device:
+                torch.cuda.synchronize(device)
     events = prof.events()
     ms = attribute(events, on_device)
     result = {"ms": ms, "total_ms": sum(ms.values()), "clock": "device (CUDA kernels)" if on_device else "CPU"}
     if on_device:
         result["kernels"] = kernel_kinds(events)
+        result["top_kernels"] = top_kernels(events)
     return result
 
 

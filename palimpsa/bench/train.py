@@ -296,6 +296,12 @@ def format_tables(result: Dict) -> str:
         lines += _ms_table("The same step by kernel kind, milliseconds of device time (names only: sees inside "
                            "compiled blocks; 'compiled' = torch.compile's fused kernels):", by_kind, "kernels",
                            KERNEL_KINDS)
+    with_top = [r for r in profiled if r["breakdown"].get("top_kernels")]
+    if with_top:
+        lines += ["", "The kernels of most device time in that step (ms, calls):", ""]
+        for row in with_top:
+            top = ", ".join(f"`{name}` {ms:.1f} ({calls})" for name, ms, calls in row["breakdown"]["top_kernels"][:8])
+            lines.append(f"- {row['model']} {row['size']}: {top}")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
