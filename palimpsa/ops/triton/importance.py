@@ -25,121 +25,181 @@ import triton
 import triton.language as tl
 
 from palimpsa.ops.torch_gla import pad_time
-from palimpsa.ops.triton.gla import chunk_log_decays, pairs_around, written_before
+from palimpsa.ops.triton.gla import chunk_log_decays
 
 
 @triton.jit
-def _scan_fwd(q, k, g, beta, prior, excess0, q_tilde, var_part, starts, T, NC,
+def _load_chunk(x, i_n, i_h, offs_t, offs_k, mask_k, T, H: tl.constexpr, K: tl.constexpr):
+    """Rows offs_t, key channels offs_k of x [N, T, H, K], as float32 [C, BK] (0 where masked)."""
+    return tl.load(x + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
+                   mask=mask_k[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_importance(k, beta, start, i_n, i_h, i_j, c, between, b, T,
+                      H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, offs_k, mask_k,
+                      HAS_BETA: tl.constexpr):
+    """In chunk c: alpha_t J_{t-1} (``prev``) and J_t = prev + k_t^2 beta_t, both [C, BK], from J at the chunk's
+    start; the in-chunk part of prev is one product of the strictly causal decay matrix with the writes (a sum of
+    non-negative terms: never a difference).  Also returns k^2 [C, BK] and beta [C]."""
+    rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
+    offs_t = c * C + tl.arange(0, C)
+    prev = tl.exp(b)[:, None] * start[None, :]
+    if HAS_BETA:
+        k_c = _load_chunk(k, i_n, i_h, offs_t, offs_k, mask_k, T, H, K)
+        beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
+        k2 = k_c * k_c
+        writes = k2 * beta_c[:, None]
+        prev += tl.dot(tl.where(rows > cols, tl.exp(between), 0.0), writes, input_precision="ieee")
+        J = prev + writes
+    else:
+        k2 = tl.zeros([C, start.shape[0]], dtype=tl.float32)
+        beta_c = tl.zeros([C], dtype=tl.float32)
+        J = prev
+    return prev, J, k2, beta_c
+
+
+@triton.jit
+def _scan_fwd_sums(k, g, beta, sums, totals, T, NC,
+                   H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                   HAS_BETA: tl.constexpr):
+    """Per chunk (all in parallel): what it adds to J by its end, sum_t exp(g_{t+1} + ... + g_last) k_t^2 beta_t
+    (``sums`` [N H G, NC, K]), and its total log decay (``totals`` [N H G, NC])."""
+    i_nhg, i_k, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
+    offs_k = i_k * BK + tl.arange(0, BK)
+    mask_k = offs_k < K
+    _, to_end, total, _, _ = chunk_log_decays(g, i_n, i_h, c, T, H, C)
+    tl.store(totals + i_nhg * NC + c, total, mask=i_k == 0)
+    if HAS_BETA:
+        offs_t = c * C + tl.arange(0, C)
+        k_c = _load_chunk(k, i_n, i_h, offs_t, offs_k, mask_k, T, H, K)
+        beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
+        added = tl.sum((tl.exp(to_end) * beta_c)[:, None] * k_c * k_c, 0)
+    else:
+        added = tl.zeros([BK], dtype=tl.float32)
+    tl.store(sums + (i_nhg * NC + c).to(tl.int64) * K + offs_k, added, mask=mask_k)
+
+
+@triton.jit
+def _chain(sums, totals, init, out, NC, K: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr,
+           REVERSE: tl.constexpr):
+    """The chunk-to-chunk recurrence x <- x exp(total_c) + sums_c over the chunks, in order (REVERSE: from the
+    last), for one (sequence, head, group) and BK key channels.  out [N H G, NC + 1, K]: out[c] is x at the
+    boundary before chunk c (forward: J at chunk c's start, out[NC] after the last chunk; reverse: out[c + 1]
+    is the adjoint coming into chunk c from later tokens, out[0] the adjoint of the initial J)."""
+    i_nhg, i_k = tl.program_id(0), tl.program_id(1)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    mask_k = offs_k < K
+    x = tl.zeros([BK], dtype=tl.float32)
+    if HAS_INIT:
+        x += tl.load(init + i_nhg * K + offs_k, mask=mask_k, other=0.0)
+    base = (i_nhg * (NC + 1)).to(tl.int64) * K
+    tl.store(out + base + (NC if REVERSE else 0) * K + offs_k, x, mask=mask_k)
+    for i in range(NC):
+        c = NC - 1 - i if REVERSE else i
+        total = tl.load(totals + i_nhg * NC + c)
+        x = x * tl.exp(total) + tl.load(sums + (i_nhg * NC + c).to(tl.int64) * K + offs_k, mask=mask_k, other=0.0)
+        tl.store(out + base + (c if REVERSE else c + 1) * K + offs_k, x, mask=mask_k)
+
+
+@triton.jit
+def _scan_fwd(q, k, g, beta, prior, q_tilde, var_part, starts, T, NC,
               H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-              HAS_BETA: tl.constexpr, HAS_INIT: tl.constexpr, WITH_VAR: tl.constexpr):
-    """Chunks in order: iota of every token (never stored), q~ = q / iota, this block's part of
-    sum_k q^2 / iota (the variance) and J at every chunk's start (``starts``; index NC: after the last)."""
-    i_nhg, i_k = tl.program_id(0), tl.program_id(1)  # N H G on the axis without the 65535 limit
+              HAS_BETA: tl.constexpr, WITH_VAR: tl.constexpr):
+    """Per chunk (all in parallel), from J at its start: iota of every token (never stored), q~ = q / iota and
+    this key block's part of sum_k q^2 / iota (the variance)."""
+    i_nhg, i_k, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
     part_at = (i_k * tl.num_programs(0)).to(tl.int64) * T  # this K block's slice of var_part
     offs_k = i_k * BK + tl.arange(0, BK)
+    offs_t = c * C + tl.arange(0, C)
     mask_k = offs_k < K
-    rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
-    prior_h = tl.load(prior + i_h)
-    excess = tl.zeros([BK], dtype=tl.float32)  # J at the chunk's start
-    if HAS_INIT:
-        excess += tl.load(excess0 + i_nhg * K + offs_k, mask=mask_k, other=0.0)
-    for c in range(NC):
-        offs_t = c * C + tl.arange(0, C)
-        tl.store(starts + (i_nhg * (NC + 1) + c).to(tl.int64) * K + offs_k, excess, mask=mask_k)
-        b, to_end, total, between, _ = chunk_log_decays(g, i_n, i_h, c, T, H, C)
-        J = tl.exp(b)[:, None] * excess[None, :]
-        if HAS_BETA:
-            k_c = tl.load(k + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
-                          mask=mask_k[None, :], other=0.0).to(tl.float32)
-            beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
-            writes = k_c * k_c * beta_c[:, None]
-            decay = tl.where(rows >= cols, tl.exp(between), 0.0)
-            J += tl.dot(decay, writes, input_precision="ieee")
-            excess = excess * tl.exp(total) + tl.sum(tl.exp(to_end)[:, None] * writes, 0)
-        else:
-            excess = excess * tl.exp(total)
-        iota = J + prior_h
-        q_c = tl.load(q + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
-                      mask=mask_k[None, :], other=0.0).to(tl.float32)
-        out = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
-        tl.store(q_tilde + out, (q_c / iota).to(q_tilde.dtype.element_ty), mask=mask_k[None, :])
-        if WITH_VAR:  # masked key channels have q = 0
-            tl.store(var_part + part_at + ((i_n * T + offs_t) * H + i_h) * G + i_j, tl.sum(q_c * q_c / iota, 1))
-    tl.store(starts + (i_nhg * (NC + 1) + NC).to(tl.int64) * K + offs_k, excess, mask=mask_k)
+    start = tl.load(starts + (i_nhg * (NC + 1) + c).to(tl.int64) * K + offs_k, mask=mask_k, other=0.0)
+    b, _, _, between, _ = chunk_log_decays(g, i_n, i_h, c, T, H, C)
+    _, J, _, _ = _chunk_importance(k, beta, start, i_n, i_h, i_j, c, between, b, T, H, G, K, C, offs_k, mask_k,
+                                   HAS_BETA)
+    iota = J + tl.load(prior + i_h)
+    q_c = _load_chunk(q, i_n, i_h, offs_t, offs_k, mask_k, T, H, K)
+    out = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
+    tl.store(q_tilde + out, (q_c / iota).to(q_tilde.dtype.element_ty), mask=mask_k[None, :])
+    if WITH_VAR:  # masked key channels have q = 0
+        tl.store(var_part + part_at + ((i_n * T + offs_t) * H + i_h) * G + i_j, tl.sum(q_c * q_c / iota, 1))
 
 
 @triton.jit
-def _scan_bwd(q, k, g, beta, prior, starts, excess0, d_q_tilde, d_var, d_iota_last, dq_part, d_beta, d_k, d_g,
-              d_prior_part, d_excess0, T, NC,
-              H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-              HAS_BETA: tl.constexpr, HAS_INIT: tl.constexpr, WITH_VAR: tl.constexpr, HAS_LAST: tl.constexpr):
-    """Chunks in reverse: iota recomputed from the chunk's start (as the forward made it), the gradients of
-    q~ = q / iota and of the variance give dq (per group) and d iota, then the adjoint walk of the scan,
-    lambda_t = d iota_t + alpha_{t+1} lambda_{t+1}, one program per (K block, sequence, head, group).
+def _d_iota(q, d_q_tilde, d_var, J, prior_h, i_n, i_h, i_j, offs_t, offs_k, mask_k, T,
+            H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, WITH_VAR: tl.constexpr):
+    """From the gradients of q~ = q / iota (and of the variance's sum_k q^2 / iota, already scaled by scale^2):
+    dq and d iota of one chunk, both [C, BK]."""
+    inv = 1.0 / (J + prior_h)
+    tok = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
+    q_c = _load_chunk(q, i_n, i_h, offs_t, offs_k, mask_k, T, H, K)
+    dq_c = tl.load(d_q_tilde + tok, mask=mask_k[None, :], other=0.0).to(tl.float32) * inv
+    d_iota_c = -dq_c * q_c * inv
+    if WITH_VAR:
+        d_sq = tl.load(d_var + ((i_n * T + offs_t) * H + i_h) * G + i_j)[:, None] * inv
+        dq_c += 2.0 * q_c * d_sq
+        d_iota_c -= d_sq * q_c * q_c * inv
+    return dq_c, d_iota_c, tok
 
-    The adjoint is independent per key channel, so each program takes BK of them (few enough tiles to stay in
-    registers); d_beta, d_g and d_prior, sums over the key channels, get this block's part (summed after).
-    dg_t sums the terms of every (writer s, reader r) pair with s < t <= r, as the GLA backward does: pairs inside
-    the chunk, readers of the chunk-start state, writers read after the chunk, pairs straddling the chunk.  Summed
-    directly (no reverse running sum), dg keeps its relative accuracy where a decay saturates.
-    """
-    i_nhg, i_k = tl.program_id(0), tl.program_id(1)  # N H G on the axis without the 65535 limit
+
+@triton.jit
+def _scan_bwd_sums(q, k, g, beta, prior, starts, d_q_tilde, d_var, dq_part, sums, totals, d_prior_part, T, NC,
+                   H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                   HAS_BETA: tl.constexpr, WITH_VAR: tl.constexpr):
+    """Per chunk (all in parallel): iota recomputed from the chunk's start as the forward made it; dq (per group,
+    stored); d iota, summed over the tokens into what the chunk sends back to J at its start,
+    sum_t exp(g_0 + ... + g_t) d iota_t (``sums``), and into this block's part of d prior; the chunk's total log
+    decay (``totals``)."""
+    i_nhg, i_k, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
-    part_at = (i_k * tl.num_programs(0)).to(tl.int64) * T  # this K block's slice of the partial sums d_beta, d_g
     offs_k = i_k * BK + tl.arange(0, BK)
+    offs_t = c * C + tl.arange(0, C)
+    mask_k = offs_k < K
+    start = tl.load(starts + (i_nhg * (NC + 1) + c).to(tl.int64) * K + offs_k, mask=mask_k, other=0.0)
+    b, _, total, between, _ = chunk_log_decays(g, i_n, i_h, c, T, H, C)
+    _, J, _, _ = _chunk_importance(k, beta, start, i_n, i_h, i_j, c, between, b, T, H, G, K, C, offs_k, mask_k,
+                                   HAS_BETA)
+    dq_c, d_iota_c, tok = _d_iota(q, d_q_tilde, d_var, J, tl.load(prior + i_h), i_n, i_h, i_j, offs_t, offs_k,
+                                  mask_k, T, H, G, K, WITH_VAR)
+    tl.store(dq_part + tok, dq_c, mask=mask_k[None, :])
+    tl.store(totals + i_nhg * NC + c, total, mask=i_k == 0)
+    chunk = (i_nhg * NC + c).to(tl.int64)
+    tl.store(sums + chunk * K + offs_k, tl.sum(tl.exp(b)[:, None] * d_iota_c, 0), mask=mask_k)
+    tl.store(d_prior_part + (i_k * tl.num_programs(0) * NC + chunk) * BK + tl.arange(0, BK), tl.sum(d_iota_c, 0))
+
+
+@triton.jit
+def _scan_bwd(q, k, g, beta, prior, starts, d_q_tilde, d_var, carries, d_beta, d_k, d_g, T, NC,
+              H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              HAS_BETA: tl.constexpr, WITH_VAR: tl.constexpr):
+    """Per chunk (all in parallel), with the adjoint coming in from later chunks (``carries``): the adjoint
+    lambda_t = d iota_t + alpha_{t+1} lambda_{t+1} of every token (the product of the transposed causal decay
+    matrix with d iota, plus the carry), then dbeta_t[j] = sum_k lambda k^2, dk_t = 2 k beta_t[j] lambda (per
+    group) and this key block's part of dg_t = sum_k lambda_t alpha_t J_{t-1}: every term is one (writer, reader)
+    pair's, taken once (no differences of running sums, so dg keeps its accuracy where a decay saturates)."""
+    i_nhg, i_k, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
+    part_at = (i_k * tl.num_programs(0)).to(tl.int64) * T  # this K block's slice of the partial sums
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_t = c * C + tl.arange(0, C)
     mask_k = offs_k < K
     rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
-    prior_h = tl.load(prior + i_h)
-    carry = tl.zeros([BK], dtype=tl.float32)  # adjoint of J at the end of the chunk, from later tokens
-    if HAS_LAST:  # the gradient of the last importance (the final state) is one of J at the very end
-        carry += tl.load(d_iota_last + i_nhg * K + offs_k, mask=mask_k, other=0.0)
-    d_prior = tl.zeros([BK], dtype=tl.float32)
-    for i in range(NC):
-        c = NC - 1 - i
-        offs_t = c * C + tl.arange(0, C)
-        b, to_end, total, between, between_t = chunk_log_decays(g, i_n, i_h, c, T, H, C)
-        tok = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
-        start = tl.load(starts + (i_nhg * (NC + 1) + c).to(tl.int64) * K + offs_k, mask=mask_k, other=0.0)
-        J = tl.exp(b)[:, None] * start[None, :]
-        if HAS_BETA:
-            k_c = tl.load(k + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
-                          mask=mask_k[None, :], other=0.0).to(tl.float32)
-            beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
-            k2 = k_c * k_c
-            decay = tl.where(rows >= cols, tl.exp(between), 0.0)
-            J += tl.dot(decay, k2 * beta_c[:, None], input_precision="ieee")
-        inv = 1.0 / (J + prior_h)
-        q_c = tl.load(q + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
-                      mask=mask_k[None, :], other=0.0).to(tl.float32)
-        dq_c = tl.load(d_q_tilde + tok, mask=mask_k[None, :], other=0.0).to(tl.float32) * inv
-        d_iota_c = -dq_c * q_c * inv
-        if WITH_VAR:  # d_var is already scaled by scale^2
-            d_sq = tl.load(d_var + ((i_n * T + offs_t) * H + i_h) * G + i_j)[:, None] * inv
-            dq_c += 2.0 * q_c * d_sq
-            d_iota_c -= d_sq * q_c * q_c * inv
-        tl.store(dq_part + tok, dq_c, mask=mask_k[None, :])
-        d_prior += tl.sum(d_iota_c, 0)
-        later = rows <= cols  # [t, r]: r >= t
-        lam = tl.dot(tl.where(later, tl.exp(between_t), 0.0), d_iota_c, input_precision="ieee") \
-            + tl.exp(to_end)[:, None] * carry[None, :]
-        read = tl.exp(b) * tl.sum(d_iota_c * start[None, :], 1)  # [r]: readers of the chunk-start state
-        part = tl.cumsum(read, 0, reverse=True) + tl.exp(total) * tl.sum(carry * start, 0)
-        if HAS_BETA:
-            k_t = tl.load(k + ((i_n * T + offs_t[None, :]) * H + i_h).to(tl.int64) * K + offs_k[:, None],
-                          mask=mask_k[:, None], other=0.0).to(tl.float32)
-            tl.store(d_beta + part_at + ((i_n * T + offs_t) * H + i_h) * G + i_j, tl.sum(lam * k2, 1))
-            tl.store(d_k + tok, 2.0 * k_c * lam * beta_c[:, None], mask=mask_k[None, :])
-            writes_t = k_t * k_t * beta_c[None, :]  # [BK, s]
-            pairs = tl.dot(d_iota_c, writes_t, input_precision="ieee")  # [r, s] = <d iota_r, X_s>
-            pairs = tl.where(rows > cols, pairs * tl.exp(between), 0.0)
-            written = tl.exp(to_end) * tl.sum(carry[None, :] * k2, 1) * beta_c  # [s]: read after the chunk
-            part += pairs_around(pairs, C) + written_before(written, C)
-        tl.store(d_g + part_at + (i_nhg * T + offs_t).to(tl.int64), part)
-        carry = carry * tl.exp(total) + tl.sum(tl.exp(b)[:, None] * d_iota_c, 0)
-    tl.store(d_prior_part + (i_k * tl.num_programs(0) + i_nhg) * BK + tl.arange(0, BK), d_prior)
-    if HAS_INIT:
-        tl.store(d_excess0 + i_nhg * K + offs_k, carry, mask=mask_k)
+    start = tl.load(starts + (i_nhg * (NC + 1) + c).to(tl.int64) * K + offs_k, mask=mask_k, other=0.0)
+    carry = tl.load(carries + (i_nhg * (NC + 1) + c + 1).to(tl.int64) * K + offs_k, mask=mask_k, other=0.0)
+    b, to_end, _, between, between_t = chunk_log_decays(g, i_n, i_h, c, T, H, C)
+    prev, J, k2, beta_c = _chunk_importance(k, beta, start, i_n, i_h, i_j, c, between, b, T, H, G, K, C, offs_k,
+                                            mask_k, HAS_BETA)
+    _, d_iota_c, tok = _d_iota(q, d_q_tilde, d_var, J, tl.load(prior + i_h), i_n, i_h, i_j, offs_t, offs_k, mask_k,
+                               T, H, G, K, WITH_VAR)
+    lam = tl.dot(tl.where(rows <= cols, tl.exp(between_t), 0.0), d_iota_c, input_precision="ieee") \
+        + tl.exp(to_end)[:, None] * carry[None, :]
+    tl.store(d_g + part_at + (i_nhg * T + offs_t).to(tl.int64), tl.sum(lam * prev, 1))
+    if HAS_BETA:
+        tl.store(d_beta + part_at + ((i_n * T + offs_t) * H + i_h) * G + i_j, tl.sum(lam * k2, 1))
+        k_c = _load_chunk(k, i_n, i_h, offs_t, offs_k, mask_k, T, H, K)
+        tl.store(d_k + tok, 2.0 * k_c * lam * beta_c[:, None], mask=mask_k[None, :])
 
 
 def _key_block(K: int) -> int:
@@ -167,13 +227,17 @@ class RescaledQueryFunction(torch.autograd.Function):
         q_tilde = torch.empty(N, T, H, G, K, dtype=q.dtype, device=q.device)
         var_part = torch.empty(NK, N, T, H, G, **f32) if with_variance else None
         starts = torch.empty(N * H * G, NC + 1, K, **f32)
-        meta = dict(H=H, G=G, K=K, C=chunk, BK=BK, HAS_BETA=beta is not None, HAS_INIT=excess0 is not None)
-        _scan_fwd[(N * H * G, NK)](q, k, g, beta, prior, excess0, q_tilde, var_part, starts, T, NC,
-                                   WITH_VAR=with_variance, **meta)
+        meta = dict(H=H, G=G, K=K, C=chunk, BK=BK, HAS_BETA=beta is not None)
+        sums, totals = torch.empty(N * H * G, NC, K, **f32), torch.empty(N * H * G, NC, **f32)
+        _scan_fwd_sums[(N * H * G, NK, NC)](k, g, beta, sums, totals, T, NC, **meta)
+        _chain[(N * H * G, NK)](sums, totals, excess0, starts, NC, K=K, BK=BK, HAS_INIT=excess0 is not None,
+                                REVERSE=False)
+        _scan_fwd[(N * H * G, NK, NC)](q, k, g, beta, prior, q_tilde, var_part, starts, T, NC,
+                                       WITH_VAR=with_variance, **meta)
         variance = (scale ** 2) * var_part.sum(0) if with_variance else None
         iota_last = starts[:, NC].reshape(N, H, G, K) + prior[None, :, None, None]
         ctx.save_for_backward(q, k, g, beta, prior, excess0, starts)
-        ctx.meta, ctx.scale = meta, scale
+        ctx.meta, ctx.scale, ctx.has_init = meta, scale, excess0 is not None
         return q_tilde, variance, iota_last
 
     @staticmethod
@@ -187,20 +251,26 @@ class RescaledQueryFunction(torch.autograd.Function):
         d_q_tilde = (torch.zeros(N, T, H, G, K, **f32) if d_q_tilde is None else d_q_tilde.contiguous())
         d_var = ((ctx.scale ** 2) * d_variance.float()).contiguous() if d_variance is not None else None
         d_last = d_iota_last.float().contiguous() if d_iota_last is not None else None
+        NC = T // meta["C"]
         dq_part = torch.empty(N, T, H, G, K, **f32)
         d_beta = torch.empty(NK, *beta.shape, **f32) if beta is not None else None
         d_k = torch.empty(N, T, H, G, K, **f32) if beta is not None else None
         d_g = torch.empty(NK, N, H, G, T, **f32)
-        d_prior_part = torch.empty(NK, N * H * G, BK, **f32)
-        d_excess0 = torch.empty(N, H, G, K, **f32) if meta["HAS_INIT"] else None
-        _scan_bwd[(N * H * G, NK)](q, k, g, beta, prior, starts, excess0, d_q_tilde, d_var, d_last, dq_part,
-                                   d_beta, d_k, d_g, d_prior_part, d_excess0, T, T // meta["C"],
-                                   WITH_VAR=d_var is not None, HAS_LAST=d_last is not None,
-                                   num_warps=8, **meta)  # 8 warps: its [C, C] tiles in registers
+        d_prior_part = torch.empty(NK, N * H * G, NC, BK, **f32)
+        sums, totals = torch.empty(N * H * G, NC, K, **f32), torch.empty(N * H * G, NC, **f32)
+        carries = torch.empty(N * H * G, NC + 1, K, **f32)
+        with_var = d_var is not None
+        _scan_bwd_sums[(N * H * G, NK, NC)](q, k, g, beta, prior, starts, d_q_tilde, d_var, dq_part, sums, totals,
+                                            d_prior_part, T, NC, WITH_VAR=with_var, **meta)
+        _chain[(N * H * G, NK)](sums, totals, d_last, carries, NC, K=K, BK=BK, HAS_INIT=d_last is not None,
+                                REVERSE=True)
+        _scan_bwd[(N * H * G, NK, NC)](q, k, g, beta, prior, starts, d_q_tilde, d_var, carries, d_beta, d_k, d_g,
+                                       T, NC, WITH_VAR=with_var, **meta)
+        d_excess0 = carries[:, 0].reshape(N, H, G, K) if ctx.has_init else None
         dq = dq_part.sum(3) if G > 1 else dq_part[:, :, :, 0]
         dk = (d_k.sum(3) if G > 1 else d_k[:, :, :, 0]) if d_k is not None else None
         dg = d_g.sum((0, 3)).transpose(1, 2)  # [N, T, H]
-        d_prior = d_prior_part.reshape(NK, N, H, G, BK).sum((0, 1, 3, 4))
+        d_prior = d_prior_part.reshape(NK, N, H, G, NC, BK).sum((0, 1, 3, 4, 5))
         if d_last is not None:
             d_prior = d_prior + d_last.sum((0, 2, 3))
         return (dq.to(q.dtype), dk.to(k.dtype) if dk is not None else None, dg,
