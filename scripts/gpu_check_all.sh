@@ -7,7 +7,9 @@
 #   then the GLA kernels alone at narrow value widths (scripts/gpu_gla_blocks_check.py)
 # A summary of PASS/FAIL lines lands in $OUT/check_summary.txt, the per-process logs in $OUT/check_logs.tgz.
 #   OUT=/some/dir bash scripts/gpu_check_all.sh         (from the repository root)
-# PER_CHANNEL=0 skips the per-channel checks (when only the grouped / GLA-shaped kernels changed).
+# PER_CHANNEL=0 skips the per-channel checks (when only the grouped / GLA-shaped kernels changed); QUICK=1 checks
+# the grouped path at G = 1 (760M-like, 170M-like + varlen, d64) and G = 4 (760M-like) only, without the GLA width
+# check (when only the importance scan changed).
 set -u
 : "${OUT:?set OUT}"
 T0=$SECONDS
@@ -39,14 +41,22 @@ if [ "${PER_CHANNEL:-1}" != 0 ]; then
     per_channel pc170 --check-shapes 170M-like &
     per_channel pc64 --check-shapes d64 --no-varlen &
 fi
-grouped g760a --shapes 760M-like --groups 1 --no-varlen &
-grouped g760b --shapes 760M-like --groups 4,none --no-varlen &
-grouped g170 --shapes 170M-like &
-grouped gsmall --shapes d64,d128 --no-varlen &
-wait
-# the GLA kernels alone at narrow value widths and shared keys (one subprocess per case, 12 at a time)
-timeout 150 python3 scripts/gpu_gla_blocks_check.py >"$OUT/check_gla_blocks.log" 2>&1
-echo "process gla_blocks rc=$? after $((SECONDS - T0)) s" >>"$OUT/check_gla_blocks.log"
+if [ "${QUICK:-0}" = 1 ]; then
+    grouped g760a --shapes 760M-like --groups 1 --no-varlen &
+    grouped g760b --shapes 760M-like --groups 4 --no-varlen &
+    grouped g170 --shapes 170M-like --groups 1 &
+    grouped gsmall --shapes d64 --groups 1 --no-varlen &
+    wait
+else
+    grouped g760a --shapes 760M-like --groups 1 --no-varlen &
+    grouped g760b --shapes 760M-like --groups 4,none --no-varlen &
+    grouped g170 --shapes 170M-like &
+    grouped gsmall --shapes d64,d128 --no-varlen &
+    wait
+    # the GLA kernels alone at narrow value widths and shared keys (one subprocess per case, 12 at a time)
+    timeout 150 python3 scripts/gpu_gla_blocks_check.py >"$OUT/check_gla_blocks.log" 2>&1
+    echo "process gla_blocks rc=$? after $((SECONDS - T0)) s" >>"$OUT/check_gla_blocks.log"
+fi
 grep -h -E "PASS|FAIL|CRASH| ok$|ALL|SOME|rc=" "$OUT"/check_*.log | cut -c1-200 | tee -a "$OUT/check_summary.txt"
 echo "total $((SECONDS - T0)) s" | tee -a "$OUT/check_summary.txt"
 # at most 8 files come back from a device call: the per-process logs travel as one archive

@@ -6,7 +6,8 @@
 #      loop that leaves the GPU mostly idle);
 #   2. then, on a quiet GPU with every kernel compiled and autotuned, `palimpsa bench ops` on all those shapes:
 #      $OUT/ops.md and $OUT/ops.json;
-#   3. fla's autotune results into $OUT/autotune_cache.tgz (carry .tritoncache with the next call to reuse them).
+#   3. PROFILE=1: scripts/gpu_profile_ops.py, each variant's kernels ($OUT/profile_ops.md);
+#   4. fla's autotune results into $OUT/autotune_cache.tgz (carry .tritoncache with the next call to reuse them).
 #   OUT=/some/dir bash scripts/gpu_check_then_ops.sh      (from the repository root; fla on PYTHONPATH)
 # Overrides: SHAPES (760M-like,170M-like), FLA_KERNELS (simple_gla), PER_CHANNEL (0), WARM_LIMIT (330 s),
 # BENCH_LIMIT (what is left of 575 s),
@@ -32,4 +33,9 @@ BENCH_LIMIT=${BENCH_LIMIT:-$((575 - (SECONDS - T0)))}  # what is left of a 600 s
 timeout "$BENCH_LIMIT" python3 -m palimpsa bench ops --shapes "$SHAPES" --fla-kernels "$FLA_KERNELS" \
     --fla-bypass-check --out "$OUT/ops.md" 2>&1 | tail -n 40
 echo "bench rc=${PIPESTATUS[0]} after $((SECONDS - T0)) s"
+if [ "${PROFILE:-0}" = 1 ]; then
+    timeout $((590 - (SECONDS - T0))) python3 scripts/gpu_profile_ops.py --shapes "$SHAPES" --fla-bypass-check \
+        --out "$OUT/profile_ops.md" >/dev/null 2>"$OUT/profile_ops.err"
+    echo "profile rc=$? after $((SECONDS - T0)) s"
+fi
 (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/autotune_cache.tgz" -T -)
