@@ -5,15 +5,18 @@ Same function as :func:`palimpsa.ops.torch_gla.importance_scan_torch` followed b
 
     iota_t = I0 + J_t,   J_t = alpha_t J_{t-1} + (k_t ** 2) beta_t[j]      (one [K] row per group j)
 
-One program per (block of key channels, sequence, head, group) walks the chunks in order; inside a chunk the
-scan is one product of the causal decay matrix (exp of the log decays between two tokens, summed per segment:
-:func:`palimpsa.ops.triton.gla.chunk_log_decays`) with the chunk's writes (float32 throughout: the importance is
-a denominator).  iota itself is never stored: only J at each chunk's start, from which the backward recomputes
-the chunk's iota exactly as the forward made it.  The backward walks the chunks in reverse with the adjoint
-lambda_t = d iota_t + alpha_{t+1} lambda_{t+1} (the same product with the transposed decay matrix), where
-d iota = -dq~ q / iota^2 (and the variance's term), and gives dq = dq~ / iota, dbeta_t[j] = sum_k lambda k^2,
-dk_t = 2 k sum_j beta_t[j] lambda[j], and the decay gradient summed per chunk from the (writer, reader) pairs
-each decay separates (see ``_scan_bwd``).
+Forward: one program per (block of key channels, sequence, head, group) walks the chunks in order; inside a
+chunk the scan is one product of the causal decay matrix (exp of the log decays between two tokens, summed per
+segment: :func:`palimpsa.ops.triton.gla.chunk_log_decays`) with the chunk's writes (float32 throughout: the
+importance is a denominator).  iota itself is never stored: only J at each chunk's start, from which the
+backward recomputes the chunk's iota exactly as the forward made it.
+
+Backward, with the adjoint lambda_t = d iota_t + alpha_{t+1} lambda_{t+1}, where d iota = -dq~ q / iota^2 (and
+the variance's term), in three kernels: every chunk at once computes dq = dq~ / iota and what it sends back to
+the chunk before (``_scan_bwd_sums``); one short walk over the chunks in reverse chains these
+(``_chain_back``); then every chunk at once forms lambda (the product of the transposed decay matrix with
+d iota, plus what came in from later chunks) and dbeta_t[j] = sum_k lambda k^2, dk_t = 2 k beta_t[j] lambda
+and dg_t = sum_k lambda_t alpha_t J_{t-1} (``_scan_bwd``).
 """
 
 from __future__ import annotations
@@ -60,34 +63,10 @@ def _chunk_importance(k, beta, start, i_n, i_h, i_j, c, between, b, T,
 
 
 @triton.jit
-def _scan_fwd_sums(k, g, beta, sums, totals, T, NC,
-                   H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                   HAS_BETA: tl.constexpr):
-    """Per chunk (all in parallel): what it adds to J by its end, sum_t exp(g_{t+1} + ... + g_last) k_t^2 beta_t
-    (``sums`` [N H G, NC, K]), and its total log decay (``totals`` [N H G, NC])."""
-    i_nhg, i_k, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
-    offs_k = i_k * BK + tl.arange(0, BK)
-    mask_k = offs_k < K
-    _, to_end, total, _, _ = chunk_log_decays(g, i_n, i_h, c, T, H, C)
-    tl.store(totals + i_nhg * NC + c, total, mask=i_k == 0)
-    if HAS_BETA:
-        offs_t = c * C + tl.arange(0, C)
-        k_c = _load_chunk(k, i_n, i_h, offs_t, offs_k, mask_k, T, H, K)
-        beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
-        added = tl.sum((tl.exp(to_end) * beta_c)[:, None] * k_c * k_c, 0)
-    else:
-        added = tl.zeros([BK], dtype=tl.float32)
-    tl.store(sums + (i_nhg * NC + c).to(tl.int64) * K + offs_k, added, mask=mask_k)
-
-
-@triton.jit
-def _chain(sums, totals, init, out, NC, K: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr,
-           REVERSE: tl.constexpr):
-    """The chunk-to-chunk recurrence x <- x exp(total_c) + sums_c over the chunks, in order (REVERSE: from the
-    last), for one (sequence, head, group) and BK key channels.  out [N H G, NC + 1, K]: out[c] is x at the
-    boundary before chunk c (forward: J at chunk c's start, out[NC] after the last chunk; reverse: out[c + 1]
-    is the adjoint coming into chunk c from later tokens, out[0] the adjoint of the initial J)."""
+def _chain_back(sums, totals, init, out, NC, K: tl.constexpr, BK: tl.constexpr, HAS_INIT: tl.constexpr):
+    """The adjoint between chunks, from the last chunk back: x <- x exp(total_c) + sums_c, one program per
+    (sequence, head, group) and BK key channels.  out [N H G, NC + 1, K]: out[c + 1] is the adjoint coming into
+    chunk c from later tokens (out[NC]: the gradient of the last J, or 0), out[0] the adjoint of the initial J."""
     i_nhg, i_k = tl.program_id(0), tl.program_id(1)
     offs_k = i_k * BK + tl.arange(0, BK)
     mask_k = offs_k < K
@@ -95,36 +74,53 @@ def _chain(sums, totals, init, out, NC, K: tl.constexpr, BK: tl.constexpr, HAS_I
     if HAS_INIT:
         x += tl.load(init + i_nhg * K + offs_k, mask=mask_k, other=0.0)
     base = (i_nhg * (NC + 1)).to(tl.int64) * K
-    tl.store(out + base + (NC if REVERSE else 0) * K + offs_k, x, mask=mask_k)
+    tl.store(out + base + NC * K + offs_k, x, mask=mask_k)
     for i in range(NC):
-        c = NC - 1 - i if REVERSE else i
+        c = NC - 1 - i
         total = tl.load(totals + i_nhg * NC + c)
         x = x * tl.exp(total) + tl.load(sums + (i_nhg * NC + c).to(tl.int64) * K + offs_k, mask=mask_k, other=0.0)
-        tl.store(out + base + (c if REVERSE else c + 1) * K + offs_k, x, mask=mask_k)
+        tl.store(out + base + c * K + offs_k, x, mask=mask_k)
 
 
 @triton.jit
-def _scan_fwd(q, k, g, beta, prior, q_tilde, var_part, starts, T, NC,
+def _scan_fwd(q, k, g, beta, prior, excess0, q_tilde, var_part, starts, T, NC,
               H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-              HAS_BETA: tl.constexpr, WITH_VAR: tl.constexpr):
-    """Per chunk (all in parallel), from J at its start: iota of every token (never stored), q~ = q / iota and
-    this key block's part of sum_k q^2 / iota (the variance)."""
-    i_nhg, i_k, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+              HAS_BETA: tl.constexpr, HAS_INIT: tl.constexpr, WITH_VAR: tl.constexpr):
+    """Chunks in order: iota of every token (never stored), q~ = q / iota, this block's part of
+    sum_k q^2 / iota (the variance) and J at every chunk's start (``starts``; index NC: after the last)."""
+    i_nhg, i_k = tl.program_id(0), tl.program_id(1)  # N H G on the axis without the 65535 limit
     i_n, i_h, i_j = i_nhg // (H * G), (i_nhg // G) % H, i_nhg % G
     part_at = (i_k * tl.num_programs(0)).to(tl.int64) * T  # this K block's slice of var_part
     offs_k = i_k * BK + tl.arange(0, BK)
-    offs_t = c * C + tl.arange(0, C)
     mask_k = offs_k < K
-    start = tl.load(starts + (i_nhg * (NC + 1) + c).to(tl.int64) * K + offs_k, mask=mask_k, other=0.0)
-    b, _, _, between, _ = chunk_log_decays(g, i_n, i_h, c, T, H, C)
-    _, J, _, _ = _chunk_importance(k, beta, start, i_n, i_h, i_j, c, between, b, T, H, G, K, C, offs_k, mask_k,
-                                   HAS_BETA)
-    iota = J + tl.load(prior + i_h)
-    q_c = _load_chunk(q, i_n, i_h, offs_t, offs_k, mask_k, T, H, K)
-    out = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
-    tl.store(q_tilde + out, (q_c / iota).to(q_tilde.dtype.element_ty), mask=mask_k[None, :])
-    if WITH_VAR:  # masked key channels have q = 0
-        tl.store(var_part + part_at + ((i_n * T + offs_t) * H + i_h) * G + i_j, tl.sum(q_c * q_c / iota, 1))
+    rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
+    prior_h = tl.load(prior + i_h)
+    excess = tl.zeros([BK], dtype=tl.float32)  # J at the chunk's start
+    if HAS_INIT:
+        excess += tl.load(excess0 + i_nhg * K + offs_k, mask=mask_k, other=0.0)
+    for c in range(NC):
+        offs_t = c * C + tl.arange(0, C)
+        tl.store(starts + (i_nhg * (NC + 1) + c).to(tl.int64) * K + offs_k, excess, mask=mask_k)
+        b, to_end, total, between, _ = chunk_log_decays(g, i_n, i_h, c, T, H, C)
+        J = tl.exp(b)[:, None] * excess[None, :]
+        if HAS_BETA:
+            k_c = tl.load(k + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
+                          mask=mask_k[None, :], other=0.0).to(tl.float32)
+            beta_c = tl.load(beta + ((i_n * T + offs_t) * H + i_h) * G + i_j)
+            writes = k_c * k_c * beta_c[:, None]
+            decay = tl.where(rows >= cols, tl.exp(between), 0.0)
+            J += tl.dot(decay, writes, input_precision="ieee")
+            excess = excess * tl.exp(total) + tl.sum(tl.exp(to_end)[:, None] * writes, 0)
+        else:
+            excess = excess * tl.exp(total)
+        iota = J + prior_h
+        q_c = tl.load(q + ((i_n * T + offs_t[:, None]) * H + i_h).to(tl.int64) * K + offs_k[None, :],
+                      mask=mask_k[None, :], other=0.0).to(tl.float32)
+        out = (((i_n * T + offs_t[:, None]) * H + i_h) * G + i_j).to(tl.int64) * K + offs_k[None, :]
+        tl.store(q_tilde + out, (q_c / iota).to(q_tilde.dtype.element_ty), mask=mask_k[None, :])
+        if WITH_VAR:  # masked key channels have q = 0
+            tl.store(var_part + part_at + ((i_n * T + offs_t) * H + i_h) * G + i_j, tl.sum(q_c * q_c / iota, 1))
+    tl.store(starts + (i_nhg * (NC + 1) + NC).to(tl.int64) * K + offs_k, excess, mask=mask_k)
 
 
 @triton.jit
@@ -228,12 +224,8 @@ class RescaledQueryFunction(torch.autograd.Function):
         var_part = torch.empty(NK, N, T, H, G, **f32) if with_variance else None
         starts = torch.empty(N * H * G, NC + 1, K, **f32)
         meta = dict(H=H, G=G, K=K, C=chunk, BK=BK, HAS_BETA=beta is not None)
-        sums, totals = torch.empty(N * H * G, NC, K, **f32), torch.empty(N * H * G, NC, **f32)
-        _scan_fwd_sums[(N * H * G, NK, NC)](k, g, beta, sums, totals, T, NC, **meta)
-        _chain[(N * H * G, NK)](sums, totals, excess0, starts, NC, K=K, BK=BK, HAS_INIT=excess0 is not None,
-                                REVERSE=False)
-        _scan_fwd[(N * H * G, NK, NC)](q, k, g, beta, prior, q_tilde, var_part, starts, T, NC,
-                                       WITH_VAR=with_variance, **meta)
+        _scan_fwd[(N * H * G, NK)](q, k, g, beta, prior, excess0, q_tilde, var_part, starts, T, NC,
+                                   HAS_INIT=excess0 is not None, WITH_VAR=with_variance, **meta)
         variance = (scale ** 2) * var_part.sum(0) if with_variance else None
         iota_last = starts[:, NC].reshape(N, H, G, K) + prior[None, :, None, None]
         ctx.save_for_backward(q, k, g, beta, prior, excess0, starts)
@@ -262,8 +254,7 @@ class RescaledQueryFunction(torch.autograd.Function):
         with_var = d_var is not None
         _scan_bwd_sums[(N * H * G, NK, NC)](q, k, g, beta, prior, starts, d_q_tilde, d_var, dq_part, sums, totals,
                                             d_prior_part, T, NC, WITH_VAR=with_var, **meta)
-        _chain[(N * H * G, NK)](sums, totals, d_last, carries, NC, K=K, BK=BK, HAS_INIT=d_last is not None,
-                                REVERSE=True)
+        _chain_back[(N * H * G, NK)](sums, totals, d_last, carries, NC, K=K, BK=BK, HAS_INIT=d_last is not None)
         _scan_bwd[(N * H * G, NK, NC)](q, k, g, beta, prior, starts, d_q_tilde, d_var, carries, d_beta, d_k, d_g,
                                        T, NC, WITH_VAR=with_var, **meta)
         d_excess0 = carries[:, 0].reshape(N, H, G, K) if ctx.has_init else None
