@@ -184,6 +184,11 @@ def bench_model(name: str, size: str, *, batch: int, seq_len: int, device: torch
         row["notes"].append("runs fla's chunk_gated_delta_rule")
     model = optimizer = step = None
     _free_memory(device)
+    if compile_blocks:
+        # every model compiles its blocks afresh: Palimpsa's variants share one block class, and the graphs,
+        # guards and dynamic-shape choices of an earlier model would otherwise carry over to the next (on an
+        # H200, NotPalimpsa timed after the G = 1 model lost 13 % of its speed and took 3.8 GB more)
+        torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:

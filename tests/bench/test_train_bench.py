@@ -46,6 +46,16 @@ def test_bench_train_tiny_writes_the_table_and_json(tmp_path, capsys):
     assert table in capsys.readouterr().out
 
 
+def test_each_compiled_model_starts_from_a_clean_compile_cache(monkeypatch, tmp_path):
+    """Compiled graphs of one model must not carry over to the next (same block class, other shapes)."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    args = ["--sizes", "tiny", "--models", "palimpsa,notpalimpsa", "--batch", "1", "--seq-len", "16", "--steps", "1",
+            "--warmup", "0", "--device", "cpu", "--no-profile", "--out", str(tmp_path / "bench")]
+    assert main(args) == 0 and len(resets) == 2
+    assert main(args + ["--no-compile"]) == 0 and len(resets) == 2
+
+
 def test_bench_train_is_a_palimpsa_subcommand_and_checks_its_flags(tmp_path):
     with pytest.raises(SystemExit):
         cli_main(["bench", "train", "--sizes", "huge"])
