@@ -172,6 +172,13 @@ def _self_time_us(event, on_device: bool) -> float:
     return float(event.self_cpu_time_total)
 
 
+def device_kernels(events) -> List[object]:
+    """The CUDA kernels (and copies) among a profiler's ``events()``: not the ranges of ``record_function``, which
+    the profiler also shows on the device's timeline (as user annotations, named like the range)."""
+    return [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+            and not getattr(e, "is_user_annotation", False) and not e.name.startswith(PREFIX)]
+
+
 def attribute(events, on_device: bool) -> Dict[str, float]:
     """Milliseconds per component (see the module docstring) from a profiler's ``events()``."""
     cpu_events = [e for e in events if str(getattr(e, "device_type", "CPU")).endswith("CPU")]
@@ -194,8 +201,7 @@ def attribute(events, on_device: bool) -> Dict[str, float]:
                 category = forward_component.get(backward.sequence_nr)
         totals[category if category in totals else "other"] += _self_time_us(event, on_device) / 1e3
     if on_device:
-        kernels = sum(float(getattr(e, "device_time_total", 0.0)) for e in events
-                      if str(getattr(e, "device_type", "")).endswith("CUDA"))
+        kernels = sum(float(getattr(e, "device_time_total", 0.0)) for e in device_kernels(events))
         totals["unattributed"] = max(0.0, kernels / 1e3 - sum(totals.values()))
     return totals
 
@@ -243,11 +249,10 @@ def top_kernels(events, count: int = 12) -> List[List[object]]:
     """The ``count`` CUDA kernels of most device time in a profiler's ``events()``: ``[name, ms, calls]``, names cut
     to 90 characters."""
     totals: Dict[str, List[float]] = {}
-    for event in events:
-        if str(getattr(event, "device_type", "")).endswith("CUDA"):
-            entry = totals.setdefault(event.name[:90], [0.0, 0])
-            entry[0] += _self_time_us(event, True) / 1e3
-            entry[1] += 1
+    for event in device_kernels(events):
+        entry = totals.setdefault(event.name[:90], [0.0, 0])
+        entry[0] += _self_time_us(event, True) / 1e3
+        entry[1] += 1
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
     return [[name, round(ms, 3), calls] for name, (ms, calls) in ranked]
 
@@ -256,9 +261,8 @@ def kernel_kinds(events, op_kernels: Optional[frozenset] = None) -> Dict[str, fl
     """Milliseconds of device time per kernel kind from a profiler's ``events()`` (CUDA kernels only)."""
     op_kernels = op_kernel_names() if op_kernels is None else op_kernels
     totals = {kind: 0.0 for kind in KERNEL_KINDS}
-    for event in events:
-        if str(getattr(event, "device_type", "")).endswith("CUDA"):
-            totals[kernel_kind(event.name, op_kernels)] += _self_time_us(event, True) / 1e3
+    for event in device_kernels(events):
+        totals[kernel_kind(event.name, op_kernels)] += _self_time_us(event, True) / 1e3
     return totals
 
 

@@ -129,6 +129,9 @@ def test_kernel_kinds_sort_kernels_by_name():
               kernel("void at::native::conv_depthwise2d_forward_kernel", 100.0),
               kernel("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 50.0),
               kernel("something_else", 25.0),
+              kernel("bench::mlp", 900.0),  # a record_function range on the device timeline: not a kernel
+              SimpleNamespace(name="ProfilerStep#1", device_type="DeviceType.CUDA", self_device_time_total=700.0,
+                              is_user_annotation=True),
               SimpleNamespace(name="aten::mm", device_type="DeviceType.CPU", self_cpu_time_total=1e6)]
     ms = breakdown.kernel_kinds(events, op_kernels=frozenset({"_scan_bwd"}))
     assert ms == {"op": 4.0, "matmul": 2.0, "compiled": 0.5, "elementwise": 0.25, "convolution": 0.1,
