@@ -48,15 +48,17 @@ def chunk_log_decays(g, i_n, i_h, c, T, H: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def pairs_around(pairs, C: tl.constexpr):
+def pairs_around(pairs, C: tl.constexpr, PREC: tl.constexpr = "ieee"):
     """[t] = sum of pairs[r, s] over s < t <= r: pairs [C, C] indexed [reader r, writer s].
 
     Summed without differences of running sums: a pair's term that does not straddle t is never added and then
     taken away again, so where t's decay saturates (every straddling term ~e^-35) the sum keeps its accuracy.
+    PREC: the product's precision ("ieee" for float32 inputs; "tf32" rounds each term to 11 significant bits,
+    relatively, which bf16 inputs have already rounded to 8).
     """
     rows, cols = tl.arange(0, C)[:, None], tl.arange(0, C)[None, :]
     earlier = tl.where(rows < cols, 1.0, 0.0)  # [s, t]: s < t
-    before = tl.dot(pairs, earlier, input_precision="ieee")  # [r, t]: sum over s < t
+    before = tl.dot(pairs, earlier, input_precision=PREC)  # [r, t]: sum over s < t
     return tl.sum(tl.where(rows >= cols, before, 0.0), 0)
 
 
@@ -216,11 +218,10 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
     for i_v in range(tl.cdiv(VD, BV)):
         offs_v = i_v * BV + tl.arange(0, BV)
         row = ((i_n * T + offs_t[:, None]) * HV + i_hv).to(tl.int64) * VD + offs_v[None, :]
-        col = ((i_n * T + offs_t[None, :]) * HV + i_hv).to(tl.int64) * VD + offs_v[:, None]
         do_c = tl.load(do + row, mask=offs_v[None, :] < VD, other=0.0)
         v_c = tl.load(v + row, mask=offs_v[None, :] < VD, other=0.0)
-        do_t = tl.load(do + col, mask=offs_v[:, None] < VD, other=0.0)
-        v_t = tl.load(v + col, mask=offs_v[:, None] < VD, other=0.0)
+        do_t = tl.trans(do_c)  # loaded tiles, transposed in the SM (not an accumulator: fla issue 640)
+        v_t = tl.trans(v_c)
         state = (i_nh * NC + c).to(tl.int64) * K * VD + offs_v[:, None] + offs_k[None, :] * VD  # [BV, BK]
         mask_vk = (offs_v[:, None] < VD) & (offs_k[None, :] < K)
         h_t = tl.load(hs + state, mask=mask_vk, other=0.0)
@@ -237,8 +238,7 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
     k_ptr = ((i_n * T + offs_t[:, None]) * HK + i_hk).to(tl.int64) * K + offs_k[None, :]
     q_c = tl.load(q + q_ptr, mask=offs_k[None, :] < K, other=0.0)
     k_c = tl.load(k + k_ptr, mask=offs_k[None, :] < K, other=0.0)
-    k_t = tl.load(k + ((i_n * T + offs_t[None, :]) * HK + i_hk).to(tl.int64) * K + offs_k[:, None],
-                  mask=offs_k[:, None] < K, other=0.0)
+    k_t = tl.trans(k_c)
     dq_state = dq_state * (scale * tl.exp(b))[:, None]
     dk_state = dk_state * tl.exp(to_end)[:, None]
     grad_q = dq_state + scale * tl.dot(d_scores.to(k_c.dtype), k_c, input_precision=PREC)
@@ -247,7 +247,7 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
     tl.store(dk + q_ptr, grad_k, mask=offs_k[None, :] < K)  # per query head; summed over a key head's group
     # (a) pairs inside the chunk: sum over r >= t > s of (scale q_r . k_s) e^{b_r - b_s} (do_r . v_s)
     pairs = tl.where(rows > cols, scale * tl.dot(q_c, k_t, input_precision=PREC) * d_scores, 0.0)  # [r, s]
-    part = pairs_around(pairs, C)
+    part = pairs_around(pairs, C, PREC)
     # (b) readers r >= t of the chunk-start state, (c) writers s < t read after the chunk, (d) pairs straddling
     # the chunk
     read = tl.sum(q_c.to(tl.float32) * dq_state, 1)  # [r]
