@@ -56,6 +56,18 @@ def test_each_compiled_model_starts_from_a_clean_compile_cache(monkeypatch, tmp_
     assert main(args + ["--no-compile"]) == 0 and len(resets) == 2
 
 
+def test_bench_train_takes_a_vocabulary_size(tmp_path):
+    from palimpsa.bench.train import build_bench_model
+
+    assert build_bench_model("palimpsa", "tiny", 300).config.vocab_size == 300
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_bench_model("palimpsa", "tiny", 1)
+    out = tmp_path / "bench"
+    assert main(["--sizes", "tiny", "--models", "notpalimpsa", "--batch", "1", "--seq-len", "16", "--steps", "1",
+                 "--warmup", "0", "--device", "cpu", "--no-profile", "--vocab-size", "320", "--out", str(out)]) == 0
+    assert json.loads((out / "train_bench.json").read_text())["settings"]["vocab_size"] == 320
+
+
 def test_bench_train_is_a_palimpsa_subcommand_and_checks_its_flags(tmp_path):
     with pytest.raises(SystemExit):
         cli_main(["bench", "train", "--sizes", "huge"])
