@@ -309,10 +309,17 @@ def format_tables(result: Dict) -> str:
     if with_top:
         lines += ["", "The kernels of most device time in that step (ms, calls):", ""]
         for row in with_top:
-            top = ", ".join(f"`{name}` {ms:.1f} ({calls})" for name, ms, calls in row["breakdown"]["top_kernels"][:8])
+            top = ", ".join(_top_kernel_cell(entry) for entry in row["breakdown"]["top_kernels"][:8])
             lines.append(f"- {row['model']} {row['size']}: {top}")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
+
+
+def _top_kernel_cell(entry: List) -> str:
+    """One kernel of ``top_kernels``: its name, ms, calls and (when known) the operator that launched it."""
+    name, ms, calls = entry[:3]
+    launcher = entry[3] if len(entry) > 3 else ""
+    return f"`{name}` {ms:.1f} ({calls})" + (f" from `{launcher}`" if launcher else "")
 
 
 def _write_atomic(path: str, text: str) -> None:

@@ -149,8 +149,14 @@ def test_kernel_kinds_sort_kernels_by_name():
     assert ms == {"op": 4.0, "matmul": 2.0, "compiled": 0.5, "elementwise": 0.25, "convolution": 0.1,
                   "optimizer": 0.05, "other": 0.025}
 
-    top = breakdown.top_kernels(events + [kernel("_scan_bwd", 1000.0)], count=2)
-    assert top == [["_scan_bwd", 5.0, 2], ["nvjet_sm90_tst_256x128_64x4", 2.0, 1]]
+    from torch.autograd.profiler_util import Kernel
+
+    parent = SimpleNamespace(name="aten::to")
+    copy = SimpleNamespace(name="aten::copy_", device_type="DeviceType.CPU", cpu_parent=parent,
+                           input_shapes=[[4, 8], [4, 8]], kernels=[Kernel("_scan_bwd", "cuda:0", 900.0)])
+    top = breakdown.top_kernels(events + [kernel("_scan_bwd", 1000.0), copy], count=2)
+    assert top == [["_scan_bwd", 5.0, 2, "aten::copy_ < aten::to [(4, 8), (4, 8)]"],
+                   ["nvjet_sm90_tst_256x128_64x4", 2.0, 1, ""]]
 
 
 def test_op_kernel_names_include_the_grouped_kernels():
