@@ -245,16 +245,35 @@ def kernel_kind(name: str, op_kernels: frozenset) -> str:
     return "other"
 
 
+def _launcher(event) -> str:
+    """What launched a kernel, from the CPU operator ``event`` that holds it: its name, its parent's, and the
+    shapes of its first two inputs when the profiler recorded them."""
+    label = event.name
+    parent = getattr(event, "cpu_parent", None)
+    if parent is not None:
+        label += f" < {parent.name}"
+    shapes = [tuple(s) for s in (getattr(event, "input_shapes", None) or [])[:2] if s]
+    return label + (f" {shapes}" if shapes else "")
+
+
 def top_kernels(events, count: int = 12) -> List[List[object]]:
-    """The ``count`` CUDA kernels of most device time in a profiler's ``events()``: ``[name, ms, calls]``, names cut
-    to 90 characters."""
+    """The ``count`` CUDA kernels of most device time in a profiler's ``events()``: ``[name, ms, calls, launcher]``,
+    names cut to 90 characters; ``launcher``: the CPU operator that launched most of that kernel's time (see
+    :func:`_launcher`), or "" when the profiler tied none to it."""
     totals: Dict[str, List[float]] = {}
     for event in device_kernels(events):
         entry = totals.setdefault(event.name[:90], [0.0, 0])
         entry[0] += _self_time_us(event, True) / 1e3
         entry[1] += 1
+    launchers: Dict[str, Dict[str, float]] = {}
+    for event in events:
+        if str(getattr(event, "device_type", "CPU")).endswith("CPU"):
+            for kernel in getattr(event, "kernels", None) or []:
+                by_op = launchers.setdefault(kernel.name[:90], {})
+                by_op[_launcher(event)] = by_op.get(_launcher(event), 0.0) + float(kernel.duration)
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
-    return [[name, round(ms, 3), calls] for name, (ms, calls) in ranked]
+    return [[name, round(ms, 3), calls, max(launchers[name], key=launchers[name].get) if launchers.get(name) else ""]
+            for name, (ms, calls) in ranked]
 
 
 def kernel_kinds(events, op_kernels: Optional[frozenset] = None) -> Dict[str, float]:
@@ -284,7 +303,7 @@ def profile_step(model: nn.Module, step: Callable[[], None], device: torch.devic
         step()
         if on_device:
             torch.cuda.synchronize(device)
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             step()
             if on_device:
                 torch.cuda.synchronize(device)

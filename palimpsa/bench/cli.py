@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
                      help="comma-separated shape names (170M-like, 760M-like, d64, d128) or 'all' (default: all)")
     ops.add_argument("--no-fla", action="store_true", help="skip fla's chunk_simple_gla and chunk_gated_delta_rule")
     ops.add_argument("--fla-kernels", default="simple_gla,gated_delta_rule",
-                     help="comma-separated fla kernels to time beside ours: simple_gla, gated_delta_rule")
+                     help="comma-separated fla kernels to time beside ours: simple_gla, gated_delta_rule "
+                          "(default: both)")
     ops.add_argument("--no-decode", action="store_true", help="skip the decoding-step timing")
     ops.add_argument("--no-grouped", action="store_true",
                      help="skip grouped importance (G = 1) and NotPalimpsa on the GLA-shaped path")

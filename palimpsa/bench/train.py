@@ -89,13 +89,16 @@ def _gdn_shape(size: str) -> dict:
                 hidden_ratio=4)
 
 
-def build_bench_model(name: str, size: str) -> nn.Module:
-    """A freshly initialised model ``name`` (see :data:`MODELS`) at ``size`` (see :data:`SIZES`), on the CPU."""
+def build_bench_model(name: str, size: str, vocab_size: Optional[int] = None) -> nn.Module:
+    """A freshly initialised model ``name`` (see :data:`MODELS`) at ``size`` (see :data:`SIZES`), on the CPU, with
+    ``vocab_size`` tokens (default: the shipped configs' 32000, 256 at the tiny size)."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    vocab = TINY_VOCAB_SIZE if size == "tiny" else VOCAB_SIZE
+    if vocab_size is not None and vocab_size < 2:
+        raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+    vocab = vocab_size or (TINY_VOCAB_SIZE if size == "tiny" else VOCAB_SIZE)
     from transformers import AutoModelForCausalLM
 
     if name in ("palimpsa", "palimpsa-g1", "notpalimpsa"):
@@ -168,7 +171,8 @@ def smoke_step(model: nn.Module, vocab: int, seq_len: int, device: torch.device,
 
 
 def bench_model(name: str, size: str, *, batch: int, seq_len: int, device: torch.device, precision: str,
-                steps: int, warmup: int, profile: bool, compile_blocks: bool, fla_bypass: bool) -> Dict:
+                steps: int, warmup: int, profile: bool, compile_blocks: bool, fla_bypass: bool,
+                vocab_size: Optional[int] = None) -> Dict:
     """Time one model (see the module docstring).  Returns its row; failures are recorded in ``status``."""
     from palimpsa.layers.modules import compiled_blocks
     from palimpsa.train.optim import parameter_groups
@@ -197,7 +201,7 @@ def bench_model(name: str, size: str, *, batch: int, seq_len: int, device: torch
                 row["notes"].append(TIMING_ONLY_NOTE)
             stack.enter_context(compiled_blocks(compile_blocks and device.type == "cuda"))
             torch.manual_seed(0)
-            model = build_bench_model(name, size).to(device).train()
+            model = build_bench_model(name, size, vocab_size).to(device).train()
             vocab = model.config.vocab_size
             row["params"] = sum(p.numel() for p in model.parameters())
             optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95),
@@ -305,10 +309,17 @@ def format_tables(result: Dict) -> str:
     if with_top:
         lines += ["", "The kernels of most device time in that step (ms, calls):", ""]
         for row in with_top:
-            top = ", ".join(f"`{name}` {ms:.1f} ({calls})" for name, ms, calls in row["breakdown"]["top_kernels"][:8])
+            top = ", ".join(_top_kernel_cell(entry) for entry in row["breakdown"]["top_kernels"][:8])
             lines.append(f"- {row['model']} {row['size']}: {top}")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
+
+
+def _top_kernel_cell(entry: List) -> str:
+    """One kernel of ``top_kernels``: its name, ms, calls and (when known) the operator that launched it."""
+    name, ms, calls = entry[:3]
+    launcher = entry[3] if len(entry) > 3 else ""
+    return f"`{name}` {ms:.1f} ({calls})" + (f" from `{launcher}`" if launcher else "")
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -365,6 +376,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated models from {list(MODELS)}, or 'all'")
     parser.add_argument("--batch", type=_positive, default=4, help="sequences per step (B)")
     parser.add_argument("--seq-len", type=_positive, default=4096, help="tokens per sequence (T)")
+    parser.add_argument("--vocab-size", type=_positive, default=None,
+                        help="vocabulary of every model (default: the shipped configs' 32000; 256 at the tiny size); "
+                             "set it to a tokenizer's to compare with `palimpsa train`")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
                         help="bf16: autocast on CUDA (a CPU stays in float32); fp32: no autocast")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -390,6 +404,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
     out_dir = args.out or os.path.join("runs", "bench", time.strftime("train-%Y%m%d-%H%M%S"))
     command = "palimpsa bench train " + " ".join(argv if argv is not None else sys.argv[3:])
     settings = {"sizes": args.sizes, "models": args.models, "batch": args.batch, "seq_len": args.seq_len,
+                "vocab_size": args.vocab_size or "default",
                 "precision": args.precision, "compile": args.compile,
                 "compile_effective": args.compile and device.type == "cuda", "steps": args.steps,
                 "warmup": args.warmup, "profile": args.profile, "fla_bypass_check": args.fla_bypass_check,
@@ -401,7 +416,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
             row = bench_model(name, size, batch=args.batch, seq_len=args.seq_len, device=device,
                               precision=args.precision, steps=args.steps, warmup=args.warmup,
                               profile=args.profile, compile_blocks=args.compile,
-                              fla_bypass=args.fla_bypass_check)
+                              fla_bypass=args.fla_bypass_check, vocab_size=args.vocab_size)
             result["rows"].append(row)
             print(f"[bench train] {name} {size}: {row['status']}"
                   + (f", {row['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in row else ""),

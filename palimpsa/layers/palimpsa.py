@@ -259,6 +259,12 @@ class Palimpsa(nn.Module):
             beta = (gate * factor[..., None].to(gate.dtype)).to(op_dtype)
         else:
             beta = None  # NotPalimpsa: the op runs as gated linear attention over the prior
+        prior = self.prior
+        if beta is None and cache is None and not output_variance:
+            # NotPalimpsa in training: q / I0 here (fused with q's normalisation in a compiled block) and the
+            # op told that its prior is 1, so that its rescaled query is q itself (no copy, no extra kernels)
+            q = (q.to(fp) * (1.0 / self.prior.to(fp))[:, None]).to(op_dtype)
+            prior = 1.0
         if mask is not None:  # padded tokens: alpha = 1, nothing written, importance unchanged
             g = g * mask[..., None].to(fp)
             k, v = k * mask[..., None, None], v * mask[..., None, None]
@@ -269,7 +275,7 @@ class Palimpsa(nn.Module):
             o, variance = self._decode_step(q, k, v, g, beta, cache, output_variance)
         else:
             initial = cache.recurrent_state if cache is not None else None
-            outputs = chunk_palimpsa(q, k, v, g, beta, prior=self.prior, initial_state=initial,
+            outputs = chunk_palimpsa(q, k, v, g, beta, prior=prior, initial_state=initial,
                                      output_final_state=cache is not None, output_variance=output_variance,
                                      cu_seqlens=cu_seqlens, check_values=False)  # valid by construction
             o, variance, final = outputs if output_variance else (outputs[0], None, outputs[1])

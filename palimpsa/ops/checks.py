@@ -23,7 +23,8 @@ class PreparedInputs:
     q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H, G] (G divides V; G = V is one gate per value
     channel) or None (no metaplasticity); g: [B, T, H]; prior: [H] in the state dtype;
     initial_state: (mu, I) each [N, H, K, V] or None; cu_seqlens: int64 [N + 1] or None.
-    groups: G (1 when beta is None).
+    groups: G (1 when beta is None).  prior_is_one: the prior was given as the number 1 (known without a device
+    sync: the rescaled query of NotPalimpsa is then q itself).
     """
 
     q: torch.Tensor
@@ -38,6 +39,7 @@ class PreparedInputs:
     cu_seqlens: Optional[torch.Tensor]
     state_dtype: torch.dtype
     groups: int
+    prior_is_one: bool = False
 
     @property
     def per_channel(self) -> bool:
@@ -174,7 +176,7 @@ def prepare_inputs(
                           state_name="initial_state")
 
     return PreparedInputs(q, k, v, g, beta, prior_t, prior_requires_grad, scale, initial_state, cu_seqlens, sdtype,
-                          groups)
+                          groups, prior_is_one=not isinstance(prior, torch.Tensor) and prior_f == 1.0)
 
 
 def check_gate_values(g: torch.Tensor, beta: Optional[torch.Tensor], prior: Optional[torch.Tensor] = None,

@@ -75,15 +75,23 @@ def _gla(q, k, v, g, scale, initial_state, chunk, use_triton):
     return gla_chunk_torch(q, k, v, g, scale, initial_state, chunk)
 
 
-def _rescaled_query(q, k, g, beta, prior, excess0, groups, chunk, scale, with_variance, use_triton):
+def _rescaled_query(q, k, g, beta, prior, excess0, groups, chunk, scale, with_variance, use_triton,
+                    prior_is_one=False):
     """q~ = q / iota per group [N, T, H, G, K] (dtype of q), the variance's per-group factor
     scale^2 sum_k q^2 / iota [N, T, H, G] (or None) and iota at the last token [N, H, G, K].
 
     On CUDA one autograd function that recomputes iota in its backward (no [N, T, H, G, K] float32 tensor kept
-    per layer); on the CPU the PyTorch scan under autograd.  Without metaplasticity iota is the prior itself.
+    per layer); on the CPU the PyTorch scan under autograd.  Without metaplasticity iota is the prior itself,
+    and q~ is q itself (no copy) when the prior is known to be 1 (``prior_is_one``).
     """
     N, T, H, K = q.shape
     sdtype = g.dtype
+    if beta is None and excess0 is None and prior_is_one:
+        variance = None
+        if with_variance:
+            variance = ((scale ** 2) * (q.to(sdtype) ** 2).sum(-1))[..., None].expand(N, T, H, groups)
+        return (q[:, :, :, None, :].expand(N, T, H, groups, K), variance,
+                prior.to(sdtype)[None, :, None, None].expand(N, H, groups, K))
     if beta is None and excess0 is None:
         # no metaplasticity: iota = I0; scaling by its reciprocal keeps no float32 copy of q for the backward
         inv_prior = (1.0 / prior)[:, None]  # [H, 1]
@@ -135,7 +143,7 @@ def grouped_palimpsa(x: PreparedInputs, output_final_state: bool, output_varianc
         excess0 = imp0.reshape(N, H, K, G, Vg)[..., 0].transpose(2, 3) - prior[:, None, None]  # [N, H, G, K]
 
     q_tilde, var_groups, iota_T = _rescaled_query(q, k, g, beta, prior, excess0, G, chunk, x.scale,
-                                                  output_variance, use_triton)
+                                                  output_variance, use_triton, x.prior_is_one)
     o, M_T = _gla(q_tilde.reshape(N, T, H * G, K), k, v.reshape(N, T, H * G, Vg), g, x.scale,
                   M0.to(sdtype) if M0 is not None else None, chunk, use_triton)
     o = o.reshape(N, T, H, V)

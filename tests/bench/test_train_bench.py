@@ -56,6 +56,18 @@ def test_each_compiled_model_starts_from_a_clean_compile_cache(monkeypatch, tmp_
     assert main(args + ["--no-compile"]) == 0 and len(resets) == 2
 
 
+def test_bench_train_takes_a_vocabulary_size(tmp_path):
+    from palimpsa.bench.train import build_bench_model
+
+    assert build_bench_model("palimpsa", "tiny", 300).config.vocab_size == 300
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_bench_model("palimpsa", "tiny", 1)
+    out = tmp_path / "bench"
+    assert main(["--sizes", "tiny", "--models", "notpalimpsa", "--batch", "1", "--seq-len", "16", "--steps", "1",
+                 "--warmup", "0", "--device", "cpu", "--no-profile", "--vocab-size", "320", "--out", str(out)]) == 0
+    assert json.loads((out / "train_bench.json").read_text())["settings"]["vocab_size"] == 320
+
+
 def test_bench_train_is_a_palimpsa_subcommand_and_checks_its_flags(tmp_path):
     with pytest.raises(SystemExit):
         cli_main(["bench", "train", "--sizes", "huge"])
@@ -137,8 +149,14 @@ def test_kernel_kinds_sort_kernels_by_name():
     assert ms == {"op": 4.0, "matmul": 2.0, "compiled": 0.5, "elementwise": 0.25, "convolution": 0.1,
                   "optimizer": 0.05, "other": 0.025}
 
-    top = breakdown.top_kernels(events + [kernel("_scan_bwd", 1000.0)], count=2)
-    assert top == [["_scan_bwd", 5.0, 2], ["nvjet_sm90_tst_256x128_64x4", 2.0, 1]]
+    from torch.autograd.profiler_util import Kernel
+
+    parent = SimpleNamespace(name="aten::to")
+    copy = SimpleNamespace(name="aten::copy_", device_type="DeviceType.CPU", cpu_parent=parent,
+                           input_shapes=[[4, 8], [4, 8]], kernels=[Kernel("_scan_bwd", "cuda:0", 900.0)])
+    top = breakdown.top_kernels(events + [kernel("_scan_bwd", 1000.0), copy], count=2)
+    assert top == [["_scan_bwd", 5.0, 2, "aten::copy_ < aten::to [(4, 8), (4, 8)]"],
+                   ["nvjet_sm90_tst_256x128_64x4", 2.0, 1, ""]]
 
 
 def test_op_kernel_names_include_the_grouped_kernels():

@@ -105,22 +105,29 @@ def test_without_metaplasticity_beta_is_none_and_the_layer_is_gated_linear_atten
     u = inputs()
     palimpsa_out, _ = layer(u)
 
-    seen_beta = []
+    seen_beta, seen_prior = [], []
 
-    def gated_linear_attention(q, k, v, g, beta, prior, **_):
+    def gated_linear_attention(q, k, v, g, beta, prior, output_variance=False, **_):
         """S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = K^-1/2 q_t S_t / prior."""
         seen_beta.append(beta)
+        seen_prior.append(prior)
+        prior = torch.as_tensor(prior, dtype=q.dtype).expand(q.shape[2])
         S = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=q.dtype)
         outputs = []
         for t in range(q.shape[1]):
             S = g[:, t].exp()[..., None, None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
             outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S) * q.shape[-1] ** -0.5 / prior[:, None])
-        return torch.stack(outputs, 1), None
+        return (torch.stack(outputs, 1), None) + ((None,) if output_variance else ())
 
     monkeypatch.setattr(palimpsa_layer_module, "chunk_palimpsa", gated_linear_attention)
     gla_out, _ = layer(u)
     assert seen_beta and seen_beta[0] is None
     torch.testing.assert_close(palimpsa_out, gla_out)
+    # in training the layer divides q by the prior itself and hands the op the number 1 (its rescaled query is
+    # then q, no copy); with the variance (or a cache) the op gets the prior, which both need
+    assert seen_prior[0] == 1.0 and not isinstance(seen_prior[0], torch.Tensor)
+    layer(u, output_variance=True)
+    assert seen_prior[-1] is layer.prior
 
 
 def test_metaplasticity_changes_the_output():

@@ -86,6 +86,30 @@ def test_no_metaplasticity_is_gla_over_the_prior():
     torch.testing.assert_close(o, ref)
 
 
+@pytest.mark.parametrize("variance", [False, True])
+def test_no_metaplasticity_with_the_prior_one_uses_q_itself(variance, monkeypatch):
+    """prior=1 (a number): the rescaled query is q itself, no copy; the same outputs and gradients as a prior
+    tensor of ones, and as the per-token reference."""
+    from palimpsa.ops import grouped
+
+    seen = []
+    rescaled_query = grouped._rescaled_query
+
+    def spy(q, *args, **kwargs):
+        out = rescaled_query(q, *args, **kwargs)
+        seen.append(out[0].data_ptr() == q.data_ptr())
+        return out
+
+    monkeypatch.setattr(grouped, "_rescaled_query", spy)
+    inputs = grouped_inputs(2, 20, 2, 4, 6, None)
+    inputs["prior"] = 1.0
+    assert_close_to_reference(_chunk(8), naive_palimpsa, inputs, 1e-10, variance=variance)
+    assert seen and all(seen)
+    inputs["prior"] = torch.ones(2, dtype=torch.float64)
+    assert_close_to_reference(_chunk(8), naive_palimpsa, inputs, 1e-10, variance=variance)
+    assert not seen[-1]  # a tensor prior: q / prior, a new tensor
+
+
 @pytest.mark.parametrize("G", [3, 16])
 def test_groups_must_divide_value_size(G):
     inputs = grouped_inputs(1, 4, 1, 4, 8, None)

@@ -132,3 +132,11 @@ def test_grouped_kernels_under_torch_compile():
 
     for a, b in zip(grads_of(torch.compile(f, backend="aot_eager")), grads_of(f)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_metaplasticity_with_the_prior_one():
+    """prior=1 (a number): the GLA kernels take q itself as the rescaled query (no copy)."""
+    _interpreted()
+    inputs = _as_float32(grouped_inputs(2, 37, 2, 24, 20, None))
+    inputs["prior"] = 1.0
+    assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5)
