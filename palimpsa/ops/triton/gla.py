@@ -13,8 +13,9 @@ Kernels (grid in brackets; NC chunks, NK / NV blocks of K / Vd):
   backward  ``_bwd_states`` [NK, NV, N*HV]: adjoints of the chunk-end states, sequential in reverse;
             ``_bwd_dv`` [NV, NC, N*HV] and ``_bwd_dqk`` [NK, NC, N*HV]: per-chunk gradients in parallel.
             dg is summed per chunk from the pairs of tokens its decay separates (see ``_bwd_dqk``).
-Transposed products are formed from transposed *loads* (never by transposing a matrix-product result, which
-Triton 3.6 miscompiles on Hopper when it feeds another product).
+Transposed products are formed from transposed loaded tiles (never by transposing a matrix-product result,
+which Triton 3.6 miscompiles on Hopper when it feeds another product).  On a GPU each kernel's warps and
+pipeline stages are chosen by Triton's autotuner, per shape (:func:`_tuned`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ import triton
 import triton.language as tl
 
 from palimpsa.ops.torch_gla import pad_time
+from palimpsa.ops.triton.utils import interpreting
+
+TUNED_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+
+
+def _tuned(kernel):
+    """``kernel`` with num_warps and num_stages chosen on the GPU by measurement (Triton's autotuner, once per
+    shape and dtype; every kernel here writes its outputs whole, so timing a configuration changes nothing);
+    the kernel as it is under the CPU interpreter."""
+    if interpreting():
+        return kernel
+    return triton.autotune(configs=TUNED_CONFIGS, key=["HK", "HV", "K", "VD", "C", "BK", "BV", "PREC"])(kernel)
 
 
 @triton.jit
@@ -69,6 +82,7 @@ def written_before(written, C: tl.constexpr):
     return tl.sum(tl.where(cols < rows, written[None, :], 0.0), 1)
 
 
+@_tuned
 @triton.jit
 def _fwd_states(k, v, g, h0, hs, hT, T, NC,
                 HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
@@ -99,6 +113,7 @@ def _fwd_states(k, v, g, h0, hs, hT, T, NC,
         tl.store(hT + i_nh * K * VD + tile, h, mask=mask_kv)
 
 
+@_tuned
 @triton.jit
 def _fwd_output(q, k, v, g, hs, o, scale, T, NC,
                 HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
@@ -130,6 +145,7 @@ def _fwd_output(q, k, v, g, hs, o, scale, T, NC,
              (scale * acc).to(o.dtype.element_ty), mask=offs_v[None, :] < VD)
 
 
+@_tuned
 @triton.jit
 def _bwd_states(q, g, do, dhT, dhs, dh0, scale, T, NC,
                 HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
@@ -161,6 +177,7 @@ def _bwd_states(q, g, do, dhT, dhs, dh0, scale, T, NC,
         tl.store(dh0 + i_nh * K * VD + tile, dh, mask=mask_kv)
 
 
+@_tuned
 @triton.jit
 def _bwd_dv(q, k, g, do, dhs, dv, scale, T, NC,
             HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
@@ -193,6 +210,7 @@ def _bwd_dv(q, k, g, do, dhs, dv, scale, T, NC,
              grad.to(dv.dtype.element_ty), mask=offs_v[None, :] < VD)
 
 
+@_tuned
 @triton.jit
 def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
              HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VD: tl.constexpr, C: tl.constexpr,
