@@ -32,13 +32,18 @@ from palimpsa.ops.triton.utils import interpreting
 TUNED_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
 
 
-def _tuned(kernel):
-    """``kernel`` with num_warps and num_stages chosen on the GPU by measurement (Triton's autotuner, once per
-    shape and dtype; every kernel here writes its outputs whole, so timing a configuration changes nothing);
-    the kernel as it is under the CPU interpreter."""
-    if interpreting():
-        return kernel
-    return triton.autotune(configs=TUNED_CONFIGS, key=["HK", "HV", "K", "VD", "C", "BK", "BV", "PREC"])(kernel)
+def tuned(*key: str):
+    """Decorator: the kernel with num_warps and num_stages chosen on the GPU by measurement (Triton's autotuner,
+    once per value of the ``key`` arguments and the dtypes; the kernel must write its outputs whole, so that
+    timing a configuration changes nothing); the kernel as it is under the CPU interpreter."""
+    def wrap(kernel):
+        if interpreting():
+            return kernel
+        return triton.autotune(configs=TUNED_CONFIGS, key=list(key))(kernel)
+    return wrap
+
+
+_tuned = tuned("HK", "HV", "K", "VD", "C", "BK", "BV", "PREC")
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from palimpsa.ops.torch_gla import pad_time
-from palimpsa.ops.triton.gla import chunk_log_decays
+from palimpsa.ops.triton.gla import chunk_log_decays, tuned
 
 
 @triton.jit
@@ -140,6 +140,7 @@ def _d_iota(q, d_q_tilde, d_var, J, prior_h, i_n, i_h, i_j, offs_t, offs_k, mask
     return dq_c, d_iota_c, tok
 
 
+@tuned("H", "G", "K", "C", "BK", "HAS_BETA", "WITH_VAR")
 @triton.jit
 def _scan_bwd_sums(q, k, g, beta, prior, starts, d_q_tilde, d_var, dq_part, sums, totals, d_prior_part, T, NC,
                    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
@@ -166,6 +167,7 @@ def _scan_bwd_sums(q, k, g, beta, prior, starts, d_q_tilde, d_var, dq_part, sums
     tl.store(d_prior_part + (i_k * tl.num_programs(0) * NC + chunk) * BK + tl.arange(0, BK), tl.sum(d_iota_c, 0))
 
 
+@tuned("H", "G", "K", "C", "BK", "HAS_BETA", "WITH_VAR")
 @triton.jit
 def _scan_bwd(q, k, g, beta, prior, starts, d_q_tilde, d_var, carries, d_beta, d_k, d_g, T, NC,
               H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
