@@ -2,7 +2,8 @@
 
 For each shape (default 760M-like and 170M-like) and variant (grouped G = 1, NotPalimpsa, fla's chunk_simple_gla
 when importable, and the per-channel op unless --no-per-channel): 3 warm-up fwd+bwd, then 5 profiled ones; prints
-per kernel its device time per fwd+bwd (ms) and its launches per fwd+bwd, most expensive first, and the total.
+per kernel its device time per fwd+bwd (ms), its launches per fwd+bwd and the operator that launched it, most
+expensive first, and the total.
 Same inputs as ``palimpsa bench ops`` (bf16, seed 0).
 
     PYTHONPATH=. python scripts/gpu_profile_ops.py [--shapes 760M-like,170M-like] [--fla-bypass-check]
@@ -18,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from palimpsa.bench import ops as bench
+from palimpsa.bench.breakdown import top_kernels
 from palimpsa.bench.fla_compat import fla_available, hopper_check_bypassed
 
 REPEATS = 5
@@ -34,7 +36,7 @@ def variants(per_channel: bool):
 
 
 def kernel_table(forward, inputs, grad_names):
-    """[(kernel name, ms per fwd+bwd, launches per fwd+bwd)], most time first."""
+    """[(kernel name, ms per fwd+bwd, launches per fwd+bwd, the operator that launched it)], most time first."""
     leaves = {n: x.detach().clone().requires_grad_(n in grad_names) for n, x in inputs.items()}
     do = torch.randn_like(forward(**leaves).detach())
 
@@ -46,17 +48,12 @@ def kernel_table(forward, inputs, grad_names):
     for _ in range(3):
         fwd_bwd()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(REPEATS):
             fwd_bwd()
         torch.cuda.synchronize()
-    totals = {}
-    for event in prof.events():
-        if str(getattr(event, "device_type", "")).endswith("CUDA"):
-            entry = totals.setdefault(event.name[:80], [0.0, 0])
-            entry[0] += float(getattr(event, "self_device_time_total", 0.0)) / 1e3 / REPEATS
-            entry[1] += 1
-    return sorted(((name, ms, calls / REPEATS) for name, (ms, calls) in totals.items()), key=lambda r: -r[1])
+    return [(name, ms / REPEATS, calls / REPEATS, launcher)
+            for name, ms, calls, launcher in top_kernels(prof.events(), count=1000)]
 
 
 def main(argv=None) -> int:
@@ -81,8 +78,9 @@ def main(argv=None) -> int:
                 lines += [f"## {shape.name}, {label}: failed ({type(err).__name__}: {str(err)[:100]})", ""]
                 continue
             lines += [f"## {shape.name}, {label}: {sum(r[1] for r in rows):.3f} ms", "",
-                      "| kernel | ms | launches |", "|---|---|---|"]
-            lines += [f"| `{kernel}` | {ms:.3f} | {calls:g} |" for kernel, ms, calls in rows[:14]]
+                      "| kernel | ms | launches | launched by |", "|---|---|---|---|"]
+            lines += [f"| `{kernel}` | {ms:.3f} | {calls:g} | {launcher} |"
+                      for kernel, ms, calls, launcher in rows[:14]]
             lines.append("")
             print("\n".join(lines[-(len(rows[:14]) + 4):]), flush=True)
         del inputs
