@@ -8,7 +8,8 @@ before the next is built.  Before timing, each model runs one small fwd + bwd st
 broken model fails at once, with its error in the table.
 
 Models (``--models``): palimpsa, palimpsa-g1 (one importance gate per head and token, ``importance_groups=1``),
-notpalimpsa (the same with metaplasticity off), meta-mamba2, gated-deltanet
+notpalimpsa (the same with metaplasticity off), meta-mamba2, meta-mamba2-g1 (``importance_groups=1``),
+gated-deltanet
 (this project's baseline, :mod:`palimpsa.models.gated_deltanet`) and fla-gated-deltanet (fla's
 ``GatedDeltaNetForCausalLM``, when fla is importable).  Sizes (``--sizes``): the shipped configs
 ``palimpsa/configs/palimpsa-{170m,340m,760m}.json``; Meta-Mamba2 uses ``meta-mamba2-170m.json`` at 170m and,
@@ -48,7 +49,8 @@ from palimpsa.bench.breakdown import COMPONENTS, KERNEL_KINDS, optimizer_range, 
 from palimpsa.bench.fla_compat import TIMING_ONLY_NOTE, hopper_check_bypassed, is_hopper_refusal
 
 SIZES = ("tiny", "170m", "340m", "760m")
-MODELS = ("palimpsa", "palimpsa-g1", "notpalimpsa", "meta-mamba2", "gated-deltanet", "fla-gated-deltanet")
+MODELS = ("palimpsa", "palimpsa-g1", "notpalimpsa", "meta-mamba2", "meta-mamba2-g1", "gated-deltanet",
+          "fla-gated-deltanet")
 PRECISIONS = ("bf16", "fp32")
 VOCAB_SIZE = 32000  # the shipped configs' vocabulary
 TINY_VOCAB_SIZE = 256
@@ -71,14 +73,14 @@ def _preset_config(name: str, vocab_size: int, overrides: Optional[dict] = None)
     return build_model_config(name, vocab_size, overrides)
 
 
-def _meta_mamba2_config(size: str, vocab_size: int):
+def _meta_mamba2_config(size: str, vocab_size: int, overrides: Optional[dict] = None):
     if size in ("tiny", "170m"):
-        return _preset_config(f"meta-mamba2-{size}", vocab_size)
+        return _preset_config(f"meta-mamba2-{size}", vocab_size, overrides)
     palimpsa = _preset_config(f"palimpsa-{size}", vocab_size)
     d = palimpsa.hidden_size
     return _preset_config("meta-mamba2-170m", vocab_size, {
         "hidden_size": d, "num_hidden_layers": 2 * palimpsa.num_hidden_layers, "num_heads": 2 * d // 64,
-        "importance_rank": math.ceil(d / 16)})
+        "importance_rank": math.ceil(d / 16), **(overrides or {})})
 
 
 def _gdn_shape(size: str) -> dict:
@@ -105,8 +107,9 @@ def build_bench_model(name: str, size: str, vocab_size: Optional[int] = None) ->
         overrides = {"palimpsa": {}, "palimpsa-g1": {"importance_groups": 1},
                      "notpalimpsa": {"metaplasticity": False}}[name]
         return AutoModelForCausalLM.from_config(_preset_config(f"palimpsa-{size}", vocab, overrides))
-    if name == "meta-mamba2":
-        return AutoModelForCausalLM.from_config(_meta_mamba2_config(size, vocab))
+    if name in ("meta-mamba2", "meta-mamba2-g1"):
+        overrides = {"importance_groups": 1} if name == "meta-mamba2-g1" else None
+        return AutoModelForCausalLM.from_config(_meta_mamba2_config(size, vocab, overrides))
     shape = _gdn_shape(size)
     if name == "gated-deltanet":
         from palimpsa.models.gated_deltanet import GatedDeltaNetForCausalLM, GatedDeltaNetLMConfig

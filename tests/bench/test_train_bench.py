@@ -56,6 +56,15 @@ def test_each_compiled_model_starts_from_a_clean_compile_cache(monkeypatch, tmp_
     assert main(args + ["--no-compile"]) == 0 and len(resets) == 2
 
 
+def test_bench_models_with_one_importance_gate_per_head():
+    from palimpsa.bench.train import build_bench_model
+
+    for name, base in (("palimpsa-g1", "palimpsa"), ("meta-mamba2-g1", "meta-mamba2")):
+        grouped, full = build_bench_model(name, "tiny"), build_bench_model(base, "tiny")
+        assert grouped.config.importance_groups == 1 and full.config.importance_groups != 1
+        assert grouped.config.num_hidden_layers == full.config.num_hidden_layers
+
+
 def test_bench_train_takes_a_vocabulary_size(tmp_path):
     from palimpsa.bench.train import build_bench_model
 
