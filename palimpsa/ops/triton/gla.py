@@ -341,8 +341,10 @@ class GLAFunction(torch.autograd.Function):
         dv = torch.empty_like(v)
         _bwd_dv[(triton.cdiv(VD, BV), NC, N * HV)](q, k, g, do, dhs, dv, scale, T, NC, **meta)
         NK = triton.cdiv(K, BK)
-        dq = q.new_empty(N, T, HV, K, dtype=torch.float32)
-        dk_per_query = q.new_empty(N, T, HV, K, dtype=torch.float32)
+        # dq in the dtype of q straight from the kernel (the same rounding as a cast after it); dk too when every
+        # key head has one query head, else float32 until its sum over the query heads that share it
+        dq = q.new_empty(N, T, HV, K)
+        dk_per_query = q.new_empty(N, T, HV, K, dtype=q.dtype if HV == HK else torch.float32)
         dlogdecay = q.new_empty(NK, N * HV, T, dtype=torch.float32)
         _bwd_dqk[(NK, NC, N * HV)](q, k, v, g, hs, do, dhs, dq, dk_per_query, dlogdecay, scale, T, NC, **meta)
         G = HV // HK
