@@ -140,3 +140,27 @@ def test_no_metaplasticity_with_the_prior_one():
     inputs = _as_float32(grouped_inputs(2, 37, 2, 24, 20, None))
     inputs["prior"] = 1.0
     assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5)
+
+
+@pytest.mark.parametrize("G", [1, None])
+def test_grouped_kernels_half_inputs(G):
+    """float16 q, k, v, beta (the kernels store dq and dk in the input dtype): outputs and gradients within
+    float16 rounding of the float64 reference."""
+    _interpreted()
+    x = grouped_inputs(1, 37, 2, 24, 20, G)
+    q, k, v = (x[n].detach().half().requires_grad_() for n in ("q", "k", "v"))
+    g = x["g"].detach().float().requires_grad_()
+    beta = x["beta"].detach().half().requires_grad_() if G is not None else None
+    o, _ = chunk_palimpsa(q, k, v, g, beta, prior=1.0, backend="triton", chunk_size=16)
+    o.float().pow(2).sum().backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, g)]
+    beta64 = beta.detach().double().requires_grad_() if beta is not None else None
+    beta_full = beta64.repeat_interleave(20 // G, -1) if beta64 is not None else torch.zeros_like(ref_leaves[2])
+    ref, _ = naive_palimpsa(*ref_leaves, beta_full, prior=1.0)
+    ref.pow(2).sum().backward()
+    pairs = [(o, ref)] + [(t.grad, r.grad) for t, r in zip((q, k, v, g), ref_leaves)]
+    if beta is not None:
+        pairs.append((beta.grad, beta64.grad))
+    for got, want in pairs:
+        assert got.dtype != torch.float64 and torch.isfinite(got).all()
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 3e-3
