@@ -73,7 +73,7 @@ def _scan_fwd_sums(k, g, beta, sums, totals, T, NC,
         J = J * tl.exp(g_t)
         if HAS_BETA:
             k_t = tl.load(k + row.to(tl.int64) * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            J += k_t * k_t * tl.load(beta + row * G + i_j)
+            J += k_t * k_t * tl.load(beta + row.to(tl.int64) * G + i_j)
     tl.store(sums + chunk * K + offs_k, J, mask=mask_k)
     tl.store(totals + chunk, total, mask=i_k == 0)
 
@@ -93,7 +93,7 @@ def _scan_fwd(q, k, g, beta, prior, q_tilde, var_part, starts, T, NC,
     prior_h = tl.load(prior + i_h)
     for i in range(C):
         row = (i_n * T + c * C + i) * H + i_h
-        tok = (row * G + i_j).to(tl.int64)
+        tok = row.to(tl.int64) * G + i_j
         J = J * tl.exp(tl.load(g + row))
         if HAS_BETA:
             k_t = tl.load(k + row.to(tl.int64) * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -125,7 +125,7 @@ def _scan_bwd_local(q, k, g, beta, prior, starts, d_q_tilde, d_var, dq_part, J_b
     d_prior = tl.zeros([BK], dtype=tl.float32)
     for i in range(C):
         row = (i_n * T + c * C + i) * H + i_h  # token, head
-        tok = (row * G + i_j).to(tl.int64)  # token, head, group
+        tok = row.to(tl.int64) * G + i_j  # token, head, group
         g_t = tl.load(g + row)
         total += g_t
         J = J * tl.exp(g_t)
@@ -148,7 +148,7 @@ def _scan_bwd_local(q, k, g, beta, prior, starts, d_q_tilde, d_var, dq_part, J_b
     back = tl.zeros([BK], dtype=tl.float32)  # alpha_{t+1} lambda_{t+1}, this chunk's tokens only
     for i in range(C):
         row = (i_n * T + c * C + C - 1 - i) * H + i_h
-        tok = (row * G + i_j).to(tl.int64)
+        tok = row.to(tl.int64) * G + i_j
         lam = tl.load(d_iota_buf + tok * K + offs_k, mask=mask_k, other=0.0) + back
         back = lam * tl.exp(tl.load(g + row))
     tl.store(sums + chunk * K + offs_k, back, mask=mask_k)
@@ -174,16 +174,16 @@ def _scan_bwd(k, g, beta, starts, J_buf, d_iota_buf, carries, d_beta, d_k, d_g, 
     for i in range(C):
         t = c * C + C - 1 - i
         row = (i_n * T + t) * H + i_h
-        tok = (row * G + i_j).to(tl.int64)
+        tok = row.to(tl.int64) * G + i_j
         lam = tl.load(d_iota_buf + tok * K + offs_k, mask=mask_k, other=0.0) + back
         alpha = tl.exp(tl.load(g + row))
         first = i == C - 1  # J_{t-1} of the chunk's first token is J at the chunk's start
         J_prev = tl.load(J_buf + (tok - H * G) * K + offs_k, mask=mask_k & (i < C - 1), other=0.0)
         J_prev = tl.where(first, start, J_prev)
-        tl.store(d_g + part_at + (i_nhg * T + t).to(tl.int64), tl.sum(lam * alpha * J_prev, 0))
+        tl.store(d_g + part_at + i_nhg.to(tl.int64) * T + t, tl.sum(lam * alpha * J_prev, 0))
         if HAS_BETA:
             k_t = tl.load(k + row.to(tl.int64) * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            tl.store(d_beta + part_at + row * G + i_j, tl.sum(lam * k_t * k_t, 0))
+            tl.store(d_beta + part_at + tok, tl.sum(lam * k_t * k_t, 0))
             tl.store(d_k + tok * K + offs_k, 2.0 * k_t * lam * tl.load(beta + tok), mask=mask_k)
         back = lam * alpha
 
