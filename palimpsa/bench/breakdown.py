@@ -268,9 +268,11 @@ def top_kernels(events, count: int = 12) -> List[List[object]]:
     launchers: Dict[str, Dict[str, float]] = {}
     for event in events:
         if str(getattr(event, "device_type", "CPU")).endswith("CPU"):
-            for kernel in getattr(event, "kernels", None) or []:
+            kernels = getattr(event, "kernels", None) or []
+            label = _launcher(event) if kernels else ""
+            for kernel in kernels:
                 by_op = launchers.setdefault(kernel.name[:90], {})
-                by_op[_launcher(event)] = by_op.get(_launcher(event), 0.0) + float(kernel.duration)
+                by_op[label] = by_op.get(label, 0.0) + float(kernel.duration)
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
     return [[name, round(ms, 3), calls, max(launchers[name], key=launchers[name].get) if launchers.get(name) else ""]
             for name, (ms, calls) in ranked]
