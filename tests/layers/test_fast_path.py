@@ -39,6 +39,37 @@ def test_chunked_loss_equals_the_plain_loss_values_and_gradients(dtype, reductio
         torch.testing.assert_close(g, w, **tol)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_chunked_loss_equals_the_plain_loss(backend, autocast):
+    """The chunk's softmax compiled (as on CUDA with compiled blocks): same loss and gradients as the plain
+    cross-entropy, in float32 and under bf16 autocast (matmuls in bf16, softmax in float32); the last chunk is
+    shorter, and a pass without gradients (evaluation) takes the loss-only branch."""
+    from torch._dynamo.utils import counters
+
+    hidden, weight, targets = _inputs(N=45)
+    torch._dynamo.reset()
+    counters.clear()
+    set_compiled_blocks(True, devices=("cpu",), backend=backend)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            chunked = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+            got = torch.autograd.grad(chunked, (hidden, weight))
+            with torch.no_grad():
+                no_grad = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    finally:
+        set_compiled_blocks(False)
+    assert counters["stats"]["unique_graphs"] >= 2  # the chunk's loss with and without its gradient, compiled
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain = F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100)
+    want = torch.autograd.grad(plain, (hidden, weight))
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked, plain, **tol)
+    torch.testing.assert_close(no_grad, chunked)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+
+
 def test_chunked_loss_with_only_weight_needing_gradients():
     hidden, weight, targets = _inputs()
     hidden = hidden.detach()
