@@ -137,6 +137,15 @@ def causal_conv_taps(full: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return y.to(full.dtype)
 
 
+def recomputed_in_backward(fn: Callable, *args):
+    """``fn(*args)``; inside a compiled block (training), through ``torch.utils.checkpoint``, so that the backward
+    recomputes it from ``args`` instead of keeping its float32 intermediates (short convolutions, activations and
+    normalisations: cheap element-wise work, large per token).  ``fn`` returns tensors only."""
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 @compiled_on_cuda
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension, in float32.  x: [..., D] -> dtype of x."""

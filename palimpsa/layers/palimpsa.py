@@ -32,6 +32,7 @@ from palimpsa.layers.modules import (
     ShortConvolution,
     add_scaled_skip,
     l2_normalize,
+    recomputed_in_backward,
 )
 from palimpsa.ops import chunk_palimpsa, palimpsa_step
 
@@ -177,6 +178,19 @@ class Palimpsa(nn.Module):
                 f"importance_groups={self.importance_groups}, "
                 f"metaplasticity={self.metaplasticity}, layer_idx={self.layer_idx}")
 
+    def _query_or_key(self, conv: ShortConvolution, projected: torch.Tensor, state: Optional[torch.Tensor],
+                      keep: bool, cu_seqlens: Optional[torch.Tensor]):
+        """Short convolution, SiLU and per-head L2 normalisation of a projected query or key [B, T, H*K]:
+        ([B, T, H, K] in the projection's dtype, the convolution's state for the next call or None)."""
+        y, new_state = conv(projected, state, keep, cu_seqlens)
+        return l2_normalize(rearrange(y, "b t (h k) -> b t h k", h=self.num_heads), projected.dtype), new_state
+
+    def _value(self, projected: torch.Tensor, state: Optional[torch.Tensor], keep: bool,
+               cu_seqlens: Optional[torch.Tensor]):
+        """Short convolution and SiLU of the projected values [B, T, H*V]: ([B, T, H, V], the state or None)."""
+        y, new_state = self.v_conv1d(projected, state, keep, cu_seqlens)
+        return rearrange(y, "b t (h v) -> b t h v", h=self.num_heads), new_state
+
     def _check_inputs(self, hidden_states, attention_mask, cache, cu_seqlens) -> Optional[torch.Tensor]:
         """Validate the forward arguments; return the padding mask [B, T] in the input dtype, or None."""
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 \
@@ -234,16 +248,15 @@ class Palimpsa(nn.Module):
             q_in, k_in, x_in = (t * mask[..., None] for t in (q_in, k_in, x_in))
         conv_states = cache.conv_states if cache is not None else {}
         keep = cache is not None
-        q, q_state = self.q_conv1d(q_in, conv_states.get("q"), keep, cu_seqlens)
-        k, k_state = self.k_conv1d(k_in, conv_states.get("k"), keep, cu_seqlens)
-        x, x_state = self.v_conv1d(x_in, conv_states.get("v"), keep, cu_seqlens)
-
         # The op takes q, k, v, beta in one dtype: that of the projections (bf16 under autocast, where
         # F.normalize would otherwise hand back float32 while the values stay bf16).
         op_dtype = x_in.dtype
-        q = l2_normalize(rearrange(q, "b t (h k) -> b t h k", h=H), op_dtype)
-        k = l2_normalize(rearrange(k, "b t (h k) -> b t h k", h=H), op_dtype)
-        x = rearrange(x, "b t (h v) -> b t h v", h=H)
+        # in a compiled block (training), the backward recomputes these instead of keeping their float32 parts
+        q, q_state = recomputed_in_backward(self._query_or_key, self.q_conv1d, q_in, conv_states.get("q"), keep,
+                                            cu_seqlens)
+        k, k_state = recomputed_in_backward(self._query_or_key, self.k_conv1d, k_in, conv_states.get("k"), keep,
+                                            cu_seqlens)
+        x, x_state = recomputed_in_backward(self._value, x_in, conv_states.get("v"), keep, cu_seqlens)
 
         # gates in float32 (float64 for float64 inputs), whatever the input dtype
         fp = torch.promote_types(u.dtype, torch.float32)

@@ -213,3 +213,34 @@ def test_compiled_blocks_take_packed_batches_of_any_document_count():
         torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
         for grad, c_grad in zip(grads, c_grads):
             torch.testing.assert_close(c_grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_recomputed_in_backward_keeps_only_the_inputs_inside_a_compiled_function():
+    """Inside torch.compile the wrapped element-wise chain is recomputed in the backward: its float32
+    intermediates are not kept (fewer bytes saved), and the gradients do not change."""
+    from palimpsa.layers.modules import recomputed_in_backward
+
+    def chain(x):
+        h = torch.nn.functional.silu(x.float())
+        return (h / h.norm(dim=-1, keepdim=True)).to(x.dtype)
+
+    def saved_bytes_and_grad(wrap):
+        torch._dynamo.reset()
+        x = torch.randn(8, 64, 32, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        f = torch.compile(lambda x: (wrap(chain, x) * 2).float().sum(), backend="aot_eager")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = f(x)
+        out.backward()
+        return sum(seen.values()), x.grad
+
+    kept, grad = saved_bytes_and_grad(lambda fn, x: fn(x))
+    recomputed, grad_recomputed = saved_bytes_and_grad(recomputed_in_backward)
+    assert recomputed < kept
+    torch.testing.assert_close(grad_recomputed, grad)
+
