@@ -26,12 +26,14 @@ REPEATS = 5
 
 
 def variants(per_channel: bool):
-    out = [("grouped G=1", bench._grouped_g1, ("q", "k", "v", "g", "beta")),
-           ("NotPalimpsa", bench._not_palimpsa, ("q", "k", "v", "g"))]
+    """[(label, forward, names of the inputs that get gradients, inputs -> that variant's inputs)]."""
+    same = dict
+    out = [("grouped G=1", bench.grouped_forward, ("q", "k", "v", "g", "beta"), bench.g1_inputs),
+           ("NotPalimpsa", bench._not_palimpsa, ("q", "k", "v", "g"), same)]
     if fla_available():
-        out.append(("fla chunk_simple_gla", bench._fla_simple_gla, ("q", "k", "v", "g")))
+        out.append(("fla chunk_simple_gla", bench._fla_simple_gla, ("q", "k", "v", "g"), same))
     if per_channel:
-        out.append(("per-channel", bench.palimpsa_forward, ("q", "k", "v", "g", "beta")))
+        out.append(("per-channel", bench.palimpsa_forward, ("q", "k", "v", "g", "beta"), same))
     return out
 
 
@@ -70,10 +72,10 @@ def main(argv=None) -> int:
     for name in args.shapes.split(","):
         shape = bench.shape_by_name(name.strip())
         inputs = bench.make_inputs(shape, torch.bfloat16, "cuda")
-        for label, forward, grads in variants(not args.no_per_channel):
+        for label, forward, grads, variant_inputs in variants(not args.no_per_channel):
             try:
                 with hopper_check_bypassed(args.fla_bypass_check):
-                    rows = kernel_table(forward, inputs, grads)
+                    rows = kernel_table(forward, variant_inputs(inputs), grads)
             except Exception as err:  # noqa: BLE001 - a refused or failing variant is reported, the rest go on
                 lines += [f"## {shape.name}, {label}: failed ({type(err).__name__}: {str(err)[:100]})", ""]
                 continue

@@ -52,3 +52,14 @@ def test_floors_are_the_reciprocal_and_fp32_issue_bounds():
 def test_bench_shape_rejects_unknown_fla_kernel():
     with pytest.raises(ValueError, match="fla_kernels"):
         ops.bench_shape(ops.shape_by_name("170M-like"), device="cpu", fla_kernels=("simple_gla", "flash"))
+
+
+def test_variant_inputs_are_sliced_before_timing():
+    """G = 1 and fla's delta rule get their beta shapes as inputs, so no slicing is timed inside the call."""
+    inputs = ops.make_inputs(ops.shape_by_name("170M-like"), torch.float32, "cpu")
+    B, T, H, V = inputs["v"].shape
+    g1 = ops.g1_inputs(inputs)
+    assert g1["beta"].shape == (B, T, H, 1) and g1["beta"].is_contiguous()
+    assert torch.equal(g1["beta"][..., 0], inputs["beta"][..., 0])
+    assert ops.gdn_inputs(inputs)["beta"].shape == (B, T, H)
+    assert g1["q"] is inputs["q"]
