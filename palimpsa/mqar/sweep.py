@@ -180,13 +180,19 @@ def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: boo
     return {"outcome": "recorded" if append_result(out_dir, record) else "duplicate", "step": record["steps"]}
 
 
+def cuda_index(device: str) -> Optional[int]:
+    """The GPU index a worker pins itself to: 1 for "cuda:1"; None for "cuda" (the current GPU) or the CPU."""
+    parsed = torch.device(device)
+    return parsed.index if parsed.type == "cuda" else None
+
+
 def _worker(slot: int, device: str, queue, outcomes, out_dir: str, progress: bool, deadline: Optional[float],
             op_backends: dict, threads: Optional[int], checkpoints: bool, lockstep: Optional[Lockstep]) -> None:
     """Worker process: take (run index, run config) items from the queue until a None arrives, the deadline
     passes or Ctrl-C is pressed; put each run's outcome (see :func:`_run_and_record`) on ``outcomes``.
     op_backends: the op backend of each model; lockstep: the sweep's group (each run has the slot of its index)."""
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+    if cuda_index(device) is not None:
+        torch.cuda.set_device(cuda_index(device))
     if threads:
         torch.set_num_threads(threads)
     try:

@@ -192,3 +192,12 @@ def test_a_time_limited_run_fits_its_length_before_the_deadline(monkeypatch):
     record = train_module.train_run(config, progress=False, deadline=time.time() + 2.0)
     assert record["stop_reason"] == "planned_steps" and record["fitted_to_time_limit"]
     assert record["steps"] == record["planned_steps"] < 100_000
+
+
+def test_workers_pin_a_gpu_only_when_the_device_names_one():
+    """"cuda" means the current GPU: torch.cuda.set_device refuses a device without an index."""
+    from palimpsa.mqar.sweep import cuda_index
+
+    assert cuda_index("cuda") is None
+    assert cuda_index("cuda:1") == 1
+    assert cuda_index("cpu") is None

@@ -30,16 +30,29 @@ from palimpsa.ops.torch_gla import pad_time
 from palimpsa.ops.triton.utils import interpreting
 
 TUNED_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+# Heads with K * Vd at most this (MQAR's 16 x 32, say) run the first configuration untimed: their tiles are mostly
+# padding, there is nothing to choose between, and 48 processes of a sweep would each compile all four.
+SMALL_HEAD_ELEMENTS = 32 * 32
+
+
+def one_config_for_small_heads(configs, named_args, **kwargs):
+    """Triton's early_config_prune hook: every configuration, or only the first for small heads."""
+    args = {**named_args, **kwargs}
+    if args["K"] * args["VD"] <= SMALL_HEAD_ELEMENTS:
+        return configs[:1]
+    return configs
 
 
 def tuned(*key: str):
     """Decorator: the kernel with num_warps and num_stages chosen on the GPU by measurement (Triton's autotuner,
-    once per value of the ``key`` arguments and the dtypes; the kernel must write its outputs whole, so that
-    timing a configuration changes nothing); the kernel as it is under the CPU interpreter."""
+    once per value of the ``key`` arguments and the dtypes, the choice kept in Triton's cache directory for later
+    processes; the kernel must write its outputs whole, so that timing a configuration changes nothing); the
+    kernel as it is under the CPU interpreter."""
     def wrap(kernel):
         if interpreting():
             return kernel
-        return triton.autotune(configs=TUNED_CONFIGS, key=list(key))(kernel)
+        return triton.autotune(configs=TUNED_CONFIGS, key=list(key), cache_results=True,
+                               prune_configs_by={"early_config_prune": one_config_for_small_heads})(kernel)
     return wrap
 
 

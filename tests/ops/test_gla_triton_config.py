@@ -1,0 +1,18 @@
+"""The GLA kernels' autotuning choices that can be checked without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+gla = pytest.importorskip("palimpsa.ops.triton.gla")
+
+
+def test_small_heads_run_one_configuration_untimed():
+    configs = gla.TUNED_CONFIGS
+    assert len(configs) > 1
+    # MQAR's heads (K = 16, Vd = 32): only the first; positional and keyword arguments both count
+    assert gla.one_config_for_small_heads(configs, {"K": 16}, VD=32) == configs[:1]
+    assert gla.one_config_for_small_heads(configs, {}, K=8, VD=16) == configs[:1]
+    # the benchmark shapes' heads are tuned over every configuration
+    assert gla.one_config_for_small_heads(configs, {"K": 96, "VD": 192}) == configs
+    assert gla.one_config_for_small_heads(configs, {"K": 48}, VD=48) == configs
