@@ -210,6 +210,12 @@ KERNEL_KINDS = ("op", "matmul", "compiled", "elementwise", "convolution", "optim
 _MATMUL_MARKS = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")
 
 
+def _is_kernel_wrapper(value) -> bool:
+    """Whether ``value`` is Triton's autotuner or heuristics wrapper of a kernel, or a subclass of one (fla's
+    ``CachedAutotuner``), by class name so that no Triton import is needed."""
+    return any(cls.__name__ in ("Autotuner", "Heuristics") for cls in type(value).__mro__)
+
+
 def op_kernel_names() -> frozenset:
     """Names of the Triton kernels of the token-mixing ops: every jitted function in the imported modules of
     ``palimpsa.ops.triton`` and ``fla.ops`` (a kernel's profiler name is its function's name)."""
@@ -219,7 +225,7 @@ def op_kernel_names() -> frozenset:
             continue
         for attr, value in list(vars(module).items()):
             inner = value
-            while type(inner).__name__ in ("Autotuner", "Heuristics"):  # @triton.autotune / @triton.heuristics
+            while _is_kernel_wrapper(inner):  # @triton.autotune / @triton.heuristics, or a subclass (fla's)
                 inner = inner.fn
             if type(inner).__name__ in ("JITFunction", "InterpretedFunction"):
                 names.add(getattr(getattr(inner, "fn", None), "__name__", attr))
@@ -287,31 +293,43 @@ def kernel_kinds(events, op_kernels: Optional[frozenset] = None) -> Dict[str, fl
     return totals
 
 
-def profile_step(model: nn.Module, step: Callable[[], None], device: torch.device) -> Dict[str, object]:
+def profile_step(model: nn.Module, step: Callable[[], None], device: torch.device,
+                 ranges: bool = True) -> Dict[str, object]:
     """Run ``step()`` once under the profiler; return ``{"ms": {component: ms}, "total_ms": ...}`` (and on a GPU
     ``"kernels": {kind: ms}``, see :func:`kernel_kinds`, and ``"top_kernels"``, see :func:`top_kernels`).
 
-    ``step`` runs once with the component ranges in place before the profiled run: the ranges change what
-    ``torch.compile`` traces, and the recompilation (with inductor's first-run tuning of its kernels) must not land
-    in the profiled step.  ``step`` must call the optimizer inside ``record_function("bench::optimizer")`` (see
-    :func:`optimizer_range`).
+    ``ranges``: put the component ranges in place (the "ms" split).  They change what ``torch.compile`` traces (a
+    range inside a function that a compiled block checkpoints breaks the graph there, so that function runs
+    eagerly: on an H200 such a profiled NotPalimpsa step took 348 ms of kernels against 289 ms for the whole
+    timed step), so a compiled model is profiled without them (``ranges=False``: "ms" is None, the step is
+    split by kernel kind only).  With ranges, ``step`` runs once with them in place before the profiled run, so
+    that a recompilation (with inductor's first-run tuning of its kernels) does not land in the profiled step.
+    ``step`` must call the optimizer inside ``record_function("bench::optimizer")`` (see :func:`optimizer_range`).
     """
     activities = [ProfilerActivity.CPU]
     on_device = device.type == "cuda"
     if on_device:
         activities.append(ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
-    with component_ranges(model), function_ranges():
-        step()
-        if on_device:
-            torch.cuda.synchronize(device)
+    with contextlib.ExitStack() as stack:
+        if ranges:
+            stack.enter_context(component_ranges(model))
+            stack.enter_context(function_ranges())
+            step()
+            if on_device:
+                torch.cuda.synchronize(device)
         with profile(activities=activities, record_shapes=True) as prof:
             step()
             if on_device:
                 torch.cuda.synchronize(device)
     events = prof.events()
-    ms = attribute(events, on_device)
-    result = {"ms": ms, "total_ms": sum(ms.values()), "clock": "device (CUDA kernels)" if on_device else "CPU"}
+    clock = "device (CUDA kernels)" if on_device else "CPU"
+    if ranges:
+        ms = attribute(events, on_device)
+        result = {"ms": ms, "total_ms": sum(ms.values()), "clock": clock}
+    else:
+        total = sum(_self_time_us(e, on_device) for e in (device_kernels(events) if on_device else events))
+        result = {"ms": None, "total_ms": total / 1e3, "clock": clock}
     if on_device:
         result["kernels"] = kernel_kinds(events)
         result["top_kernels"] = top_kernels(events)

@@ -174,3 +174,55 @@ def test_op_kernel_names_include_the_grouped_kernels():
 
     names = breakdown.op_kernel_names()
     assert {"_scan_bwd", "_scan_fwd", "_fwd_states", "_bwd_dqk"} <= names
+
+
+def test_op_kernel_names_see_through_autotuner_subclasses(monkeypatch):
+    """fla wraps its kernels in a subclass of Triton's Autotuner (``CachedAutotuner``): its kernels are op kernels."""
+    import types
+
+    from triton.runtime.autotuner import Autotuner
+
+    class CachedAutotuner(Autotuner):
+        def __init__(self, fn):  # no Triton set-up: only ``.fn`` is read
+            self.fn = fn
+
+    @__import__("triton").jit
+    def chunk_fwd_kernel_h_blockdim64(x):
+        pass
+
+    module = types.ModuleType("fla.ops.fake_chunk")
+    module.kernel = CachedAutotuner(chunk_fwd_kernel_h_blockdim64)
+    monkeypatch.setitem(sys.modules, "fla.ops.fake_chunk", module)
+    assert "chunk_fwd_kernel_h_blockdim64" in breakdown.op_kernel_names()
+
+
+def test_profile_without_ranges_leaves_the_graphs_alone_and_splits_nothing_by_component():
+    """A compiled model is profiled without component ranges: no module hooks or wrapped functions in place."""
+    model = torch.nn.Linear(4, 4)
+    seen = []
+
+    def step():
+        seen.append(len(model._forward_pre_hooks))
+        with breakdown.optimizer_range():
+            model(torch.randn(2, 4)).sum().backward()
+
+    result = breakdown.profile_step(model, step, torch.device("cpu"), ranges=False)
+    assert result["ms"] is None and result["total_ms"] > 0
+    assert seen == [0]  # one step, the profiled one, with no hooks
+    with_ranges = breakdown.profile_step(model, step, torch.device("cpu"))
+    assert with_ranges["ms"] is not None and len(seen) == 3  # a step before the profiled one
+    assert seen[1] > 0 and seen[2] > 0
+
+
+def test_the_table_says_when_compiled_models_have_no_component_split():
+    from palimpsa.bench.train import format_tables
+
+    settings = {"batch": 1, "seq_len": 8, "precision": "bf16", "device": "cuda", "compile_effective": True,
+                "warmup": 0, "steps": 1}
+    kinds = {kind: 1.0 for kind in breakdown.KERNEL_KINDS}
+    rows = [{"model": "notpalimpsa", "size": "tiny", "status": "ok", "notes": [], "params": 1, "step_s": 0.1,
+             "tokens_per_s": 80.0, "breakdown": {"ms": None, "total_ms": 7.0, "clock": "device", "kernels": kinds}}]
+    table = format_tables({"settings": settings, "environment": {"device_name": "a GPU"}, "rows": rows,
+                           "command": "x"})
+    assert "split by kernel kind only" in table and "| op | gates |" not in table
+    assert "| notpalimpsa | tiny | 1.0 |" in table
