@@ -14,7 +14,9 @@
 # How the 48 runs fit: both sweeps start together, every run on the one GPU at once, time-sliced (MPS=1 tries the
 # MPS daemon first; it is off by default: MPS limits the clients per GPU, 48 in NVIDIA's documentation of Volta
 # MPS, and the H200 of results/mqar/gpu4 did not start it).  Batch 64, not the paper's 128: it halves the
-# work per step and the activation memory of 48 processes sharing the card (estimated at about 2 GB each).  Each sweep trains
+# work per step and the activation memory of 48 processes sharing the card.
+# MEASURED (results/mqar/gpu5_grouped, H200): about 6.7 GB per process, so 48 do not fit in 140 GB (the quarter sweep
+# ran out of memory), and 19 runs sharing the card took 1.3 s per step: run one state size per call (STATES=...).  Each sweep trains
 # its runs in lockstep (`--equal-steps`): a run waits while it is more than 5 steps ahead of the slowest, so the
 # GPU time a cheap model leaves goes to the dear ones; after timing steps 100-200, every run fits its length into
 # its time limit and the sweep's budget, and the runs of a sweep agree on the smallest of these lengths.  So the
