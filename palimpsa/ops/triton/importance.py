@@ -215,7 +215,7 @@ def _scan_bwd_local(q, k, g, beta, prior, starts, d_q_tilde, d_var, dq_part, sum
     alpha, _, J, _ = _chunk_states(k, g, beta, row, offs_k, mask_k, start, i_j, H, G, K, C, BK, HAS_BETA)
     dq, d_iota = _grads_of_iota(q, d_q_tilde, d_var, row, tok, offs_k, mask_k, J, tl.load(prior + i_h), K,
                                 WITH_VAR)
-    tl.store(dq_part + tok[:, None] * K + offs_k[None, :], dq, mask=mask_k[None, :])
+    tl.store(dq_part + tok[:, None] * K + offs_k[None, :], dq.to(dq_part.dtype.element_ty), mask=mask_k[None, :])
     _, lam = _local_adjoint(g, row, d_iota, H, C, BK)
     first = tl.arange(0, C)[:, None] == 0
     tl.store(sums + chunk * K + offs_k, tl.sum(tl.where(first, lam * alpha[:, None], 0.0), 0), mask=mask_k)
@@ -250,7 +250,8 @@ def _scan_bwd(q, k, g, beta, prior, starts, d_q_tilde, d_var, carries, d_beta, d
     if HAS_BETA:
         tl.store(d_beta + part_at + tok, tl.sum(lam * k_t * k_t, 1))
         b_t = tl.load(beta + tok)
-        tl.store(d_k + tok[:, None] * K + offs_k[None, :], 2.0 * k_t * lam * b_t[:, None], mask=mask_k[None, :])
+        d_k_t = 2.0 * k_t * lam * b_t[:, None]
+        tl.store(d_k + tok[:, None] * K + offs_k[None, :], d_k_t.to(d_k.dtype.element_ty), mask=mask_k[None, :])
 
 
 def _key_block(K: int) -> int:
@@ -309,9 +310,12 @@ class RescaledQueryFunction(torch.autograd.Function):
         d_var = ((ctx.scale ** 2) * d_variance.float()).contiguous() if d_variance is not None else None
         d_last = d_iota_last.float().contiguous() if d_iota_last is not None else None
         NC = T // meta["C"]
-        dq_part = torch.empty(N, T, H, G, K, **f32)
+        # with one group, dq and dk leave the kernels in the inputs' dtype (the same rounding as a cast after
+        # them, without the extra pass); with several they are summed over the groups in float32 first
+        dq_part = torch.empty(N, T, H, G, K, dtype=q.dtype if G == 1 else torch.float32, device=q.device)
         d_beta = torch.empty(NK, *beta.shape, **f32) if beta is not None else None
-        d_k = torch.empty(N, T, H, G, K, **f32) if beta is not None else None
+        d_k = (torch.empty(N, T, H, G, K, dtype=k.dtype if G == 1 else torch.float32, device=k.device)
+               if beta is not None else None)
         d_g = torch.empty(NK, N, H, G, T, **f32)
         d_prior_part = torch.empty(NK, N * H * G, NC, BK, **f32)
         sums, totals = torch.empty(N * H * G, NC, K, **f32), torch.empty(N * H * G, NC, **f32)
