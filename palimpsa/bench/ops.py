@@ -152,7 +152,7 @@ def _device_ms(fn: Callable[[], object], grads, repeats: int = 5) -> float:
     from palimpsa.bench.breakdown import device_kernels
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # as gpu_profile_ops.py
         for _ in range(repeats):
             fn()
             for x in grads:
