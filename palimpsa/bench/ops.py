@@ -138,7 +138,27 @@ def _measure(forward: Callable[..., torch.Tensor], inputs: Dict[str, torch.Tenso
     for x in grads:
         x.grad = None
     result["peak_mb"] = _peak_mb(fwd_bwd)
+    if do.is_cuda:
+        result["fwd_bwd_device_ms"] = _device_ms(fwd_bwd, grads)
     return result
+
+
+def _device_ms(fn: Callable[[], object], grads, repeats: int = 5) -> float:
+    """Kernel time of one ``fn()`` on the GPU, in ms: the sum of its CUDA kernels' durations under the PyTorch
+    profiler (mean of ``repeats``).  Unlike the do_bench wall time it leaves out the host's Python and launch
+    time, which at small shapes is longer than the kernels themselves."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from palimpsa.bench.breakdown import device_kernels
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # as gpu_profile_ops.py
+        for _ in range(repeats):
+            fn()
+            for x in grads:
+                x.grad = None
+        torch.cuda.synchronize()
+    return sum(float(getattr(e, "device_time_total", 0.0)) for e in device_kernels(prof.events())) / 1e3 / repeats
 
 
 def palimpsa_forward(q, k, v, g, beta):
@@ -316,6 +336,12 @@ def _floor_cell(row: Dict[str, object], ours: Dict[str, float]) -> str:
     return f"{row['floor_fwd_bwd_ms']:.3f} | {ours['fwd_bwd_over_floor']:.1f}x"
 
 
+def _ratio(ours: Dict[str, object], theirs: Optional[Dict[str, object]], key: str) -> str:
+    if not theirs or key not in theirs or key not in ours:
+        return "n/a"
+    return f"{ours[key] / theirs[key]:.2f}x"
+
+
 def format_table(result: Dict[str, object]) -> str:
     """Markdown table of a ``run_benchmark`` result."""
     env = result["environment"]
@@ -349,16 +375,19 @@ def format_table(result: Dict[str, object]) -> str:
         lines += ["", "Grouped importance (G = 1, one importance gate per head and token) and no metaplasticity "
                       "(NotPalimpsa), both exact, on the GLA-shaped path; fla's chunk_simple_gla beside them:",
                   "", "| shape | G=1 fwd | G=1 fwd+bwd | G=1 peak MB | NotPalimpsa fwd | NotPalimpsa fwd+bwd | "
-                      "simple_gla fwd | simple_gla fwd+bwd | G=1 / simple_gla fwd+bwd |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                      "simple_gla fwd | simple_gla fwd+bwd | G=1 / simple_gla fwd+bwd | device: G=1 fwd+bwd | "
+                      "device: NotPalimpsa | device: simple_gla | device: G=1 / simple_gla |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in result["rows"]:
             g1, notp, sgla = row["grouped_g1"], row["not_palimpsa"], row.get("fla_chunk_simple_gla")
-            ratio = (f"{g1['fwd_bwd_ms'] / sgla['fwd_bwd_ms']:.2f}x"
-                     if sgla and "fwd_bwd_ms" in sgla else "n/a")
             lines.append(
                 f"| {row['shape']['name']} | {g1['fwd_ms']:.3f} | {g1['fwd_bwd_ms']:.3f} | {g1['peak_mb']:.0f} | "
                 f"{notp['fwd_ms']:.3f} | {notp['fwd_bwd_ms']:.3f} | {_cell(sgla, 'fwd_ms')} | "
-                f"{_cell(sgla, 'fwd_bwd_ms')} | {ratio} |")
+                f"{_cell(sgla, 'fwd_bwd_ms')} | {_ratio(g1, sgla, 'fwd_bwd_ms')} | "
+                f"{_cell(g1, 'fwd_bwd_device_ms')} | {_cell(notp, 'fwd_bwd_device_ms')} | "
+                f"{_cell(sgla, 'fwd_bwd_device_ms')} | {_ratio(g1, sgla, 'fwd_bwd_device_ms')} |")
+        lines += ["", "device: the kernels' own time (PyTorch profiler, mean of 5), without the host's Python and "
+                      "launches; at small shapes the do_bench wall times are host-bound."]
     if any((row.get("fla_chunk_simple_gla") or {}).get("note") for row in result["rows"]):
         lines += ["", f"fla backward numbers: {TIMING_ONLY_NOTE}."]
     if "decode_step" in result:

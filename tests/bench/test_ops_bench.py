@@ -63,3 +63,17 @@ def test_variant_inputs_are_sliced_before_timing():
     assert torch.equal(g1["beta"][..., 0], inputs["beta"][..., 0])
     assert ops.gdn_inputs(inputs)["beta"].shape == (B, T, H)
     assert g1["q"] is inputs["q"]
+
+
+def test_grouped_table_gives_device_times_beside_the_wall_times():
+    """The kernels' own time and its ratio to fla's, where the benchmark measured it (on a GPU); n/a otherwise."""
+    timing = {"fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "peak_mb": 10.0}
+    row = {"shape": {"name": "170M-like", "B": 8, "T": 2048, "H": 16, "K": 48, "V": 48}, "floor_ms": 0.5,
+           "floor_fwd_bwd_ms": 1.5, "ours": dict(timing, fwd_over_floor=2.0, fwd_bwd_over_floor=2.0),
+           "grouped_g1": dict(timing, fwd_bwd_device_ms=1.2), "not_palimpsa": dict(timing, fwd_bwd_device_ms=0.4),
+           "fla_chunk_simple_gla": {"fwd_ms": 0.5, "fwd_bwd_ms": 2.0, "peak_mb": 5.0, "fwd_bwd_device_ms": 0.3}}
+    table = ops.format_table({"environment": {"torch": "x", "triton": "y", "fla": "z"}, "rows": [row]})
+    assert "| 1.50x | 1.200 | 0.400 | 0.300 | 4.00x |" in table
+    del row["fla_chunk_simple_gla"]["fwd_bwd_device_ms"]
+    table = ops.format_table({"environment": {"torch": "x", "triton": "y", "fla": "z"}, "rows": [row]})
+    assert "| 1.50x | 1.200 | 0.400 | n/a | n/a |" in table
