@@ -28,7 +28,8 @@ from palimpsa.train.data import Pack, collate_packs
 from palimpsa.train.loop import autocast_context, packed_logits, packed_loss_sum, summed_token_loss
 from palimpsa.train.models import build_model
 
-MODELS = {"palimpsa": ("palimpsa-small", {}), "notpalimpsa": ("palimpsa-small", {"metaplasticity": False}),
+MODELS = {"palimpsa": ("palimpsa-small", {}), "palimpsa-g1": ("palimpsa-small", {"importance_groups": 1}),
+          "notpalimpsa": ("palimpsa-small", {"metaplasticity": False}),
           "meta-mamba2": ("meta-mamba2-tiny", {}), "gated-deltanet": ("gated-deltanet-small", {})}
 # (loss relative error, gradient relative error in norm per parameter) allowed
 TOLERANCES = {"fp32": (1e-5, 1e-3), "bf16": (1e-2, 5e-2)}
@@ -82,6 +83,16 @@ def check(name: str, device: torch.device, precision: str, seq_len: int = LOSS_C
             "loss_tolerance": loss_tol, "grad_tolerance": grad_tol, "ok": ok}
 
 
+def write_rows(out: str, device: torch.device, rows: list) -> None:
+    """OUT/fastpath_check.json, written atomically (a temporary file renamed over it)."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "fastpath_check.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "rows": rows}, handle, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -103,10 +114,7 @@ def main(argv=None) -> int:
                        "error": f"{type(error).__name__}: {error}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "fastpath_check.json"), "w", encoding="utf-8") as handle:
-        json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "rows": rows}, handle, indent=2)
+            write_rows(args.out, device, rows)  # after every check: a run cut short keeps what it measured
     failed = [f"{r['model']}/{r['precision']}" for r in rows if not r["ok"]]
     print("fast path check: " + ("all passed" if not failed else f"FAILED: {failed}"))
     return 1 if failed else 0
