@@ -70,11 +70,15 @@ def test_grouped_kernels_without_variance_or_final_state(variance, final):
     assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5, variance=variance, final=final)
 
 
-def test_grouped_kernels_varlen():
+@pytest.mark.parametrize("final", [True, False])
+def test_grouped_kernels_varlen(final):
+    """With final states: one padded row per sequence; without (training): one row, sequences reset at their
+    first token (one starts on a chunk's first token)."""
     _interpreted()
     inputs = _as_float32(grouped_inputs(1, 45, 1, 16, 16, 1))
-    cu = torch.tensor([0, 9, 30, 45])
-    assert_close_to_reference(_triton(cu_seqlens=cu), lambda **kw: naive_palimpsa(**kw, cu_seqlens=cu), inputs, 2e-5)
+    cu = torch.tensor([0, 9, 16, 30, 45])
+    assert_close_to_reference(_triton(cu_seqlens=cu), lambda **kw: naive_palimpsa(**kw, cu_seqlens=cu), inputs, 2e-5,
+                              final=final)
 
 
 @pytest.mark.parametrize("G", [1, None])
