@@ -47,20 +47,6 @@ def as_per_channel(x: PreparedInputs) -> PreparedInputs:
     return dataclasses.replace(x, beta=per_channel_beta(x), groups=x.v.shape[-1])
 
 
-def reset_at_sequence_starts(g: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """g [1, T, H] with -inf (alpha = 0, a full reset) at the first token of every packed sequence.
-
-    From the default state (mu = 0, I = I0) a sequence's first token gives M = k v^T and I = I0 + k^2 beta
-    whatever its own decay, which is what the reset gives after any earlier tokens: so the packed row run as one
-    sequence is the op on each sequence, exactly, outputs and gradients (the replaced decays get a zero
-    gradient, as they have no effect; the prior's gradient through the reset is the initial state's).  No
-    padding, and no host sync: the offsets stay on the device.
-    """
-    starts = torch.zeros(g.shape[1], dtype=torch.bool, device=g.device)
-    starts[cu_seqlens[:-1]] = True
-    return g.masked_fill(starts[None, :, None], float("-inf"))
-
-
 def can_run_grouped(x: PreparedInputs) -> bool:
     """True when the grouped path computes the op exactly, gradients included.
 
@@ -133,10 +119,7 @@ def grouped_palimpsa(x: PreparedInputs, output_final_state: bool, output_varianc
     g = x.g.to(sdtype)
     beta = x.beta.to(sdtype) if x.beta is not None else None
     lengths = None
-    if x.cu_seqlens is not None and x.initial_state is None and not output_final_state:
-        # packed sequences from the default state (training): one row, each sequence's first token a full reset
-        g = reset_at_sequence_starts(g, x.cu_seqlens)
-    elif x.cu_seqlens is not None:  # initial or final states per sequence: one padded row per sequence
+    if x.cu_seqlens is not None:  # initial or final states per sequence (else chunk_palimpsa made it one row)
         lengths = (x.cu_seqlens[1:] - x.cu_seqlens[:-1]).tolist()
         padded = pad_sequences((q, k, v, g) + ((beta,) if beta is not None else ()), lengths)
         q, k, v, g = padded[:4]

@@ -71,11 +71,12 @@ def test_grouped_kernels_without_variance_or_final_state(variance, final):
 
 
 @pytest.mark.parametrize("final", [True, False])
-def test_grouped_kernels_varlen(final):
-    """With final states: one padded row per sequence; without (training): one row, sequences reset at their
-    first token (one starts on a chunk's first token)."""
+@pytest.mark.parametrize("G", [1, 16], ids=["G1", "per_channel"])
+def test_kernels_varlen(final, G):
+    """With final states: each sequence from its own state; without (training): one row, sequences reset at
+    their first token (one starts on a chunk's first token).  G = 16 = V: the per-channel kernels."""
     _interpreted()
-    inputs = _as_float32(grouped_inputs(1, 45, 1, 16, 16, 1))
+    inputs = _as_float32(grouped_inputs(1, 45, 1, 16, 16, G))
     cu = torch.tensor([0, 9, 16, 30, 45])
     assert_close_to_reference(_triton(cu_seqlens=cu), lambda **kw: naive_palimpsa(**kw, cu_seqlens=cu), inputs, 2e-5,
                               final=final)
