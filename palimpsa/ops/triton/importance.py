@@ -331,12 +331,14 @@ class RescaledQueryFunction(torch.autograd.Function):
         d_excess0 = carries[:, 0].reshape(N, H, G, K) if ctx.has_init else None
         dq = dq_part.sum(3) if G > 1 else dq_part[:, :, :, 0]
         dk = (d_k.sum(3) if G > 1 else d_k[:, :, :, 0]) if d_k is not None else None
-        dg = d_g.sum((0, 3)).transpose(1, 2)  # [N, T, H]
+        # sums over key blocks and groups; a sum over one term is a view (no launch)
+        dg = (d_g[0, :, :, 0] if NK == 1 and G == 1 else d_g.sum((0, 3))).transpose(1, 2)  # [N, T, H]
         d_prior = d_prior_part.reshape(NK, N, H, G, NC, BK).sum((0, 1, 3, 4, 5))
         if d_last is not None:
             d_prior = d_prior + d_last.sum((0, 2, 3))
         return (dq.to(q.dtype), dk.to(k.dtype) if dk is not None else None, dg,
-                d_beta.sum(0) if d_beta is not None else None, d_prior, d_excess0, None, None, None, None)
+                (d_beta[0] if NK == 1 else d_beta.sum(0)) if d_beta is not None else None, d_prior, d_excess0,
+                None, None, None, None)
 
 
 @torch.compiler.disable  # a graph break under torch.compile: the kernels and their autograd run as written
