@@ -37,17 +37,14 @@ def _step_fn(forward, inputs, grad_names):
     return step
 
 
-def host_and_wall_ms(step, iters: int):
-    for _ in range(3):
-        step()
+def wall_ms(step, iters: int) -> float:
+    """One step's wall time with the GPU's work finished (mean of ``iters`` back to back)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(iters):
         step()
-    issued = time.perf_counter()
     torch.cuda.synchronize()
-    done = time.perf_counter()
-    return 1e3 * (issued - start) / iters, 1e3 * (done - start) / iters
+    return 1e3 * (time.perf_counter() - start) / iters
 
 
 def main() -> None:
@@ -70,7 +67,7 @@ def main() -> None:
             for variant, (forward, transform, grad_names) in _variants(with_fla).items():
                 x = transform(inputs)
                 step = _step_fn(forward, x, grad_names)
-                host, wall = host_and_wall_ms(step, args.iters)
+                host, wall = bench_ops.host_ms(step, iters=args.iters), wall_ms(step, args.iters)
                 device = bench_ops._device_ms(step, [])
                 lines.append(f"| {name} | {variant} | {host:.3f} | {wall:.3f} | {device:.3f} |")
                 print(lines[-1], flush=True)
