@@ -24,16 +24,11 @@ import re
 import statistics
 import sys
 
+from palimpsa.io import atomic_write_text
+
 STATE_BYTES_PER_ELEMENT = 4
 MODEL_ORDER = ("G = V", "G = 1", "NotPalimpsa")
 RUN_NAME = re.compile(r"^(?P<model>.+)-seed(?P<seed>\d+)$")
-
-
-def write_atomic(path: str, text: str) -> None:
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
 
 
 def model_label(config: dict) -> str:
@@ -194,14 +189,14 @@ def main() -> int:
     if not runs:
         raise SystemExit(f"no runs (<model>-seed<S>/metrics.jsonl) found in {args.source}")
     os.makedirs(args.out_dir, exist_ok=True)
-    write_atomic(os.path.join(args.out_dir, "runs.json"), json.dumps(runs, indent=1) + "\n")
+    atomic_write_text(os.path.join(args.out_dir, "runs.json"), json.dumps(runs, indent=1) + "\n")
     lines = summary_lines(runs)
     try:
         plot(runs, os.path.join(args.out_dir, "loss_curves.png"))
         lines += ["", "![loss curves](loss_curves.png)"]
     except ImportError:
         lines += ["", "(matplotlib missing here: no plot)"]
-    write_atomic(os.path.join(args.out_dir, "summary.md"), "\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(args.out_dir, "summary.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

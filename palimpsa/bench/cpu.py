@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from palimpsa.io import atomic_write_text
 from palimpsa.ops import chunk_palimpsa, naive_palimpsa
 
 IMPLEMENTATIONS = {
@@ -56,14 +55,6 @@ def time_fwd_bwd(impl: str, shape, repeats: int) -> list:
     return times
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", choices=["both", *IMPLEMENTATIONS], default="both")
@@ -87,13 +78,13 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"), "results": rows, "speedup": speedup,
     }
-    _write_atomic(args.out / "cpu_bench.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(args.out / "cpu_bench.json", json.dumps(record, indent=2) + "\n")
     md = ("| implementation | fwd+bwd median (ms) | min | max |\n|---|---|---|---|\n" + "".join(
         f"| {k} | {v['median_s'] * 1e3:.1f} | {v['min_s'] * 1e3:.1f} | {v['max_s'] * 1e3:.1f} |\n" for k, v in rows.items())
         + f"\nB,T,H,K,V = {tuple(args.shape)}, float32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"median of {args.repeats} runs after one warm-up; speed-up {speedup:.1f}x. "
         f"Command: `palimpsa bench cpu --repeats {args.repeats} --out {args.out}`.\n")
-    _write_atomic(args.out / "cpu_bench.md", md)
+    atomic_write_text(args.out / "cpu_bench.md", md)
     return 0
 
 

@@ -16,13 +16,13 @@ import dataclasses
 import json
 import os
 import platform
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from palimpsa.bench.fla_compat import TIMING_ONLY_NOTE, fla_available, hopper_check_bypassed
+from palimpsa.io import atomic_write_text as write_atomic  # noqa: F401  (scripts use bench.ops.write_atomic)
 
 # Issue rates of an H100 SXM / H200 (132 SMs at 1.98 GHz): per SM and clock, 128 FP32 lanes (an FMA is one
 # instruction) and 16 MUFU lanes (reciprocal, exp).
@@ -423,16 +423,6 @@ def format_table(result: Dict[str, object]) -> str:
     if notes:
         lines += ["", "fla notes (deduplicated):"] + sorted(set(notes))
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def save_result(result: Dict[str, object], markdown_path: str) -> None:

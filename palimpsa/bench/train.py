@@ -37,7 +37,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from typing import Callable, Dict, List, Optional
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 from palimpsa.bench.breakdown import COMPONENTS, KERNEL_KINDS, optimizer_range, profile_step
+from palimpsa.io import atomic_write_text
 from palimpsa.bench.fla_compat import TIMING_ONLY_NOTE, hopper_check_bypassed, is_hopper_refusal
 
 SIZES = ("tiny", "170m", "340m", "760m")
@@ -331,24 +331,11 @@ def _top_kernel_cell(entry: List) -> str:
     return f"`{name}` {ms:.1f} ({calls})" + (f" from `{launcher}`" if launcher else "")
 
 
-def _write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def save_result(result: Dict, out_dir: str) -> List[str]:
     """``out_dir/train_bench.json`` and ``out_dir/train_bench.md``, written atomically; returns the paths."""
     paths = [os.path.join(out_dir, "train_bench.json"), os.path.join(out_dir, "train_bench.md")]
-    _write_atomic(paths[0], json.dumps(result, indent=2) + "\n")
-    _write_atomic(paths[1], format_tables(result))
+    atomic_write_text(paths[0], json.dumps(result, indent=2) + "\n")
+    atomic_write_text(paths[1], format_tables(result))
     return paths
 
 
