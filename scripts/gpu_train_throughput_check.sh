@@ -4,14 +4,15 @@
 #   2. `palimpsa train` (compiled blocks: its default on CUDA) of the 760M model for STEPS steps, B = 4 x T = 4096,
 #      logging tokens/s every LOG_EVERY steps (the first interval, which compiles, is left out of the comparison);
 #   3. `palimpsa bench train` of the same model with the trainer's vocabulary (--vocab-size);
-#   4. the two tokens/s side by side in $OUT/throughput_check.md (the target: within 10 %);
+#   4. the two tokens/s side by side in $OUT/throughput_check.md (the target: within 10 %), and one step of each
+#      by kernel kind (the trainer's step PROFILE_STEP, by default the last of the first interval);
 #   5. scripts/gpu_train_fastpath_check.py on FASTPATH_MODELS: the compiled fast path's loss and gradients
 #      against the plain path ($OUT/fastpath_check.{json,log}; each model compiles twice, about a minute).
 #
 #   bash scripts/gpu_train_throughput_check.sh OUT_DIR        (from the repository root; about 4-5 minutes)
 # Overrides: MODEL (bench name: palimpsa-g1, notpalimpsa or palimpsa; default palimpsa-g1), SIZE (760m), BATCH (4),
 # SEQ_LEN (4096), STEPS (25), LOG_EVERY (5), DEVICE (cuda), PYTHON (python3), MAX_FILES (corpus files, all),
-# FASTPATH_MODELS (palimpsa-g1,notpalimpsa; empty skips the check).
+# FASTPATH_MODELS (palimpsa-g1,notpalimpsa; empty skips the check), PROFILE_STEP (LOG_EVERY).
 # CPU smoke test: DEVICE=cpu SIZE=tiny BATCH=1 SEQ_LEN=64 STEPS=4 LOG_EVERY=1 MAX_FILES=20 \
 #   bash scripts/gpu_train_throughput_check.sh /tmp/throughput
 set -euo pipefail
@@ -25,6 +26,7 @@ LOG_EVERY=${LOG_EVERY:-5}
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 FASTPATH_MODELS=${FASTPATH_MODELS-palimpsa-g1,notpalimpsa}
+PROFILE_STEP=${PROFILE_STEP:-$LOG_EVERY}  # inside the first logged interval, which the comparison leaves out
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 case "$MODEL" in
     palimpsa) overrides='{}' ;;
@@ -41,13 +43,13 @@ $PYTHON scripts/make_stdlib_corpus.py "$OUT/corpus.jsonl" ${MAX_FILES:+--max-fil
 $PYTHON -m palimpsa train --model "palimpsa-$SIZE" --model-overrides "$overrides" --data "$OUT/corpus.jsonl" \
     --seq-len "$SEQ_LEN" --batch-size "$BATCH" --max-steps "$STEPS" --warmup-steps 2 --log-every "$LOG_EVERY" \
     --device "$DEVICE" --precision bf16 --no-progress --no-export-hf --no-resume --out-dir "$OUT/run" \
-    > "$OUT/train.log" 2>&1 || { tail -n 20 "$OUT/train.log"; exit 1; }
+    --profile-step "$PROFILE_STEP" > "$OUT/train.log" 2>&1 || { tail -n 20 "$OUT/train.log"; exit 1; }
 vocab=$($PYTHON -c "
 from palimpsa.train.models import padded_vocab_size
 from palimpsa.train.tokenizer import load_tokenizer
 print(padded_vocab_size(len(load_tokenizer('byte'))))")
 $PYTHON -m palimpsa bench train --sizes "$SIZE" --models "$MODEL" --batch "$BATCH" --seq-len "$SEQ_LEN" \
-    --vocab-size "$vocab" --device "$DEVICE" --no-profile --out "$OUT/bench" > "$OUT/bench.log" 2>&1 \
+    --vocab-size "$vocab" --device "$DEVICE" --out "$OUT/bench" > "$OUT/bench.log" 2>&1 \
     || { tail -n 20 "$OUT/bench.log"; exit 1; }
 compare=0
 $PYTHON - "$OUT" "$MODEL" "$SIZE" "$LOG_EVERY" > "$OUT/throughput_check.md" <<'EOF' || compare=1
@@ -76,6 +78,18 @@ print(f"| palimpsa bench train | {row['tokens_per_s']:.0f} | median step {1e3 * 
       f"peak {row.get('peak_memory_gb', float('nan')):.1f} GB, vocabulary {bench['settings']['vocab_size']} |")
 ratio = median / row["tokens_per_s"]
 print(f"\ntrain / bench = {ratio:.3f} ({'within' if abs(ratio - 1) <= 0.10 else 'NOT within'} 10 %)")
+# where a gap comes from: one step of each by kernel kind (device ms; CPU ms of all operators on a CPU)
+profiled = out / "run" / "profile_step.json"
+bench_step = row.get("breakdown") or {}
+if profiled.exists() and bench_step:
+    trainer_step = json.loads(profiled.read_text())
+    kinds = sorted(set(trainer_step.get("kernels") or {}) | set(bench_step.get("kernels") or {}))
+    print(f"\nOne step by kernel kind, ms ({trainer_step['clock']}; the trainer's step {trainer_step['step']}, "
+          "packed documents, against the benchmark's profiled step):\n")
+    print("| | " + " | ".join(kinds + ["total"]) + " |\n|---|" + "---|" * (len(kinds) + 1))
+    for name, entry in (("palimpsa train", trainer_step), ("palimpsa bench train", bench_step)):
+        cells = [f"{(entry.get('kernels') or {}).get(kind, 0.0):.1f}" for kind in kinds]
+        print(f"| {name} | " + " | ".join(cells + [f"{entry['total_ms']:.1f}"]) + " |")
 sys.exit(0 if abs(ratio - 1) <= 0.10 else 1)
 EOF
 cat "$OUT/throughput_check.md"

@@ -323,13 +323,18 @@ def profile_step(model: nn.Module, step: Callable[[], None], device: torch.devic
             if on_device:
                 torch.cuda.synchronize(device)
     events = prof.events()
-    clock = "device (CUDA kernels)" if on_device else "CPU"
+    result = summarize_step(events, on_device)
     if ranges:
         ms = attribute(events, on_device)
-        result = {"ms": ms, "total_ms": sum(ms.values()), "clock": clock}
-    else:
-        total = sum(_self_time_us(e, on_device) for e in (device_kernels(events) if on_device else events))
-        result = {"ms": None, "total_ms": total / 1e3, "clock": clock}
+        result.update(ms=ms, total_ms=sum(ms.values()))
+    return result
+
+
+def summarize_step(events, on_device: bool) -> Dict[str, object]:
+    """A profiled step without component ranges: ``{"ms": None, "total_ms", "clock"}``, and on a GPU its kernels
+    by kind (:func:`kernel_kinds`) and the top kernels (:func:`top_kernels`).  ``events``: ``prof.events()``."""
+    total = sum(_self_time_us(e, on_device) for e in (device_kernels(events) if on_device else events))
+    result = {"ms": None, "total_ms": total / 1e3, "clock": "device (CUDA kernels)" if on_device else "CPU"}
     if on_device:
         result["kernels"] = kernel_kinds(events)
         result["top_kernels"] = top_kernels(events)

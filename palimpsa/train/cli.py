@@ -51,6 +51,8 @@ HELP = {
     "wandb_project": "also log to this Weights & Biases project",
     "tensorboard": "also write TensorBoard logs",
     "save_every": "checkpoint every N steps (0: only at the end)",
+    "profile_step": "run this step under the PyTorch profiler: its kernels by kind and the top kernels into "
+                    "OUT_DIR/profile_step.json (as palimpsa bench train splits its step)",
     "compile": "torch.compile the models' decoder blocks on CUDA (faster and leaner: the README's training "
                "table; --no-compile runs eager PyTorch; CPU runs never compile)",
 }

@@ -124,6 +124,7 @@ class TrainConfig:
     progress: bool = True
     wandb_project: Optional[str] = None
     tensorboard: bool = False
+    profile_step: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):  # JSON has no tuples
@@ -170,6 +171,9 @@ class TrainConfig:
             raise ValueError(f"parallel must be one of {PARALLEL_STRATEGIES}, got {self.parallel!r}")
         if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step < 1):
             raise ValueError(f"stop_at_step must be a positive integer or None, got {self.stop_at_step!r}")
+        if self.profile_step is not None and (not isinstance(self.profile_step, int) or self.profile_step < 1):
+            raise ValueError(f"profile_step must be a positive integer (a step to profile) or None, "
+                             f"got {self.profile_step!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0 seconds or None, got {self.time_limit_s!r}")
         if self.device != "auto":

@@ -55,6 +55,7 @@ from palimpsa.train.metrics import MetricsLogger
 from palimpsa.train.models import build_model, padded_vocab_size
 from palimpsa.train.optim import build_optimizer, build_scheduler
 from palimpsa.train.precision import autocast_context
+from palimpsa.train.step_profile import finish_step_profile, start_step_profile
 from palimpsa.train.tokenizer import load_tokenizer
 
 ModelFactory = Callable[[int], nn.Module]
@@ -276,6 +277,7 @@ def _train_steps(config: TrainConfig, context: DistributedContext, model: nn.Mod
     interval_steps, interval_start = 0, time.perf_counter()
 
     for step in range(result.final_step + 1, last_step + 1):
+        profiler = start_step_profile(device) if step == config.profile_step and context.is_main else None
         step_packs = [stream.next_pack() for _ in range(world * accum * per_micro)]
         global_targets = sum(pack.num_targets for pack in step_packs)
         step_loss = torch.zeros((), device=device)
@@ -294,6 +296,8 @@ def _train_steps(config: TrainConfig, context: DistributedContext, model: nn.Mod
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if profiler is not None:
+            finish_step_profile(profiler, device, step, config.out_dir)
 
         reduced_loss = all_reduce_sum(step_loss) / global_targets
         non_finite |= ~torch.isfinite(reduced_loss)
