@@ -29,9 +29,11 @@ def add_parser(subparsers) -> None:
     ops.add_argument("--out", default=None,
                      help="write the table (markdown) here and the numbers beside it (.json) (default: print only)")
     ops.set_defaults(func=run_ops)
-    cpu = verbs.add_parser("cpu", help="chunk_palimpsa fwd+bwd on the CPU against a per-token loop")
-    cpu.add_argument("--impl", choices=["both", "chunk", "loop"], default="both",
-                     help="time chunk_palimpsa, the per-token loop, or both (default: both)")
+    cpu = verbs.add_parser("cpu", help="chunk_palimpsa fwd+bwd on the CPU (per channel, G = 1, NotPalimpsa) against a "
+                                       "per-token loop")
+    cpu.add_argument("--impl", choices=["all", "chunk", "chunk_g1", "chunk_notpalimpsa", "loop"], default="all",
+                     help="time all (the per-channel, G = 1 and NotPalimpsa chunked paths and the per-token loop) or "
+                          "one of them, e.g. under a whole-process timer (default: all)")
     cpu.add_argument("--repeats", type=int, default=3, help="timed runs of each; the median is reported (default: 3)")
     cpu.add_argument("--out", default="runs/bench",
                      help="folder for cpu_bench.json / cpu_bench.md (default: runs/bench)")
