@@ -1,0 +1,60 @@
+"""The host's Python and PyTorch glue around the Triton kernels of one fwd+bwd, with the kernel launches stubbed.
+
+Every Triton kernel launch (``kernel[grid](...)``, autotuned or not) becomes a no-op, and the GPU path (bf16
+inputs, the Triton backend's code) runs on CPU tensors at a tiny shape: what remains is the time of our Python,
+the autograd engine and PyTorch's own operators (allocations, views, sums), without any kernel's launch cost.
+Set beside the host time measured on a GPU (``palimpsa bench ops``: "host"), the difference is the launches.
+The outputs are meaningless (nothing is computed); only the time counts.
+
+    python scripts/cpu_host_glue.py [--iters 200] [--profile]
+"""
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+import triton.runtime.jit as triton_jit
+
+from palimpsa.bench import ops as bench_ops
+
+VARIANTS = {"grouped G=1": (bench_ops.grouped_forward, bench_ops.g1_inputs, ("q", "k", "v", "g", "beta")),
+            "NotPalimpsa": (bench_ops._not_palimpsa, lambda x: x, ("q", "k", "v", "g"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--profile", action="store_true", help="also print cProfile's top functions by own time")
+    args = parser.parse_args()
+    triton_jit.KernelInterface.__getitem__ = lambda self, grid: (lambda *a, **k: None)  # every launch a no-op
+    inputs = bench_ops.make_inputs(bench_ops.Shape("tiny", 1, 128, 2, 32, 64), torch.bfloat16, "cpu")
+    for name, (forward, transform, grad_names) in VARIANTS.items():
+        leaves = {n: t.detach().requires_grad_(n in grad_names) for n, t in transform(inputs).items()}
+
+        def step():
+            forward(**leaves).float().sum().backward()
+            for n in grad_names:
+                leaves[n].grad = None
+
+        for _ in range(5):
+            step()
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        print(f"{name}: {1e6 * (time.perf_counter() - start) / args.iters:.0f} us of host glue per fwd+bwd "
+              f"(mean of {args.iters}, launches stubbed)")
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.iters):
+                step()
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+            print(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()
