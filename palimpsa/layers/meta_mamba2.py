@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from palimpsa.layers.checks import binary_mask, check_has_tokens
+from palimpsa.layers.modules import causal_conv_taps, positions_in_sequences
 from palimpsa.ops import chunk_palimpsa, fused_recurrent_palimpsa, naive_palimpsa, palimpsa_step
 from palimpsa.ops.checks import check_cu_seqlens
 
@@ -103,35 +104,30 @@ class GatedRMSNorm(nn.Module):
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           prefix: Optional[torch.Tensor] = None,
                           cu_seqlens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise 1-D convolution along time.
+    """Causal depthwise 1-D convolution along time, time-major (no activation).
 
     Args:
-        x: [B, C, T] inputs; weight: [C, W]; bias: [C] or None.
-        prefix: [B, C, W - 1] inputs preceding x (a decoding cache); zeros when None.
+        x: [B, T, C] inputs; weight: [C, W]; bias: [C] or None.
+        prefix: [B, C, W - 1] inputs preceding x (a decoding cache, Mamba2's layout); zeros when None.
         cu_seqlens: [N + 1] offsets of packed sequences (B == 1): no tap reaches across a boundary.
 
     Returns:
-        y [B, C, T] (no activation) and the new prefix [B, C, W - 1] (the last W - 1 inputs).
+        y [B, T, C] in the dtype of x, contiguous, and the new prefix [B, C, W - 1] (the last W - 1 inputs).
+        Compiled (in a compiled block) or with cu_seqlens it is W shifted multiply-adds in float32
+        (:func:`palimpsa.layers.modules.causal_conv_taps`, one fused kernel when compiled); otherwise
+        ``F.conv1d`` in the weight's dtype.
     """
-    B, C, T = x.shape
+    B, T, C = x.shape
     W = weight.shape[-1]
-    if prefix is None:
-        prefix = x.new_zeros(B, C, W - 1)
-    full = torch.cat([prefix.to(x.dtype), x], dim=-1)  # [B, C, W - 1 + T]
-    if cu_seqlens is None:
-        y = F.conv1d(full.to(weight.dtype), weight.unsqueeze(1), bias, groups=C)
+    past = x.new_zeros(B, W - 1, C) if prefix is None else prefix.to(x.dtype).transpose(1, 2)
+    full = torch.cat([past, x], dim=1)  # [B, W - 1 + T, C]
+    if cu_seqlens is not None or torch.compiler.is_compiling():
+        offset = None if cu_seqlens is None else positions_in_sequences(cu_seqlens.to(x.device, torch.long), T)
+        y = causal_conv_taps(full, weight, bias, offset, None)
     else:
-        # token t sees x[t - s] (tap W - 1 - s) only when t - s is in the same sequence: s <= offset in seq
-        positions = torch.arange(T, device=x.device)
-        starts = cu_seqlens[torch.searchsorted(cu_seqlens, positions, right=True) - 1]
-        offset_in_seq = positions - starts  # [T]
-        y = torch.zeros(B, C, T, device=x.device, dtype=weight.dtype)
-        for s in range(W):
-            tap = full[..., W - 1 - s: W - 1 - s + T].to(weight.dtype) * weight[:, W - 1 - s, None]
-            y = y + tap * (offset_in_seq >= s).to(weight.dtype)
-        if bias is not None:
-            y = y + bias[:, None]
-    return y.to(x.dtype), full[..., full.shape[-1] - (W - 1):]
+        y = F.conv1d(full.transpose(1, 2).to(weight.dtype), weight.unsqueeze(1), bias, groups=C)
+        y = y.transpose(1, 2).to(x.dtype).contiguous()
+    return y, full[:, full.shape[1] - (W - 1):].transpose(1, 2)
 
 
 class MetaMamba2(nn.Module):
@@ -320,9 +316,9 @@ class MetaMamba2(nn.Module):
         z, xBC, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
 
         prefix = cache.conv_state if cache is not None else None
-        xBC, new_prefix = causal_depthwise_conv(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+        xBC, new_prefix = causal_depthwise_conv(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                                 prefix=prefix, cu_seqlens=cu_seqlens)
-        xBC = F.silu(xBC.transpose(1, 2))
+        xBC = F.silu(xBC)
         if mask is not None:
             xBC = xBC * mask
         x, Bmat, Cmat = xBC.split([self.intermediate_size, self.n_groups * self.ssm_state_size,

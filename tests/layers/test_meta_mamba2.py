@@ -169,3 +169,21 @@ def test_gated_norm_per_group_normalises_each_group():
     assert layer.norm.group_size == 16  # inner width 32 over 2 groups
     with pytest.raises(ValueError, match="group_size"):
         GatedRMSNorm(12, group_size=5)
+
+
+def test_depthwise_convolution_is_time_major_and_its_two_paths_agree():
+    """The convolution takes and gives [B, T, C] (contiguous, so the op downstream copies nothing); F.conv1d and the
+    shifted multiply-adds (compiled blocks, packed sequences) agree, with a decoding prefix too."""
+    from palimpsa.layers.meta_mamba2 import causal_depthwise_conv
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(1, 9, 6), torch.randn(6, 4), torch.randn(6)
+    prefix = torch.randn(1, 6, 3)
+    y, new_prefix = causal_depthwise_conv(x, weight, bias, prefix=prefix)
+    taps, _ = causal_depthwise_conv(x, weight, bias, cu_seqlens=torch.tensor([0, 9]))
+    assert y.shape == (1, 9, 6) and y.is_contiguous() and taps.is_contiguous()
+    torch.testing.assert_close(taps, causal_depthwise_conv(x, weight, bias)[0], rtol=1e-5, atol=1e-6)
+    full = torch.cat([prefix, x.transpose(1, 2)], dim=-1)  # [B, C, W - 1 + T]
+    expected = torch.nn.functional.conv1d(full, weight[:, None], bias, groups=6).transpose(1, 2)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(new_prefix, x[:, -3:].transpose(1, 2))
