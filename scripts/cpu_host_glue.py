@@ -19,10 +19,6 @@ import triton.runtime.jit as triton_jit
 
 from palimpsa.bench import ops as bench_ops
 
-VARIANTS = {"grouped G=1": (bench_ops.grouped_forward, bench_ops.g1_inputs, ("q", "k", "v", "g", "beta")),
-            "NotPalimpsa": (bench_ops._not_palimpsa, lambda x: x, ("q", "k", "v", "g"))}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=200)
@@ -30,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     triton_jit.KernelInterface.__getitem__ = lambda self, grid: (lambda *a, **k: None)  # every launch a no-op
     inputs = bench_ops.make_inputs(bench_ops.Shape("tiny", 1, 128, 2, 32, 64), torch.bfloat16, "cpu")
-    for name, (forward, transform, grad_names) in VARIANTS.items():
+    for name, forward, grad_names, transform in bench_ops.op_variants(with_fla=False):
         leaves = {n: t.detach().requires_grad_(n in grad_names) for n, t in transform(inputs).items()}
 
         def step():

@@ -18,14 +18,6 @@ import torch
 from palimpsa.bench import ops as bench_ops
 
 
-def _variants(with_fla: bool):
-    out = {"grouped G=1": (bench_ops.grouped_forward, bench_ops.g1_inputs, ("q", "k", "v", "g", "beta")),
-           "NotPalimpsa": (bench_ops._not_palimpsa, lambda x: x, ("q", "k", "v", "g"))}
-    if with_fla:
-        out["fla chunk_simple_gla"] = (bench_ops._fla_simple_gla, lambda x: x, ("q", "k", "v", "g"))
-    return out
-
-
 def _step_fn(forward, inputs, grad_names):
     leaves = {n: x.detach().requires_grad_(n in grad_names) for n, x in inputs.items()}
     grads = [leaves[n] for n in grad_names]
@@ -64,7 +56,7 @@ def main() -> None:
     with bench_ops.hopper_check_bypassed(args.fla_bypass_check):
         for name in args.shapes.split(","):
             inputs = bench_ops.make_inputs(bench_ops.shape_by_name(name), torch.bfloat16, "cuda")
-            for variant, (forward, transform, grad_names) in _variants(with_fla).items():
+            for variant, forward, grad_names, transform in bench_ops.op_variants(with_fla):
                 x = transform(inputs)
                 step = _step_fn(forward, x, grad_names)
                 host, wall = bench_ops.host_ms(step, iters=args.iters), wall_ms(step, args.iters)
@@ -82,8 +74,7 @@ def main() -> None:
                     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
                     profiles.append(f"\n## {name}, grouped G=1: cProfile of {args.iters} fwd+bwd, by own time\n\n"
                                     "```\n" + text.getvalue().strip() + "\n```")
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines + profiles) + "\n")
+    bench_ops.write_atomic(args.out, "\n".join(lines + profiles) + "\n")
 
 
 if __name__ == "__main__":

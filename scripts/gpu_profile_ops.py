@@ -25,18 +25,6 @@ from palimpsa.bench.fla_compat import fla_available, hopper_check_bypassed
 REPEATS = 5
 
 
-def variants(per_channel: bool):
-    """[(label, forward, names of the inputs that get gradients, inputs -> that variant's inputs)]."""
-    same = dict
-    out = [("grouped G=1", bench.grouped_forward, ("q", "k", "v", "g", "beta"), bench.g1_inputs),
-           ("NotPalimpsa", bench._not_palimpsa, ("q", "k", "v", "g"), same)]
-    if fla_available():
-        out.append(("fla chunk_simple_gla", bench._fla_simple_gla, ("q", "k", "v", "g"), same))
-    if per_channel:
-        out.append(("per-channel", bench.palimpsa_forward, ("q", "k", "v", "g", "beta"), same))
-    return out
-
-
 def kernel_table(forward, inputs, grad_names):
     """[(kernel name, ms per fwd+bwd, launches per fwd+bwd, the operator that launched it)], most time first."""
     leaves = {n: x.detach().clone().requires_grad_(n in grad_names) for n, x in inputs.items()}
@@ -72,7 +60,7 @@ def main(argv=None) -> int:
     for name in args.shapes.split(","):
         shape = bench.shape_by_name(name.strip())
         inputs = bench.make_inputs(shape, torch.bfloat16, "cuda")
-        for label, forward, grads, variant_inputs in variants(not args.no_per_channel):
+        for label, forward, grads, variant_inputs in bench.op_variants(fla_available(), not args.no_per_channel):
             try:
                 with hopper_check_bypassed(args.fla_bypass_check):
                     rows = kernel_table(forward, variant_inputs(inputs), grads)

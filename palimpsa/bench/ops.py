@@ -230,6 +230,19 @@ def gdn_inputs(inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {**inputs, "beta": inputs["beta"][..., 0].contiguous()}
 
 
+def op_variants(with_fla: bool, per_channel: bool = False):
+    """The variants the grouped table compares, for the scripts that profile them one by one:
+    [(label, forward, names of the inputs that get gradients, inputs -> that variant's inputs)]."""
+    same = dict
+    out = [("grouped G=1", grouped_forward, ("q", "k", "v", "g", "beta"), g1_inputs),
+           ("NotPalimpsa", _not_palimpsa, ("q", "k", "v", "g"), same)]
+    if with_fla:
+        out.append(("fla chunk_simple_gla", _fla_simple_gla, ("q", "k", "v", "g"), same))
+    if per_channel:
+        out.append(("per-channel", palimpsa_forward, ("q", "k", "v", "g", "beta"), same))
+    return out
+
+
 def _try_measure(forward, inputs, grad_names) -> Dict[str, object]:
     """Measure, or record why the kernel did not run (fla's backward refuses some triton/GPU pairs)."""
     out: Dict[str, object] = {}

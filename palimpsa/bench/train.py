@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from palimpsa.bench.breakdown import COMPONENTS, KERNEL_KINDS, optimizer_range, profile_step
-from palimpsa.io import atomic_write_text
 from palimpsa.bench.fla_compat import TIMING_ONLY_NOTE, hopper_check_bypassed, is_hopper_refusal
+from palimpsa.io import atomic_write_text
 
 SIZES = ("tiny", "170m", "340m", "760m")
 MODELS = ("palimpsa", "palimpsa-g1", "notpalimpsa", "meta-mamba2", "meta-mamba2-g1", "gated-deltanet",

@@ -81,3 +81,13 @@ def test_grouped_table_gives_device_times_beside_the_wall_times():
     row["grouped_g1"]["fwd_bwd_host_ms"], row["fla_chunk_simple_gla"]["fwd_bwd_host_ms"] = 2.5, 1.9
     table = ops.format_table({"environment": {"torch": "x", "triton": "y", "fla": "z"}, "rows": [row]})
     assert "| n/a | n/a | 2.500 | n/a | 1.900 |" in table  # the host's time to issue each fwd+bwd
+
+
+def test_op_variants_are_the_grouped_tables_variants():
+    """The profiling scripts take their variants from one list: G = 1 (with its one-gate inputs), NotPalimpsa,
+    fla's simple GLA when asked for, the per-channel op when asked for."""
+    labels = [v[0] for v in ops.op_variants(with_fla=True, per_channel=True)]
+    assert labels == ["grouped G=1", "NotPalimpsa", "fla chunk_simple_gla", "per-channel"]
+    assert [v[0] for v in ops.op_variants(with_fla=False)] == ["grouped G=1", "NotPalimpsa"]
+    g1 = ops.op_variants(with_fla=False)[0]
+    assert g1[1] is ops.grouped_forward and g1[3] is ops.g1_inputs and "beta" in g1[2]
