@@ -1,0 +1,66 @@
+"""The Gluon output kernel, compiled for an H100/H200 (sm_90) without a GPU.
+
+Gluon has no CPU interpreter, so what can be checked here is that the kernel compiles, under the pinned Triton
+and (through scripts/test.sh) the newest release, and that it keeps the property it was written for: no barrier
+and no shared memory, so the sum over K of every token stays inside each warp.  The compiler runs in a
+subprocess, because this test session interprets every Triton kernel (tests/conftest.py).  Its numbers are
+checked on a GPU against the float64 reference and the Triton kernel (scripts/gpu_gluon_fwd_check.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+gluon_module = pytest.importorskip("palimpsa.ops.triton.chunk_fwd_gluon")
+
+from palimpsa.ops.triton import function  # noqa: E402
+from palimpsa.ops.triton.config import CONFIG, kernel_config  # noqa: E402
+from palimpsa.ops.triton.utils import k_parts  # noqa: E402
+
+CASES = [(96, 192, False, False), (96, 192, True, True), (48, 48, True, False), (16, 32, False, False)]
+
+
+@pytest.fixture(scope="module")
+def reports():
+    code = ("import json, sys\nfrom palimpsa.ops.triton.chunk_fwd_gluon import compile_report\n"
+            f"print(json.dumps([compile_report(*case) for case in {CASES!r}]))")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(zip(CASES, json.loads(done.stdout.strip().splitlines()[-1])))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gluon_output_kernel_compiles_without_barriers_or_shared_memory(reports, case):
+    K, V, with_variance, varlen = case
+    report = reports[case]
+    assert report["shared"] == 0 and report["barriers"] == 0, report
+    KA, KB = k_parts(K)
+    # one reciprocal per state element a thread holds (a quarter of each column's key rows), per token
+    assert report["reciprocals"] == (KA + KB) // gluon_module.LANES_PER_COLUMN.value, report
+    # the sums over K: two butterfly shuffles per row part and per sum (o, and the variance when asked for)
+    assert report["shuffles"] == 2 * (1 + (KB > 0)) * (1 + with_variance), report
+
+
+def test_warps_per_program_follow_the_value_size():
+    assert gluon_module.gluon_warps(192) == 4 and gluon_module.gluon_warps(48) == 2
+    assert gluon_module.gluon_warps(8) == 1 and gluon_module.gluon_warps(12) == 1
+
+
+def test_the_forward_backend_is_checked():
+    assert CONFIG.fwd_backend in ("triton", "gluon")
+    with pytest.raises(ValueError, match="fwd_backend"):
+        with kernel_config(fwd_backend="cuda"):
+            pass
+    with kernel_config(fwd_backend="gluon"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(function, "interpreting", lambda: True)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            function.output_kernel()
+    with kernel_config(fwd_backend="triton"):
+        assert function.output_kernel() == "triton"
