@@ -22,9 +22,11 @@ reciprocal floor).  Here a thread holds KA / 4 consecutive key rows of one colum
 * per state element and token: the reciprocal (one MUFU instruction) and about six FP32 instructions.
 
 K that is not a power of two (96 = 64 + 32) is held as two row parts A and B, as in the Triton kernel.
-Gluon kernels do not run under the CPU interpreter: this file is compiled offline in the tests (for sm_90) and
-checked against the float64 reference and the Triton kernel on a GPU (``scripts/gpu_gluon_fwd_check.py``);
-``CONFIG.fwd_backend`` chooses it ("triton" by default).
+Gluon has no CPU interpreter: under ``TRITON_INTERPRET=1`` the same source runs as a plain Triton kernel
+(:mod:`palimpsa.ops.triton.gluon_shim`), so the CPU tests check its arithmetic and indexing against the float64
+reference; the tests also compile it for sm_90 (barriers, shared memory, reciprocals and shuffles counted),
+and ``scripts/gpu_gluon_fwd_check.py`` checks and times it on a GPU.  ``CONFIG.fwd_backend`` chooses it
+("triton" by default).
 """
 
 from __future__ import annotations
@@ -33,30 +35,37 @@ from typing import Optional
 
 import torch
 import triton
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
+import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
+from palimpsa.ops.triton.gluon_shim import gl, jit
 from palimpsa.ops.triton.utils import SequenceLayout, k_parts
 
 LANES_PER_COLUMN = gl.constexpr(4)  # lanes that share one value column (each holds a quarter of the key rows)
 COLUMNS_PER_WARP = gl.constexpr(8)  # 32 lanes / LANES_PER_COLUMN
 
 
-@gluon.jit
+@jit
 def _rcp(x):
     """1 / x in one MUFU instruction (x is a precision >= the prior > 0, far from 0 and inf)."""
     return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
                                      pack=1)
 
 
-@gluon.jit
-def _load_rows(ptr, tok_h, offs, mask, valid, K: gl.constexpr):
+@jit
+def _masked_if(mask, cond):
+    """``mask & cond`` for a block mask and a scalar condition, as a select (see utils.masked_if: Triton's CPU
+    interpreter 3.7+ rejects the ``&`` form as a load mask)."""
+    return gl.where(cond, mask, False)
+
+
+@jit
+def _load_rows(ptr, tok_h, offs, mask, valid, K: tl.constexpr):
     """Row part ``offs`` of a [tokens * H, K] tensor at row tok_h, as float32 (zeros when not ``valid``)."""
-    return gl.load(ptr + tok_h * K + offs, mask=mask & valid, other=0.0).to(gl.float32)
+    return gl.load(ptr + tok_h * K + offs, mask=_masked_if(mask, valid), other=0.0).to(gl.float32)
 
 
-@gluon.jit
-def _load_state(mean_ptr, imp_ptr, off, offs_k, offs_v, mask_k, mask_v, V: gl.constexpr):
+@jit
+def _load_state(mean_ptr, imp_ptr, off, offs_k, offs_v, mask_k, mask_v, V: tl.constexpr):
     """A [rows, BV] part of the chunk-start (M, I), float32; masked entries get I = 1 (never divided into o)."""
     tile = gl.expand_dims(offs_k, 1) * V + gl.expand_dims(offs_v, 0)
     mask = gl.expand_dims(mask_k, 1) & gl.expand_dims(mask_v, 0)
@@ -65,8 +74,8 @@ def _load_state(mean_ptr, imp_ptr, off, offs_k, offs_v, mask_k, mask_v, V: gl.co
     return mean, imp
 
 
-@gluon.jit
-def _step(mean, imp, k, q, v, beta, alpha, relax, HAS_VAR: gl.constexpr):
+@jit
+def _step(mean, imp, k, q, v, beta, alpha, relax, HAS_VAR: tl.constexpr):
     """One token on a state part: the new (M, I), its part of o and of the variance's sum ([BV] each)."""
     kc = gl.expand_dims(k, 1)
     imp = alpha * imp + (gl.expand_dims(k * k, 1) * gl.expand_dims(beta, 0) + relax)
@@ -80,11 +89,11 @@ def _step(mean, imp, k, q, v, beta, alpha, relax, HAS_VAR: gl.constexpr):
     return mean, imp, o_part, var_part
 
 
-@gluon.jit
+@jit
 def chunk_output_gluon_kernel(
     q, k, v, g, beta, prior, h_mean, h_imp, o, var, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
-    H: gl.constexpr, K: gl.constexpr, V: gl.constexpr, C: gl.constexpr, KA: gl.constexpr, KB: gl.constexpr,
-    NUM_WARPS: gl.constexpr, HAS_VAR: gl.constexpr, IS_VARLEN: gl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+    NUM_WARPS: tl.constexpr, HAS_VAR: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Grid (V blocks of BV = 8 * NUM_WARPS, chunks, H).  q, k [B*T, H, K]; v, beta [B*T, H, V]; g [B*T, H]
     float32; h_mean, h_imp [chunks, H, K, V] float32 (M and I at every chunk's start); o, var [B*T, H, V]."""
@@ -132,15 +141,15 @@ def chunk_output_gluon_kernel(
     tok_h = start.to(gl.int64) * H + i_h
     valid = start < end
     g_n = gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32)
-    v_n = gl.load(v + tok_h * V + offs_v, mask=mask_v & valid, other=0.0).to(gl.float32)
-    beta_n = gl.load(beta + tok_h * V + offs_v, mask=mask_v & valid, other=0.0).to(gl.float32)
+    v_n = gl.load(v + tok_h * V + offs_v, mask=_masked_if(mask_v, valid), other=0.0).to(gl.float32)
+    beta_n = gl.load(beta + tok_h * V + offs_v, mask=_masked_if(mask_v, valid), other=0.0).to(gl.float32)
     q_an = _load_rows(q, tok_h, offs_a, mask_a, valid, K)
     k_an = _load_rows(k, tok_h, offs_a, mask_a, valid, K)
     if HAS_B:
         q_bn = _load_rows(q, tok_h, offs_b, mask_b, valid, K)
         k_bn = _load_rows(k, tok_h, offs_b, mask_b, valid, K)
     for t in range(start, end):
-        tok_h = t.to(gl.int64) * H + i_h
+        tok_h = gl.cast(t, gl.int64) * H + i_h
         g_t = g_n
         v_t = v_n
         beta_t = beta_n
@@ -149,8 +158,8 @@ def chunk_output_gluon_kernel(
         nxt = tok_h + H
         valid = t + 1 < end
         g_n = gl.load(g + nxt, mask=valid, other=0.0).to(gl.float32)
-        v_n = gl.load(v + nxt * V + offs_v, mask=mask_v & valid, other=0.0).to(gl.float32)
-        beta_n = gl.load(beta + nxt * V + offs_v, mask=mask_v & valid, other=0.0).to(gl.float32)
+        v_n = gl.load(v + nxt * V + offs_v, mask=_masked_if(mask_v, valid), other=0.0).to(gl.float32)
+        beta_n = gl.load(beta + nxt * V + offs_v, mask=_masked_if(mask_v, valid), other=0.0).to(gl.float32)
         q_an = _load_rows(q, nxt, offs_a, mask_a, valid, K)
         k_an = _load_rows(k, nxt, offs_a, mask_a, valid, K)
         alpha = gl.exp(g_t)

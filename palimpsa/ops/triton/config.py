@@ -13,9 +13,8 @@ class KernelConfig:
     """fwd_*: the output kernel; bwd_*: the reverse sweep (None: chosen from the tile size).
 
     fwd_backend: which output kernel the chunk path runs: "triton" (``chunk_fwd_kernel``) or "gluon"
-    (``chunk_output_gluon_kernel``, the same computation with the state laid out for barrier-free sums over K;
-    GPU only: Gluon has no CPU interpreter).  The default comes from the environment variable
-    PALIMPSA_FWD_BACKEND, else "triton".
+    (``chunk_output_gluon_kernel``, the same computation with the state laid out for barrier-free sums over
+    K).  The default comes from the environment variable PALIMPSA_FWD_BACKEND, else "triton".
     """
 
     fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "triton"))

@@ -17,22 +17,19 @@ from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
 from palimpsa.ops.triton.config import CONFIG, FWD_BACKENDS
 from palimpsa.ops.triton.step import launch_step
-from palimpsa.ops.triton.utils import SequenceLayout, interpreting
+from palimpsa.ops.triton.utils import SequenceLayout
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_CHUNK_SIZE = 64
 
 
 def output_kernel() -> str:
-    """The chunk path's output kernel, ``CONFIG.fwd_backend``, checked: "triton" or "gluon" (not under the
-    CPU interpreter, which cannot run Gluon)."""
+    """The chunk path's output kernel, ``CONFIG.fwd_backend``, checked: "triton" or "gluon" (under the CPU
+    interpreter the Gluon source runs as plain Triton, see palimpsa/ops/triton/gluon_shim.py)."""
     backend = CONFIG.fwd_backend
     if backend not in FWD_BACKENDS:
         raise ValueError(f"the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND) must be one of "
                          f"{FWD_BACKENDS}, got {backend!r}")
-    if backend == "gluon" and interpreting():
-        raise ValueError("the Gluon forward (PALIMPSA_FWD_BACKEND=gluon) cannot run under TRITON_INTERPRET=1; "
-                         "use the 'triton' backend there")
     return backend
 
 
