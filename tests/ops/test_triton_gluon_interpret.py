@@ -64,3 +64,41 @@ def test_gluon_varlen_matches_naive():
     with gluon_backend():
         got = run_op(chunk_palimpsa, inputs, grads, cu_seqlens=cu, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads, cu_seqlens=cu))
+
+
+def gluon_sweep(lanes_k):
+    triton_module()
+    from palimpsa.ops.triton.config import kernel_config
+
+    return kernel_config(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=lanes_k)
+
+
+@pytest.mark.parametrize("K, V, lanes_k", [(48, 20, 8), (24, 32, 4)])
+def test_gluon_backward_matches_naive(K, V, lanes_k, monkeypatch):
+    """Every gradient through the Gluon reverse sweep (and output kernel); the Triton sweep is not run."""
+    from palimpsa.ops.triton import chunk_bwd
+
+    monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
+    inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K + lanes_k, strong_decay=K == 24)
+    grads = make_grads(inputs, N=2)
+    with gluon_sweep(lanes_k):
+        got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads))
+
+
+@pytest.mark.parametrize("unit_chunks", [1, 4])
+def test_gluon_backward_varlen_matches_naive(unit_chunks, monkeypatch):
+    """Packed sequences with initial states; one backward unit per chunk (local adjoints and their scan) and
+    per sequence."""
+    from palimpsa.ops.triton import chunk_bwd, function
+
+    original = chunk_bwd.chunk_bwd
+    monkeypatch.setattr(function, "chunk_bwd", lambda *a, **kw: original(*a, **dict(kw, unit_chunks=unit_chunks)))
+    cu = torch.tensor([0, 7, 40, 45])
+    inputs = make_inputs(B=1, T=45, H=1, K=16, V=16, seed=6)
+    inputs["mu0"] = inputs["mu0"].expand(3, -1, -1, -1).contiguous()
+    inputs["imp0"] = inputs["imp0"].expand(3, -1, -1, -1).contiguous() + torch.arange(3.0)[:, None, None, None]
+    grads = make_grads(inputs, N=3)
+    with gluon_sweep(8):
+        got = run_op(chunk_palimpsa, inputs, grads, cu_seqlens=cu, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads, cu_seqlens=cu))

@@ -15,7 +15,7 @@ from palimpsa.ops.checks import PreparedInputs
 from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
-from palimpsa.ops.triton.config import CONFIG, FWD_BACKENDS
+from palimpsa.ops.triton.config import BWD_BACKENDS, CONFIG, FWD_BACKENDS
 from palimpsa.ops.triton.step import launch_step
 from palimpsa.ops.triton.utils import SequenceLayout
 
@@ -30,6 +30,15 @@ def output_kernel() -> str:
     if backend not in FWD_BACKENDS:
         raise ValueError(f"the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND) must be one of "
                          f"{FWD_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def sweep_kernel() -> str:
+    """The backward's reverse-sweep kernel, ``CONFIG.bwd_backend``, checked: "triton" or "gluon"."""
+    backend = CONFIG.bwd_backend
+    if backend not in BWD_BACKENDS:
+        raise ValueError(f"the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND) must be one of "
+                         f"{BWD_BACKENDS}, got {backend!r}")
     return backend
 
 
@@ -97,7 +106,8 @@ def _bwd_op(
     dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
                                                     dfinal,
                                                     block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
-                                                    target_programs=CONFIG.bwd_target_programs)
+                                                    target_programs=CONFIG.bwd_target_programs,
+                                                    sweep=sweep_kernel(), lanes_k=CONFIG.bwd_lanes_k)
     dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
     return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 

@@ -1,0 +1,377 @@
+"""The per-channel op's reverse sweep written in Gluon: ``unit_bwd_kernel`` of :mod:`palimpsa.ops.triton.chunk_bwd`
+with the [K, BV] state tiles laid out so that no reduction of a token crosses warps.
+
+Same algorithm and outputs as ``unit_bwd_kernel`` (read its docstring and the module's notation first): each
+program walks one unit's chunks last first, in segments of 16 tokens and sub-blocks of 4, rebuilding states from
+the chunk-start state and stepping 4 tokens forward then in reverse, and every token's reverse step reduces
+over K (dv, dbeta), over V (dq, dk, added atomically over the V blocks) and over both (dg).  What changes is the
+layout.  Triton's default for a [64, 16] tile with 4 warps split the key rows over warps and the columns over
+lanes, so the sums over K went through shared memory with barriers (about 18 per token, at 255 registers with
+spills; 39 ms at the 760M-like shape on an H200).  Here one warp owns BV = 32 / LANES_K value columns; the
+LANES_K lanes of a column each hold K / LANES_K consecutive key rows (``size_per_thread [R // LANES_K, 1]``,
+``threads_per_warp [LANES_K, 32 // LANES_K]``, one warp per program):
+
+* sums over K: thread-local, then log2(LANES_K) butterfly shuffles;
+* sums over V: log2(32 / LANES_K) butterfly shuffles per key row a thread holds;
+* no shared memory, no barrier; per-token inputs are loaded straight into the lanes that use them.
+
+As for the output kernel, the source runs as plain Triton under the CPU interpreter
+(:mod:`palimpsa.ops.triton.gluon_shim`), where the tests check it against the float64 reference;
+``CONFIG.bwd_backend`` chooses it ("triton" by default).
+"""
+
+from __future__ import annotations
+
+import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
+
+from palimpsa.ops.triton.gluon_shim import gl, jit
+
+WARP_LANES = gl.constexpr(32)
+
+
+@jit
+def _rcp(x):
+    """1 / x in one MUFU instruction (x is a precision >= the prior > 0)."""
+    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+                                     pack=1)
+
+
+@jit
+def _masked_if(mask, cond):
+    """``mask & cond`` for a block mask and a scalar condition, as a select (see utils.masked_if)."""
+    return gl.where(cond, mask, False)
+
+
+@jit
+def _rows(ptr, tok_h, offs, mask, valid, K: tl.constexpr):
+    """Key rows ``offs`` of a [tokens * H, K] tensor at row tok_h, float32 (zeros when not ``valid``)."""
+    return gl.load(ptr + tok_h * K + offs, mask=_masked_if(mask, valid), other=0.0).to(gl.float32)
+
+
+@jit
+def _cols(ptr, tok_h, offs, mask, valid, V: tl.constexpr):
+    """Value columns ``offs`` of a [tokens * H, V] tensor at row tok_h, float32 (zeros when not ``valid``)."""
+    return gl.load(ptr + tok_h * V + offs, mask=_masked_if(mask, valid), other=0.0).to(gl.float32)
+
+
+@jit
+def _state(mean_ptr, imp_ptr, off, offs_k, offs_v, mask_k, mask_v, V: tl.constexpr):
+    """A [rows, BV] part of a chunk-start state (M, I), float32; masked entries get I = 1."""
+    tile = gl.expand_dims(offs_k, 1) * V + gl.expand_dims(offs_v, 0)
+    mask = gl.expand_dims(mask_k, 1) & gl.expand_dims(mask_v, 0)
+    mean = gl.load(mean_ptr + off + tile, mask=mask, other=0.0).to(gl.float32)
+    imp = gl.load(imp_ptr + off + tile, mask=mask, other=1.0).to(gl.float32)
+    return mean, imp
+
+
+@jit
+def _forward(mean, imp, k, v, beta, alpha, relax):
+    """One token on a state part (no reciprocal): the new (M, I)."""
+    kc = gl.expand_dims(k, 1)
+    imp = alpha * imp + (kc * kc * gl.expand_dims(beta, 0) + relax)
+    mean = alpha * mean + kc * gl.expand_dims(v, 0)
+    return mean, imp
+
+
+@jit
+def _token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, valid, i_h, offs_a, mask_a, offs_b,
+                   mask_b, offs_v, mask_v, offs_vb, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   HAS_B: tl.constexpr):
+    """Advance both state parts by token t (a no-op when not ``valid``)."""
+    tok_h = gl.cast(t, gl.int64) * H + i_h
+    alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
+    relax = (1.0 - alpha) * prior_h
+    mean_a, imp_a = _forward(mean_a, imp_a, _rows(k, tok_h, offs_a, mask_a, valid, K),
+                             _cols(v, tok_h, offs_v, mask_v, valid, V), _cols(beta, tok_h, offs_v, mask_v, valid, V),
+                             alpha, relax)
+    if HAS_B:
+        mask_vb = offs_vb < V
+        mean_b, imp_b = _forward(mean_b, imp_b, _rows(k, tok_h, offs_b, mask_b, valid, K),
+                                 _cols(v, tok_h, offs_vb, mask_vb, valid, V),
+                                 _cols(beta, tok_h, offs_vb, mask_vb, valid, V), alpha, relax)
+    return mean_a, imp_a, mean_b, imp_b
+
+
+@jit
+def _advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t_start, t_end, i_h, offs_a, mask_a, offs_b,
+             mask_b, offs_v, mask_v, offs_vb, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+             HAS_B: tl.constexpr):
+    """Advance both state parts over tokens [t_start, t_end)."""
+    for t in range(t_start, t_end):
+        mean_a, imp_a, mean_b, imp_b = _token_forward(
+            mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, t < t_end, i_h, offs_a, mask_a, offs_b, mask_b,
+            offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+    return mean_a, imp_a, mean_b, imp_b
+
+
+@jit
+def _backward_part(mean, imp, adj_m, adj_p, sdi, q, k, v_t, beta_t, do_t, dvar_t, prior_h, scale,
+                   HAS_DVAR: tl.constexpr):
+    """Reverse step of one token on one state part, (mean, imp) = (M_t, I_t) after the token (see
+    chunk_bwd.token_backward_part: the same formulas).  q carries the scale already."""
+    dg_next = gl.sum(gl.sum(adj_m * mean + adj_p * (imp - prior_h), 1), 0)
+    r = _rcp(imp)
+    qc = gl.expand_dims(q, 1)
+    do_c = gl.expand_dims(do_t, 0)
+    dm = do_c * (mean * r)
+    d_mean = (qc * do_c) * r
+    if HAS_DVAR:
+        dvr = gl.expand_dims(dvar_t, 0) * r
+        d_imp = -r * (qc * dm + (qc * qc) * dvr)
+        dq = gl.sum(scale * dm + (2.0 * scale * qc) * dvr, 1)
+    else:
+        d_imp = -r * (qc * dm)
+        dq = gl.sum(scale * dm, 1)
+    total_m = d_mean + adj_m
+    total_p = d_imp + adj_p
+    kc = gl.expand_dims(k, 1)
+    dv = gl.sum(kc * total_m, 0)
+    dbeta = gl.sum(kc * kc * total_p, 0)
+    dk = gl.sum(total_m * gl.expand_dims(v_t, 0) + (2.0 * kc) * (total_p * gl.expand_dims(beta_t, 0)), 1)
+    return total_m, total_p, sdi + d_imp, dv, dbeta, dk, dq, dg_next
+
+
+@jit
+def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t, valid, eos, i_v,
+                    i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK, COLS: tl.constexpr,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr,
+                    HAS_DVAR: tl.constexpr):
+    """Reverse step of token t on both parts; writes its gradients and this V block's share of dg of token t + 1;
+    returns the adjoints for token t - 1 (see chunk_bwd.token_backward)."""
+    tok_h = gl.cast(t, gl.int64) * H + i_h
+    alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
+    v_t = _cols(v, tok_h, offs_v, mask_v, valid, V)
+    beta_t = _cols(beta, tok_h, offs_v, mask_v, valid, V)
+    do_t = _cols(do, tok_h, offs_v, mask_v, valid, V)
+    dvar_t = do_t
+    if HAS_DVAR:
+        dvar_t = _cols(dvar, tok_h, offs_v, mask_v, valid, V)
+    q_a = _rows(q, tok_h, offs_a, mask_a, valid, K) * scale
+    k_a = _rows(k, tok_h, offs_a, mask_a, valid, K)
+    total_m_a, total_p_a, sdi_a, dv_t, dbeta_t, dk_a, dq_a, dg_next = _backward_part(
+        mean_a, imp_a, adj_m_a, adj_p_a, sdi_a, q_a, k_a, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
+    ma = _masked_if(mask_a, valid)
+    gl.atomic_add(dq + tok_h * K + offs_a, dq_a, mask=ma, sem="relaxed")
+    gl.atomic_add(dk + tok_h * K + offs_a, dk_a, mask=ma, sem="relaxed")
+    adj_m_a = alpha * total_m_a
+    adj_p_a = alpha * total_p_a
+    if HAS_B:
+        mask_vb = offs_vb < V
+        v_b = _cols(v, tok_h, offs_vb, mask_vb, valid, V)
+        beta_b = _cols(beta, tok_h, offs_vb, mask_vb, valid, V)
+        do_b = _cols(do, tok_h, offs_vb, mask_vb, valid, V)
+        dvar_b = do_b
+        if HAS_DVAR:
+            dvar_b = _cols(dvar, tok_h, offs_vb, mask_vb, valid, V)
+        q_b = _rows(q, tok_h, offs_b, mask_b, valid, K) * scale
+        k_b = _rows(k, tok_h, offs_b, mask_b, valid, K)
+        total_m_b, total_p_b, sdi_b, dv_b, dbeta_b, dk_b, dq_b, dg_next_b = _backward_part(
+            mean_b, imp_b, adj_m_b, adj_p_b, sdi_b, q_b, k_b, v_b, beta_b, do_b, dvar_b, prior_h, scale, HAS_DVAR)
+        mb = _masked_if(mask_b, valid)
+        gl.atomic_add(dq + tok_h * K + offs_b, dq_b, mask=mb, sem="relaxed")
+        gl.atomic_add(dk + tok_h * K + offs_b, dk_b, mask=mb, sem="relaxed")
+        adj_m_b = alpha * total_m_b
+        adj_p_b = alpha * total_p_b
+        # the value columns are spread alike in both parts: these conversions move no data
+        dv_t += gl.convert_layout(dv_b, COLS)
+        dbeta_t += gl.convert_layout(dbeta_b, COLS)
+        dg_next += dg_next_b
+    mv = _masked_if(mask_v, valid)
+    gl.store(dv + tok_h * V + offs_v, dv_t.to(dv.dtype.element_ty), mask=mv)
+    gl.store(dbeta + tok_h * V + offs_v, dbeta_t.to(dbeta.dtype.element_ty), mask=mv)
+    gl.store(dg_part + i_v * NTOK * H + tok_h + H, dg_next, mask=valid & (t + 1 < eos))
+    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b
+
+
+@jit
+def unit_bwd_gluon_kernel(
+    q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar,
+    dq, dk, dv, dbeta, dg_part, dprior, dmu0, dimp0,
+    cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Grid (V blocks of BV = 32 / LANES_K, units, H), one warp each: the reverse sweep over one unit.  Buffers
+    as ``unit_bwd_kernel``'s: dq, dk float32 [B*T, H, K] (atomic adds over V blocks); dv, dbeta [B*T, H, V];
+    dg_part [NV, B*T, H] zero-initialised; dprior [NV, units, H]; dmu0, dimp0 [N, H, K, V]."""
+    BV: gl.constexpr = WARP_LANES // LANES_K
+    LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, 1], [LANES_K, BV], [1, 1], [0, 1])
+    ROWS_A: gl.constexpr = gl.SliceLayout(1, LA)
+    COLS: gl.constexpr = gl.SliceLayout(0, LA)
+    HAS_B: gl.constexpr = KB > 0
+    W: gl.constexpr = C * U
+    SEG: gl.constexpr = 16
+    i_v = gl.program_id(0)
+    i_u = gl.program_id(1)
+    i_h = gl.program_id(2)
+    if IS_VARLEN:
+        i_n = gl.load(unit_indices + 2 * i_u)
+        i_w = gl.load(unit_indices + 2 * i_u + 1)
+        bos = gl.load(cu_seqlens + i_n)
+        eos = gl.load(cu_seqlens + i_n + 1)
+        cbase = gl.load(chunk_offsets + i_n)
+    else:
+        NW = gl.cdiv(T, W)
+        i_n = i_u // NW
+        i_w = i_u % NW
+        bos = i_n * T
+        eos = bos + T
+        cbase = i_n * gl.cdiv(T, C)
+    n_chunks = gl.cdiv(eos - bos, C)
+    c_first = i_w * U
+    c_count = gl.minimum(c_first + U, n_chunks) - c_first
+    prior_h = gl.load(prior + i_h).to(gl.float32)
+    offs_a = gl.arange(0, KA, layout=ROWS_A)
+    mask_a = offs_a < K
+    offs_v = i_v * BV + gl.arange(0, BV, layout=COLS)
+    mask_v = offs_v < V
+    a_off = (i_u * H + i_h).to(gl.int64) * K * V
+    adj_m_a, adj_p_a = _state(adj_mean, adj_imp, a_off, offs_a, offs_v, mask_a, mask_v, V)
+    adj_p_a = gl.where(gl.expand_dims(mask_a, 1) & gl.expand_dims(mask_v, 0), adj_p_a, 0.0)
+    sdi_a = gl.zeros([KA, BV], gl.float32, layout=LA)
+    if HAS_B:
+        LB: gl.constexpr = gl.BlockedLayout([KB // LANES_K, 1], [LANES_K, BV], [1, 1], [0, 1])
+        offs_b = KA + gl.arange(0, KB, layout=gl.SliceLayout(1, LB))
+        mask_b = offs_b < K
+        offs_vb = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, LB))
+        mask_vb = offs_vb < V
+        adj_m_b, adj_p_b = _state(adj_mean, adj_imp, a_off, offs_b, offs_vb, mask_b, mask_vb, V)
+        adj_p_b = gl.where(gl.expand_dims(mask_b, 1) & gl.expand_dims(mask_vb, 0), adj_p_b, 0.0)
+        sdi_b = gl.zeros([KB, BV], gl.float32, layout=LB)
+    else:  # placeholders, never used
+        offs_b = offs_a
+        mask_b = mask_a
+        offs_vb = offs_v
+        adj_m_b = adj_m_a
+        adj_p_b = adj_p_a
+        sdi_b = sdi_a
+
+    for cc in range(0, c_count):
+        i_c = c_first + c_count - 1 - cc  # chunks of the unit, last first
+        cs = bos + i_c * C
+        n_tok = gl.minimum(C, eos - cs)
+        h_off = ((cbase + i_c) * H + i_h).to(gl.int64) * K * V
+        n_seg = gl.cdiv(n_tok, SEG)
+        for ss in range(0, n_seg):
+            seg = n_seg - 1 - ss  # segments of the chunk, last first
+            seg_start = cs + seg * SEG
+            seg_tok = gl.minimum(SEG, n_tok - seg * SEG)
+            mean_sa, imp_sa = _state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
+            mean_sb = mean_sa
+            imp_sb = imp_sa
+            if HAS_B:
+                mean_sb, imp_sb = _state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
+            mean_sa, imp_sa, mean_sb, imp_sb = _advance(
+                mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, cs, seg_start, i_h,
+                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+            n_sub = gl.cdiv(seg_tok, 4)
+            for jj in range(0, n_sub):
+                s = (n_sub - 1 - jj) * 4  # sub-blocks of 4 tokens, last first
+                t0 = seg_start + s
+                mean_a, imp_a, mean_b, imp_b = _advance(
+                    mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start, t0, i_h,
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                # four tokens forward, keeping the states (M, I) after each
+                m0_a, i0_a, m0_b, i0_b = _token_forward(
+                    mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0, s < seg_tok, i_h,
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                m1_a, i1_a, m1_b, i1_b = _token_forward(
+                    m0_a, i0_a, m0_b, i0_b, k, v, g, beta, prior_h, t0 + 1, s + 1 < seg_tok, i_h,
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                m2_a, i2_a, m2_b, i2_b = _token_forward(
+                    m1_a, i1_a, m1_b, i1_b, k, v, g, beta, prior_h, t0 + 2, s + 2 < seg_tok, i_h,
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                m3_a, i3_a, m3_b, i3_b = _token_forward(
+                    m2_a, i2_a, m2_b, i2_b, k, v, g, beta, prior_h, t0 + 3, s + 3 < seg_tok, i_h,
+                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                # the same four tokens in reverse
+                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
+                    m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 3,
+                    s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
+                    COLS, H, K, V, HAS_B, HAS_DVAR)
+                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
+                    m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 2,
+                    s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
+                    COLS, H, K, V, HAS_B, HAS_DVAR)
+                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
+                    m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 1,
+                    s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
+                    COLS, H, K, V, HAS_B, HAS_DVAR)
+                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
+                    m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0,
+                    s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
+                    COLS, H, K, V, HAS_B, HAS_DVAR)
+
+    # adjoints now refer to the state before the unit's first token
+    dprior_sum = gl.sum(gl.sum(sdi_a, 1), 0)
+    if HAS_B:
+        dprior_sum += gl.sum(gl.sum(sdi_b, 1), 0)
+    if HAS_INIT:
+        if i_w == 0:
+            s_off = (i_n * H + i_h).to(gl.int64) * K * V
+            tile_a = gl.expand_dims(offs_a, 1) * V + gl.expand_dims(offs_v, 0)
+            m_a = gl.expand_dims(mask_a, 1) & gl.expand_dims(mask_v, 0)
+            mu_init = gl.load(mu0 + s_off + tile_a, mask=m_a, other=0.0)
+            imp_init = gl.load(imp0 + s_off + tile_a, mask=m_a, other=0.0)
+            gl.store(dmu0 + s_off + tile_a, adj_m_a * imp_init, mask=m_a)
+            gl.store(dimp0 + s_off + tile_a, adj_m_a * mu_init + adj_p_a, mask=m_a)
+            dprior_sum -= gl.sum(gl.sum(adj_p_a, 1), 0)
+            # dg of the first token: the adjoint it handed back times the initial (M, P) (zero without one)
+            dg_first = gl.sum(gl.sum(adj_m_a * (mu_init * imp_init) + adj_p_a * (imp_init - prior_h), 1), 0)
+            if HAS_B:
+                tile_b = gl.expand_dims(offs_b, 1) * V + gl.expand_dims(offs_vb, 0)
+                m_b = gl.expand_dims(mask_b, 1) & gl.expand_dims(offs_vb < V, 0)
+                mu_init_b = gl.load(mu0 + s_off + tile_b, mask=m_b, other=0.0)
+                imp_init_b = gl.load(imp0 + s_off + tile_b, mask=m_b, other=0.0)
+                gl.store(dmu0 + s_off + tile_b, adj_m_b * imp_init_b, mask=m_b)
+                gl.store(dimp0 + s_off + tile_b, adj_m_b * mu_init_b + adj_p_b, mask=m_b)
+                dprior_sum -= gl.sum(gl.sum(adj_p_b, 1), 0)
+                dg_first += gl.sum(gl.sum(adj_m_b * (mu_init_b * imp_init_b) + adj_p_b * (imp_init_b - prior_h), 1), 0)
+            gl.store(dg_part + i_v * NTOK * H + gl.cast(bos, gl.int64) * H + i_h, dg_first)
+    gl.store(dprior + (i_v * gl.num_programs(1) + i_u) * H + i_h, dprior_sum)
+
+
+def gluon_sweep_block_v(lanes_k: int) -> int:
+    """Value columns per program of the Gluon sweep: the lanes of a warp not spent on key rows."""
+    if lanes_k not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"bwd_lanes_k must be a power of two from 1 to 32, got {lanes_k}")
+    return 32 // lanes_k
+
+
+def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90) -> dict:
+    """Compile the sweep for an NVIDIA GPU of compute capability ``arch`` without a GPU and count, in its PTX,
+    shared memory bytes, barriers, reciprocals, shuffles and atomic adds (a development and test tool, run with
+    TRITON_INTERPRET off; see chunk_fwd_gluon.compile_report)."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from palimpsa.ops.triton.utils import k_parts
+
+    names = ("q", "k", "v", "g", "beta", "prior", "h_mean", "h_imp", "adj_mean", "adj_imp", "mu0", "imp0", "do",
+             "dvar", "dq", "dk", "dv", "dbeta", "dg_part", "dprior", "dmu0", "dimp0", "cu_seqlens", "unit_indices",
+             "unit_offsets", "chunk_offsets", "scale", "T", "NTOK")
+    types = {n: "*bf16" for n in ("q", "k", "v", "beta", "do", "dvar", "dv", "dbeta")}
+    types.update({n: "*i32" for n in ("cu_seqlens", "unit_indices", "unit_offsets", "chunk_offsets")})
+    types.update(scale="fp32", T="i32", NTOK="i32")
+    types.update({n: "*fp32" for n in names if n not in types})
+    KA, KB = k_parts(K)
+    constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, HAS_INIT=False,
+                     HAS_DVAR=with_variance, IS_VARLEN=False)
+    signature = {name: types[name] for name in names}
+    signature.update({name: "constexpr" for name in constants})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name].startswith("*")}
+    source = GluonASTSource(unit_bwd_gluon_kernel, signature, constants, aligned)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
+    ptx = kernel.asm["ptx"]
+    return {"shared": int(kernel.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),
+            "reciprocals": ptx.count("rcp.approx.ftz.f32"), "shuffles": ptx.count("shfl.sync"),
+            "atomics": len(re.findall(r"\batom\.|\bred\.", ptx)), "triton": triton.__version__}
