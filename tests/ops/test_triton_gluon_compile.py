@@ -49,20 +49,27 @@ def test_gluon_output_kernel_compiles_without_barriers_or_shared_memory(reports,
 
 
 SWEEP_CASES = [(96, 192, 8, False), (48, 48, 16, True)]
+LOCAL_CASES = [(96, 192, 8, False, 90, "local"), (48, 48, 16, True, 90, "local")]
 
 
 def test_gluon_sweep_compiles_without_barriers_or_shared_memory():
-    """The backward's Gluon sweep: one warp per program, so no reduction of a token may cross warps."""
+    """The backward's Gluon kernels: one warp per program, so no reduction of a token may cross warps."""
     code = ("import json\nfrom palimpsa.ops.triton.chunk_bwd_gluon import compile_report\n"
-            f"print(json.dumps([compile_report(*case) for case in {SWEEP_CASES!r}]))")
+            f"print(json.dumps([compile_report(*case) for case in {SWEEP_CASES + LOCAL_CASES!r}]))")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    for (K, V, lanes_k, _), report in zip(SWEEP_CASES, json.loads(done.stdout.strip().splitlines()[-1])):
+    reports = json.loads(done.stdout.strip().splitlines()[-1])
+    for (K, V, lanes_k, _), report in zip(SWEEP_CASES, reports):
         assert report["shared"] == 0 and report["barriers"] == 0, report
         KA, KB = k_parts(K)
         # four tokens per sub-block, one reciprocal per state element a thread holds
         assert report["reciprocals"] == 4 * (KA + KB) // lanes_k, report
+    for (K, V, lanes_k, *_), report in zip(LOCAL_CASES, reports[len(SWEEP_CASES):]):
+        # the local-adjoint pass is element-wise: no shuffle either
+        assert report["shared"] == 0 and report["barriers"] == 0 and report["shuffles"] == 0, report
+        KA, KB = k_parts(K)
+        assert report["reciprocals"] == (KA + KB) // lanes_k, report
 
 
 def test_warps_per_program_follow_the_value_size():

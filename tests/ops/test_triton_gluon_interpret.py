@@ -102,3 +102,19 @@ def test_gluon_backward_varlen_matches_naive(unit_chunks, monkeypatch):
     with gluon_sweep(8):
         got = run_op(chunk_palimpsa, inputs, grads, cu_seqlens=cu, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads, cu_seqlens=cu))
+
+
+def test_gluon_local_adjoints_run_when_units_are_short(monkeypatch):
+    """With units of one chunk, the local-adjoint pass runs: its Gluon kernel, not the Triton one, and every
+    gradient still matches (a long sequence of several units, strong decays and an initial state)."""
+    from palimpsa.ops.triton import chunk_bwd, function
+
+    original = chunk_bwd.chunk_bwd
+    monkeypatch.setattr(function, "chunk_bwd", lambda *a, **kw: original(*a, **dict(kw, unit_chunks=1)))
+    monkeypatch.setattr(chunk_bwd, "unit_local_adjoint_kernel", None)
+    monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
+    inputs = make_inputs(B=1, T=75, H=1, K=48, V=16, seed=11, strong_decay=True)
+    grads = make_grads(inputs, N=1)
+    with gluon_sweep(16):
+        got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads))

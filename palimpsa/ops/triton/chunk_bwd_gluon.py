@@ -185,6 +185,122 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
 
 
 @jit
+def _direct(mean, imp, k, q, v, beta, do_t, dvar_t, alpha, relax, HAS_DVAR: tl.constexpr):
+    """One token forward on a state part, then its direct adjoints (DM, DI) from o and the variance: returns the
+    new (M, I) and (DM, DI) (see chunk_bwd.direct_adjoints)."""
+    mean, imp = _forward(mean, imp, k, v, beta, alpha, relax)
+    r = _rcp(imp)
+    qc = gl.expand_dims(q, 1)
+    do_c = gl.expand_dims(do_t, 0)
+    dm = do_c * (mean * r)
+    d_mean = (qc * do_c) * r
+    if HAS_DVAR:
+        d_imp = -r * (qc * dm + (qc * qc) * (gl.expand_dims(dvar_t, 0) * r))
+    else:
+        d_imp = -r * (qc * dm)
+    return mean, imp, d_mean, d_imp
+
+
+@jit
+def unit_local_adjoint_gluon_kernel(
+    q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, unit_decay, do, dvar,
+    cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """``unit_local_adjoint_kernel`` with the sweep's layout (grid (V blocks of 32 / LANES_K, units, H), one warp):
+    adj_*[unit] = sum over the unit of exp(b_t - b_start) (DM_t, DI_t); unit_decay[unit, h] = b at the unit's
+    end.  The first unit of each sequence is skipped (not needed).  Element-wise only: no reduction at all."""
+    BV: gl.constexpr = WARP_LANES // LANES_K
+    LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, 1], [LANES_K, BV], [1, 1], [0, 1])
+    HAS_B: gl.constexpr = KB > 0
+    W: gl.constexpr = C * U
+    i_v = gl.program_id(0)
+    i_u = gl.program_id(1)
+    i_h = gl.program_id(2)
+    if IS_VARLEN:
+        i_n = gl.load(unit_indices + 2 * i_u)
+        i_w = gl.load(unit_indices + 2 * i_u + 1)
+        bos = gl.load(cu_seqlens + i_n)
+        eos = gl.load(cu_seqlens + i_n + 1)
+        cbase = gl.load(chunk_offsets + i_n)
+    else:
+        NW = gl.cdiv(T, W)
+        i_n = i_u // NW
+        i_w = i_u % NW
+        bos = i_n * T
+        eos = bos + T
+        cbase = i_n * gl.cdiv(T, C)
+    if i_w > 0:
+        start = bos + i_w * W
+        end = gl.minimum(start + W, eos)
+        offs_a = gl.arange(0, KA, layout=gl.SliceLayout(1, LA))
+        mask_a = offs_a < K
+        offs_v = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, LA))
+        mask_v = offs_v < V
+        prior_h = gl.load(prior + i_h).to(gl.float32)
+        h_off = ((cbase + i_w * U) * H + i_h).to(gl.int64) * K * V
+        mean_a, imp_a = _state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
+        acc_m_a = gl.zeros([KA, BV], gl.float32, layout=LA)
+        acc_p_a = gl.zeros([KA, BV], gl.float32, layout=LA)
+        if HAS_B:
+            LB: gl.constexpr = gl.BlockedLayout([KB // LANES_K, 1], [LANES_K, BV], [1, 1], [0, 1])
+            offs_b = KA + gl.arange(0, KB, layout=gl.SliceLayout(1, LB))
+            mask_b = offs_b < K
+            offs_vb = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, LB))
+            mask_vb = offs_vb < V
+            mean_b, imp_b = _state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, mask_vb, V)
+            acc_m_b = gl.zeros([KB, BV], gl.float32, layout=LB)
+            acc_p_b = gl.zeros([KB, BV], gl.float32, layout=LB)
+        # the log decay from the unit's start, a float32 scalar 0 to begin with (g may be -inf: never g * 0)
+        b_acc = (start * 0).to(gl.float32)
+        for t in range(start, end):
+            tok_h = gl.cast(t, gl.int64) * H + i_h
+            g_t = gl.load(g + tok_h).to(gl.float32)
+            alpha = gl.exp(g_t)
+            relax = (1.0 - alpha) * prior_h
+            b_acc += g_t
+            weight = gl.exp(b_acc)
+            v_t = _cols(v, tok_h, offs_v, mask_v, True, V)
+            beta_t = _cols(beta, tok_h, offs_v, mask_v, True, V)
+            do_t = _cols(do, tok_h, offs_v, mask_v, True, V)
+            dvar_t = do_t
+            if HAS_DVAR:
+                dvar_t = _cols(dvar, tok_h, offs_v, mask_v, True, V)
+            q_a = _rows(q, tok_h, offs_a, mask_a, True, K) * scale
+            k_a = _rows(k, tok_h, offs_a, mask_a, True, K)
+            mean_a, imp_a, dm_a, di_a = _direct(mean_a, imp_a, k_a, q_a, v_t, beta_t, do_t, dvar_t, alpha, relax,
+                                                HAS_DVAR)
+            acc_m_a += weight * dm_a
+            acc_p_a += weight * di_a
+            if HAS_B:
+                v_b = _cols(v, tok_h, offs_vb, mask_vb, True, V)
+                beta_b = _cols(beta, tok_h, offs_vb, mask_vb, True, V)
+                do_b = _cols(do, tok_h, offs_vb, mask_vb, True, V)
+                dvar_b = do_b
+                if HAS_DVAR:
+                    dvar_b = _cols(dvar, tok_h, offs_vb, mask_vb, True, V)
+                q_b = _rows(q, tok_h, offs_b, mask_b, True, K) * scale
+                k_b = _rows(k, tok_h, offs_b, mask_b, True, K)
+                mean_b, imp_b, dm_b, di_b = _direct(mean_b, imp_b, k_b, q_b, v_b, beta_b, do_b, dvar_b, alpha,
+                                                    relax, HAS_DVAR)
+                acc_m_b += weight * dm_b
+                acc_p_b += weight * di_b
+        a_off = (i_u * H + i_h).to(gl.int64) * K * V
+        tile_a = gl.expand_dims(offs_a, 1) * V + gl.expand_dims(offs_v, 0)
+        m_a = gl.expand_dims(mask_a, 1) & gl.expand_dims(mask_v, 0)
+        gl.store(adj_mean + a_off + tile_a, acc_m_a, mask=m_a)
+        gl.store(adj_imp + a_off + tile_a, acc_p_a, mask=m_a)
+        if HAS_B:
+            tile_b = gl.expand_dims(offs_b, 1) * V + gl.expand_dims(offs_vb, 0)
+            m_b = gl.expand_dims(mask_b, 1) & gl.expand_dims(mask_vb, 0)
+            gl.store(adj_mean + a_off + tile_b, acc_m_b, mask=m_b)
+            gl.store(adj_imp + a_off + tile_b, acc_p_b, mask=m_b)
+        if i_v == 0:
+            gl.store(unit_decay + i_u * H + i_h, b_acc)
+
+
+@jit
 def unit_bwd_gluon_kernel(
     q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar,
     dq, dk, dv, dbeta, dg_part, dprior, dmu0, dimp0,
@@ -344,10 +460,12 @@ def gluon_sweep_block_v(lanes_k: int) -> int:
     return 32 // lanes_k
 
 
-def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90) -> dict:
-    """Compile the sweep for an NVIDIA GPU of compute capability ``arch`` without a GPU and count, in its PTX,
-    shared memory bytes, barriers, reciprocals, shuffles and atomic adds (a development and test tool, run with
-    TRITON_INTERPRET off; see chunk_fwd_gluon.compile_report)."""
+def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
+                   kernel: str = "sweep") -> dict:
+    """Compile the sweep (``kernel="sweep"``) or the local-adjoint pass (``"local"``) for an NVIDIA GPU of compute
+    capability ``arch`` without a GPU and count, in its PTX, shared memory bytes, barriers, reciprocals, shuffles
+    and atomic adds (a development and test tool, run with TRITON_INTERPRET off; see
+    chunk_fwd_gluon.compile_report)."""
     import re
 
     import triton
@@ -369,9 +487,21 @@ def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False
     signature = {name: types[name] for name in names}
     signature.update({name: "constexpr" for name in constants})
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name].startswith("*")}
-    source = GluonASTSource(unit_bwd_gluon_kernel, signature, constants, aligned)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
-    ptx = kernel.asm["ptx"]
-    return {"shared": int(kernel.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),
+    if kernel == "local":
+        names = ("q", "k", "v", "g", "beta", "prior", "h_mean", "h_imp", "adj_mean", "adj_imp", "unit_decay", "do",
+                 "dvar", "cu_seqlens", "unit_indices", "unit_offsets", "chunk_offsets", "scale", "T")
+        types["unit_decay"] = "*fp32"
+        constants = {n: constants[n] for n in ("H", "K", "V", "C", "U", "KA", "KB", "LANES_K", "HAS_DVAR",
+                                               "IS_VARLEN")}
+        signature = {name: types[name] for name in names}
+        signature.update({name: "constexpr" for name in constants})
+        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name].startswith("*")}
+    elif kernel != "sweep":
+        raise ValueError(f"kernel must be 'sweep' or 'local', got {kernel!r}")
+    fn = unit_local_adjoint_gluon_kernel if kernel == "local" else unit_bwd_gluon_kernel
+    source = GluonASTSource(fn, signature, constants, aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
+    ptx = compiled.asm["ptx"]
+    return {"shared": int(compiled.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),
             "reciprocals": ptx.count("rcp.approx.ftz.f32"), "shuffles": ptx.count("shfl.sync"),
             "atomics": len(re.findall(r"\batom\.|\bred\.", ptx)), "triton": triton.__version__}
