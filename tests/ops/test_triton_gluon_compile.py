@@ -26,14 +26,19 @@ from palimpsa.ops.triton.utils import k_parts  # noqa: E402
 CASES = [(96, 192, False, False), (96, 192, True, True), (48, 48, True, False), (16, 32, False, False)]
 
 
+def compile_reports(module: str, cases) -> list:
+    """``module.compile_report(*case)`` for every case, in a process that compiles instead of interpreting."""
+    code = (f"import json\nfrom {module} import compile_report\n"
+            f"print(json.dumps([compile_report(*case) for case in {list(cases)!r}]))")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def reports():
-    code = ("import json, sys\nfrom palimpsa.ops.triton.chunk_fwd_gluon import compile_report\n"
-            f"print(json.dumps([compile_report(*case) for case in {CASES!r}]))")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return dict(zip(CASES, json.loads(done.stdout.strip().splitlines()[-1])))
+    return dict(zip(CASES, compile_reports("palimpsa.ops.triton.chunk_fwd_gluon", CASES)))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -54,12 +59,7 @@ LOCAL_CASES = [(96, 192, 8, False, 90, "local"), (48, 48, 16, True, 90, "local")
 
 def test_gluon_sweep_compiles_without_barriers_or_shared_memory():
     """The backward's Gluon kernels: one warp per program, so no reduction of a token may cross warps."""
-    code = ("import json\nfrom palimpsa.ops.triton.chunk_bwd_gluon import compile_report\n"
-            f"print(json.dumps([compile_report(*case) for case in {SWEEP_CASES + LOCAL_CASES!r}]))")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    reports = json.loads(done.stdout.strip().splitlines()[-1])
+    reports = compile_reports("palimpsa.ops.triton.chunk_bwd_gluon", SWEEP_CASES + LOCAL_CASES)
     for (K, V, lanes_k, _), report in zip(SWEEP_CASES, reports):
         assert report["shared"] == 0 and report["barriers"] == 0, report
         KA, KB = k_parts(K)

@@ -24,44 +24,10 @@ from __future__ import annotations
 
 import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
+from palimpsa.ops.triton.gluon_parts import load_cols, load_rows, load_state, locate_unit, masked_if, reciprocal
 from palimpsa.ops.triton.gluon_shim import gl, jit
 
 WARP_LANES = gl.constexpr(32)
-
-
-@jit
-def _rcp(x):
-    """1 / x in one MUFU instruction (x is a precision >= the prior > 0)."""
-    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
-                                     pack=1)
-
-
-@jit
-def _masked_if(mask, cond):
-    """``mask & cond`` for a block mask and a scalar condition, as a select (see utils.masked_if)."""
-    return gl.where(cond, mask, False)
-
-
-@jit
-def _rows(ptr, tok_h, offs, mask, valid, K: tl.constexpr):
-    """Key rows ``offs`` of a [tokens * H, K] tensor at row tok_h, float32 (zeros when not ``valid``)."""
-    return gl.load(ptr + tok_h * K + offs, mask=_masked_if(mask, valid), other=0.0).to(gl.float32)
-
-
-@jit
-def _cols(ptr, tok_h, offs, mask, valid, V: tl.constexpr):
-    """Value columns ``offs`` of a [tokens * H, V] tensor at row tok_h, float32 (zeros when not ``valid``)."""
-    return gl.load(ptr + tok_h * V + offs, mask=_masked_if(mask, valid), other=0.0).to(gl.float32)
-
-
-@jit
-def _state(mean_ptr, imp_ptr, off, offs_k, offs_v, mask_k, mask_v, V: tl.constexpr):
-    """A [rows, BV] part of a chunk-start state (M, I), float32; masked entries get I = 1."""
-    tile = gl.expand_dims(offs_k, 1) * V + gl.expand_dims(offs_v, 0)
-    mask = gl.expand_dims(mask_k, 1) & gl.expand_dims(mask_v, 0)
-    mean = gl.load(mean_ptr + off + tile, mask=mask, other=0.0).to(gl.float32)
-    imp = gl.load(imp_ptr + off + tile, mask=mask, other=1.0).to(gl.float32)
-    return mean, imp
 
 
 @jit
@@ -81,14 +47,14 @@ def _token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, vali
     tok_h = gl.cast(t, gl.int64) * H + i_h
     alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
     relax = (1.0 - alpha) * prior_h
-    mean_a, imp_a = _forward(mean_a, imp_a, _rows(k, tok_h, offs_a, mask_a, valid, K),
-                             _cols(v, tok_h, offs_v, mask_v, valid, V), _cols(beta, tok_h, offs_v, mask_v, valid, V),
-                             alpha, relax)
+    mean_a, imp_a = _forward(mean_a, imp_a, load_rows(k, tok_h, offs_a, mask_a, valid, K),
+                             load_cols(v, tok_h, offs_v, mask_v, valid, V),
+                             load_cols(beta, tok_h, offs_v, mask_v, valid, V), alpha, relax)
     if HAS_B:
         mask_vb = offs_vb < V
-        mean_b, imp_b = _forward(mean_b, imp_b, _rows(k, tok_h, offs_b, mask_b, valid, K),
-                                 _cols(v, tok_h, offs_vb, mask_vb, valid, V),
-                                 _cols(beta, tok_h, offs_vb, mask_vb, valid, V), alpha, relax)
+        mean_b, imp_b = _forward(mean_b, imp_b, load_rows(k, tok_h, offs_b, mask_b, valid, K),
+                                 load_cols(v, tok_h, offs_vb, mask_vb, valid, V),
+                                 load_cols(beta, tok_h, offs_vb, mask_vb, valid, V), alpha, relax)
     return mean_a, imp_a, mean_b, imp_b
 
 
@@ -110,7 +76,7 @@ def _backward_part(mean, imp, adj_m, adj_p, sdi, q, k, v_t, beta_t, do_t, dvar_t
     """Reverse step of one token on one state part, (mean, imp) = (M_t, I_t) after the token (see
     chunk_bwd.token_backward_part: the same formulas).  q carries the scale already."""
     dg_next = gl.sum(gl.sum(adj_m * mean + adj_p * (imp - prior_h), 1), 0)
-    r = _rcp(imp)
+    r = reciprocal(imp)
     qc = gl.expand_dims(q, 1)
     do_c = gl.expand_dims(do_t, 0)
     dm = do_c * (mean * r)
@@ -132,6 +98,29 @@ def _backward_part(mean, imp, adj_m, adj_p, sdi, q, k, v_t, beta_t, do_t, dvar_t
 
 
 @jit
+def _part_token_backward(mean, imp, adj_m, adj_p, sdi, q, k, v, beta, do, dvar, dq, dk, prior_h, scale, tok_h, valid,
+                         alpha, offs_k, mask_k, offs_v, mask_v, K: tl.constexpr, V: tl.constexpr,
+                         HAS_DVAR: tl.constexpr):
+    """Token tok_h's reverse step on one state part (its key rows ``offs_k``, value columns ``offs_v`` in that
+    part's layout): loads the token's inputs, adds dq and dk of these rows atomically; returns the adjoints handed
+    to the token before (decayed), the running sum of DI, and this part's dv, dbeta and share of dg."""
+    v_t = load_cols(v, tok_h, offs_v, mask_v, valid, V)
+    beta_t = load_cols(beta, tok_h, offs_v, mask_v, valid, V)
+    do_t = load_cols(do, tok_h, offs_v, mask_v, valid, V)
+    dvar_t = do_t
+    if HAS_DVAR:
+        dvar_t = load_cols(dvar, tok_h, offs_v, mask_v, valid, V)
+    q_t = load_rows(q, tok_h, offs_k, mask_k, valid, K) * scale
+    k_t = load_rows(k, tok_h, offs_k, mask_k, valid, K)
+    total_m, total_p, sdi, dv_t, dbeta_t, dk_t, dq_t, dg_next = _backward_part(
+        mean, imp, adj_m, adj_p, sdi, q_t, k_t, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
+    rows = masked_if(mask_k, valid)
+    gl.atomic_add(dq + tok_h * K + offs_k, dq_t, mask=rows, sem="relaxed")
+    gl.atomic_add(dk + tok_h * K + offs_k, dk_t, mask=rows, sem="relaxed")
+    return alpha * total_m, alpha * total_p, sdi, dv_t, dbeta_t, dg_next
+
+
+@jit
 def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
                     q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t, valid, eos, i_v,
                     i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK, COLS: tl.constexpr,
@@ -141,43 +130,18 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
     returns the adjoints for token t - 1 (see chunk_bwd.token_backward)."""
     tok_h = gl.cast(t, gl.int64) * H + i_h
     alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
-    v_t = _cols(v, tok_h, offs_v, mask_v, valid, V)
-    beta_t = _cols(beta, tok_h, offs_v, mask_v, valid, V)
-    do_t = _cols(do, tok_h, offs_v, mask_v, valid, V)
-    dvar_t = do_t
-    if HAS_DVAR:
-        dvar_t = _cols(dvar, tok_h, offs_v, mask_v, valid, V)
-    q_a = _rows(q, tok_h, offs_a, mask_a, valid, K) * scale
-    k_a = _rows(k, tok_h, offs_a, mask_a, valid, K)
-    total_m_a, total_p_a, sdi_a, dv_t, dbeta_t, dk_a, dq_a, dg_next = _backward_part(
-        mean_a, imp_a, adj_m_a, adj_p_a, sdi_a, q_a, k_a, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
-    ma = _masked_if(mask_a, valid)
-    gl.atomic_add(dq + tok_h * K + offs_a, dq_a, mask=ma, sem="relaxed")
-    gl.atomic_add(dk + tok_h * K + offs_a, dk_a, mask=ma, sem="relaxed")
-    adj_m_a = alpha * total_m_a
-    adj_p_a = alpha * total_p_a
+    adj_m_a, adj_p_a, sdi_a, dv_t, dbeta_t, dg_next = _part_token_backward(
+        mean_a, imp_a, adj_m_a, adj_p_a, sdi_a, q, k, v, beta, do, dvar, dq, dk, prior_h, scale, tok_h, valid, alpha,
+        offs_a, mask_a, offs_v, mask_v, K, V, HAS_DVAR)
     if HAS_B:
-        mask_vb = offs_vb < V
-        v_b = _cols(v, tok_h, offs_vb, mask_vb, valid, V)
-        beta_b = _cols(beta, tok_h, offs_vb, mask_vb, valid, V)
-        do_b = _cols(do, tok_h, offs_vb, mask_vb, valid, V)
-        dvar_b = do_b
-        if HAS_DVAR:
-            dvar_b = _cols(dvar, tok_h, offs_vb, mask_vb, valid, V)
-        q_b = _rows(q, tok_h, offs_b, mask_b, valid, K) * scale
-        k_b = _rows(k, tok_h, offs_b, mask_b, valid, K)
-        total_m_b, total_p_b, sdi_b, dv_b, dbeta_b, dk_b, dq_b, dg_next_b = _backward_part(
-            mean_b, imp_b, adj_m_b, adj_p_b, sdi_b, q_b, k_b, v_b, beta_b, do_b, dvar_b, prior_h, scale, HAS_DVAR)
-        mb = _masked_if(mask_b, valid)
-        gl.atomic_add(dq + tok_h * K + offs_b, dq_b, mask=mb, sem="relaxed")
-        gl.atomic_add(dk + tok_h * K + offs_b, dk_b, mask=mb, sem="relaxed")
-        adj_m_b = alpha * total_m_b
-        adj_p_b = alpha * total_p_b
+        adj_m_b, adj_p_b, sdi_b, dv_b, dbeta_b, dg_next_b = _part_token_backward(
+            mean_b, imp_b, adj_m_b, adj_p_b, sdi_b, q, k, v, beta, do, dvar, dq, dk, prior_h, scale, tok_h, valid,
+            alpha, offs_b, mask_b, offs_vb, offs_vb < V, K, V, HAS_DVAR)
         # the value columns are spread alike in both parts: these conversions move no data
         dv_t += gl.convert_layout(dv_b, COLS)
         dbeta_t += gl.convert_layout(dbeta_b, COLS)
         dg_next += dg_next_b
-    mv = _masked_if(mask_v, valid)
+    mv = masked_if(mask_v, valid)
     gl.store(dv + tok_h * V + offs_v, dv_t.to(dv.dtype.element_ty), mask=mv)
     gl.store(dbeta + tok_h * V + offs_v, dbeta_t.to(dbeta.dtype.element_ty), mask=mv)
     gl.store(dg_part + i_v * NTOK * H + tok_h + H, dg_next, mask=valid & (t + 1 < eos))
@@ -189,7 +153,7 @@ def _direct(mean, imp, k, q, v, beta, do_t, dvar_t, alpha, relax, HAS_DVAR: tl.c
     """One token forward on a state part, then its direct adjoints (DM, DI) from o and the variance: returns the
     new (M, I) and (DM, DI) (see chunk_bwd.direct_adjoints)."""
     mean, imp = _forward(mean, imp, k, v, beta, alpha, relax)
-    r = _rcp(imp)
+    r = reciprocal(imp)
     qc = gl.expand_dims(q, 1)
     do_c = gl.expand_dims(do_t, 0)
     dm = do_c * (mean * r)
@@ -218,19 +182,7 @@ def unit_local_adjoint_gluon_kernel(
     i_v = gl.program_id(0)
     i_u = gl.program_id(1)
     i_h = gl.program_id(2)
-    if IS_VARLEN:
-        i_n = gl.load(unit_indices + 2 * i_u)
-        i_w = gl.load(unit_indices + 2 * i_u + 1)
-        bos = gl.load(cu_seqlens + i_n)
-        eos = gl.load(cu_seqlens + i_n + 1)
-        cbase = gl.load(chunk_offsets + i_n)
-    else:
-        NW = gl.cdiv(T, W)
-        i_n = i_u // NW
-        i_w = i_u % NW
-        bos = i_n * T
-        eos = bos + T
-        cbase = i_n * gl.cdiv(T, C)
+    i_n, i_w, bos, eos, cbase = locate_unit(i_u, unit_indices, cu_seqlens, chunk_offsets, T, C, W, IS_VARLEN)
     if i_w > 0:
         start = bos + i_w * W
         end = gl.minimum(start + W, eos)
@@ -240,7 +192,7 @@ def unit_local_adjoint_gluon_kernel(
         mask_v = offs_v < V
         prior_h = gl.load(prior + i_h).to(gl.float32)
         h_off = ((cbase + i_w * U) * H + i_h).to(gl.int64) * K * V
-        mean_a, imp_a = _state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
+        mean_a, imp_a = load_state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
         acc_m_a = gl.zeros([KA, BV], gl.float32, layout=LA)
         acc_p_a = gl.zeros([KA, BV], gl.float32, layout=LA)
         if HAS_B:
@@ -249,7 +201,7 @@ def unit_local_adjoint_gluon_kernel(
             mask_b = offs_b < K
             offs_vb = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, LB))
             mask_vb = offs_vb < V
-            mean_b, imp_b = _state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, mask_vb, V)
+            mean_b, imp_b = load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, mask_vb, V)
             acc_m_b = gl.zeros([KB, BV], gl.float32, layout=LB)
             acc_p_b = gl.zeros([KB, BV], gl.float32, layout=LB)
         # the log decay from the unit's start, a float32 scalar 0 to begin with (g may be -inf: never g * 0)
@@ -261,27 +213,27 @@ def unit_local_adjoint_gluon_kernel(
             relax = (1.0 - alpha) * prior_h
             b_acc += g_t
             weight = gl.exp(b_acc)
-            v_t = _cols(v, tok_h, offs_v, mask_v, True, V)
-            beta_t = _cols(beta, tok_h, offs_v, mask_v, True, V)
-            do_t = _cols(do, tok_h, offs_v, mask_v, True, V)
+            v_t = load_cols(v, tok_h, offs_v, mask_v, True, V)
+            beta_t = load_cols(beta, tok_h, offs_v, mask_v, True, V)
+            do_t = load_cols(do, tok_h, offs_v, mask_v, True, V)
             dvar_t = do_t
             if HAS_DVAR:
-                dvar_t = _cols(dvar, tok_h, offs_v, mask_v, True, V)
-            q_a = _rows(q, tok_h, offs_a, mask_a, True, K) * scale
-            k_a = _rows(k, tok_h, offs_a, mask_a, True, K)
+                dvar_t = load_cols(dvar, tok_h, offs_v, mask_v, True, V)
+            q_a = load_rows(q, tok_h, offs_a, mask_a, True, K) * scale
+            k_a = load_rows(k, tok_h, offs_a, mask_a, True, K)
             mean_a, imp_a, dm_a, di_a = _direct(mean_a, imp_a, k_a, q_a, v_t, beta_t, do_t, dvar_t, alpha, relax,
                                                 HAS_DVAR)
             acc_m_a += weight * dm_a
             acc_p_a += weight * di_a
             if HAS_B:
-                v_b = _cols(v, tok_h, offs_vb, mask_vb, True, V)
-                beta_b = _cols(beta, tok_h, offs_vb, mask_vb, True, V)
-                do_b = _cols(do, tok_h, offs_vb, mask_vb, True, V)
+                v_b = load_cols(v, tok_h, offs_vb, mask_vb, True, V)
+                beta_b = load_cols(beta, tok_h, offs_vb, mask_vb, True, V)
+                do_b = load_cols(do, tok_h, offs_vb, mask_vb, True, V)
                 dvar_b = do_b
                 if HAS_DVAR:
-                    dvar_b = _cols(dvar, tok_h, offs_vb, mask_vb, True, V)
-                q_b = _rows(q, tok_h, offs_b, mask_b, True, K) * scale
-                k_b = _rows(k, tok_h, offs_b, mask_b, True, K)
+                    dvar_b = load_cols(dvar, tok_h, offs_vb, mask_vb, True, V)
+                q_b = load_rows(q, tok_h, offs_b, mask_b, True, K) * scale
+                k_b = load_rows(k, tok_h, offs_b, mask_b, True, K)
                 mean_b, imp_b, dm_b, di_b = _direct(mean_b, imp_b, k_b, q_b, v_b, beta_b, do_b, dvar_b, alpha,
                                                     relax, HAS_DVAR)
                 acc_m_b += weight * dm_b
@@ -322,19 +274,7 @@ def unit_bwd_gluon_kernel(
     i_v = gl.program_id(0)
     i_u = gl.program_id(1)
     i_h = gl.program_id(2)
-    if IS_VARLEN:
-        i_n = gl.load(unit_indices + 2 * i_u)
-        i_w = gl.load(unit_indices + 2 * i_u + 1)
-        bos = gl.load(cu_seqlens + i_n)
-        eos = gl.load(cu_seqlens + i_n + 1)
-        cbase = gl.load(chunk_offsets + i_n)
-    else:
-        NW = gl.cdiv(T, W)
-        i_n = i_u // NW
-        i_w = i_u % NW
-        bos = i_n * T
-        eos = bos + T
-        cbase = i_n * gl.cdiv(T, C)
+    i_n, i_w, bos, eos, cbase = locate_unit(i_u, unit_indices, cu_seqlens, chunk_offsets, T, C, W, IS_VARLEN)
     n_chunks = gl.cdiv(eos - bos, C)
     c_first = i_w * U
     c_count = gl.minimum(c_first + U, n_chunks) - c_first
@@ -344,7 +284,7 @@ def unit_bwd_gluon_kernel(
     offs_v = i_v * BV + gl.arange(0, BV, layout=COLS)
     mask_v = offs_v < V
     a_off = (i_u * H + i_h).to(gl.int64) * K * V
-    adj_m_a, adj_p_a = _state(adj_mean, adj_imp, a_off, offs_a, offs_v, mask_a, mask_v, V)
+    adj_m_a, adj_p_a = load_state(adj_mean, adj_imp, a_off, offs_a, offs_v, mask_a, mask_v, V)
     adj_p_a = gl.where(gl.expand_dims(mask_a, 1) & gl.expand_dims(mask_v, 0), adj_p_a, 0.0)
     sdi_a = gl.zeros([KA, BV], gl.float32, layout=LA)
     if HAS_B:
@@ -353,7 +293,7 @@ def unit_bwd_gluon_kernel(
         mask_b = offs_b < K
         offs_vb = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, LB))
         mask_vb = offs_vb < V
-        adj_m_b, adj_p_b = _state(adj_mean, adj_imp, a_off, offs_b, offs_vb, mask_b, mask_vb, V)
+        adj_m_b, adj_p_b = load_state(adj_mean, adj_imp, a_off, offs_b, offs_vb, mask_b, mask_vb, V)
         adj_p_b = gl.where(gl.expand_dims(mask_b, 1) & gl.expand_dims(mask_vb, 0), adj_p_b, 0.0)
         sdi_b = gl.zeros([KB, BV], gl.float32, layout=LB)
     else:  # placeholders, never used
@@ -374,11 +314,11 @@ def unit_bwd_gluon_kernel(
             seg = n_seg - 1 - ss  # segments of the chunk, last first
             seg_start = cs + seg * SEG
             seg_tok = gl.minimum(SEG, n_tok - seg * SEG)
-            mean_sa, imp_sa = _state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
+            mean_sa, imp_sa = load_state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
             mean_sb = mean_sa
             imp_sb = imp_sa
             if HAS_B:
-                mean_sb, imp_sb = _state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
+                mean_sb, imp_sb = load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
             mean_sa, imp_sa, mean_sb, imp_sb = _advance(
                 mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, cs, seg_start, i_h,
                 offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)

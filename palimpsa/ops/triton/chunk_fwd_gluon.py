@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
+from palimpsa.ops.triton.gluon_parts import load_rows, load_state, locate_unit, masked_if, reciprocal
 from palimpsa.ops.triton.gluon_shim import gl, jit
 from palimpsa.ops.triton.utils import SequenceLayout, k_parts
 
@@ -45,42 +46,12 @@ COLUMNS_PER_WARP = gl.constexpr(8)  # 32 lanes / LANES_PER_COLUMN
 
 
 @jit
-def _rcp(x):
-    """1 / x in one MUFU instruction (x is a precision >= the prior > 0, far from 0 and inf)."""
-    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
-                                     pack=1)
-
-
-@jit
-def _masked_if(mask, cond):
-    """``mask & cond`` for a block mask and a scalar condition, as a select (see utils.masked_if: Triton's CPU
-    interpreter 3.7+ rejects the ``&`` form as a load mask)."""
-    return gl.where(cond, mask, False)
-
-
-@jit
-def _load_rows(ptr, tok_h, offs, mask, valid, K: tl.constexpr):
-    """Row part ``offs`` of a [tokens * H, K] tensor at row tok_h, as float32 (zeros when not ``valid``)."""
-    return gl.load(ptr + tok_h * K + offs, mask=_masked_if(mask, valid), other=0.0).to(gl.float32)
-
-
-@jit
-def _load_state(mean_ptr, imp_ptr, off, offs_k, offs_v, mask_k, mask_v, V: tl.constexpr):
-    """A [rows, BV] part of the chunk-start (M, I), float32; masked entries get I = 1 (never divided into o)."""
-    tile = gl.expand_dims(offs_k, 1) * V + gl.expand_dims(offs_v, 0)
-    mask = gl.expand_dims(mask_k, 1) & gl.expand_dims(mask_v, 0)
-    mean = gl.load(mean_ptr + off + tile, mask=mask, other=0.0).to(gl.float32)
-    imp = gl.load(imp_ptr + off + tile, mask=mask, other=1.0).to(gl.float32)
-    return mean, imp
-
-
-@jit
 def _step(mean, imp, k, q, v, beta, alpha, relax, HAS_VAR: tl.constexpr):
     """One token on a state part: the new (M, I), its part of o and of the variance's sum ([BV] each)."""
     kc = gl.expand_dims(k, 1)
     imp = alpha * imp + (gl.expand_dims(k * k, 1) * gl.expand_dims(beta, 0) + relax)
     mean = alpha * mean + kc * gl.expand_dims(v, 0)
-    r = _rcp(imp)
+    r = reciprocal(imp)
     qc = gl.expand_dims(q, 1)
     o_part = gl.sum(qc * mean * r, 0)
     var_part = o_part
@@ -106,17 +77,8 @@ def chunk_output_gluon_kernel(
     i_v = gl.program_id(0)
     i_c = gl.program_id(1)
     i_h = gl.program_id(2)
-    if IS_VARLEN:
-        i_n = gl.load(chunk_indices + 2 * i_c)
-        i_w = gl.load(chunk_indices + 2 * i_c + 1)
-        bos = gl.load(cu_seqlens + i_n)
-        eos = gl.load(cu_seqlens + i_n + 1)
-    else:
-        NT = gl.cdiv(T, C)
-        i_n = i_c // NT
-        i_w = i_c % NT
-        bos = i_n * T
-        eos = bos + T
+    # a chunk is a unit of one chunk
+    i_n, i_w, bos, eos, _ = locate_unit(i_c, chunk_indices, cu_seqlens, chunk_offsets, T, C, C, IS_VARLEN)
     start = bos + i_w * C
     end = gl.minimum(start + C, eos)
 
@@ -126,7 +88,7 @@ def chunk_output_gluon_kernel(
     mask_v = offs_v < V
     prior_h = gl.load(prior + i_h).to(gl.float32)
     h_off = (i_c * H + i_h).to(gl.int64) * K * V
-    mean_a, imp_a = _load_state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
+    mean_a, imp_a = load_state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
     if HAS_B:
         LB: gl.constexpr = gl.BlockedLayout([KB // LANES_PER_COLUMN, 1], [LANES_PER_COLUMN, COLUMNS_PER_WARP],
                                             [1, NUM_WARPS], [0, 1])
@@ -135,19 +97,19 @@ def chunk_output_gluon_kernel(
         offs_b = KA + gl.arange(0, KB, layout=ROWS_B)
         mask_b = offs_b < K
         offs_vb = i_v * BV + gl.arange(0, BV, layout=COLS_B)
-        mean_b, imp_b = _load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
+        mean_b, imp_b = load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
 
     # token t's inputs are loaded one iteration ahead, so their latency overlaps token t - 1's arithmetic
     tok_h = start.to(gl.int64) * H + i_h
     valid = start < end
     g_n = gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32)
-    v_n = gl.load(v + tok_h * V + offs_v, mask=_masked_if(mask_v, valid), other=0.0).to(gl.float32)
-    beta_n = gl.load(beta + tok_h * V + offs_v, mask=_masked_if(mask_v, valid), other=0.0).to(gl.float32)
-    q_an = _load_rows(q, tok_h, offs_a, mask_a, valid, K)
-    k_an = _load_rows(k, tok_h, offs_a, mask_a, valid, K)
+    v_n = gl.load(v + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
+    beta_n = gl.load(beta + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
+    q_an = load_rows(q, tok_h, offs_a, mask_a, valid, K)
+    k_an = load_rows(k, tok_h, offs_a, mask_a, valid, K)
     if HAS_B:
-        q_bn = _load_rows(q, tok_h, offs_b, mask_b, valid, K)
-        k_bn = _load_rows(k, tok_h, offs_b, mask_b, valid, K)
+        q_bn = load_rows(q, tok_h, offs_b, mask_b, valid, K)
+        k_bn = load_rows(k, tok_h, offs_b, mask_b, valid, K)
     for t in range(start, end):
         tok_h = gl.cast(t, gl.int64) * H + i_h
         g_t = g_n
@@ -158,18 +120,18 @@ def chunk_output_gluon_kernel(
         nxt = tok_h + H
         valid = t + 1 < end
         g_n = gl.load(g + nxt, mask=valid, other=0.0).to(gl.float32)
-        v_n = gl.load(v + nxt * V + offs_v, mask=_masked_if(mask_v, valid), other=0.0).to(gl.float32)
-        beta_n = gl.load(beta + nxt * V + offs_v, mask=_masked_if(mask_v, valid), other=0.0).to(gl.float32)
-        q_an = _load_rows(q, nxt, offs_a, mask_a, valid, K)
-        k_an = _load_rows(k, nxt, offs_a, mask_a, valid, K)
+        v_n = gl.load(v + nxt * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
+        beta_n = gl.load(beta + nxt * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
+        q_an = load_rows(q, nxt, offs_a, mask_a, valid, K)
+        k_an = load_rows(k, nxt, offs_a, mask_a, valid, K)
         alpha = gl.exp(g_t)
         relax = (1.0 - alpha) * prior_h
         mean_a, imp_a, o_t, var_t = _step(mean_a, imp_a, k_a, q_a, v_t, beta_t, alpha, relax, HAS_VAR)
         if HAS_B:
             q_b = q_bn * scale
             k_b = k_bn
-            q_bn = _load_rows(q, nxt, offs_b, mask_b, valid, K)
-            k_bn = _load_rows(k, nxt, offs_b, mask_b, valid, K)
+            q_bn = load_rows(q, nxt, offs_b, mask_b, valid, K)
+            k_bn = load_rows(k, nxt, offs_b, mask_b, valid, K)
             # the value columns are spread alike in both parts: these conversions move no data
             mean_b, imp_b, o_b, var_b = _step(mean_b, imp_b, k_b, q_b, gl.convert_layout(v_t, COLS_B),
                                               gl.convert_layout(beta_t, COLS_B), alpha, relax, HAS_VAR)
