@@ -86,16 +86,11 @@ def _rescaled_query(q, k, g, beta, prior, excess0, groups, chunk, scale, with_va
     """
     N, T, H, K = q.shape
     sdtype = g.dtype
-    if beta is None and excess0 is None and prior_is_one:
-        variance = None
-        if with_variance:
-            variance = ((scale ** 2) * (q.to(sdtype) ** 2).sum(-1))[..., None].expand(N, T, H, groups)
-        return (q[:, :, :, None, :].expand(N, T, H, groups, K), variance,
-                prior.to(sdtype)[None, :, None, None].expand(N, H, groups, K))
     if beta is None and excess0 is None:
         # no metaplasticity: iota = I0; scaling by its reciprocal keeps no float32 copy of q for the backward
         inv_prior = (1.0 / prior)[:, None]  # [H, 1]
-        q_tilde = (q.to(sdtype) * inv_prior).to(q.dtype)[:, :, :, None, :].expand(N, T, H, groups, K)
+        q_scaled = q if prior_is_one else (q.to(sdtype) * inv_prior).to(q.dtype)
+        q_tilde = q_scaled[:, :, :, None, :].expand(N, T, H, groups, K)
         variance = None
         if with_variance:
             variance = ((scale ** 2) * (q.to(sdtype) ** 2 * inv_prior).sum(-1))[..., None].expand(N, T, H, groups)
