@@ -4,8 +4,11 @@ Fast path (what ``palimpsa train --compile`` runs): the models' chunked cross-en
 (:func:`palimpsa.train.loop.packed_loss_sum`, no logits) and the compiled element-wise blocks.  Plain path:
 the full logits, ``F.cross_entropy`` (:func:`palimpsa.train.loop.summed_token_loss`) and eager PyTorch.  Both
 on the same packed batch (several documents per pack, with cu_seqlens, as training sees them), more tokens
-than one loss chunk, in float32 (tight tolerances: only rounding differs) and under bf16 autocast (looser: the
-compiled blocks keep float32 intermediates that eager bf16 rounds).
+than one loss chunk, in float32 (tight tolerances: only rounding differs) and under bf16 autocast, where both
+paths are measured against the plain path in float32: the fast path may not be further from it than twice the
+plain bf16 path's own error (per parameter, plus a tolerance).  A fixed fast-versus-plain bf16 tolerance fails
+on rounding alone: on an H200 the two differed by up to 7 % on small parameters' gradients (D, dt_bias), and
+on the CPU the plain bf16 path is itself up to 11 % off float32 there.
 
     PYTHONPATH=$PWD python scripts/gpu_train_fastpath_check.py [--out OUT_DIR] [--device cuda]
 
@@ -28,10 +31,12 @@ from palimpsa.train.data import Pack, collate_packs
 from palimpsa.train.loop import autocast_context, packed_logits, packed_loss_sum, summed_token_loss
 from palimpsa.train.models import build_model
 
-MODELS = {"palimpsa": ("palimpsa-small", {}), "notpalimpsa": ("palimpsa-small", {"metaplasticity": False}),
+MODELS = {"palimpsa": ("palimpsa-small", {}), "palimpsa-g1": ("palimpsa-small", {"importance_groups": 1}),
+          "notpalimpsa": ("palimpsa-small", {"metaplasticity": False}),
           "meta-mamba2": ("meta-mamba2-tiny", {}), "gated-deltanet": ("gated-deltanet-small", {})}
 # (loss relative error, gradient relative error in norm per parameter) allowed
 TOLERANCES = {"fp32": (1e-5, 1e-3), "bf16": (1e-2, 5e-2)}
+BF16_SLACK = 2.0  # bf16: a gradient may be off by this many times the plain bf16 path's own error, plus the tolerance
 VOCAB = 32000
 
 
@@ -59,27 +64,61 @@ def loss_and_grads(model, batch, device, precision: str, fast: bool):
     return loss.detach().float() / batch.num_targets, grads
 
 
+def _relative_errors(grads: dict, reference: dict) -> dict:
+    """Per parameter: |grad - reference| / |reference| (norms over the parameter), NaN where not finite."""
+    return {name: ((grads[name] - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            for name, ref in reference.items() if name in grads}
+
+
 def check(name: str, device: torch.device, precision: str, seq_len: int = LOSS_CHUNK_ROWS) -> dict:
+    """The fast path against the plain path, in ``precision``.
+
+    fp32: the fast path's loss and every gradient within TOLERANCES of the plain path's (only rounding differs).
+    bf16: the plain path under autocast is itself an approximation, so both are measured against the plain path
+    in float32; the fast path passes when its loss error is within the tolerance and no parameter's gradient
+    error exceeds BF16_SLACK times the plain bf16 path's own error on it plus the tolerance (a bug would be
+    of order 1; the fast path keeps float32 intermediates that eager bf16 rounds, so it is usually closer).
+    """
     preset, overrides = MODELS[name]
     torch.manual_seed(0)
     model = build_model(preset, VOCAB, overrides).to(device).train()
     batch = packed_batch(device, seq_len=seq_len)
     plain_loss, plain_grads = loss_and_grads(model, batch, device, precision, fast=False)
     fast_loss, fast_grads = loss_and_grads(model, batch, device, precision, fast=True)
-    loss_error = abs(fast_loss - plain_loss).item() / abs(plain_loss).item()
-    worst, worst_name = 0.0, None
-    missing = sorted(set(plain_grads) ^ set(fast_grads))
-    for param, plain in plain_grads.items():
-        if param in fast_grads:
-            error = ((fast_grads[param] - plain).norm() / plain.norm().clamp_min(1e-30)).item()
-            if not error <= worst:  # NaN counts as the worst
-                worst, worst_name = error, param
     loss_tol, grad_tol = TOLERANCES[precision]
-    ok = loss_error <= loss_tol and worst <= grad_tol and not missing and torch.isfinite(fast_loss).item()
-    return {"model": name, "precision": precision, "tokens": int(batch.input_ids.numel()),
-            "plain_loss": plain_loss.item(), "fast_loss": fast_loss.item(), "loss_rel_error": loss_error,
-            "grad_rel_error_max": worst, "grad_worst_parameter": worst_name, "missing_grads": missing,
-            "loss_tolerance": loss_tol, "grad_tolerance": grad_tol, "ok": ok}
+    reference_loss, reference = plain_loss, plain_grads
+    allowed = {param: grad_tol for param in plain_grads}
+    row = {"model": name, "precision": precision, "tokens": int(batch.input_ids.numel())}
+    if precision == "bf16":
+        reference_loss, reference = loss_and_grads(model, batch, device, "fp32", fast=False)
+        plain_errors = _relative_errors(plain_grads, reference)
+        allowed = {param: BF16_SLACK * error + grad_tol for param, error in plain_errors.items()}
+        row["plain_loss_rel_error"] = abs(plain_loss - reference_loss).item() / abs(reference_loss).item()
+        row["plain_grad_rel_error_max"] = max(plain_errors.values())
+    loss_error = abs(fast_loss - reference_loss).item() / abs(reference_loss).item()
+    errors = _relative_errors(fast_grads, reference)
+    missing = sorted(set(reference) ^ set(fast_grads))
+    # the parameter nearest its limit (NaN counts as over it)
+    margin = {param: error / allowed[param] if error == error else float("inf") for param, error in errors.items()}
+    worst_name = max(margin, key=margin.get)
+    ok = (loss_error <= loss_tol and margin[worst_name] <= 1.0 and not missing
+          and torch.isfinite(fast_loss).item())
+    row.update({"reference_loss": reference_loss.item(), "plain_loss": plain_loss.item(),
+                "fast_loss": fast_loss.item(), "loss_rel_error": loss_error,
+                "grad_rel_error_max": max(errors.values()), "grad_worst_parameter": worst_name,
+                "grad_worst_error": errors[worst_name], "grad_worst_allowed": allowed[worst_name],
+                "missing_grads": missing, "loss_tolerance": loss_tol, "grad_tolerance": grad_tol, "ok": ok})
+    return row
+
+
+def write_rows(out: str, device: torch.device, rows: list) -> None:
+    """OUT/fastpath_check.json, written atomically (a temporary file renamed over it)."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "fastpath_check.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "rows": rows}, handle, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> int:
@@ -103,10 +142,7 @@ def main(argv=None) -> int:
                        "error": f"{type(error).__name__}: {error}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "fastpath_check.json"), "w", encoding="utf-8") as handle:
-        json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "rows": rows}, handle, indent=2)
+            write_rows(args.out, device, rows)  # after every check: a run cut short keeps what it measured
     failed = [f"{r['model']}/{r['precision']}" for r in rows if not r["ok"]]
     print("fast path check: " + ("all passed" if not failed else f"FAILED: {failed}"))
     return 1 if failed else 0

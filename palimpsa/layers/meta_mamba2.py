@@ -29,6 +29,7 @@ from einops import rearrange, repeat
 
 from palimpsa.layers.checks import binary_mask, check_has_tokens
 from palimpsa.ops import chunk_palimpsa, fused_recurrent_palimpsa, naive_palimpsa, palimpsa_step
+from palimpsa.ops.checks import check_cu_seqlens
 
 MODES = ("chunk", "fused_recurrent", "naive")
 
@@ -305,6 +306,8 @@ class MetaMamba2(nn.Module):
             attention_mask = binary_mask(attention_mask)
         if cu_seqlens is not None and (cache is not None or attention_mask is not None):
             raise ValueError("cu_seqlens cannot be combined with a cache or an attention_mask")
+        if cu_seqlens is not None:  # its values here, not in the op; in a compiled block the model has checked them
+            check_cu_seqlens(cu_seqlens, seq_len, batch, check_values=not torch.compiler.is_compiling())
         if cache is not None and not isinstance(cache, MetaMamba2LayerCache):
             raise TypeError(f"cache must be a MetaMamba2LayerCache, got {type(cache).__name__}")
         dtype = hidden_states.dtype

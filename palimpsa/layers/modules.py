@@ -116,22 +116,23 @@ def causal_conv_taps(full: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                      offset: Optional[torch.Tensor], activation: Optional[str]) -> torch.Tensor:
     """Causal depthwise convolution as W shifted multiply-adds (one fused kernel when compiled).
 
-    full: [B, C, W - 1 + T] the W - 1 preceding inputs then the T inputs; weight: [C, W]; bias: [C] or None;
+    full: [B, W - 1 + T, C] the W - 1 preceding inputs then the T inputs; weight: [C, W]; bias: [C] or None;
     offset: [T] position of every token inside its packed sequence (a tap reaching back s tokens counts only
-    where offset >= s), or None.  Returns y [B, T, C] in the dtype of ``full``.
+    where offset >= s), or None.  Returns y [B, T, C] in the dtype of ``full``, contiguous: computed time-major
+    throughout, so that the op downstream gets q, k and v without a copy (a channel-major result, a transposed
+    view, would make every kernel's ``.contiguous()`` copy it, forward and backward).
     """
     W = weight.shape[-1]
-    T = full.shape[-1] - (W - 1)
+    T = full.shape[1] - (W - 1)
     fp = torch.promote_types(full.dtype, torch.float32)
     y = None
     for s in range(W):  # output t reads input t - s through tap W - 1 - s
-        tap = full[..., W - 1 - s: W - 1 - s + T].to(fp) * weight[:, W - 1 - s, None].to(fp)
+        tap = full[:, W - 1 - s: W - 1 - s + T].to(fp) * weight[:, W - 1 - s].to(fp)
         if offset is not None:
-            tap = tap * (offset >= s).to(fp)
+            tap = tap * (offset >= s).to(fp)[:, None]
         y = tap if y is None else y + tap
     if bias is not None:
-        y = y + bias.to(fp)[:, None]
-    y = y.transpose(1, 2)
+        y = y + bias.to(fp)
     if activation is not None:
         y = ACTIVATIONS[activation](y)
     return y.to(full.dtype)
@@ -248,19 +249,20 @@ class ShortConvolution(nn.Conv1d):
             raise ValueError("cu_seqlens cannot be combined with a convolution state (state / output_final_state)")
         if state is not None and state.shape != (B, C, W - 1):
             raise ValueError(f"state must have shape [B, C, W - 1] = [{B}, {C}, {W - 1}], got {tuple(state.shape)}")
-        past = x.new_zeros(B, C, W - 1) if state is None else state.to(x.dtype)
-        full = torch.cat([past, x.transpose(1, 2)], dim=-1)  # [B, C, W - 1 + T]
+        past = x.new_zeros(B, W - 1, C) if state is None else state.to(x.dtype).transpose(1, 2)
+        full = torch.cat([past, x], dim=1)  # [B, W - 1 + T, C]
         bias = None if self.bias is None else self.bias
         if cu_seqlens is not None or torch.compiler.is_compiling() or _compiles(x):
             # output t uses input t - s (weight tap W - 1 - s) only when that input is in t's own sequence
             offset = None if cu_seqlens is None else positions_in_sequences(cu_seqlens.to(x.device, torch.long), T)
             y = causal_conv_taps(full, self.weight[:, 0], bias, offset, self.activation)
         else:
-            y = F.conv1d(full, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype), groups=C)
+            y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                         groups=C)
             y = y.transpose(1, 2)
             if self.activation is not None:
                 y = ACTIVATIONS[self.activation](y)
-        final_state = full[..., full.shape[-1] - (W - 1):].contiguous() if output_final_state else None
+        final_state = full[:, full.shape[1] - (W - 1):].transpose(1, 2).contiguous() if output_final_state else None
         return y, final_state
 
 

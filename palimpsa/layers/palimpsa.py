@@ -35,6 +35,7 @@ from palimpsa.layers.modules import (
     recomputed_in_backward,
 )
 from palimpsa.ops import chunk_palimpsa, palimpsa_step
+from palimpsa.ops.checks import check_cu_seqlens
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
 A_MAX = 16.0
@@ -206,6 +207,8 @@ class Palimpsa(nn.Module):
                 raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B={B}")
             if cache is not None or attention_mask is not None:
                 raise ValueError("cu_seqlens cannot be combined with a cache or an attention_mask")
+            # its values here, not in the op (a device sync); in a compiled block the model has checked them
+            check_cu_seqlens(cu_seqlens, T, check_values=not torch.compiler.is_compiling())
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \

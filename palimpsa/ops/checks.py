@@ -65,6 +65,30 @@ def _check_tensor(name: str, x, ndim: int, shape_doc: str) -> None:
         raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(x.shape)}")
 
 
+def check_cu_seqlens(cu_seqlens, total: int, batch: int = 1, check_values: bool = True) -> torch.Tensor:
+    """Check the offsets of packed sequences and return them as int64 (on their own device).
+
+    cu_seqlens: [N + 1] integer offsets of N sequences packed into one row of ``total`` tokens (``batch`` must be
+    1).  ``check_values``: also that they start at 0, end at ``total`` and strictly increase, which reads them
+    on the host (one device sync when they are on a GPU; a model checks once per forward, its layers not again).
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point \
+            or cu_seqlens.dtype == torch.bool:
+        raise TypeError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence offsets")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens requires packed inputs with batch size B == 1, got B={batch}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must hold at least two offsets [0, ..., T]")
+    cu = cu_seqlens.to(dtype=torch.long)
+    if check_values:
+        first, last = cu[0].item(), cu[-1].item()
+        if first != 0 or last != total:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {first}..{last}")
+        if bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError("cu_seqlens must be strictly increasing (every sequence non-empty)")
+    return cu
+
+
 def prepare_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,8 +107,9 @@ def prepare_inputs(
     None (beta = 0, no metaplasticity); g [B, T, H]; prior float or [H];
     initial_state (mu, I) each [N, H, K, V]; cu_seqlens [N + 1] integer with B == 1.
     ``check_values`` scans beta, g, a tensor prior and the initial state for non-finite or out-of-range
-    values (:func:`check_gate_values`, one host sync for all of them); it is skipped only inside compiled
-    graphs, where data-dependent checks would break the graph.  g = -inf (alpha = 0, a full reset) is valid.
+    values (:func:`check_gate_values`, one host sync for all of them) and the values of cu_seqlens
+    (:func:`check_cu_seqlens`); it is skipped only inside compiled graphs, where data-dependent checks would
+    break the graph, and by layers whose model has checked them.  g = -inf (alpha = 0, a full reset) is valid.
     """
     _check_tensor("q", q, 4, "[B, T, H, K]")
     _check_tensor("k", k, 4, "[B, T, H, K]")
@@ -120,18 +145,7 @@ def prepare_inputs(
     sdtype = state_dtype_for(dtype)
 
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
-            raise TypeError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence offsets")
-        if B != 1:
-            raise ValueError(f"cu_seqlens requires packed inputs with batch size B == 1, got B={B}")
-        if cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must hold at least two offsets [0, ..., T]")
-        cu = cu_seqlens.to(device=q.device, dtype=torch.long)
-        if int(cu[0]) != 0 or int(cu[-1]) != T:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got {cu[0].item()}..{cu[-1].item()}")
-        if bool((cu[1:] <= cu[:-1]).any()):
-            raise ValueError("cu_seqlens must be strictly increasing (every sequence non-empty)")
-        cu_seqlens = cu
+        cu_seqlens = check_cu_seqlens(cu_seqlens, T, B, check_values).to(device=q.device)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
 
     if isinstance(prior, torch.Tensor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Optional, Union
 
@@ -10,6 +11,7 @@ import torch
 from palimpsa.ops.backends import resolve_backend
 from palimpsa.ops.checks import State, prepare_inputs
 from palimpsa.ops.grouped import as_per_channel, can_run_grouped, grouped_palimpsa
+from palimpsa.ops.varlen import reset_at_sequence_starts
 
 
 # Under torch.compile the grouped path is one graph break: its kernels run as written, and its host-side
@@ -45,7 +47,9 @@ def chunk_palimpsa(
         initial_state: (mu, I), each [N, H, K, V]; default (0, prior).
         output_final_state: also return the final (mu, I), each [N, H, K, V] float32.
         output_variance: also return the posterior output variance [B, T, H, V].
-        cu_seqlens: [N + 1] offsets of packed sequences (B == 1).
+        cu_seqlens: [N + 1] offsets of packed sequences (B == 1).  Without initial or final states (training)
+            the packed row runs as one sequence with a full reset at each sequence's first token (exact; no
+            padding and no host sync); with them, each sequence runs from its own state.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
         check_values: reject NaN/inf in beta, g, a tensor prior and the initial state, and beta < 0, g > 0,
             prior <= 0, I <= 0 (one device sync for all); callers whose gates are valid by construction (the
@@ -62,6 +66,9 @@ def chunk_palimpsa(
     x = prepare_inputs(q, k, v, g, beta, prior, scale, initial_state, cu_seqlens,
                        check_values=check_values and not torch.compiler.is_compiling())
     which = resolve_backend(backend, q.device, q.dtype)
+    if x.cu_seqlens is not None and x.initial_state is None and not output_final_state:
+        # packed sequences from the default state (training): one row, each sequence's first token a full reset
+        x = dataclasses.replace(x, g=reset_at_sequence_starts(x.g, x.cu_seqlens), cu_seqlens=None)
     if not x.per_channel:
         if can_run_grouped(x):
             o, var, final = _grouped_outside_compile(x, output_final_state, output_variance, chunk_size,

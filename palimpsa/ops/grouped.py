@@ -119,7 +119,7 @@ def grouped_palimpsa(x: PreparedInputs, output_final_state: bool, output_varianc
     g = x.g.to(sdtype)
     beta = x.beta.to(sdtype) if x.beta is not None else None
     lengths = None
-    if x.cu_seqlens is not None:
+    if x.cu_seqlens is not None:  # initial or final states per sequence (else chunk_palimpsa made it one row)
         lengths = (x.cu_seqlens[1:] - x.cu_seqlens[:-1]).tolist()
         padded = pad_sequences((q, k, v, g) + ((beta,) if beta is not None else ()), lengths)
         q, k, v, g = padded[:4]

@@ -1,4 +1,5 @@
-"""Moving between packed variable-length sequences ([1, T_total, ...] with cu_seqlens) and a padded batch."""
+"""Packed variable-length sequences ([1, T_total, ...] with cu_seqlens): to and from a padded batch, or one row
+with a full reset at each sequence's first token."""
 
 from __future__ import annotations
 
@@ -32,3 +33,17 @@ def unpad_sequences(x: torch.Tensor, lengths: List[int]) -> torch.Tensor:
     N, t_max = x.shape[:2]
     pos = _positions(lengths, t_max, x.device)
     return x.reshape(N * t_max, *x.shape[2:])[pos][None]
+
+
+def reset_at_sequence_starts(g: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """g [1, T, H] with -inf (alpha = 0, a full reset) at the first token of every packed sequence.
+
+    From the default state (mu = 0, I = I0) a sequence's first token gives M = k v^T and I = I0 + k^2 beta
+    whatever its own decay, which is what the reset gives after any earlier tokens: so the packed row run as one
+    sequence is the op on each sequence, exactly, outputs and gradients (the replaced decays get a zero
+    gradient, as they have no effect; the prior's gradient through the reset is the initial state's).  No
+    padding, and no host sync: the offsets stay on the device.
+    """
+    starts = torch.zeros(g.shape[1], dtype=torch.bool, device=g.device)
+    starts[cu_seqlens[:-1]] = True
+    return g.masked_fill(starts[None, :, None], float("-inf"))

@@ -51,7 +51,8 @@ HELP = {
     "wandb_project": "also log to this Weights & Biases project",
     "tensorboard": "also write TensorBoard logs",
     "save_every": "checkpoint every N steps (0: only at the end)",
-    "compile": "torch.compile the models' decoder blocks on CUDA (the grouped path is a graph break)",
+    "compile": "torch.compile the models' decoder blocks on CUDA (faster and leaner: the README's training "
+               "table; --no-compile runs eager PyTorch; CPU runs never compile)",
 }
 
 

@@ -112,7 +112,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     parallel: str = "auto"
-    compile: bool = False
+    compile: bool = True  # CUDA only: CPU runs stay plain PyTorch
     # output
     out_dir: str = "runs/train"
     log_every: int = 10

@@ -66,7 +66,8 @@ def test_variant_inputs_are_sliced_before_timing():
 
 
 def test_grouped_table_gives_device_times_beside_the_wall_times():
-    """The kernels' own time and its ratio to fla's, where the benchmark measured it (on a GPU); n/a otherwise."""
+    """The kernels' own time and its ratio to fla's, and the host's time, where the benchmark measured them (on a
+    GPU); n/a otherwise."""
     timing = {"fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "peak_mb": 10.0}
     row = {"shape": {"name": "170M-like", "B": 8, "T": 2048, "H": 16, "K": 48, "V": 48}, "floor_ms": 0.5,
            "floor_fwd_bwd_ms": 1.5, "ours": dict(timing, fwd_over_floor=2.0, fwd_bwd_over_floor=2.0),
@@ -77,3 +78,6 @@ def test_grouped_table_gives_device_times_beside_the_wall_times():
     del row["fla_chunk_simple_gla"]["fwd_bwd_device_ms"]
     table = ops.format_table({"environment": {"torch": "x", "triton": "y", "fla": "z"}, "rows": [row]})
     assert "| 1.50x | 1.200 | 0.400 | n/a | n/a |" in table
+    row["grouped_g1"]["fwd_bwd_host_ms"], row["fla_chunk_simple_gla"]["fwd_bwd_host_ms"] = 2.5, 1.9
+    table = ops.format_table({"environment": {"torch": "x", "triton": "y", "fla": "z"}, "rows": [row]})
+    assert "| n/a | n/a | 2.500 | n/a | 1.900 |" in table  # the host's time to issue each fwd+bwd

@@ -146,6 +146,8 @@ def test_bad_arguments_raise():
         layer(torch.randn(2, 3, 32), attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="cu_seqlens"):
         layer(torch.randn(1, 3, 32), cu_seqlens=torch.tensor([0, 3]), cache=layer.new_cache())
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at T=3"):
+        layer(torch.randn(1, 3, 32), cu_seqlens=torch.tensor([0, 2]))
     with pytest.raises(TypeError, match="cache"):
         layer(torch.randn(1, 3, 32), cache={})
 

@@ -214,6 +214,10 @@ def test_bad_arguments_raise_clear_errors():
         layer(inputs(B=2, T=5), cu_seqlens=torch.tensor([0, 2, 5]))
     with pytest.raises(ValueError, match="cu_seqlens cannot"):
         layer(inputs(B=1, T=5), cu_seqlens=torch.tensor([0, 2, 5]), cache=RecurrentLayerCache())
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at T=5"):
+        layer(inputs(B=1, T=5), cu_seqlens=torch.tensor([0, 2, 4]))  # the op is told not to check: the layer does
+    with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
+        layer(inputs(B=1, T=5), cu_seqlens=torch.tensor([0, 2, 2, 5]))
     with pytest.raises(TypeError, match="cache"):
         layer(inputs(T=5), cache={})
 

@@ -149,6 +149,8 @@ def test_packed_sequences_equal_separate_sequences():
     torch.testing.assert_close(packed, torch.cat(alone, 1))
     with pytest.raises(ValueError, match="cu_seqlens"):
         model(ids, cu_seqlens=cu_seqlens, use_cache=True)
+    with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
+        model(ids, cu_seqlens=torch.tensor([0, 5, 5, 16]))
 
 
 def test_variances_and_the_notpalimpsa_ablation():

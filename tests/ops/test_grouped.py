@@ -59,6 +59,34 @@ def test_grouped_varlen_matches_reference():
                               lambda **kw: naive_palimpsa(**kw, cu_seqlens=cu), inputs, 1e-10)
 
 
+@pytest.mark.parametrize("G", [1, 2, 8, None], ids=["G1", "G2", "per_channel", "none"])
+@pytest.mark.parametrize("variance", [False, True])
+def test_varlen_from_the_default_state_is_one_row_with_resets(G, variance, monkeypatch):
+    """Packed sequences without initial or final states (training) reach the backends as one row, each
+    sequence's first token a full reset, not as padded rows: every output and gradient still matches the
+    float64 reference per sequence.  Sequences start inside a chunk, on a chunk's first token, and one holds a
+    single token.  G = 8 = V is the per-channel path."""
+    import palimpsa.ops.chunk as chunk_module
+    import palimpsa.ops.torch_chunk as torch_chunk
+
+    seen = []
+
+    def spy(run):
+        def wrapped(x, *args, **kwargs):
+            seen.append(x.cu_seqlens)
+            return run(x, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(chunk_module, "_grouped_outside_compile", spy(chunk_module._grouped_outside_compile))
+    monkeypatch.setattr(torch_chunk, "chunk_palimpsa_torch", spy(torch_chunk.chunk_palimpsa_torch))
+    inputs = grouped_inputs(1, 50, 2, 4, 8, G)
+    cu = torch.tensor([0, 7, 8, 16, 37, 50])
+    assert_close_to_reference(lambda **kw: chunk_palimpsa(**kw, backend="torch", chunk_size=8, cu_seqlens=cu),
+                              lambda **kw: naive_palimpsa(**kw, cu_seqlens=cu), inputs, 1e-10,
+                              variance=variance, final=False)
+    assert seen == [None]
+
+
 def test_initial_importance_varying_inside_a_group_runs_per_channel():
     inputs = grouped_inputs(1, 12, 1, 4, 8, 2, "grouped")
     mu0, imp0 = inputs["initial_state"]

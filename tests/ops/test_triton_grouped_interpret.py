@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from palimpsa.ops import chunk_palimpsa, naive_palimpsa  # noqa: E402
-from tests.ops.helpers import assert_close_to_reference  # noqa: E402
+from tests.ops.helpers import assert_close_to_reference, rel_err  # noqa: E402
 from tests.ops.test_grouped import grouped_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -70,11 +70,16 @@ def test_grouped_kernels_without_variance_or_final_state(variance, final):
     assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5, variance=variance, final=final)
 
 
-def test_grouped_kernels_varlen():
+@pytest.mark.parametrize("final", [True, False])
+@pytest.mark.parametrize("G", [1, 16], ids=["G1", "per_channel"])
+def test_kernels_varlen(final, G):
+    """With final states: each sequence from its own state; without (training): one row, sequences reset at
+    their first token (one starts on a chunk's first token).  G = 16 = V: the per-channel kernels."""
     _interpreted()
-    inputs = _as_float32(grouped_inputs(1, 45, 1, 16, 16, 1))
-    cu = torch.tensor([0, 9, 30, 45])
-    assert_close_to_reference(_triton(cu_seqlens=cu), lambda **kw: naive_palimpsa(**kw, cu_seqlens=cu), inputs, 2e-5)
+    inputs = _as_float32(grouped_inputs(1, 45, 1, 16, 16, G))
+    cu = torch.tensor([0, 9, 16, 30, 45])
+    assert_close_to_reference(_triton(cu_seqlens=cu), lambda **kw: naive_palimpsa(**kw, cu_seqlens=cu), inputs, 2e-5,
+                              final=final)
 
 
 @pytest.mark.parametrize("G", [1, None])
@@ -112,6 +117,64 @@ def test_grouped_kernels_dg_of_saturated_decays_is_accurate_per_token(G):
     ref, got = grads
     assert ref[saturated].abs().max() < 1e-10
     assert ((got - ref).abs() / ref.abs())[saturated].max() < 1e-3
+
+
+def _importance_loop(q, k, g, beta, prior, excess0, groups, scale):
+    """The rescaled query token by token: J_t = exp(g_t) J_{t-1} + k_t^2 beta_t[j], iota = prior + J."""
+    N, T, H, K = k.shape
+    J = excess0 if excess0 is not None else k.new_zeros(N, H, groups, K)
+    q_tilde, variance = [], []
+    for t in range(T):
+        J = torch.exp(g[:, t])[:, :, None, None] * J
+        if beta is not None:
+            J = J + (k[:, t] ** 2)[:, :, None, :] * beta[:, t][..., None]
+        iota = prior[None, :, None, None] + J
+        q_tilde.append(q[:, t, :, None, :] / iota)
+        variance.append((scale ** 2) * (q[:, t, :, None, :] ** 2 / iota).sum(-1))
+    return torch.stack(q_tilde, 1), torch.stack(variance, 1), prior[None, :, None, None] + J
+
+
+@pytest.mark.parametrize("G,with_beta", [(1, True), (2, True), (2, False)])
+def test_importance_scan_kernels_match_the_token_loop(G, with_beta):
+    """The importance-scan kernels alone against a float64 token loop: q~, the variance, the last iota and every
+    gradient (the initial J's per channel included), at 3 chunks (the last one padded) and 2 key blocks (32 + a
+    masked 8), with full resets (g = -inf) and saturated decays (-1e4, -40) inside chunks and on their first and
+    last tokens, where the in-chunk scans meet what comes from the chunks before and after."""
+    _interpreted()
+    from palimpsa.ops.triton.importance import rescaled_query_triton
+
+    N, T, H, K, chunk = 2, 37, 2, 40, 16
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(N, T, H, K, generator=gen, dtype=torch.float64)
+    k = torch.randn(N, T, H, K, generator=gen, dtype=torch.float64)
+    g = -0.5 * torch.rand(N, T, H, generator=gen, dtype=torch.float64)
+    g[0, 5, 0] = g[1, 32, 1] = float("-inf")
+    g[1, 16, 0] = g[0, 15, 1] = -1e4
+    g[0, 31, 0] = g[1, 9, 1] = -40.0
+    beta = 2 * torch.rand(N, T, H, G, generator=gen, dtype=torch.float64) if with_beta else None
+    prior = 0.5 + torch.rand(H, generator=gen, dtype=torch.float64)
+    excess0 = torch.rand(N, H, G, K, generator=gen, dtype=torch.float64)
+    scale = K ** -0.5
+    inputs = [t for t in (q, k, g, beta, prior, excess0) if t is not None]
+    weights = None
+    results = []
+    for fn, dtype in ((_importance_loop, torch.float64), (rescaled_query_triton, torch.float32)):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        args = list(leaves)
+        if beta is None:
+            args.insert(3, None)
+        outs = fn(*args, G, scale) if fn is _importance_loop else fn(*args, G, chunk, scale, True)
+        if weights is None:
+            weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+        loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+        results.append(list(outs) + list(torch.autograd.grad(loss, leaves, allow_unused=True)))
+    names = ["q~", "variance", "iota_T", "dq", "dk", "dg"] + (["dbeta"] if with_beta else []) + ["dprior", "dJ0"]
+    for name, want, got in zip(names, *results):
+        if name == "dk" and not with_beta:  # no writes: k is not used
+            assert got is None and want is None
+            continue
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, want) < 1e-5, f"{name}: relative error {rel_err(got, want):.2e}"
 
 
 def test_grouped_kernels_under_torch_compile():

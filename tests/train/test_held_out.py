@@ -87,3 +87,11 @@ def test_cli_takes_several_eval_data_entries(corpus, held_out):
                               "--eval-packs", "7"])
     config = config_from_args(args)
     assert config.eval_data == [held_out, corpus] and config.eval_every == 5 and config.eval_packs == 7
+
+
+def test_cli_compiles_blocks_unless_told_not_to(corpus):
+    """Compiled blocks are the trainer's default (they act on CUDA only); --no-compile turns them off."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert config_from_args(parser.parse_args(["train", "--data", corpus])).compile is True
+    assert config_from_args(parser.parse_args(["train", "--data", corpus, "--no-compile"])).compile is False

@@ -28,6 +28,7 @@ from palimpsa.layers.modules import compiled_block_forward
 from palimpsa.models.lm_head import causal_lm_head
 from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
 from palimpsa.models.checks import check_input_ids
+from palimpsa.ops.checks import check_cu_seqlens
 from palimpsa.models.meta_mamba2.configuration_meta_mamba2 import MetaMamba2Config
 
 
@@ -277,6 +278,8 @@ class MetaMamba2Model(MetaMamba2PreTrainedModel):
         if not use_cache:
             past_key_values = None
         mask = self._layer_mask(attention_mask, batch, seq_len)
+        if cu_seqlens is not None:  # once here (one device sync); compiled blocks do not read them again
+            cu_seqlens = check_cu_seqlens(cu_seqlens, seq_len, batch)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None

@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from palimpsa.models._compat import cache_output_kwargs, output_cache, resolve_cache_kwarg
 from palimpsa.models.checks import check_input_ids
+from palimpsa.ops.checks import check_cu_seqlens
 
 from palimpsa.layers.checks import binary_mask
 from palimpsa.layers.modules import RecurrentLayerCache, RMSNorm, SwiGLUMLP, compiled_block_forward
@@ -200,6 +201,8 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if cu_seqlens is not None:  # once here (one device sync); compiled blocks do not read them again
+            cu_seqlens = check_cu_seqlens(cu_seqlens, hidden_states.shape[1], hidden_states.shape[0])
         if isinstance(attention_mask, torch.Tensor):
             attention_mask = binary_mask(attention_mask)  # checked once here, not in every layer
         all_hidden_states = () if output_hidden_states else None

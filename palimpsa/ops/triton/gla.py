@@ -362,7 +362,9 @@ class GLAFunction(torch.autograd.Function):
         _bwd_dqk[(NK, NC, N * HV)](q, k, v, g, hs, do, dhs, dq, dk_per_query, dlogdecay, scale, T, NC, **meta)
         G = HV // HK
         dk = dk_per_query.reshape(N, T, HK, G, K).sum(3) if G > 1 else dk_per_query
-        dg = dlogdecay.sum(0).reshape(N, HK, G, T).sum(2).transpose(1, 2)  # [N, T, HK]
+        # sums over key blocks and over a key head's query heads; a sum over one term is a view (no launch)
+        dg = (dlogdecay[0] if NK == 1 else dlogdecay.sum(0)).reshape(N, HK, G, T)
+        dg = (dg[:, :, 0] if G == 1 else dg.sum(2)).transpose(1, 2)  # [N, T, HK]
         return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0, None, None
 
 
