@@ -15,7 +15,7 @@ if [ $# -eq 0 ] && [ "${PALIMPSA_TRITON_NEWEST:-triton}" != "0" ] && [ "$(uname 
   target=.venv/triton-newest
   if pip install -q --disable-pip-version-check --upgrade --target "$target" "${PALIMPSA_TRITON_NEWEST:-triton}"; then
     PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" python -c "import triton; print('interpreter tests under triton', triton.__version__)"
-    PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" python -m pytest -q tests/ops/test_triton_*interpret.py
+    PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" python -m pytest -q tests/ops/test_triton_*interpret.py tests/ops/test_triton_*compile.py
   else
     echo "the newest triton could not be installed: its interpreter pass is skipped"
   fi

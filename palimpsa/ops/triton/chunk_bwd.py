@@ -467,13 +467,15 @@ def chunk_bwd(
     q, k, v, g, beta, prior, scale: float, initial_state, layout: SequenceLayout,
     do: torch.Tensor, dvar: Optional[torch.Tensor], dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]],
     unit_chunks: Optional[int] = None, block_v: int = 16, num_warps: Optional[int] = None,
-    target_programs: int = 2048,
+    target_programs: int = 2048, sweep: str = "triton", lanes_k: int = 8,
 ):
     """Gradients of the Palimpsa op.
 
     q, k [B, T, H, K]; v, beta [B, T, H, V]; g [B, T, H]; prior [H] float32; do, dvar [B, T, H, V];
     dfinal: gradients of the final (mu, I), each [N, H, K, V], or None.
     Returns dq, dk, dv, dg, dbeta (dtypes of the inputs), dprior [H] float32, and (dmu0, dI0) or None.
+    ``sweep``: the reverse sweep's kernel, "triton" (``unit_bwd_kernel``, ``block_v`` columns per program) or
+    "gluon" (``unit_bwd_gluon_kernel``, one warp of 32 / ``lanes_k`` columns per program).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -498,7 +500,16 @@ def chunk_bwd(
     adj_imp = torch.empty_like(adj_mean)
     unit_decay = torch.empty(NU, H, device=dev, dtype=torch.float32)
     dvar_arg = dvar if dvar is not None else do
-    if NU > N:
+    if NU > N and sweep == "gluon":
+        from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v, unit_local_adjoint_gluon_kernel
+
+        unit_local_adjoint_gluon_kernel[(triton.cdiv(V, gluon_sweep_block_v(lanes_k)), NU, H)](
+            q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, unit_decay, do, dvar_arg,
+            layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T,
+            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, HAS_DVAR=dvar is not None,
+            IS_VARLEN=layout.varlen, num_warps=1,
+        )
+    elif NU > N:
         unit_local_adjoint_kernel[(NV, NU, H)](
             q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, unit_decay, do, dvar_arg,
             layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T,
@@ -517,6 +528,10 @@ def chunk_bwd(
     )
 
     NTOK = B * T
+    if sweep == "gluon":  # its own V blocks: the buffers per V block below follow them
+        from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v
+
+        NV = triton.cdiv(V, gluon_sweep_block_v(lanes_k))
     dq = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dk = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
@@ -530,13 +545,25 @@ def chunk_bwd(
         dimp0 = torch.empty_like(dmu0)
     else:
         mu0 = imp0 = dmu0 = dimp0 = adj_mean
-    unit_bwd_kernel[(NV, NU, H)](
-        q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar_arg,
-        dq, dk, dv, dbeta, dg_part, dprior_part, dmu0, dimp0,
-        layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
-        H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, BV=BV,
-        HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, FAST=fast, num_warps=num_warps,
-    )
+    if sweep == "gluon":
+        from palimpsa.ops.triton.chunk_bwd_gluon import unit_bwd_gluon_kernel
+
+        unit_bwd_gluon_kernel[(NV, NU, H)](
+            q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar_arg,
+            dq, dk, dv, dbeta, dg_part, dprior_part, dmu0, dimp0,
+            layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
+            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k,
+            HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, num_warps=1,
+        )
+    else:
+        unit_bwd_kernel[(NV, NU, H)](
+            q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar_arg,
+            dq, dk, dv, dbeta, dg_part, dprior_part, dmu0, dimp0,
+            layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
+            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, BV=BV,
+            HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, FAST=fast,
+            num_warps=num_warps,
+        )
 
     dg = dg_part.sum(0).reshape(B, T, H)
     dprior = dprior_part.sum((0, 1)) + extra_dprior.sum((0, 1))

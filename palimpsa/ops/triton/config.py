@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Iterator, Optional
 
 
 @dataclasses.dataclass
 class KernelConfig:
-    """fwd_*: the output kernel; bwd_*: the reverse sweep (None: chosen from the tile size)."""
+    """fwd_*: the output kernel; bwd_*: the reverse sweep (None: chosen from the tile size).
 
+    fwd_backend: which output kernel the chunk path runs: "triton" (``chunk_fwd_kernel``) or "gluon"
+    (``chunk_output_gluon_kernel``, the same computation with the state laid out for barrier-free sums over
+    K).  The default comes from the environment variable PALIMPSA_FWD_BACKEND, else "triton".
+    bwd_backend: the backward's reverse sweep, "triton" (``unit_bwd_kernel``) or "gluon"
+    (``unit_bwd_gluon_kernel``: the same sweep, one warp per program, no reduction across warps), default from
+    PALIMPSA_BWD_BACKEND; bwd_lanes_k: lanes of a warp that share one value column in the Gluon sweep (each
+    holds K / bwd_lanes_k key rows; the warp owns 32 / bwd_lanes_k columns).
+    """
+
+    fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "triton"))
+    bwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_BWD_BACKEND", "triton"))
+    bwd_lanes_k: int = 8
     fwd_block_v: int = 32
     fwd_num_warps: int = 4
     bwd_block_v: int = 16
@@ -18,6 +31,8 @@ class KernelConfig:
     bwd_target_programs: int = 2048  # backward units are sized to give about this many programs
 
 
+FWD_BACKENDS = ("triton", "gluon")
+BWD_BACKENDS = ("triton", "gluon")
 CONFIG = KernelConfig()
 
 
@@ -27,6 +42,10 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
     unknown = set(changes) - {f.name for f in dataclasses.fields(KernelConfig)}
     if unknown:
         raise ValueError(f"unknown kernel config fields {sorted(unknown)}")
+    if changes.get("fwd_backend", "triton") not in FWD_BACKENDS:
+        raise ValueError(f"fwd_backend must be one of {FWD_BACKENDS}, got {changes['fwd_backend']!r}")
+    if changes.get("bwd_backend", "triton") not in BWD_BACKENDS:
+        raise ValueError(f"bwd_backend must be one of {BWD_BACKENDS}, got {changes['bwd_backend']!r}")
     saved = dataclasses.replace(CONFIG)
     for name, value in changes.items():
         setattr(CONFIG, name, value)

@@ -15,12 +15,31 @@ from palimpsa.ops.checks import PreparedInputs
 from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
-from palimpsa.ops.triton.config import CONFIG
+from palimpsa.ops.triton.config import BWD_BACKENDS, CONFIG, FWD_BACKENDS
 from palimpsa.ops.triton.step import launch_step
 from palimpsa.ops.triton.utils import SequenceLayout
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_CHUNK_SIZE = 64
+
+
+def output_kernel() -> str:
+    """The chunk path's output kernel, ``CONFIG.fwd_backend``, checked: "triton" or "gluon" (under the CPU
+    interpreter the Gluon source runs as plain Triton, see palimpsa/ops/triton/gluon_shim.py)."""
+    backend = CONFIG.fwd_backend
+    if backend not in FWD_BACKENDS:
+        raise ValueError(f"the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND) must be one of "
+                         f"{FWD_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def sweep_kernel() -> str:
+    """The backward's reverse-sweep kernel, ``CONFIG.bwd_backend``, checked: "triton" or "gluon"."""
+    backend = CONFIG.bwd_backend
+    if backend not in BWD_BACKENDS:
+        raise ValueError(f"the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND) must be one of "
+                         f"{BWD_BACKENDS}, got {backend!r}")
+    return backend
 
 
 def _absent(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -44,8 +63,14 @@ def _fwd_op(
                                    block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
     else:
         states, final = chunk_states(k, v, g, beta, prior, init, layout, chunk_size, True, output_final_state)
-        o, var, _ = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=states,
-                               chunk_size=chunk_size, block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
+        if output_kernel() == "gluon":
+            from palimpsa.ops.triton.chunk_fwd_gluon import fwd_output_gluon
+
+            o, var = fwd_output_gluon(q, k, v, g, beta, prior, scale, layout, output_variance, states,
+                                      chunk_size=chunk_size)
+        else:
+            o, var, _ = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=states,
+                                   chunk_size=chunk_size, block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
         del states
     var = var if var is not None else _absent(o)
     final_mu, final_imp = final if final is not None else (_absent(o, torch.float32), _absent(o, torch.float32))
@@ -81,7 +106,8 @@ def _bwd_op(
     dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
                                                     dfinal,
                                                     block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
-                                                    target_programs=CONFIG.bwd_target_programs)
+                                                    target_programs=CONFIG.bwd_target_programs,
+                                                    sweep=sweep_kernel(), lanes_k=CONFIG.bwd_lanes_k)
     dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
     return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 

@@ -1,0 +1,113 @@
+"""Check the Gluon kernels of the per-channel op on a GPU against the float64 reference, then time them beside
+the Triton ones.
+
+    PYTHONPATH=. python scripts/gpu_gluon_fwd_check.py [--shapes 760M-like,170M-like,d64,d128] [--out FILE.md]
+        [--variants gluon-fwd,gluon-8,gluon-16] [--no-check]
+
+Variants (``palimpsa.ops.triton.config.kernel_config`` settings): "triton" (today's kernels), "gluon-fwd" (the
+Gluon output kernel, Triton backward), "gluon-L" (both Gluon kernels, the reverse sweep with L lanes per value
+column: 32 / L columns per one-warp program).
+
+1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
+   batch, bf16 and float32, the chunk and fused-recurrent forwards (outputs, variance, final states) over the
+   whole shape and every gradient on a slice (batch 0, heads 0-1), against ``naive_palimpsa`` in float64;
+   limits float32 1e-4, bf16 2e-2.  Triton 3.6 has known Hopper miscompilations: a timing counts only when its
+   variant passed here.
+2. Timing of the variants that passed: the op's forward and forward+backward (bf16, as ``palimpsa bench ops``
+   times them: no initial state or variance), ``triton.testing.do_bench`` medians.
+Everything is printed as it goes and, with --out, written as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_ops_check import bf16_exact, check_case, extra_inputs  # noqa: E402
+
+from palimpsa.bench import ops as bench  # noqa: E402
+from palimpsa.ops.triton.config import kernel_config  # noqa: E402
+
+
+def variant_config(name: str) -> dict:
+    if name == "triton":
+        return dict(fwd_backend="triton", bwd_backend="triton")
+    if name == "gluon-fwd":
+        return dict(fwd_backend="gluon", bwd_backend="triton")
+    if name.startswith("gluon-") and name[6:].isdigit():
+        return dict(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=int(name[6:]))
+    raise ValueError(f"unknown variant {name!r}: expected triton, gluon-fwd or gluon-<lanes>")
+
+
+def check_variant(name: str, shapes) -> bool:
+    """check_case at every shape and on a varlen batch (the first shape's head sizes), under the variant."""
+    ok = True
+    for shape in shapes:
+        x = bf16_exact(bench.make_inputs(shape, torch.float32, "cuda"))
+        e = extra_inputs(x, shape.B, torch.float32, seed=1)
+        with kernel_config(**variant_config(name)):
+            passed, _ = check_case(f"{name} {shape.name}", x, e)
+        ok &= passed
+    small = bench.Shape("varlen", 1, 700, 4, shapes[0].K, shapes[0].V)
+    x = bf16_exact(bench.make_inputs(small, torch.float32, "cuda"))
+    cu = torch.tensor([0, 5, 300, 301, 700], device="cuda")
+    e = extra_inputs(x, 4, torch.float32, seed=2)
+    with kernel_config(**variant_config(name)):
+        passed, _ = check_case(f"{name} varlen", x, e, cu=cu)
+    return ok and passed
+
+
+def time_variant(name: str, shape) -> dict:
+    inputs = bench.make_inputs(shape, torch.bfloat16, "cuda")
+    with kernel_config(**variant_config(name)):
+        return bench._measure(bench.palimpsa_forward, inputs, ("q", "k", "v", "g", "beta"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="760M-like,170M-like,d64,d128")
+    parser.add_argument("--check-shapes", default="760M-like,170M-like",
+                        help="shapes of the correctness checks (the slowest part)")
+    parser.add_argument("--variants", default="gluon-8,gluon-16")
+    parser.add_argument("--no-check", action="store_true", help="time without checking (never for a record)")
+    parser.add_argument("--out", default=None, help="also write the tables here (markdown)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_gluon_fwd_check.py needs a CUDA GPU")
+    shapes = [bench.shape_by_name(s.strip()) for s in args.shapes.split(",")]
+    variants = [v.strip() for v in args.variants.split(",")]
+    for name in variants:
+        variant_config(name)  # fail fast on a bad name
+    lines = [f"Gluon kernels of the per-channel op; {torch.cuda.get_device_name()}, {bench.environment()}", ""]
+    passed = {}
+    for name in variants:
+        check_shapes = [bench.shape_by_name(s.strip()) for s in args.check_shapes.split(",")]
+        passed[name] = True if args.no_check else check_variant(name, check_shapes)
+        lines.append(f"- {name}: checks {'skipped' if args.no_check else ('passed' if passed[name] else 'FAILED')}")
+        print(lines[-1], flush=True)
+    timed = ["triton"] + [v for v in variants if passed[v] and v != "triton"]
+    lines += ["", "The op, bf16, do_bench medians in ms (fwd / fwd+bwd):", "",
+              "| shape | " + " | ".join(timed) + " |", "|---|" + "---|" * len(timed)]
+    for shape in shapes:
+        cells = []
+        for name in timed:
+            try:
+                r = time_variant(name, shape)
+                cells.append(f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}")
+            except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others
+                cells.append(f"failed: {type(err).__name__}")
+        lines.append(f"| {shape.name} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        bench.write_atomic(args.out, text)
+    return 0 if all(passed.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

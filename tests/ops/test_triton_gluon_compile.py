@@ -1,0 +1,94 @@
+"""The Gluon output kernel, compiled for an H100/H200 (sm_90) without a GPU.
+
+Gluon has no CPU interpreter, so what can be checked here is that the kernel compiles, under the pinned Triton
+and (through scripts/test.sh) the newest release, and that it keeps the property it was written for: no barrier
+and no shared memory, so the sum over K of every token stays inside each warp.  The compiler runs in a
+subprocess, because this test session interprets every Triton kernel (tests/conftest.py).  Its numbers are
+checked on a GPU against the float64 reference and the Triton kernel (scripts/gpu_gluon_fwd_check.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+gluon_module = pytest.importorskip("palimpsa.ops.triton.chunk_fwd_gluon")
+
+from palimpsa.ops.triton import function  # noqa: E402
+from palimpsa.ops.triton.config import CONFIG, kernel_config  # noqa: E402
+from palimpsa.ops.triton.utils import k_parts  # noqa: E402
+
+CASES = [(96, 192, False, False), (96, 192, True, True), (48, 48, True, False), (16, 32, False, False)]
+
+
+def compile_reports(module: str, cases) -> list:
+    """``module.compile_report(*case)`` for every case, in a process that compiles instead of interpreting."""
+    code = (f"import json\nfrom {module} import compile_report\n"
+            f"print(json.dumps([compile_report(*case) for case in {list(cases)!r}]))")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return dict(zip(CASES, compile_reports("palimpsa.ops.triton.chunk_fwd_gluon", CASES)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gluon_output_kernel_compiles_without_barriers_or_shared_memory(reports, case):
+    K, V, with_variance, varlen = case
+    report = reports[case]
+    assert report["shared"] == 0 and report["barriers"] == 0, report
+    KA, KB = k_parts(K)
+    # one reciprocal per state element a thread holds (a quarter of each column's key rows), per token
+    assert report["reciprocals"] == (KA + KB) // gluon_module.LANES_PER_COLUMN.value, report
+    # the sums over K: two butterfly shuffles per row part and per sum (o, and the variance when asked for)
+    assert report["shuffles"] == 2 * (1 + (KB > 0)) * (1 + with_variance), report
+
+
+SWEEP_CASES = [(96, 192, 8, False), (48, 48, 16, True)]
+LOCAL_CASES = [(96, 192, 8, False, 90, "local"), (48, 48, 16, True, 90, "local")]
+
+
+def test_gluon_sweep_compiles_without_barriers_or_shared_memory():
+    """The backward's Gluon kernels: one warp per program, so no reduction of a token may cross warps."""
+    reports = compile_reports("palimpsa.ops.triton.chunk_bwd_gluon", SWEEP_CASES + LOCAL_CASES)
+    for (K, V, lanes_k, _), report in zip(SWEEP_CASES, reports):
+        assert report["shared"] == 0 and report["barriers"] == 0, report
+        KA, KB = k_parts(K)
+        # four tokens per sub-block, one reciprocal per state element a thread holds
+        assert report["reciprocals"] == 4 * (KA + KB) // lanes_k, report
+    for (K, V, lanes_k, *_), report in zip(LOCAL_CASES, reports[len(SWEEP_CASES):]):
+        # the local-adjoint pass is element-wise: no shuffle either
+        assert report["shared"] == 0 and report["barriers"] == 0 and report["shuffles"] == 0, report
+        KA, KB = k_parts(K)
+        assert report["reciprocals"] == (KA + KB) // lanes_k, report
+
+
+def test_warps_per_program_follow_the_value_size():
+    assert gluon_module.gluon_warps(192) == 4 and gluon_module.gluon_warps(48) == 2
+    assert gluon_module.gluon_warps(8) == 1 and gluon_module.gluon_warps(12) == 1
+
+
+def test_the_forward_backend_is_checked():
+    assert CONFIG.fwd_backend in ("triton", "gluon")
+    with pytest.raises(ValueError, match="fwd_backend"):
+        with kernel_config(fwd_backend="cuda"):
+            pass
+    CONFIG.fwd_backend = "cuda"  # as a bad PALIMPSA_FWD_BACKEND would set it
+    try:
+        with pytest.raises(ValueError, match="PALIMPSA_FWD_BACKEND"):
+            function.output_kernel()
+    finally:
+        CONFIG.fwd_backend = "triton"
+    with kernel_config(fwd_backend="gluon"):
+        assert function.output_kernel() == "gluon"
+    with kernel_config(fwd_backend="triton"):
+        assert function.output_kernel() == "triton"

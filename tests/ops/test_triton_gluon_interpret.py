@@ -1,0 +1,120 @@
+"""The Gluon output kernel's source, run by Triton's CPU interpreter (as plain Triton, its layouts ignored:
+palimpsa/ops/triton/gluon_shim.py), against the float64 naive recurrence: the chunk path with
+``fwd_backend="gluon"``, every output (o, variance, final state) and, through the unchanged backward, every
+gradient.  Shapes cover two key parts (K = 48 = 32 + 16), masked key rows (K = 24 in a 32-row part), masked
+value columns (V = 20 in blocks of 8), 4-warp blocks (V = 32), several chunks with a partial last one, initial
+states and varlen packing."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from palimpsa.ops import chunk_palimpsa  # noqa: E402
+from tests.ops.test_triton_interpret import (assert_close, make_grads, make_inputs, reference, run_op,  # noqa: E402
+                                             triton_module)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def gluon_backend():
+    triton_module()
+    from palimpsa.ops.triton import chunk_fwd_gluon
+    from palimpsa.ops.triton.config import kernel_config
+
+    if type(chunk_fwd_gluon.chunk_output_gluon_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("the Gluon kernel was compiled for a GPU in this process")
+    return kernel_config(fwd_backend="gluon")
+
+
+def test_the_gluon_backend_runs_its_own_kernel(monkeypatch):
+    """Choosing "gluon" really launches the Gluon kernel, not the Triton one."""
+    from palimpsa.ops.triton import chunk_fwd, chunk_fwd_gluon
+
+    calls = []
+    original = chunk_fwd_gluon.fwd_output_gluon
+    monkeypatch.setattr(chunk_fwd_gluon, "fwd_output_gluon", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(chunk_fwd, "chunk_fwd_kernel", None)  # the Triton output kernel must not be needed
+    inputs = make_inputs(B=1, T=20, H=1, K=16, V=16, seed=1, with_init=False)
+    with gluon_backend():
+        o, _ = chunk_palimpsa(*(inputs[n] for n in ("q", "k", "v", "g", "beta", "prior")), backend="triton",
+                              chunk_size=16)
+    assert calls == [1] and torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("K, V", [(48, 20), (24, 32)])
+def test_gluon_chunk_matches_naive(K, V):
+    inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K, strong_decay=K == 24)
+    grads = make_grads(inputs, N=2)
+    with gluon_backend():
+        got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads))
+
+
+def test_gluon_varlen_matches_naive():
+    cu = torch.tensor([0, 7, 40, 45])
+    inputs = make_inputs(B=1, T=45, H=1, K=16, V=16, seed=5)
+    inputs["mu0"] = inputs["mu0"].expand(3, -1, -1, -1).contiguous()
+    inputs["imp0"] = inputs["imp0"].expand(3, -1, -1, -1).contiguous() + torch.arange(3.0)[:, None, None, None]
+    grads = make_grads(inputs, N=3)
+    with gluon_backend():
+        got = run_op(chunk_palimpsa, inputs, grads, cu_seqlens=cu, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads, cu_seqlens=cu))
+
+
+def gluon_sweep(lanes_k):
+    triton_module()
+    from palimpsa.ops.triton.config import kernel_config
+
+    return kernel_config(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=lanes_k)
+
+
+@pytest.mark.parametrize("K, V, lanes_k", [(48, 20, 8), (24, 32, 4)])
+def test_gluon_backward_matches_naive(K, V, lanes_k, monkeypatch):
+    """Every gradient through the Gluon reverse sweep (and output kernel); the Triton sweep is not run."""
+    from palimpsa.ops.triton import chunk_bwd
+
+    monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
+    inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K + lanes_k, strong_decay=K == 24)
+    grads = make_grads(inputs, N=2)
+    with gluon_sweep(lanes_k):
+        got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads))
+
+
+@pytest.mark.parametrize("unit_chunks", [1, 4])
+def test_gluon_backward_varlen_matches_naive(unit_chunks, monkeypatch):
+    """Packed sequences with initial states; one backward unit per chunk (local adjoints and their scan) and
+    per sequence."""
+    from palimpsa.ops.triton import chunk_bwd, function
+
+    original = chunk_bwd.chunk_bwd
+    monkeypatch.setattr(function, "chunk_bwd", lambda *a, **kw: original(*a, **dict(kw, unit_chunks=unit_chunks)))
+    cu = torch.tensor([0, 7, 40, 45])
+    inputs = make_inputs(B=1, T=45, H=1, K=16, V=16, seed=6)
+    inputs["mu0"] = inputs["mu0"].expand(3, -1, -1, -1).contiguous()
+    inputs["imp0"] = inputs["imp0"].expand(3, -1, -1, -1).contiguous() + torch.arange(3.0)[:, None, None, None]
+    grads = make_grads(inputs, N=3)
+    with gluon_sweep(8):
+        got = run_op(chunk_palimpsa, inputs, grads, cu_seqlens=cu, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads, cu_seqlens=cu))
+
+
+def test_gluon_local_adjoints_run_when_units_are_short(monkeypatch):
+    """With units of one chunk, the local-adjoint pass runs: its Gluon kernel, not the Triton one, and every
+    gradient still matches (a long sequence of several units, strong decays and an initial state)."""
+    from palimpsa.ops.triton import chunk_bwd, function
+
+    original = chunk_bwd.chunk_bwd
+    monkeypatch.setattr(function, "chunk_bwd", lambda *a, **kw: original(*a, **dict(kw, unit_chunks=1)))
+    monkeypatch.setattr(chunk_bwd, "unit_local_adjoint_kernel", None)
+    monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
+    inputs = make_inputs(B=1, T=75, H=1, K=48, V=16, seed=11, strong_decay=True)
+    grads = make_grads(inputs, N=1)
+    with gluon_sweep(16):
+        got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads))
