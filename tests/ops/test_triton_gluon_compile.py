@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 gluon_module = pytest.importorskip("palimpsa.ops.triton.chunk_fwd_gluon")
@@ -78,17 +79,46 @@ def test_warps_per_program_follow_the_value_size():
 
 
 def test_the_forward_backend_is_checked():
-    assert CONFIG.fwd_backend in ("triton", "gluon")
+    q = torch.zeros(1, 1, 1, 96)
+    assert CONFIG.fwd_backend in ("auto", "triton", "gluon")
     with pytest.raises(ValueError, match="fwd_backend"):
         with kernel_config(fwd_backend="cuda"):
             pass
+    saved = CONFIG.fwd_backend
     CONFIG.fwd_backend = "cuda"  # as a bad PALIMPSA_FWD_BACKEND would set it
     try:
         with pytest.raises(ValueError, match="PALIMPSA_FWD_BACKEND"):
-            function.output_kernel()
+            function.output_kernel(q)
     finally:
-        CONFIG.fwd_backend = "triton"
+        CONFIG.fwd_backend = saved
     with kernel_config(fwd_backend="gluon"):
-        assert function.output_kernel() == "gluon"
+        assert function.output_kernel(q) == "gluon"
     with kernel_config(fwd_backend="triton"):
-        assert function.output_kernel() == "triton"
+        assert function.output_kernel(q) == "triton"
+
+
+def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
+    """"auto": Gluon on a CUDA tensor of an sm_90 device at 48 <= K <= 96 (checked and faster there on an H200),
+    Triton for every other key size, architecture, CPU tensors and under the interpreter."""
+    class FakeCuda:
+        is_cuda = True
+        device = "cuda:0"
+
+        def __init__(self, K):
+            self.shape = (1, 1, 1, K)
+
+    monkeypatch.setattr(function, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with kernel_config(fwd_backend="auto", bwd_backend="auto"):
+        for K, expected in ((16, "triton"), (32, "triton"), (48, "gluon"), (64, "gluon"), (96, "gluon"),
+                            (128, "triton")):
+            assert function.output_kernel(FakeCuda(K)) == expected, K
+            assert function.sweep_kernel(FakeCuda(K)) == expected, K
+        assert function.output_kernel(torch.zeros(1, 1, 1, 64)) == "triton"  # a CPU tensor
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        assert function.output_kernel(FakeCuda(64)) == "triton"
+        monkeypatch.setattr(function, "interpreting", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        assert function.sweep_kernel(FakeCuda(64)) == "triton"
+    with kernel_config(bwd_backend="gluon"):
+        assert function.sweep_kernel(torch.zeros(1, 1, 1, 16)) == "gluon"  # an explicit choice is kept

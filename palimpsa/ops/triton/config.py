@@ -12,17 +12,18 @@ from typing import Iterator, Optional
 class KernelConfig:
     """fwd_*: the output kernel; bwd_*: the reverse sweep (None: chosen from the tile size).
 
-    fwd_backend: which output kernel the chunk path runs: "triton" (``chunk_fwd_kernel``) or "gluon"
+    fwd_backend: which output kernel the chunk path runs: "triton" (``chunk_fwd_kernel``), "gluon"
     (``chunk_output_gluon_kernel``, the same computation with the state laid out for barrier-free sums over
-    K).  The default comes from the environment variable PALIMPSA_FWD_BACKEND, else "triton".
-    bwd_backend: the backward's reverse sweep, "triton" (``unit_bwd_kernel``) or "gluon"
-    (``unit_bwd_gluon_kernel``: the same sweep, one warp per program, no reduction across warps), default from
-    PALIMPSA_BWD_BACKEND; bwd_lanes_k: lanes of a warp that share one value column in the Gluon sweep (each
-    holds K / bwd_lanes_k key rows; the warp owns 32 / bwd_lanes_k columns).
+    K) or "auto" (:func:`palimpsa.ops.triton.function.resolve_backend`: Gluon where it was checked and measured
+    faster, Triton elsewhere).  The default comes from the environment variable PALIMPSA_FWD_BACKEND, else "auto".
+    bwd_backend: the backward's reverse sweep, "triton" (``unit_bwd_kernel``), "gluon"
+    (``unit_bwd_gluon_kernel``: the same sweep, one warp per program, no reduction across warps) or "auto",
+    default from PALIMPSA_BWD_BACKEND, else "auto"; bwd_lanes_k: lanes of a warp that share one value column in
+    the Gluon sweep (each holds K / bwd_lanes_k key rows; the warp owns 32 / bwd_lanes_k columns).
     """
 
-    fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "triton"))
-    bwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_BWD_BACKEND", "triton"))
+    fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "auto"))
+    bwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_BWD_BACKEND", "auto"))
     bwd_lanes_k: int = 8
     fwd_block_v: int = 32
     fwd_num_warps: int = 4
@@ -31,8 +32,8 @@ class KernelConfig:
     bwd_target_programs: int = 2048  # backward units are sized to give about this many programs
 
 
-FWD_BACKENDS = ("triton", "gluon")
-BWD_BACKENDS = ("triton", "gluon")
+FWD_BACKENDS = ("auto", "triton", "gluon")
+BWD_BACKENDS = ("auto", "triton", "gluon")
 CONFIG = KernelConfig()
 
 
@@ -42,9 +43,9 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
     unknown = set(changes) - {f.name for f in dataclasses.fields(KernelConfig)}
     if unknown:
         raise ValueError(f"unknown kernel config fields {sorted(unknown)}")
-    if changes.get("fwd_backend", "triton") not in FWD_BACKENDS:
+    if changes.get("fwd_backend", "auto") not in FWD_BACKENDS:
         raise ValueError(f"fwd_backend must be one of {FWD_BACKENDS}, got {changes['fwd_backend']!r}")
-    if changes.get("bwd_backend", "triton") not in BWD_BACKENDS:
+    if changes.get("bwd_backend", "auto") not in BWD_BACKENDS:
         raise ValueError(f"bwd_backend must be one of {BWD_BACKENDS}, got {changes['bwd_backend']!r}")
     saved = dataclasses.replace(CONFIG)
     for name, value in changes.items():

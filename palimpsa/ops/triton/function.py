@@ -15,31 +15,53 @@ from palimpsa.ops.checks import PreparedInputs
 from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
-from palimpsa.ops.triton.config import BWD_BACKENDS, CONFIG, FWD_BACKENDS
+from palimpsa.ops.triton.config import CONFIG, FWD_BACKENDS
 from palimpsa.ops.triton.step import launch_step
-from palimpsa.ops.triton.utils import SequenceLayout
+from palimpsa.ops.triton.utils import SequenceLayout, interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_CHUNK_SIZE = 64
 
 
-def output_kernel() -> str:
-    """The chunk path's output kernel, ``CONFIG.fwd_backend``, checked: "triton" or "gluon" (under the CPU
+# Where "auto" picks the Gluon kernels: the key sizes at which they passed the float64 check on an H200 and ran
+# faster than the Triton ones, forward and backward (K = 48, 64 and 96: results/bench/README.md, fourth
+# session, calls 3 and 5; at K = 128 they were slower), on that architecture (compute capability 9.0) only.
+GLUON_KEY_SIZES = (48, 96)
+GLUON_CAPABILITIES = ((9, 0),)
+
+
+def _gluon_measured_faster(q: torch.Tensor) -> bool:
+    """Whether the Gluon kernels were checked and measured faster for ``q``'s device and key size K."""
+    if not q.is_cuda or interpreting():
+        return False
+    if torch.cuda.get_device_capability(q.device) not in GLUON_CAPABILITIES:
+        return False
+    lowest, highest = GLUON_KEY_SIZES
+    return lowest <= q.shape[-1] <= highest
+
+
+def resolve_backend(setting: str, q: torch.Tensor, what: str) -> str:
+    """The kernel family that runs for ``setting`` ("auto", "triton" or "gluon") on queries ``q`` [B, T, H, K].
+
+    "auto" gives "gluon" only where :func:`_gluon_measured_faster`, else "triton".  ``what`` names the setting
+    in the error for anything else ("the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND)").
+    """
+    if setting not in FWD_BACKENDS:
+        raise ValueError(f"{what} must be one of {FWD_BACKENDS}, got {setting!r}")
+    if setting == "auto":
+        return "gluon" if _gluon_measured_faster(q) else "triton"
+    return setting
+
+
+def output_kernel(q: torch.Tensor) -> str:
+    """The chunk path's output kernel for ``q``, from ``CONFIG.fwd_backend``: "triton" or "gluon" (under the CPU
     interpreter the Gluon source runs as plain Triton, see palimpsa/ops/triton/gluon_shim.py)."""
-    backend = CONFIG.fwd_backend
-    if backend not in FWD_BACKENDS:
-        raise ValueError(f"the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND) must be one of "
-                         f"{FWD_BACKENDS}, got {backend!r}")
-    return backend
+    return resolve_backend(CONFIG.fwd_backend, q, "the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND)")
 
 
-def sweep_kernel() -> str:
-    """The backward's reverse-sweep kernel, ``CONFIG.bwd_backend``, checked: "triton" or "gluon"."""
-    backend = CONFIG.bwd_backend
-    if backend not in BWD_BACKENDS:
-        raise ValueError(f"the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND) must be one of "
-                         f"{BWD_BACKENDS}, got {backend!r}")
-    return backend
+def sweep_kernel(q: torch.Tensor) -> str:
+    """The backward's reverse-sweep kernel for ``q``, from ``CONFIG.bwd_backend``: "triton" or "gluon"."""
+    return resolve_backend(CONFIG.bwd_backend, q, "the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND)")
 
 
 def _absent(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -63,7 +85,7 @@ def _fwd_op(
                                    block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
     else:
         states, final = chunk_states(k, v, g, beta, prior, init, layout, chunk_size, True, output_final_state)
-        if output_kernel() == "gluon":
+        if output_kernel(q) == "gluon":
             from palimpsa.ops.triton.chunk_fwd_gluon import fwd_output_gluon
 
             o, var = fwd_output_gluon(q, k, v, g, beta, prior, scale, layout, output_variance, states,
@@ -107,7 +129,7 @@ def _bwd_op(
                                                     dfinal,
                                                     block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
                                                     target_programs=CONFIG.bwd_target_programs,
-                                                    sweep=sweep_kernel(), lanes_k=CONFIG.bwd_lanes_k)
+                                                    sweep=sweep_kernel(q), lanes_k=CONFIG.bwd_lanes_k)
     dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
     return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
