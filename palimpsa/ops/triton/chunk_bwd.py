@@ -536,7 +536,8 @@ def chunk_bwd(
     dk = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
     dbeta = torch.empty(B, T, H, V, device=dev, dtype=beta.dtype)
-    dg_part = torch.zeros(NV, NTOK, H, device=dev, dtype=torch.float32)
+    # dg per V block, summed below; the Gluon sweep adds every block's share into one buffer atomically
+    dg_part = torch.zeros(1 if sweep == "gluon" else NV, NTOK, H, device=dev, dtype=torch.float32)
     dprior_part = torch.empty(NV, NU, H, device=dev, dtype=torch.float32)
     has_init = initial_state is not None
     if has_init:

@@ -145,7 +145,9 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
     mv = masked_if(mask_v, valid)
     gl.store(dv + tok_h * V + offs_v, dv_t.to(dv.dtype.element_ty), mask=mv)
     gl.store(dbeta + tok_h * V + offs_v, dbeta_t.to(dbeta.dtype.element_ty), mask=mv)
-    gl.store(dg_part + i_v * NTOK * H + tok_h + H, dg_next, mask=valid & (t + 1 < eos))
+    # every V block adds its share of dg into one [B*T, H] buffer (48 blocks at V = 192: per-block partial sums
+    # would cost more memory than the Triton sweep's); dq and dk are atomic already, so no order is lost
+    gl.atomic_add(dg_part + tok_h + H, dg_next, mask=valid & (t + 1 < eos), sem="relaxed")
     return adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b
 
 
@@ -264,7 +266,8 @@ def unit_bwd_gluon_kernel(
 ):
     """Grid (V blocks of BV = 32 / LANES_K, units, H), one warp each: the reverse sweep over one unit.  Buffers
     as ``unit_bwd_kernel``'s: dq, dk float32 [B*T, H, K] (atomic adds over V blocks); dv, dbeta [B*T, H, V];
-    dg_part [NV, B*T, H] zero-initialised; dprior [NV, units, H]; dmu0, dimp0 [N, H, K, V]."""
+    dg_part [1, B*T, H] zero-initialised (every V block adds into it atomically); dprior [NV, units, H]; dmu0,
+    dimp0 [N, H, K, V]."""
     BV: gl.constexpr = WARP_LANES // LANES_K
     LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, 1], [LANES_K, BV], [1, 1], [0, 1])
     ROWS_A: gl.constexpr = gl.SliceLayout(1, LA)
@@ -390,7 +393,7 @@ def unit_bwd_gluon_kernel(
                 gl.store(dimp0 + s_off + tile_b, adj_m_b * mu_init_b + adj_p_b, mask=m_b)
                 dprior_sum -= gl.sum(gl.sum(adj_p_b, 1), 0)
                 dg_first += gl.sum(gl.sum(adj_m_b * (mu_init_b * imp_init_b) + adj_p_b * (imp_init_b - prior_h), 1), 0)
-            gl.store(dg_part + i_v * NTOK * H + gl.cast(bos, gl.int64) * H + i_h, dg_first)
+            gl.atomic_add(dg_part + gl.cast(bos, gl.int64) * H + i_h, dg_first, sem="relaxed")
     gl.store(dprior + (i_v * gl.num_programs(1) + i_u) * H + i_h, dprior_sum)
 
 
