@@ -60,8 +60,14 @@
 #   grouped.tar.gz      everything: per-sweep results, progress (every validation as it happened), errors, checks
 # Whatever finished is reported, whatever else happened; the command exits 1 only when no run finished.
 #
+# One process per state size instead (WORKERS=1, optionally MAX_STEPS=N): each sweep runs its runs one after another
+# in one process, so the GPU is never time-sliced between CUDA contexts (the suspect in gpu5_grouped's 1.3 s per
+# step: each of 19 processes waited for its turn on the card at every synchronisation); no lockstep then, each run
+# gets an equal share of the budget as its time limit, and MAX_STEPS caps every run at the same length.
+# WORKERS=N (1 < N < runs) runs N at a time.
 # Overrides (environment): MODELS, LRS, SEEDS, SETTING (L:KV), D_MODEL, NUM_HEADS, STATES ("name:K:V ..."), BATCH,
-# WARMUP, EVAL_EVERY, EXTRA_ARGS (added to both sweeps), WALL_S (530), REPORT_S (35), SLACK_S (35),
+# WARMUP, EVAL_EVERY, WORKERS (every run at once), MAX_STEPS (the preset's epochs), EXTRA_ARGS (added to both
+# sweeps), WALL_S (530), REPORT_S (35), SLACK_S (35),
 # CHECK (1; 0 skips the checks), CHECK_TIMEOUT_S (120), MPS (0), DEVICE (cuda), PYTHON (python), WORK (scratch
 # folder, emptied first; default runs/mqar/gpu_grouped).
 # A CPU smoke test (about 3 minutes on 2 cores; the checks fail there, so every op runs on PyTorch):
@@ -85,6 +91,8 @@ BATCH=${BATCH:-64}
 WARMUP=${WARMUP:-200}
 EVAL_EVERY=${EVAL_EVERY:-100}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+WORKERS=${WORKERS:-}
+MAX_STEPS=${MAX_STEPS:-}
 WALL_S=${WALL_S:-530}
 REPORT_S=${REPORT_S:-35}
 SLACK_S=${SLACK_S:-35}
@@ -93,11 +101,19 @@ CHECK_TIMEOUT_S=${CHECK_TIMEOUT_S:-120}
 MPS=${MPS:-0}
 
 case "$WORK" in ""|/|.|..) echo "WORK must name a scratch folder, got '$WORK'" >&2; exit 2;; esac
+count_words() { set -- $1; echo $#; }
+RUNS=$(( $(count_words "$MODELS") * $(count_words "$LRS") * $(count_words "$SEEDS") ))
+WORKERS=${WORKERS:-$RUNS}
+if ! [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || [ "$WORKERS" -gt "$RUNS" ]; then
+    echo "WORKERS must be a whole number from 1 to $RUNS (the runs per state size), got '$WORKERS'" >&2; exit 2
+fi
+if [ -n "$MAX_STEPS" ] && ! [[ "$MAX_STEPS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "MAX_STEPS must be a positive whole number, got '$MAX_STEPS'" >&2; exit 2
+fi
 rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/checks"
 LOG="$WORK/session.log"
 log() { echo "[$(printf '%4d' "$SECONDS") s] $*" | tee -a "$LOG"; }
-count_words() { set -- $1; echo $#; }
 
 # ---- machine and software
 log "start $(date -u)"
@@ -168,11 +184,18 @@ fi
 # ---- the sweeps, all runs at once
 BUDGET=$(( WALL_S - REPORT_S - SECONDS ))
 TIME_LIMIT=$(( BUDGET - SLACK_S ))
-RUNS=$(( $(count_words "$MODELS") * $(count_words "$LRS") * $(count_words "$SEEDS") ))
+if [ "$WORKERS" -eq "$RUNS" ]; then  # every run at once, in lockstep: the runs of a state size agree on one length
+    SCHEDULE=(--equal-steps)
+else  # runs one after another in each worker: each gets its share of the budget as its time limit
+    ROUNDS=$(( (RUNS + WORKERS - 1) / WORKERS ))
+    TIME_LIMIT=$(( BUDGET / ROUNDS - SLACK_S / ROUNDS ))
+    SCHEDULE=()
+fi
+[ -n "$MAX_STEPS" ] && SCHEDULE+=(--max-steps "$MAX_STEPS")
 if [ "$TIME_LIMIT" -lt 30 ]; then
-    log "only $BUDGET s left for the sweeps: not started"
+    log "only $BUDGET s left for the sweeps ($TIME_LIMIT s per run): not started"
 else
-    log "sweeps: $RUNS runs per state size, budget $BUDGET s, time limit $TIME_LIMIT s per run"
+    log "sweeps: $RUNS runs per state size, $WORKERS at a time, budget $BUDGET s, time limit $TIME_LIMIT s per run"
     PIDS=()
     declare -A SWEEP_OF
     for state in $STATES; do
@@ -182,7 +205,7 @@ else
             --models $MODELS --settings "$SETTING" --d-models "$D_MODEL" --num-heads "$NUM_HEADS" \
             --head-k-dim "$K" --head-v-dim "$V" --lrs $LRS --seeds $SEEDS --batch-size "$BATCH" \
             --warmup-steps "$WARMUP" --eval-every "$EVAL_EVERY" --time-limit-s "$TIME_LIMIT" --time-budget "$BUDGET" \
-            --workers-per-device "$RUNS" --equal-steps --no-checkpoints --no-progress --op-backend "$BACKEND" \
+            --workers-per-device "$WORKERS" ${SCHEDULE[@]+"${SCHEDULE[@]}"} --no-checkpoints --no-progress --op-backend "$BACKEND" \
             ${torch_for:+--torch-op-for $torch_for} $EXTRA_ARGS > "$WORK/$name.log" 2>&1 &
         PIDS+=($!)
         SWEEP_OF[$!]=$name
