@@ -6,7 +6,8 @@ the Triton ones.
 
 Variants (``palimpsa.ops.triton.config.kernel_config`` settings): "triton" (today's kernels), "gluon-fwd" (the
 Gluon output kernel, Triton backward), "gluon-L" (both Gluon kernels, the reverse sweep with L lanes per value
-column: 32 / L columns per one-warp program).
+column: 32 / L columns per one-warp program), "gluon-L-wW" (the same with W warps per sweep program, side by
+side over the value columns).
 
 1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
    batch, bf16 and float32, the chunk and fused-recurrent forwards (outputs, variance, final states) over the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -38,9 +40,11 @@ def variant_config(name: str) -> dict:
         return dict(fwd_backend="triton", bwd_backend="triton")
     if name == "gluon-fwd":
         return dict(fwd_backend="gluon", bwd_backend="triton")
-    if name.startswith("gluon-") and name[6:].isdigit():
-        return dict(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=int(name[6:]))
-    raise ValueError(f"unknown variant {name!r}: expected triton, gluon-fwd or gluon-<lanes>")
+    match = re.fullmatch(r"gluon-(\d+)(?:-w(\d+))?", name)
+    if match:
+        return dict(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=int(match[1]),
+                    bwd_warps=int(match[2] or 1))
+    raise ValueError(f"unknown variant {name!r}: expected triton, gluon-fwd, gluon-<lanes> or gluon-<lanes>-w<warps>")
 
 
 def check_variant(name: str, shapes) -> bool:

@@ -73,6 +73,30 @@ def test_gluon_sweep_compiles_without_barriers_or_shared_memory():
         assert report["reciprocals"] == (KA + KB) // lanes_k, report
 
 
+def test_gluon_sweep_with_several_warps_compiles():
+    """Warps side by side over the value columns: the same work per thread (reciprocals), the sums over V
+    through shared memory."""
+    code = ("import json\nfrom palimpsa.ops.triton.chunk_bwd_gluon import compile_report\n"
+            "print(json.dumps(compile_report(96, 192, 8, warps=4)))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    KA, KB = k_parts(96)
+    assert report["reciprocals"] == 4 * (KA + KB) // 8, report
+    assert report["shared"] > 0 and report["barriers"] > 0, report
+
+
+def test_gluon_sweep_block_checks_its_arguments():
+    from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v
+
+    assert gluon_sweep_block_v(8) == 4 and gluon_sweep_block_v(8, 4) == 16
+    with pytest.raises(ValueError, match="bwd_warps"):
+        gluon_sweep_block_v(8, 3)
+    with pytest.raises(ValueError, match="bwd_lanes_k"):
+        gluon_sweep_block_v(6)
+
+
 def test_warps_per_program_follow_the_value_size():
     assert gluon_module.gluon_warps(192) == 4 and gluon_module.gluon_warps(48) == 2
     assert gluon_module.gluon_warps(8) == 1 and gluon_module.gluon_warps(12) == 1

@@ -66,11 +66,11 @@ def test_gluon_varlen_matches_naive():
     assert_close(got, reference(inputs, grads, cu_seqlens=cu))
 
 
-def gluon_sweep(lanes_k):
+def gluon_sweep(lanes_k, warps=1):
     triton_module()
     from palimpsa.ops.triton.config import kernel_config
 
-    return kernel_config(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=lanes_k)
+    return kernel_config(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=lanes_k, bwd_warps=warps)
 
 
 @pytest.mark.parametrize("K, V, lanes_k", [(48, 20, 8), (24, 32, 4)])
@@ -82,6 +82,19 @@ def test_gluon_backward_matches_naive(K, V, lanes_k, monkeypatch):
     inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K + lanes_k, strong_decay=K == 24)
     grads = make_grads(inputs, N=2)
     with gluon_sweep(lanes_k):
+        got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads))
+
+
+def test_gluon_backward_with_several_warps_matches_naive(monkeypatch):
+    """Two warps per sweep program (value blocks of 8 columns at 8 lanes per column; V = 20 leaves a partial
+    block), with an initial state and the variance: every gradient."""
+    from palimpsa.ops.triton import chunk_bwd
+
+    monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
+    inputs = make_inputs(B=2, T=37, H=2, K=48, V=20, seed=21)
+    grads = make_grads(inputs, N=2)
+    with gluon_sweep(8, warps=2):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 

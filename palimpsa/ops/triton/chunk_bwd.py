@@ -467,7 +467,7 @@ def chunk_bwd(
     q, k, v, g, beta, prior, scale: float, initial_state, layout: SequenceLayout,
     do: torch.Tensor, dvar: Optional[torch.Tensor], dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]],
     unit_chunks: Optional[int] = None, block_v: int = 16, num_warps: Optional[int] = None,
-    target_programs: int = 2048, sweep: str = "triton", lanes_k: int = 8,
+    target_programs: int = 2048, sweep: str = "triton", lanes_k: int = 8, sweep_warps: int = 1,
 ):
     """Gradients of the Palimpsa op.
 
@@ -475,7 +475,7 @@ def chunk_bwd(
     dfinal: gradients of the final (mu, I), each [N, H, K, V], or None.
     Returns dq, dk, dv, dg, dbeta (dtypes of the inputs), dprior [H] float32, and (dmu0, dI0) or None.
     ``sweep``: the reverse sweep's kernel, "triton" (``unit_bwd_kernel``, ``block_v`` columns per program) or
-    "gluon" (``unit_bwd_gluon_kernel``, one warp of 32 / ``lanes_k`` columns per program).
+    "gluon" (``unit_bwd_gluon_kernel``, ``sweep_warps`` warps of 32 / ``lanes_k`` columns each per program).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -531,7 +531,7 @@ def chunk_bwd(
     if sweep == "gluon":  # its own V blocks: the buffers per V block below follow them
         from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v
 
-        NV = triton.cdiv(V, gluon_sweep_block_v(lanes_k))
+        NV = triton.cdiv(V, gluon_sweep_block_v(lanes_k, sweep_warps))
     dq = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dk = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
@@ -553,8 +553,8 @@ def chunk_bwd(
             q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar_arg,
             dq, dk, dv, dbeta, dg_part, dprior_part, dmu0, dimp0,
             layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
-            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k,
-            HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, num_warps=1,
+            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=sweep_warps,
+            HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, num_warps=sweep_warps,
         )
     else:
         unit_bwd_kernel[(NV, NU, H)](

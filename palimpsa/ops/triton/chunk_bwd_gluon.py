@@ -261,15 +261,17 @@ def unit_bwd_gluon_kernel(
     dq, dk, dv, dbeta, dg_part, dprior, dmu0, dimp0,
     cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
-    KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr, WARPS: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Grid (V blocks of BV = 32 / LANES_K, units, H), one warp each: the reverse sweep over one unit.  Buffers
+    """Grid (V blocks of BV = 32 / LANES_K * WARPS, units, H), WARPS warps each side by side over the value
+    columns: the reverse sweep over one unit.  With one warp no reduction of a token crosses warps; with more, the
+    sums over V (dq, dk, dg) go through shared memory, and WARPS times fewer blocks add dq and dk atomically.  Buffers
     as ``unit_bwd_kernel``'s: dq, dk float32 [B*T, H, K] (atomic adds over V blocks); dv, dbeta [B*T, H, V];
     dg_part [1, B*T, H] zero-initialised (every V block adds into it atomically); dprior [NV, units, H]; dmu0,
     dimp0 [N, H, K, V]."""
-    BV: gl.constexpr = WARP_LANES // LANES_K
-    LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, 1], [LANES_K, BV], [1, 1], [0, 1])
+    BV: gl.constexpr = WARP_LANES // LANES_K * WARPS
+    LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, 1], [LANES_K, WARP_LANES // LANES_K], [1, WARPS], [0, 1])
     ROWS_A: gl.constexpr = gl.SliceLayout(1, LA)
     COLS: gl.constexpr = gl.SliceLayout(0, LA)
     HAS_B: gl.constexpr = KB > 0
@@ -292,7 +294,8 @@ def unit_bwd_gluon_kernel(
     adj_p_a = gl.where(gl.expand_dims(mask_a, 1) & gl.expand_dims(mask_v, 0), adj_p_a, 0.0)
     sdi_a = gl.zeros([KA, BV], gl.float32, layout=LA)
     if HAS_B:
-        LB: gl.constexpr = gl.BlockedLayout([KB // LANES_K, 1], [LANES_K, BV], [1, 1], [0, 1])
+        LB: gl.constexpr = gl.BlockedLayout([KB // LANES_K, 1], [LANES_K, WARP_LANES // LANES_K], [1, WARPS],
+                                            [0, 1])
         offs_b = KA + gl.arange(0, KB, layout=gl.SliceLayout(1, LB))
         mask_b = offs_b < K
         offs_vb = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, LB))
@@ -397,15 +400,17 @@ def unit_bwd_gluon_kernel(
     gl.store(dprior + (i_v * gl.num_programs(1) + i_u) * H + i_h, dprior_sum)
 
 
-def gluon_sweep_block_v(lanes_k: int) -> int:
-    """Value columns per program of the Gluon sweep: the lanes of a warp not spent on key rows."""
+def gluon_sweep_block_v(lanes_k: int, warps: int = 1) -> int:
+    """Value columns per program of the Gluon sweep: the lanes of a warp not spent on key rows, times the warps."""
     if lanes_k not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"bwd_lanes_k must be a power of two from 1 to 32, got {lanes_k}")
-    return 32 // lanes_k
+    if warps not in (1, 2, 4, 8):
+        raise ValueError(f"bwd_warps must be 1, 2, 4 or 8, got {warps}")
+    return 32 // lanes_k * warps
 
 
 def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
-                   kernel: str = "sweep") -> dict:
+                   kernel: str = "sweep", warps: int = 1) -> dict:
     """Compile the sweep (``kernel="sweep"``) or the local-adjoint pass (``"local"``) for an NVIDIA GPU of compute
     capability ``arch`` without a GPU and count, in its PTX, shared memory bytes, barriers, reciprocals, shuffles
     and atomic adds (a development and test tool, run with TRITON_INTERPRET off; see
@@ -426,7 +431,7 @@ def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False
     types.update(scale="fp32", T="i32", NTOK="i32")
     types.update({n: "*fp32" for n in names if n not in types})
     KA, KB = k_parts(K)
-    constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, HAS_INIT=False,
+    constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=warps, HAS_INIT=False,
                      HAS_DVAR=with_variance, IS_VARLEN=False)
     signature = {name: types[name] for name in names}
     signature.update({name: "constexpr" for name in constants})
@@ -444,7 +449,8 @@ def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False
         raise ValueError(f"kernel must be 'sweep' or 'local', got {kernel!r}")
     fn = unit_local_adjoint_gluon_kernel if kernel == "local" else unit_bwd_gluon_kernel
     source = GluonASTSource(fn, signature, constants, aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
+    num_warps = 1 if kernel == "local" else warps
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
     return {"shared": int(compiled.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),
             "reciprocals": ptx.count("rcp.approx.ftz.f32"), "shuffles": ptx.count("shfl.sync"),

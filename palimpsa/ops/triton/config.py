@@ -19,12 +19,15 @@ class KernelConfig:
     bwd_backend: the backward's reverse sweep, "triton" (``unit_bwd_kernel``), "gluon"
     (``unit_bwd_gluon_kernel``: the same sweep, one warp per program, no reduction across warps) or "auto",
     default from PALIMPSA_BWD_BACKEND, else "auto"; bwd_lanes_k: lanes of a warp that share one value column in
-    the Gluon sweep (each holds K / bwd_lanes_k key rows; the warp owns 32 / bwd_lanes_k columns).
+    the Gluon sweep (each holds K / bwd_lanes_k key rows; the warp owns 32 / bwd_lanes_k columns); bwd_warps:
+    warps per program of the Gluon sweep, side by side over the value columns (1: no reduction crosses warps;
+    more: fewer atomic adds of dq and dk, sums over V through shared memory).
     """
 
     fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "auto"))
     bwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_BWD_BACKEND", "auto"))
     bwd_lanes_k: int = 8
+    bwd_warps: int = 1
     fwd_block_v: int = 32
     fwd_num_warps: int = 4
     bwd_block_v: int = 16
