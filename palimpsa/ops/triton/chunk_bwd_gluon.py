@@ -99,12 +99,10 @@ def _backward_part(mean, imp, adj_m, adj_p, sdi, q, k, v_t, beta_t, do_t, dvar_t
 
 
 @jit
-def _part_token_backward(mean, imp, adj_m, adj_p, sdi, q, k, v, beta, do, dvar, dq, dk, prior_h, scale, tok_h, valid,
-                         alpha, offs_k, mask_k, offs_v, mask_v, K: tl.constexpr, V: tl.constexpr,
-                         HAS_DVAR: tl.constexpr):
-    """Token tok_h's reverse step on one state part (its key rows ``offs_k``, value columns ``offs_v`` in that
-    part's layout): loads the token's inputs, adds dq and dk of these rows atomically; returns the adjoints handed
-    to the token before (decayed), the running sum of DI, and this part's dv, dbeta and share of dg."""
+def _load_token(q, k, v, beta, do, dvar, tok_h, offs_k, mask_k, offs_v, mask_v, valid, scale, K: tl.constexpr,
+                V: tl.constexpr, HAS_DVAR: tl.constexpr):
+    """A token's inputs on one state part, float32: q (times the scale) and k on the key rows ``offs_k``; v,
+    beta, do and dvar (do without a variance gradient) on the value columns ``offs_v``."""
     v_t = load_cols(v, tok_h, offs_v, mask_v, valid, V)
     beta_t = load_cols(beta, tok_h, offs_v, mask_v, valid, V)
     do_t = load_cols(do, tok_h, offs_v, mask_v, valid, V)
@@ -113,6 +111,18 @@ def _part_token_backward(mean, imp, adj_m, adj_p, sdi, q, k, v, beta, do, dvar, 
         dvar_t = load_cols(dvar, tok_h, offs_v, mask_v, valid, V)
     q_t = load_rows(q, tok_h, offs_k, mask_k, valid, K) * scale
     k_t = load_rows(k, tok_h, offs_k, mask_k, valid, K)
+    return q_t, k_t, v_t, beta_t, do_t, dvar_t
+
+
+@jit
+def _part_token_backward(mean, imp, adj_m, adj_p, sdi, q, k, v, beta, do, dvar, dq, dk, prior_h, scale, tok_h, valid,
+                         alpha, offs_k, mask_k, offs_v, mask_v, K: tl.constexpr, V: tl.constexpr,
+                         HAS_DVAR: tl.constexpr):
+    """Token tok_h's reverse step on one state part (its key rows ``offs_k``, value columns ``offs_v`` in that
+    part's layout): loads the token's inputs, adds dq and dk of these rows atomically; returns the adjoints handed
+    to the token before (decayed), the running sum of DI, and this part's dv, dbeta and share of dg."""
+    q_t, k_t, v_t, beta_t, do_t, dvar_t = _load_token(q, k, v, beta, do, dvar, tok_h, offs_k, mask_k, offs_v, mask_v,
+                                                     valid, scale, K, V, HAS_DVAR)
     total_m, total_p, sdi, dv_t, dbeta_t, dk_t, dq_t, dg_next = _backward_part(
         mean, imp, adj_m, adj_p, sdi, q_t, k_t, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
     rows = masked_if(mask_k, valid)
@@ -216,27 +226,15 @@ def unit_local_adjoint_gluon_kernel(
             relax = (1.0 - alpha) * prior_h
             b_acc += g_t
             weight = gl.exp(b_acc)
-            v_t = load_cols(v, tok_h, offs_v, mask_v, True, V)
-            beta_t = load_cols(beta, tok_h, offs_v, mask_v, True, V)
-            do_t = load_cols(do, tok_h, offs_v, mask_v, True, V)
-            dvar_t = do_t
-            if HAS_DVAR:
-                dvar_t = load_cols(dvar, tok_h, offs_v, mask_v, True, V)
-            q_a = load_rows(q, tok_h, offs_a, mask_a, True, K) * scale
-            k_a = load_rows(k, tok_h, offs_a, mask_a, True, K)
+            q_a, k_a, v_t, beta_t, do_t, dvar_t = _load_token(q, k, v, beta, do, dvar, tok_h, offs_a, mask_a, offs_v,
+                                                             mask_v, True, scale, K, V, HAS_DVAR)
             mean_a, imp_a, dm_a, di_a = _direct(mean_a, imp_a, k_a, q_a, v_t, beta_t, do_t, dvar_t, alpha, relax,
                                                 HAS_DVAR)
             acc_m_a += weight * dm_a
             acc_p_a += weight * di_a
             if HAS_B:
-                v_b = load_cols(v, tok_h, offs_vb, mask_vb, True, V)
-                beta_b = load_cols(beta, tok_h, offs_vb, mask_vb, True, V)
-                do_b = load_cols(do, tok_h, offs_vb, mask_vb, True, V)
-                dvar_b = do_b
-                if HAS_DVAR:
-                    dvar_b = load_cols(dvar, tok_h, offs_vb, mask_vb, True, V)
-                q_b = load_rows(q, tok_h, offs_b, mask_b, True, K) * scale
-                k_b = load_rows(k, tok_h, offs_b, mask_b, True, K)
+                q_b, k_b, v_b, beta_b, do_b, dvar_b = _load_token(q, k, v, beta, do, dvar, tok_h, offs_b, mask_b,
+                                                                 offs_vb, mask_vb, True, scale, K, V, HAS_DVAR)
                 mean_b, imp_b, dm_b, di_b = _direct(mean_b, imp_b, k_b, q_b, v_b, beta_b, do_b, dvar_b, alpha,
                                                     relax, HAS_DVAR)
                 acc_m_b += weight * dm_b
