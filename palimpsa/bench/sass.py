@@ -1,10 +1,13 @@
 """Compile the Palimpsa Triton kernels for Hopper (sm_90) without a GPU and report their resources.
 
-    python -m palimpsa.bench.sass [--shape 760M-like] [--fwd-block-v 32] [--bwd-num-warps 4]
+    python -m palimpsa.bench.sass [--shape 760M-like] [--fwd-block-v 32] [--bwd-num-warps 4] [--gluon]
 
 Triton's wheel ships ptxas and cuobjdump, so the kernels compile on any Linux machine; this prints, per
 kernel, the registers, spill stack and a count of the SASS instructions that matter for these kernels
-(FP32 pipe, MUFU reciprocals and exponentials, shuffles and barriers of reductions, loads and stores).
+(FP32 pipe, MUFU reciprocals and exponentials, shuffles and barriers of reductions, loads and stores), and the
+occupancy its registers allow.  --gluon adds the Gluon kernels of the per-channel op (output kernel, local
+adjoints, reverse sweep; ``CONFIG.bwd_lanes_k`` and ``CONFIG.bwd_warps``), which run by default on an H100/H200 at
+48 <= K <= 96.
 """
 
 from __future__ import annotations
@@ -31,17 +34,19 @@ def _tool(name: str) -> str:
     return paths[0]
 
 
-def compile_report(fn, args: Dict[str, object], num_warps: int, name: str) -> Dict[str, object]:
-    """Compile ``fn`` for sm_90. ``args`` maps every argument to a type string ('*bf16', 'i32', ...) or a
-    constexpr value.  Returns registers, stack bytes and SASS instruction counts."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64  # Hopper
 
-    signature = {a: (v if isinstance(v, str) else "constexpr") for a, v in args.items()}
-    constexprs = {a: v for a, v in args.items() if not isinstance(v, str)}
-    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+def occupancy(registers: int, num_warps: int) -> float:
+    """Resident warps per SM over the maximum, as registers allow (allocated per warp in units of 256)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = REGISTERS_PER_SM // (per_warp * num_warps)
+    return min(blocks * num_warps, MAX_WARPS_PER_SM) / MAX_WARPS_PER_SM
+
+
+def resource_report(compiled, num_warps: int, name: str) -> Dict[str, object]:
+    """Registers, stack bytes (spills), occupancy and SASS instruction counts of a kernel Triton compiled."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{name}.cubin")
         with open(path, "wb") as handle:
@@ -54,8 +59,34 @@ def compile_report(fn, args: Dict[str, object], num_warps: int, name: str) -> Di
         match = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
         if match:
             ops[match.group(1)] += 1
-    return {"kernel": name, "num_warps": num_warps, "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "ops": {k: ops[k] for k in KEY_OPS if ops[k]}}
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    return {"kernel": name, "num_warps": num_warps, "registers": registers,
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "occupancy": occupancy(registers, num_warps),
+            "ops": {k: ops[k] for k in KEY_OPS if ops[k]}}
+
+
+def compile_report(fn, args: Dict[str, object], num_warps: int, name: str) -> Dict[str, object]:
+    """Compile ``fn`` for sm_90. ``args`` maps every argument to a type string ('*bf16', 'i32', ...) or a
+    constexpr value.  Returns :func:`resource_report`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {a: (v if isinstance(v, str) else "constexpr") for a, v in args.items()}
+    constexprs = {a: v for a, v in args.items() if not isinstance(v, str)}
+    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return resource_report(compiled, num_warps, name)
+
+
+def gluon_reports(shape, lanes_k: int, sweep_warps: int):
+    """:func:`resource_report` of the Gluon output kernel, local-adjoint pass and reverse sweep at ``shape``."""
+    from palimpsa.ops.triton import chunk_bwd_gluon, chunk_fwd_gluon
+
+    K, V = shape.K, shape.V
+    yield resource_report(chunk_fwd_gluon.compile_sm(K, V), chunk_fwd_gluon.gluon_warps(V), "gluon_output")
+    yield resource_report(chunk_bwd_gluon.compile_sm(K, V, lanes_k, kernel="local"), 1, "gluon_local_adjoint")
+    yield resource_report(chunk_bwd_gluon.compile_sm(K, V, lanes_k, warps=sweep_warps), sweep_warps, "gluon_sweep")
 
 
 def kernel_args(shape, fwd_block_v: int, bwd_block_v: int) -> Dict[str, Dict[str, object]]:
@@ -82,7 +113,7 @@ def kernel_args(shape, fwd_block_v: int, bwd_block_v: int) -> Dict[str, Dict[str
                                    U=4, KA=KA, KB=KB, BV=v_block(V, bwd_block_v), HAS_DVAR=False, IS_VARLEN=False,
                                    FAST=True),
         "unit_bwd": dict(common, h_mean=f32, h_imp=f32, adj_mean=f32, adj_imp=f32, mu0=f32, imp0=f32, do=dt,
-                         dvar=dt, dq=f32, dk=f32, dv=dt, dbeta=dt, dlogb=f32, dprior=f32, dmu0=f32, dimp0=f32,
+                         dvar=dt, dq=f32, dk=f32, dv=dt, dbeta=dt, dg_part=f32, dprior=f32, dmu0=f32, dimp0=f32,
                          unit_indices=None, unit_offsets=None, chunk_offsets=None, NTOK="i32", C=32, U=4, KA=KA,
                          KB=KB, BV=v_block(V, bwd_block_v), HAS_INIT=False, HAS_DVAR=False, IS_VARLEN=False,
                          FAST=True),
@@ -100,6 +131,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fwd-num-warps", type=int, default=CONFIG.fwd_num_warps)
     parser.add_argument("--bwd-block-v", type=int, default=CONFIG.bwd_block_v)
     parser.add_argument("--bwd-num-warps", type=int, default=CONFIG.bwd_num_warps or 4)
+    parser.add_argument("--gluon", action="store_true", help="add the Gluon kernels of the per-channel op")
     args = parser.parse_args(argv)
     kernels = {"chunk_states": (chunk_state.chunk_states_kernel, 4),
                "chunk_fwd": (chunk_fwd.chunk_fwd_kernel, args.fwd_num_warps),
@@ -107,12 +139,14 @@ def main(argv=None) -> int:
                "unit_bwd": (chunk_bwd.unit_bwd_kernel, args.bwd_num_warps)}
     shapes = BENCH_SHAPES if args.shape == "all" else (shape_by_name(args.shape),)
     for shape in shapes:
-        for name, kernel_arguments in kernel_args(shape, args.fwd_block_v, args.bwd_block_v).items():
-            fn, warps = kernels[name]
-            rep = compile_report(fn, kernel_arguments, warps, name)
+        reports = [compile_report(kernels[name][0], kernel_arguments, kernels[name][1], name)
+                   for name, kernel_arguments in kernel_args(shape, args.fwd_block_v, args.bwd_block_v).items()]
+        if args.gluon:
+            reports += list(gluon_reports(shape, CONFIG.bwd_lanes_k, CONFIG.bwd_warps))
+        for rep in reports:
             ops = " ".join(f"{k}={v}" for k, v in rep["ops"].items())
-            print(f"{shape.name:10s} {name:19s} warps={warps} regs={rep['registers']:3d} stack={rep['stack']:4d} | {ops}",
-                  flush=True)
+            print(f"{shape.name:10s} {rep['kernel']:19s} warps={rep['num_warps']} regs={rep['registers']:3d} "
+                  f"stack={rep['stack']:4d} occupancy={rep['occupancy']:.0%} | {ops}", flush=True)
     return 0
 
 

@@ -407,14 +407,12 @@ def gluon_sweep_block_v(lanes_k: int, warps: int = 1) -> int:
     return 32 // lanes_k * warps
 
 
-def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
-                   kernel: str = "sweep", warps: int = 1) -> dict:
-    """Compile the sweep (``kernel="sweep"``) or the local-adjoint pass (``"local"``) for an NVIDIA GPU of compute
-    capability ``arch`` without a GPU and count, in its PTX, shared memory bytes, barriers, reciprocals, shuffles
-    and atomic adds (a development and test tool, run with TRITON_INTERPRET off; see
-    chunk_fwd_gluon.compile_report)."""
-    import re
-
+def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
+               kernel: str = "sweep", warps: int = 1):
+    """The sweep (``kernel="sweep"``, ``warps`` warps per program) or the local-adjoint pass (``"local"``, one
+    warp) compiled for an NVIDIA GPU of compute capability ``arch`` without a GPU, at H = 16 heads (Triton's
+    compiled kernel).  A development and test tool, run with TRITON_INTERPRET off (see
+    chunk_fwd_gluon.compile_sm)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -431,24 +429,32 @@ def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False
     KA, KB = k_parts(K)
     constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=warps, HAS_INIT=False,
                      HAS_DVAR=with_variance, IS_VARLEN=False)
-    signature = {name: types[name] for name in names}
-    signature.update({name: "constexpr" for name in constants})
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name].startswith("*")}
     if kernel == "local":
         names = ("q", "k", "v", "g", "beta", "prior", "h_mean", "h_imp", "adj_mean", "adj_imp", "unit_decay", "do",
                  "dvar", "cu_seqlens", "unit_indices", "unit_offsets", "chunk_offsets", "scale", "T")
         types["unit_decay"] = "*fp32"
         constants = {n: constants[n] for n in ("H", "K", "V", "C", "U", "KA", "KB", "LANES_K", "HAS_DVAR",
                                                "IS_VARLEN")}
-        signature = {name: types[name] for name in names}
-        signature.update({name: "constexpr" for name in constants})
-        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name].startswith("*")}
     elif kernel != "sweep":
         raise ValueError(f"kernel must be 'sweep' or 'local', got {kernel!r}")
+    signature = {name: types[name] for name in names}
+    signature.update({name: "constexpr" for name in constants})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name].startswith("*")}
     fn = unit_local_adjoint_gluon_kernel if kernel == "local" else unit_bwd_gluon_kernel
     source = GluonASTSource(fn, signature, constants, aligned)
     num_warps = 1 if kernel == "local" else warps
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
+                   kernel: str = "sweep", warps: int = 1) -> dict:
+    """Compile (:func:`compile_sm`) and count, in the PTX, shared memory bytes, barriers, reciprocals, shuffles
+    and atomic adds."""
+    import re
+
+    import triton
+
+    compiled = compile_sm(K, V, lanes_k, with_variance, arch, kernel, warps)
     ptx = compiled.asm["ptx"]
     return {"shared": int(compiled.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),
             "reciprocals": ptx.count("rcp.approx.ftz.f32"), "shuffles": ptx.count("shfl.sync"),

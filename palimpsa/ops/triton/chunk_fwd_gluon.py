@@ -177,13 +177,11 @@ def fwd_output_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     return o, (var if output_variance else None)
 
 
-def compile_report(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90) -> dict:
-    """Compile the kernel for an NVIDIA GPU of compute capability ``arch`` (90: H100/H200) without a GPU, and
-    count what its speed depends on: shared memory bytes, barriers, reciprocals and butterfly shuffles in its
-    PTX (the token loop's, once each).  A development and test tool: it uses Triton's compiler directly, and it
-    needs a process where TRITON_INTERPRET is off (Gluon kernels cannot be interpreted)."""
-    import re
-
+def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90):
+    """The kernel compiled for an NVIDIA GPU of compute capability ``arch`` (90: H100/H200) without a GPU, at
+    H = 16 heads (Triton's compiled kernel: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``).  A development
+    and test tool: it uses Triton's compiler directly, and it needs a process where TRITON_INTERPRET is off
+    (Gluon kernels cannot be interpreted)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -199,8 +197,16 @@ def compile_report(K: int, V: int, with_variance: bool = False, varlen: bool = F
     signature.update({name: "constexpr" for name in constants})
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name].startswith("*")}
     source = GluonASTSource(chunk_output_gluon_kernel, signature, constants, aligned)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def compile_report(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90) -> dict:
+    """Compile the kernel (:func:`compile_sm`) and count what its speed depends on: shared memory bytes,
+    barriers, reciprocals and butterfly shuffles in its PTX (the token loop's, once each)."""
+    import re
+
+    kernel = compile_sm(K, V, with_variance, varlen, arch)
     ptx = kernel.asm["ptx"]
     return {"shared": int(kernel.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),
             "reciprocals": ptx.count("rcp.approx.ftz.f32"), "shuffles": ptx.count("shfl.sync.bfly"),
-            "warps": warps, "triton": triton.__version__}
+            "warps": gluon_warps(V), "triton": triton.__version__}

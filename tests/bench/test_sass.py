@@ -1,0 +1,40 @@
+"""``python -m palimpsa.bench.sass``: every kernel of the per-channel op, Triton and Gluon, compiles for sm_90 without
+a GPU and reports its registers, spills, occupancy and SASS counts (in a subprocess: this session interprets
+Triton kernels, see tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from palimpsa.bench.sass import occupancy  # noqa: E402
+
+KERNELS = ("chunk_states", "chunk_fwd", "unit_local_adjoint", "unit_bwd", "gluon_output", "gluon_local_adjoint",
+           "gluon_sweep")
+
+
+def test_every_kernel_compiles_and_reports_its_resources():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-m", "palimpsa.bench.sass", "--shape", "170M-like", "--gluon"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("170M-like")}
+    assert set(rows) == set(KERNELS), done.stdout
+    for name, line in rows.items():
+        registers = int(re.search(r"regs=\s*(\d+)", line).group(1))
+        assert 0 < registers <= 255, line
+        assert "MUFU=" in line, line  # every kernel takes exponentials or reciprocals
+    assert "BAR=" not in rows["gluon_sweep"] and "BAR=" not in rows["gluon_output"]  # no reduction crosses warps
+
+
+def test_occupancy_follows_registers_and_warps():
+    assert occupancy(32, 4) == 1.0  # 64 warps fit
+    assert occupancy(255, 1) == 8 / 64  # 256 registers a thread: 8 warps of 32 threads fill the 65,536
+    assert occupancy(128, 4) == 16 / 64
+    assert occupancy(168, 4) == 12 / 64  # 168 -> 5,376 a warp: 3 blocks of 4 warps
