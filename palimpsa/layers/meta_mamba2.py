@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from palimpsa.layers.checks import binary_mask, check_has_tokens
-from palimpsa.layers.modules import causal_conv_taps, positions_in_sequences
+from palimpsa.layers.modules import add_scaled_skip, causal_conv_taps, positions_in_sequences
 from palimpsa.ops import chunk_palimpsa, fused_recurrent_palimpsa, naive_palimpsa, palimpsa_step
 from palimpsa.ops.checks import check_cu_seqlens
 
@@ -258,15 +258,16 @@ class MetaMamba2(nn.Module):
         """beta = sigmoid(W_up W_down u) * softplus(c_h) * dt.
 
         u: [B, T, d]; dt: [B, T, H] (after softplus).  Returns beta [B, T, H, G] (G = importance_groups) in the
-        dtype of dt, or None when metaplasticity is off (the op then runs as gated linear attention: Mamba2).
+        projection's dtype (bf16 under autocast), or None when metaplasticity is off (the op then runs as gated
+        linear attention: Mamba2).
         """
         if not self.metaplasticity:
             return None
-        # the sigmoid in the projection's dtype, one product into dt's dtype: no extra float32 [B, T, H, P] copy
+        # the sigmoid in the projection's dtype, the per-head factor cast to it: no float32 [B, T, H, G] copy
         gate = torch.sigmoid(self.importance_up_proj(self.importance_down_proj(u)))
         gate = rearrange(gate, "b t (h g) -> b t h g", g=self.importance_groups)
         factor = F.softplus(self.importance_scale.to(dt.dtype)) * dt  # [B, T, H]
-        return gate * factor[..., None]
+        return gate * factor[..., None].to(gate.dtype)
 
     def forward(
         self,
@@ -313,6 +314,10 @@ class MetaMamba2(nn.Module):
 
         u = hidden_states if mask is None else hidden_states * mask
         projected = self.in_proj(u)
+        # The op takes q, k, v and beta in the projections' dtype (bf16 under autocast; it computes in float32,
+        # as Mamba2's kernels do with their bf16 x, B and C): no float32 copies of [B, T, H, N] and [B, T, H, P]
+        # tensors, which the op would keep for its backward (B and C are repeated over every head of a group).
+        op_dtype = projected.dtype
         z, xBC, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
 
         prefix = cache.conv_state if cache is not None else None
@@ -326,16 +331,16 @@ class MetaMamba2(nn.Module):
 
         dt = F.softplus(dt.to(fdtype) + self.dt_bias.to(fdtype))
         dt = dt.clamp(min=self.time_step_limit[0], max=self.time_step_limit[1])  # [B, T, H]
-        x = rearrange(x.to(fdtype), "b t (h p) -> b t h p", p=self.head_dim)
+        x = rearrange(x, "b t (h p) -> b t h p", p=self.head_dim)
         heads_per_group = self.num_heads // self.n_groups
-        q = repeat(Cmat.to(fdtype), "b t (g n) -> b t (g r) n", g=self.n_groups, r=heads_per_group)
-        k = repeat(Bmat.to(fdtype), "b t (g n) -> b t (g r) n", g=self.n_groups, r=heads_per_group)
-        v = x * dt[..., None]
-        g = -dt * torch.exp(self.A_log.to(fdtype))
+        q = repeat(Cmat.to(op_dtype), "b t (g n) -> b t (g r) n", g=self.n_groups, r=heads_per_group)
+        k = repeat(Bmat.to(op_dtype), "b t (g n) -> b t (g r) n", g=self.n_groups, r=heads_per_group)
+        v = (x.to(fdtype) * dt[..., None]).to(op_dtype)  # one rounding, of the product
+        g = -dt * torch.exp(self.A_log.to(fdtype))  # the log decay stays in float32
         beta = self.importance_gate(u, dt)
 
         o, variance = self._scan(q, k, v, g, beta, cache, cu_seqlens, output_variance)
-        y = o + self.D.to(fdtype)[:, None] * x
+        y = add_scaled_skip(o, x, self.D, op_dtype)  # o + D * x in float32
         y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z)
         out = self.out_proj(y.to(dtype))
         if cache is not None:

@@ -187,3 +187,31 @@ def test_depthwise_convolution_is_time_major_and_its_two_paths_agree():
     expected = torch.nn.functional.conv1d(full, weight[:, None], bias, groups=6).transpose(1, 2)
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(new_prefix, x[:, -3:].transpose(1, 2))
+
+
+@pytest.mark.parametrize("metaplasticity", [True, False])
+def test_under_bfloat16_autocast_the_op_gets_bf16_inputs_and_a_float32_decay(metaplasticity, monkeypatch):
+    """Under autocast the op receives q, k, v and beta in the projections' bf16 (no float32 [B, T, H, N] or
+    [B, T, H, P] copies for it to keep), the log decay in float32; the output stays close to float32's and every
+    parameter gets a finite gradient."""
+    from palimpsa.layers import meta_mamba2
+
+    seen = {}
+    original = meta_mamba2.chunk_palimpsa
+
+    def spy(q, k, v, g, beta, **kwargs):
+        seen.update(q=q.dtype, k=k.dtype, v=v.dtype, g=g.dtype, beta=None if beta is None else beta.dtype)
+        return original(q, k, v, g, beta, **kwargs)
+
+    monkeypatch.setattr(meta_mamba2, "chunk_palimpsa", spy)
+    layer = make_layer(metaplasticity=metaplasticity).float()
+    u = torch.randn(2, 12, D_MODEL, generator=torch.Generator().manual_seed(1))
+    reference, _ = layer(u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = layer(u)
+    assert seen["q"] == seen["k"] == seen["v"] == torch.bfloat16 and seen["g"] == torch.float32
+    assert seen["beta"] == (torch.bfloat16 if metaplasticity else None)
+    error = (out.float() - reference).norm() / reference.norm()
+    assert error < 3e-2, error
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters() if p.requires_grad)
