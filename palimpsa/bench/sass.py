@@ -6,8 +6,8 @@ Triton's wheel ships ptxas and cuobjdump, so the kernels compile on any Linux ma
 kernel, the registers, spill stack and a count of the SASS instructions that matter for these kernels
 (FP32 pipe, MUFU reciprocals and exponentials, shuffles and barriers of reductions, loads and stores), and the
 occupancy its registers allow.  --gluon adds the Gluon kernels of the per-channel op (output kernel, local
-adjoints, reverse sweep; ``CONFIG.bwd_lanes_k`` and ``CONFIG.bwd_warps``), which run by default on an H100/H200 at
-48 <= K <= 96.
+adjoints, reverse sweep; ``CONFIG.bwd_lanes_k`` and ``CONFIG.bwd_warps``), which run by default on an sm_90 GPU at
+K = 48, 64 or 96.
 """
 
 from __future__ import annotations
@@ -36,12 +36,14 @@ def _tool(name: str) -> str:
 
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64  # Hopper
+MAX_BLOCKS_PER_SM = 32
 
 
 def occupancy(registers: int, num_warps: int) -> float:
-    """Resident warps per SM over the maximum, as registers allow (allocated per warp in units of 256)."""
+    """Resident warps per SM over the maximum, as registers (allocated per warp in units of 256) and the limit of
+    32 resident blocks allow; shared memory is not counted (these kernels use at most a few kB)."""
     per_warp = -(-registers * 32 // 256) * 256
-    blocks = REGISTERS_PER_SM // (per_warp * num_warps)
+    blocks = min(REGISTERS_PER_SM // (per_warp * num_warps), MAX_BLOCKS_PER_SM)
     return min(blocks * num_warps, MAX_WARPS_PER_SM) / MAX_WARPS_PER_SM
 
 

@@ -340,7 +340,10 @@ class MetaMamba2(nn.Module):
         beta = self.importance_gate(u, dt)
 
         o, variance = self._scan(q, k, v, g, beta, cache, cu_seqlens, output_variance)
-        y = add_scaled_skip(o, x, self.D, op_dtype)  # o + D * x in float32
+        variance = variance.to(fdtype) if variance is not None else None  # the op returns it in its input dtype
+        # o + D * x computed in float32 and rounded to the op's dtype, which the gated norm takes up to float32
+        # again (as Mamba2's fused kernels hand it their bf16 output)
+        y = add_scaled_skip(o, x, self.D, op_dtype)
         y = self.norm(rearrange(y, "b t h p -> b t (h p)"), z)
         out = self.out_proj(y.to(dtype))
         if cache is not None:
@@ -349,7 +352,8 @@ class MetaMamba2(nn.Module):
         return out, variance
 
     def _scan(self, q, k, v, g, beta, cache, cu_seqlens, output_variance):
-        """The Palimpsa op (float32).  q, k [B, T, H, N]; v [B, T, H, P]; beta [B, T, H, G] or None; g [B, T, H].
+        """The Palimpsa op (float32 arithmetic and states whatever the inputs' dtype).  q, k [B, T, H, N];
+        v [B, T, H, P]; beta [B, T, H, G] or None, all in one dtype; g [B, T, H] float32.
 
         Returns o [B, T, H, P] and the variance (or None); updates ``cache.ssm_state`` in place.
         """

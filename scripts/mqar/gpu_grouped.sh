@@ -63,7 +63,8 @@
 # One process per state size instead (WORKERS=1, optionally MAX_STEPS=N): each sweep runs its runs one after another
 # in one process, so the GPU is never time-sliced between CUDA contexts (the suspect in gpu5_grouped's 1.3 s per
 # step: each of 19 processes waited for its turn on the card at every synchronisation); no lockstep then, each run
-# gets an equal share of the budget as its time limit, and MAX_STEPS caps every run at the same length.
+# gets an equal share of the budget as its time limit, and MAX_STEPS caps every run at the same length (a run that
+# reaches its time limit first ends shorter: summary.md's steps say so).  Keep the runs per call few (SEEDS=0).
 # WORKERS=N (1 < N < runs) runs N at a time.
 # Overrides (environment): MODELS, LRS, SEEDS, SETTING (L:KV), D_MODEL, NUM_HEADS, STATES ("name:K:V ..."), BATCH,
 # WARMUP, EVAL_EVERY, WORKERS (every run at once), MAX_STEPS (the preset's epochs), EXTRA_ARGS (added to both
@@ -181,7 +182,7 @@ else
     log "checks skipped (CHECK=0): op backend auto"
 fi
 
-# ---- the sweeps, all runs at once
+# ---- the sweeps: all runs at once (default), or WORKERS at a time
 BUDGET=$(( WALL_S - REPORT_S - SECONDS ))
 TIME_LIMIT=$(( BUDGET - SLACK_S ))
 if [ "$WORKERS" -eq "$RUNS" ]; then  # every run at once, in lockstep: the runs of a state size agree on one length

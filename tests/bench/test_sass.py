@@ -38,3 +38,4 @@ def test_occupancy_follows_registers_and_warps():
     assert occupancy(255, 1) == 8 / 64  # 256 registers a thread: 8 warps of 32 threads fill the 65,536
     assert occupancy(128, 4) == 16 / 64
     assert occupancy(168, 4) == 12 / 64  # 168 -> 5,376 a warp: 3 blocks of 4 warps
+    assert occupancy(32, 1) == 32 / 64  # one-warp blocks: at most 32 resident

@@ -208,7 +208,8 @@ def test_under_bfloat16_autocast_the_op_gets_bf16_inputs_and_a_float32_decay(met
     u = torch.randn(2, 12, D_MODEL, generator=torch.Generator().manual_seed(1))
     reference, _ = layer(u)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = layer(u)
+        out, variance = layer(u, output_variance=True)
+    assert variance.dtype == torch.float32  # as documented, whatever dtype the op computed it in
     assert seen["q"] == seen["k"] == seen["v"] == torch.bfloat16 and seen["g"] == torch.float32
     assert seen["beta"] == (torch.bfloat16 if metaplasticity else None)
     error = (out.float() - reference).norm() / reference.norm()

@@ -122,8 +122,9 @@ def test_the_forward_backend_is_checked():
 
 
 def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
-    """"auto": Gluon on a CUDA tensor of an sm_90 device at 48 <= K <= 96 (checked and faster there on an H200),
-    Triton for every other key size, architecture, CPU tensors and under the interpreter."""
+    """"auto": Gluon on a CUDA tensor of an sm_90 device at K = 48, 64 or 96 (checked and faster there on an
+    H200), Triton for every other key size (even between those), architecture, CPU tensors and under the
+    interpreter."""
     class FakeCuda:
         is_cuda = True
         device = "cuda:0"
@@ -134,8 +135,8 @@ def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
     monkeypatch.setattr(function, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with kernel_config(fwd_backend="auto", bwd_backend="auto"):
-        for K, expected in ((16, "triton"), (32, "triton"), (48, "gluon"), (64, "gluon"), (96, "gluon"),
-                            (128, "triton")):
+        for K, expected in ((16, "triton"), (32, "triton"), (48, "gluon"), (56, "triton"), (64, "gluon"),
+                            (80, "triton"), (96, "gluon"), (128, "triton")):
             assert function.output_kernel(FakeCuda(K)) == expected, K
             assert function.sweep_kernel(FakeCuda(K)) == expected, K
         assert function.output_kernel(torch.zeros(1, 1, 1, 64)) == "triton"  # a CPU tensor
@@ -146,3 +147,18 @@ def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
         assert function.sweep_kernel(FakeCuda(64)) == "triton"
     with kernel_config(bwd_backend="gluon"):
         assert function.sweep_kernel(torch.zeros(1, 1, 1, 16)) == "gluon"  # an explicit choice is kept
+
+
+def test_sweep_settings_are_checked():
+    from palimpsa.ops.triton.chunk_bwd import chunk_bwd
+    from palimpsa.ops.triton.utils import SequenceLayout
+
+    for bad in (dict(bwd_lanes_k=3), dict(bwd_warps=3)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            with kernel_config(**bad):
+                pass
+    q = torch.zeros(1, 4, 1, 16)
+    v = torch.zeros(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="bwd_lanes_k"):  # 32 lanes for 16 key rows: none for some lanes
+        chunk_bwd(q, q, v, torch.zeros(1, 4, 1), v, torch.ones(1), 1.0, None, SequenceLayout(1, 4, None, q.device),
+                  v, None, None, sweep="gluon", lanes_k=32)

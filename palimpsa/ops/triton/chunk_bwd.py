@@ -487,6 +487,11 @@ def chunk_bwd(
     if num_warps is None:  # about 6 state elements per thread and tile: the sweep keeps ~15 tiles live
         num_warps = 4 if (KA + KB) * BV <= 1024 else 8
     NV = triton.cdiv(V, BV)
+    if sweep == "gluon" and (lanes_k > KA or 0 < KB < lanes_k):
+        raise ValueError(f"bwd_lanes_k ({lanes_k}) must not exceed the key rows of each part of K = {K} ({KA}"
+                         + (f" and {KB}" if KB else "") + "): every lane of a column holds at least one row")
+    # units sized for the Triton sweep's value blocks, also when the Gluon sweep runs with its narrower blocks
+    # (more programs than target_programs): the setting its timings were taken with
     U = unit_chunks if unit_chunks is not None else default_unit_chunks(layout, H, NV, C, target_programs)
     W = U * C
     fast = not interpreting()

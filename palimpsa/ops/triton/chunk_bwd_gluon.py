@@ -17,7 +17,7 @@ LANES_K lanes of a column each hold K / LANES_K consecutive key rows (``size_per
 
 As for the output kernel, the source runs as plain Triton under the CPU interpreter
 (:mod:`palimpsa.ops.triton.gluon_shim`), where the tests check it against the float64 reference;
-``CONFIG.bwd_backend`` chooses it ("auto" by default: on an H100/H200 at 48 <= K <= 96, where it was
+``CONFIG.bwd_backend`` chooses it ("auto" by default: on an sm_90 GPU at K = 48, 64 or 96, where it was
 checked and measured faster).
 """
 

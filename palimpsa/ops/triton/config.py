@@ -21,7 +21,10 @@ class KernelConfig:
     default from PALIMPSA_BWD_BACKEND, else "auto"; bwd_lanes_k: lanes of a warp that share one value column in
     the Gluon sweep (each holds K / bwd_lanes_k key rows; the warp owns 32 / bwd_lanes_k columns); bwd_warps:
     warps per program of the Gluon sweep, side by side over the value columns (1: no reduction crosses warps;
-    more: fewer atomic adds of dq and dk, sums over V through shared memory).
+    more: fewer atomic adds of dq and dk, sums over V through shared memory; checked in the CPU interpreter and
+    compiled for sm_90, not yet checked on a GPU).  The Gluon sweep adds dq, dk and dg atomically over its value
+    blocks, so they may differ in the last bits from run to run.  The environment variables are read when this
+    module is imported.
     """
 
     fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "auto"))
@@ -50,6 +53,10 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
         raise ValueError(f"fwd_backend must be one of {FWD_BACKENDS}, got {changes['fwd_backend']!r}")
     if changes.get("bwd_backend", "auto") not in BWD_BACKENDS:
         raise ValueError(f"bwd_backend must be one of {BWD_BACKENDS}, got {changes['bwd_backend']!r}")
+    if changes.get("bwd_lanes_k", 8) not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"bwd_lanes_k must be a power of two from 1 to 32, got {changes['bwd_lanes_k']!r}")
+    if changes.get("bwd_warps", 1) not in (1, 2, 4, 8):
+        raise ValueError(f"bwd_warps must be 1, 2, 4 or 8, got {changes['bwd_warps']!r}")
     saved = dataclasses.replace(CONFIG)
     for name, value in changes.items():
         setattr(CONFIG, name, value)

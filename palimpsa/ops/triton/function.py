@@ -15,7 +15,7 @@ from palimpsa.ops.checks import PreparedInputs
 from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
-from palimpsa.ops.triton.config import CONFIG, FWD_BACKENDS
+from palimpsa.ops.triton.config import BWD_BACKENDS, CONFIG, FWD_BACKENDS
 from palimpsa.ops.triton.step import launch_step
 from palimpsa.ops.triton.utils import SequenceLayout, interpreting
 
@@ -25,8 +25,9 @@ DEFAULT_CHUNK_SIZE = 64
 
 # Where "auto" picks the Gluon kernels: the key sizes at which they passed the float64 check on an H200 and ran
 # faster than the Triton ones, forward and backward (K = 48, 64 and 96: results/bench/README.md, fourth
-# session, calls 3 and 5; at K = 128 they were slower), on that architecture (compute capability 9.0) only.
-GLUON_KEY_SIZES = (48, 96)
+# session, calls 3 and 5; at K = 128 they were slower), on that architecture (compute capability 9.0, the H200's
+# and H100's) only.  Other key sizes run the Triton kernels until they are measured.
+GLUON_KEY_SIZES = frozenset({48, 64, 96})
 GLUON_CAPABILITIES = ((9, 0),)
 
 
@@ -36,18 +37,18 @@ def _gluon_measured_faster(q: torch.Tensor) -> bool:
         return False
     if torch.cuda.get_device_capability(q.device) not in GLUON_CAPABILITIES:
         return False
-    lowest, highest = GLUON_KEY_SIZES
-    return lowest <= q.shape[-1] <= highest
+    return q.shape[-1] in GLUON_KEY_SIZES
 
 
-def resolve_backend(setting: str, q: torch.Tensor, what: str) -> str:
-    """The kernel family that runs for ``setting`` ("auto", "triton" or "gluon") on queries ``q`` [B, T, H, K].
+def resolve_backend(setting: str, q: torch.Tensor, what: str, allowed=FWD_BACKENDS) -> str:
+    """The kernel family that runs for ``setting`` (one of ``allowed``: "auto", "triton" or "gluon") on queries
+    ``q`` [B, T, H, K].
 
     "auto" gives "gluon" only where :func:`_gluon_measured_faster`, else "triton".  ``what`` names the setting
     in the error for anything else ("the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND)").
     """
-    if setting not in FWD_BACKENDS:
-        raise ValueError(f"{what} must be one of {FWD_BACKENDS}, got {setting!r}")
+    if setting not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, got {setting!r}")
     if setting == "auto":
         return "gluon" if _gluon_measured_faster(q) else "triton"
     return setting
@@ -61,7 +62,8 @@ def output_kernel(q: torch.Tensor) -> str:
 
 def sweep_kernel(q: torch.Tensor) -> str:
     """The backward's reverse-sweep kernel for ``q``, from ``CONFIG.bwd_backend``: "triton" or "gluon"."""
-    return resolve_backend(CONFIG.bwd_backend, q, "the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND)")
+    return resolve_backend(CONFIG.bwd_backend, q, "the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND)",
+                           BWD_BACKENDS)
 
 
 def _absent(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
