@@ -89,6 +89,9 @@ def add_parser(subparsers) -> None:
                         "number of steps, the smallest any of them fits (each run waits while it is ahead of the "
                         "slowest; needs --workers-per-device x devices >= runs; use --warmup-steps >= 200 so that "
                         "the fitted length changes no learning rate already used)")
+    p.add_argument("--compile", action="store_true",
+                   help="run every block through torch.compile on CUDA (fewer, fused kernels; the math is unchanged; "
+                        "each process compiles once per model shape)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per run (default: cores shared evenly among CPU workers)")
     p.add_argument("--devices", nargs="+", default=None, help="e.g. cuda:0 cuda:1 (default: all GPUs, else cpu)")
@@ -147,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
                           op_backend=args.op_backend, threads=args.threads,
                           checkpoints=not args.no_checkpoints,
                           op_backend_by_model={model: "torch" for model in args.torch_op_for},
-                          equal_steps=args.equal_steps)
+                          equal_steps=args.equal_steps, compile_blocks=args.compile)
         print(f"{stats['planned']} runs planned, {stats['skipped']} already done, {stats['recorded']} recorded "
               f"now -> {out / RESULTS_FILE}", file=sys.stderr)
     table, written = write_report(out / RESULTS_FILE, out)

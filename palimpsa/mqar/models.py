@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from palimpsa.layers.gated_deltanet import GatedDeltaNet
-from palimpsa.layers.modules import RMSNorm, SwiGLUMLP
+from palimpsa.layers.modules import RMSNorm, SwiGLUMLP, compiled_block_forward
 
 MODEL_NAMES = ("palimpsa", "notpalimpsa", "meta_mamba2", "mamba2", "gated_deltanet", "attention")
 METAPLASTIC_MODELS = ("palimpsa", "meta_mamba2")
@@ -224,8 +224,10 @@ class MQARBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, eps=1e-5) if config.mlp else None
         self.mlp = SwiGLUMLP(config.d_model, hidden_ratio=4) if config.mlp else None
 
+    @compiled_block_forward
     def forward(self, x: torch.Tensor, output_variance: bool = False):
-        """x [B, T, d] -> (x [B, T, d], mixer variance [B, T, H, V] or None).
+        """x [B, T, d] -> (x [B, T, d], mixer variance [B, T, H, V] or None).  Compiled when compiled blocks are on
+        (:func:`palimpsa.layers.modules.compiled_blocks`; ``palimpsa mqar --compile``).
 
         Under autocast the mixer receives its input in the autocast dtype (bf16), so every tensor a layer
         derives from it has one dtype (the Palimpsa op wants q, k, v, beta alike); the residual stream stays

@@ -155,7 +155,7 @@ def checkpoint_path(out_dir: str | os.PathLike, config: RunConfig) -> Path:
 
 def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: bool, position: int,
                     deadline: Optional[float], op_backend: str, checkpoints: bool,
-                    lockstep: Optional[LockstepMember] = None) -> dict:
+                    lockstep: Optional[LockstepMember] = None, compile_blocks: bool = False) -> dict:
     """Train one run and file its record: results.jsonl when finished, unfinished.jsonl when the time budget cut
     it short, nowhere when Ctrl-C stopped it (its checkpoint resumes it); a failure goes to OUT/errors.log.
 
@@ -165,7 +165,7 @@ def _run_and_record(config: RunConfig, device: str, out_dir: Path, progress: boo
         record = train_run(config, device=device, progress=progress, progress_position=position, deadline=deadline,
                            op_backend=op_backend, on_eval=lambda line: _locked_append(out_dir / PROGRESS_FILE, line),
                            checkpoint_path=checkpoint_path(out_dir, config) if checkpoints else None,
-                           lockstep=lockstep)
+                           lockstep=lockstep, compile_blocks=compile_blocks)
     except Exception:  # one broken run must not stop the sweep; its traceback is kept
         message = f"run {run_id(config)} {config}\n{traceback.format_exc()}\n"
         with open(out_dir / ERRORS_FILE, "a") as f:
@@ -187,7 +187,8 @@ def cuda_index(device: str) -> Optional[int]:
 
 
 def _worker(slot: int, device: str, queue, outcomes, out_dir: str, progress: bool, deadline: Optional[float],
-            op_backends: dict, threads: Optional[int], checkpoints: bool, lockstep: Optional[Lockstep]) -> None:
+            op_backends: dict, threads: Optional[int], checkpoints: bool, lockstep: Optional[Lockstep],
+            compile_blocks: bool = False) -> None:
     """Worker process: take (run index, run config) items from the queue until a None arrives, the deadline
     passes or Ctrl-C is pressed; put each run's outcome (see :func:`_run_and_record`) on ``outcomes``.
     op_backends: the op backend of each model; lockstep: the sweep's group (each run has the slot of its index)."""
@@ -206,7 +207,7 @@ def _worker(slot: int, device: str, queue, outcomes, out_dir: str, progress: boo
                 member = lockstep.member(index) if lockstep is not None else None
                 try:
                     outcomes.put(_run_and_record(config, device, Path(out_dir), progress, slot, deadline,
-                                                 op_backends[config.model], checkpoints, member))
+                                                 op_backends[config.model], checkpoints, member, compile_blocks))
                 finally:
                     if member is not None:
                         member.finish()
@@ -240,6 +241,7 @@ def run_sweep(
     checkpoints: bool = True,
     op_backend_by_model: Optional[dict] = None,
     equal_steps: bool = False,
+    compile_blocks: bool = False,
 ) -> dict:
     """Run every run not yet recorded in OUT/results.jsonl.
 
@@ -262,6 +264,7 @@ def run_sweep(
         equal_steps: every run trains at once, in lockstep, and time-limited runs share one length, the smallest
             any of them fits (see :mod:`palimpsa.mqar.lockstep`); needs a worker slot per run to go
             (devices x workers_per_device), else ValueError.
+        compile_blocks: every run's blocks through ``torch.compile`` on CUDA (see :func:`train.train_run`).
 
     Returns:
         {"planned": n, "skipped": already recorded, "recorded": newly recorded, "failed": runs that raised (see
@@ -300,10 +303,10 @@ def run_sweep(
         try:
             if len(slots) == 1 or len(pending) <= 1:
                 outcomes = _run_here(pending, slots[0], out_dir, progress, deadline, op_backends, threads,
-                                     checkpoints)
+                                     checkpoints, compile_blocks)
             else:
                 outcomes = _run_in_workers(pending, slots, out_dir, progress, deadline, op_backends, threads,
-                                           checkpoints, equal_steps)
+                                           checkpoints, equal_steps, compile_blocks)
         except KeyboardInterrupt as interrupt:  # a second Ctrl-C: no waiting for the runs' last validation
             if isinstance(interrupt, Interrupted):
                 raise
@@ -316,7 +319,8 @@ def run_sweep(
 
 
 def _run_here(pending: list[RunConfig], device: str, out_dir: Path, progress: bool, deadline: Optional[float],
-              op_backends: dict, threads: Optional[int], checkpoints: bool) -> list[dict]:
+              op_backends: dict, threads: Optional[int], checkpoints: bool,
+              compile_blocks: bool = False) -> list[dict]:
     """The runs one after another in this process; their outcomes."""
     outcomes = []
     previous_threads = torch.get_num_threads()
@@ -327,7 +331,7 @@ def _run_here(pending: list[RunConfig], device: str, out_dir: Path, progress: bo
             if (deadline is not None and time.time() > deadline) or stop_requested():
                 break
             outcomes.append(_run_and_record(config, device, out_dir, progress, 0, deadline, op_backends[config.model],
-                                            checkpoints))
+                                            checkpoints, compile_blocks=compile_blocks))
     finally:
         torch.set_num_threads(previous_threads)
     return outcomes
@@ -335,7 +339,7 @@ def _run_here(pending: list[RunConfig], device: str, out_dir: Path, progress: bo
 
 def _run_in_workers(pending: list[RunConfig], slots: list[str], out_dir: Path, progress: bool,
                     deadline: Optional[float], op_backends: dict, threads: Optional[int],
-                    checkpoints: bool, equal_steps: bool = False) -> list[dict]:
+                    checkpoints: bool, equal_steps: bool = False, compile_blocks: bool = False) -> list[dict]:
     """The runs spread over one worker process per slot (a device name), in lockstep with ``equal_steps``;
     their outcomes."""
     import torch.multiprocessing as mp
@@ -349,7 +353,7 @@ def _run_in_workers(pending: list[RunConfig], slots: list[str], out_dir: Path, p
         queue.put(None)
     worker_threads = threads or max(1, (os.cpu_count() or 1) // len(slots))
     workers = [ctx.Process(target=_worker, args=(i, device, queue, outcome_queue, str(out_dir), progress, deadline,
-                                                 op_backends, worker_threads, checkpoints, lockstep))
+                                                 op_backends, worker_threads, checkpoints, lockstep, compile_blocks))
                for i, device in enumerate(slots)]
     for w in workers:
         w.start()

@@ -19,6 +19,7 @@ Optimiser, schedule, autocast and the checkpoint format are the LM trainer's (``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from palimpsa.layers.modules import compiled_blocks
 from palimpsa.mqar.data import IGNORE_INDEX, make_splits
 from palimpsa.mqar.lockstep import LockstepMember
 from palimpsa.mqar.models import (VARIANCE_MODELS, MQARModel, MQARModelConfig, count_parameters,
@@ -210,7 +212,7 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
               progress_position: int = 0, deadline: Optional[float] = None, op_backend: str = "auto",
               on_eval: Optional[Callable[[dict], None]] = None,
               checkpoint_path: Optional[str | os.PathLike] = None,
-              lockstep: Optional[LockstepMember] = None) -> dict:
+              lockstep: Optional[LockstepMember] = None, compile_blocks: bool = False) -> dict:
     """Train one run and return its result record (see the module docstring for the protocol).
 
     ``deadline`` (a time.time() value) stops training early with stop_reason "deadline" (a sweep's budget).
@@ -222,6 +224,9 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
     (see the module docstring); the file is removed once the run ends, unless a deadline stopped it.
     ``lockstep``: this run's place in a group of runs training at once (see :mod:`palimpsa.mqar.lockstep`): it
     keeps pace with the group after every step, and a time-limited run takes the group's fitted length.
+    ``compile_blocks``: run every block through ``torch.compile`` on CUDA (fewer, fused kernels: a step of these
+    small models is mostly kernel launches); like op_backend it changes speed, not the math, and is recorded
+    ("compile") but is not part of the run's identity.
 
     Returns a dict with model, seq_len, num_kv_pairs, d_model, lr, seed, epochs (completed, fractional),
     steps, val_accuracy, test_accuracy, state_bytes (recurrent state per layer), importance_groups (G of a
@@ -234,13 +239,16 @@ def train_run(config: RunConfig, device: str | torch.device = "cpu", progress: b
     """
     checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
     try:
-        with palimpsa_op_backend(op_backend):
+        with palimpsa_op_backend(op_backend), contextlib.ExitStack() as stack:
+            if compile_blocks:
+                stack.enter_context(compiled_blocks(True))
             record = _train(config, torch.device(device), progress, progress_position, deadline, on_eval,
                             checkpoint_path, lockstep)
     finally:
         if lockstep is not None:  # a failed run must not be waited for
             lockstep.finish()
     record["op_backend"] = op_backend
+    record["compile"] = compile_blocks
     return record
 
 

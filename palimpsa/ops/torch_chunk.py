@@ -61,10 +61,11 @@ def _to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def _from_chunks(x: torch.Tensor) -> torch.Tensor:
-    """[C, NC, N, H, *D] -> [N, T, H, *D]."""
+    """[C, NC, N, H, *D] -> [N, T, H, *D], contiguous: outputs and gradients leave the op in the layout they came
+    in (a strided gradient breaks a traced ``view`` upstream: AOTAutograd's backward of a layer's projection)."""
     C, NC, N, H = x.shape[:4]
     perm = (2, 1, 0, 3) + tuple(range(4, x.dim()))
-    return x.permute(*perm).reshape(N, NC * C, H, *x.shape[4:])
+    return x.permute(*perm).reshape(N, NC * C, H, *x.shape[4:]).contiguous()
 
 
 def _chunk_boundary_states(k, v, beta, g, M0, J0):

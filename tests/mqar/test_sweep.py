@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import palimpsa.mqar.sweep as sweep_module
 from palimpsa.cli import main as cli_main
@@ -201,3 +202,66 @@ def test_workers_pin_a_gpu_only_when_the_device_names_one():
     assert cuda_index("cuda") is None
     assert cuda_index("cuda:1") == 1
     assert cuda_index("cpu") is None
+
+
+@pytest.mark.parametrize("name", ["palimpsa_g1", "palimpsa", "meta_mamba2"])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(name):
+    """MQAR blocks under torch.compile (aot_eager on the CPU: tracing and partitioning as on a GPU) match eager,
+    loss and every gradient, and a second model of the same shape reuses the compiled graph."""
+    from torch._dynamo.utils import counters
+
+    from palimpsa.layers.modules import set_compiled_blocks
+    from palimpsa.mqar.models import MQARModel, MQARModelConfig
+
+    def loss_and_grads(model, tokens):
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    config = MQARModelConfig.from_model_name(name, vocab_size=32, d_model=16, n_layers=2, num_heads=2)
+    tokens = torch.randint(0, 32, (2, 17), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = MQARModel(config)
+    loss, grads = loss_and_grads(model, tokens)
+    counters.clear()
+    set_compiled_blocks(True, devices=("cpu",), backend="aot_eager")
+    try:
+        c_loss, c_grads = loss_and_grads(model, tokens)
+        graphs = counters["stats"]["unique_graphs"]
+        torch.manual_seed(1)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            loss_and_grads(MQARModel(config), tokens)  # a new run's model: no new graph
+    finally:
+        set_compiled_blocks(False)
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+    for grad, c_grad in zip(grads, c_grads):
+        torch.testing.assert_close(c_grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_reaches_every_run_and_its_record(tmp_path, monkeypatch):
+    """--compile: each run trains inside compiled_blocks(True) (CUDA tensors only: a CPU run is unchanged) and its
+    record says so; the run's identity does not change."""
+    from palimpsa.layers import modules
+
+    seen = []
+    original = sweep_module.train_run
+
+    def spy(config, **kwargs):
+        record = original(config, **kwargs)
+        seen.append((modules.compiled_blocks_enabled(), record["compile"]))
+        return record
+
+    monkeypatch.setattr(sweep_module, "train_run", spy)
+    out = tmp_path / "cli"
+    args = ["mqar", "--out", str(out), "--models", "attention", "--settings", "16:2", "--d-models", "8",
+            "--lrs", "0.001", "--seeds", "0", "--vocab-size", "32", "--num-heads", "2", "--num-train", "16",
+            "--num-validation", "8", "--num-test", "8", "--batch-size", "16", "--epochs", "1", "--no-progress",
+            "--compile"]
+    assert cli_main(args) == 0
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert record["compile"] is True and seen == [(False, True)]  # restored after the run
+    config = RunConfig.from_dict(record["config"])
+    assert record["run_id"] == run_id(config)
