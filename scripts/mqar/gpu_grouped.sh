@@ -69,6 +69,8 @@
 # Overrides (environment): MODELS, LRS, SEEDS, SETTING (L:KV), D_MODEL, NUM_HEADS, STATES ("name:K:V ..."), BATCH,
 # WARMUP, EVAL_EVERY, WORKERS (every run at once), MAX_STEPS (the preset's epochs), EXTRA_ARGS (added to both
 # sweeps), WALL_S (530), REPORT_S (35), SLACK_S (35),
+# GPUS (unset: every process sees every GPU; "0 1": the i-th state size's checks and sweep see only the i-th GPU of
+# the list, cycling, through CUDA_VISIBLE_DEVICES: on a machine of two GPUs each state size has its own),
 # CHECK (1; 0 skips the checks), CHECK_TIMEOUT_S (120), MPS (0), DEVICE (cuda), PYTHON (python), WORK (scratch
 # folder, emptied first; default runs/mqar/gpu_grouped).
 # A CPU smoke test (about 3 minutes on 2 cores; the checks fail there, so every op runs on PyTorch):
@@ -100,6 +102,15 @@ SLACK_S=${SLACK_S:-35}
 CHECK=${CHECK:-1}
 CHECK_TIMEOUT_S=${CHECK_TIMEOUT_S:-120}
 MPS=${MPS:-0}
+GPUS=${GPUS:-}
+declare -A GPU_ENV  # state size -> the CUDA_VISIBLE_DEVICES setting of its processes (none when GPUS is unset)
+read -r -a GPU_LIST <<< "$GPUS"
+i=0
+for state in $STATES; do
+    name=${state%%:*}
+    GPU_ENV[$name]=${GPU_LIST[@]+CUDA_VISIBLE_DEVICES=${GPU_LIST[$(( i % ${#GPU_LIST[@]} ))]}}
+    i=$(( i + 1 ))
+done
 
 case "$WORK" in ""|/|.|..) echo "WORK must name a scratch folder, got '$WORK'" >&2; exit 2;; esac
 count_words() { set -- $1; echo $#; }
@@ -157,7 +168,7 @@ if [ "$CHECK" = 1 ]; then
     for state in $STATES; do
         IFS=: read -r name K V <<< "$state"
         for model in $MODELS; do
-            OMP_NUM_THREADS=2 timeout "$CHECK_TIMEOUT_S" "$PYTHON" -m palimpsa.mqar.backend_check --models "$model" \
+            env ${GPU_ENV[$name]} OMP_NUM_THREADS=2 timeout "$CHECK_TIMEOUT_S" "$PYTHON" -m palimpsa.mqar.backend_check --models "$model" \
                 --device "$DEVICE" --seq-len "$L" --num-kv-pairs "$KV" --batch 2 --d-model "$D_MODEL" \
                 --num-heads "$NUM_HEADS" --head-k-dim "$K" --head-v-dim "$V" > "$WORK/checks/${name}_$model.log" 2>&1 &
             CHECK_PIDS+=($!)
@@ -202,7 +213,7 @@ else
     for state in $STATES; do
         IFS=: read -r name K V <<< "$state"
         torch_for=${TORCH_FOR[$name]}
-        setsid "$PYTHON" -m palimpsa mqar --preset paper --out "$WORK/$name" --devices "$DEVICE" \
+        setsid env ${GPU_ENV[$name]} "$PYTHON" -m palimpsa mqar --preset paper --out "$WORK/$name" --devices "$DEVICE" \
             --models $MODELS --settings "$SETTING" --d-models "$D_MODEL" --num-heads "$NUM_HEADS" \
             --head-k-dim "$K" --head-v-dim "$V" --lrs $LRS --seeds $SEEDS --batch-size "$BATCH" \
             --warmup-steps "$WARMUP" --eval-every "$EVAL_EVERY" --time-limit-s "$TIME_LIMIT" --time-budget "$BUDGET" \
@@ -210,7 +221,7 @@ else
             ${torch_for:+--torch-op-for $torch_for} $EXTRA_ARGS > "$WORK/$name.log" 2>&1 &
         PIDS+=($!)
         SWEEP_OF[$!]=$name
-        log "sweep $name: pid $!, process group $(ps -o pgid= -p $! 2> /dev/null | tr -d ' ')"
+        log "sweep $name: pid $!${GPU_ENV[$name]:+ (${GPU_ENV[$name]})}, process group $(ps -o pgid= -p $! 2> /dev/null | tr -d ' ')"
     done
     HARD=$(( SECONDS + BUDGET + 20 ))
     while [ $SECONDS -lt $HARD ] && kill -0 "${PIDS[@]}" 2> /dev/null; do sleep 2; done
