@@ -94,14 +94,14 @@ def main(argv=None) -> int:
         lines.append(f"- {name}: checks {'skipped' if args.no_check else ('passed' if passed[name] else 'FAILED')}")
         print(lines[-1], flush=True)
     timed = ["triton"] + [v for v in variants if passed[v] and v != "triton"]
-    lines += ["", "The op, bf16, do_bench medians in ms (fwd / fwd+bwd):", "",
+    lines += ["", "The op, bf16, do_bench medians in ms (fwd / fwd+bwd) and the peak memory of one fwd+bwd in MB:", "",
               "| shape | " + " | ".join(timed) + " |", "|---|" + "---|" * len(timed)]
     for shape in shapes:
         cells = []
         for name in timed:
             try:
                 r = time_variant(name, shape)
-                cells.append(f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}")
+                cells.append(f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f} / {r['peak_mb']:.0f} MB")
             except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others
                 cells.append(f"failed: {type(err).__name__}")
         lines.append(f"| {shape.name} | " + " | ".join(cells) + " |")
