@@ -16,3 +16,14 @@ def test_small_heads_run_one_configuration_untimed():
     # the benchmark shapes' heads are tuned over every configuration
     assert gla.one_config_for_small_heads(configs, {"K": 96, "VD": 192}) == configs
     assert gla.one_config_for_small_heads(configs, {"K": 48}, VD=48) == configs
+
+
+def test_float32_tiles_and_chunks_are_small():
+    import torch
+
+    assert gla._blocks(16, 8, torch.float32) == (16, 16)
+    assert gla._blocks(24, 10, torch.float32) == (32, 16)
+    assert gla._blocks(96, 192, torch.float32) == (32, 32)
+    assert gla._blocks(16, 8, torch.bfloat16) == (64, 64)
+    assert gla.FLOAT32_MAX_CHUNK == 32
+

@@ -13,6 +13,7 @@ Kernels (grid in brackets; NC chunks, NK / NV blocks of K / Vd):
   backward  ``_bwd_states`` [NK, NV, N*HV]: adjoints of the chunk-end states, sequential in reverse;
             ``_bwd_dv`` [NV, NC, N*HV] and ``_bwd_dqk`` [NK, NC, N*HV]: per-chunk gradients in parallel.
             dg is summed per chunk from the pairs of tokens its decay separates (see ``_bwd_dqk``).
+Tiles and chunks are smaller for float32 inputs than for bf16 (:func:`_blocks`).
 Transposed products are formed from transposed loaded tiles (never by transposing a matrix-product result,
 which Triton 3.6 miscompiles on Hopper when it feeds another product).  On a GPU each kernel's warps and
 pipeline stages are chosen by Triton's autotuner, per shape (:func:`_tuned`).
@@ -292,13 +293,23 @@ def _bwd_dqk(q, k, v, g, hs, do, dhs, dq, dk, dlogdecay, scale, T, NC,
     tl.store(dlogdecay + ((i_k * tl.num_programs(2) + i_nh) * T + offs_t).to(tl.int64), part)
 
 
-def _blocks(K: int, VD: int):
-    """Tile sizes: 64 x 64, masked where K or Vd is smaller.
+def _blocks(K: int, VD: int, dtype: torch.dtype):
+    """Tile sizes (BK, BV).
 
-    On an H200 under Triton 3.6, bf16 value tiles 16 or 32 wide gave illegal memory accesses (Vd = 12, 16, 24;
-    scripts/gpu_gla_blocks_check.py), while 64-wide tiles, masked or not, are exact (Vd = 48, 64).
+    bf16 / fp16 (tensor cores): 64 x 64, masked where K or Vd is smaller.  On an H200 under Triton 3.6, bf16
+    value tiles 16 or 32 wide gave illegal memory accesses (Vd = 12, 16, 24; scripts/gpu_gla_blocks_check.py),
+    while 64-wide tiles, masked or not, are exact (Vd = 48, 64).
+    float32 ("ieee" products, on the FP32 units): K and Vd rounded up to a power of two, 16 to 32 (with chunks
+    of at most 32, :data:`FLOAT32_MAX_CHUNK`).  At 64 x 64 with 64-token chunks these products spill 5-20 kB per
+    thread on sm_90 (``_bwd_dqk``: 32 registers and 20 kB of stack, which made an MQAR step of the grouped
+    models 3-9x slower than the per-channel one); at these sizes no kernel spills.
     """
+    if dtype == torch.float32:
+        return (min(32, max(16, triton.next_power_of_2(K))), min(32, max(16, triton.next_power_of_2(VD))))
     return 64, 64
+
+
+FLOAT32_MAX_CHUNK = 32
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -315,7 +326,7 @@ class GLAFunction(torch.autograd.Function):
         N, T, HV, K = q.shape
         HK, VD = k.shape[2], v.shape[-1]
         NC = T // chunk
-        BK, BV = _blocks(K, VD)
+        BK, BV = _blocks(K, VD, q.dtype)
         prec = _precision(q.dtype)
         state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         hs = q.new_empty(N, HV, NC, K, VD, dtype=state_dtype)
@@ -336,7 +347,7 @@ class GLAFunction(torch.autograd.Function):
         N, T, HV, K = q.shape
         HK, VD = k.shape[2], v.shape[-1]
         NC = T // chunk
-        BK, BV = _blocks(K, VD)
+        BK, BV = _blocks(K, VD, q.dtype)
         prec = _precision(q.dtype)
         state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         meta = dict(HK=HK, HV=HV, K=K, VD=VD, C=chunk, BK=BK, BV=BV, PREC=prec)
@@ -377,7 +388,44 @@ def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     """
     T = q.shape[1]
     chunk = max(16, min(chunk, triton.next_power_of_2(T)))
+    if q.dtype == torch.float32:  # (see _blocks)
+        chunk = min(chunk, FLOAT32_MAX_CHUNK)
     q, k, v, g = (pad_time(x, chunk).contiguous() for x in (q, k, v, g.float()))
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     o, hT = GLAFunction.apply(q, k, v, g, h0, float(scale), chunk)
     return o[:, :T], hT
+
+
+_POINTERS = {  # each kernel's pointer arguments that take the input dtype; the rest are float32
+    "_fwd_states": "k v hs", "_fwd_output": "q k v hs o", "_bwd_states": "q do dhs", "_bwd_dv": "q k do dhs dv",
+    "_bwd_dqk": "q k v hs do dhs dq"}
+_CONSTEXPRS = {"HK", "HV", "K", "VD", "C", "BK", "BV", "PREC", "HAS_INIT", "STORE_FINAL", "HAS_FINAL_GRAD",
+               "STORE_INIT_GRAD"}
+_FLAGS = {"_fwd_states": dict(HAS_INIT=True, STORE_FINAL=True),
+          "_bwd_states": dict(HAS_FINAL_GRAD=True, STORE_INIT_GRAD=True)}
+
+
+def compile_report(kernel: str, K: int, VD: int, dtype: str = "float32", num_warps: int = 4) -> dict:
+    """Compile one kernel for sm_90 (no GPU needed) with the tiles and chunk that ``dtype`` inputs get, and
+    report its registers and stack bytes (spills): {"kernel", "registers", "stack", "BK", "BV", "C"}."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from palimpsa.bench.sass import resource_report
+
+    torch_dtype = getattr(torch, dtype)
+    fn = globals()[kernel]
+    while not isinstance(fn, triton.runtime.JITFunction):  # (under the autotuner)
+        fn = fn.fn
+    BK, BV = _blocks(K, VD, torch_dtype)
+    C = FLOAT32_MAX_CHUNK if torch_dtype == torch.float32 else 64
+    pointer = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}[dtype]
+    types = {name: pointer for name in _POINTERS[kernel].split()}
+    types.update(scale="fp32", T="i32", NC="i32")
+    signature = {a: types.get(a, "*fp32" if a not in _CONSTEXPRS else "constexpr") for a in fn.arg_names}
+    constexprs = dict(HK=1, HV=1, K=K, VD=VD, C=C, BK=BK, BV=BV, PREC=_precision(torch_dtype),
+                      **_FLAGS.get(kernel, {}))
+    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    report = resource_report(compiled, num_warps, kernel)
+    return {"kernel": kernel, "registers": report["registers"], "stack": report["stack"], "BK": BK, "BV": BV, "C": C}
