@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -35,3 +36,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
     return backend
+
+
+def on_device(device: torch.device):
+    """A context in which ``device`` is CUDA's current device (a null context for other devices).
+
+    Triton launches a kernel on the current device, whatever device its tensors are on: inputs on ``cuda:1``
+    while ``cuda:0`` is current would run on the wrong GPU.  Inside a compiled graph the graph sets the device
+    itself, so this is a null context there too.  (Backward passes run on the autograd engine's thread for the
+    tensors' device, which sets it.)
+    """
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

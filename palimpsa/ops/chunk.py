@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 import torch
 
-from palimpsa.ops.backends import resolve_backend
+from palimpsa.ops.backends import on_device, resolve_backend
 from palimpsa.ops.checks import State, prepare_inputs
 from palimpsa.ops.grouped import as_per_channel, can_run_grouped, grouped_palimpsa
 from palimpsa.ops.varlen import reset_at_sequence_starts
@@ -71,14 +71,16 @@ def chunk_palimpsa(
         x = dataclasses.replace(x, g=reset_at_sequence_starts(x.g, x.cu_seqlens), cu_seqlens=None)
     if not x.per_channel:
         if can_run_grouped(x):
-            o, var, final = _grouped_outside_compile(x, output_final_state, output_variance, chunk_size,
-                                                     use_triton=which == "triton")
+            with on_device(q.device):
+                o, var, final = _grouped_outside_compile(x, output_final_state, output_variance, chunk_size,
+                                                         use_triton=which == "triton")
             return (o, var, final) if output_variance else (o, final)
         x = as_per_channel(x)  # see can_run_grouped: run per channel
     if which == "triton":
         from palimpsa.ops.triton import chunk_palimpsa_triton
 
-        o, var, final = chunk_palimpsa_triton(x, output_final_state, output_variance, chunk_size)
+        with on_device(q.device):
+            o, var, final = chunk_palimpsa_triton(x, output_final_state, output_variance, chunk_size)
     else:
         from palimpsa.ops.torch_chunk import chunk_palimpsa_torch
 
