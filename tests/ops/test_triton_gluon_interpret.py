@@ -66,11 +66,12 @@ def test_gluon_varlen_matches_naive():
     assert_close(got, reference(inputs, grads, cu_seqlens=cu))
 
 
-def gluon_sweep(lanes_k, warps=1):
+def gluon_sweep(lanes_k, warps=1, stage=0):
     triton_module()
     from palimpsa.ops.triton.config import kernel_config
 
-    return kernel_config(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=lanes_k, bwd_warps=warps)
+    return kernel_config(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=lanes_k, bwd_warps=warps,
+                         bwd_stage=stage)
 
 
 @pytest.mark.parametrize("K, V, lanes_k", [(48, 20, 8), (24, 32, 4)])
@@ -95,6 +96,20 @@ def test_gluon_backward_with_several_warps_matches_naive(monkeypatch):
     inputs = make_inputs(B=2, T=37, H=2, K=48, V=20, seed=21)
     grads = make_grads(inputs, N=2)
     with gluon_sweep(8, warps=2):
+        got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads))
+
+
+@pytest.mark.parametrize("K, V, lanes_k", [(48, 20, 8), (16, 16, 4)])
+def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, monkeypatch):
+    """bwd_stage = 1: a sub-block's states go through shared memory between its forward and reverse steps (two
+    key parts at K = 48, one at K = 16), with an initial state and the variance: every gradient."""
+    from palimpsa.ops.triton import chunk_bwd
+
+    monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
+    inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=31 + K)
+    grads = make_grads(inputs, N=2)
+    with gluon_sweep(lanes_k, stage=1):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 

@@ -467,7 +467,8 @@ def chunk_bwd(
     q, k, v, g, beta, prior, scale: float, initial_state, layout: SequenceLayout,
     do: torch.Tensor, dvar: Optional[torch.Tensor], dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]],
     unit_chunks: Optional[int] = None, block_v: int = 16, num_warps: Optional[int] = None,
-    target_programs: int = 2048, sweep: str = "triton", lanes_k: int = 8, sweep_warps: int = 1,
+    target_programs: int = 2048, sweep: str = "triton", lanes_k: int = 8, sweep_warps: int = 1, sweep_stage: int = 0,
+    sweep_maxnreg: Optional[int] = None,
 ):
     """Gradients of the Palimpsa op.
 
@@ -475,7 +476,9 @@ def chunk_bwd(
     dfinal: gradients of the final (mu, I), each [N, H, K, V], or None.
     Returns dq, dk, dv, dg, dbeta (dtypes of the inputs), dprior [H] float32, and (dmu0, dI0) or None.
     ``sweep``: the reverse sweep's kernel, "triton" (``unit_bwd_kernel``, ``block_v`` columns per program) or
-    "gluon" (``unit_bwd_gluon_kernel``, ``sweep_warps`` warps of 32 / ``lanes_k`` columns each per program).
+    "gluon" (``unit_bwd_gluon_kernel``, ``sweep_warps`` warps of 32 / ``lanes_k`` columns each per program;
+    ``sweep_stage`` 1: a sub-block's states in shared memory instead of registers; ``sweep_maxnreg``: a cap on
+    its registers per thread, on a GPU).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -558,8 +561,9 @@ def chunk_bwd(
             q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar_arg,
             dq, dk, dv, dbeta, dg_part, dprior_part, dmu0, dimp0,
             layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
-            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=sweep_warps,
+            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=sweep_warps, STAGE=sweep_stage,
             HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, num_warps=sweep_warps,
+            **({} if sweep_maxnreg is None or not fast else dict(maxnreg=sweep_maxnreg)),
         )
     else:
         unit_bwd_kernel[(NV, NU, H)](

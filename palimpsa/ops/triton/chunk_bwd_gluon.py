@@ -162,6 +162,41 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
 
 
 @jit
+def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                      staged_m_a, staged_i_a, staged_m_b, staged_i_b, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta,
+                      dg_part, prior_h, scale, t0, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v,
+                      mask_v, offs_vb, NTOK, LA: tl.constexpr, LB: tl.constexpr, COLS: tl.constexpr,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr,
+                      HAS_DVAR: tl.constexpr):
+    """A sub-block of four tokens from its first token's state: forward, each token's (M, I) stored in shared
+    memory, then the reverse steps on the states read back; returns the adjoints for the token before t0."""
+    for j in gl.static_range(4):
+        mean_a, imp_a, mean_b, imp_b = _token_forward(
+            mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + j, s + j < seg_tok, i_h,
+            offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+        staged_m_a.index(j).store(mean_a)
+        staged_i_a.index(j).store(imp_a)
+        if HAS_B:
+            staged_m_b.index(j).store(mean_b)
+            staged_i_b.index(j).store(imp_b)
+    for jj in gl.static_range(4):
+        j = 3 - jj
+        m_a = staged_m_a.index(j).load(LA)
+        i_a = staged_i_a.index(j).load(LA)
+        m_b = m_a
+        i_b = i_a
+        if HAS_B:
+            m_b = staged_m_b.index(j).load(LB)
+            i_b = staged_i_b.index(j).load(LB)
+        adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
+            m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+            q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + j,
+            s + j < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
+            COLS, H, K, V, HAS_B, HAS_DVAR)
+    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b
+
+
+@jit
 def _direct(mean, imp, k, q, v, beta, do_t, dvar_t, alpha, relax, HAS_DVAR: tl.constexpr):
     """One token forward on a state part, then its direct adjoints (DM, DI) from o and the variance: returns the
     new (M, I) and (DM, DI) (see chunk_bwd.direct_adjoints)."""
@@ -259,7 +294,7 @@ def unit_bwd_gluon_kernel(
     dq, dk, dv, dbeta, dg_part, dprior, dmu0, dimp0,
     cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
-    KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr, WARPS: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr, WARPS: tl.constexpr, STAGE: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Grid (V blocks of BV = 32 / LANES_K * WARPS, units, H), WARPS warps each side by side over the value
@@ -267,7 +302,9 @@ def unit_bwd_gluon_kernel(
     sums over V (dq, dk, dg) go through shared memory, and WARPS times fewer blocks add dq and dk atomically.  Buffers
     as ``unit_bwd_kernel``'s: dq, dk float32 [B*T, H, K] (atomic adds over V blocks); dv, dbeta [B*T, H, V];
     dg_part [1, B*T, H] zero-initialised (every V block adds into it atomically); dprior [NV, units, H]; dmu0,
-    dimp0 [N, H, K, V]."""
+    dimp0 [N, H, K, V].  STAGE = 1 keeps the states (M, I) after each of a sub-block's four tokens in shared memory
+    between its forward and reverse steps, instead of in registers (each thread reads back what it wrote: no
+    barrier): no spills at 760M-like under Triton 3.6, where the registers path spills 400 bytes."""
     BV: gl.constexpr = WARP_LANES // LANES_K * WARPS
     LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, 1], [LANES_K, WARP_LANES // LANES_K], [1, WARPS], [0, 1])
     ROWS_A: gl.constexpr = gl.SliceLayout(1, LA)
@@ -308,6 +345,13 @@ def unit_bwd_gluon_kernel(
         adj_m_b = adj_m_a
         adj_p_b = adj_p_a
         sdi_b = sdi_a
+    if STAGE:
+        STAGED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        staged_m_a = gl.allocate_shared_memory(gl.float32, [4, KA, BV], STAGED)
+        staged_i_a = gl.allocate_shared_memory(gl.float32, [4, KA, BV], STAGED)
+        if HAS_B:
+            staged_m_b = gl.allocate_shared_memory(gl.float32, [4, KB, BV], STAGED)
+            staged_i_b = gl.allocate_shared_memory(gl.float32, [4, KB, BV], STAGED)
 
     for cc in range(0, c_count):
         i_c = c_first + c_count - 1 - cc  # chunks of the unit, last first
@@ -334,40 +378,48 @@ def unit_bwd_gluon_kernel(
                 mean_a, imp_a, mean_b, imp_b = _advance(
                     mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start, t0, i_h,
                     offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
-                # four tokens forward, keeping the states (M, I) after each
-                m0_a, i0_a, m0_b, i0_b = _token_forward(
-                    mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0, s < seg_tok, i_h,
-                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
-                m1_a, i1_a, m1_b, i1_b = _token_forward(
-                    m0_a, i0_a, m0_b, i0_b, k, v, g, beta, prior_h, t0 + 1, s + 1 < seg_tok, i_h,
-                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
-                m2_a, i2_a, m2_b, i2_b = _token_forward(
-                    m1_a, i1_a, m1_b, i1_b, k, v, g, beta, prior_h, t0 + 2, s + 2 < seg_tok, i_h,
-                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
-                m3_a, i3_a, m3_b, i3_b = _token_forward(
-                    m2_a, i2_a, m2_b, i2_b, k, v, g, beta, prior_h, t0 + 3, s + 3 < seg_tok, i_h,
-                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
-                # the same four tokens in reverse
-                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
-                    m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 3,
-                    s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
-                    COLS, H, K, V, HAS_B, HAS_DVAR)
-                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
-                    m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 2,
-                    s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
-                    COLS, H, K, V, HAS_B, HAS_DVAR)
-                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
-                    m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 1,
-                    s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
-                    COLS, H, K, V, HAS_B, HAS_DVAR)
-                adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
-                    m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
-                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0,
-                    s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
-                    COLS, H, K, V, HAS_B, HAS_DVAR)
+                if STAGE:
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _staged_sub_block(
+                        mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                        staged_m_a, staged_i_a, staged_m_b if HAS_B else staged_m_a,
+                        staged_i_b if HAS_B else staged_i_a, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part,
+                        prior_h, scale, t0, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v,
+                        mask_v, offs_vb, NTOK, LA, LB if HAS_B else LA, COLS, H, K, V, HAS_B, HAS_DVAR)
+                else:
+                    # four tokens forward, keeping the states (M, I) after each
+                    m0_a, i0_a, m0_b, i0_b = _token_forward(
+                        mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0, s < seg_tok, i_h,
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                    m1_a, i1_a, m1_b, i1_b = _token_forward(
+                        m0_a, i0_a, m0_b, i0_b, k, v, g, beta, prior_h, t0 + 1, s + 1 < seg_tok, i_h,
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                    m2_a, i2_a, m2_b, i2_b = _token_forward(
+                        m1_a, i1_a, m1_b, i1_b, k, v, g, beta, prior_h, t0 + 2, s + 2 < seg_tok, i_h,
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                    m3_a, i3_a, m3_b, i3_b = _token_forward(
+                        m2_a, i2_a, m2_b, i2_b, k, v, g, beta, prior_h, t0 + 3, s + 3 < seg_tok, i_h,
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                    # the same four tokens in reverse
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
+                        m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 3,
+                        s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
+                        COLS, H, K, V, HAS_B, HAS_DVAR)
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
+                        m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 2,
+                        s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
+                        COLS, H, K, V, HAS_B, HAS_DVAR)
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
+                        m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 1,
+                        s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
+                        COLS, H, K, V, HAS_B, HAS_DVAR)
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
+                        m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0,
+                        s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
+                        COLS, H, K, V, HAS_B, HAS_DVAR)
 
     # adjoints now refer to the state before the unit's first token
     dprior_sum = gl.sum(gl.sum(sdi_a, 1), 0)
@@ -408,7 +460,7 @@ def gluon_sweep_block_v(lanes_k: int, warps: int = 1) -> int:
 
 
 def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
-               kernel: str = "sweep", warps: int = 1):
+               kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None):
     """The sweep (``kernel="sweep"``, ``warps`` warps per program) or the local-adjoint pass (``"local"``, one
     warp) compiled for an NVIDIA GPU of compute capability ``arch`` without a GPU, at H = 16 heads (Triton's
     compiled kernel).  A development and test tool, run with TRITON_INTERPRET off (see
@@ -427,7 +479,7 @@ def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, ar
     types.update(scale="fp32", T="i32", NTOK="i32")
     types.update({n: "*fp32" for n in names if n not in types})
     KA, KB = k_parts(K)
-    constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=warps, HAS_INIT=False,
+    constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=warps, STAGE=stage, HAS_INIT=False,
                      HAS_DVAR=with_variance, IS_VARLEN=False)
     if kernel == "local":
         names = ("q", "k", "v", "g", "beta", "prior", "h_mean", "h_imp", "adj_mean", "adj_imp", "unit_decay", "do",
@@ -443,19 +495,24 @@ def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, ar
     fn = unit_local_adjoint_gluon_kernel if kernel == "local" else unit_bwd_gluon_kernel
     source = GluonASTSource(fn, signature, constants, aligned)
     num_warps = 1 if kernel == "local" else warps
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg})}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
-                   kernel: str = "sweep", warps: int = 1) -> dict:
+                   kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None) -> dict:
     """Compile (:func:`compile_sm`) and count, in the PTX, shared memory bytes, barriers, reciprocals, shuffles
-    and atomic adds."""
+    and atomic adds; from the SASS, registers and stack (spill) bytes."""
     import re
 
     import triton
 
-    compiled = compile_sm(K, V, lanes_k, with_variance, arch, kernel, warps)
+    from palimpsa.bench.sass import resource_report
+
+    compiled = compile_sm(K, V, lanes_k, with_variance, arch, kernel, warps, stage, maxnreg)
     ptx = compiled.asm["ptx"]
+    resources = resource_report(compiled, 1 if kernel == "local" else warps, kernel)
     return {"shared": int(compiled.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),
             "reciprocals": ptx.count("rcp.approx.ftz.f32"), "shuffles": ptx.count("shfl.sync"),
-            "atomics": len(re.findall(r"\batom\.|\bred\.", ptx)), "triton": triton.__version__}
+            "atomics": len(re.findall(r"\batom\.|\bred\.", ptx)), "registers": resources["registers"],
+            "stack": resources["stack"], "triton": triton.__version__}

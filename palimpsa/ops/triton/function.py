@@ -132,7 +132,8 @@ def _bwd_op(
                                                     block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
                                                     target_programs=CONFIG.bwd_target_programs,
                                                     sweep=sweep_kernel(q), lanes_k=CONFIG.bwd_lanes_k,
-                                                    sweep_warps=CONFIG.bwd_warps)
+                                                    sweep_warps=CONFIG.bwd_warps, sweep_stage=CONFIG.bwd_stage,
+                                                    sweep_maxnreg=CONFIG.bwd_maxnreg)
     dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
     return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 

@@ -9,8 +9,10 @@ the layouts.
 The interpreter half covers what the project's Gluon kernels use: layouts (ignored), ``arange``, ``zeros``,
 ``load``, ``store``, ``cast``, ``expand_dims``, ``sum``, ``exp``, ``minimum``, ``cdiv``, ``program_id``,
 ``convert_layout`` (the identity) and ``inline_asm_elementwise`` for the one instruction used,
-``rcp.approx.ftz.f32`` (computed as 1 / x).  Every call goes through ``triton.language`` at call time, where
-the interpreter patches it.
+``rcp.approx.ftz.f32`` (computed as 1 / x), and shared memory that a thread reads back as it wrote it
+(``allocate_shared_memory(...).index(i).store(x)`` / ``.load(layout)``: a Python list of tensors, since the
+interpreter runs each program as Python).  Every call goes through ``triton.language`` at call time, where the
+interpreter patches it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,29 @@ import triton.language as tl
 from palimpsa.ops.triton.utils import interpreting
 
 RECIPROCAL_ASM = "rcp.approx.ftz.f32 $0, $1;"
+
+
+class _InterpretedSharedSlot:
+    """One slot of an interpreted shared-memory buffer: holds the last tensor stored."""
+
+    def __init__(self, buffer, i):
+        self.buffer, self.i = buffer, i
+
+    def store(self, value):
+        self.buffer[self.i] = value
+
+    def load(self, layout=None):
+        return self.buffer[self.i]
+
+
+class _InterpretedSharedMemory:
+    """``allocate_shared_memory(dtype, [slots, ...], layout)`` under the interpreter: slots indexed by ``index``."""
+
+    def __init__(self, slots):
+        self.slots = [None] * slots
+
+    def index(self, i):
+        return _InterpretedSharedSlot(self.slots, int(i))
 
 
 class _InterpretedGluon:
@@ -49,6 +74,14 @@ class _InterpretedGluon:
     @staticmethod
     def convert_layout(x, layout):
         return x
+
+    @staticmethod
+    def SwizzledSharedLayout(*args, **kwargs):  # noqa: N802 - Gluon's name
+        return None
+
+    @staticmethod
+    def allocate_shared_memory(element_ty, shape, layout=None):
+        return _InterpretedSharedMemory(int(shape[0]))
 
     @staticmethod
     def inline_asm_elementwise(asm, constraints, args, dtype, is_pure, pack):
