@@ -85,11 +85,13 @@ def test_gluon_sweep_with_several_warps_compiles():
 def test_gluon_sweep_staged_and_capped_compile():
     """bwd_stage = 1 at 760M-like: the four token states of a sub-block in shared memory (4 tokens x (M, I) x K rows
     x 4 columns x 4 bytes), fewer spills than with them in registers (none under Triton 3.6, 72 against 352 bytes
-    under 3.9); bwd_maxnreg = 128 holds the registers to 128."""
+    under 3.9); bwd_stage = 2 also the four sub-block starts of a segment; bwd_maxnreg = 128 holds the registers
+    to 128."""
     cases = [(96, 192, 8, False, 90, "sweep", 1, 0), (96, 192, 8, False, 90, "sweep", 1, 1),
-             (96, 192, 8, False, 90, "sweep", 1, 1, 128)]
-    plain, staged, capped = compile_reports("palimpsa.ops.triton.chunk_bwd_gluon", cases)
+             (96, 192, 8, False, 90, "sweep", 1, 1, 128), (96, 192, 8, False, 90, "sweep", 1, 2)]
+    plain, staged, capped, starts = compile_reports("palimpsa.ops.triton.chunk_bwd_gluon", cases)
     assert staged["shared"] == 4 * 2 * 96 * 4 * 4 and staged["stack"] < plain["stack"], (staged, plain)
+    assert starts["shared"] == 2 * staged["shared"] and starts["reciprocals"] == staged["reciprocals"], starts
     assert staged["reciprocals"] == 4 * 96 // 8, staged
     assert capped["registers"] <= 128, capped
 
@@ -160,7 +162,7 @@ def test_sweep_settings_are_checked():
     from palimpsa.ops.triton.chunk_bwd import chunk_bwd
     from palimpsa.ops.triton.utils import SequenceLayout
 
-    for bad in (dict(bwd_lanes_k=3), dict(bwd_warps=3), dict(bwd_stage=2), dict(bwd_maxnreg=300),
+    for bad in (dict(bwd_lanes_k=3), dict(bwd_warps=3), dict(bwd_stage=3), dict(bwd_maxnreg=300),
                 dict(bwd_maxnreg=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             with kernel_config(**bad):

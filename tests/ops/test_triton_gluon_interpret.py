@@ -100,16 +100,17 @@ def test_gluon_backward_with_several_warps_matches_naive(monkeypatch):
     assert_close(got, reference(inputs, grads))
 
 
-@pytest.mark.parametrize("K, V, lanes_k", [(48, 20, 8), (16, 16, 4)])
-def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, monkeypatch):
-    """bwd_stage = 1: a sub-block's states go through shared memory between its forward and reverse steps (two
-    key parts at K = 48, one at K = 16), with an initial state and the variance: every gradient."""
+@pytest.mark.parametrize("K, V, lanes_k, stage", [(48, 20, 8, 1), (16, 16, 4, 1), (48, 20, 8, 2), (16, 16, 4, 2)])
+def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stage, monkeypatch):
+    """bwd_stage = 1: a sub-block's states go through shared memory between its forward and reverse steps; 2: so
+    do the states at the sub-blocks' starts (two key parts at K = 48, one at K = 16; T = 37 ends on a partial
+    segment and sub-block), with an initial state and the variance: every gradient."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=31 + K)
     grads = make_grads(inputs, N=2)
-    with gluon_sweep(lanes_k, stage=1):
+    with gluon_sweep(lanes_k, stage=stage):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 

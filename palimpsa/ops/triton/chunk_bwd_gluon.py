@@ -304,7 +304,9 @@ def unit_bwd_gluon_kernel(
     dg_part [1, B*T, H] zero-initialised (every V block adds into it atomically); dprior [NV, units, H]; dmu0,
     dimp0 [N, H, K, V].  STAGE = 1 keeps the states (M, I) after each of a sub-block's four tokens in shared memory
     between its forward and reverse steps, instead of in registers (each thread reads back what it wrote: no
-    barrier): no spills at 760M-like under Triton 3.6, where the registers path spills 400 bytes."""
+    barrier): no spills at 760M-like under Triton 3.6, where the registers path spills 400 bytes.  STAGE = 2 also
+    keeps the state at each sub-block's start, from one forward pass over the segment, instead of stepping again
+    from the segment's start for every sub-block: about 2 forward steps per token instead of 2.5-3."""
     BV: gl.constexpr = WARP_LANES // LANES_K * WARPS
     LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, 1], [LANES_K, WARP_LANES // LANES_K], [1, WARPS], [0, 1])
     ROWS_A: gl.constexpr = gl.SliceLayout(1, LA)
@@ -352,6 +354,12 @@ def unit_bwd_gluon_kernel(
         if HAS_B:
             staged_m_b = gl.allocate_shared_memory(gl.float32, [4, KB, BV], STAGED)
             staged_i_b = gl.allocate_shared_memory(gl.float32, [4, KB, BV], STAGED)
+        if STAGE == 2:  # the states at the segment's sub-block starts
+            start_m_a = gl.allocate_shared_memory(gl.float32, [SEG // 4, KA, BV], STAGED)
+            start_i_a = gl.allocate_shared_memory(gl.float32, [SEG // 4, KA, BV], STAGED)
+            if HAS_B:
+                start_m_b = gl.allocate_shared_memory(gl.float32, [SEG // 4, KB, BV], STAGED)
+                start_i_b = gl.allocate_shared_memory(gl.float32, [SEG // 4, KB, BV], STAGED)
 
     for cc in range(0, c_count):
         i_c = c_first + c_count - 1 - cc  # chunks of the unit, last first
@@ -372,12 +380,33 @@ def unit_bwd_gluon_kernel(
                 mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, cs, seg_start, i_h,
                 offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
             n_sub = gl.cdiv(seg_tok, 4)
+            if STAGE == 2:  # one pass over the segment keeps every sub-block's first state
+                for j in range(0, n_sub):
+                    start_m_a.index(j).store(mean_sa)
+                    start_i_a.index(j).store(imp_sa)
+                    if HAS_B:
+                        start_m_b.index(j).store(mean_sb)
+                        start_i_b.index(j).store(imp_sb)
+                    if j + 1 < n_sub:
+                        mean_sa, imp_sa, mean_sb, imp_sb = _advance(
+                            mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start + 4 * j,
+                            seg_start + 4 * j + 4, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K,
+                            V, HAS_B)
             for jj in range(0, n_sub):
                 s = (n_sub - 1 - jj) * 4  # sub-blocks of 4 tokens, last first
                 t0 = seg_start + s
-                mean_a, imp_a, mean_b, imp_b = _advance(
-                    mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start, t0, i_h,
-                    offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                if STAGE == 2:
+                    mean_a = start_m_a.index(n_sub - 1 - jj).load(LA)
+                    imp_a = start_i_a.index(n_sub - 1 - jj).load(LA)
+                    mean_b = mean_a
+                    imp_b = imp_a
+                    if HAS_B:
+                        mean_b = start_m_b.index(n_sub - 1 - jj).load(LB)
+                        imp_b = start_i_b.index(n_sub - 1 - jj).load(LB)
+                else:
+                    mean_a, imp_a, mean_b, imp_b = _advance(
+                        mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start, t0, i_h,
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
                 if STAGE:
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _staged_sub_block(
                         mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,

@@ -25,7 +25,8 @@ class KernelConfig:
     compiled for sm_90; on an H200 1.35-1.6x slower at 760M-like); bwd_stage: 1 keeps the Gluon sweep's
     per-token states of a 4-token sub-block in shared memory instead of registers (at 760M-like under Triton 3.6
     no spills instead of 400 bytes, still 255 registers; checked in the CPU interpreter and compiled for sm_90,
-    not yet on a GPU); bwd_maxnreg: a cap on the Gluon sweep's registers per thread (None: the compiler's
+    not yet on a GPU; 2: also the states at the sub-blocks' starts, from one forward pass per segment);
+    bwd_maxnreg: a cap on the Gluon sweep's registers per thread (None: the compiler's
     choice; 128 allows twice the warps per multiprocessor at the price of spills; compiled for sm_90, not yet
     on a GPU).  The Gluon sweep adds dq, dk and dg atomically over its value
     blocks, so they may differ in the last bits from run to run.  The environment variables are read when this
@@ -64,8 +65,8 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
         raise ValueError(f"bwd_lanes_k must be a power of two from 1 to 32, got {changes['bwd_lanes_k']!r}")
     if changes.get("bwd_warps", 1) not in (1, 2, 4, 8):
         raise ValueError(f"bwd_warps must be 1, 2, 4 or 8, got {changes['bwd_warps']!r}")
-    if changes.get("bwd_stage", 0) not in (0, 1):
-        raise ValueError(f"bwd_stage must be 0 or 1, got {changes['bwd_stage']!r}")
+    if changes.get("bwd_stage", 0) not in (0, 1, 2):
+        raise ValueError(f"bwd_stage must be 0, 1 or 2, got {changes['bwd_stage']!r}")
     maxnreg = changes.get("bwd_maxnreg")
     if maxnreg is not None and (isinstance(maxnreg, bool) or not isinstance(maxnreg, int) or not 24 <= maxnreg <= 255):
         raise ValueError(f"bwd_maxnreg must be None or a whole number from 24 to 255, got {maxnreg!r}")

@@ -45,6 +45,8 @@ class _InterpretedSharedMemory:
         self.slots = [None] * slots
 
     def index(self, i):
+        if hasattr(i, "handle"):  # an interpreted scalar tensor
+            i = i.handle.data.item()
         return _InterpretedSharedSlot(self.slots, int(i))
 
 
