@@ -26,7 +26,7 @@ def one_case(kd: int, vd: int, dtype_name: str, shared: bool) -> dict:
     import torch
 
     from palimpsa.ops.torch_gla import gla_chunk_torch
-    from palimpsa.ops.triton.gla import GLAFunction
+    from palimpsa.ops.triton.gla import GLAFunction, kernel_chunk
 
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator(device="cpu").manual_seed(vd)
@@ -53,7 +53,8 @@ def one_case(kd: int, vd: int, dtype_name: str, shared: bool) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only under TRITON_INTERPRET=1
     dev = [t.to(device) for t in leaves]
     dev = [t.to(dtype) for t in dev[:3]] + [dev[3].float(), dev[4].float()]
-    ours = grads(lambda q, k, v, g, h0: GLAFunction.apply(q, k, v, g, h0, 1.0, chunk), dev)
+    # the chunk production runs (float32 takes smaller ones)
+    ours = grads(lambda q, k, v, g, h0: GLAFunction.apply(q, k, v, g, h0, 1.0, kernel_chunk(T, chunk, dtype)), dev)
     if device == "cuda":
         torch.cuda.synchronize()
     errs = {}

@@ -9,17 +9,19 @@
 # kernel) with the sections that say what bounds it: speed of light, occupancy, launch statistics, scheduler and
 # warp-state statistics (stall reasons), memory workload, instruction statistics, and source counters (the SASS
 # lines with the most stalls).  Clocks are left alone (--clock-control none).
-# Output in $OUT: ncu_<shape>.txt (ncu's details page per kernel) and ncu.log.  Wall time: a few minutes.
+# Output in $OUT: ncu_<shape>.txt (ncu's details page per kernel) and ncu.log.  Each shape is stopped after
+# SHAPE_TIMEOUT_S (250) seconds; not yet run on a GPU, so its wall time is not known.
 set -u
 export PYTHONPATH=${PYTHONPATH:-.}
 OUT=${OUT:?set OUT to the folder that comes back}
 SHAPES=${SHAPES:-760M-like 170M-like}
 KERNELS=${KERNELS:-unit_bwd_gluon_kernel|unit_local_adjoint_gluon_kernel|chunk_output_gluon_kernel|chunk_states_kernel}
 NCU=${NCU:-ncu}
+SHAPE_TIMEOUT_S=${SHAPE_TIMEOUT_S:-250}  # per shape: two shapes stay inside one 600 s device command
 mkdir -p "$OUT"
 command -v "$NCU" > /dev/null || { echo "ncu not found (set NCU)" | tee "$OUT/ncu.log"; exit 1; }
 for shape in $SHAPES; do
-    timeout 500 "$NCU" --clock-control none --profile-from-start off --kernel-name "regex:^($KERNELS)$" \
+    timeout "$SHAPE_TIMEOUT_S" "$NCU" --clock-control none --profile-from-start off --kernel-name "regex:^($KERNELS)$" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section InstructionStats \
         --section SourceCounters --print-summary none \

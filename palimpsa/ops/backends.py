@@ -42,10 +42,10 @@ def on_device(device: torch.device):
     """A context in which ``device`` is CUDA's current device (a null context for other devices).
 
     Triton launches a kernel on the current device, whatever device its tensors are on: inputs on ``cuda:1``
-    while ``cuda:0`` is current would run on the wrong GPU.  Inside a compiled graph the graph sets the device
-    itself, so this is a null context there too.  (Backward passes run on the autograd engine's thread for the
-    tensors' device, which sets it.)
+    while ``cuda:0`` is current would run on the wrong GPU.  The Triton paths enter it where their kernels are
+    launched: inside the per-channel op's custom operators (which run as written in eager code, in compiled graphs
+    and in the backward) and inside the grouped path, which runs outside any compiled graph.
     """
-    if device.type != "cuda" or torch.compiler.is_compiling():
+    if device.type != "cuda":
         return contextlib.nullcontext()
     return torch.cuda.device(device)

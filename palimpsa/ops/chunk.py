@@ -16,7 +16,16 @@ from palimpsa.ops.varlen import reset_at_sequence_starts
 
 # Under torch.compile the grouped path is one graph break: its kernels run as written, and its host-side
 # bookkeeping (varlen lengths) is not traced, which would recompile for every new number of packed sequences.
-_grouped_outside_compile = torch.compiler.disable(grouped_palimpsa)
+
+
+def _grouped_on_inputs_device(x, *args, **kwargs):
+    """grouped_palimpsa with CUDA's current device set to the inputs' (its Triton kernels launch there)."""
+    with on_device(x.q.device):
+        return grouped_palimpsa(x, *args, **kwargs)
+
+
+# a graph break under torch.compile: the grouped path runs as written, with its own device guard
+_grouped_outside_compile = torch.compiler.disable(_grouped_on_inputs_device)
 
 
 def chunk_palimpsa(
@@ -71,16 +80,14 @@ def chunk_palimpsa(
         x = dataclasses.replace(x, g=reset_at_sequence_starts(x.g, x.cu_seqlens), cu_seqlens=None)
     if not x.per_channel:
         if can_run_grouped(x):
-            with on_device(q.device):
-                o, var, final = _grouped_outside_compile(x, output_final_state, output_variance, chunk_size,
-                                                         use_triton=which == "triton")
+            o, var, final = _grouped_outside_compile(x, output_final_state, output_variance, chunk_size,
+                                                     use_triton=which == "triton")
             return (o, var, final) if output_variance else (o, final)
         x = as_per_channel(x)  # see can_run_grouped: run per channel
     if which == "triton":
         from palimpsa.ops.triton import chunk_palimpsa_triton
 
-        with on_device(q.device):
-            o, var, final = chunk_palimpsa_triton(x, output_final_state, output_variance, chunk_size)
+        o, var, final = chunk_palimpsa_triton(x, output_final_state, output_variance, chunk_size)
     else:
         from palimpsa.ops.torch_chunk import chunk_palimpsa_torch
 

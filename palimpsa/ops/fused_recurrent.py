@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 import torch
 
-from palimpsa.ops.backends import on_device, resolve_backend
+from palimpsa.ops.backends import resolve_backend
 from palimpsa.ops.checks import State, prepare_inputs
 from palimpsa.ops.grouped import as_per_channel
 
@@ -52,8 +52,7 @@ def fused_recurrent_palimpsa(
     if which == "triton":
         from palimpsa.ops.triton import fused_recurrent_palimpsa_triton
 
-        with on_device(q.device):
-            o, var, final = fused_recurrent_palimpsa_triton(x, output_final_state, output_variance)
+        o, var, final = fused_recurrent_palimpsa_triton(x, output_final_state, output_variance)
     else:
         from palimpsa.ops.torch_recurrent import fused_recurrent_palimpsa_torch
 

@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from palimpsa.ops.backends import on_device, resolve_backend
+from palimpsa.ops.backends import resolve_backend
 from palimpsa.ops.checks import check_gate_values
 
 
@@ -96,8 +96,7 @@ def palimpsa_step(
     if resolve_backend(backend, q.device, state[0].dtype) == "triton":
         from palimpsa.ops.triton import palimpsa_step_triton
 
-        with on_device(q.device):
-            return palimpsa_step_triton(q, k, v, g, beta, state, prior, scale, output_variance)
+        return palimpsa_step_triton(q, k, v, g, beta, state, prior, scale, output_variance)
     dtype = mu.dtype
     if isinstance(prior, torch.Tensor):
         prior = prior.to(dtype).reshape(-1)[None, :, None, None]

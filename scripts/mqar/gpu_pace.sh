@@ -4,7 +4,8 @@
 #   OUT=$OUT bash scripts/mqar/gpu_pace.sh        # from the repository root
 #
 # GPU 0: `python -m palimpsa.mqar.pace` at the paper's state (K=16, V=32) and at a quarter of it (K=8, V=16),
-# every model eager and compiled, each alone on the GPU, with the kernels that take the most device time; then
+# every model eager and compiled, one process at a time on GPU 0 (GPU 1's job runs beside it and shares the CPUs),
+# with the kernels that take the most device time; then
 # four processes of palimpsa_g1 at once on the same GPU (what time-slicing costs a sweep that runs several).
 # GPU 1 (when there is one): the Gluon sweep variants of the per-channel op, checked against float64 and then
 # timed with their peak memory (scripts/gpu_gluon_fwd_check.py).
@@ -34,6 +35,7 @@ done
 wait "${PIDS[@]}"
 { echo "# palimpsa_g1 (K=16, V=32), four processes at once on one GPU"; echo
   for i in 0 1 2 3; do echo "process $i: $(grep '^| palimpsa_g1' "$SCRATCH/contend_$i.md")"; done; } > "$OUT/pace_contend4.md"
+rm -rf "$SCRATCH"
 [ -n "$GLUON" ] && wait "$GLUON"
 cat "$OUT/pace_full.md" "$OUT/pace_quarter.md" "$OUT/pace_contend4.md"
 [ -n "$GLUON" ] && tail -n 20 "$OUT/gluon_variants.log"

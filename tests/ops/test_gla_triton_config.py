@@ -25,5 +25,8 @@ def test_float32_tiles_and_chunks_are_small():
     assert gla._blocks(24, 10, torch.float32) == (32, 16)
     assert gla._blocks(96, 192, torch.float32) == (32, 32)
     assert gla._blocks(16, 8, torch.bfloat16) == (64, 64)
-    assert gla.FLOAT32_MAX_CHUNK == 32
+    # the chunk the kernels run: capped for float32 (the runtime and compile_report both use kernel_chunk)
+    assert gla.kernel_chunk(4096, 64, torch.float32) == 32 and gla.kernel_chunk(4096, 64, torch.bfloat16) == 64
+    assert gla.kernel_chunk(37, 64, torch.bfloat16) == 64 and gla.kernel_chunk(20, 64, torch.bfloat16) == 32
+    assert gla.kernel_chunk(5, 64, torch.float32) == 16
 

@@ -477,8 +477,8 @@ def chunk_bwd(
     Returns dq, dk, dv, dg, dbeta (dtypes of the inputs), dprior [H] float32, and (dmu0, dI0) or None.
     ``sweep``: the reverse sweep's kernel, "triton" (``unit_bwd_kernel``, ``block_v`` columns per program) or
     "gluon" (``unit_bwd_gluon_kernel``, ``sweep_warps`` warps of 32 / ``lanes_k`` columns each per program;
-    ``sweep_stage`` 1: a sub-block's states in shared memory instead of registers; ``sweep_maxnreg``: a cap on
-    its registers per thread, on a GPU).
+    ``sweep_stage`` 1: a sub-block's states in shared memory instead of registers, 2: its first states too;
+    ``sweep_maxnreg``: a cap on its registers per thread, on a GPU).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]

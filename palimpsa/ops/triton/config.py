@@ -65,7 +65,8 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
         raise ValueError(f"bwd_lanes_k must be a power of two from 1 to 32, got {changes['bwd_lanes_k']!r}")
     if changes.get("bwd_warps", 1) not in (1, 2, 4, 8):
         raise ValueError(f"bwd_warps must be 1, 2, 4 or 8, got {changes['bwd_warps']!r}")
-    if changes.get("bwd_stage", 0) not in (0, 1, 2):
+    stage = changes.get("bwd_stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2):
         raise ValueError(f"bwd_stage must be 0, 1 or 2, got {changes['bwd_stage']!r}")
     maxnreg = changes.get("bwd_maxnreg")
     if maxnreg is not None and (isinstance(maxnreg, bool) or not isinstance(maxnreg, int) or not 24 <= maxnreg <= 255):

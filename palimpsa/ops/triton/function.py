@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from palimpsa.ops.backends import on_device
 from palimpsa.ops.checks import PreparedInputs
 from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
@@ -78,27 +79,29 @@ def _fwd_op(
     scale: float, chunk_size: int, recurrent: bool, output_final_state: bool, output_variance: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, var, final_mu, final_imp); var and the final state are empty tensors unless requested."""
-    B, T, H, _ = q.shape
-    layout = SequenceLayout(B, T, cu_seqlens, q.device)
-    init = (mu0, imp0) if mu0 is not None else None
-    if recurrent:
-        o, var, final = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=None,
-                                   initial_state=init, output_final_state=output_final_state,
-                                   block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
-    else:
-        states, final = chunk_states(k, v, g, beta, prior, init, layout, chunk_size, True, output_final_state)
-        if output_kernel(q) == "gluon":
-            from palimpsa.ops.triton.chunk_fwd_gluon import fwd_output_gluon
-
-            o, var = fwd_output_gluon(q, k, v, g, beta, prior, scale, layout, output_variance, states,
-                                      chunk_size=chunk_size)
+    with on_device(q.device):  # Triton launches on the current device: make it the inputs'
+        B, T, H, _ = q.shape
+        layout = SequenceLayout(B, T, cu_seqlens, q.device)
+        init = (mu0, imp0) if mu0 is not None else None
+        if recurrent:
+            o, var, final = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=None,
+                                       initial_state=init, output_final_state=output_final_state,
+                                       block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
         else:
-            o, var, _ = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=states,
-                                   chunk_size=chunk_size, block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
-        del states
-    var = var if var is not None else _absent(o)
-    final_mu, final_imp = final if final is not None else (_absent(o, torch.float32), _absent(o, torch.float32))
-    return o, var, final_mu, final_imp
+            states, final = chunk_states(k, v, g, beta, prior, init, layout, chunk_size, True, output_final_state)
+            if output_kernel(q) == "gluon":
+                from palimpsa.ops.triton.chunk_fwd_gluon import fwd_output_gluon
+
+                o, var = fwd_output_gluon(q, k, v, g, beta, prior, scale, layout, output_variance, states,
+                                          chunk_size=chunk_size)
+            else:
+                o, var, _ = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=states,
+                                       chunk_size=chunk_size, block_v=CONFIG.fwd_block_v,
+                                       num_warps=CONFIG.fwd_num_warps)
+            del states
+        var = var if var is not None else _absent(o)
+        final_mu, final_imp = final if final is not None else (_absent(o, torch.float32), _absent(o, torch.float32))
+        return o, var, final_mu, final_imp
 
 
 @_fwd_op.register_fake
@@ -123,19 +126,20 @@ def _bwd_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """(dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0); the last two are empty without an initial state."""
-    B, T, H, _ = q.shape
-    layout = SequenceLayout(B, T, cu_seqlens, q.device)
-    init = (mu0, imp0) if mu0 is not None else None
-    dfinal = (dmu, dimp) if dmu is not None else None
-    dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
-                                                    dfinal,
-                                                    block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
-                                                    target_programs=CONFIG.bwd_target_programs,
-                                                    sweep=sweep_kernel(q), lanes_k=CONFIG.bwd_lanes_k,
-                                                    sweep_warps=CONFIG.bwd_warps, sweep_stage=CONFIG.bwd_stage,
-                                                    sweep_maxnreg=CONFIG.bwd_maxnreg)
-    dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
-    return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
+    with on_device(q.device):  # Triton launches on the current device: make it the inputs'
+        B, T, H, _ = q.shape
+        layout = SequenceLayout(B, T, cu_seqlens, q.device)
+        init = (mu0, imp0) if mu0 is not None else None
+        dfinal = (dmu, dimp) if dmu is not None else None
+        dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
+                                                        dfinal,
+                                                        block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
+                                                        target_programs=CONFIG.bwd_target_programs,
+                                                        sweep=sweep_kernel(q), lanes_k=CONFIG.bwd_lanes_k,
+                                                        sweep_warps=CONFIG.bwd_warps, sweep_stage=CONFIG.bwd_stage,
+                                                        sweep_maxnreg=CONFIG.bwd_maxnreg)
+        dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
+        return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
 
 @_bwd_op.register_fake
@@ -229,9 +233,10 @@ def fused_recurrent_palimpsa_triton(x: PreparedInputs, output_final_state: bool,
 def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
              mu: torch.Tensor, imp: torch.Tensor, prior: Optional[torch.Tensor], prior_value: float,
              scale: float, output_variance: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    o, var = launch_step(q, k, v, g, beta, mu, imp, prior if prior is not None else prior_value, scale,
-                         output_variance)
-    return o, (var if output_variance else _absent(o))
+    with on_device(q.device):  # Triton launches on the current device: make it the inputs'
+        o, var = launch_step(q, k, v, g, beta, mu, imp, prior if prior is not None else prior_value, scale,
+                             output_variance)
+        return o, (var if output_variance else _absent(o))
 
 
 @_step_op.register_fake

@@ -301,8 +301,8 @@ def _blocks(K: int, VD: int, dtype: torch.dtype):
     while 64-wide tiles, masked or not, are exact (Vd = 48, 64).
     float32 ("ieee" products, on the FP32 units): K and Vd rounded up to a power of two, 16 to 32 (with chunks
     of at most 32, :data:`FLOAT32_MAX_CHUNK`).  At 64 x 64 with 64-token chunks these products spill 5-20 kB per
-    thread on sm_90 (``_bwd_dqk``: 32 registers and 20 kB of stack, which made an MQAR step of the grouped
-    models 3-9x slower than the per-channel one); at these sizes no kernel spills.
+    thread on sm_90 (``_bwd_dqk``: 32 registers and about 20 kB of stack, which made an MQAR step of the grouped
+    models 3-9x slower than the per-channel one); at these sizes a kernel spills 8 bytes at most.
     """
     if dtype == torch.float32:
         return (min(32, max(16, triton.next_power_of_2(K))), min(32, max(16, triton.next_power_of_2(VD))))
@@ -310,6 +310,13 @@ def _blocks(K: int, VD: int, dtype: torch.dtype):
 
 
 FLOAT32_MAX_CHUNK = 32
+
+
+def kernel_chunk(T: int, chunk: int, dtype: torch.dtype) -> int:
+    """The chunk the kernels run for a sequence of T tokens when ``chunk`` is asked: a power of two from 16, at
+    most T rounded up to a power of two, and at most FLOAT32_MAX_CHUNK for float32 inputs (see :func:`_blocks`)."""
+    chunk = max(16, min(chunk, triton.next_power_of_2(T)))
+    return min(chunk, FLOAT32_MAX_CHUNK) if dtype == torch.float32 else chunk
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -387,9 +394,7 @@ def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     Returns o [N, T, HV, Vd] in the dtype of q and the final state [N, HV, K, Vd] float32.
     """
     T = q.shape[1]
-    chunk = max(16, min(chunk, triton.next_power_of_2(T)))
-    if q.dtype == torch.float32:  # (see _blocks)
-        chunk = min(chunk, FLOAT32_MAX_CHUNK)
+    chunk = kernel_chunk(T, chunk, q.dtype)
     q, k, v, g = (pad_time(x, chunk).contiguous() for x in (q, k, v, g.float()))
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     o, hT = GLAFunction.apply(q, k, v, g, h0, float(scale), chunk)
@@ -406,8 +411,9 @@ _FLAGS = {"_fwd_states": dict(HAS_INIT=True, STORE_FINAL=True),
 
 
 def compile_report(kernel: str, K: int, VD: int, dtype: str = "float32", num_warps: int = 4) -> dict:
-    """Compile one kernel for sm_90 (no GPU needed) with the tiles and chunk that ``dtype`` inputs get, and
-    report its registers and stack bytes (spills): {"kernel", "registers", "stack", "BK", "BV", "C"}."""
+    """Compile one kernel for sm_90 (no GPU needed) with the tiles and chunk that ``dtype`` inputs get (a long
+    sequence) and the first autotuning configuration's stages, and report its registers and stack bytes (spills):
+    {"kernel", "registers", "stack", "BK", "BV", "C"}."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -418,14 +424,18 @@ def compile_report(kernel: str, K: int, VD: int, dtype: str = "float32", num_war
     while not isinstance(fn, triton.runtime.JITFunction):  # (under the autotuner)
         fn = fn.fn
     BK, BV = _blocks(K, VD, torch_dtype)
-    C = FLOAT32_MAX_CHUNK if torch_dtype == torch.float32 else 64
+    C = kernel_chunk(4096, 64, torch_dtype)  # a long sequence at the default chunk
     pointer = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}[dtype]
     types = {name: pointer for name in _POINTERS[kernel].split()}
     types.update(scale="fp32", T="i32", NC="i32")
+    if kernel == "_bwd_dqk":
+        types["dk"] = pointer  # one key head per query head (HK = HV = 1 here): dk in the input dtype
     signature = {a: types.get(a, "*fp32" if a not in _CONSTEXPRS else "constexpr") for a in fn.arg_names}
     constexprs = dict(HK=1, HV=1, K=K, VD=VD, C=C, BK=BK, BV=BV, PREC=_precision(torch_dtype),
                       **_FLAGS.get(kernel, {}))
+    config = TUNED_CONFIGS[0]  # what small heads run untimed (see one_config_for_small_heads)
     compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": config.num_stages})
     report = resource_report(compiled, num_warps, kernel)
     return {"kernel": kernel, "registers": report["registers"], "stack": report["stack"], "BK": BK, "BV": BV, "C": C}
