@@ -19,7 +19,7 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Dict
+from typing import Dict, Optional
 
 KEY_OPS = ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "BAR", "LDS", "STS", "LDG", "STG", "REDG", "HMMA", "HGMMA",
            "LDL", "STL", "IMAD")
@@ -67,17 +67,21 @@ def resource_report(compiled, num_warps: int, name: str) -> Dict[str, object]:
             "ops": {k: ops[k] for k in KEY_OPS if ops[k]}}
 
 
-def compile_report(fn, args: Dict[str, object], num_warps: int, name: str) -> Dict[str, object]:
+def compile_report(fn, args: Dict[str, object], num_warps: int, name: str, constexprs: Optional[Dict] = None,
+                   num_stages: Optional[int] = None) -> Dict[str, object]:
     """Compile ``fn`` for sm_90. ``args`` maps every argument to a type string ('*bf16', 'i32', ...) or a
-    constexpr value.  Returns :func:`resource_report`."""
+    constexpr value; ``constexprs`` gives constexpr values of arguments named in ``args`` (overriding their
+    entries: for constexprs that are strings themselves, such as a product precision).
+    Returns :func:`resource_report`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {a: (v if isinstance(v, str) else "constexpr") for a, v in args.items()}
-    constexprs = {a: v for a, v in args.items() if not isinstance(v, str)}
+    constexprs = {**{a: v for a, v in args.items() if not isinstance(v, str)}, **(constexprs or {})}
+    signature = {a: ("constexpr" if a in constexprs else v) for a, v in args.items()}  # the arguments' order
+    options = {"num_warps": num_warps, **({} if num_stages is None else {"num_stages": num_stages})}
     compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", 90, 32), options=options)
     return resource_report(compiled, num_warps, name)
 
 

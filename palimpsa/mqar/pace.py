@@ -23,31 +23,32 @@ import torch
 from palimpsa.layers.modules import compiled_blocks
 from palimpsa.mqar.data import make_splits
 from palimpsa.mqar.models import MQARModel
-from palimpsa.mqar.train import RunConfig, _batch, _training_step, query_index
+from palimpsa.mqar.train import RunConfig, _batch, _synchronize, _training_step, query_index
 from palimpsa.train.optim import build_optimizer
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(config: RunConfig, device: torch.device, steps: int, warmup: int, compile_blocks: bool) -> dict:
-    """Seconds per training step of ``config``'s model: {"median", "min", "max", "first"} (first = the first
-    warm-up step, compilation included)."""
+def _run_setup(config: RunConfig, device: torch.device):
+    """A run's model, fused AdamW (on CUDA) and training data on ``device``, as ``train_run`` builds them:
+    (model, optimizer, (inputs, labels, query positions))."""
     splits = make_splits(config.vocab_size, config.seq_len, config.num_kv_pairs, config.num_train, 8, 8,
                          config.seed, config.power_a)
     torch.manual_seed(config.seed)
     model = MQARModel(config.model_config()).to(device)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda")
     train_x, train_y = (t.to(device) for t in splits.train)
-    train_q = query_index(train_y)
+    return model, optimizer, (train_x, train_y, query_index(train_y))
+
+
+def time_steps(config: RunConfig, device: torch.device, steps: int, warmup: int, compile_blocks: bool) -> dict:
+    """Seconds per training step of ``config``'s model: {"median", "min", "max", "first"} (first = the first
+    warm-up step, compilation included)."""
+    model, optimizer, train = _run_setup(config, device)
     gen = torch.Generator().manual_seed(0)
     times = []
     with compiled_blocks(compile_blocks):
         for i in range(warmup + steps):
             idx = torch.randint(0, config.num_train, (config.batch_size,), generator=gen).to(device)
-            batch = _batch(train_x, train_y, train_q, idx)
+            batch = _batch(*train, idx)
             _synchronize(device)
             started = time.perf_counter()
             _training_step(model, optimizer, batch, config.lr, config.amp, device, check_finite=False)
@@ -62,15 +63,8 @@ def profile_steps(config: RunConfig, device: torch.device, steps: int, top: int)
     eager steps on ``device`` (CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
-    splits = make_splits(config.vocab_size, config.seq_len, config.num_kv_pairs, config.num_train, 8, 8,
-                         config.seed, config.power_a)
-    torch.manual_seed(config.seed)
-    model = MQARModel(config.model_config()).to(device)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, betas=(0.9, 0.95), fused=True)
-    train_x, train_y = (t.to(device) for t in splits.train)
-    train_q = query_index(train_y)
-    idx = torch.arange(config.batch_size, device=device)
-    batch = _batch(train_x, train_y, train_q, idx)
+    model, optimizer, train = _run_setup(config, device)
+    batch = _batch(*train, torch.arange(config.batch_size, device=device))
     for _ in range(3):
         _training_step(model, optimizer, batch, config.lr, config.amp, device, check_finite=False)
     _synchronize(device)

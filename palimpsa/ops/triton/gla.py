@@ -405,8 +405,6 @@ def gla_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
 _POINTERS = {  # each kernel's pointer arguments that take the input dtype; the rest are float32
     "_fwd_states": "k v hs", "_fwd_output": "q k v hs o", "_bwd_states": "q do dhs", "_bwd_dv": "q k do dhs dv",
     "_bwd_dqk": "q k v hs do dhs dq"}
-_CONSTEXPRS = {"HK", "HV", "K", "VD", "C", "BK", "BV", "PREC", "HAS_INIT", "STORE_FINAL", "HAS_FINAL_GRAD",
-               "STORE_INIT_GRAD"}
 _FLAGS = {"_fwd_states": dict(HAS_INIT=True, STORE_FINAL=True),
           "_bwd_states": dict(HAS_FINAL_GRAD=True, STORE_INIT_GRAD=True)}
 
@@ -415,10 +413,7 @@ def compile_report(kernel: str, K: int, VD: int, dtype: str = "float32", num_war
     """Compile one kernel for sm_90 (no GPU needed) with the tiles and chunk that ``dtype`` inputs get (a long
     sequence) and the first autotuning configuration's stages, and report its registers and stack bytes (spills):
     {"kernel", "registers", "stack", "BK", "BV", "C"}."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from palimpsa.bench.sass import resource_report
+    from palimpsa.bench.sass import compile_report as compile_for_sm90
 
     torch_dtype = getattr(torch, dtype)
     fn = globals()[kernel]
@@ -431,12 +426,10 @@ def compile_report(kernel: str, K: int, VD: int, dtype: str = "float32", num_war
     types.update(scale="fp32", T="i32", NC="i32")
     if kernel == "_bwd_dqk":
         types["dk"] = pointer  # one key head per query head (HK = HV = 1 here): dk in the input dtype
-    signature = {a: types.get(a, "*fp32" if a not in _CONSTEXPRS else "constexpr") for a in fn.arg_names}
     constexprs = dict(HK=1, HV=1, K=K, VD=VD, C=C, BK=BK, BV=BV, PREC=_precision(torch_dtype),
                       **_FLAGS.get(kernel, {}))
-    config = TUNED_CONFIGS[0]  # what small heads run untimed (see one_config_for_small_heads)
-    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": config.num_stages})
-    report = resource_report(compiled, num_warps, kernel)
+    args = {a: types.get(a, "*fp32") for a in fn.arg_names}  # in order; the constexprs override their entries
+    # the first autotuning configuration's stages: what small heads run untimed (see one_config_for_small_heads)
+    report = compile_for_sm90(fn, args, num_warps, kernel, constexprs=constexprs,
+                              num_stages=TUNED_CONFIGS[0].num_stages)
     return {"kernel": kernel, "registers": report["registers"], "stack": report["stack"], "BK": BK, "BV": BV, "C": C}

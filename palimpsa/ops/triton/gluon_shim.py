@@ -56,14 +56,8 @@ class _InterpretedGluon:
     constexpr = tl.constexpr
     float32 = tl.float32
     int64 = tl.int64
-
-    @staticmethod
-    def BlockedLayout(*args, **kwargs):  # noqa: N802 - Gluon's name
-        return None
-
-    @staticmethod
-    def SliceLayout(*args, **kwargs):  # noqa: N802 - Gluon's name
-        return None
+    # layouts, registers' and shared memory's: the interpreter ignores them
+    BlockedLayout = SliceLayout = SwizzledSharedLayout = staticmethod(lambda *args, **kwargs: None)
 
     @staticmethod
     def arange(start, end, layout=None):
@@ -76,10 +70,6 @@ class _InterpretedGluon:
     @staticmethod
     def convert_layout(x, layout):
         return x
-
-    @staticmethod
-    def SwizzledSharedLayout(*args, **kwargs):  # noqa: N802 - Gluon's name
-        return None
 
     @staticmethod
     def allocate_shared_memory(element_ty, shape, layout=None):
