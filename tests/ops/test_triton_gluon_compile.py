@@ -163,7 +163,7 @@ def test_sweep_settings_are_checked():
     from palimpsa.ops.triton.utils import SequenceLayout
 
     for bad in (dict(bwd_lanes_k=3), dict(bwd_warps=3), dict(bwd_stage=3), dict(bwd_maxnreg=300),
-                dict(bwd_maxnreg=True)):
+                dict(bwd_maxnreg=True), dict(bwd_maxnreg=12), dict(bwd_stage=False)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             with kernel_config(**bad):
                 pass
@@ -172,3 +172,39 @@ def test_sweep_settings_are_checked():
     with pytest.raises(ValueError, match="bwd_lanes_k"):  # 32 lanes for 16 key rows: none for some lanes
         chunk_bwd(q, q, v, torch.zeros(1, 4, 1), v, torch.ones(1), 1.0, None, SequenceLayout(1, 4, None, q.device),
                   v, None, None, sweep="gluon", lanes_k=32)
+
+
+def test_sweep_stage_and_register_cap_by_key_size():
+    """Unset, the sweep's stage and register cap come from SWEEP_TUNED by key size (measured on an H200: stage 2
+    with 168 registers at K = 48), else stage 0 and no cap; a setting overrides them, and a cap of 0 means none."""
+    from palimpsa.ops.triton.config import SWEEP_TUNED, sweep_tuning
+
+    assert SWEEP_TUNED[48] == (2, 168)
+    assert sweep_tuning(48) == (2, 168)
+    assert sweep_tuning(96) == (0, None)
+    with kernel_config(bwd_stage=0, bwd_maxnreg=0):
+        assert sweep_tuning(48) == (0, None)
+    with kernel_config(bwd_maxnreg=128):
+        assert sweep_tuning(96) == (0, 128)
+        assert sweep_tuning(48) == (2, 128)
+    with kernel_config(bwd_stage=1):
+        assert sweep_tuning(48) == (1, 168)
+
+
+def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
+    """The per-channel op's backward passes sweep_tuning(K) on to chunk_bwd."""
+    from palimpsa.ops.triton import function
+
+    seen = {}
+
+    def fake_chunk_bwd(*args, **kwargs):
+        seen.update(stage=kwargs["sweep_stage"], maxnreg=kwargs["sweep_maxnreg"])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(function, "chunk_bwd", fake_chunk_bwd)
+    q = torch.zeros(1, 4, 1, 48)
+    v = torch.zeros(1, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="stop here"):
+        function._bwd_op(q, q, v, torch.zeros(1, 4, 1), v, torch.ones(1), None, None, None, v, None, None, None,
+                         1.0, 64)
+    assert seen == dict(stage=2, maxnreg=168)

@@ -254,22 +254,38 @@ def unit_local_adjoint_gluon_kernel(
             acc_p_b = gl.zeros([KB, BV], gl.float32, layout=LB)
         # the log decay from the unit's start, a float32 scalar 0 to begin with (g may be -inf: never g * 0)
         b_acc = (start * 0).to(gl.float32)
+        # each token's inputs are loaded one token ahead (the loop carries them), so that their loads run while
+        # the token before is computed: the pass is otherwise bound by the latency of these loads
+        tok_h = gl.cast(start, gl.int64) * H + i_h
+        g_n = gl.load(g + tok_h)
+        q_an, k_an, v_n, beta_n, do_n, dvar_n = _load_token(q, k, v, beta, do, dvar, tok_h, offs_a, mask_a, offs_v,
+                                                           mask_v, True, scale, K, V, HAS_DVAR)
+        if HAS_B:
+            q_bn, k_bn, v_bn, beta_bn, do_bn, dvar_bn = _load_token(q, k, v, beta, do, dvar, tok_h, offs_b, mask_b,
+                                                                   offs_vb, mask_vb, True, scale, K, V, HAS_DVAR)
         for t in range(start, end):
-            tok_h = gl.cast(t, gl.int64) * H + i_h
-            g_t = gl.load(g + tok_h).to(gl.float32)
+            g_t = g_n.to(gl.float32)
+            q_a, k_a, v_t, beta_t, do_t, dvar_t = q_an, k_an, v_n, beta_n, do_n, dvar_n
+            if HAS_B:
+                q_b, k_b, v_b, beta_b, do_b, dvar_b = q_bn, k_bn, v_bn, beta_bn, do_bn, dvar_bn
+            tok_n = gl.cast(t + 1, gl.int64) * H + i_h
+            ahead = t + 1 < end
+            g_n = gl.load(g + tok_n, mask=ahead, other=0.0)
+            q_an, k_an, v_n, beta_n, do_n, dvar_n = _load_token(q, k, v, beta, do, dvar, tok_n, offs_a, mask_a, offs_v,
+                                                               mask_v, ahead, scale, K, V, HAS_DVAR)
+            if HAS_B:
+                q_bn, k_bn, v_bn, beta_bn, do_bn, dvar_bn = _load_token(q, k, v, beta, do, dvar, tok_n, offs_b,
+                                                                       mask_b, offs_vb, mask_vb, ahead, scale, K, V,
+                                                                       HAS_DVAR)
             alpha = gl.exp(g_t)
             relax = (1.0 - alpha) * prior_h
             b_acc += g_t
             weight = gl.exp(b_acc)
-            q_a, k_a, v_t, beta_t, do_t, dvar_t = _load_token(q, k, v, beta, do, dvar, tok_h, offs_a, mask_a, offs_v,
-                                                             mask_v, True, scale, K, V, HAS_DVAR)
             mean_a, imp_a, dm_a, di_a = _direct(mean_a, imp_a, k_a, q_a, v_t, beta_t, do_t, dvar_t, alpha, relax,
                                                 HAS_DVAR)
             acc_m_a += weight * dm_a
             acc_p_a += weight * di_a
             if HAS_B:
-                q_b, k_b, v_b, beta_b, do_b, dvar_b = _load_token(q, k, v, beta, do, dvar, tok_h, offs_b, mask_b,
-                                                                 offs_vb, mask_vb, True, scale, K, V, HAS_DVAR)
                 mean_b, imp_b, dm_b, di_b = _direct(mean_b, imp_b, k_b, q_b, v_b, beta_b, do_b, dvar_b, alpha,
                                                     relax, HAS_DVAR)
                 acc_m_b += weight * dm_b

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 
 @dataclasses.dataclass
@@ -24,11 +24,12 @@ class KernelConfig:
     more: fewer atomic adds of dq and dk, sums over V through shared memory; checked in the CPU interpreter and
     compiled for sm_90; on an H200 1.35-1.6x slower at 760M-like); bwd_stage: 1 keeps the Gluon sweep's
     per-token states of a 4-token sub-block in shared memory instead of registers (at 760M-like under Triton 3.6
-    no spills instead of 400 bytes, still 255 registers; checked in the CPU interpreter and compiled for sm_90,
-    not yet on a GPU; 2: also the states at the sub-blocks' starts, from one forward pass per segment);
-    bwd_maxnreg: a cap on the Gluon sweep's registers per thread (None: the compiler's
-    choice; 128 allows twice the warps per multiprocessor at the price of spills; compiled for sm_90, not yet
-    on a GPU).  The Gluon sweep adds dq, dk and dg atomically over its value
+    no spills instead of 400 bytes, still 255 registers), 2: also the states at the sub-blocks' starts, from one
+    forward pass per segment, 0: registers; bwd_maxnreg: a cap on the Gluon sweep's registers per thread (0: the
+    compiler's choice; 128 allows twice the warps per multiprocessor at the price of spills).  None (the default
+    of both) takes them from :data:`SWEEP_TUNED` by key size: on an H200 (``results/bench/README.md``, sixth
+    session) stage 2 with a cap of 168 registers made the 170M-like fwd+bwd (K = 48) 1.2x faster, and every staged
+    or capped variant made the 760M-like one (K = 96) slower.  The Gluon sweep adds dq, dk and dg atomically over its value
     blocks, so they may differ in the last bits from run to run.  The environment variables are read when this
     module is imported.
     """
@@ -37,7 +38,7 @@ class KernelConfig:
     bwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_BWD_BACKEND", "auto"))
     bwd_lanes_k: int = 8
     bwd_warps: int = 1
-    bwd_stage: int = 0
+    bwd_stage: Optional[int] = None
     bwd_maxnreg: Optional[int] = None
     fwd_block_v: int = 32
     fwd_num_warps: int = 4
@@ -47,6 +48,8 @@ class KernelConfig:
 
 
 FWD_BACKENDS = ("auto", "triton", "gluon")
+# key size -> (bwd_stage, bwd_maxnreg) of the Gluon sweep where a GPU measured them faster than (0, 0)
+SWEEP_TUNED = {48: (2, 168)}
 BWD_BACKENDS = ("auto", "triton", "gluon")
 CONFIG = KernelConfig()
 
@@ -65,12 +68,14 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
         raise ValueError(f"bwd_lanes_k must be a power of two from 1 to 32, got {changes['bwd_lanes_k']!r}")
     if changes.get("bwd_warps", 1) not in (1, 2, 4, 8):
         raise ValueError(f"bwd_warps must be 1, 2, 4 or 8, got {changes['bwd_warps']!r}")
-    stage = changes.get("bwd_stage", 0)
-    if isinstance(stage, bool) or stage not in (0, 1, 2):
-        raise ValueError(f"bwd_stage must be 0, 1 or 2, got {changes['bwd_stage']!r}")
+    stage = changes.get("bwd_stage")
+    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2)):
+        raise ValueError(f"bwd_stage must be None (by key size), 0, 1 or 2, got {changes['bwd_stage']!r}")
     maxnreg = changes.get("bwd_maxnreg")
-    if maxnreg is not None and (isinstance(maxnreg, bool) or not isinstance(maxnreg, int) or not 24 <= maxnreg <= 255):
-        raise ValueError(f"bwd_maxnreg must be None or a whole number from 24 to 255, got {maxnreg!r}")
+    if maxnreg is not None and (isinstance(maxnreg, bool) or not isinstance(maxnreg, int)
+                                or not (maxnreg == 0 or 24 <= maxnreg <= 255)):
+        raise ValueError(f"bwd_maxnreg must be None (by key size), 0 (no cap) or a whole number from 24 to 255, "
+                         f"got {maxnreg!r}")
     saved = dataclasses.replace(CONFIG)
     for name, value in changes.items():
         setattr(CONFIG, name, value)
@@ -79,3 +84,12 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
     finally:
         for field in dataclasses.fields(KernelConfig):
             setattr(CONFIG, field.name, getattr(saved, field.name))
+
+
+def sweep_tuning(K: int) -> Tuple[int, Optional[int]]:
+    """(stage, register cap or None) of the Gluon sweep at key size K: CONFIG's values where set, else
+    :data:`SWEEP_TUNED`'s for K, else (0, no cap)."""
+    stage, maxnreg = SWEEP_TUNED.get(K, (0, 0))
+    stage = CONFIG.bwd_stage if CONFIG.bwd_stage is not None else stage
+    maxnreg = CONFIG.bwd_maxnreg if CONFIG.bwd_maxnreg is not None else maxnreg
+    return stage, (maxnreg or None)

@@ -16,7 +16,7 @@ from palimpsa.ops.checks import PreparedInputs
 from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
-from palimpsa.ops.triton.config import BWD_BACKENDS, CONFIG, FWD_BACKENDS
+from palimpsa.ops.triton.config import BWD_BACKENDS, CONFIG, FWD_BACKENDS, sweep_tuning
 from palimpsa.ops.triton.step import launch_step
 from palimpsa.ops.triton.utils import SequenceLayout, interpreting
 
@@ -131,13 +131,14 @@ def _bwd_op(
         layout = SequenceLayout(B, T, cu_seqlens, q.device)
         init = (mu0, imp0) if mu0 is not None else None
         dfinal = (dmu, dimp) if dmu is not None else None
+        stage, maxnreg = sweep_tuning(q.shape[-1])
         dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
                                                         dfinal,
                                                         block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
                                                         target_programs=CONFIG.bwd_target_programs,
                                                         sweep=sweep_kernel(q), lanes_k=CONFIG.bwd_lanes_k,
-                                                        sweep_warps=CONFIG.bwd_warps, sweep_stage=CONFIG.bwd_stage,
-                                                        sweep_maxnreg=CONFIG.bwd_maxnreg)
+                                                        sweep_warps=CONFIG.bwd_warps, sweep_stage=stage,
+                                                        sweep_maxnreg=maxnreg)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
