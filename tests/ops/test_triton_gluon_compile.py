@@ -163,7 +163,8 @@ def test_sweep_settings_are_checked():
     from palimpsa.ops.triton.utils import SequenceLayout
 
     for bad in (dict(bwd_lanes_k=3), dict(bwd_warps=3), dict(bwd_stage=3), dict(bwd_maxnreg=300),
-                dict(bwd_maxnreg=True), dict(bwd_maxnreg=12), dict(bwd_stage=False)):
+                dict(bwd_maxnreg=True), dict(bwd_maxnreg=12), dict(bwd_stage=False), dict(bwd_unroll=3),
+                dict(bwd_unroll=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             with kernel_config(**bad):
                 pass

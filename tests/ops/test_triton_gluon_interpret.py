@@ -66,42 +66,44 @@ def test_gluon_varlen_matches_naive():
     assert_close(got, reference(inputs, grads, cu_seqlens=cu))
 
 
-def gluon_sweep(lanes_k, warps=1, stage=0):
+def gluon_sweep(lanes_k, warps=1, stage=0, unroll=1):
     triton_module()
     from palimpsa.ops.triton.config import kernel_config
 
     return kernel_config(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=lanes_k, bwd_warps=warps,
-                         bwd_stage=stage)
+                         bwd_stage=stage, bwd_unroll=unroll)
 
 
-@pytest.mark.parametrize("K, V, lanes_k", [(48, 20, 8), (24, 32, 4)])
-def test_gluon_backward_matches_naive(K, V, lanes_k, monkeypatch):
-    """Every gradient through the Gluon reverse sweep (and output kernel); the Triton sweep is not run."""
+@pytest.mark.parametrize("K, V, lanes_k, unroll", [(48, 20, 8, 1), (24, 32, 4, 4)])
+def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, monkeypatch):
+    """Every gradient through the Gluon reverse sweep (and output kernel); the Triton sweep is not run.  unroll 4
+    rebuilds the sub-blocks' start states four tokens per loop iteration."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K + lanes_k, strong_decay=K == 24)
     grads = make_grads(inputs, N=2)
-    with gluon_sweep(lanes_k):
+    with gluon_sweep(lanes_k, unroll=unroll):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 
 
 def test_gluon_backward_with_several_warps_matches_naive(monkeypatch):
     """Two warps per sweep program (value blocks of 8 columns at 8 lanes per column; V = 20 leaves a partial
-    block), with an initial state and the variance: every gradient."""
+    block), with a sub-block's states staged in shared memory, an initial state and the variance: every
+    gradient."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     inputs = make_inputs(B=2, T=37, H=2, K=48, V=20, seed=21)
     grads = make_grads(inputs, N=2)
-    with gluon_sweep(8, warps=2):
+    with gluon_sweep(8, warps=2, stage=1):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 
 
-@pytest.mark.parametrize("K, V, lanes_k, stage", [(16, 16, 4, 1), (48, 20, 8, 2)])
-def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stage, monkeypatch):
+@pytest.mark.parametrize("K, V, lanes_k, stage, unroll", [(16, 16, 4, 1, 1), (48, 20, 8, 2, 2)])
+def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stage, unroll, monkeypatch):
     """bwd_stage = 1: a sub-block's states go through shared memory between its forward and reverse steps (one key
     part at K = 16); 2: so do the states at the sub-blocks' starts (two key parts at K = 48); T = 37 ends on a
     partial segment and sub-block; with an initial state and the variance: every gradient."""
@@ -110,7 +112,7 @@ def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stag
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=31 + K)
     grads = make_grads(inputs, N=2)
-    with gluon_sweep(lanes_k, stage=stage):
+    with gluon_sweep(lanes_k, stage=stage, unroll=unroll):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 

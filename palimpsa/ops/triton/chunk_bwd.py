@@ -468,7 +468,7 @@ def chunk_bwd(
     do: torch.Tensor, dvar: Optional[torch.Tensor], dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]],
     unit_chunks: Optional[int] = None, block_v: int = 16, num_warps: Optional[int] = None,
     target_programs: int = 2048, sweep: str = "triton", lanes_k: int = 8, sweep_warps: int = 1, sweep_stage: int = 0,
-    sweep_maxnreg: Optional[int] = None,
+    sweep_maxnreg: Optional[int] = None, sweep_unroll: int = 1,
 ):
     """Gradients of the Palimpsa op.
 
@@ -478,7 +478,8 @@ def chunk_bwd(
     ``sweep``: the reverse sweep's kernel, "triton" (``unit_bwd_kernel``, ``block_v`` columns per program) or
     "gluon" (``unit_bwd_gluon_kernel``, ``sweep_warps`` warps of 32 / ``lanes_k`` columns each per program;
     ``sweep_stage`` 1: a sub-block's states in shared memory instead of registers, 2: its first states too;
-    ``sweep_maxnreg``: a cap on its registers per thread, on a GPU).
+    ``sweep_maxnreg``: a cap on its registers per thread, on a GPU; ``sweep_unroll``: tokens per iteration of its
+    state-rebuilding loops).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -562,7 +563,8 @@ def chunk_bwd(
             dq, dk, dv, dbeta, dg_part, dprior_part, dmu0, dimp0,
             layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
             H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=sweep_warps, STAGE=sweep_stage,
-            HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen, num_warps=sweep_warps,
+            UNROLL=sweep_unroll, HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen,
+            num_warps=sweep_warps,
             **({} if sweep_maxnreg is None or not fast else dict(maxnreg=sweep_maxnreg)),
         )
     else:

@@ -62,12 +62,14 @@ def _token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, vali
 @jit
 def _advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t_start, t_end, i_h, offs_a, mask_a, offs_b,
              mask_b, offs_v, mask_v, offs_vb, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-             HAS_B: tl.constexpr):
-    """Advance both state parts over tokens [t_start, t_end)."""
-    for t in range(t_start, t_end):
-        mean_a, imp_a, mean_b, imp_b = _token_forward(
-            mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, t < t_end, i_h, offs_a, mask_a, offs_b, mask_b,
-            offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+             HAS_B: tl.constexpr, UNROLL: tl.constexpr):
+    """Advance both state parts over tokens [t_start, t_end), UNROLL tokens per loop iteration: their loads do
+    not depend on the state, so the compiler can issue them together instead of waiting for each token's."""
+    for t in range(t_start, t_end, UNROLL):
+        for j in gl.static_range(UNROLL):
+            mean_a, imp_a, mean_b, imp_b = _token_forward(
+                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t + j, t + j < t_end, i_h, offs_a, mask_a,
+                offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
     return mean_a, imp_a, mean_b, imp_b
 
 
@@ -311,7 +313,7 @@ def unit_bwd_gluon_kernel(
     cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
     KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr, WARPS: tl.constexpr, STAGE: tl.constexpr,
-    HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr,
+    UNROLL: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Grid (V blocks of BV = 32 / LANES_K * WARPS, units, H), WARPS warps each side by side over the value
     columns: the reverse sweep over one unit.  With one warp no reduction of a token crosses warps; with more, the
@@ -324,7 +326,9 @@ def unit_bwd_gluon_kernel(
     Triton 3.6, where the registers path spills 400 bytes.  STAGE = 2 also keeps the state at each sub-block's
     start, from one forward pass over the segment, instead of stepping again from the segment's start for every
     sub-block: 2.25 forward steps per token instead of 3 (chunks of 32: the segment's start 0.5, the sub-block
-    starts 0.75 instead of 1.5, the sub-block 1)."""
+    starts 0.75 instead of 1.5, the sub-block 1).  UNROLL (1, 2 or 4): tokens per iteration of the loops that
+    rebuild a state by stepping forward (2 of the 3 forward steps per token at stage 0), so that those tokens'
+    loads are issued together."""
     BV: gl.constexpr = WARP_LANES // LANES_K * WARPS
     LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, 1], [LANES_K, WARP_LANES // LANES_K], [1, WARPS], [0, 1])
     ROWS_A: gl.constexpr = gl.SliceLayout(1, LA)
@@ -396,7 +400,7 @@ def unit_bwd_gluon_kernel(
                 mean_sb, imp_sb = load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
             mean_sa, imp_sa, mean_sb, imp_sb = _advance(
                 mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, cs, seg_start, i_h,
-                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B, UNROLL)
             n_sub = gl.cdiv(seg_tok, 4)
             if STAGE == 2:  # one pass over the segment keeps every sub-block's first state
                 for j in range(0, n_sub):
@@ -409,7 +413,7 @@ def unit_bwd_gluon_kernel(
                         mean_sa, imp_sa, mean_sb, imp_sb = _advance(
                             mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start + 4 * j,
                             seg_start + 4 * j + 4, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K,
-                            V, HAS_B)
+                            V, HAS_B, UNROLL)
             for jj in range(0, n_sub):
                 s = (n_sub - 1 - jj) * 4  # sub-blocks of 4 tokens, last first
                 t0 = seg_start + s
@@ -424,7 +428,7 @@ def unit_bwd_gluon_kernel(
                 else:
                     mean_a, imp_a, mean_b, imp_b = _advance(
                         mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start, t0, i_h,
-                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B, UNROLL)
                 if STAGE:
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _staged_sub_block(
                         mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
@@ -507,7 +511,7 @@ def gluon_sweep_block_v(lanes_k: int, warps: int = 1) -> int:
 
 
 def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
-               kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None):
+               kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None, unroll: int = 1):
     """The sweep (``kernel="sweep"``, ``warps`` warps per program) or the local-adjoint pass (``"local"``, one
     warp) compiled for an NVIDIA GPU of compute capability ``arch`` without a GPU, at H = 16 heads (Triton's
     compiled kernel).  A development and test tool, run with TRITON_INTERPRET off (see
@@ -526,7 +530,8 @@ def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, ar
     types.update(scale="fp32", T="i32", NTOK="i32")
     types.update({n: "*fp32" for n in names if n not in types})
     KA, KB = k_parts(K)
-    constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=warps, STAGE=stage, HAS_INIT=False,
+    constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=warps, STAGE=stage, UNROLL=unroll,
+                     HAS_INIT=False,
                      HAS_DVAR=with_variance, IS_VARLEN=False)
     if kernel == "local":
         names = ("q", "k", "v", "g", "beta", "prior", "h_mean", "h_imp", "adj_mean", "adj_imp", "unit_decay", "do",
@@ -547,7 +552,7 @@ def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, ar
 
 
 def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
-                   kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None) -> dict:
+                   kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None, unroll: int = 1) -> dict:
     """Compile (:func:`compile_sm`) and count, in the PTX, shared memory bytes, barriers, reciprocals, shuffles
     and atomic adds; from the SASS, registers and stack (spill) bytes."""
     import re
@@ -556,7 +561,7 @@ def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False
 
     from palimpsa.bench.sass import resource_report
 
-    compiled = compile_sm(K, V, lanes_k, with_variance, arch, kernel, warps, stage, maxnreg)
+    compiled = compile_sm(K, V, lanes_k, with_variance, arch, kernel, warps, stage, maxnreg, unroll)
     ptx = compiled.asm["ptx"]
     resources = resource_report(compiled, 1 if kernel == "local" else warps, kernel)
     return {"shared": int(compiled.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),

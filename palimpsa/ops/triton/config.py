@@ -29,7 +29,9 @@ class KernelConfig:
     compiler's choice; 128 allows twice the warps per multiprocessor at the price of spills).  None (the default
     of both) takes them from :data:`SWEEP_TUNED` by key size: on an H200 (``results/bench/README.md``, sixth
     session) stage 2 with a cap of 168 registers made the 170M-like fwd+bwd (K = 48) 1.2x faster, and every staged
-    or capped variant made the 760M-like one (K = 96) slower.  The Gluon sweep adds dq, dk and dg atomically over its value
+    or capped variant made the 760M-like one (K = 96) slower.  bwd_unroll: tokens per iteration of the Gluon
+    sweep's loops that rebuild a state by stepping forward (1, 2 or 4; more lets their loads issue together).
+    The Gluon sweep adds dq, dk and dg atomically over its value
     blocks, so they may differ in the last bits from run to run.  The environment variables are read when this
     module is imported.
     """
@@ -40,6 +42,7 @@ class KernelConfig:
     bwd_warps: int = 1
     bwd_stage: Optional[int] = None
     bwd_maxnreg: Optional[int] = None
+    bwd_unroll: int = 1
     fwd_block_v: int = 32
     fwd_num_warps: int = 4
     bwd_block_v: int = 16
@@ -76,6 +79,8 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
                                 or not (maxnreg == 0 or 24 <= maxnreg <= 255)):
         raise ValueError(f"bwd_maxnreg must be None (by key size), 0 (no cap) or a whole number from 24 to 255, "
                          f"got {maxnreg!r}")
+    if changes.get("bwd_unroll", 1) not in (1, 2, 4) or isinstance(changes.get("bwd_unroll"), bool):
+        raise ValueError(f"bwd_unroll must be 1, 2 or 4, got {changes['bwd_unroll']!r}")
     saved = dataclasses.replace(CONFIG)
     for name, value in changes.items():
         setattr(CONFIG, name, value)

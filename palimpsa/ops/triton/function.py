@@ -138,7 +138,7 @@ def _bwd_op(
                                                         target_programs=CONFIG.bwd_target_programs,
                                                         sweep=sweep_kernel(q), lanes_k=CONFIG.bwd_lanes_k,
                                                         sweep_warps=CONFIG.bwd_warps, sweep_stage=stage,
-                                                        sweep_maxnreg=maxnreg)
+                                                        sweep_maxnreg=maxnreg, sweep_unroll=CONFIG.bwd_unroll)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
