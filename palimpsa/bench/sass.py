@@ -86,13 +86,17 @@ def compile_report(fn, args: Dict[str, object], num_warps: int, name: str, const
 
 
 def gluon_reports(shape, lanes_k: int, sweep_warps: int):
-    """:func:`resource_report` of the Gluon output kernel, local-adjoint pass and reverse sweep at ``shape``."""
+    """:func:`resource_report` of the Gluon output kernel, local-adjoint pass and reverse sweep at ``shape`` (the
+    sweep with the stage, register cap and unroll the op runs at this key size: config.sweep_tuning)."""
     from palimpsa.ops.triton import chunk_bwd_gluon, chunk_fwd_gluon
+    from palimpsa.ops.triton.config import sweep_tuning
 
     K, V = shape.K, shape.V
+    stage, maxnreg, unroll = sweep_tuning(K)
     yield resource_report(chunk_fwd_gluon.compile_sm(K, V), chunk_fwd_gluon.gluon_warps(V), "gluon_output")
     yield resource_report(chunk_bwd_gluon.compile_sm(K, V, lanes_k, kernel="local"), 1, "gluon_local_adjoint")
-    yield resource_report(chunk_bwd_gluon.compile_sm(K, V, lanes_k, warps=sweep_warps), sweep_warps, "gluon_sweep")
+    sweep = chunk_bwd_gluon.compile_sm(K, V, lanes_k, warps=sweep_warps, stage=stage, maxnreg=maxnreg, unroll=unroll)
+    yield resource_report(sweep, sweep_warps, "gluon_sweep")
 
 
 def kernel_args(shape, fwd_block_v: int, bwd_block_v: int) -> Dict[str, Dict[str, object]]:

@@ -175,21 +175,23 @@ def test_sweep_settings_are_checked():
                   v, None, None, sweep="gluon", lanes_k=32)
 
 
-def test_sweep_stage_and_register_cap_by_key_size():
-    """Unset, the sweep's stage and register cap come from SWEEP_TUNED by key size (measured on an H200: stage 2
-    with 168 registers at K = 48), else stage 0 and no cap; a setting overrides them, and a cap of 0 means none."""
+def test_sweep_stage_register_cap_and_unroll_by_key_size():
+    """Unset, the sweep's stage, register cap and unroll come from SWEEP_TUNED by key size (checked and measured on
+    an H200: stage 2, 168 registers and unroll 4 at K = 48; unroll 4 at K = 96), else stage 0, no cap, unroll 1;
+    a setting overrides them, and a cap of 0 means none."""
     from palimpsa.ops.triton.config import SWEEP_TUNED, sweep_tuning
 
-    assert SWEEP_TUNED[48] == (2, 168)
-    assert sweep_tuning(48) == (2, 168)
-    assert sweep_tuning(96) == (0, None)
-    with kernel_config(bwd_stage=0, bwd_maxnreg=0):
-        assert sweep_tuning(48) == (0, None)
+    assert SWEEP_TUNED[48] == (2, 168, 4)
+    assert sweep_tuning(48) == (2, 168, 4)
+    assert sweep_tuning(96) == (0, None, 4)
+    assert sweep_tuning(64) == (0, None, 1)
+    with kernel_config(bwd_stage=0, bwd_maxnreg=0, bwd_unroll=1):
+        assert sweep_tuning(48) == (0, None, 1)
     with kernel_config(bwd_maxnreg=128):
-        assert sweep_tuning(96) == (0, 128)
-        assert sweep_tuning(48) == (2, 128)
-    with kernel_config(bwd_stage=1):
-        assert sweep_tuning(48) == (1, 168)
+        assert sweep_tuning(96) == (0, 128, 4)
+        assert sweep_tuning(48) == (2, 128, 4)
+    with kernel_config(bwd_stage=1, bwd_unroll=2):
+        assert sweep_tuning(48) == (1, 168, 2)
 
 
 def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
@@ -199,7 +201,7 @@ def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
     seen = {}
 
     def fake_chunk_bwd(*args, **kwargs):
-        seen.update(stage=kwargs["sweep_stage"], maxnreg=kwargs["sweep_maxnreg"])
+        seen.update(stage=kwargs["sweep_stage"], maxnreg=kwargs["sweep_maxnreg"], unroll=kwargs["sweep_unroll"])
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(function, "chunk_bwd", fake_chunk_bwd)
@@ -208,4 +210,4 @@ def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         function._bwd_op(q, q, v, torch.zeros(1, 4, 1), v, torch.ones(1), None, None, None, v, None, None, None,
                          1.0, 64)
-    assert seen == dict(stage=2, maxnreg=168)
+    assert seen == dict(stage=2, maxnreg=168, unroll=4)

@@ -26,12 +26,13 @@ class KernelConfig:
     per-token states of a 4-token sub-block in shared memory instead of registers (at 760M-like under Triton 3.6
     no spills instead of 400 bytes, still 255 registers), 2: also the states at the sub-blocks' starts, from one
     forward pass per segment, 0: registers; bwd_maxnreg: a cap on the Gluon sweep's registers per thread (0: the
-    compiler's choice; 128 allows twice the warps per multiprocessor at the price of spills).  None (the default
-    of both) takes them from :data:`SWEEP_TUNED` by key size: on an H200 (``results/bench/README.md``, sixth
-    session) stage 2 with a cap of 168 registers made the 170M-like fwd+bwd (K = 48) 1.2x faster, and every staged
-    or capped variant made the 760M-like one (K = 96) slower.  bwd_unroll: tokens per iteration of the Gluon
-    sweep's loops that rebuild a state by stepping forward (1, 2 or 4; more lets their loads issue together).
-    The Gluon sweep adds dq, dk and dg atomically over its value
+    compiler's choice; 128 allows twice the warps per multiprocessor at the price of spills); bwd_unroll: tokens
+    per iteration of the Gluon sweep's loops that rebuild a state by stepping forward (1, 2 or 4; more lets their
+    loads issue together).  None (the default of all three) takes them from :data:`SWEEP_TUNED` by key size,
+    where an H200 checked and measured them (``results/bench/README.md``, sixth session): at K = 48 stage 2 with
+    a cap of 168 registers made the 170M-like fwd+bwd 1.2x faster, and unrolling by 4 another 7 %; at K = 96
+    every staged or capped variant was slower, and unrolling by 4 made it 8 % faster.  Other key sizes run
+    stage 0, no cap, unroll 1.  The Gluon sweep adds dq, dk and dg atomically over its value
     blocks, so they may differ in the last bits from run to run.  The environment variables are read when this
     module is imported.
     """
@@ -42,7 +43,7 @@ class KernelConfig:
     bwd_warps: int = 1
     bwd_stage: Optional[int] = None
     bwd_maxnreg: Optional[int] = None
-    bwd_unroll: int = 1
+    bwd_unroll: Optional[int] = None
     fwd_block_v: int = 32
     fwd_num_warps: int = 4
     bwd_block_v: int = 16
@@ -51,8 +52,9 @@ class KernelConfig:
 
 
 FWD_BACKENDS = ("auto", "triton", "gluon")
-# key size -> (bwd_stage, bwd_maxnreg) of the Gluon sweep where a GPU measured them faster than (0, 0)
-SWEEP_TUNED = {48: (2, 168)}
+# key size -> (bwd_stage, bwd_maxnreg, bwd_unroll) of the Gluon sweep, where a GPU checked them and measured them
+# faster than (0, 0, 1)
+SWEEP_TUNED = {48: (2, 168, 4), 96: (0, 0, 4)}
 BWD_BACKENDS = ("auto", "triton", "gluon")
 CONFIG = KernelConfig()
 
@@ -79,8 +81,9 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
                                 or not (maxnreg == 0 or 24 <= maxnreg <= 255)):
         raise ValueError(f"bwd_maxnreg must be None (by key size), 0 (no cap) or a whole number from 24 to 255, "
                          f"got {maxnreg!r}")
-    if changes.get("bwd_unroll", 1) not in (1, 2, 4) or isinstance(changes.get("bwd_unroll"), bool):
-        raise ValueError(f"bwd_unroll must be 1, 2 or 4, got {changes['bwd_unroll']!r}")
+    unroll = changes.get("bwd_unroll")
+    if unroll is not None and (isinstance(unroll, bool) or unroll not in (1, 2, 4)):
+        raise ValueError(f"bwd_unroll must be None (by key size), 1, 2 or 4, got {changes['bwd_unroll']!r}")
     saved = dataclasses.replace(CONFIG)
     for name, value in changes.items():
         setattr(CONFIG, name, value)
@@ -91,10 +94,10 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
             setattr(CONFIG, field.name, getattr(saved, field.name))
 
 
-def sweep_tuning(K: int) -> Tuple[int, Optional[int]]:
-    """(stage, register cap or None) of the Gluon sweep at key size K: CONFIG's values where set, else
-    :data:`SWEEP_TUNED`'s for K, else (0, no cap)."""
-    stage, maxnreg = SWEEP_TUNED.get(K, (0, 0))
-    stage = CONFIG.bwd_stage if CONFIG.bwd_stage is not None else stage
-    maxnreg = CONFIG.bwd_maxnreg if CONFIG.bwd_maxnreg is not None else maxnreg
-    return stage, (maxnreg or None)
+def sweep_tuning(K: int) -> Tuple[int, Optional[int], int]:
+    """(stage, register cap or None, unroll) of the Gluon sweep at key size K: CONFIG's values where set, else
+    :data:`SWEEP_TUNED`'s for K, else (0, no cap, 1)."""
+    tuned = SWEEP_TUNED.get(K, (0, 0, 1))
+    stage, maxnreg, unroll = (mine if mine is not None else default for mine, default in
+                              zip((CONFIG.bwd_stage, CONFIG.bwd_maxnreg, CONFIG.bwd_unroll), tuned))
+    return stage, (maxnreg or None), unroll

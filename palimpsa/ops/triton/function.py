@@ -131,14 +131,14 @@ def _bwd_op(
         layout = SequenceLayout(B, T, cu_seqlens, q.device)
         init = (mu0, imp0) if mu0 is not None else None
         dfinal = (dmu, dimp) if dmu is not None else None
-        stage, maxnreg = sweep_tuning(q.shape[-1])
+        stage, maxnreg, unroll = sweep_tuning(q.shape[-1])
         dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
                                                         dfinal,
                                                         block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
                                                         target_programs=CONFIG.bwd_target_programs,
                                                         sweep=sweep_kernel(q), lanes_k=CONFIG.bwd_lanes_k,
                                                         sweep_warps=CONFIG.bwd_warps, sweep_stage=stage,
-                                                        sweep_maxnreg=maxnreg, sweep_unroll=CONFIG.bwd_unroll)
+                                                        sweep_maxnreg=maxnreg, sweep_unroll=unroll)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
