@@ -10,7 +10,7 @@ column: 32 / L columns per one-warp program), "gluon-L-wW" (the same with W warp
 side over the value columns); a suffix "-s1" keeps a sub-block's states in shared memory (``bwd_stage``) and
 "-rR" caps the sweep at R registers per thread (``bwd_maxnreg``) and "-uN" rebuilds states N tokens per loop
 iteration (``bwd_unroll``), e.g. "gluon-8-s1-r128-u4"; without them the sweep runs stage 0, no cap, unroll 1.
-"default" runs the package's defaults (the sweep's stage and cap by key size,
+"default" runs the package's defaults (the sweep's stage, register cap and unroll by key size,
 ``palimpsa.ops.triton.config.SWEEP_TUNED``).
 
 1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
@@ -92,8 +92,9 @@ def main(argv=None) -> int:
         raise SystemExit("gpu_gluon_fwd_check.py needs a CUDA GPU")
     shapes = [bench.shape_by_name(s.strip()) for s in args.shapes.split(",")]
     variants = [v.strip() for v in args.variants.split(",")]
-    for name in variants:
-        variant_config(name)  # fail fast on a bad name
+    for name in variants:  # fail fast on a bad name or setting
+        with kernel_config(**variant_config(name)):
+            pass
     lines = [f"Gluon kernels of the per-channel op; {torch.cuda.get_device_name()}, {bench.environment()}", ""]
     passed = {}
     for name in variants:

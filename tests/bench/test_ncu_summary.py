@@ -22,6 +22,9 @@ def test_parse_reads_every_launch_and_its_metrics():
     assert sweep.metrics["Local Memory Spilling Requests"] == 371_610_624
     assert sweep.fp32 == 2_516_582_400 + 4_671_783_936
     assert "L1TEX" in sweep.stall
+    assert states.metrics["SM Frequency"] == pytest.approx(1.77)
+    assert sweep.metrics["SM Frequency"] == pytest.approx(1.98)
+    assert states.fp32 != sweep.fp32 and "L1TEX" in states.stall  # each launch keeps its own paragraphs
 
 
 def test_row_gives_per_element_token_costs():
@@ -31,6 +34,8 @@ def test_row_gives_per_element_token_costs():
     assert row["fp32_per_element"] == pytest.approx(47.6, abs=0.05)
     # issuing one instruction per scheduler and cycle: 4 schedulers x 132 SMs at ncu's measured 1.98 GHz
     assert row["issue_floor_ms"] == pytest.approx(1e3 * 13_297_569_792 / (4 * 132 * 1.98e9))
+    states = ncu_summary.row(ncu_summary.parse(EXCERPT.read_text())[0], ELEMENTS)
+    assert states["issue_floor_ms"] == pytest.approx(1e3 * 100_136_448 / (4 * 132 * 1.77e9))
     assert "| `unit_bwd_gluon_kernel` |" in ncu_summary.table([row])
 
 
@@ -48,3 +53,16 @@ def test_main_prints_the_table_and_rejects_bad_input(tmp_path, capsys):
     assert "no kernel launch" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ncu_summary.main([str(tmp_path / "missing.txt"), "--shape", "760M-like"])
+    assert "no such file" in capsys.readouterr().err
+    odd = tmp_path / "odd_unit.txt"
+    odd.write_text(EXCERPT.read_text().replace("Duration                         us",
+                                               "Duration                  fortnight"))
+    with pytest.raises(SystemExit):
+        ncu_summary.main([str(odd), "--shape", "760M-like"])
+    assert "unknown unit 'fortnight'" in capsys.readouterr().err
+
+
+def test_any_kernel_name_starts_a_launch():
+    text = EXCERPT.read_text().replace("  unit_bwd_gluon_kernel (48", "  void at::native::kernel<float, 4>(float*) (48")
+    names = [launch.name for launch in ncu_summary.parse(text)]
+    assert names == ["chunk_states_kernel", "void at::native::kernel<float, 4>(float*)"]

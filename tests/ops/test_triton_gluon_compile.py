@@ -192,6 +192,10 @@ def test_sweep_stage_register_cap_and_unroll_by_key_size():
         assert sweep_tuning(48) == (2, 128, 4)
     with kernel_config(bwd_stage=1, bwd_unroll=2):
         assert sweep_tuning(48) == (1, 168, 2)
+    with kernel_config(bwd_warps=2):  # measured with one warp only
+        assert sweep_tuning(48) == (0, None, 1)
+    with kernel_config(bwd_lanes_k=16, bwd_unroll=4):
+        assert sweep_tuning(96) == (0, None, 4)
 
 
 def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):

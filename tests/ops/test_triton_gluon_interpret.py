@@ -88,21 +88,22 @@ def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, monkeypatch):
     assert_close(got, reference(inputs, grads))
 
 
-def test_gluon_backward_with_several_warps_matches_naive(monkeypatch):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_gluon_backward_with_several_warps_matches_naive(stage, monkeypatch):
     """Two warps per sweep program (value blocks of 8 columns at 8 lanes per column; V = 20 leaves a partial
-    block), with a sub-block's states staged in shared memory, an initial state and the variance: every
-    gradient."""
+    block), with a sub-block's states in registers or staged in shared memory, an initial state and the variance:
+    every gradient."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     inputs = make_inputs(B=2, T=37, H=2, K=48, V=20, seed=21)
     grads = make_grads(inputs, N=2)
-    with gluon_sweep(8, warps=2, stage=1):
+    with gluon_sweep(8, warps=2, stage=stage):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 
 
-@pytest.mark.parametrize("K, V, lanes_k, stage, unroll", [(16, 16, 4, 1, 1), (48, 20, 8, 2, 2)])
+@pytest.mark.parametrize("K, V, lanes_k, stage, unroll", [(16, 16, 4, 1, 2), (48, 20, 8, 2, 4)])
 def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stage, unroll, monkeypatch):
     """bwd_stage = 1: a sub-block's states go through shared memory between its forward and reverse steps (one key
     part at K = 16); 2: so do the states at the sub-blocks' starts (two key parts at K = 48); T = 37 ends on a

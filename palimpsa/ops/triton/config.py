@@ -31,10 +31,10 @@ class KernelConfig:
     loads issue together).  None (the default of all three) takes them from :data:`SWEEP_TUNED` by key size,
     where an H200 checked and measured them (``results/bench/README.md``, sixth session): at K = 48 stage 2 with
     a cap of 168 registers made the 170M-like fwd+bwd 1.2x faster, and unrolling by 4 another 7 %; at K = 96
-    every staged or capped variant was slower, and unrolling by 4 made it 8 % faster.  Other key sizes run
-    stage 0, no cap, unroll 1.  The Gluon sweep adds dq, dk and dg atomically over its value
-    blocks, so they may differ in the last bits from run to run.  The environment variables are read when this
-    module is imported.
+    every staged or capped variant was slower, and unrolling by 4 made it 8 % faster.  Other key sizes, and
+    lanes or warps other than the defaults, run stage 0, no cap, unroll 1.  The Gluon sweep adds dq, dk and dg
+    atomically over its value blocks, so they may differ in the last bits from run to run.  The environment
+    variables are read when this module is imported.
     """
 
     fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "auto"))
@@ -96,8 +96,10 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
 
 def sweep_tuning(K: int) -> Tuple[int, Optional[int], int]:
     """(stage, register cap or None, unroll) of the Gluon sweep at key size K: CONFIG's values where set, else
-    :data:`SWEEP_TUNED`'s for K, else (0, no cap, 1)."""
-    tuned = SWEEP_TUNED.get(K, (0, 0, 1))
+    :data:`SWEEP_TUNED`'s for K, measured with the default 8 lanes per column and one warp per program (with other
+    lanes or warps, and at other key sizes: stage 0, no cap, unroll 1)."""
+    measured = CONFIG.bwd_lanes_k == 8 and CONFIG.bwd_warps == 1
+    tuned = SWEEP_TUNED.get(K, (0, 0, 1)) if measured else (0, 0, 1)
     stage, maxnreg, unroll = (mine if mine is not None else default for mine, default in
                               zip((CONFIG.bwd_stage, CONFIG.bwd_maxnreg, CONFIG.bwd_unroll), tuned))
     return stage, (maxnreg or None), unroll
