@@ -32,12 +32,13 @@ WARP_LANES = gl.constexpr(32)
 
 
 @jit
-def _forward(mean, imp, k, v, beta, alpha, relax):
-    """One token on a state part (no reciprocal): the new (M, I)."""
+def _forward(mean, exc, k, v, beta, alpha):
+    """One token on a state part (no reciprocal): the new (M, P), P = I - I0 the precision above the prior (its
+    step has no prior term: one add per element fewer than I's)."""
     kc = gl.expand_dims(k, 1)
-    imp = alpha * imp + (kc * kc * gl.expand_dims(beta, 0) + relax)
+    exc = alpha * exc + kc * kc * gl.expand_dims(beta, 0)
     mean = alpha * mean + kc * gl.expand_dims(v, 0)
-    return mean, imp
+    return mean, exc
 
 
 @jit
@@ -47,15 +48,14 @@ def _token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, vali
     """Advance both state parts by token t (a no-op when not ``valid``)."""
     tok_h = gl.cast(t, gl.int64) * H + i_h
     alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
-    relax = (1.0 - alpha) * prior_h
     mean_a, imp_a = _forward(mean_a, imp_a, load_rows(k, tok_h, offs_a, mask_a, valid, K),
                              load_cols(v, tok_h, offs_v, mask_v, valid, V),
-                             load_cols(beta, tok_h, offs_v, mask_v, valid, V), alpha, relax)
+                             load_cols(beta, tok_h, offs_v, mask_v, valid, V), alpha)
     if HAS_B:
         mask_vb = offs_vb < V
         mean_b, imp_b = _forward(mean_b, imp_b, load_rows(k, tok_h, offs_b, mask_b, valid, K),
                                  load_cols(v, tok_h, offs_vb, mask_vb, valid, V),
-                                 load_cols(beta, tok_h, offs_vb, mask_vb, valid, V), alpha, relax)
+                                 load_cols(beta, tok_h, offs_vb, mask_vb, valid, V), alpha)
     return mean_a, imp_a, mean_b, imp_b
 
 
@@ -76,10 +76,10 @@ def _advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t_start, t_en
 @jit
 def _backward_part(mean, imp, adj_m, adj_p, sdi, q, k, v_t, beta_t, do_t, dvar_t, prior_h, scale,
                    HAS_DVAR: tl.constexpr):
-    """Reverse step of one token on one state part, (mean, imp) = (M_t, I_t) after the token (see
+    """Reverse step of one token on one state part, (mean, imp) = (M_t, P_t) after the token, P = I - I0 (see
     chunk_bwd.token_backward_part: the same formulas).  q carries the scale already."""
-    dg_next = gl.sum(gl.sum(adj_m * mean + adj_p * (imp - prior_h), 1), 0)
-    r = reciprocal(imp)
+    dg_next = gl.sum(gl.sum(adj_m * mean + adj_p * imp, 1), 0)
+    r = reciprocal(imp + prior_h)
     qc = gl.expand_dims(q, 1)
     do_c = gl.expand_dims(do_t, 0)
     dm = do_c * (mean * r)
@@ -199,11 +199,11 @@ def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, a
 
 
 @jit
-def _direct(mean, imp, k, q, v, beta, do_t, dvar_t, alpha, relax, HAS_DVAR: tl.constexpr):
-    """One token forward on a state part, then its direct adjoints (DM, DI) from o and the variance: returns the
-    new (M, I) and (DM, DI) (see chunk_bwd.direct_adjoints)."""
-    mean, imp = _forward(mean, imp, k, v, beta, alpha, relax)
-    r = reciprocal(imp)
+def _direct(mean, imp, k, q, v, beta, do_t, dvar_t, alpha, prior_h, HAS_DVAR: tl.constexpr):
+    """One token forward on a state part (M, P = I - I0), then its direct adjoints (DM, DI) from o and the
+    variance: returns the new (M, P) and (DM, DI) (see chunk_bwd.direct_adjoints)."""
+    mean, imp = _forward(mean, imp, k, v, beta, alpha)
+    r = reciprocal(imp + prior_h)
     qc = gl.expand_dims(q, 1)
     do_c = gl.expand_dims(do_t, 0)
     dm = do_c * (mean * r)
@@ -243,6 +243,7 @@ def unit_local_adjoint_gluon_kernel(
         prior_h = gl.load(prior + i_h).to(gl.float32)
         h_off = ((cbase + i_w * U) * H + i_h).to(gl.int64) * K * V
         mean_a, imp_a = load_state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
+        imp_a -= prior_h  # (M, P): see _forward
         acc_m_a = gl.zeros([KA, BV], gl.float32, layout=LA)
         acc_p_a = gl.zeros([KA, BV], gl.float32, layout=LA)
         if HAS_B:
@@ -252,6 +253,7 @@ def unit_local_adjoint_gluon_kernel(
             offs_vb = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, LB))
             mask_vb = offs_vb < V
             mean_b, imp_b = load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, mask_vb, V)
+            imp_b -= prior_h
             acc_m_b = gl.zeros([KB, BV], gl.float32, layout=LB)
             acc_p_b = gl.zeros([KB, BV], gl.float32, layout=LB)
         # the log decay from the unit's start, a float32 scalar 0 to begin with (g may be -inf: never g * 0)
@@ -280,16 +282,15 @@ def unit_local_adjoint_gluon_kernel(
                                                                        mask_b, offs_vb, mask_vb, ahead, scale, K, V,
                                                                        HAS_DVAR)
             alpha = gl.exp(g_t)
-            relax = (1.0 - alpha) * prior_h
             b_acc += g_t
             weight = gl.exp(b_acc)
-            mean_a, imp_a, dm_a, di_a = _direct(mean_a, imp_a, k_a, q_a, v_t, beta_t, do_t, dvar_t, alpha, relax,
+            mean_a, imp_a, dm_a, di_a = _direct(mean_a, imp_a, k_a, q_a, v_t, beta_t, do_t, dvar_t, alpha, prior_h,
                                                 HAS_DVAR)
             acc_m_a += weight * dm_a
             acc_p_a += weight * di_a
             if HAS_B:
                 mean_b, imp_b, dm_b, di_b = _direct(mean_b, imp_b, k_b, q_b, v_b, beta_b, do_b, dvar_b, alpha,
-                                                    relax, HAS_DVAR)
+                                                    prior_h, HAS_DVAR)
                 acc_m_b += weight * dm_b
                 acc_p_b += weight * di_b
         a_off = (i_u * H + i_h).to(gl.int64) * K * V
@@ -370,7 +371,7 @@ def unit_bwd_gluon_kernel(
         adj_p_b = adj_p_a
         sdi_b = sdi_a
     if STAGE:
-        STAGED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        STAGED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
         staged_m_a = gl.allocate_shared_memory(gl.float32, [4, KA, BV], STAGED)
         staged_i_a = gl.allocate_shared_memory(gl.float32, [4, KA, BV], STAGED)
         if HAS_B:
@@ -394,10 +395,12 @@ def unit_bwd_gluon_kernel(
             seg_start = cs + seg * SEG
             seg_tok = gl.minimum(SEG, n_tok - seg * SEG)
             mean_sa, imp_sa = load_state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
+            imp_sa -= prior_h  # the sweep steps (M, P), P = I - I0: see _forward
             mean_sb = mean_sa
             imp_sb = imp_sa
             if HAS_B:
                 mean_sb, imp_sb = load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
+                imp_sb -= prior_h
             mean_sa, imp_sa, mean_sb, imp_sb = _advance(
                 mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, cs, seg_start, i_h,
                 offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B, UNROLL)
