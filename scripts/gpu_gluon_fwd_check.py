@@ -7,7 +7,8 @@ the Triton ones.
 Variants (``palimpsa.ops.triton.config.kernel_config`` settings): "triton" (today's kernels), "gluon-fwd" (the
 Gluon output kernel, Triton backward), "gluon-L" (both Gluon kernels, the reverse sweep with L lanes per value
 column: 32 / L columns per one-warp program), "gluon-L-wW" (the same with W warps per sweep program, side by
-side over the value columns); a suffix "-s1" keeps a sub-block's states in shared memory (``bwd_stage``) and
+side over the value columns), "-cN" (each sweep thread holds N adjacent value columns, ``bwd_cols``); a suffix "-s1"
+keeps a sub-block's states in shared memory (``bwd_stage``) and
 "-rR" caps the sweep at R registers per thread (``bwd_maxnreg``) and "-uN" rebuilds states N tokens per loop
 iteration (``bwd_unroll``), e.g. "gluon-8-s1-r128-u4"; without them the sweep runs stage 0, no cap, unroll 1.
 "default" runs the package's defaults (the sweep's stage, register cap and unroll by key size,
@@ -46,13 +47,13 @@ def variant_config(name: str) -> dict:
         return {}
     if name == "gluon-fwd":
         return dict(fwd_backend="gluon", bwd_backend="triton")
-    match = re.fullmatch(r"gluon-(\d+)(?:-w(\d+))?(?:-s(\d))?(?:-r(\d+))?(?:-u(\d))?", name)
+    match = re.fullmatch(r"gluon-(\d+)(?:-w(\d+))?(?:-c(\d))?(?:-s(\d))?(?:-r(\d+))?(?:-u(\d))?", name)
     if match:
         return dict(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=int(match[1]),
-                    bwd_warps=int(match[2] or 1), bwd_stage=int(match[3] or 0),
-                    bwd_maxnreg=int(match[4] or 0), bwd_unroll=int(match[5] or 1))
+                    bwd_warps=int(match[2] or 1), bwd_cols=int(match[3] or 1), bwd_stage=int(match[4] or 0),
+                    bwd_maxnreg=int(match[5] or 0), bwd_unroll=int(match[6] or 1))
     raise ValueError(f"unknown variant {name!r}: expected default, triton, gluon-fwd or "
-                     "gluon-<lanes>[-w<warps>][-s<stage>][-r<max registers>][-u<unroll>]")
+                     "gluon-<lanes>[-w<warps>][-c<columns>][-s<stage>][-r<max registers>][-u<unroll>]")
 
 
 def check_variant(name: str, shapes) -> bool:

@@ -66,24 +66,25 @@ def test_gluon_varlen_matches_naive():
     assert_close(got, reference(inputs, grads, cu_seqlens=cu))
 
 
-def gluon_sweep(lanes_k, warps=1, stage=0, unroll=1):
+def gluon_sweep(lanes_k, warps=1, stage=0, unroll=1, cols=1):
     triton_module()
     from palimpsa.ops.triton.config import kernel_config
 
     return kernel_config(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=lanes_k, bwd_warps=warps,
-                         bwd_stage=stage, bwd_unroll=unroll)
+                         bwd_stage=stage, bwd_unroll=unroll, bwd_cols=cols)
 
 
-@pytest.mark.parametrize("K, V, lanes_k, unroll", [(48, 20, 8, 1), (24, 32, 4, 4)])
-def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, monkeypatch):
+@pytest.mark.parametrize("K, V, lanes_k, unroll, cols", [(48, 20, 8, 1, 1), (24, 32, 4, 4, 2)])
+def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, cols, monkeypatch):
     """Every gradient through the Gluon reverse sweep (and output kernel); the Triton sweep is not run.  unroll 4
-    rebuilds the sub-blocks' start states four tokens per loop iteration."""
+    rebuilds the sub-blocks' start states four tokens per loop iteration; cols 2 gives each thread two adjacent
+    value columns."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K + lanes_k, strong_decay=K == 24)
     grads = make_grads(inputs, N=2)
-    with gluon_sweep(lanes_k, unroll=unroll):
+    with gluon_sweep(lanes_k, unroll=unroll, cols=cols):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 
@@ -103,17 +104,18 @@ def test_gluon_backward_with_several_warps_matches_naive(stage, monkeypatch):
     assert_close(got, reference(inputs, grads))
 
 
-@pytest.mark.parametrize("K, V, lanes_k, stage, unroll", [(16, 16, 4, 1, 2), (48, 20, 8, 2, 4)])
-def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stage, unroll, monkeypatch):
+@pytest.mark.parametrize("K, V, lanes_k, stage, unroll, cols", [(16, 16, 4, 1, 2, 1), (48, 20, 16, 2, 4, 2)])
+def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stage, unroll, cols, monkeypatch):
     """bwd_stage = 1: a sub-block's states go through shared memory between its forward and reverse steps (one key
-    part at K = 16); 2: so do the states at the sub-blocks' starts (two key parts at K = 48); T = 37 ends on a
-    partial segment and sub-block; with an initial state and the variance: every gradient."""
+    part at K = 16); 2: so do the states at the sub-blocks' starts (two key parts at K = 48, 16 lanes of two value
+    columns each: V = 20 leaves a partial block); T = 37 ends on a partial segment and sub-block; with an initial
+    state and the variance: every gradient."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=31 + K)
     grads = make_grads(inputs, N=2)
-    with gluon_sweep(lanes_k, stage=stage, unroll=unroll):
+    with gluon_sweep(lanes_k, stage=stage, unroll=unroll, cols=cols):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 

@@ -468,7 +468,7 @@ def chunk_bwd(
     do: torch.Tensor, dvar: Optional[torch.Tensor], dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]],
     unit_chunks: Optional[int] = None, block_v: int = 16, num_warps: Optional[int] = None,
     target_programs: int = 2048, sweep: str = "triton", lanes_k: int = 8, sweep_warps: int = 1, sweep_stage: int = 0,
-    sweep_maxnreg: Optional[int] = None, sweep_unroll: int = 1,
+    sweep_maxnreg: Optional[int] = None, sweep_unroll: int = 1, sweep_cols: int = 1,
 ):
     """Gradients of the Palimpsa op.
 
@@ -479,7 +479,7 @@ def chunk_bwd(
     "gluon" (``unit_bwd_gluon_kernel``, ``sweep_warps`` warps of 32 / ``lanes_k`` columns each per program;
     ``sweep_stage`` 1: a sub-block's states in shared memory instead of registers, 2: its first states too;
     ``sweep_maxnreg``: a cap on its registers per thread, on a GPU; ``sweep_unroll``: tokens per iteration of its
-    state-rebuilding loops).
+    state-rebuilding loops; ``sweep_cols``: value columns each of its threads holds).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -540,7 +540,7 @@ def chunk_bwd(
     if sweep == "gluon":  # its own V blocks: the buffers per V block below follow them
         from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v
 
-        NV = triton.cdiv(V, gluon_sweep_block_v(lanes_k, sweep_warps))
+        NV = triton.cdiv(V, gluon_sweep_block_v(lanes_k, sweep_warps, sweep_cols))
     dq = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dk = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
@@ -562,7 +562,8 @@ def chunk_bwd(
             q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar_arg,
             dq, dk, dv, dbeta, dg_part, dprior_part, dmu0, dimp0,
             layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
-            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=sweep_warps, STAGE=sweep_stage,
+            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, VCOLS=sweep_cols, WARPS=sweep_warps,
+            STAGE=sweep_stage,
             UNROLL=sweep_unroll, HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen,
             num_warps=sweep_warps,
             **({} if sweep_maxnreg is None or not fast else dict(maxnreg=sweep_maxnreg)),

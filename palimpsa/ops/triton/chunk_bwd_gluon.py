@@ -313,11 +313,14 @@ def unit_bwd_gluon_kernel(
     dq, dk, dv, dbeta, dg_part, dprior, dmu0, dimp0,
     cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
-    KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr, WARPS: tl.constexpr, STAGE: tl.constexpr,
-    UNROLL: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr, VCOLS: tl.constexpr, WARPS: tl.constexpr,
+    STAGE: tl.constexpr, UNROLL: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Grid (V blocks of BV = 32 / LANES_K * WARPS, units, H), WARPS warps each side by side over the value
-    columns: the reverse sweep over one unit.  With one warp no reduction of a token crosses warps; with more, the
+    """Grid (V blocks of BV = VCOLS * 32 / LANES_K * WARPS, units, H), WARPS warps each side by side over the
+    value columns, each thread holding VCOLS adjacent columns of K / LANES_K key rows: the reverse sweep over one
+    unit.  VCOLS = 2 halves the rows a thread holds for the same registers, so that per-row work (a token's q and k
+    converted and squared) and the shuffles of the sums over V are shared by two columns.  With one warp no reduction of
+    a token crosses warps; with more, the
     sums over V (dq, dk, dg) go through shared memory, and WARPS times fewer blocks add dq and dk atomically.  Buffers
     as ``unit_bwd_kernel``'s: dq, dk float32 [B*T, H, K] (atomic adds over V blocks); dv, dbeta [B*T, H, V];
     dg_part [1, B*T, H] zero-initialised (every V block adds into it atomically); dprior [NV, units, H]; dmu0,
@@ -330,8 +333,9 @@ def unit_bwd_gluon_kernel(
     starts 0.75 instead of 1.5, the sub-block 1).  UNROLL (1, 2 or 4): tokens per iteration of the loops that
     rebuild a state by stepping forward (2 of the 3 forward steps per token at stage 0), so that those tokens'
     loads are issued together."""
-    BV: gl.constexpr = WARP_LANES // LANES_K * WARPS
-    LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, 1], [LANES_K, WARP_LANES // LANES_K], [1, WARPS], [0, 1])
+    BV: gl.constexpr = VCOLS * WARP_LANES // LANES_K * WARPS
+    LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, VCOLS], [LANES_K, WARP_LANES // LANES_K], [1, WARPS],
+                                        [0, 1])
     ROWS_A: gl.constexpr = gl.SliceLayout(1, LA)
     COLS: gl.constexpr = gl.SliceLayout(0, LA)
     HAS_B: gl.constexpr = KB > 0
@@ -354,7 +358,7 @@ def unit_bwd_gluon_kernel(
     adj_p_a = gl.where(gl.expand_dims(mask_a, 1) & gl.expand_dims(mask_v, 0), adj_p_a, 0.0)
     sdi_a = gl.zeros([KA, BV], gl.float32, layout=LA)
     if HAS_B:
-        LB: gl.constexpr = gl.BlockedLayout([KB // LANES_K, 1], [LANES_K, WARP_LANES // LANES_K], [1, WARPS],
+        LB: gl.constexpr = gl.BlockedLayout([KB // LANES_K, VCOLS], [LANES_K, WARP_LANES // LANES_K], [1, WARPS],
                                             [0, 1])
         offs_b = KA + gl.arange(0, KB, layout=gl.SliceLayout(1, LB))
         mask_b = offs_b < K
@@ -504,17 +508,20 @@ def unit_bwd_gluon_kernel(
     gl.store(dprior + (i_v * gl.num_programs(1) + i_u) * H + i_h, dprior_sum)
 
 
-def gluon_sweep_block_v(lanes_k: int, warps: int = 1) -> int:
-    """Value columns per program of the Gluon sweep: the lanes of a warp not spent on key rows, times the warps."""
+def gluon_sweep_block_v(lanes_k: int, warps: int = 1, cols: int = 1) -> int:
+    """Value columns per program of the Gluon sweep: the lanes of a warp not spent on key rows, times the columns
+    each thread holds, times the warps."""
     if lanes_k not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"bwd_lanes_k must be a power of two from 1 to 32, got {lanes_k}")
     if warps not in (1, 2, 4, 8):
         raise ValueError(f"bwd_warps must be 1, 2, 4 or 8, got {warps}")
-    return 32 // lanes_k * warps
+    if cols not in (1, 2, 4):
+        raise ValueError(f"bwd_cols must be 1, 2 or 4, got {cols}")
+    return cols * 32 // lanes_k * warps
 
 
 def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
-               kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None, unroll: int = 1):
+               kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None, unroll: int = 1, cols: int = 1):
     """The sweep (``kernel="sweep"``, ``warps`` warps per program) or the local-adjoint pass (``"local"``, one
     warp) compiled for an NVIDIA GPU of compute capability ``arch`` without a GPU, at H = 16 heads (Triton's
     compiled kernel).  A development and test tool, run with TRITON_INTERPRET off (see
@@ -533,7 +540,8 @@ def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, ar
     types.update(scale="fp32", T="i32", NTOK="i32")
     types.update({n: "*fp32" for n in names if n not in types})
     KA, KB = k_parts(K)
-    constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, WARPS=warps, STAGE=stage, UNROLL=unroll,
+    constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, VCOLS=cols, WARPS=warps, STAGE=stage,
+                     UNROLL=unroll,
                      HAS_INIT=False,
                      HAS_DVAR=with_variance, IS_VARLEN=False)
     if kernel == "local":
@@ -555,7 +563,8 @@ def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, ar
 
 
 def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
-                   kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None, unroll: int = 1) -> dict:
+                   kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None, unroll: int = 1,
+                   cols: int = 1) -> dict:
     """Compile (:func:`compile_sm`) and count, in the PTX, shared memory bytes, barriers, reciprocals, shuffles
     and atomic adds; from the SASS, registers and stack (spill) bytes."""
     import re
@@ -564,7 +573,7 @@ def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False
 
     from palimpsa.bench.sass import resource_report
 
-    compiled = compile_sm(K, V, lanes_k, with_variance, arch, kernel, warps, stage, maxnreg, unroll)
+    compiled = compile_sm(K, V, lanes_k, with_variance, arch, kernel, warps, stage, maxnreg, unroll, cols)
     ptx = compiled.asm["ptx"]
     resources = resource_report(compiled, 1 if kernel == "local" else warps, kernel)
     return {"shared": int(compiled.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),

@@ -22,7 +22,9 @@ class KernelConfig:
     the Gluon sweep (each holds K / bwd_lanes_k key rows; the warp owns 32 / bwd_lanes_k columns); bwd_warps:
     warps per program of the Gluon sweep, side by side over the value columns (1: no reduction crosses warps;
     more: fewer atomic adds of dq and dk, sums over V through shared memory; checked in the CPU interpreter and
-    compiled for sm_90; on an H200 1.35-1.6x slower at 760M-like); bwd_stage: 1 keeps the Gluon sweep's
+    compiled for sm_90; on an H200 1.35-1.6x slower at 760M-like); bwd_cols: value columns each thread of the
+    Gluon sweep holds (1, 2 or 4: the program's columns are bwd_cols * 32 / bwd_lanes_k * bwd_warps); bwd_stage: 1 keeps
+    the Gluon sweep's
     per-token states of a 4-token sub-block in shared memory instead of registers (at 760M-like under Triton 3.6
     no spills instead of 400 bytes, still 255 registers), 2: also the states at the sub-blocks' starts, from one
     forward pass per segment, 0: registers; bwd_maxnreg: a cap on the Gluon sweep's registers per thread (0: the
@@ -41,6 +43,7 @@ class KernelConfig:
     bwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_BWD_BACKEND", "auto"))
     bwd_lanes_k: int = 8
     bwd_warps: int = 1
+    bwd_cols: int = 1
     bwd_stage: Optional[int] = None
     bwd_maxnreg: Optional[int] = None
     bwd_unroll: Optional[int] = None
@@ -73,6 +76,9 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
         raise ValueError(f"bwd_lanes_k must be a power of two from 1 to 32, got {changes['bwd_lanes_k']!r}")
     if changes.get("bwd_warps", 1) not in (1, 2, 4, 8):
         raise ValueError(f"bwd_warps must be 1, 2, 4 or 8, got {changes['bwd_warps']!r}")
+    cols = changes.get("bwd_cols", 1)
+    if isinstance(cols, bool) or cols not in (1, 2, 4):
+        raise ValueError(f"bwd_cols must be 1, 2 or 4, got {changes['bwd_cols']!r}")
     stage = changes.get("bwd_stage")
     if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2)):
         raise ValueError(f"bwd_stage must be None (by key size), 0, 1 or 2, got {changes['bwd_stage']!r}")
@@ -98,7 +104,7 @@ def sweep_tuning(K: int) -> Tuple[int, Optional[int], int]:
     """(stage, register cap or None, unroll) of the Gluon sweep at key size K: CONFIG's values where set, else
     :data:`SWEEP_TUNED`'s for K, measured with the default 8 lanes per column and one warp per program (with other
     lanes or warps, and at other key sizes: stage 0, no cap, unroll 1)."""
-    measured = CONFIG.bwd_lanes_k == 8 and CONFIG.bwd_warps == 1
+    measured = CONFIG.bwd_lanes_k == 8 and CONFIG.bwd_warps == 1 and CONFIG.bwd_cols == 1
     tuned = SWEEP_TUNED.get(K, (0, 0, 1)) if measured else (0, 0, 1)
     stage, maxnreg, unroll = (mine if mine is not None else default for mine, default in
                               zip((CONFIG.bwd_stage, CONFIG.bwd_maxnreg, CONFIG.bwd_unroll), tuned))

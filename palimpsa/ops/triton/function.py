@@ -138,7 +138,8 @@ def _bwd_op(
                                                         target_programs=CONFIG.bwd_target_programs,
                                                         sweep=sweep_kernel(q), lanes_k=CONFIG.bwd_lanes_k,
                                                         sweep_warps=CONFIG.bwd_warps, sweep_stage=stage,
-                                                        sweep_maxnreg=maxnreg, sweep_unroll=unroll)
+                                                        sweep_maxnreg=maxnreg, sweep_unroll=unroll,
+                                                        sweep_cols=CONFIG.bwd_cols)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
