@@ -11,7 +11,8 @@ side over the value columns), "-cN" (each sweep thread holds N adjacent value co
 keeps a sub-block's states in shared memory (``bwd_stage``) and
 "-rR" caps the sweep at R registers per thread (``bwd_maxnreg``) and "-uN" rebuilds states N tokens per loop
 iteration (``bwd_unroll``), e.g. "gluon-8-s1-r128-u4"; without them the sweep runs stage 0, no cap, unroll 1.
-"default" runs the package's defaults (the sweep's stage, register cap and unroll by key size,
+"default" runs the package's defaults ("default-fN": with N value columns per thread of the output kernel,
+``fwd_cols``) (the sweep's stage, register cap and unroll by key size,
 ``palimpsa.ops.triton.config.SWEEP_TUNED``).
 
 1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
@@ -45,6 +46,9 @@ def variant_config(name: str) -> dict:
         return dict(fwd_backend="triton", bwd_backend="triton")
     if name == "default":
         return {}
+    match = re.fullmatch(r"default-f(\d)", name)
+    if match:  # the defaults with the output kernel's threads holding N value columns
+        return dict(fwd_cols=int(match[1]))
     if name == "gluon-fwd":
         return dict(fwd_backend="gluon", bwd_backend="triton")
     match = re.fullmatch(r"gluon-(\d+)(?:-w(\d+))?(?:-c(\d))?(?:-s(\d))?(?:-r(\d+))?(?:-u(\d))?", name)
@@ -52,7 +56,7 @@ def variant_config(name: str) -> dict:
         return dict(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=int(match[1]),
                     bwd_warps=int(match[2] or 1), bwd_cols=int(match[3] or 1), bwd_stage=int(match[4] or 0),
                     bwd_maxnreg=int(match[5] or 0), bwd_unroll=int(match[6] or 1))
-    raise ValueError(f"unknown variant {name!r}: expected default, triton, gluon-fwd or "
+    raise ValueError(f"unknown variant {name!r}: expected default, default-f<columns>, triton, gluon-fwd or "
                      "gluon-<lanes>[-w<warps>][-c<columns>][-s<stage>][-r<max registers>][-u<unroll>]")
 
 

@@ -6,7 +6,7 @@ Triton's wheel ships ptxas and cuobjdump, so the kernels compile on any Linux ma
 kernel, the registers, spill stack and a count of the SASS instructions that matter for these kernels
 (FP32 pipe, MUFU reciprocals and exponentials, shuffles and barriers of reductions, loads and stores), and the
 occupancy its registers allow.  --gluon adds the Gluon kernels of the per-channel op (output kernel, local
-adjoints, reverse sweep; ``CONFIG.bwd_lanes_k`` and ``CONFIG.bwd_warps``), which run by default on an sm_90 GPU at
+adjoints, reverse sweep; laid out and scheduled by ``config.sweep_tuning``), which run by default on an sm_90 GPU at
 K = 48, 64 or 96.
 """
 
@@ -85,17 +85,20 @@ def compile_report(fn, args: Dict[str, object], num_warps: int, name: str, const
     return resource_report(compiled, num_warps, name)
 
 
-def gluon_reports(shape, lanes_k: int, sweep_warps: int):
-    """:func:`resource_report` of the Gluon output kernel, local-adjoint pass and reverse sweep at ``shape`` (the
-    sweep with the stage, register cap and unroll the op runs at this key size: config.sweep_tuning)."""
+def gluon_reports(shape, sweep_warps: int):
+    """:func:`resource_report` of the Gluon output kernel, local-adjoint pass and reverse sweep at ``shape``, laid
+    out and scheduled as the op runs them at this key size (config.output_columns, config.sweep_tuning)."""
     from palimpsa.ops.triton import chunk_bwd_gluon, chunk_fwd_gluon
-    from palimpsa.ops.triton.config import sweep_tuning
+    from palimpsa.ops.triton.config import output_columns, sweep_tuning
 
     K, V = shape.K, shape.V
-    stage, maxnreg, unroll = sweep_tuning(K)
-    yield resource_report(chunk_fwd_gluon.compile_sm(K, V), chunk_fwd_gluon.gluon_warps(V), "gluon_output")
-    yield resource_report(chunk_bwd_gluon.compile_sm(K, V, lanes_k, kernel="local"), 1, "gluon_local_adjoint")
-    sweep = chunk_bwd_gluon.compile_sm(K, V, lanes_k, warps=sweep_warps, stage=stage, maxnreg=maxnreg, unroll=unroll)
+    tune = sweep_tuning(K)
+    yield resource_report(chunk_fwd_gluon.compile_sm(K, V, cols=output_columns(K)), chunk_fwd_gluon.gluon_warps(V),
+                          "gluon_output")
+    yield resource_report(chunk_bwd_gluon.compile_sm(K, V, tune.lanes_k, kernel="local", cols=tune.cols), 1,
+                          "gluon_local_adjoint")
+    sweep = chunk_bwd_gluon.compile_sm(K, V, tune.lanes_k, warps=sweep_warps, stage=tune.stage, maxnreg=tune.maxnreg,
+                                       unroll=tune.unroll, cols=tune.cols)
     yield resource_report(sweep, sweep_warps, "gluon_sweep")
 
 
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
         reports = [compile_report(kernels[name][0], kernel_arguments, kernels[name][1], name)
                    for name, kernel_arguments in kernel_args(shape, args.fwd_block_v, args.bwd_block_v).items()]
         if args.gluon:
-            reports += list(gluon_reports(shape, CONFIG.bwd_lanes_k, CONFIG.bwd_warps))
+            reports += list(gluon_reports(shape, CONFIG.bwd_warps))
         for rep in reports:
             ops = " ".join(f"{k}={v}" for k, v in rep["ops"].items())
             print(f"{shape.name:10s} {rep['kernel']:19s} warps={rep['num_warps']} regs={rep['registers']:3d} "

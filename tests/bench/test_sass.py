@@ -31,10 +31,10 @@ def test_every_kernel_compiles_and_reports_its_resources():
         assert 0 < registers <= 255, line
         assert "MUFU=" in line, line  # every kernel takes exponentials or reciprocals
     assert "BAR=" not in rows["gluon_output"]  # no reduction crosses warps
-    # the sweep as the op runs it at K = 48: stage 2 under a 168-register cap (config.SWEEP_TUNED), a one-warp
+    # the sweep as the op runs it at K = 48: stage 2 under a 128-register cap (config.SWEEP_TUNED), a one-warp
     # program whose only barriers guard its staged states in shared memory: a handful per sub-block, none per sum
     sweep = rows["gluon_sweep"]
-    assert int(re.search(r"regs=\s*(\d+)", sweep).group(1)) <= 168, sweep
+    assert int(re.search(r"regs=\s*(\d+)", sweep).group(1)) <= 128, sweep
     assert "LDS=" in sweep and int(re.search(r"BAR=(\d+)", sweep).group(1)) <= 8, sweep
 
 

@@ -99,7 +99,7 @@ def test_gluon_sweep_staged_and_capped_compile():
 def test_gluon_sweep_block_checks_its_arguments():
     from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v
 
-    assert gluon_sweep_block_v(8) == 4 and gluon_sweep_block_v(8, 4) == 16
+    assert gluon_sweep_block_v(8) == 4 and gluon_sweep_block_v(8, 4) == 16 and gluon_sweep_block_v(16, 1, 2) == 4
     with pytest.raises(ValueError, match="bwd_warps"):
         gluon_sweep_block_v(8, 3)
     with pytest.raises(ValueError, match="bwd_lanes_k"):
@@ -162,7 +162,8 @@ def test_sweep_settings_are_checked():
     from palimpsa.ops.triton.chunk_bwd import chunk_bwd
     from palimpsa.ops.triton.utils import SequenceLayout
 
-    for bad in (dict(bwd_lanes_k=3), dict(bwd_warps=3), dict(bwd_stage=3), dict(bwd_maxnreg=300),
+    for bad in (dict(bwd_lanes_k=3), dict(bwd_cols=3), dict(bwd_cols=True), dict(bwd_warps=3), dict(bwd_stage=3),
+                dict(bwd_maxnreg=300),
                 dict(bwd_maxnreg=True), dict(bwd_maxnreg=12), dict(bwd_stage=False), dict(bwd_unroll=3),
                 dict(bwd_unroll=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -175,27 +176,41 @@ def test_sweep_settings_are_checked():
                   v, None, None, sweep="gluon", lanes_k=32)
 
 
-def test_sweep_stage_register_cap_and_unroll_by_key_size():
-    """Unset, the sweep's stage, register cap and unroll come from SWEEP_TUNED by key size (checked and measured on
-    an H200: stage 2, 168 registers and unroll 4 at K = 48; unroll 4 at K = 96), else stage 0, no cap, unroll 1;
-    a setting overrides them, and a cap of 0 means none."""
-    from palimpsa.ops.triton.config import SWEEP_TUNED, sweep_tuning
+def test_sweep_layout_and_schedule_by_key_size():
+    """Unset, the sweep's lanes, columns, stage, register cap and unroll come from SWEEP_TUNED by key size (checked
+    and measured on an H200), else 8 lanes, 1 column, stage 0, no cap, unroll 1; a setting overrides them, a cap
+    of 0 means none, and setting the lanes, columns or warps by hand leaves the other unset ones untuned."""
+    from palimpsa.ops.triton.config import SWEEP_TUNED, UNTUNED_SWEEP, sweep_tuning
 
-    assert SWEEP_TUNED[48] == (2, 168, 4)
-    assert sweep_tuning(48) == (2, 168, 4)
-    assert sweep_tuning(96) == (0, None, 4)
-    assert sweep_tuning(64) == (0, None, 1)
+    assert SWEEP_TUNED[48] == (16, 2, 2, 128, 4)
+    assert sweep_tuning(48) == (16, 2, 2, 128, 4)
+    assert sweep_tuning(96) == (16, 2, 0, None, 4)
+    assert sweep_tuning(32) == UNTUNED_SWEEP == (8, 1, 0, None, 1)
     with kernel_config(bwd_stage=0, bwd_maxnreg=0, bwd_unroll=1):
-        assert sweep_tuning(48) == (0, None, 1)
-    with kernel_config(bwd_maxnreg=128):
-        assert sweep_tuning(96) == (0, 128, 4)
-        assert sweep_tuning(48) == (2, 128, 4)
-    with kernel_config(bwd_stage=1, bwd_unroll=2):
-        assert sweep_tuning(48) == (1, 168, 2)
+        assert sweep_tuning(48) == (16, 2, 0, None, 1)
+    with kernel_config(bwd_maxnreg=168):
+        assert sweep_tuning(96) == (16, 2, 0, 168, 4)
     with kernel_config(bwd_warps=2):  # measured with one warp only
-        assert sweep_tuning(48) == (0, None, 1)
+        assert sweep_tuning(48) == (8, 1, 0, None, 1)
     with kernel_config(bwd_lanes_k=16, bwd_unroll=4):
-        assert sweep_tuning(96) == (0, None, 4)
+        assert sweep_tuning(96) == (16, 1, 0, None, 4)
+    with kernel_config(bwd_cols=1):
+        assert sweep_tuning(64) == (8, 1, 0, None, 1)
+
+
+def test_output_columns_by_key_size():
+    from palimpsa.ops.triton.config import OUTPUT_TUNED, output_columns
+
+    for K in (48, 64, 96, 128):
+        assert output_columns(K) == OUTPUT_TUNED.get(K, 1)
+    with kernel_config(fwd_cols=2):
+        assert output_columns(96) == 2
+    with pytest.raises(ValueError, match="fwd_cols"):
+        with kernel_config(fwd_cols=3):
+            pass
+    assert gluon_module.output_lanes(1) == 4 and gluon_module.output_lanes(2) == 8
+    with pytest.raises(ValueError, match="fwd_cols"):
+        gluon_module.output_lanes(4)
 
 
 def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
@@ -205,7 +220,8 @@ def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
     seen = {}
 
     def fake_chunk_bwd(*args, **kwargs):
-        seen.update(stage=kwargs["sweep_stage"], maxnreg=kwargs["sweep_maxnreg"], unroll=kwargs["sweep_unroll"])
+        seen.update(lanes_k=kwargs["lanes_k"], cols=kwargs["sweep_cols"], stage=kwargs["sweep_stage"],
+                    maxnreg=kwargs["sweep_maxnreg"], unroll=kwargs["sweep_unroll"])
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(function, "chunk_bwd", fake_chunk_bwd)
@@ -214,4 +230,4 @@ def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         function._bwd_op(q, q, v, torch.zeros(1, 4, 1), v, torch.ones(1), None, None, None, v, None, None, None,
                          1.0, 64)
-    assert seen == dict(stage=2, maxnreg=168, unroll=4)
+    assert seen == dict(lanes_k=16, cols=2, stage=2, maxnreg=128, unroll=4)

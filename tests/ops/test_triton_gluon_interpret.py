@@ -21,14 +21,14 @@ from tests.ops.test_triton_interpret import (assert_close, make_grads, make_inpu
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-def gluon_backend():
+def gluon_backend(cols=None):
     triton_module()
     from palimpsa.ops.triton import chunk_fwd_gluon
     from palimpsa.ops.triton.config import kernel_config
 
     if type(chunk_fwd_gluon.chunk_output_gluon_kernel).__name__ != "InterpretedFunction":
         pytest.skip("the Gluon kernel was compiled for a GPU in this process")
-    return kernel_config(fwd_backend="gluon")
+    return kernel_config(fwd_backend="gluon", fwd_cols=cols)
 
 
 def test_the_gluon_backend_runs_its_own_kernel(monkeypatch):
@@ -46,11 +46,12 @@ def test_the_gluon_backend_runs_its_own_kernel(monkeypatch):
     assert calls == [1] and torch.isfinite(o).all()
 
 
-@pytest.mark.parametrize("K, V", [(48, 20), (24, 32)])
-def test_gluon_chunk_matches_naive(K, V):
+@pytest.mark.parametrize("K, V, cols", [(48, 20, 1), (24, 32, 2)])
+def test_gluon_chunk_matches_naive(K, V, cols):
+    """The output kernel (its threads holding one or two value columns each) and what the backward needs."""
     inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K, strong_decay=K == 24)
     grads = make_grads(inputs, N=2)
-    with gluon_backend():
+    with gluon_backend(cols):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 

@@ -512,10 +512,10 @@ def chunk_bwd(
     if NU > N and sweep == "gluon":
         from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v, unit_local_adjoint_gluon_kernel
 
-        unit_local_adjoint_gluon_kernel[(triton.cdiv(V, gluon_sweep_block_v(lanes_k)), NU, H)](
+        unit_local_adjoint_gluon_kernel[(triton.cdiv(V, gluon_sweep_block_v(lanes_k, 1, sweep_cols)), NU, H)](
             q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, unit_decay, do, dvar_arg,
             layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T,
-            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, HAS_DVAR=dvar is not None,
+            H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, VCOLS=sweep_cols, HAS_DVAR=dvar is not None,
             IS_VARLEN=layout.varlen, num_warps=1,
         )
     elif NU > N:

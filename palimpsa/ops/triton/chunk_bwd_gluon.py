@@ -220,13 +220,15 @@ def unit_local_adjoint_gluon_kernel(
     q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, unit_decay, do, dvar,
     cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
-    KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr, VCOLS: tl.constexpr, HAS_DVAR: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
-    """``unit_local_adjoint_kernel`` with the sweep's layout (grid (V blocks of 32 / LANES_K, units, H), one warp):
+    """``unit_local_adjoint_kernel`` with the sweep's layout (grid (V blocks of VCOLS * 32 / LANES_K, units, H), one
+    warp):
     adj_*[unit] = sum over the unit of exp(b_t - b_start) (DM_t, DI_t); unit_decay[unit, h] = b at the unit's
     end.  The first unit of each sequence is skipped (not needed).  Element-wise only: no reduction at all."""
-    BV: gl.constexpr = WARP_LANES // LANES_K
-    LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, 1], [LANES_K, BV], [1, 1], [0, 1])
+    BV: gl.constexpr = VCOLS * WARP_LANES // LANES_K
+    LA: gl.constexpr = gl.BlockedLayout([KA // LANES_K, VCOLS], [LANES_K, WARP_LANES // LANES_K], [1, 1], [0, 1])
     HAS_B: gl.constexpr = KB > 0
     W: gl.constexpr = C * U
     i_v = gl.program_id(0)
@@ -247,7 +249,8 @@ def unit_local_adjoint_gluon_kernel(
         acc_m_a = gl.zeros([KA, BV], gl.float32, layout=LA)
         acc_p_a = gl.zeros([KA, BV], gl.float32, layout=LA)
         if HAS_B:
-            LB: gl.constexpr = gl.BlockedLayout([KB // LANES_K, 1], [LANES_K, BV], [1, 1], [0, 1])
+            LB: gl.constexpr = gl.BlockedLayout([KB // LANES_K, VCOLS], [LANES_K, WARP_LANES // LANES_K], [1, 1],
+                                                [0, 1])
             offs_b = KA + gl.arange(0, KB, layout=gl.SliceLayout(1, LB))
             mask_b = offs_b < K
             offs_vb = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, LB))
@@ -548,7 +551,7 @@ def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, ar
         names = ("q", "k", "v", "g", "beta", "prior", "h_mean", "h_imp", "adj_mean", "adj_imp", "unit_decay", "do",
                  "dvar", "cu_seqlens", "unit_indices", "unit_offsets", "chunk_offsets", "scale", "T")
         types["unit_decay"] = "*fp32"
-        constants = {n: constants[n] for n in ("H", "K", "V", "C", "U", "KA", "KB", "LANES_K", "HAS_DVAR",
+        constants = {n: constants[n] for n in ("H", "K", "V", "C", "U", "KA", "KB", "LANES_K", "VCOLS", "HAS_DVAR",
                                                "IS_VARLEN")}
     elif kernel != "sweep":
         raise ValueError(f"kernel must be 'sweep' or 'local', got {kernel!r}")

@@ -41,8 +41,9 @@ from palimpsa.ops.triton.gluon_parts import load_rows, load_state, locate_unit, 
 from palimpsa.ops.triton.gluon_shim import gl, jit
 from palimpsa.ops.triton.utils import SequenceLayout, k_parts
 
-LANES_PER_COLUMN = gl.constexpr(4)  # lanes that share one value column (each holds a quarter of the key rows)
-COLUMNS_PER_WARP = gl.constexpr(8)  # 32 lanes / LANES_PER_COLUMN
+LANES_PER_COLUMN = gl.constexpr(4)  # default lanes that share one value column (each holds a quarter of the rows)
+COLUMNS_PER_WARP = gl.constexpr(8)  # value columns of a warp: 32 lanes / lanes per column * columns per thread
+WARP_LANES = gl.constexpr(32)
 
 
 @jit
@@ -64,13 +65,16 @@ def _step(mean, imp, k, q, v, beta, alpha, relax, HAS_VAR: tl.constexpr):
 def chunk_output_gluon_kernel(
     q, k, v, g, beta, prior, h_mean, h_imp, o, var, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-    NUM_WARPS: tl.constexpr, HAS_VAR: tl.constexpr, IS_VARLEN: tl.constexpr,
+    NUM_WARPS: tl.constexpr, LANES: tl.constexpr, VCOLS: tl.constexpr, HAS_VAR: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """Grid (V blocks of BV = 8 * NUM_WARPS, chunks, H).  q, k [B*T, H, K]; v, beta [B*T, H, V]; g [B*T, H]
-    float32; h_mean, h_imp [chunks, H, K, V] float32 (M and I at every chunk's start); o, var [B*T, H, V]."""
+    float32; h_mean, h_imp [chunks, H, K, V] float32 (M and I at every chunk's start); o, var [B*T, H, V].
+    LANES lanes share a value column, each holding KA / LANES key rows of VCOLS adjacent columns (LANES = 4 * VCOLS:
+    8 columns per warp); two columns per thread share the per-row work (q and k converted, scaled, squared)."""
     BV: gl.constexpr = COLUMNS_PER_WARP * NUM_WARPS
-    LA: gl.constexpr = gl.BlockedLayout([KA // LANES_PER_COLUMN, 1], [LANES_PER_COLUMN, COLUMNS_PER_WARP],
-                                        [1, NUM_WARPS], [0, 1])
+    LA: gl.constexpr = gl.BlockedLayout([KA // LANES, VCOLS], [LANES, WARP_LANES // LANES], [1, NUM_WARPS],
+                                        [0, 1])
     ROWS_A: gl.constexpr = gl.SliceLayout(1, LA)
     COLS: gl.constexpr = gl.SliceLayout(0, LA)
     HAS_B: gl.constexpr = KB > 0
@@ -90,8 +94,8 @@ def chunk_output_gluon_kernel(
     h_off = (i_c * H + i_h).to(gl.int64) * K * V
     mean_a, imp_a = load_state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
     if HAS_B:
-        LB: gl.constexpr = gl.BlockedLayout([KB // LANES_PER_COLUMN, 1], [LANES_PER_COLUMN, COLUMNS_PER_WARP],
-                                            [1, NUM_WARPS], [0, 1])
+        LB: gl.constexpr = gl.BlockedLayout([KB // LANES, VCOLS], [LANES, WARP_LANES // LANES], [1, NUM_WARPS],
+                                            [0, 1])
         ROWS_B: gl.constexpr = gl.SliceLayout(1, LB)
         COLS_B: gl.constexpr = gl.SliceLayout(0, LB)
         offs_b = KA + gl.arange(0, KB, layout=ROWS_B)
@@ -153,13 +157,15 @@ def gluon_warps(V: int) -> int:
 
 def fwd_output_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      prior: torch.Tensor, scale: float, layout: SequenceLayout, output_variance: bool,
-                     states, chunk_size: int = 64, num_warps: Optional[int] = None):
+                     states, chunk_size: int = 64, num_warps: Optional[int] = None, cols: int = 1):
     """The chunk path's outputs from chunk-start ``states`` (see ``fwd_output``), by the Gluon kernel.
 
     q, k [B, T, H, K]; v, beta [B, T, H, V]; g [B, T, H] float32; prior [H] float32; states: (M, I) at every
     chunk's start, [chunks, H, K, V] float32.  Returns o [B, T, H, V] (dtype of q) and var (or None).
+    ``cols``: value columns per thread (1 or 2; 4 * cols lanes share a column).
     """
     B, T, H, K = q.shape
+    lanes = output_lanes(cols)
     V = v.shape[-1]
     KA, KB = k_parts(K)
     warps = num_warps or gluon_warps(V)
@@ -172,12 +178,20 @@ def fwd_output_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     chunk_output_gluon_kernel[grid](
         q, k, v, g, beta, prior, h_mean, h_imp, o, var, dummy, chunk_indices if layout.varlen else dummy,
         chunk_offsets if layout.varlen else dummy, float(scale), T,
-        H=H, K=K, V=V, C=chunk_size, KA=KA, KB=KB, NUM_WARPS=warps, HAS_VAR=output_variance,
-        IS_VARLEN=layout.varlen, num_warps=warps)
+        H=H, K=K, V=V, C=chunk_size, KA=KA, KB=KB, NUM_WARPS=warps, LANES=lanes, VCOLS=cols,
+        HAS_VAR=output_variance, IS_VARLEN=layout.varlen, num_warps=warps)
     return o, (var if output_variance else None)
 
 
-def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90):
+def output_lanes(cols: int) -> int:
+    """Lanes per value column of the output kernel for ``cols`` columns per thread (8 columns per warp; every key
+    part has at least 16 rows, so each of the at most 8 lanes of a column holds some)."""
+    if cols not in (1, 2):
+        raise ValueError(f"fwd_cols must be 1 or 2, got {cols!r}")
+    return LANES_PER_COLUMN.value * cols
+
+
+def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90, cols: int = 1):
     """The kernel compiled for an NVIDIA GPU of compute capability ``arch`` (90: H100/H200) without a GPU, at
     H = 16 heads (Triton's compiled kernel: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``).  A development
     and test tool: it uses Triton's compiler directly, and it needs a process where TRITON_INTERPRET is off
@@ -192,7 +206,8 @@ def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False
                  chunk_offsets="*i32", scale="fp32", T="i32")
     KA, KB = k_parts(K)
     warps = gluon_warps(V)
-    constants = dict(H=16, K=K, V=V, C=64, KA=KA, KB=KB, NUM_WARPS=warps, HAS_VAR=with_variance, IS_VARLEN=varlen)
+    constants = dict(H=16, K=K, V=V, C=64, KA=KA, KB=KB, NUM_WARPS=warps, LANES=output_lanes(cols), VCOLS=cols,
+                     HAS_VAR=with_variance, IS_VARLEN=varlen)
     signature = {name: types[name] for name in names}
     signature.update({name: "constexpr" for name in constants})
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name].startswith("*")}
@@ -200,12 +215,13 @@ def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
-def compile_report(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90) -> dict:
+def compile_report(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90,
+                   cols: int = 1) -> dict:
     """Compile the kernel (:func:`compile_sm`) and count what its speed depends on: shared memory bytes,
     barriers, reciprocals and butterfly shuffles in its PTX (the token loop's, once each)."""
     import re
 
-    kernel = compile_sm(K, V, with_variance, varlen, arch)
+    kernel = compile_sm(K, V, with_variance, varlen, arch, cols)
     ptx = kernel.asm["ptx"]
     return {"shared": int(kernel.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),
             "reciprocals": ptx.count("rcp.approx.ftz.f32"), "shuffles": ptx.count("shfl.sync.bfly"),

@@ -16,7 +16,7 @@ from palimpsa.ops.checks import PreparedInputs
 from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
-from palimpsa.ops.triton.config import BWD_BACKENDS, CONFIG, FWD_BACKENDS, sweep_tuning
+from palimpsa.ops.triton.config import BWD_BACKENDS, CONFIG, FWD_BACKENDS, output_columns, sweep_tuning
 from palimpsa.ops.triton.step import launch_step
 from palimpsa.ops.triton.utils import SequenceLayout, interpreting
 
@@ -93,7 +93,7 @@ def _fwd_op(
                 from palimpsa.ops.triton.chunk_fwd_gluon import fwd_output_gluon
 
                 o, var = fwd_output_gluon(q, k, v, g, beta, prior, scale, layout, output_variance, states,
-                                          chunk_size=chunk_size)
+                                          chunk_size=chunk_size, cols=output_columns(q.shape[-1]))
             else:
                 o, var, _ = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=states,
                                        chunk_size=chunk_size, block_v=CONFIG.fwd_block_v,
@@ -131,15 +131,15 @@ def _bwd_op(
         layout = SequenceLayout(B, T, cu_seqlens, q.device)
         init = (mu0, imp0) if mu0 is not None else None
         dfinal = (dmu, dimp) if dmu is not None else None
-        stage, maxnreg, unroll = sweep_tuning(q.shape[-1])
+        tuning = sweep_tuning(q.shape[-1])
         dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
                                                         dfinal,
                                                         block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
                                                         target_programs=CONFIG.bwd_target_programs,
-                                                        sweep=sweep_kernel(q), lanes_k=CONFIG.bwd_lanes_k,
-                                                        sweep_warps=CONFIG.bwd_warps, sweep_stage=stage,
-                                                        sweep_maxnreg=maxnreg, sweep_unroll=unroll,
-                                                        sweep_cols=CONFIG.bwd_cols)
+                                                        sweep=sweep_kernel(q), lanes_k=tuning.lanes_k,
+                                                        sweep_warps=CONFIG.bwd_warps, sweep_stage=tuning.stage,
+                                                        sweep_maxnreg=tuning.maxnreg, sweep_unroll=tuning.unroll,
+                                                        sweep_cols=tuning.cols)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
