@@ -11,9 +11,10 @@ side over the value columns), "-cN" (each sweep thread holds N adjacent value co
 keeps a sub-block's states in shared memory (``bwd_stage``) and
 "-rR" caps the sweep at R registers per thread (``bwd_maxnreg``) and "-uN" rebuilds states N tokens per loop
 iteration (``bwd_unroll``), e.g. "gluon-8-s1-r128-u4"; without them the sweep runs stage 0, no cap, unroll 1.
-"default" runs the package's defaults ("default-fN": with N value columns per thread of the output kernel,
-``fwd_cols``) (the sweep's stage, register cap and unroll by key size,
-``palimpsa.ops.triton.config.SWEEP_TUNED``).
+"default" runs the package's defaults (the sweep's stage, register cap and unroll by key size,
+``palimpsa.ops.triton.config.SWEEP_TUNED``).  Any variant may end in "-fN" (N value columns per
+thread of the output kernel, ``fwd_cols``) and "-tN" (``bwd_target_programs``, which sizes the backward's units:
+"-t1" makes each sequence one unit, so that no local-adjoint pass runs), e.g. "default-f1-t1".
 
 1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
    batch, bf16 and float32, the chunk and fused-recurrent forwards (outputs, variance, final states) over the
@@ -42,22 +43,30 @@ from palimpsa.ops.triton.config import kernel_config  # noqa: E402
 
 
 def variant_config(name: str) -> dict:
+    """kernel_config settings of a variant name (see the module docstring); a trailing "-fN" sets the output
+    kernel's value columns per thread (``fwd_cols``) and "-tN" the backward's target program count, which sizes
+    its units (``bwd_target_programs``: 1 makes every sequence one unit, so no local-adjoint pass runs)."""
+    extra = {}
+    while True:
+        match = re.fullmatch(r"(.+)-([ft])(\d+)", name)
+        if not match or match[1] in ("gluon",):
+            break
+        name = match[1]
+        extra[{"f": "fwd_cols", "t": "bwd_target_programs"}[match[2]]] = int(match[3])
     if name == "triton":
-        return dict(fwd_backend="triton", bwd_backend="triton")
+        return dict(fwd_backend="triton", bwd_backend="triton", **extra)
     if name == "default":
-        return {}
-    match = re.fullmatch(r"default-f(\d)", name)
-    if match:  # the defaults with the output kernel's threads holding N value columns
-        return dict(fwd_cols=int(match[1]))
+        return extra
     if name == "gluon-fwd":
-        return dict(fwd_backend="gluon", bwd_backend="triton")
+        return dict(fwd_backend="gluon", bwd_backend="triton", **extra)
     match = re.fullmatch(r"gluon-(\d+)(?:-w(\d+))?(?:-c(\d))?(?:-s(\d))?(?:-r(\d+))?(?:-u(\d))?", name)
     if match:
         return dict(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=int(match[1]),
                     bwd_warps=int(match[2] or 1), bwd_cols=int(match[3] or 1), bwd_stage=int(match[4] or 0),
-                    bwd_maxnreg=int(match[5] or 0), bwd_unroll=int(match[6] or 1))
-    raise ValueError(f"unknown variant {name!r}: expected default, default-f<columns>, triton, gluon-fwd or "
-                     "gluon-<lanes>[-w<warps>][-c<columns>][-s<stage>][-r<max registers>][-u<unroll>]")
+                    bwd_maxnreg=int(match[5] or 0), bwd_unroll=int(match[6] or 1), **extra)
+    raise ValueError(f"unknown variant {name!r}: expected default, triton, gluon-fwd or "
+                     "gluon-<lanes>[-w<warps>][-c<columns>][-s<stage>][-r<max registers>][-u<unroll>], each "
+                     "optionally followed by -f<output columns> and -t<target programs>")
 
 
 def check_variant(name: str, shapes) -> bool:
