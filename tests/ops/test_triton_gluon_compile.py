@@ -182,20 +182,20 @@ def test_sweep_layout_and_schedule_by_key_size():
     of 0 means none, and setting the lanes, columns or warps by hand leaves the other unset ones untuned."""
     from palimpsa.ops.triton.config import SWEEP_TUNED, UNTUNED_SWEEP, sweep_tuning
 
-    assert SWEEP_TUNED[48] == (16, 2, 2, 128, 4)
-    assert sweep_tuning(48) == (16, 2, 2, 128, 4)
-    assert sweep_tuning(96) == (16, 2, 0, None, 4)
-    assert sweep_tuning(32) == UNTUNED_SWEEP == (8, 1, 0, None, 1)
+    assert SWEEP_TUNED[48] == (16, 2, 2, 128, 4, 1536)
+    assert sweep_tuning(48) == (16, 2, 2, 128, 4, 1536)
+    assert sweep_tuning(96) == (16, 2, 0, None, 4, 1536)
+    assert sweep_tuning(32) == UNTUNED_SWEEP == (8, 1, 0, None, 1, 8192)
     with kernel_config(bwd_stage=0, bwd_maxnreg=0, bwd_unroll=1):
-        assert sweep_tuning(48) == (16, 2, 0, None, 1)
-    with kernel_config(bwd_maxnreg=168):
-        assert sweep_tuning(96) == (16, 2, 0, 168, 4)
+        assert sweep_tuning(48) == (16, 2, 0, None, 1, 1536)
+    with kernel_config(bwd_maxnreg=168, bwd_target_programs=4096):
+        assert sweep_tuning(96) == (16, 2, 0, 168, 4, 4096)
     with kernel_config(bwd_warps=2):  # measured with one warp only
-        assert sweep_tuning(48) == (8, 1, 0, None, 1)
+        assert sweep_tuning(48) == (8, 1, 0, None, 1, 8192)
     with kernel_config(bwd_lanes_k=16, bwd_unroll=4):
-        assert sweep_tuning(96) == (16, 1, 0, None, 4)
+        assert sweep_tuning(96) == (16, 1, 0, None, 4, 8192)
     with kernel_config(bwd_cols=1):
-        assert sweep_tuning(64) == (8, 1, 0, None, 1)
+        assert sweep_tuning(64) == (8, 1, 0, None, 1, 8192)
 
 
 def test_output_columns_by_key_size():
@@ -221,13 +221,15 @@ def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
 
     def fake_chunk_bwd(*args, **kwargs):
         seen.update(lanes_k=kwargs["lanes_k"], cols=kwargs["sweep_cols"], stage=kwargs["sweep_stage"],
-                    maxnreg=kwargs["sweep_maxnreg"], unroll=kwargs["sweep_unroll"])
+                    maxnreg=kwargs["sweep_maxnreg"], unroll=kwargs["sweep_unroll"],
+                    target_programs=kwargs["target_programs"])
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(function, "chunk_bwd", fake_chunk_bwd)
     q = torch.zeros(1, 4, 1, 48)
     v = torch.zeros(1, 4, 1, 8)
-    with pytest.raises(RuntimeError, match="stop here"):
-        function._bwd_op(q, q, v, torch.zeros(1, 4, 1), v, torch.ones(1), None, None, None, v, None, None, None,
-                         1.0, 64)
-    assert seen == dict(lanes_k=16, cols=2, stage=2, maxnreg=128, unroll=4)
+    for backend, programs in (("gluon", 1536), ("triton", 2048)):  # units: the Gluon sweep's tuning, Triton's own
+        with kernel_config(bwd_backend=backend), pytest.raises(RuntimeError, match="stop here"):
+            function._bwd_op(q, q, v, torch.zeros(1, 4, 1), v, torch.ones(1), None, None, None, v, None, None, None,
+                             1.0, 64)
+        assert seen == dict(lanes_k=16, cols=2, stage=2, maxnreg=128, unroll=4, target_programs=programs)

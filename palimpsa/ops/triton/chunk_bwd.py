@@ -494,8 +494,10 @@ def chunk_bwd(
     if sweep == "gluon" and (lanes_k > KA or 0 < KB < lanes_k):
         raise ValueError(f"bwd_lanes_k ({lanes_k}) must not exceed the key rows of each part of K = {K} ({KA}"
                          + (f" and {KB}" if KB else "") + "): every lane of a column holds at least one row")
-    # units sized for the Triton sweep's value blocks, also when the Gluon sweep runs with its narrower blocks
-    # (more programs than target_programs): the setting its timings were taken with
+    if sweep == "gluon":  # its own V blocks: the buffers per V block below follow them, and so do the units
+        from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v
+
+        NV = triton.cdiv(V, gluon_sweep_block_v(lanes_k, sweep_warps, sweep_cols))
     U = unit_chunks if unit_chunks is not None else default_unit_chunks(layout, H, NV, C, target_programs)
     W = U * C
     fast = not interpreting()
@@ -537,10 +539,6 @@ def chunk_bwd(
     )
 
     NTOK = B * T
-    if sweep == "gluon":  # its own V blocks: the buffers per V block below follow them
-        from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v
-
-        NV = triton.cdiv(V, gluon_sweep_block_v(lanes_k, sweep_warps, sweep_cols))
     dq = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dk = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)

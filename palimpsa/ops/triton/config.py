@@ -10,13 +10,15 @@ from typing import Iterator, NamedTuple, Optional
 
 class SweepTuning(NamedTuple):
     """How the Gluon reverse sweep runs at one key size: lanes per value column, value columns per thread, stage,
-    register cap (None: the compiler's choice) and unroll (see :class:`KernelConfig`)."""
+    register cap (None: the compiler's choice), unroll, and the programs its units are sized for (counted with its
+    own value blocks; see :class:`KernelConfig`)."""
 
     lanes_k: int
     cols: int
     stage: int
     maxnreg: Optional[int]
     unroll: int
+    target_programs: int
 
 
 @dataclasses.dataclass
@@ -43,12 +45,18 @@ class KernelConfig:
       sub-blocks' starts, from one forward pass per segment (2.25 forward steps per token instead of 3);
     * bwd_maxnreg: a cap on registers per thread (0: the compiler's choice; 128 allows twice the warps per
       multiprocessor);
-    * bwd_unroll: tokens per iteration of the loops that rebuild a state by stepping forward (1, 2 or 4).
+    * bwd_unroll: tokens per iteration of the loops that rebuild a state by stepping forward (1, 2 or 4);
+    * bwd_target_programs: the backward walks each sequence in units of whole chunks, sized to give about this
+      many programs (counted with the sweep's own value blocks); the first unit of a sequence needs no
+      local-adjoint pass, so fewer, longer units skip that pass where the GPU is full without them.  None: the
+      Triton sweep 2048, the Gluon sweep by key size.
 
-    None (the default of bwd_lanes_k, bwd_cols, bwd_stage, bwd_maxnreg and bwd_unroll) takes them from
+    None (the default of bwd_lanes_k, bwd_cols, bwd_stage, bwd_maxnreg, bwd_unroll and bwd_target_programs) takes them
+    from
     :data:`SWEEP_TUNED` by key size, where an H200 checked them against float64 and measured them faster
     (``results/bench/README.md``); at other key sizes, or when lanes, columns or warps are set by hand, the unset
-    ones are 8 lanes, 1 column, stage 0, no cap, unroll 1.  The Gluon sweep adds dq, dk and dg atomically over its
+    ones are 8 lanes, 1 column, stage 0, no cap, unroll 1, 8192 programs (about the units of the Triton sweep's
+    2048 programs of four times wider value blocks).  The Gluon sweep adds dq, dk and dg atomically over its
     value blocks, so they may differ in the last bits from run to run.  The environment variables are read when
     this module is imported.
     """
@@ -66,14 +74,18 @@ class KernelConfig:
     fwd_num_warps: int = 4
     bwd_block_v: int = 16
     bwd_num_warps: Optional[int] = 4
-    bwd_target_programs: int = 2048  # backward units are sized to give about this many programs
+    bwd_target_programs: Optional[int] = None
 
 
 FWD_BACKENDS = ("auto", "triton", "gluon")
 # key size -> the Gluon sweep's tuning, where an H200 checked it against float64 and measured it faster than the
 # untuned one (results/bench/README.md, seventh session: gluon_cols_h200_72b5391.md)
-UNTUNED_SWEEP = SweepTuning(lanes_k=8, cols=1, stage=0, maxnreg=None, unroll=1)
-SWEEP_TUNED = {48: SweepTuning(16, 2, 2, 128, 4), 64: SweepTuning(16, 2, 2, 128, 4), 96: SweepTuning(16, 2, 0, None, 4)}
+# (units of whole sequences at 170M-like and 760M-like: 4.89 -> 4.45 and 31.6 -> 27.5 ms fwd+bwd; at d64 the units
+# of 8192 programs stay: 5.91 against 6.60 ms, gluon_units_h200_f1fd6c9.md)
+UNTUNED_SWEEP = SweepTuning(lanes_k=8, cols=1, stage=0, maxnreg=None, unroll=1, target_programs=8192)
+SWEEP_TUNED = {48: SweepTuning(16, 2, 2, 128, 4, 1536), 64: SweepTuning(16, 2, 2, 128, 4, 8192),
+               96: SweepTuning(16, 2, 0, None, 4, 1536)}
+TRITON_TARGET_PROGRAMS = 2048  # the Triton sweep's units (its value blocks of 16 columns)
 # key size -> value columns per thread of the Gluon output kernel, where an H200 checked it against float64 and
 # measured it faster than 1 (gluon_f2_h200_1fa1530.md: forward 3.666 -> 3.403 ms at 760M-like, 0.815 -> 0.731 at d64)
 OUTPUT_TUNED = {48: 2, 64: 2, 96: 2}
@@ -123,12 +135,14 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
 
 
 def sweep_tuning(K: int) -> SweepTuning:
-    """The Gluon sweep's lanes, columns, stage, register cap (None: no cap) and unroll at key size K: CONFIG's
+    """The Gluon sweep's lanes, columns, stage, register cap (None: no cap), unroll and target programs at key
+    size K: CONFIG's
     values where set, else :data:`SWEEP_TUNED`'s for K (measured with one warp per program); when the lanes, the
     columns or the warps are set by hand, or K was not measured, the unset ones come from :data:`UNTUNED_SWEEP`."""
     by_hand = CONFIG.bwd_lanes_k is not None or CONFIG.bwd_cols is not None or CONFIG.bwd_warps != 1
     base = UNTUNED_SWEEP if by_hand else SWEEP_TUNED.get(K, UNTUNED_SWEEP)
-    mine = (CONFIG.bwd_lanes_k, CONFIG.bwd_cols, CONFIG.bwd_stage, CONFIG.bwd_maxnreg, CONFIG.bwd_unroll)
+    mine = (CONFIG.bwd_lanes_k, CONFIG.bwd_cols, CONFIG.bwd_stage, CONFIG.bwd_maxnreg, CONFIG.bwd_unroll,
+            CONFIG.bwd_target_programs)
     chosen = SweepTuning(*(value if value is not None else default for value, default in zip(mine, base)))
     return chosen._replace(maxnreg=chosen.maxnreg or None)
 

@@ -16,7 +16,8 @@ from palimpsa.ops.checks import PreparedInputs
 from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
-from palimpsa.ops.triton.config import BWD_BACKENDS, CONFIG, FWD_BACKENDS, output_columns, sweep_tuning
+from palimpsa.ops.triton.config import (BWD_BACKENDS, CONFIG, FWD_BACKENDS, TRITON_TARGET_PROGRAMS, output_columns,
+                                       sweep_tuning)
 from palimpsa.ops.triton.step import launch_step
 from palimpsa.ops.triton.utils import SequenceLayout, interpreting
 
@@ -132,11 +133,16 @@ def _bwd_op(
         init = (mu0, imp0) if mu0 is not None else None
         dfinal = (dmu, dimp) if dmu is not None else None
         tuning = sweep_tuning(q.shape[-1])
+        sweep = sweep_kernel(q)
+        if sweep == "gluon":
+            target_programs = tuning.target_programs
+        else:
+            target_programs = CONFIG.bwd_target_programs or TRITON_TARGET_PROGRAMS
         dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
                                                         dfinal,
                                                         block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
-                                                        target_programs=CONFIG.bwd_target_programs,
-                                                        sweep=sweep_kernel(q), lanes_k=tuning.lanes_k,
+                                                        target_programs=target_programs, sweep=sweep,
+                                                        lanes_k=tuning.lanes_k,
                                                         sweep_warps=CONFIG.bwd_warps, sweep_stage=tuning.stage,
                                                         sweep_maxnreg=tuning.maxnreg, sweep_unroll=tuning.unroll,
                                                         sweep_cols=tuning.cols)
