@@ -7,13 +7,16 @@ the chunk-start state and stepping 4 tokens forward then in reverse, and every t
 over K (dv, dbeta), over V (dq, dk, added atomically over the V blocks) and over both (dg).  What changes is the
 layout.  Triton's default for a [64, 16] tile with 4 warps split the key rows over warps and the columns over
 lanes, so the sums over K went through shared memory with barriers (about 18 per token, at 255 registers with
-spills; 39 ms at the 760M-like shape on an H200).  Here one warp owns BV = 32 / LANES_K value columns; the
-LANES_K lanes of a column each hold K / LANES_K consecutive key rows (``size_per_thread [R // LANES_K, 1]``,
-``threads_per_warp [LANES_K, 32 // LANES_K]``, one warp per program):
+spills; 39 ms at the 760M-like shape on an H200).  Here one warp owns BV = VCOLS * 32 / LANES_K value columns;
+the LANES_K lanes of a column group each hold K / LANES_K consecutive key rows of VCOLS adjacent columns
+(``size_per_thread [R // LANES_K, VCOLS]``, ``threads_per_warp [LANES_K, 32 // LANES_K]``, one warp per program):
 
 * sums over K: thread-local, then log2(LANES_K) butterfly shuffles;
-* sums over V: log2(32 / LANES_K) butterfly shuffles per key row a thread holds;
+* sums over V: thread-local over the VCOLS columns, then log2(32 / LANES_K) butterfly shuffles per key row a
+  thread holds (two columns per thread at 16 lanes: one shuffle, against two at 8 lanes of one column);
 * no shared memory, no barrier; per-token inputs are loaded straight into the lanes that use them.
+
+The sweep steps the states as (M, P), P = I - I0 the precision above the prior (see ``_forward``).
 
 As for the output kernel, the source runs as plain Triton under the CPU interpreter
 (:mod:`palimpsa.ops.triton.gluon_shim`), where the tests check it against the float64 reference;
@@ -322,15 +325,16 @@ def unit_bwd_gluon_kernel(
     """Grid (V blocks of BV = VCOLS * 32 / LANES_K * WARPS, units, H), WARPS warps each side by side over the
     value columns, each thread holding VCOLS adjacent columns of K / LANES_K key rows: the reverse sweep over one
     unit.  VCOLS = 2 halves the rows a thread holds for the same registers, so that per-row work (a token's q and k
-    converted and squared) and the shuffles of the sums over V are shared by two columns.  With one warp no reduction of
-    a token crosses warps; with more, the
-    sums over V (dq, dk, dg) go through shared memory, and WARPS times fewer blocks add dq and dk atomically.  Buffers
+    converted and squared) and the shuffles of the sums over V are shared by two columns.  With one warp no
+    reduction of a token crosses warps; with more, the sums over V (dq, dk, dg) go through shared memory, and WARPS
+    times fewer blocks add dq and dk atomically.  Buffers
     as ``unit_bwd_kernel``'s: dq, dk float32 [B*T, H, K] (atomic adds over V blocks); dv, dbeta [B*T, H, V];
     dg_part [1, B*T, H] zero-initialised (every V block adds into it atomically); dprior [NV, units, H]; dmu0,
-    dimp0 [N, H, K, V].  STAGE = 1 keeps the states (M, I) after each of a sub-block's four tokens in shared memory
-    between its forward and reverse steps, instead of in registers (each thread reads back what it wrote; the
-    compiler still puts a few barriers per sub-block, cheap in a one-warp program): no spills at 760M-like under
-    Triton 3.6, where the registers path spills 400 bytes.  STAGE = 2 also keeps the state at each sub-block's
+    dimp0 [N, H, K, V].  STAGE = 1 keeps the states (M, P) after each of a sub-block's four tokens in shared memory
+    between its forward and reverse steps, instead of in registers (each thread reads back what it wrote, K-fastest
+    so that a thread's rows go as 16-byte vectors without bank conflicts; the compiler still puts a few barriers per
+    sub-block, cheap in a one-warp program): no spills at 760M-like under Triton 3.6, where the registers path
+    spills 400 bytes.  STAGE = 2 also keeps the state at each sub-block's
     start, from one forward pass over the segment, instead of stepping again from the segment's start for every
     sub-block: 2.25 forward steps per token instead of 3 (chunks of 32: the segment's start 0.5, the sub-block
     starts 0.75 instead of 1.5, the sub-block 1).  UNROLL (1, 2 or 4): tokens per iteration of the loops that

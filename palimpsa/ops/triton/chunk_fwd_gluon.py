@@ -13,10 +13,12 @@ Why a layout of our own.  Triton's default layout for a [64, 32] tile with 4 war
 column and each warp a quarter of the key rows, so every token's sum over K crossed warps through shared
 memory, and the token's q and k, loaded one element per lane, went through shared memory again to reach the
 lanes that hold their rows: six barriers per token (an H200 spent 3.7 ms at the 760M-like shape, 3x the
-reciprocal floor).  Here a thread holds KA / 4 consecutive key rows of one column (``size_per_thread
-[KA // 4, 1]``), four lanes share a column (``threads_per_warp [4, 8]``) and the warps split the columns:
+reciprocal floor).  Here a thread holds KA / LANES consecutive key rows of VCOLS adjacent columns
+(``size_per_thread [KA // LANES, VCOLS]``), LANES = 4 * VCOLS lanes share a column group (``threads_per_warp
+[LANES, 32 // LANES]``: 8 columns per warp) and the warps split the columns.  VCOLS = 2 (the default at K = 48, 64
+and 96, ``config.OUTPUT_TUNED``) converts, scales and squares a token's q and k rows once for two columns:
 
-* the sum over K is a thread-local sum plus two butterfly shuffles, no barrier;
+* the sum over K is a thread-local sum plus log2(LANES) butterfly shuffles, no barrier;
 * a thread loads its own rows of q and k as contiguous vectors (the 8 lanes of a row group read the same
   bytes, served by L1), so no layout conversion is needed;
 * per state element and token: the reciprocal (one MUFU instruction) and about six FP32 instructions.
