@@ -4,15 +4,17 @@ the Triton ones.
     PYTHONPATH=. python scripts/gpu_gluon_fwd_check.py [--shapes 760M-like,170M-like,d64,d128] [--out FILE.md]
         [--variants gluon-fwd,gluon-8,gluon-16] [--no-check]
 
-Variants (``palimpsa.ops.triton.config.kernel_config`` settings): "triton" (today's kernels), "gluon-fwd" (the
+Variants (``palimpsa.ops.triton.config.kernel_config`` settings): "triton" (the Triton kernels), "gluon-fwd" (the
 Gluon output kernel, Triton backward), "gluon-L" (both Gluon kernels, the reverse sweep with L lanes per value
 column: 32 / L columns per one-warp program), "gluon-L-wW" (the same with W warps per sweep program, side by
-side over the value columns), "-cN" (each sweep thread holds N adjacent value columns, ``bwd_cols``); a suffix "-s1"
-keeps a sub-block's states in shared memory (``bwd_stage``) and
-"-rR" caps the sweep at R registers per thread (``bwd_maxnreg``) and "-uN" rebuilds states N tokens per loop
-iteration (``bwd_unroll``), e.g. "gluon-8-s1-r128-u4"; without them the sweep runs stage 0, no cap, unroll 1.
-"default" runs the package's defaults (the sweep's stage, register cap and unroll by key size,
-``palimpsa.ops.triton.config.SWEEP_TUNED``).  Any variant may end in "-fN" (N value columns per
+side over the value columns), "-cN" (each sweep thread holds N adjacent value columns: N * 32 / L per warp,
+``bwd_cols``); a suffix "-s1" keeps a sub-block's states in shared memory (``bwd_stage``), "-rR" caps the sweep at
+R registers per thread (``bwd_maxnreg``) and "-uN" rebuilds states N tokens per loop iteration (``bwd_unroll``),
+e.g. "gluon-8-s1-r128-u4"; without them the sweep runs 1 column, stage 0, no cap, unroll 1 and units sized for
+8192 programs.  A "gluon-L" variant's output kernel takes its columns per thread by key size
+(``OUTPUT_TUNED``: 2 at K = 48, 64, 96 since 1fa1530) unless "-f1" is given, so its forward times differ from
+runs before that commit.  "default" runs the package's defaults (the sweep's layout, schedule and units by key
+size, ``palimpsa.ops.triton.config.SWEEP_TUNED``).  Any variant may end in "-fN" (N value columns per
 thread of the output kernel, ``fwd_cols``) and "-tN" (``bwd_target_programs``, which sizes the backward's units:
 "-t1" makes each sequence one unit, so that no local-adjoint pass runs), e.g. "default-f1-t1".
 

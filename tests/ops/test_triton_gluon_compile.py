@@ -54,23 +54,37 @@ def test_gluon_output_kernel_compiles_without_barriers_or_shared_memory(reports,
     assert report["shuffles"] == 2 * (1 + (KB > 0)) * (1 + with_variance), report
 
 
-SWEEP_CASES = [(96, 192, 8, False), (48, 48, 16, True)]
-LOCAL_CASES = [(96, 192, 8, False, 90, "local"), (48, 48, 16, True, 90, "local")]
+# (K, V, lanes_k, with_variance, arch, kernel, warps, stage, maxnreg, unroll, cols): 760M-like as the op runs it
+# (16 lanes of two columns, unroll 4), and 8 lanes of one column with the variance at K = 48
+SWEEP_CASES = [(96, 192, 16, False, 90, "sweep", 1, 0, None, 4, 2), (48, 48, 8, True, 90, "sweep", 1, 0, None, 1, 1)]
+LOCAL_CASES = [(96, 192, 16, False, 90, "local", 1, 0, None, 1, 2), (48, 48, 16, True, 90, "local", 1, 0, None, 1, 1)]
 
 
 def test_gluon_sweep_compiles_without_barriers_or_shared_memory():
     """The backward's Gluon kernels: one warp per program, so no reduction of a token may cross warps."""
     reports = compile_reports("palimpsa.ops.triton.chunk_bwd_gluon", SWEEP_CASES + LOCAL_CASES)
-    for (K, V, lanes_k, _), report in zip(SWEEP_CASES, reports):
+    for (K, V, lanes_k, *_, cols), report in zip(SWEEP_CASES, reports):
         assert report["shared"] == 0 and report["barriers"] == 0, report
         KA, KB = k_parts(K)
         # four tokens per sub-block, one reciprocal per state element a thread holds
-        assert report["reciprocals"] == 4 * (KA + KB) // lanes_k, report
-    for (K, V, lanes_k, *_), report in zip(LOCAL_CASES, reports[len(SWEEP_CASES):]):
+        assert report["reciprocals"] == 4 * (KA + KB) // lanes_k * cols, report
+    # two columns a thread: the sums over V take one butterfly level fewer (246 shuffles against 390 at one column)
+    assert reports[0]["shuffles"] < 300, reports[0]
+    for (K, V, lanes_k, *_, cols), report in zip(LOCAL_CASES, reports[len(SWEEP_CASES):]):
         # the local-adjoint pass is element-wise: no shuffle either
         assert report["shared"] == 0 and report["barriers"] == 0 and report["shuffles"] == 0, report
         KA, KB = k_parts(K)
-        assert report["reciprocals"] == (KA + KB) // lanes_k, report
+        assert report["reciprocals"] == (KA + KB) // lanes_k * cols, report
+
+
+def test_gluon_output_kernel_with_two_columns_per_thread_compiles():
+    """The output kernel as it runs at K = 96 (OUTPUT_TUNED): 8 lanes of two value columns each; still no barrier
+    and no shared memory, the same reciprocals per thread, three butterfly levels per sum over K and column."""
+    (report,) = compile_reports("palimpsa.ops.triton.chunk_fwd_gluon", [(96, 192, False, False, 90, 2)])
+    assert report["shared"] == 0 and report["barriers"] == 0, report
+    KA, KB = k_parts(96)
+    assert report["reciprocals"] == (KA + KB) // 8 * 2, report
+    assert report["shuffles"] == 3 * 2 * 2, report  # 3 levels x 2 columns x 2 row parts
 
 
 def test_gluon_sweep_with_several_warps_compiles():
@@ -83,7 +97,7 @@ def test_gluon_sweep_with_several_warps_compiles():
 
 
 def test_gluon_sweep_staged_and_capped_compile():
-    """bwd_stage = 1 at 760M-like: the four token states of a sub-block in shared memory (4 tokens x (M, I) x K rows
+    """bwd_stage = 1 at 760M-like: the four token states of a sub-block in shared memory (4 tokens x (M, P) x K rows
     x 4 columns x 4 bytes), fewer spills than with them in registers (none under Triton 3.6, 72 against 352 bytes
     under 3.9); bwd_stage = 2 also the four sub-block starts of a segment; bwd_maxnreg = 128 holds the registers
     to 128."""
@@ -163,6 +177,7 @@ def test_sweep_settings_are_checked():
     from palimpsa.ops.triton.utils import SequenceLayout
 
     for bad in (dict(bwd_lanes_k=3), dict(bwd_cols=3), dict(bwd_cols=True), dict(bwd_warps=3), dict(bwd_stage=3),
+                dict(bwd_target_programs=0), dict(bwd_target_programs=1536.0), dict(bwd_target_programs=True),
                 dict(bwd_maxnreg=300),
                 dict(bwd_maxnreg=True), dict(bwd_maxnreg=12), dict(bwd_stage=False), dict(bwd_unroll=3),
                 dict(bwd_unroll=True)):
@@ -201,8 +216,8 @@ def test_sweep_layout_and_schedule_by_key_size():
 def test_output_columns_by_key_size():
     from palimpsa.ops.triton.config import OUTPUT_TUNED, output_columns
 
-    for K in (48, 64, 96, 128):
-        assert output_columns(K) == OUTPUT_TUNED.get(K, 1)
+    assert OUTPUT_TUNED == {48: 2, 64: 2, 96: 2}
+    assert [output_columns(K) for K in (48, 64, 96, 128, 32)] == [2, 2, 2, 1, 1]
     with kernel_config(fwd_cols=2):
         assert output_columns(96) == 2
     with pytest.raises(ValueError, match="fwd_cols"):

@@ -46,9 +46,10 @@ def test_the_gluon_backend_runs_its_own_kernel(monkeypatch):
     assert calls == [1] and torch.isfinite(o).all()
 
 
-@pytest.mark.parametrize("K, V, cols", [(48, 20, 1), (24, 32, 2)])
+@pytest.mark.parametrize("K, V, cols", [(48, 20, 1), (24, 36, 2)])
 def test_gluon_chunk_matches_naive(K, V, cols):
-    """The output kernel (its threads holding one or two value columns each) and what the backward needs."""
+    """The output kernel (its threads holding one or two value columns each; V = 36 leaves a partial block of 8)
+    and what the backward needs."""
     inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K, strong_decay=K == 24)
     grads = make_grads(inputs, N=2)
     with gluon_backend(cols):
@@ -105,12 +106,12 @@ def test_gluon_backward_with_several_warps_matches_naive(stage, monkeypatch):
     assert_close(got, reference(inputs, grads))
 
 
-@pytest.mark.parametrize("K, V, lanes_k, stage, unroll, cols", [(16, 16, 4, 1, 2, 1), (48, 20, 16, 2, 4, 2)])
+@pytest.mark.parametrize("K, V, lanes_k, stage, unroll, cols", [(16, 16, 4, 1, 2, 1), (48, 22, 16, 2, 4, 2)])
 def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stage, unroll, cols, monkeypatch):
     """bwd_stage = 1: a sub-block's states go through shared memory between its forward and reverse steps (one key
     part at K = 16); 2: so do the states at the sub-blocks' starts (two key parts at K = 48, 16 lanes of two value
-    columns each: V = 20 leaves a partial block); T = 37 ends on a partial segment and sub-block; with an initial
-    state and the variance: every gradient."""
+    columns each: blocks of 4, so V = 22 leaves a partial one); T = 37 ends on a partial segment and sub-block; with
+    an initial state and the variance: every gradient."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)

@@ -476,10 +476,12 @@ def chunk_bwd(
     dfinal: gradients of the final (mu, I), each [N, H, K, V], or None.
     Returns dq, dk, dv, dg, dbeta (dtypes of the inputs), dprior [H] float32, and (dmu0, dI0) or None.
     ``sweep``: the reverse sweep's kernel, "triton" (``unit_bwd_kernel``, ``block_v`` columns per program) or
-    "gluon" (``unit_bwd_gluon_kernel``, ``sweep_warps`` warps of 32 / ``lanes_k`` columns each per program;
+    "gluon" (``unit_bwd_gluon_kernel``, ``sweep_warps`` warps of ``sweep_cols`` * 32 / ``lanes_k`` columns each per
+    program;
     ``sweep_stage`` 1: a sub-block's states in shared memory instead of registers, 2: its first states too;
     ``sweep_maxnreg``: a cap on its registers per thread, on a GPU; ``sweep_unroll``: tokens per iteration of its
-    state-rebuilding loops; ``sweep_cols``: value columns each of its threads holds).
+    state-rebuilding loops; ``sweep_cols``: value columns each of its threads holds).  ``target_programs`` sizes the
+    units (:func:`default_unit_chunks`), counted with the running sweep's own value blocks.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]

@@ -45,7 +45,7 @@ def _forward(mean, exc, k, v, beta, alpha):
 
 
 @jit
-def _token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, valid, i_h, offs_a, mask_a, offs_b,
+def _token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t, valid, i_h, offs_a, mask_a, offs_b,
                    mask_b, offs_v, mask_v, offs_vb, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    HAS_B: tl.constexpr):
     """Advance both state parts by token t (a no-op when not ``valid``)."""
@@ -63,7 +63,7 @@ def _token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t, vali
 
 
 @jit
-def _advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t_start, t_end, i_h, offs_a, mask_a, offs_b,
+def _advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t_start, t_end, i_h, offs_a, mask_a, offs_b,
              mask_b, offs_v, mask_v, offs_vb, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
              HAS_B: tl.constexpr, UNROLL: tl.constexpr):
     """Advance both state parts over tokens [t_start, t_end), UNROLL tokens per loop iteration: their loads do
@@ -71,7 +71,7 @@ def _advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t_start, t_en
     for t in range(t_start, t_end, UNROLL):
         for j in gl.static_range(UNROLL):
             mean_a, imp_a, mean_b, imp_b = _token_forward(
-                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t + j, t + j < t_end, i_h, offs_a, mask_a,
+                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t + j, t + j < t_end, i_h, offs_a, mask_a,
                 offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
     return mean_a, imp_a, mean_b, imp_b
 
@@ -173,11 +173,11 @@ def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, a
                       mask_v, offs_vb, NTOK, LA: tl.constexpr, LB: tl.constexpr, COLS: tl.constexpr,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr,
                       HAS_DVAR: tl.constexpr):
-    """A sub-block of four tokens from its first token's state: forward, each token's (M, I) stored in shared
+    """A sub-block of four tokens from its first token's state: forward, each token's (M, P) stored in shared
     memory, then the reverse steps on the states read back; returns the adjoints for the token before t0."""
     for j in gl.static_range(4):
         mean_a, imp_a, mean_b, imp_b = _token_forward(
-            mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0 + j, s + j < seg_tok, i_h,
+            mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t0 + j, s + j < seg_tok, i_h,
             offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
         staged_m_a.index(j).store(mean_a)
         staged_i_a.index(j).store(imp_a)
@@ -413,7 +413,7 @@ def unit_bwd_gluon_kernel(
                 mean_sb, imp_sb = load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
                 imp_sb -= prior_h
             mean_sa, imp_sa, mean_sb, imp_sb = _advance(
-                mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, cs, seg_start, i_h,
+                mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, cs, seg_start, i_h,
                 offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B, UNROLL)
             n_sub = gl.cdiv(seg_tok, 4)
             if STAGE == 2:  # one pass over the segment keeps every sub-block's first state
@@ -425,7 +425,7 @@ def unit_bwd_gluon_kernel(
                         start_i_b.index(j).store(imp_sb)
                     if j + 1 < n_sub:
                         mean_sa, imp_sa, mean_sb, imp_sb = _advance(
-                            mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start + 4 * j,
+                            mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, seg_start + 4 * j,
                             seg_start + 4 * j + 4, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K,
                             V, HAS_B, UNROLL)
             for jj in range(0, n_sub):
@@ -441,7 +441,7 @@ def unit_bwd_gluon_kernel(
                         imp_b = start_i_b.index(n_sub - 1 - jj).load(LB)
                 else:
                     mean_a, imp_a, mean_b, imp_b = _advance(
-                        mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, prior_h, seg_start, t0, i_h,
+                        mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, seg_start, t0, i_h,
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B, UNROLL)
                 if STAGE:
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _staged_sub_block(
@@ -451,18 +451,18 @@ def unit_bwd_gluon_kernel(
                         prior_h, scale, t0, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v,
                         mask_v, offs_vb, NTOK, LA, LB if HAS_B else LA, COLS, H, K, V, HAS_B, HAS_DVAR)
                 else:
-                    # four tokens forward, keeping the states (M, I) after each
+                    # four tokens forward, keeping the states (M, P) after each
                     m0_a, i0_a, m0_b, i0_b = _token_forward(
-                        mean_a, imp_a, mean_b, imp_b, k, v, g, beta, prior_h, t0, s < seg_tok, i_h,
+                        mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t0, s < seg_tok, i_h,
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
                     m1_a, i1_a, m1_b, i1_b = _token_forward(
-                        m0_a, i0_a, m0_b, i0_b, k, v, g, beta, prior_h, t0 + 1, s + 1 < seg_tok, i_h,
+                        m0_a, i0_a, m0_b, i0_b, k, v, g, beta, t0 + 1, s + 1 < seg_tok, i_h,
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
                     m2_a, i2_a, m2_b, i2_b = _token_forward(
-                        m1_a, i1_a, m1_b, i1_b, k, v, g, beta, prior_h, t0 + 2, s + 2 < seg_tok, i_h,
+                        m1_a, i1_a, m1_b, i1_b, k, v, g, beta, t0 + 2, s + 2 < seg_tok, i_h,
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
                     m3_a, i3_a, m3_b, i3_b = _token_forward(
-                        m2_a, i2_a, m2_b, i2_b, k, v, g, beta, prior_h, t0 + 3, s + 3 < seg_tok, i_h,
+                        m2_a, i2_a, m2_b, i2_b, k, v, g, beta, t0 + 3, s + 3 < seg_tok, i_h,
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
                     # the same four tokens in reverse
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(

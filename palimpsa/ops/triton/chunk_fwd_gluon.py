@@ -19,8 +19,8 @@ reciprocal floor).  Here a thread holds KA / LANES consecutive key rows of VCOLS
 and 96, ``config.OUTPUT_TUNED``) converts, scales and squares a token's q and k rows once for two columns:
 
 * the sum over K is a thread-local sum plus log2(LANES) butterfly shuffles, no barrier;
-* a thread loads its own rows of q and k as contiguous vectors (the 8 lanes of a row group read the same
-  bytes, served by L1), so no layout conversion is needed;
+* a thread loads its own rows of q and k as contiguous vectors (the 32 / LANES lanes of a row group read the
+  same bytes, served by L1), so no layout conversion is needed;
 * per state element and token: the reciprocal (one MUFU instruction) and about six FP32 instructions.
 
 K that is not a power of two (96 = 64 + 32) is held as two row parts A and B, as in the Triton kernel.
@@ -74,7 +74,7 @@ def chunk_output_gluon_kernel(
     float32; h_mean, h_imp [chunks, H, K, V] float32 (M and I at every chunk's start); o, var [B*T, H, V].
     LANES lanes share a value column, each holding KA / LANES key rows of VCOLS adjacent columns (LANES = 4 * VCOLS:
     8 columns per warp); two columns per thread share the per-row work (q and k converted, scaled, squared)."""
-    BV: gl.constexpr = COLUMNS_PER_WARP * NUM_WARPS
+    BV: gl.constexpr = VCOLS * (WARP_LANES // LANES) * NUM_WARPS  # 8 * NUM_WARPS: output_lanes keeps LANES = 4 * VCOLS
     LA: gl.constexpr = gl.BlockedLayout([KA // LANES, VCOLS], [LANES, WARP_LANES // LANES], [1, NUM_WARPS],
                                         [0, 1])
     ROWS_A: gl.constexpr = gl.SliceLayout(1, LA)

@@ -121,6 +121,10 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
                                 or not (maxnreg == 0 or 24 <= maxnreg <= 255)):
         raise ValueError(f"bwd_maxnreg must be None (by key size), 0 (no cap) or a whole number from 24 to 255, "
                          f"got {maxnreg!r}")
+    programs = changes.get("bwd_target_programs")
+    if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int) or programs < 1):
+        raise ValueError(f"bwd_target_programs must be None (by sweep and key size) or a positive whole number, "
+                         f"got {programs!r}")
     unroll = changes.get("bwd_unroll")
     if unroll is not None and (isinstance(unroll, bool) or unroll not in (1, 2, 4)):
         raise ValueError(f"bwd_unroll must be None (by key size), 1, 2 or 4, got {changes['bwd_unroll']!r}")

@@ -137,7 +137,8 @@ def _bwd_op(
         if sweep == "gluon":
             target_programs = tuning.target_programs
         else:
-            target_programs = CONFIG.bwd_target_programs or TRITON_TARGET_PROGRAMS
+            target_programs = (CONFIG.bwd_target_programs if CONFIG.bwd_target_programs is not None
+                               else TRITON_TARGET_PROGRAMS)
         dq, dk, dv, dg, dbeta, dprior, dinit = chunk_bwd(q, k, v, g, beta, prior, scale, init, layout, do, dvar,
                                                         dfinal,
                                                         block_v=CONFIG.bwd_block_v, num_warps=CONFIG.bwd_num_warps,
