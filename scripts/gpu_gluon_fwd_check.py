@@ -51,7 +51,7 @@ def variant_config(name: str) -> dict:
     extra = {}
     while True:
         match = re.fullmatch(r"(.+)-([ft])(\d+)", name)
-        if not match or match[1] in ("gluon",):
+        if not match:
             break
         name = match[1]
         extra[{"f": "fwd_cols", "t": "bwd_target_programs"}[match[2]]] = int(match[3])
