@@ -77,28 +77,32 @@ def _advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t_start, t_end, i_h, o
 
 
 @jit
-def _backward_part(mean, imp, adj_m, adj_p, sdi, q, k, v_t, beta_t, do_t, dvar_t, prior_h, scale,
+def _backward_part(mean, imp, next_m, next_p, alpha_next, sdi, q, k, v_t, beta_t, do_t, dvar_t, prior_h, scale,
                    HAS_DVAR: tl.constexpr):
     """Reverse step of one token on one state part, (mean, imp) = (M_t, P_t) after the token, P = I - I0 (see
-    chunk_bwd.token_backward_part: the same formulas).  q carries the scale already."""
-    dg_next = gl.sum(gl.sum(adj_m * mean + adj_p * imp, 1), 0)
+    chunk_bwd.token_backward_part: the same gradients).  q carries the scale already.  The adjoints arrive as the
+    next token's totals (next_m, next_p) before its decay alpha_next: the decay goes into the fused multiply-add
+    that forms this token's totals, and into dg of the next token after its sum, so no element is multiplied by
+    it on its own.  The formulas are arranged for the fewest FP32 instructions per element: DI = -DM * mu, the
+    sums over V of dq and dk taken before their per-row factors (scale, 2 q, 2 k)."""
+    dg_next = alpha_next * gl.sum(gl.sum(next_m * mean + next_p * imp, 1), 0)
     r = reciprocal(imp + prior_h)
+    mu = mean * r
     qc = gl.expand_dims(q, 1)
     do_c = gl.expand_dims(do_t, 0)
-    dm = do_c * (mean * r)
     d_mean = (qc * do_c) * r
     if HAS_DVAR:
         dvr = gl.expand_dims(dvar_t, 0) * r
-        d_imp = -r * (qc * dm + (qc * qc) * dvr)
-        dq = gl.sum(scale * dm + (2.0 * scale * qc) * dvr, 1)
+        d_imp = -(d_mean * mu + (qc * qc) * (dvr * r))
+        dq = scale * (gl.sum(do_c * mu, 1) + (2.0 * q) * gl.sum(dvr, 1))
     else:
-        d_imp = -r * (qc * dm)
-        dq = gl.sum(scale * dm, 1)
-    total_m = d_mean + adj_m
-    total_p = d_imp + adj_p
+        d_imp = -(d_mean * mu)
+        dq = scale * gl.sum(do_c * mu, 1)
+    total_m = alpha_next * next_m + d_mean
+    total_p = alpha_next * next_p + d_imp
     kc = gl.expand_dims(k, 1)
     dv = gl.sum(kc * total_m, 0)
-    dbeta = gl.sum(kc * kc * total_p, 0)
+    dbeta = gl.sum((kc * kc) * total_p, 0)
     dk = gl.sum(total_m * gl.expand_dims(v_t, 0) + (2.0 * kc) * (total_p * gl.expand_dims(beta_t, 0)), 1)
     return total_m, total_p, sdi + d_imp, dv, dbeta, dk, dq, dg_next
 
@@ -120,39 +124,41 @@ def _load_token(q, k, v, beta, do, dvar, tok_h, offs_k, mask_k, offs_v, mask_v, 
 
 
 @jit
-def _part_token_backward(mean, imp, adj_m, adj_p, sdi, q, k, v, beta, do, dvar, dq, dk, prior_h, scale, tok_h, valid,
-                         alpha, offs_k, mask_k, offs_v, mask_v, K: tl.constexpr, V: tl.constexpr,
+def _part_token_backward(mean, imp, next_m, next_p, alpha_next, sdi, q, k, v, beta, do, dvar, dq, dk, prior_h, scale,
+                         tok_h, valid, offs_k, mask_k, offs_v, mask_v, K: tl.constexpr, V: tl.constexpr,
                          HAS_DVAR: tl.constexpr):
     """Token tok_h's reverse step on one state part (its key rows ``offs_k``, value columns ``offs_v`` in that
-    part's layout): loads the token's inputs, adds dq and dk of these rows atomically; returns the adjoints handed
-    to the token before (decayed), the running sum of DI, and this part's dv, dbeta and share of dg."""
+    part's layout): loads the token's inputs, adds dq and dk of these rows atomically; returns this token's
+    adjoint totals (not yet decayed: see _backward_part), the running sum of DI, and this part's dv, dbeta and
+    share of dg."""
     q_t, k_t, v_t, beta_t, do_t, dvar_t = _load_token(q, k, v, beta, do, dvar, tok_h, offs_k, mask_k, offs_v, mask_v,
                                                      valid, scale, K, V, HAS_DVAR)
     total_m, total_p, sdi, dv_t, dbeta_t, dk_t, dq_t, dg_next = _backward_part(
-        mean, imp, adj_m, adj_p, sdi, q_t, k_t, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
+        mean, imp, next_m, next_p, alpha_next, sdi, q_t, k_t, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
     rows = masked_if(mask_k, valid)
     gl.atomic_add(dq + tok_h * K + offs_k, dq_t, mask=rows, sem="relaxed")
     gl.atomic_add(dk + tok_h * K + offs_k, dk_t, mask=rows, sem="relaxed")
-    return alpha * total_m, alpha * total_p, sdi, dv_t, dbeta_t, dg_next
+    return total_m, total_p, sdi, dv_t, dbeta_t, dg_next
 
 
 @jit
-def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                     q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t, valid, eos, i_v,
                     i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK, COLS: tl.constexpr,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr,
                     HAS_DVAR: tl.constexpr):
     """Reverse step of token t on both parts; writes its gradients and this V block's share of dg of token t + 1;
-    returns the adjoints for token t - 1 (see chunk_bwd.token_backward)."""
+    returns the adjoints for token t - 1 (see chunk_bwd.token_backward) as token t's totals and its decay alpha_t,
+    which the step of token t - 1 applies (``alpha_next`` there)."""
     tok_h = gl.cast(t, gl.int64) * H + i_h
     alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
     adj_m_a, adj_p_a, sdi_a, dv_t, dbeta_t, dg_next = _part_token_backward(
-        mean_a, imp_a, adj_m_a, adj_p_a, sdi_a, q, k, v, beta, do, dvar, dq, dk, prior_h, scale, tok_h, valid, alpha,
-        offs_a, mask_a, offs_v, mask_v, K, V, HAS_DVAR)
+        mean_a, imp_a, adj_m_a, adj_p_a, alpha_next, sdi_a, q, k, v, beta, do, dvar, dq, dk, prior_h, scale, tok_h,
+        valid, offs_a, mask_a, offs_v, mask_v, K, V, HAS_DVAR)
     if HAS_B:
         adj_m_b, adj_p_b, sdi_b, dv_b, dbeta_b, dg_next_b = _part_token_backward(
-            mean_b, imp_b, adj_m_b, adj_p_b, sdi_b, q, k, v, beta, do, dvar, dq, dk, prior_h, scale, tok_h, valid,
-            alpha, offs_b, mask_b, offs_vb, offs_vb < V, K, V, HAS_DVAR)
+            mean_b, imp_b, adj_m_b, adj_p_b, alpha_next, sdi_b, q, k, v, beta, do, dvar, dq, dk, prior_h, scale,
+            tok_h, valid, offs_b, mask_b, offs_vb, offs_vb < V, K, V, HAS_DVAR)
         # the value columns are spread alike in both parts: these conversions move no data
         dv_t += gl.convert_layout(dv_b, COLS)
         dbeta_t += gl.convert_layout(dbeta_b, COLS)
@@ -163,11 +169,11 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
     # every V block adds its share of dg into one [B*T, H] buffer (48 blocks at V = 192: per-block partial sums
     # would cost more memory than the Triton sweep's); dq and dk are atomic already, so no order is lost
     gl.atomic_add(dg_part + tok_h + H, dg_next, mask=valid & (t + 1 < eos), sem="relaxed")
-    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b
+    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha, sdi_a, sdi_b
 
 
 @jit
-def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                       staged_m_a, staged_i_a, staged_m_b, staged_i_b, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta,
                       dg_part, prior_h, scale, t0, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v,
                       mask_v, offs_vb, NTOK, LA: tl.constexpr, LB: tl.constexpr, COLS: tl.constexpr,
@@ -193,12 +199,12 @@ def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, a
         if HAS_B:
             m_b = staged_m_b.index(j).load(LB)
             i_b = staged_i_b.index(j).load(LB)
-        adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
-            m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+        adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
+            m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
             q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + j,
             s + j < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
             COLS, H, K, V, HAS_B, HAS_DVAR)
-    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b
+    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b
 
 
 @jit
@@ -208,13 +214,11 @@ def _direct(mean, imp, k, q, v, beta, do_t, dvar_t, alpha, prior_h, HAS_DVAR: tl
     mean, imp = _forward(mean, imp, k, v, beta, alpha)
     r = reciprocal(imp + prior_h)
     qc = gl.expand_dims(q, 1)
-    do_c = gl.expand_dims(do_t, 0)
-    dm = do_c * (mean * r)
-    d_mean = (qc * do_c) * r
+    d_mean = (qc * gl.expand_dims(do_t, 0)) * r
     if HAS_DVAR:
-        d_imp = -r * (qc * dm + (qc * qc) * (gl.expand_dims(dvar_t, 0) * r))
+        d_imp = -(d_mean * (mean * r) + (qc * qc) * ((gl.expand_dims(dvar_t, 0) * r) * r))
     else:
-        d_imp = -r * (qc * dm)
+        d_imp = -(d_mean * (mean * r))  # DI = -DM * mu: see _backward_part
     return mean, imp, d_mean, d_imp
 
 
@@ -381,6 +385,8 @@ def unit_bwd_gluon_kernel(
         adj_m_b = adj_m_a
         adj_p_b = adj_p_a
         sdi_b = sdi_a
+    # the carried adjoints are the totals of the token after the unit with its decay already applied
+    alpha_next = (i_h * 0 + 1).to(gl.float32)
     if STAGE:
         STAGED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
         staged_m_a = gl.allocate_shared_memory(gl.float32, [4, KA, BV], STAGED)
@@ -444,8 +450,8 @@ def unit_bwd_gluon_kernel(
                         mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, seg_start, t0, i_h,
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B, UNROLL)
                 if STAGE:
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _staged_sub_block(
-                        mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _staged_sub_block(
+                        mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                         staged_m_a, staged_i_a, staged_m_b if HAS_B else staged_m_a,
                         staged_i_b if HAS_B else staged_i_a, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part,
                         prior_h, scale, t0, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v,
@@ -465,28 +471,33 @@ def unit_bwd_gluon_kernel(
                         m2_a, i2_a, m2_b, i2_b, k, v, g, beta, t0 + 3, s + 3 < seg_tok, i_h,
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
                     # the same four tokens in reverse
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
-                        m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
+                        m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 3,
                         s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
                         COLS, H, K, V, HAS_B, HAS_DVAR)
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
-                        m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
+                        m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 2,
                         s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
                         COLS, H, K, V, HAS_B, HAS_DVAR)
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
-                        m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
+                        m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 1,
                         s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
                         COLS, H, K, V, HAS_B, HAS_DVAR)
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b = _token_backward(
-                        m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, sdi_a, sdi_b,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
+                        m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0,
                         s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
                         COLS, H, K, V, HAS_B, HAS_DVAR)
 
-    # adjoints now refer to the state before the unit's first token
+    # the first token's totals times its decay: the adjoints of the state before the unit's first token
+    adj_m_a = alpha_next * adj_m_a
+    adj_p_a = alpha_next * adj_p_a
+    if HAS_B:
+        adj_m_b = alpha_next * adj_m_b
+        adj_p_b = alpha_next * adj_p_b
     dprior_sum = gl.sum(gl.sum(sdi_a, 1), 0)
     if HAS_B:
         dprior_sum += gl.sum(gl.sum(sdi_b, 1), 0)
