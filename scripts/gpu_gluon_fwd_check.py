@@ -61,11 +61,12 @@ def variant_config(name: str) -> dict:
         return extra
     if name == "gluon-fwd":
         return dict(fwd_backend="gluon", bwd_backend="triton", **extra)
-    match = re.fullmatch(r"gluon-(\d+)(?:-w(\d+))?(?:-c(\d))?(?:-s(\d))?(?:-r(\d+))?(?:-u(\d))?", name)
+    match = re.fullmatch(r"gluon-(\d+)(?:-w(\d+))?(?:-c(\d))?(?:-s(\d))?(?:-r(\d+))?(?:-u(\d))?(-i)?", name)
     if match:
         return dict(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=int(match[1]),
                     bwd_warps=int(match[2] or 1), bwd_cols=int(match[3] or 1), bwd_stage=int(match[4] or 0),
-                    bwd_maxnreg=int(match[5] or 0), bwd_unroll=int(match[6] or 1), **extra)
+                    bwd_maxnreg=int(match[5] or 0), bwd_unroll=int(match[6] or 1), bwd_inputs=bool(match[7]),
+                    **extra)
     raise ValueError(f"unknown variant {name!r}: expected default, triton, gluon-fwd or "
                      "gluon-<lanes>[-w<warps>][-c<columns>][-s<stage>][-r<max registers>][-u<unroll>], each "
                      "optionally followed by -f<output columns> and -t<target programs>")

@@ -68,56 +68,59 @@ def test_gluon_varlen_matches_naive():
     assert_close(got, reference(inputs, grads, cu_seqlens=cu))
 
 
-def gluon_sweep(lanes_k, warps=1, stage=0, unroll=1, cols=1):
+def gluon_sweep(lanes_k, warps=1, stage=0, unroll=1, cols=1, inputs=False):
     triton_module()
     from palimpsa.ops.triton.config import kernel_config
 
     return kernel_config(fwd_backend="gluon", bwd_backend="gluon", bwd_lanes_k=lanes_k, bwd_warps=warps,
-                         bwd_stage=stage, bwd_unroll=unroll, bwd_cols=cols)
+                         bwd_stage=stage, bwd_unroll=unroll, bwd_cols=cols, bwd_inputs=inputs)
 
 
-@pytest.mark.parametrize("K, V, lanes_k, unroll, cols", [(48, 20, 8, 1, 1), (24, 32, 4, 4, 2)])
-def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, cols, monkeypatch):
+@pytest.mark.parametrize("K, V, lanes_k, unroll, cols, staged_inputs",
+                         [(48, 20, 8, 1, 1, False), (24, 32, 4, 4, 2, True)])
+def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, cols, staged_inputs, monkeypatch):
     """Every gradient through the Gluon reverse sweep (and output kernel); the Triton sweep is not run.  unroll 4
     rebuilds the sub-blocks' start states four tokens per loop iteration; cols 2 gives each thread two adjacent
-    value columns."""
+    value columns; staged_inputs puts each chunk's per-token inputs in shared memory."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K + lanes_k, strong_decay=K == 24)
     grads = make_grads(inputs, N=2)
-    with gluon_sweep(lanes_k, unroll=unroll, cols=cols):
+    with gluon_sweep(lanes_k, unroll=unroll, cols=cols, inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_gluon_backward_with_several_warps_matches_naive(stage, monkeypatch):
+@pytest.mark.parametrize("stage, staged_inputs", [(0, False), (1, True)])
+def test_gluon_backward_with_several_warps_matches_naive(stage, staged_inputs, monkeypatch):
     """Two warps per sweep program (value blocks of 8 columns at 8 lanes per column; V = 20 leaves a partial
-    block), with a sub-block's states in registers or staged in shared memory, an initial state and the variance:
-    every gradient."""
+    block), with a sub-block's states in registers or staged in shared memory (there with the chunk's inputs too,
+    shared by both warps), an initial state and the variance: every gradient."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     inputs = make_inputs(B=2, T=37, H=2, K=48, V=20, seed=21)
     grads = make_grads(inputs, N=2)
-    with gluon_sweep(8, warps=2, stage=stage):
+    with gluon_sweep(8, warps=2, stage=stage, inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 
 
-@pytest.mark.parametrize("K, V, lanes_k, stage, unroll, cols", [(16, 16, 4, 1, 2, 1), (48, 22, 16, 2, 4, 2)])
-def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stage, unroll, cols, monkeypatch):
+@pytest.mark.parametrize("K, V, lanes_k, stage, unroll, cols, staged_inputs",
+                         [(16, 16, 4, 1, 2, 1, False), (48, 22, 16, 2, 4, 2, True)])
+def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stage, unroll, cols, staged_inputs,
+                                                             monkeypatch):
     """bwd_stage = 1: a sub-block's states go through shared memory between its forward and reverse steps (one key
     part at K = 16); 2: so do the states at the sub-blocks' starts (two key parts at K = 48, 16 lanes of two value
     columns each: blocks of 4, so V = 22 leaves a partial one); T = 37 ends on a partial segment and sub-block; with
-    an initial state and the variance: every gradient."""
+    an initial state and the variance (staged with the chunk's other inputs in the second case): every gradient."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=31 + K)
     grads = make_grads(inputs, N=2)
-    with gluon_sweep(lanes_k, stage=stage, unroll=unroll, cols=cols):
+    with gluon_sweep(lanes_k, stage=stage, unroll=unroll, cols=cols, inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 
@@ -125,7 +128,7 @@ def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stag
 @pytest.mark.parametrize("unit_chunks", [1, 4])
 def test_gluon_backward_varlen_matches_naive(unit_chunks, monkeypatch):
     """Packed sequences with initial states; one backward unit per chunk (local adjoints and their scan) and
-    per sequence."""
+    per sequence (with each chunk's inputs staged in shared memory)."""
     from palimpsa.ops.triton import chunk_bwd, function
 
     original = chunk_bwd.chunk_bwd
@@ -135,7 +138,7 @@ def test_gluon_backward_varlen_matches_naive(unit_chunks, monkeypatch):
     inputs["mu0"] = inputs["mu0"].expand(3, -1, -1, -1).contiguous()
     inputs["imp0"] = inputs["imp0"].expand(3, -1, -1, -1).contiguous() + torch.arange(3.0)[:, None, None, None]
     grads = make_grads(inputs, N=3)
-    with gluon_sweep(8):
+    with gluon_sweep(8, inputs=unit_chunks == 4):
         got = run_op(chunk_palimpsa, inputs, grads, cu_seqlens=cu, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads, cu_seqlens=cu))
 

@@ -468,7 +468,7 @@ def chunk_bwd(
     do: torch.Tensor, dvar: Optional[torch.Tensor], dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]],
     unit_chunks: Optional[int] = None, block_v: int = 16, num_warps: Optional[int] = None,
     target_programs: int = 2048, sweep: str = "triton", lanes_k: int = 8, sweep_warps: int = 1, sweep_stage: int = 0,
-    sweep_maxnreg: Optional[int] = None, sweep_unroll: int = 1, sweep_cols: int = 1,
+    sweep_maxnreg: Optional[int] = None, sweep_unroll: int = 1, sweep_cols: int = 1, sweep_inputs: bool = False,
 ):
     """Gradients of the Palimpsa op.
 
@@ -480,7 +480,8 @@ def chunk_bwd(
     program;
     ``sweep_stage`` 1: a sub-block's states in shared memory instead of registers, 2: its first states too;
     ``sweep_maxnreg``: a cap on its registers per thread, on a GPU; ``sweep_unroll``: tokens per iteration of its
-    state-rebuilding loops; ``sweep_cols``: value columns each of its threads holds).  ``target_programs`` sizes the
+    state-rebuilding loops; ``sweep_cols``: value columns each of its threads holds; ``sweep_inputs``: each chunk's
+    per-token inputs staged in shared memory).  ``target_programs`` sizes the
     units (:func:`default_unit_chunks`), counted with the running sweep's own value blocks.
     """
     B, T, H, K = q.shape
@@ -564,7 +565,8 @@ def chunk_bwd(
             layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
             H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, VCOLS=sweep_cols, WARPS=sweep_warps,
             STAGE=sweep_stage,
-            UNROLL=sweep_unroll, HAS_INIT=has_init, HAS_DVAR=dvar is not None, IS_VARLEN=layout.varlen,
+            UNROLL=sweep_unroll, INPUTS=sweep_inputs, HAS_INIT=has_init, HAS_DVAR=dvar is not None,
+            IS_VARLEN=layout.varlen,
             num_warps=sweep_warps,
             **({} if sweep_maxnreg is None or not fast else dict(maxnreg=sweep_maxnreg)),
         )

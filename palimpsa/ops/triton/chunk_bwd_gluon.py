@@ -28,113 +28,202 @@ from __future__ import annotations
 
 import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
-from palimpsa.ops.triton.gluon_parts import load_cols, load_rows, load_state, locate_unit, masked_if, reciprocal
+from palimpsa.ops.triton.gluon_parts import load_state, locate_unit, masked_if, reciprocal
 from palimpsa.ops.triton.gluon_shim import gl, jit
 
 WARP_LANES = gl.constexpr(32)
 
 
 @jit
-def _forward(mean, exc, k, v, beta, alpha):
+def _forward(mean, exc, kc, vc, betac, decay):
     """One token on a state part (no reciprocal): the new (M, P), P = I - I0 the precision above the prior (its
-    step has no prior term: one add per element fewer than I's)."""
-    kc = gl.expand_dims(k, 1)
-    exc = alpha * exc + kc * kc * gl.expand_dims(beta, 0)
-    mean = alpha * mean + kc * gl.expand_dims(v, 0)
+    step has no prior term: one add per element fewer than I's).  The token's inputs come as broadcast tiles:
+    kc [rows, 1], vc, betac and the decay [1, BV]."""
+    exc = decay * exc + kc * kc * betac
+    mean = decay * mean + kc * vc
     return mean, exc
 
 
 @jit
-def _token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t, valid, i_h, offs_a, mask_a, offs_b,
-                   mask_b, offs_v, mask_v, offs_vb, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   HAS_B: tl.constexpr):
-    """Advance both state parts by token t (a no-op when not ``valid``)."""
-    tok_h = gl.cast(t, gl.int64) * H + i_h
-    alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
-    mean_a, imp_a = _forward(mean_a, imp_a, load_rows(k, tok_h, offs_a, mask_a, valid, K),
-                             load_cols(v, tok_h, offs_v, mask_v, valid, V),
-                             load_cols(beta, tok_h, offs_v, mask_v, valid, V), alpha)
+def _stage_rows(ptr, dst, tok_h, tok_ok, offs, mask, factor, K: tl.constexpr, L3: tl.constexpr):
+    """The key rows ``offs`` of a [tokens * H, K] tensor at the rows tok_h ([C]), float32 times ``factor``, into
+    the shared-memory view ``dst`` [C, rows, 1] (zeros where not ``tok_ok`` or not ``mask``); one store."""
+    x = gl.load(ptr + gl.expand_dims(tok_h * K, 1) + gl.expand_dims(offs, 0),
+                mask=gl.expand_dims(tok_ok, 1) & gl.expand_dims(mask, 0), other=0.0)
+    dst.store(gl.expand_dims(x.to(gl.float32) * factor, 2))
+
+
+@jit
+def _stage_cols(ptr, dst, tok_h, tok_ok, offs, mask, V: tl.constexpr):
+    """The value columns ``offs`` of a [tokens * H, V] tensor at the rows tok_h ([C]), float32, into ``dst``
+    [C, 1, BV]; one store."""
+    x = gl.load(ptr + gl.expand_dims(tok_h * V, 1) + gl.expand_dims(offs, 0),
+                mask=gl.expand_dims(tok_ok, 1) & gl.expand_dims(mask, 0), other=0.0)
+    dst.store(gl.expand_dims(x.to(gl.float32), 1))
+
+
+@jit
+def _stage_inputs(q, k, v, g, beta, do, dvar, in_a, in_b, in_c, cs, n_tok, i_v, i_h, scale, H: tl.constexpr,
+                  K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+                  BV: tl.constexpr, WARPS: tl.constexpr, HAS_B: tl.constexpr, HAS_DVAR: tl.constexpr):
+    """A chunk's per-token inputs into shared memory once, float32, in the tiles the steps use, so that every
+    forward and reverse step of the chunk reads them there (``INPUTS``) instead of waiting on global loads:
+    in_a [2 C, KA, 1] and in_b [2 C, KB, 1] hold q (times the scale; row j) and k (row C + j) of the chunk's token
+    j on the two key parts, in_c [8 C, 1, BV] (a power of two) holds v, beta, do, the decay exp(g) (repeated
+    over the columns) and dvar (rows j, C + j, 2 C + j, 3 C + j, 4 C + j).  Tokens at or after n_tok are zeros
+    (decay 1), as the masked loads of the direct path give.  Each quantity is one store of the whole chunk: the compiler puts a barrier
+    before each (and between a chunk's reads and the next chunk's stores), not one per token."""
+    L3R: gl.constexpr = gl.BlockedLayout([1, 4, 1], [4, 8, 1], [WARPS, 1, 1], [2, 1, 0])
+    L3C: gl.constexpr = gl.BlockedLayout([1, 1, 1], [32, 1, 1], [WARPS, 1, 1], [2, 1, 0])
+    ROWS2: gl.constexpr = gl.SliceLayout(2, L3R)
+    tok = gl.arange(0, C, layout=gl.SliceLayout(1, ROWS2))
+    tok_h = gl.cast(cs + tok, gl.int64) * H + i_h
+    tok_ok = tok < n_tok
+    offs = gl.arange(0, KA, layout=gl.SliceLayout(0, ROWS2))
+    _stage_rows(q, in_a.slice(0, C), tok_h, tok_ok, offs, offs < K, scale, K, L3R)
+    _stage_rows(k, in_a.slice(C, C), tok_h, tok_ok, offs, offs < K, 1.0, K, L3R)
     if HAS_B:
-        mask_vb = offs_vb < V
-        mean_b, imp_b = _forward(mean_b, imp_b, load_rows(k, tok_h, offs_b, mask_b, valid, K),
-                                 load_cols(v, tok_h, offs_vb, mask_vb, valid, V),
-                                 load_cols(beta, tok_h, offs_vb, mask_vb, valid, V), alpha)
+        offs = KA + gl.arange(0, KB, layout=gl.SliceLayout(0, ROWS2))
+        _stage_rows(q, in_b.slice(0, C), tok_h, tok_ok, offs, offs < K, scale, K, L3R)
+        _stage_rows(k, in_b.slice(C, C), tok_h, tok_ok, offs, offs < K, 1.0, K, L3R)
+    COLS2: gl.constexpr = gl.SliceLayout(1, L3C)
+    tok = gl.arange(0, C, layout=gl.SliceLayout(1, COLS2))
+    tok_h = gl.cast(cs + tok, gl.int64) * H + i_h
+    tok_ok = tok < n_tok
+    offs = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, COLS2))
+    _stage_cols(v, in_c.slice(0, C), tok_h, tok_ok, offs, offs < V, V)
+    _stage_cols(beta, in_c.slice(C, C), tok_h, tok_ok, offs, offs < V, V)
+    _stage_cols(do, in_c.slice(2 * C, C), tok_h, tok_ok, offs, offs < V, V)
+    if HAS_DVAR:
+        _stage_cols(dvar, in_c.slice(4 * C, C), tok_h, tok_ok, offs, offs < V, V)
+    alpha = gl.exp(gl.load(g + tok_h, mask=tok_ok, other=0.0).to(gl.float32))
+    in_c.slice(3 * C, C).store(gl.expand_dims(gl.expand_dims(alpha, 1) + gl.zeros([C, BV], gl.float32, COLS2), 1))
+
+
+@jit
+def _part_inputs(q, k, v, g, beta, do, dvar, in_rows, in_c, j, tok_h, offs_k, mask_k, offs_v, mask_v, valid, scale,
+                 L: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BACKWARD: tl.constexpr, WITH_DECAY: tl.constexpr,
+                 HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
+    """A token's inputs on one state part (layout L) as float32 broadcast tiles: (qc, kc) [rows, 1] on the key
+    rows ``offs_k`` (q times the scale), (vc, betac, doc, dvarc, decay) [1, BV] on the value columns ``offs_v``
+    (decay = exp(g), one value repeated), read from the staged chunk (``INPUTS``: its token j, see
+    _stage_inputs) or from global memory (zeros and decay 1 when not ``valid``).  A forward step
+    (not ``BACKWARD``) needs only k, v, beta and the decay; the others are then placeholders, as is dvarc without
+    a variance gradient and the decay without ``WITH_DECAY``.  One function for all of a part's inputs: the CPU
+    interpreter pays for every call."""
+    if INPUTS:
+        C: gl.constexpr = in_c.shape[0] // 8
+        kc = in_rows.index(C + j).load(L)
+        vc = in_c.index(j).load(L)
+        betac = in_c.index(C + j).load(L)
+        decay = vc
+        if WITH_DECAY:
+            decay = in_c.index(3 * C + j).load(L)
+        qc = kc
+        doc = vc
+        dvarc = vc
+        if BACKWARD:
+            qc = in_rows.index(j).load(L)
+            doc = in_c.index(2 * C + j).load(L)
+            if HAS_DVAR:
+                dvarc = in_c.index(4 * C + j).load(L)
+    else:
+        rows = gl.where(valid, mask_k, False)
+        cols = gl.where(valid, mask_v, False)
+        kc = gl.expand_dims(gl.load(k + tok_h * K + offs_k, mask=rows, other=0.0).to(gl.float32), 1)
+        vc = gl.expand_dims(gl.load(v + tok_h * V + offs_v, mask=cols, other=0.0).to(gl.float32), 0)
+        betac = gl.expand_dims(gl.load(beta + tok_h * V + offs_v, mask=cols, other=0.0).to(gl.float32), 0)
+        decay = vc
+        if WITH_DECAY:
+            alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
+            decay = gl.expand_dims(gl.where(mask_v, alpha, alpha), 0)
+        qc = kc
+        doc = vc
+        dvarc = vc
+        if BACKWARD:
+            qc = gl.expand_dims(gl.load(q + tok_h * K + offs_k, mask=rows, other=0.0).to(gl.float32) * scale, 1)
+            doc = gl.expand_dims(gl.load(do + tok_h * V + offs_v, mask=cols, other=0.0).to(gl.float32), 0)
+            if HAS_DVAR:
+                dvarc = gl.expand_dims(gl.load(dvar + tok_h * V + offs_v, mask=cols, other=0.0).to(gl.float32), 0)
+    return qc, kc, vc, betac, doc, dvarc, decay
+
+
+@jit
+def _token_forward(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, in_a, in_b, in_c, t, cs, valid, i_h, offs_a, mask_a,
+                   offs_b, mask_b, offs_v, mask_v, offs_vb, LA: tl.constexpr, LB: tl.constexpr, H: tl.constexpr,
+                   K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr, INPUTS: tl.constexpr):
+    """Advance both state parts by token t of the chunk starting at cs (a no-op when not ``valid``)."""
+    tok_h = gl.cast(t, gl.int64) * H + i_h
+    j = t - cs
+    _q, kc, vc, betac, _do, _dvar, decay = _part_inputs(k, k, v, g, beta, v, v, in_a, in_c, j, tok_h, offs_a, mask_a,
+                                                        offs_v, mask_v, valid, 1.0, LA, K, V, False, True, False,
+                                                        INPUTS)
+    mean_a, imp_a = _forward(mean_a, imp_a, kc, vc, betac, decay)
+    if HAS_B:
+        _q, kc, vc, betac, _do, _dvar, _decay = _part_inputs(k, k, v, g, beta, v, v, in_b, in_c, j, tok_h, offs_b,
+                                                             mask_b, offs_vb, offs_vb < V, valid, 1.0, LB, K, V, False,
+                                                             False, False, INPUTS)
+        mean_b, imp_b = _forward(mean_b, imp_b, kc, vc, betac, gl.convert_layout(decay, LB))
     return mean_a, imp_a, mean_b, imp_b
 
 
 @jit
-def _advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t_start, t_end, i_h, offs_a, mask_a, offs_b,
-             mask_b, offs_v, mask_v, offs_vb, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-             HAS_B: tl.constexpr, UNROLL: tl.constexpr):
-    """Advance both state parts over tokens [t_start, t_end), UNROLL tokens per loop iteration: their loads do
-    not depend on the state, so the compiler can issue them together instead of waiting for each token's."""
+def _advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, in_a, in_b, in_c, t_start, t_end, cs, i_h, offs_a, mask_a,
+             offs_b, mask_b, offs_v, mask_v, offs_vb, LA: tl.constexpr, LB: tl.constexpr, H: tl.constexpr,
+             K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr, UNROLL: tl.constexpr, INPUTS: tl.constexpr):
+    """Advance both state parts over tokens [t_start, t_end) of the chunk starting at cs, UNROLL tokens per loop
+    iteration: their loads do not depend on the state, so the compiler can issue them together instead of
+    waiting for each token's."""
     for t in range(t_start, t_end, UNROLL):
         for j in gl.static_range(UNROLL):
             mean_a, imp_a, mean_b, imp_b = _token_forward(
-                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t + j, t + j < t_end, i_h, offs_a, mask_a,
-                offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                mean_a, imp_a, mean_b, imp_b, k, v, g, beta, in_a, in_b, in_c, t + j, cs, t + j < t_end, i_h,
+                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LB, H, K, V, HAS_B, INPUTS)
     return mean_a, imp_a, mean_b, imp_b
 
 
 @jit
-def _backward_part(mean, imp, next_m, next_p, alpha_next, sdi, q, k, v_t, beta_t, do_t, dvar_t, prior_h, scale,
+def _backward_part(mean, imp, next_m, next_p, decay_next, sdi, qc, kc, vc, betac, doc, dvarc, prior_h, scale,
                    HAS_DVAR: tl.constexpr):
     """Reverse step of one token on one state part, (mean, imp) = (M_t, P_t) after the token, P = I - I0 (see
-    chunk_bwd.token_backward_part: the same gradients).  q carries the scale already.  The adjoints arrive as the
-    next token's totals (next_m, next_p) before its decay alpha_next: the decay goes into the fused multiply-add
-    that forms this token's totals, and into dg of the next token after its sum, so no element is multiplied by
-    it on its own.  The formulas are arranged for the fewest FP32 instructions per element: DI = -DM * mu, the
-    sums over V of dq and dk taken before their per-row factors (scale, 2 q, 2 k)."""
-    dg_next = alpha_next * gl.sum(gl.sum(next_m * mean + next_p * imp, 1), 0)
+    chunk_bwd.token_backward_part: the same gradients); the token's inputs as broadcast tiles, qc and kc [rows, 1]
+    (q times the scale), vc, betac, doc, dvarc [1, BV].  The adjoints arrive as the next token's totals (next_m,
+    next_p) before its decay (decay_next, [1, BV]): the decay goes into the fused multiply-add that forms this
+    token's totals, and into dg of the next token after its sum over K, so no element is multiplied by it on its
+    own.  The formulas are arranged for the fewest FP32 instructions per element: DI = -DM * mu, dq's scale after
+    its sum over V."""
+    dg_next = gl.sum(gl.sum(gl.sum(next_m * mean + next_p * imp, 0, keep_dims=True) * decay_next, 1), 0)
     r = reciprocal(imp + prior_h)
     mu = mean * r
-    qc = gl.expand_dims(q, 1)
-    do_c = gl.expand_dims(do_t, 0)
-    d_mean = (qc * do_c) * r
+    d_mean = (qc * doc) * r
     if HAS_DVAR:
-        dvr = gl.expand_dims(dvar_t, 0) * r
+        dvr = dvarc * r
         d_imp = -(d_mean * mu + (qc * qc) * (dvr * r))
-        dq = scale * (gl.sum(do_c * mu, 1) + (2.0 * q) * gl.sum(dvr, 1))
+        dq = scale * gl.sum(doc * mu + (2.0 * qc) * dvr, 1)
     else:
         d_imp = -(d_mean * mu)
-        dq = scale * gl.sum(do_c * mu, 1)
-    total_m = alpha_next * next_m + d_mean
-    total_p = alpha_next * next_p + d_imp
-    kc = gl.expand_dims(k, 1)
+        dq = scale * gl.sum(doc * mu, 1)
+    total_m = decay_next * next_m + d_mean
+    total_p = decay_next * next_p + d_imp
     dv = gl.sum(kc * total_m, 0)
     dbeta = gl.sum((kc * kc) * total_p, 0)
-    dk = gl.sum(total_m * gl.expand_dims(v_t, 0) + (2.0 * kc) * (total_p * gl.expand_dims(beta_t, 0)), 1)
+    dk = gl.sum(total_m * vc + (2.0 * kc) * (total_p * betac), 1)
     return total_m, total_p, sdi + d_imp, dv, dbeta, dk, dq, dg_next
 
 
 @jit
-def _load_token(q, k, v, beta, do, dvar, tok_h, offs_k, mask_k, offs_v, mask_v, valid, scale, K: tl.constexpr,
-                V: tl.constexpr, HAS_DVAR: tl.constexpr):
-    """A token's inputs on one state part, float32: q (times the scale) and k on the key rows ``offs_k``; v,
-    beta, do and dvar (do without a variance gradient) on the value columns ``offs_v``."""
-    v_t = load_cols(v, tok_h, offs_v, mask_v, valid, V)
-    beta_t = load_cols(beta, tok_h, offs_v, mask_v, valid, V)
-    do_t = load_cols(do, tok_h, offs_v, mask_v, valid, V)
-    dvar_t = do_t
-    if HAS_DVAR:
-        dvar_t = load_cols(dvar, tok_h, offs_v, mask_v, valid, V)
-    q_t = load_rows(q, tok_h, offs_k, mask_k, valid, K) * scale
-    k_t = load_rows(k, tok_h, offs_k, mask_k, valid, K)
-    return q_t, k_t, v_t, beta_t, do_t, dvar_t
-
-
-@jit
-def _part_token_backward(mean, imp, next_m, next_p, alpha_next, sdi, q, k, v, beta, do, dvar, dq, dk, prior_h, scale,
-                         tok_h, valid, offs_k, mask_k, offs_v, mask_v, K: tl.constexpr, V: tl.constexpr,
-                         HAS_DVAR: tl.constexpr):
+def _part_token_backward(mean, imp, next_m, next_p, decay_next, sdi, q, k, v, beta, do, dvar, dq, dk, in_rows, in_c,
+                         j, prior_h, scale, tok_h, valid, offs_k, mask_k, offs_v, mask_v, L: tl.constexpr,
+                         K: tl.constexpr, V: tl.constexpr, HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
     """Token tok_h's reverse step on one state part (its key rows ``offs_k``, value columns ``offs_v`` in that
-    part's layout): loads the token's inputs, adds dq and dk of these rows atomically; returns this token's
+    part's layout L): loads the token's inputs, adds dq and dk of these rows atomically; returns this token's
     adjoint totals (not yet decayed: see _backward_part), the running sum of DI, and this part's dv, dbeta and
     share of dg."""
-    q_t, k_t, v_t, beta_t, do_t, dvar_t = _load_token(q, k, v, beta, do, dvar, tok_h, offs_k, mask_k, offs_v, mask_v,
-                                                     valid, scale, K, V, HAS_DVAR)
+    qc, kc, vc, betac, doc, dvarc, _decay = _part_inputs(q, k, v, q, beta, do, dvar, in_rows, in_c, j, tok_h, offs_k,
+                                                         mask_k, offs_v, mask_v, valid, scale, L, K, V, True, False,
+                                                         HAS_DVAR, INPUTS)
     total_m, total_p, sdi, dv_t, dbeta_t, dk_t, dq_t, dg_next = _backward_part(
-        mean, imp, next_m, next_p, alpha_next, sdi, q_t, k_t, v_t, beta_t, do_t, dvar_t, prior_h, scale, HAS_DVAR)
+        mean, imp, next_m, next_p, decay_next, sdi, qc, kc, vc, betac, doc, dvarc, prior_h, scale, HAS_DVAR)
     rows = masked_if(mask_k, valid)
     gl.atomic_add(dq + tok_h * K + offs_k, dq_t, mask=rows, sem="relaxed")
     gl.atomic_add(dk + tok_h * K + offs_k, dk_t, mask=rows, sem="relaxed")
@@ -143,22 +232,30 @@ def _part_token_backward(mean, imp, next_m, next_p, alpha_next, sdi, q, k, v, be
 
 @jit
 def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
-                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t, valid, eos, i_v,
-                    i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK, COLS: tl.constexpr,
-                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr,
-                    HAS_DVAR: tl.constexpr):
-    """Reverse step of token t on both parts; writes its gradients and this V block's share of dg of token t + 1;
-    returns the adjoints for token t - 1 (see chunk_bwd.token_backward) as token t's totals and its decay alpha_t,
-    which the step of token t - 1 applies (``alpha_next`` there)."""
+                    q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale, t, cs,
+                    valid, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
+                    LA: tl.constexpr, LB: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                    HAS_B: tl.constexpr, HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
+    """Reverse step of token t (of the chunk starting at cs) on both parts; writes its gradients and this V
+    block's share of dg of token t + 1; returns the adjoints for token t - 1 (see chunk_bwd.token_backward) as
+    token t's totals and its decay alpha_t on the value columns, which the step of token t - 1 applies
+    (``alpha_next`` there)."""
     tok_h = gl.cast(t, gl.int64) * H + i_h
-    alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
+    j = t - cs
+    COLS: gl.constexpr = gl.SliceLayout(0, LA)
+    if INPUTS:
+        alpha = in_c.index(3 * (in_c.shape[0] // 8) + j).load(LA)
+    else:
+        alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
+        alpha = gl.expand_dims(gl.where(mask_v, alpha, alpha), 0)
     adj_m_a, adj_p_a, sdi_a, dv_t, dbeta_t, dg_next = _part_token_backward(
-        mean_a, imp_a, adj_m_a, adj_p_a, alpha_next, sdi_a, q, k, v, beta, do, dvar, dq, dk, prior_h, scale, tok_h,
-        valid, offs_a, mask_a, offs_v, mask_v, K, V, HAS_DVAR)
+        mean_a, imp_a, adj_m_a, adj_p_a, alpha_next, sdi_a, q, k, v, beta, do, dvar, dq, dk, in_a, in_c, j, prior_h,
+        scale, tok_h, valid, offs_a, mask_a, offs_v, mask_v, LA, K, V, HAS_DVAR, INPUTS)
     if HAS_B:
         adj_m_b, adj_p_b, sdi_b, dv_b, dbeta_b, dg_next_b = _part_token_backward(
-            mean_b, imp_b, adj_m_b, adj_p_b, alpha_next, sdi_b, q, k, v, beta, do, dvar, dq, dk, prior_h, scale,
-            tok_h, valid, offs_b, mask_b, offs_vb, offs_vb < V, K, V, HAS_DVAR)
+            mean_b, imp_b, adj_m_b, adj_p_b, gl.convert_layout(alpha_next, LB), sdi_b, q, k, v, beta, do, dvar,
+            dq, dk, in_b, in_c, j, prior_h, scale, tok_h, valid, offs_b, mask_b, offs_vb, offs_vb < V, LB, K, V,
+            HAS_DVAR, INPUTS)
         # the value columns are spread alike in both parts: these conversions move no data
         dv_t += gl.convert_layout(dv_b, COLS)
         dbeta_t += gl.convert_layout(dbeta_b, COLS)
@@ -175,16 +272,16 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
 @jit
 def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                       staged_m_a, staged_i_a, staged_m_b, staged_i_b, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta,
-                      dg_part, prior_h, scale, t0, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v,
-                      mask_v, offs_vb, NTOK, LA: tl.constexpr, LB: tl.constexpr, COLS: tl.constexpr,
+                      dg_part, in_a, in_b, in_c, prior_h, scale, t0, cs, s, seg_tok, eos, i_v, i_h, offs_a, mask_a,
+                      offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK, LA: tl.constexpr, LB: tl.constexpr,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr,
-                      HAS_DVAR: tl.constexpr):
+                      HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
     """A sub-block of four tokens from its first token's state: forward, each token's (M, P) stored in shared
     memory, then the reverse steps on the states read back; returns the adjoints for the token before t0."""
     for j in gl.static_range(4):
         mean_a, imp_a, mean_b, imp_b = _token_forward(
-            mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t0 + j, s + j < seg_tok, i_h,
-            offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+            mean_a, imp_a, mean_b, imp_b, k, v, g, beta, in_a, in_b, in_c, t0 + j, cs, s + j < seg_tok, i_h,
+            offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LB, H, K, V, HAS_B, INPUTS)
         staged_m_a.index(j).store(mean_a)
         staged_i_a.index(j).store(imp_a)
         if HAS_B:
@@ -201,22 +298,22 @@ def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, a
             i_b = staged_i_b.index(j).load(LB)
         adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
             m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
-            q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + j,
+            q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale, t0 + j, cs,
             s + j < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
-            COLS, H, K, V, HAS_B, HAS_DVAR)
+            LA, LB, H, K, V, HAS_B, HAS_DVAR, INPUTS)
     return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b
 
 
 @jit
-def _direct(mean, imp, k, q, v, beta, do_t, dvar_t, alpha, prior_h, HAS_DVAR: tl.constexpr):
+def _direct(mean, imp, kc, qc, vc, betac, doc, dvarc, decay, prior_h, HAS_DVAR: tl.constexpr):
     """One token forward on a state part (M, P = I - I0), then its direct adjoints (DM, DI) from o and the
-    variance: returns the new (M, P) and (DM, DI) (see chunk_bwd.direct_adjoints)."""
-    mean, imp = _forward(mean, imp, k, v, beta, alpha)
+    variance: returns the new (M, P) and (DM, DI) (see chunk_bwd.direct_adjoints); the token's inputs as the
+    broadcast tiles of _part_inputs, its decay [1, BV]."""
+    mean, imp = _forward(mean, imp, kc, vc, betac, decay)
     r = reciprocal(imp + prior_h)
-    qc = gl.expand_dims(q, 1)
-    d_mean = (qc * gl.expand_dims(do_t, 0)) * r
+    d_mean = (qc * doc) * r
     if HAS_DVAR:
-        d_imp = -(d_mean * (mean * r) + (qc * qc) * ((gl.expand_dims(dvar_t, 0) * r) * r))
+        d_imp = -(d_mean * (mean * r) + (qc * qc) * ((dvarc * r) * r))
     else:
         d_imp = -(d_mean * (mean * r))  # DI = -DM * mu: see _backward_part
     return mean, imp, d_mean, d_imp
@@ -272,11 +369,13 @@ def unit_local_adjoint_gluon_kernel(
         # the token before is computed: the pass is otherwise bound by the latency of these loads
         tok_h = gl.cast(start, gl.int64) * H + i_h
         g_n = gl.load(g + tok_h)
-        q_an, k_an, v_n, beta_n, do_n, dvar_n = _load_token(q, k, v, beta, do, dvar, tok_h, offs_a, mask_a, offs_v,
-                                                           mask_v, True, scale, K, V, HAS_DVAR)
+        q_an, k_an, v_n, beta_n, do_n, dvar_n, _a = _part_inputs(q, k, v, g, beta, do, dvar, q, q, 0, tok_h, offs_a,
+                                                                mask_a, offs_v, mask_v, True, scale, LA, K, V, True,
+                                                                False, HAS_DVAR, False)
         if HAS_B:
-            q_bn, k_bn, v_bn, beta_bn, do_bn, dvar_bn = _load_token(q, k, v, beta, do, dvar, tok_h, offs_b, mask_b,
-                                                                   offs_vb, mask_vb, True, scale, K, V, HAS_DVAR)
+            q_bn, k_bn, v_bn, beta_bn, do_bn, dvar_bn, _b = _part_inputs(q, k, v, g, beta, do, dvar, q, q, 0, tok_h,
+                                                                        offs_b, mask_b, offs_vb, mask_vb, True, scale,
+                                                                        LB, K, V, True, False, HAS_DVAR, False)
         for t in range(start, end):
             g_t = g_n.to(gl.float32)
             q_a, k_a, v_t, beta_t, do_t, dvar_t = q_an, k_an, v_n, beta_n, do_n, dvar_n
@@ -285,22 +384,25 @@ def unit_local_adjoint_gluon_kernel(
             tok_n = gl.cast(t + 1, gl.int64) * H + i_h
             ahead = t + 1 < end
             g_n = gl.load(g + tok_n, mask=ahead, other=0.0)
-            q_an, k_an, v_n, beta_n, do_n, dvar_n = _load_token(q, k, v, beta, do, dvar, tok_n, offs_a, mask_a, offs_v,
-                                                               mask_v, ahead, scale, K, V, HAS_DVAR)
+            q_an, k_an, v_n, beta_n, do_n, dvar_n, _a = _part_inputs(q, k, v, g, beta, do, dvar, q, q, 0, tok_n,
+                                                                    offs_a, mask_a, offs_v, mask_v, ahead, scale, LA,
+                                                                    K, V, True, False, HAS_DVAR, False)
             if HAS_B:
-                q_bn, k_bn, v_bn, beta_bn, do_bn, dvar_bn = _load_token(q, k, v, beta, do, dvar, tok_n, offs_b,
-                                                                       mask_b, offs_vb, mask_vb, ahead, scale, K, V,
-                                                                       HAS_DVAR)
+                q_bn, k_bn, v_bn, beta_bn, do_bn, dvar_bn, _b = _part_inputs(q, k, v, g, beta, do, dvar, q, q, 0,
+                                                                            tok_n, offs_b, mask_b, offs_vb, mask_vb,
+                                                                            ahead, scale, LB, K, V, True, False,
+                                                                            HAS_DVAR, False)
             alpha = gl.exp(g_t)
             b_acc += g_t
             weight = gl.exp(b_acc)
-            mean_a, imp_a, dm_a, di_a = _direct(mean_a, imp_a, k_a, q_a, v_t, beta_t, do_t, dvar_t, alpha, prior_h,
-                                                HAS_DVAR)
+            mean_a, imp_a, dm_a, di_a = _direct(mean_a, imp_a, k_a, q_a, v_t, beta_t, do_t, dvar_t,
+                                                gl.expand_dims(gl.where(mask_v, alpha, alpha), 0), prior_h, HAS_DVAR)
             acc_m_a += weight * dm_a
             acc_p_a += weight * di_a
             if HAS_B:
-                mean_b, imp_b, dm_b, di_b = _direct(mean_b, imp_b, k_b, q_b, v_b, beta_b, do_b, dvar_b, alpha,
-                                                    prior_h, HAS_DVAR)
+                mean_b, imp_b, dm_b, di_b = _direct(mean_b, imp_b, k_b, q_b, v_b, beta_b, do_b, dvar_b,
+                                                    gl.expand_dims(gl.where(mask_vb, alpha, alpha), 0), prior_h,
+                                                    HAS_DVAR)
                 acc_m_b += weight * dm_b
                 acc_p_b += weight * di_b
         a_off = (i_u * H + i_h).to(gl.int64) * K * V
@@ -324,7 +426,8 @@ def unit_bwd_gluon_kernel(
     cu_seqlens, unit_indices, unit_offsets, chunk_offsets, scale, T, NTOK,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, U: tl.constexpr,
     KA: tl.constexpr, KB: tl.constexpr, LANES_K: tl.constexpr, VCOLS: tl.constexpr, WARPS: tl.constexpr,
-    STAGE: tl.constexpr, UNROLL: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STAGE: tl.constexpr, UNROLL: tl.constexpr, INPUTS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DVAR: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """Grid (V blocks of BV = VCOLS * 32 / LANES_K * WARPS, units, H), WARPS warps each side by side over the
     value columns, each thread holding VCOLS adjacent columns of K / LANES_K key rows: the reverse sweep over one
@@ -386,7 +489,7 @@ def unit_bwd_gluon_kernel(
         adj_p_b = adj_p_a
         sdi_b = sdi_a
     # the carried adjoints are the totals of the token after the unit with its decay already applied
-    alpha_next = (i_h * 0 + 1).to(gl.float32)
+    alpha_next = gl.expand_dims(gl.where(mask_v, 1.0, 1.0), 0)
     if STAGE:
         STAGED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
         staged_m_a = gl.allocate_shared_memory(gl.float32, [4, KA, BV], STAGED)
@@ -401,11 +504,39 @@ def unit_bwd_gluon_kernel(
                 start_m_b = gl.allocate_shared_memory(gl.float32, [SEG // 4, KB, BV], STAGED)
                 start_i_b = gl.allocate_shared_memory(gl.float32, [SEG // 4, KB, BV], STAGED)
 
+    if INPUTS:  # a chunk's per-token inputs, staged once per chunk (see _stage_inputs)
+        # token-major buffers, a token's key rows (value columns) contiguous; written as whole chunks (rank-3
+        # layouts), read a token at a time through views of rank-2 layouts over the same memory
+        ROWS3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 2, 0])
+        COLS3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+        ROWS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
+        COLS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        stage_a = gl.allocate_shared_memory(gl.float32, [2 * C, KA, 1], ROWS3)
+        in_a = stage_a._reinterpret(gl.float32, [2 * C, KA, 1], ROWS_FIRST)
+        stage_b = stage_a
+        in_b = in_a
+        if HAS_B:
+            stage_b = gl.allocate_shared_memory(gl.float32, [2 * C, KB, 1], ROWS3)
+            in_b = stage_b._reinterpret(gl.float32, [2 * C, KB, 1], ROWS_FIRST)
+        stage_c = gl.allocate_shared_memory(gl.float32, [8 * C, 1, BV], COLS3)
+        in_c = stage_c._reinterpret(gl.float32, [8 * C, 1, BV], COLS_FIRST)
+    else:  # placeholders, never used
+        stage_a = q
+        stage_b = q
+        stage_c = q
+        in_a = q
+        in_b = q
+        in_c = q
+    LBX: gl.constexpr = LB if HAS_B else LA
+
     for cc in range(0, c_count):
         i_c = c_first + c_count - 1 - cc  # chunks of the unit, last first
         cs = bos + i_c * C
         n_tok = gl.minimum(C, eos - cs)
         h_off = ((cbase + i_c) * H + i_h).to(gl.int64) * K * V
+        if INPUTS:
+            _stage_inputs(q, k, v, g, beta, do, dvar, stage_a, stage_b, stage_c, cs, n_tok, i_v, i_h, scale, H, K, V,
+                          C, KA, KB, BV, WARPS, HAS_B, HAS_DVAR)
         n_seg = gl.cdiv(n_tok, SEG)
         for ss in range(0, n_seg):
             seg = n_seg - 1 - ss  # segments of the chunk, last first
@@ -419,8 +550,8 @@ def unit_bwd_gluon_kernel(
                 mean_sb, imp_sb = load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
                 imp_sb -= prior_h
             mean_sa, imp_sa, mean_sb, imp_sb = _advance(
-                mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, cs, seg_start, i_h,
-                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B, UNROLL)
+                mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, in_a, in_b, in_c, cs, seg_start, cs, i_h,
+                offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, UNROLL, INPUTS)
             n_sub = gl.cdiv(seg_tok, 4)
             if STAGE == 2:  # one pass over the segment keeps every sub-block's first state
                 for j in range(0, n_sub):
@@ -431,9 +562,9 @@ def unit_bwd_gluon_kernel(
                         start_i_b.index(j).store(imp_sb)
                     if j + 1 < n_sub:
                         mean_sa, imp_sa, mean_sb, imp_sb = _advance(
-                            mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, seg_start + 4 * j,
-                            seg_start + 4 * j + 4, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K,
-                            V, HAS_B, UNROLL)
+                            mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, in_a, in_b, in_c, seg_start + 4 * j,
+                            seg_start + 4 * j + 4, cs, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb,
+                            LA, LBX, H, K, V, HAS_B, UNROLL, INPUTS)
             for jj in range(0, n_sub):
                 s = (n_sub - 1 - jj) * 4  # sub-blocks of 4 tokens, last first
                 t0 = seg_start + s
@@ -447,57 +578,59 @@ def unit_bwd_gluon_kernel(
                         imp_b = start_i_b.index(n_sub - 1 - jj).load(LB)
                 else:
                     mean_a, imp_a, mean_b, imp_b = _advance(
-                        mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, seg_start, t0, i_h,
-                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B, UNROLL)
+                        mean_sa, imp_sa, mean_sb, imp_sb, k, v, g, beta, in_a, in_b, in_c, seg_start, t0, cs, i_h,
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, UNROLL,
+                        INPUTS)
                 if STAGE:
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _staged_sub_block(
                         mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                         staged_m_a, staged_i_a, staged_m_b if HAS_B else staged_m_a,
                         staged_i_b if HAS_B else staged_i_a, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part,
-                        prior_h, scale, t0, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v,
-                        mask_v, offs_vb, NTOK, LA, LB if HAS_B else LA, COLS, H, K, V, HAS_B, HAS_DVAR)
+                        in_a, in_b, in_c, prior_h, scale, t0, cs, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b,
+                        mask_b, offs_v, mask_v, offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS)
                 else:
                     # four tokens forward, keeping the states (M, P) after each
                     m0_a, i0_a, m0_b, i0_b = _token_forward(
-                        mean_a, imp_a, mean_b, imp_b, k, v, g, beta, t0, s < seg_tok, i_h,
-                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                        mean_a, imp_a, mean_b, imp_b, k, v, g, beta, in_a, in_b, in_c, t0, cs, s < seg_tok, i_h,
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, INPUTS)
                     m1_a, i1_a, m1_b, i1_b = _token_forward(
-                        m0_a, i0_a, m0_b, i0_b, k, v, g, beta, t0 + 1, s + 1 < seg_tok, i_h,
-                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                        m0_a, i0_a, m0_b, i0_b, k, v, g, beta, in_a, in_b, in_c, t0 + 1, cs, s + 1 < seg_tok, i_h,
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, INPUTS)
                     m2_a, i2_a, m2_b, i2_b = _token_forward(
-                        m1_a, i1_a, m1_b, i1_b, k, v, g, beta, t0 + 2, s + 2 < seg_tok, i_h,
-                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                        m1_a, i1_a, m1_b, i1_b, k, v, g, beta, in_a, in_b, in_c, t0 + 2, cs, s + 2 < seg_tok, i_h,
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, INPUTS)
                     m3_a, i3_a, m3_b, i3_b = _token_forward(
-                        m2_a, i2_a, m2_b, i2_b, k, v, g, beta, t0 + 3, s + 3 < seg_tok, i_h,
-                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, H, K, V, HAS_B)
+                        m2_a, i2_a, m2_b, i2_b, k, v, g, beta, in_a, in_b, in_c, t0 + 3, cs, s + 3 < seg_tok, i_h,
+                        offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, INPUTS)
                     # the same four tokens in reverse
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
                         m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
-                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 3,
-                        s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
-                        COLS, H, K, V, HAS_B, HAS_DVAR)
+                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
+                        t0 + 3, cs, s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
+                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS)
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
                         m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
-                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 2,
-                        s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
-                        COLS, H, K, V, HAS_B, HAS_DVAR)
+                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
+                        t0 + 2, cs, s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
+                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS)
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
                         m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
-                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0 + 1,
-                        s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
-                        COLS, H, K, V, HAS_B, HAS_DVAR)
+                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
+                        t0 + 1, cs, s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
+                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS)
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
                         m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
-                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, prior_h, scale, t0,
-                        s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
-                        COLS, H, K, V, HAS_B, HAS_DVAR)
+                        q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
+                        t0, cs, s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
+                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS)
 
     # the first token's totals times its decay: the adjoints of the state before the unit's first token
     adj_m_a = alpha_next * adj_m_a
     adj_p_a = alpha_next * adj_p_a
     if HAS_B:
-        adj_m_b = alpha_next * adj_m_b
-        adj_p_b = alpha_next * adj_p_b
+        decay_b = gl.convert_layout(alpha_next, LB)
+        adj_m_b = decay_b * adj_m_b
+        adj_p_b = decay_b * adj_p_b
     dprior_sum = gl.sum(gl.sum(sdi_a, 1), 0)
     if HAS_B:
         dprior_sum += gl.sum(gl.sum(sdi_b, 1), 0)
@@ -539,7 +672,8 @@ def gluon_sweep_block_v(lanes_k: int, warps: int = 1, cols: int = 1) -> int:
 
 
 def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
-               kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None, unroll: int = 1, cols: int = 1):
+               kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None, unroll: int = 1, cols: int = 1,
+               inputs: bool = False):
     """The sweep (``kernel="sweep"``, ``warps`` warps per program) or the local-adjoint pass (``"local"``, one
     warp) compiled for an NVIDIA GPU of compute capability ``arch`` without a GPU, at H = 16 heads (Triton's
     compiled kernel).  A development and test tool, run with TRITON_INTERPRET off (see
@@ -559,7 +693,7 @@ def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, ar
     types.update({n: "*fp32" for n in names if n not in types})
     KA, KB = k_parts(K)
     constants = dict(H=16, K=K, V=V, C=32, U=4, KA=KA, KB=KB, LANES_K=lanes_k, VCOLS=cols, WARPS=warps, STAGE=stage,
-                     UNROLL=unroll,
+                     UNROLL=unroll, INPUTS=inputs,
                      HAS_INIT=False,
                      HAS_DVAR=with_variance, IS_VARLEN=False)
     if kernel == "local":
@@ -582,7 +716,7 @@ def compile_sm(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, ar
 
 def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False, arch: int = 90,
                    kernel: str = "sweep", warps: int = 1, stage: int = 0, maxnreg=None, unroll: int = 1,
-                   cols: int = 1) -> dict:
+                   cols: int = 1, inputs: bool = False) -> dict:
     """Compile (:func:`compile_sm`) and count, in the PTX, shared memory bytes, barriers, reciprocals, shuffles
     and atomic adds; from the SASS, registers and stack (spill) bytes."""
     import re
@@ -591,7 +725,7 @@ def compile_report(K: int, V: int, lanes_k: int = 8, with_variance: bool = False
 
     from palimpsa.bench.sass import resource_report
 
-    compiled = compile_sm(K, V, lanes_k, with_variance, arch, kernel, warps, stage, maxnreg, unroll, cols)
+    compiled = compile_sm(K, V, lanes_k, with_variance, arch, kernel, warps, stage, maxnreg, unroll, cols, inputs)
     ptx = compiled.asm["ptx"]
     resources = resource_report(compiled, 1 if kernel == "local" else warps, kernel)
     return {"shared": int(compiled.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),

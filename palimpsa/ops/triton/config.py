@@ -10,8 +10,9 @@ from typing import Iterator, NamedTuple, Optional
 
 class SweepTuning(NamedTuple):
     """How the Gluon reverse sweep runs at one key size: lanes per value column, value columns per thread, stage,
-    register cap (None: the compiler's choice), unroll, and the programs its units are sized for (counted with its
-    own value blocks; see :class:`KernelConfig`)."""
+    register cap (None: the compiler's choice), unroll, the programs its units are sized for (counted with its
+    own value blocks), and whether a chunk's per-token inputs are staged in shared memory (see
+    :class:`KernelConfig`)."""
 
     lanes_k: int
     cols: int
@@ -19,6 +20,7 @@ class SweepTuning(NamedTuple):
     maxnreg: Optional[int]
     unroll: int
     target_programs: int
+    inputs: bool = False
 
 
 @dataclasses.dataclass
@@ -49,16 +51,19 @@ class KernelConfig:
     * bwd_target_programs: the backward walks each sequence in units of whole chunks, sized to give about this
       many programs (counted with the sweep's own value blocks); the first unit of a sequence needs no
       local-adjoint pass, so fewer, longer units skip that pass where the GPU is full without them.  None: the
-      Triton sweep 2048, the Gluon sweep by key size.
+      Triton sweep 2048, the Gluon sweep by key size;
+    * bwd_inputs: True stages each chunk's per-token inputs (q, k, v, beta, do, the decay) in shared memory once,
+      float32, so that the sweep's forward and reverse steps read them there instead of waiting on global loads
+      (``chunk_bwd_gluon._stage_inputs``).
 
-    None (the default of bwd_lanes_k, bwd_cols, bwd_stage, bwd_maxnreg, bwd_unroll and bwd_target_programs) takes them
-    from
+    None (the default of bwd_lanes_k, bwd_cols, bwd_stage, bwd_maxnreg, bwd_unroll, bwd_target_programs and
+    bwd_inputs) takes them from
     :data:`SWEEP_TUNED` by key size, where an H200 checked them against float64 and measured them faster
     (``results/bench/README.md``); at other key sizes, or when lanes, columns or warps are set by hand, the unset
     ones are 8 lanes, 1 column, stage 0, no cap, unroll 1, 8192 programs (about the units of the Triton sweep's
-    2048 programs of four times wider value blocks).  The Gluon sweep adds dq, dk and dg atomically over its
-    value blocks, so they may differ in the last bits from run to run.  The environment variables are read when
-    this module is imported.
+    2048 programs of four times wider value blocks), inputs not staged.  The Gluon sweep adds dq, dk and dg
+    atomically over its value blocks, so they may differ in the last bits from run to run.  The environment
+    variables are read when this module is imported.
     """
 
     fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "auto"))
@@ -75,6 +80,7 @@ class KernelConfig:
     bwd_block_v: int = 16
     bwd_num_warps: Optional[int] = 4
     bwd_target_programs: Optional[int] = None
+    bwd_inputs: Optional[bool] = None
 
 
 FWD_BACKENDS = ("auto", "triton", "gluon")
@@ -125,6 +131,9 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
     if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int) or programs < 1):
         raise ValueError(f"bwd_target_programs must be None (by sweep and key size) or a positive whole number, "
                          f"got {programs!r}")
+    inputs = changes.get("bwd_inputs")
+    if inputs is not None and not isinstance(inputs, bool):
+        raise ValueError(f"bwd_inputs must be None (by key size), True or False, got {inputs!r}")
     unroll = changes.get("bwd_unroll")
     if unroll is not None and (isinstance(unroll, bool) or unroll not in (1, 2, 4)):
         raise ValueError(f"bwd_unroll must be None (by key size), 1, 2 or 4, got {changes['bwd_unroll']!r}")
@@ -139,14 +148,14 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
 
 
 def sweep_tuning(K: int) -> SweepTuning:
-    """The Gluon sweep's lanes, columns, stage, register cap (None: no cap), unroll and target programs at key
-    size K: CONFIG's
+    """The Gluon sweep's lanes, columns, stage, register cap (None: no cap), unroll, target programs and input
+    staging at key size K: CONFIG's
     values where set, else :data:`SWEEP_TUNED`'s for K (measured with one warp per program); when the lanes, the
     columns or the warps are set by hand, or K was not measured, the unset ones come from :data:`UNTUNED_SWEEP`."""
     by_hand = CONFIG.bwd_lanes_k is not None or CONFIG.bwd_cols is not None or CONFIG.bwd_warps != 1
     base = UNTUNED_SWEEP if by_hand else SWEEP_TUNED.get(K, UNTUNED_SWEEP)
     mine = (CONFIG.bwd_lanes_k, CONFIG.bwd_cols, CONFIG.bwd_stage, CONFIG.bwd_maxnreg, CONFIG.bwd_unroll,
-            CONFIG.bwd_target_programs)
+            CONFIG.bwd_target_programs, CONFIG.bwd_inputs)
     chosen = SweepTuning(*(value if value is not None else default for value, default in zip(mine, base)))
     return chosen._replace(maxnreg=chosen.maxnreg or None)
 

@@ -146,7 +146,7 @@ def _bwd_op(
                                                         lanes_k=tuning.lanes_k,
                                                         sweep_warps=CONFIG.bwd_warps, sweep_stage=tuning.stage,
                                                         sweep_maxnreg=tuning.maxnreg, sweep_unroll=tuning.unroll,
-                                                        sweep_cols=tuning.cols)
+                                                        sweep_cols=tuning.cols, sweep_inputs=tuning.inputs)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 

@@ -9,45 +9,62 @@ the layouts.
 The interpreter half covers what the project's Gluon kernels use: layouts (ignored), ``arange``, ``zeros``,
 ``load``, ``store``, ``cast``, ``expand_dims``, ``sum``, ``exp``, ``minimum``, ``cdiv``, ``program_id``,
 ``convert_layout`` (the identity) and ``inline_asm_elementwise`` for the one instruction used,
-``rcp.approx.ftz.f32`` (computed as 1 / x), and shared memory that a thread reads back as it wrote it
-(``allocate_shared_memory(...).index(i).store(x)`` / ``.load(layout)``: a Python list of tensors, since the
-interpreter runs each program as Python).  Every call goes through ``triton.language`` at call time, where the
+``rcp.approx.ftz.f32`` (computed as 1 / x), and float32 shared memory (``allocate_shared_memory``, its views
+``index(i)`` and ``slice(start, length)``, ``store(x)`` and ``load(layout)``: a numpy array per buffer, since the
+interpreter runs each program alone, as Python).  Every call goes through ``triton.language`` at call time, where the
 interpreter patches it.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import TensorHandle
 
 from palimpsa.ops.triton.utils import interpreting
 
 RECIPROCAL_ASM = "rcp.approx.ftz.f32 $0, $1;"
 
 
-class _InterpretedSharedSlot:
-    """One slot of an interpreted shared-memory buffer: holds the last tensor stored."""
-
-    def __init__(self, buffer, i):
-        self.buffer, self.i = buffer, i
-
-    def store(self, value):
-        self.buffer[self.i] = value
-
-    def load(self, layout=None):
-        return self.buffer[self.i]
-
-
 class _InterpretedSharedMemory:
-    """``allocate_shared_memory(dtype, [slots, ...], layout)`` under the interpreter: slots indexed by ``index``."""
+    """A shared-memory buffer (or a view of one) under the interpreter: a float32 numpy array that ``store`` writes
+    and ``load`` reads, with Gluon's ``index(i)`` (a view along the first dimension) and ``slice(start, length)``.
+    Every program of the interpreter runs alone, so a buffer is that program's own memory, as on the GPU."""
 
-    def __init__(self, slots):
-        self.slots = [None] * slots
+    def __init__(self, data):
+        self.data = data
+
+    @property
+    def shape(self):
+        return list(self.data.shape)
 
     def index(self, i):
-        if hasattr(i, "handle"):  # an interpreted scalar tensor
-            i = i.handle.data.item()
-        return _InterpretedSharedSlot(self.slots, int(i))
+        return _InterpretedSharedMemory(self.data[_python_int(i)])
+
+    def _reinterpret(self, dtype, shape, layout):
+        return self
+
+    def slice(self, start, length, dim=0):
+        start, length = _python_int(start), _python_int(length)
+        return _InterpretedSharedMemory(self.data.swapaxes(0, dim)[start:start + length].swapaxes(0, dim))
+
+    def store(self, value):
+        self.data[...] = np.broadcast_to(value.handle.data, self.data.shape)
+
+    def load(self, layout=None):
+        data = self.data.copy()
+        if data.ndim == 0:
+            return tl.core.tensor(TensorHandle(np.array(data), tl.float32), tl.float32)
+        return tl.core.tensor(TensorHandle(data, tl.float32), tl.block_type(tl.float32, list(data.shape)))
+
+
+def _python_int(i):
+    """An index given as a Python int, a constexpr or an interpreted scalar tensor."""
+    i = getattr(i, "value", i)
+    if hasattr(i, "handle"):
+        i = i.handle.data.item()
+    return int(i)
 
 
 class _InterpretedGluon:
@@ -73,7 +90,9 @@ class _InterpretedGluon:
 
     @staticmethod
     def allocate_shared_memory(element_ty, shape, layout=None):
-        return _InterpretedSharedMemory(int(shape[0]))
+        if element_ty is not tl.float32:
+            raise NotImplementedError(f"the interpreter shim's shared memory holds float32 only, got {element_ty}")
+        return _InterpretedSharedMemory(np.zeros([_python_int(n) for n in shape], np.float32))
 
     @staticmethod
     def inline_asm_elementwise(asm, constraints, args, dtype, is_pure, pack):
