@@ -98,7 +98,7 @@ def gluon_reports(shape, sweep_warps: int):
     yield resource_report(chunk_bwd_gluon.compile_sm(K, V, tune.lanes_k, kernel="local", cols=tune.cols), 1,
                           "gluon_local_adjoint")
     sweep = chunk_bwd_gluon.compile_sm(K, V, tune.lanes_k, warps=sweep_warps, stage=tune.stage, maxnreg=tune.maxnreg,
-                                       unroll=tune.unroll, cols=tune.cols)
+                                       unroll=tune.unroll, cols=tune.cols, inputs=tune.inputs)
     yield resource_report(sweep, sweep_warps, "gluon_sweep")
 
 

@@ -180,7 +180,7 @@ def test_sweep_settings_are_checked():
                 dict(bwd_target_programs=0), dict(bwd_target_programs=1536.0), dict(bwd_target_programs=True),
                 dict(bwd_maxnreg=300),
                 dict(bwd_maxnreg=True), dict(bwd_maxnreg=12), dict(bwd_stage=False), dict(bwd_unroll=3),
-                dict(bwd_unroll=True)):
+                dict(bwd_unroll=True), dict(bwd_inputs=1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             with kernel_config(**bad):
                 pass
@@ -197,20 +197,20 @@ def test_sweep_layout_and_schedule_by_key_size():
     of 0 means none, and setting the lanes, columns or warps by hand leaves the other unset ones untuned."""
     from palimpsa.ops.triton.config import SWEEP_TUNED, UNTUNED_SWEEP, sweep_tuning
 
-    assert SWEEP_TUNED[48] == (16, 2, 2, 128, 4, 1536)
-    assert sweep_tuning(48) == (16, 2, 2, 128, 4, 1536)
-    assert sweep_tuning(96) == (16, 2, 0, None, 4, 1536)
-    assert sweep_tuning(32) == UNTUNED_SWEEP == (8, 1, 0, None, 1, 8192)
-    with kernel_config(bwd_stage=0, bwd_maxnreg=0, bwd_unroll=1):
-        assert sweep_tuning(48) == (16, 2, 0, None, 1, 1536)
+    assert SWEEP_TUNED[64] == (16, 2, 2, 128, 4, 8192, False)
+    assert sweep_tuning(48) == (16, 2, 0, None, 4, 1536, True)
+    assert sweep_tuning(96) == (16, 2, 0, None, 4, 1536, True)
+    assert sweep_tuning(32) == UNTUNED_SWEEP == (8, 1, 0, None, 1, 8192, False)
+    with kernel_config(bwd_stage=2, bwd_maxnreg=0, bwd_unroll=1, bwd_inputs=False):
+        assert sweep_tuning(48) == (16, 2, 2, None, 1, 1536, False)
     with kernel_config(bwd_maxnreg=168, bwd_target_programs=4096):
-        assert sweep_tuning(96) == (16, 2, 0, 168, 4, 4096)
+        assert sweep_tuning(96) == (16, 2, 0, 168, 4, 4096, True)
     with kernel_config(bwd_warps=2):  # measured with one warp only
-        assert sweep_tuning(48) == (8, 1, 0, None, 1, 8192)
+        assert sweep_tuning(48) == (8, 1, 0, None, 1, 8192, False)
     with kernel_config(bwd_lanes_k=16, bwd_unroll=4):
-        assert sweep_tuning(96) == (16, 1, 0, None, 4, 8192)
+        assert sweep_tuning(96) == (16, 1, 0, None, 4, 8192, False)
     with kernel_config(bwd_cols=1):
-        assert sweep_tuning(64) == (8, 1, 0, None, 1, 8192)
+        assert sweep_tuning(64) == (8, 1, 0, None, 1, 8192, False)
 
 
 def test_output_columns_by_key_size():
@@ -237,7 +237,7 @@ def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
     def fake_chunk_bwd(*args, **kwargs):
         seen.update(lanes_k=kwargs["lanes_k"], cols=kwargs["sweep_cols"], stage=kwargs["sweep_stage"],
                     maxnreg=kwargs["sweep_maxnreg"], unroll=kwargs["sweep_unroll"],
-                    target_programs=kwargs["target_programs"])
+                    target_programs=kwargs["target_programs"], inputs=kwargs["sweep_inputs"])
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(function, "chunk_bwd", fake_chunk_bwd)
@@ -247,16 +247,18 @@ def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
         with kernel_config(bwd_backend=backend), pytest.raises(RuntimeError, match="stop here"):
             function._bwd_op(q, q, v, torch.zeros(1, 4, 1), v, torch.ones(1), None, None, None, v, None, None, None,
                              1.0, 64)
-        assert seen == dict(lanes_k=16, cols=2, stage=2, maxnreg=128, unroll=4, target_programs=programs)
+        assert seen == dict(lanes_k=16, cols=2, stage=0, maxnreg=None, unroll=4, target_programs=programs, inputs=True)
 
 
 def test_the_tuned_760m_sweep_keeps_its_spills_small():
-    """The sweep as it runs at 760M-like (SWEEP_TUNED[96]: 16 lanes of two columns, unroll 4, no cap) compiles to
-    255 registers and 152 bytes of stack under Triton 3.6 and 3.9; the H200 numbers of results/bench were taken so.
-    A change that spills much more (the unrolled loads or the sub-block's states moving to local memory) fails here."""
+    """The sweep as it runs at 760M-like (SWEEP_TUNED[96]: 16 lanes of two columns, unroll 4, no cap, the chunk's
+    inputs in shared memory) compiles to 255 registers and 176 bytes of stack under Triton 3.6; the H200 numbers of
+    results/bench were taken so.  A change that spills much more (the sub-block's states moving to local memory)
+    fails here."""
     from palimpsa.ops.triton.config import SWEEP_TUNED
 
     t = SWEEP_TUNED[96]
     (report,) = compile_reports("palimpsa.ops.triton.chunk_bwd_gluon",
-                                [(96, 192, t.lanes_k, False, 90, "sweep", 1, t.stage, t.maxnreg, t.unroll, t.cols)])
+                                [(96, 192, t.lanes_k, False, 90, "sweep", 1, t.stage, t.maxnreg, t.unroll, t.cols,
+                                  t.inputs)])
     assert report["stack"] <= 256, report
