@@ -197,7 +197,7 @@ def test_sweep_layout_and_schedule_by_key_size():
     of 0 means none, and setting the lanes, columns or warps by hand leaves the other unset ones untuned."""
     from palimpsa.ops.triton.config import SWEEP_TUNED, UNTUNED_SWEEP, sweep_tuning
 
-    assert SWEEP_TUNED[64] == (16, 2, 2, 128, 4, 8192, False)
+    assert SWEEP_TUNED[64] == SWEEP_TUNED[96] == (16, 2, 0, None, 4, 1536, True)
     assert sweep_tuning(48) == (16, 2, 0, None, 4, 1536, True)
     assert sweep_tuning(96) == (16, 2, 0, None, 4, 1536, True)
     assert sweep_tuning(32) == UNTUNED_SWEEP == (8, 1, 0, None, 1, 8192, False)

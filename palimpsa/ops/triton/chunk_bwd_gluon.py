@@ -69,8 +69,9 @@ def _stage_inputs(q, k, v, g, beta, do, dvar, in_a, in_b, in_c, cs, n_tok, i_v, 
     """A chunk's per-token inputs into shared memory once, float32, in the tiles the steps use, so that every
     forward and reverse step of the chunk reads them there (``INPUTS``) instead of waiting on global loads:
     in_a [2 C, KA, 1] and in_b [2 C, KB, 1] hold q (times the scale; row j) and k (row C + j) of the chunk's token
-    j on the two key parts, in_c [8 C, 1, BV] (a power of two) holds v, beta, do, the decay exp(g) (repeated
-    over the columns) and dvar (rows j, C + j, 2 C + j, 3 C + j, 4 C + j).  Tokens at or after n_tok are zeros
+    j on the two key parts, in_c [4 C, 1, BV] holds v, beta, do and the decay exp(g) (repeated over the columns;
+    rows j, C + j, 2 C + j, 3 C + j), and with a variance gradient [8 C, 1, BV] (a power of two) also dvar (row
+    4 C + j): 26 kB per program at 760M-like, so that eight one-warp programs fit a multiprocessor.  Tokens at or after n_tok are zeros
     (decay 1), as the masked loads of the direct path give.  Each quantity is one store of the whole chunk: the compiler puts a barrier
     before each (and between a chunk's reads and the next chunk's stores), not one per token."""
     L3R: gl.constexpr = gl.BlockedLayout([1, 4, 1], [4, 8, 1], [WARPS, 1, 1], [2, 1, 0])
@@ -112,7 +113,7 @@ def _part_inputs(q, k, v, g, beta, do, dvar, in_rows, in_c, j, tok_h, offs_k, ma
     a variance gradient and the decay without ``WITH_DECAY``.  One function for all of a part's inputs: the CPU
     interpreter pays for every call."""
     if INPUTS:
-        C: gl.constexpr = in_c.shape[0] // 8
+        C: gl.constexpr = in_rows.shape[0] // 2
         kc = in_rows.index(C + j).load(L)
         vc = in_c.index(j).load(L)
         betac = in_c.index(C + j).load(L)
@@ -244,7 +245,7 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
     j = t - cs
     COLS: gl.constexpr = gl.SliceLayout(0, LA)
     if INPUTS:
-        alpha = in_c.index(3 * (in_c.shape[0] // 8) + j).load(LA)
+        alpha = in_c.index(3 * (in_a.shape[0] // 2) + j).load(LA)
     else:
         alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
         alpha = gl.expand_dims(gl.where(mask_v, alpha, alpha), 0)
@@ -518,8 +519,8 @@ def unit_bwd_gluon_kernel(
         if HAS_B:
             stage_b = gl.allocate_shared_memory(gl.float32, [2 * C, KB, 1], ROWS3)
             in_b = stage_b._reinterpret(gl.float32, [2 * C, KB, 1], ROWS_FIRST)
-        stage_c = gl.allocate_shared_memory(gl.float32, [8 * C, 1, BV], COLS3)
-        in_c = stage_c._reinterpret(gl.float32, [8 * C, 1, BV], COLS_FIRST)
+        stage_c = gl.allocate_shared_memory(gl.float32, [(8 if HAS_DVAR else 4) * C, 1, BV], COLS3)
+        in_c = stage_c._reinterpret(gl.float32, [(8 if HAS_DVAR else 4) * C, 1, BV], COLS_FIRST)
     else:  # placeholders, never used
         stage_a = q
         stage_b = q

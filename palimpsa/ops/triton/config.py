@@ -89,9 +89,10 @@ FWD_BACKENDS = ("auto", "triton", "gluon")
 # (units of whole sequences at 170M-like and 760M-like: 4.89 -> 4.45 and 31.6 -> 27.5 ms fwd+bwd; at d64 the units
 # of 8192 programs stay: 5.91 against 6.60 ms, gluon_units_h200_f1fd6c9.md)
 # (each chunk's inputs staged in shared memory, stage 0, no cap: 27.19 -> 23.77 ms at 760M-like and 4.99 -> 4.10 at
-# 170M-like, eighth session: gluon_inputs_h200_8f4296b.md)
+# 170M-like, eighth session: gluon_inputs_h200_8f4296b.md; at d64 with units of whole sequences 5.44 -> 3.84,
+# gluon_inputs_d64_h200_fc95a63.md)
 UNTUNED_SWEEP = SweepTuning(lanes_k=8, cols=1, stage=0, maxnreg=None, unroll=1, target_programs=8192, inputs=False)
-SWEEP_TUNED = {48: SweepTuning(16, 2, 0, None, 4, 1536, True), 64: SweepTuning(16, 2, 2, 128, 4, 8192),
+SWEEP_TUNED = {48: SweepTuning(16, 2, 0, None, 4, 1536, True), 64: SweepTuning(16, 2, 0, None, 4, 1536, True),
                96: SweepTuning(16, 2, 0, None, 4, 1536, True)}
 TRITON_TARGET_PROGRAMS = 2048  # the Triton sweep's units (its value blocks of 16 columns)
 # key size -> value columns per thread of the Gluon output kernel, where an H200 checked it against float64 and
