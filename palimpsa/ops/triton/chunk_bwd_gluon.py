@@ -71,9 +71,10 @@ def _stage_inputs(q, k, v, g, beta, do, dvar, in_a, in_b, in_c, cs, n_tok, i_v, 
     in_a [2 C, KA, 1] and in_b [2 C, KB, 1] hold q (times the scale; row j) and k (row C + j) of the chunk's token
     j on the two key parts, in_c [4 C, 1, BV] holds v, beta, do and the decay exp(g) (repeated over the columns;
     rows j, C + j, 2 C + j, 3 C + j), and with a variance gradient [8 C, 1, BV] (a power of two) also dvar (row
-    4 C + j): 26 kB per program at 760M-like, so that eight one-warp programs fit a multiprocessor.  Tokens at or after n_tok are zeros
-    (decay 1), as the masked loads of the direct path give.  Each quantity is one store of the whole chunk: the compiler puts a barrier
-    before each (and between a chunk's reads and the next chunk's stores), not one per token."""
+    4 C + j): 26 kB per program at 760M-like, so that eight one-warp programs fit a multiprocessor.  Tokens at or
+    after n_tok are zeros (decay 1), as the masked loads of the direct path give.  Each quantity is one store of
+    the whole chunk: the compiler puts a barrier before each (and between a chunk's reads and the next chunk's
+    stores), not one per token."""
     L3R: gl.constexpr = gl.BlockedLayout([1, 4, 1], [4, 8, 1], [WARPS, 1, 1], [2, 1, 0])
     L3C: gl.constexpr = gl.BlockedLayout([1, 1, 1], [32, 1, 1], [WARPS, 1, 1], [2, 1, 0])
     ROWS2: gl.constexpr = gl.SliceLayout(2, L3R)
