@@ -252,13 +252,13 @@ def test_the_op_hands_the_tuned_sweep_settings_to_the_backward(monkeypatch):
 
 def test_the_tuned_760m_sweep_keeps_its_spills_small():
     """The sweep as it runs at 760M-like (SWEEP_TUNED[96]: 16 lanes of two columns, unroll 4, no cap, the chunk's
-    inputs in shared memory) compiles to 255 registers and 176 bytes of stack under Triton 3.6; the H200 numbers of
-    results/bench were taken so.  A change that spills much more (the sub-block's states moving to local memory)
-    fails here."""
+    inputs in shared memory) compiles to 255 registers and 176 bytes of stack under Triton 3.6 (336 under 3.9); the
+    H200 numbers of results/bench were taken under 3.6.  A change that spills much more (the sub-block's states,
+    1.5 kB a thread, moving to local memory) fails here."""
     from palimpsa.ops.triton.config import SWEEP_TUNED
 
     t = SWEEP_TUNED[96]
     (report,) = compile_reports("palimpsa.ops.triton.chunk_bwd_gluon",
                                 [(96, 192, t.lanes_k, False, 90, "sweep", 1, t.stage, t.maxnreg, t.unroll, t.cols,
                                   t.inputs)])
-    assert report["stack"] <= 256, report
+    assert report["stack"] <= 400, report

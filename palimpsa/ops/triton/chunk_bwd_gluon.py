@@ -29,9 +29,25 @@ from __future__ import annotations
 import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
 from palimpsa.ops.triton.gluon_parts import load_state, locate_unit, masked_if, reciprocal
-from palimpsa.ops.triton.gluon_shim import gl, jit
+from palimpsa.ops.triton.gluon_shim import gl, jit, shared_memory_reinterpret_is_private
 
 WARP_LANES = gl.constexpr(32)
+
+
+@jit
+def _view_public(buffer, shape: tl.constexpr, layout: tl.constexpr):
+    """The shared-memory ``buffer`` seen with another shape and layout, same memory (Gluon of Triton 3.7+)."""
+    return buffer.reinterpret(gl.float32, shape, layout)
+
+
+@jit
+def _view_private(buffer, shape: tl.constexpr, layout: tl.constexpr):
+    """The same through Triton 3.6's Gluon, where the method is private."""
+    return buffer._reinterpret(gl.float32, shape, layout)
+
+
+# chosen once: the kernels call ``_view``, whichever Triton is installed
+_view = _view_private if shared_memory_reinterpret_is_private() else _view_public
 
 
 @jit
@@ -514,14 +530,14 @@ def unit_bwd_gluon_kernel(
         ROWS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
         COLS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         stage_a = gl.allocate_shared_memory(gl.float32, [2 * C, KA, 1], ROWS3)
-        in_a = stage_a._reinterpret(gl.float32, [2 * C, KA, 1], ROWS_FIRST)
+        in_a = _view(stage_a, [2 * C, KA, 1], ROWS_FIRST)
         stage_b = stage_a
         in_b = in_a
         if HAS_B:
             stage_b = gl.allocate_shared_memory(gl.float32, [2 * C, KB, 1], ROWS3)
-            in_b = stage_b._reinterpret(gl.float32, [2 * C, KB, 1], ROWS_FIRST)
+            in_b = _view(stage_b, [2 * C, KB, 1], ROWS_FIRST)
         stage_c = gl.allocate_shared_memory(gl.float32, [(8 if HAS_DVAR else 4) * C, 1, BV], COLS3)
-        in_c = stage_c._reinterpret(gl.float32, [(8 if HAS_DVAR else 4) * C, 1, BV], COLS_FIRST)
+        in_c = _view(stage_c, [(8 if HAS_DVAR else 4) * C, 1, BV], COLS_FIRST)
     else:  # placeholders, never used
         stage_a = q
         stage_b = q

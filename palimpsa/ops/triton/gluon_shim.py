@@ -45,6 +45,8 @@ class _InterpretedSharedMemory:
     def _reinterpret(self, dtype, shape, layout):
         return self
 
+    reinterpret = _reinterpret
+
     def slice(self, start, length, dim=0):
         start, length = _python_int(start), _python_int(length)
         return _InterpretedSharedMemory(self.data.swapaxes(0, dim)[start:start + length].swapaxes(0, dim))
@@ -112,3 +114,13 @@ else:
     from triton.experimental.gluon import language as gl  # noqa: F401 - re-exported
 
     jit = gluon.jit
+
+
+def shared_memory_reinterpret_is_private() -> bool:
+    """Whether this Triton's Gluon names the shared-memory view method ``_reinterpret`` (3.6) rather than
+    ``reinterpret`` (3.7+); the interpreter shim has both."""
+    if interpreting():
+        return False
+    from triton.experimental.gluon.language._core import shared_memory_descriptor
+
+    return not hasattr(shared_memory_descriptor, "reinterpret")
