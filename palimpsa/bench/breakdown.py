@@ -227,7 +227,8 @@ def op_kernel_names() -> frozenset:
             inner = value
             while _is_kernel_wrapper(inner):  # @triton.autotune / @triton.heuristics, or a subclass (fla's)
                 inner = inner.fn
-            if type(inner).__name__ in ("JITFunction", "InterpretedFunction"):
+            # Triton's kernels, Gluon's (GluonJITFunction) and the interpreter's
+            if type(inner).__name__ in ("JITFunction", "GluonJITFunction", "InterpretedFunction"):
                 names.add(getattr(getattr(inner, "fn", None), "__name__", attr))
     return frozenset(names)
 

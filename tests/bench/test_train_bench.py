@@ -176,6 +176,25 @@ def test_op_kernel_names_include_the_grouped_kernels():
     assert {"_scan_bwd", "_scan_fwd", "_fwd_states", "_bwd_dqk"} <= names
 
 
+def test_op_kernel_names_include_the_gluon_kernels(monkeypatch):
+    """The per-channel op's Gluon kernels (the reverse sweep, the output kernel) are op kernels, not "other": on a
+    GPU they are GluonJITFunction objects (here, where the interpreter runs them as Triton, a stand-in of that
+    class name)."""
+    import types
+
+    class GluonJITFunction:
+        def __init__(self, fn):
+            self.fn = fn
+
+    def unit_bwd_gluon_kernel():
+        pass
+
+    module = types.ModuleType("palimpsa.ops.triton.fake_gluon")
+    module.kernel = GluonJITFunction(unit_bwd_gluon_kernel)
+    monkeypatch.setitem(sys.modules, "palimpsa.ops.triton.fake_gluon", module)
+    assert "unit_bwd_gluon_kernel" in breakdown.op_kernel_names()
+
+
 def test_op_kernel_names_see_through_autotuner_subclasses(monkeypatch):
     """fla wraps its kernels in a subclass of Triton's Autotuner (``CachedAutotuner``): its kernels are op kernels."""
     import types
