@@ -31,11 +31,12 @@ def test_every_kernel_compiles_and_reports_its_resources():
         assert 0 < registers <= 255, line
         assert "MUFU=" in line, line  # every kernel takes exponentials or reciprocals
     assert "BAR=" not in rows["gluon_output"]  # no reduction crosses warps
-    # the sweep as the op runs it at K = 48: stage 2 under a 128-register cap (config.SWEEP_TUNED), a one-warp
-    # program whose only barriers guard its staged states in shared memory: a handful per sub-block, none per sum
+    # the sweep as the op runs it at K = 48 (config.SWEEP_TUNED): a one-warp program that stages each chunk's inputs
+    # in shared memory (stores and loads there) and whose only barriers guard those stores: about one per staged
+    # quantity and chunk, none per token or per sum
     sweep = rows["gluon_sweep"]
-    assert int(re.search(r"regs=\s*(\d+)", sweep).group(1)) <= 128, sweep
-    assert "LDS=" in sweep and int(re.search(r"BAR=(\d+)", sweep).group(1)) <= 8, sweep
+    assert "STS=" in sweep and "LDS=" in sweep, sweep
+    assert int(re.search(r"BAR=(\d+)", sweep).group(1)) <= 12, sweep
 
 
 def test_occupancy_follows_registers_and_warps():
