@@ -9,9 +9,10 @@ Gluon output kernel, Triton backward), "gluon-L" (both Gluon kernels, the revers
 column: 32 / L columns per one-warp program), "gluon-L-wW" (the same with W warps per sweep program, side by
 side over the value columns), "-cN" (each sweep thread holds N adjacent value columns: N * 32 / L per warp,
 ``bwd_cols``); a suffix "-s1" keeps a sub-block's states in shared memory (``bwd_stage``), "-rR" caps the sweep at
-R registers per thread (``bwd_maxnreg``) and "-uN" rebuilds states N tokens per loop iteration (``bwd_unroll``),
-e.g. "gluon-8-s1-r128-u4"; without them the sweep runs 1 column, stage 0, no cap, unroll 1 and units sized for
-8192 programs.  A "gluon-L" variant's output kernel takes its columns per thread by key size
+R registers per thread (``bwd_maxnreg``), "-uN" rebuilds states N tokens per loop iteration (``bwd_unroll``) and a
+final "-i" stages each chunk's inputs in shared memory (``bwd_inputs``), e.g. "gluon-16-c2-s0-u4-i"; without them
+the sweep runs 1 column, stage 0, no cap, unroll 1, inputs from global memory and units sized for 8192 programs.
+A "gluon-L" variant's output kernel takes its columns per thread by key size
 (``OUTPUT_TUNED``: 2 at K = 48, 64, 96 since 1fa1530) unless "-f1" is given, so its forward times differ from
 runs before that commit.  "default" runs the package's defaults (the sweep's layout, schedule and units by key
 size, ``palimpsa.ops.triton.config.SWEEP_TUNED``).  Any variant may end in "-fN" (N value columns per
@@ -68,7 +69,7 @@ def variant_config(name: str) -> dict:
                     bwd_maxnreg=int(match[5] or 0), bwd_unroll=int(match[6] or 1), bwd_inputs=bool(match[7]),
                     **extra)
     raise ValueError(f"unknown variant {name!r}: expected default, triton, gluon-fwd or "
-                     "gluon-<lanes>[-w<warps>][-c<columns>][-s<stage>][-r<max registers>][-u<unroll>], each "
+                     "gluon-<lanes>[-w<warps>][-c<columns>][-s<stage>][-r<max registers>][-u<unroll>][-i], each "
                      "optionally followed by -f<output columns> and -t<target programs>")
 
 
