@@ -85,8 +85,8 @@ def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, cols, staged_inputs
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
-    inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K + lanes_k, strong_decay=K == 24)
-    grads = make_grads(inputs, N=2)
+    inputs = make_inputs(B=1, T=37, H=2, K=K, V=V, seed=K + lanes_k, strong_decay=K == 24)
+    grads = make_grads(inputs, N=1)
     with gluon_sweep(lanes_k, unroll=unroll, cols=cols, inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
@@ -100,8 +100,9 @@ def test_gluon_backward_with_several_warps_matches_naive(stage, staged_inputs, m
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
-    batch = 1 if staged_inputs else 2  # the interpreter's shared memory is slow: one sequence
-    inputs = make_inputs(B=batch, T=37, H=2, K=48, V=20, seed=21)
+    # one sequence (the interpreter is slow), of two chunks (the second partial) when staged
+    batch, length = (1, 21) if staged_inputs else (1, 37)
+    inputs = make_inputs(B=batch, T=length, H=2, K=48, V=20, seed=21)
     grads = make_grads(inputs, N=batch)
     with gluon_sweep(8, warps=2, stage=stage, inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
@@ -114,13 +115,15 @@ def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stag
                                                              monkeypatch):
     """bwd_stage = 1: a sub-block's states go through shared memory between its forward and reverse steps (one key
     part at K = 16); 2: so do the states at the sub-blocks' starts (two key parts at K = 48, 16 lanes of two value
-    columns each: blocks of 4, so V = 22 leaves a partial one); T = 37 ends on a partial segment and sub-block; with
-    an initial state and the variance (staged with the chunk's other inputs in the second case): every gradient."""
+    columns each: blocks of 4, so V = 22 leaves a partial one); T = 37 (21) ends on a partial segment and
+    sub-block; with an initial state and the variance (staged with the chunk's other inputs in the second case):
+    every gradient."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
-    batch = 1 if staged_inputs else 2  # the interpreter's shared memory is slow: one sequence
-    inputs = make_inputs(B=batch, T=37, H=2, K=K, V=V, seed=31 + K)
+    # the interpreter's shared memory is slow: one sequence of two chunks (the second partial) when staged
+    batch, length = (1, 21) if staged_inputs else (2, 37)
+    inputs = make_inputs(B=batch, T=length, H=2, K=K, V=V, seed=31 + K)
     grads = make_grads(inputs, N=batch)
     with gluon_sweep(lanes_k, stage=stage, unroll=unroll, cols=cols, inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
