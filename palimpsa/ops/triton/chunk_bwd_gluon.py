@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
-from palimpsa.ops.triton.gluon_parts import load_state, locate_unit, masked_if, reciprocal
+from palimpsa.ops.triton.gluon_parts import load_cols, load_rows, load_state, locate_unit, masked_if, reciprocal
 from palimpsa.ops.triton.gluon_shim import gl, jit, shared_memory_reinterpret_is_private
 
 WARP_LANES = gl.constexpr(32)
@@ -130,7 +130,7 @@ def _part_inputs(q, k, v, g, beta, do, dvar, in_rows, in_c, j, tok_h, offs_k, ma
     _stage_inputs) or from global memory (zeros and decay 1 when not ``valid``).  A forward step
     (not ``BACKWARD``) needs only k, v, beta and the decay; the others are then placeholders, as is dvarc without
     a variance gradient and the decay without ``WITH_DECAY``.  One function for all of a part's inputs: the CPU
-    interpreter pays for every call."""
+    interpreter pays for every call of a helper."""
     if INPUTS:
         C: gl.constexpr = in_rows.shape[0] // 2
         kc = in_rows.index(C + j).load(L)
@@ -148,11 +148,9 @@ def _part_inputs(q, k, v, g, beta, do, dvar, in_rows, in_c, j, tok_h, offs_k, ma
             if HAS_DVAR:
                 dvarc = in_c.index(4 * C + j).load(L)
     else:
-        rows = gl.where(valid, mask_k, False)
-        cols = gl.where(valid, mask_v, False)
-        kc = gl.expand_dims(gl.load(k + tok_h * K + offs_k, mask=rows, other=0.0).to(gl.float32), 1)
-        vc = gl.expand_dims(gl.load(v + tok_h * V + offs_v, mask=cols, other=0.0).to(gl.float32), 0)
-        betac = gl.expand_dims(gl.load(beta + tok_h * V + offs_v, mask=cols, other=0.0).to(gl.float32), 0)
+        kc = gl.expand_dims(load_rows(k, tok_h, offs_k, mask_k, valid, K), 1)
+        vc = gl.expand_dims(load_cols(v, tok_h, offs_v, mask_v, valid, V), 0)
+        betac = gl.expand_dims(load_cols(beta, tok_h, offs_v, mask_v, valid, V), 0)
         decay = vc
         if WITH_DECAY:
             alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
@@ -161,10 +159,10 @@ def _part_inputs(q, k, v, g, beta, do, dvar, in_rows, in_c, j, tok_h, offs_k, ma
         doc = vc
         dvarc = vc
         if BACKWARD:
-            qc = gl.expand_dims(gl.load(q + tok_h * K + offs_k, mask=rows, other=0.0).to(gl.float32) * scale, 1)
-            doc = gl.expand_dims(gl.load(do + tok_h * V + offs_v, mask=cols, other=0.0).to(gl.float32), 0)
+            qc = gl.expand_dims(load_rows(q, tok_h, offs_k, mask_k, valid, K) * scale, 1)
+            doc = gl.expand_dims(load_cols(do, tok_h, offs_v, mask_v, valid, V), 0)
             if HAS_DVAR:
-                dvarc = gl.expand_dims(gl.load(dvar + tok_h * V + offs_v, mask=cols, other=0.0).to(gl.float32), 0)
+                dvarc = gl.expand_dims(load_cols(dvar, tok_h, offs_v, mask_v, valid, V), 0)
     return qc, kc, vc, betac, doc, dvarc, decay
 
 
