@@ -201,16 +201,34 @@ def _advance(mean_a, imp_a, mean_b, imp_b, k, v, g, beta, in_a, in_b, in_c, t_st
 
 
 @jit
+def _lane_sums(x, ROWS: tl.constexpr, LANES_K: tl.constexpr, VCOLS: tl.constexpr, WARPS: tl.constexpr):
+    """A state part's [ROWS, BV] tile summed over the key rows each thread holds: [LANES_K, BV], lane i of a
+    column group holding the sum of its ROWS / LANES_K rows, and no data exchanged between lanes (the reshape
+    splits the rows as the layout already does).  Both key parts give the same layout (the conversion moves
+    nothing), so their sums are added before the butterflies over the lanes: one reduction over K per token, not
+    one per part."""
+    BV: gl.constexpr = VCOLS * WARP_LANES // LANES_K * WARPS
+    L3: gl.constexpr = gl.BlockedLayout([1, ROWS // LANES_K, VCOLS], [LANES_K, 1, WARP_LANES // LANES_K],
+                                        [1, 1, WARPS], [1, 0, 2])
+    LANES: gl.constexpr = gl.SliceLayout(1, gl.BlockedLayout([1, 1, VCOLS], [LANES_K, 1, WARP_LANES // LANES_K],
+                                                             [1, 1, WARPS], [1, 0, 2]))
+    part = gl.sum(gl.convert_layout(gl.reshape(x, [LANES_K, ROWS // LANES_K, BV]), L3), 1)
+    return gl.convert_layout(part, LANES)
+
+
+@jit
 def _backward_part(mean, imp, next_m, next_p, decay_next, sdi, qc, kc, vc, betac, doc, dvarc, prior_h, scale,
+                   ROWS: tl.constexpr, LANES_K: tl.constexpr, VCOLS: tl.constexpr, WARPS: tl.constexpr,
                    HAS_DVAR: tl.constexpr):
-    """Reverse step of one token on one state part, (mean, imp) = (M_t, P_t) after the token, P = I - I0 (see
-    chunk_bwd.token_backward_part: the same gradients); the token's inputs as broadcast tiles, qc and kc [rows, 1]
-    (q times the scale), vc, betac, doc, dvarc [1, BV].  The adjoints arrive as the next token's totals (next_m,
-    next_p) before its decay (decay_next, [1, BV]): the decay goes into the fused multiply-add that forms this
-    token's totals, and into dg of the next token after its sum over K, so no element is multiplied by it on its
-    own.  The formulas are arranged for the fewest FP32 instructions per element: DI = -DM * mu, dq's scale after
-    its sum over V."""
-    dg_next = gl.sum(gl.sum(gl.sum(next_m * mean + next_p * imp, 0, keep_dims=True) * decay_next, 1), 0)
+    """Reverse step of one token on one state part of ROWS key rows, (mean, imp) = (M_t, P_t) after the token,
+    P = I - I0 (see chunk_bwd.token_backward_part: the same gradients); the token's inputs as broadcast tiles, qc
+    and kc [rows, 1] (q times the scale), vc, betac, doc, dvarc [1, BV].  The adjoints arrive as the next token's
+    totals (next_m, next_p) before its decay (decay_next, [1, BV]): the decay goes into the fused multiply-add that
+    forms this token's totals, and into dg of the next token after its sum, so no element is multiplied by it on
+    its own.  The formulas are arranged for the fewest FP32 instructions per element: DI = -DM * mu, dq's scale
+    after its sum over V.  The sums over K (dv, dbeta, and the next token's dg before its sum over V and its decay)
+    come back per lane (``_lane_sums``, [LANES_K, BV]), for the caller to add over both parts before reducing."""
+    dg_next = _lane_sums(next_m * mean + next_p * imp, ROWS, LANES_K, VCOLS, WARPS)
     r = reciprocal(imp + prior_h)
     mu = mean * r
     d_mean = (qc * doc) * r
@@ -223,8 +241,8 @@ def _backward_part(mean, imp, next_m, next_p, decay_next, sdi, qc, kc, vc, betac
         dq = scale * gl.sum(doc * mu, 1)
     total_m = decay_next * next_m + d_mean
     total_p = decay_next * next_p + d_imp
-    dv = gl.sum(kc * total_m, 0)
-    dbeta = gl.sum((kc * kc) * total_p, 0)
+    dv = _lane_sums(kc * total_m, ROWS, LANES_K, VCOLS, WARPS)
+    dbeta = _lane_sums((kc * kc) * total_p, ROWS, LANES_K, VCOLS, WARPS)
     dk = gl.sum(total_m * vc + (2.0 * kc) * (total_p * betac), 1)
     return total_m, total_p, sdi + d_imp, dv, dbeta, dk, dq, dg_next
 
@@ -232,16 +250,18 @@ def _backward_part(mean, imp, next_m, next_p, decay_next, sdi, qc, kc, vc, betac
 @jit
 def _part_token_backward(mean, imp, next_m, next_p, decay_next, sdi, q, k, v, beta, do, dvar, dq, dk, in_rows, in_c,
                          j, prior_h, scale, tok_h, valid, offs_k, mask_k, offs_v, mask_v, L: tl.constexpr,
-                         K: tl.constexpr, V: tl.constexpr, HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
+                         K: tl.constexpr, V: tl.constexpr, ROWS: tl.constexpr, LANES_K: tl.constexpr,
+                         VCOLS: tl.constexpr, WARPS: tl.constexpr, HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
     """Token tok_h's reverse step on one state part (its key rows ``offs_k``, value columns ``offs_v`` in that
     part's layout L): loads the token's inputs, adds dq and dk of these rows atomically; returns this token's
     adjoint totals (not yet decayed: see _backward_part), the running sum of DI, and this part's dv, dbeta and
-    share of dg."""
+    share of dg per lane (see _lane_sums)."""
     qc, kc, vc, betac, doc, dvarc, _decay = _part_inputs(q, k, v, q, beta, do, dvar, in_rows, in_c, j, tok_h, offs_k,
                                                          mask_k, offs_v, mask_v, valid, scale, L, K, V, True, False,
                                                          HAS_DVAR, INPUTS)
     total_m, total_p, sdi, dv_t, dbeta_t, dk_t, dq_t, dg_next = _backward_part(
-        mean, imp, next_m, next_p, decay_next, sdi, qc, kc, vc, betac, doc, dvarc, prior_h, scale, HAS_DVAR)
+        mean, imp, next_m, next_p, decay_next, sdi, qc, kc, vc, betac, doc, dvarc, prior_h, scale, ROWS, LANES_K,
+        VCOLS, WARPS, HAS_DVAR)
     rows = masked_if(mask_k, valid)
     gl.atomic_add(dq + tok_h * K + offs_k, dq_t, mask=rows, sem="relaxed")
     gl.atomic_add(dk + tok_h * K + offs_k, dk_t, mask=rows, sem="relaxed")
@@ -253,7 +273,8 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
                     q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale, t, cs,
                     valid, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
                     LA: tl.constexpr, LB: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    HAS_B: tl.constexpr, HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
+                    HAS_B: tl.constexpr, HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr, KA: tl.constexpr,
+                    KB: tl.constexpr, LANES_K: tl.constexpr, VCOLS: tl.constexpr, WARPS: tl.constexpr):
     """Reverse step of token t (of the chunk starting at cs) on both parts; writes its gradients and this V
     block's share of dg of token t + 1; returns the adjoints for token t - 1 (see chunk_bwd.token_backward) as
     token t's totals and its decay alpha_t on the value columns, which the step of token t - 1 applies
@@ -268,16 +289,20 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
         alpha = gl.expand_dims(gl.where(mask_v, alpha, alpha), 0)
     adj_m_a, adj_p_a, sdi_a, dv_t, dbeta_t, dg_next = _part_token_backward(
         mean_a, imp_a, adj_m_a, adj_p_a, alpha_next, sdi_a, q, k, v, beta, do, dvar, dq, dk, in_a, in_c, j, prior_h,
-        scale, tok_h, valid, offs_a, mask_a, offs_v, mask_v, LA, K, V, HAS_DVAR, INPUTS)
+        scale, tok_h, valid, offs_a, mask_a, offs_v, mask_v, LA, K, V, KA, LANES_K, VCOLS, WARPS, HAS_DVAR, INPUTS)
     if HAS_B:
         adj_m_b, adj_p_b, sdi_b, dv_b, dbeta_b, dg_next_b = _part_token_backward(
             mean_b, imp_b, adj_m_b, adj_p_b, gl.convert_layout(alpha_next, LB), sdi_b, q, k, v, beta, do, dvar,
             dq, dk, in_b, in_c, j, prior_h, scale, tok_h, valid, offs_b, mask_b, offs_vb, offs_vb < V, LB, K, V,
-            HAS_DVAR, INPUTS)
-        # the value columns are spread alike in both parts: these conversions move no data
-        dv_t += gl.convert_layout(dv_b, COLS)
-        dbeta_t += gl.convert_layout(dbeta_b, COLS)
+            KB, LANES_K, VCOLS, WARPS, HAS_DVAR, INPUTS)
+        # both parts' sums per lane share a layout: added before the butterflies over the lanes
+        dv_t += dv_b
+        dbeta_t += dbeta_b
         dg_next += dg_next_b
+    # the sums over the lanes of K (the value columns end spread as COLS: these conversions move no data)
+    dv_t = gl.convert_layout(gl.sum(dv_t, 0), COLS)
+    dbeta_t = gl.convert_layout(gl.sum(dbeta_t, 0), COLS)
+    dg_next = gl.sum(gl.sum(gl.expand_dims(gl.convert_layout(gl.sum(dg_next, 0), COLS), 0) * alpha_next, 1), 0)
     mv = masked_if(mask_v, valid)
     gl.store(dv + tok_h * V + offs_v, dv_t.to(dv.dtype.element_ty), mask=mv)
     gl.store(dbeta + tok_h * V + offs_v, dbeta_t.to(dbeta.dtype.element_ty), mask=mv)
@@ -293,7 +318,8 @@ def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, a
                       dg_part, in_a, in_b, in_c, prior_h, scale, t0, cs, s, seg_tok, eos, i_v, i_h, offs_a, mask_a,
                       offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK, LA: tl.constexpr, LB: tl.constexpr,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HAS_B: tl.constexpr,
-                      HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
+                      HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+                      LANES_K: tl.constexpr, VCOLS: tl.constexpr, WARPS: tl.constexpr):
     """A sub-block of four tokens from its first token's state: forward, each token's (M, P) stored in shared
     memory, then the reverse steps on the states read back; returns the adjoints for the token before t0."""
     for j in gl.static_range(4):
@@ -318,7 +344,7 @@ def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, a
             m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
             q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale, t0 + j, cs,
             s + j < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
-            LA, LB, H, K, V, HAS_B, HAS_DVAR, INPUTS)
+            LA, LB, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA, KB, LANES_K, VCOLS, WARPS)
     return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b
 
 
@@ -607,7 +633,8 @@ def unit_bwd_gluon_kernel(
                         staged_m_a, staged_i_a, staged_m_b if HAS_B else staged_m_a,
                         staged_i_b if HAS_B else staged_i_a, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part,
                         in_a, in_b, in_c, prior_h, scale, t0, cs, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b,
-                        mask_b, offs_v, mask_v, offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS)
+                        mask_b, offs_v, mask_v, offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
+                        KB, LANES_K, VCOLS, WARPS)
                 else:
                     # four tokens forward, keeping the states (M, P) after each
                     m0_a, i0_a, m0_b, i0_b = _token_forward(
@@ -627,22 +654,26 @@ def unit_bwd_gluon_kernel(
                         m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 3, cs, s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
-                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS)
+                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
+                        KB, LANES_K, VCOLS, WARPS)
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
                         m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 2, cs, s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
-                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS)
+                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
+                        KB, LANES_K, VCOLS, WARPS)
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
                         m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 1, cs, s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
-                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS)
+                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
+                        KB, LANES_K, VCOLS, WARPS)
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
                         m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0, cs, s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
-                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS)
+                        offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
+                        KB, LANES_K, VCOLS, WARPS)
 
     # the first token's totals times its decay: the adjoints of the state before the unit's first token
     adj_m_a = alpha_next * adj_m_a
