@@ -217,7 +217,7 @@ def _lane_sums(x, ROWS: tl.constexpr, LANES_K: tl.constexpr, VCOLS: tl.constexpr
 
 
 @jit
-def _backward_part(mean, imp, next_m, next_p, decay_next, sdi, qc, kc, vc, betac, doc, dvarc, prior_h, scale,
+def _backward_part(mean, imp, next_m, next_p, decay_next, qc, kc, vc, betac, doc, dvarc, prior_h, scale,
                    ROWS: tl.constexpr, LANES_K: tl.constexpr, VCOLS: tl.constexpr, WARPS: tl.constexpr,
                    HAS_DVAR: tl.constexpr):
     """Reverse step of one token on one state part of ROWS key rows, (mean, imp) = (M_t, P_t) after the token,
@@ -244,11 +244,11 @@ def _backward_part(mean, imp, next_m, next_p, decay_next, sdi, qc, kc, vc, betac
     dv = _lane_sums(kc * total_m, ROWS, LANES_K, VCOLS, WARPS)
     dbeta = _lane_sums((kc * kc) * total_p, ROWS, LANES_K, VCOLS, WARPS)
     dk = gl.sum(total_m * vc + (2.0 * kc) * (total_p * betac), 1)
-    return total_m, total_p, sdi + d_imp, dv, dbeta, dk, dq, dg_next
+    return total_m, total_p, _lane_sums(d_imp, ROWS, LANES_K, VCOLS, WARPS), dv, dbeta, dk, dq, dg_next
 
 
 @jit
-def _part_token_backward(mean, imp, next_m, next_p, decay_next, sdi, q, k, v, beta, do, dvar, dq, dk, in_rows, in_c,
+def _part_token_backward(mean, imp, next_m, next_p, decay_next, q, k, v, beta, do, dvar, dq, dk, in_rows, in_c,
                          j, prior_h, scale, tok_h, valid, offs_k, mask_k, offs_v, mask_v, L: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, ROWS: tl.constexpr, LANES_K: tl.constexpr,
                          VCOLS: tl.constexpr, WARPS: tl.constexpr, HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
@@ -259,17 +259,17 @@ def _part_token_backward(mean, imp, next_m, next_p, decay_next, sdi, q, k, v, be
     qc, kc, vc, betac, doc, dvarc, _decay = _part_inputs(q, k, v, q, beta, do, dvar, in_rows, in_c, j, tok_h, offs_k,
                                                          mask_k, offs_v, mask_v, valid, scale, L, K, V, True, False,
                                                          HAS_DVAR, INPUTS)
-    total_m, total_p, sdi, dv_t, dbeta_t, dk_t, dq_t, dg_next = _backward_part(
-        mean, imp, next_m, next_p, decay_next, sdi, qc, kc, vc, betac, doc, dvarc, prior_h, scale, ROWS, LANES_K,
+    total_m, total_p, di_t, dv_t, dbeta_t, dk_t, dq_t, dg_next = _backward_part(
+        mean, imp, next_m, next_p, decay_next, qc, kc, vc, betac, doc, dvarc, prior_h, scale, ROWS, LANES_K,
         VCOLS, WARPS, HAS_DVAR)
     rows = masked_if(mask_k, valid)
     gl.atomic_add(dq + tok_h * K + offs_k, dq_t, mask=rows, sem="relaxed")
     gl.atomic_add(dk + tok_h * K + offs_k, dk_t, mask=rows, sem="relaxed")
-    return total_m, total_p, sdi, dv_t, dbeta_t, dg_next
+    return total_m, total_p, di_t, dv_t, dbeta_t, dg_next
 
 
 @jit
-def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
+def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                     q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale, t, cs,
                     valid, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
                     LA: tl.constexpr, LB: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -287,15 +287,16 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
     else:
         alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
         alpha = gl.expand_dims(gl.where(mask_v, alpha, alpha), 0)
-    adj_m_a, adj_p_a, sdi_a, dv_t, dbeta_t, dg_next = _part_token_backward(
-        mean_a, imp_a, adj_m_a, adj_p_a, alpha_next, sdi_a, q, k, v, beta, do, dvar, dq, dk, in_a, in_c, j, prior_h,
+    adj_m_a, adj_p_a, di_t, dv_t, dbeta_t, dg_next = _part_token_backward(
+        mean_a, imp_a, adj_m_a, adj_p_a, alpha_next, q, k, v, beta, do, dvar, dq, dk, in_a, in_c, j, prior_h,
         scale, tok_h, valid, offs_a, mask_a, offs_v, mask_v, LA, K, V, KA, LANES_K, VCOLS, WARPS, HAS_DVAR, INPUTS)
     if HAS_B:
-        adj_m_b, adj_p_b, sdi_b, dv_b, dbeta_b, dg_next_b = _part_token_backward(
-            mean_b, imp_b, adj_m_b, adj_p_b, gl.convert_layout(alpha_next, LB), sdi_b, q, k, v, beta, do, dvar,
+        adj_m_b, adj_p_b, di_b, dv_b, dbeta_b, dg_next_b = _part_token_backward(
+            mean_b, imp_b, adj_m_b, adj_p_b, gl.convert_layout(alpha_next, LB), q, k, v, beta, do, dvar,
             dq, dk, in_b, in_c, j, prior_h, scale, tok_h, valid, offs_b, mask_b, offs_vb, offs_vb < V, LB, K, V,
             KB, LANES_K, VCOLS, WARPS, HAS_DVAR, INPUTS)
         # both parts' sums per lane share a layout: added before the butterflies over the lanes
+        di_t += di_b
         dv_t += dv_b
         dbeta_t += dbeta_b
         dg_next += dg_next_b
@@ -309,11 +310,11 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
     # every V block adds its share of dg into one [B*T, H] buffer (48 blocks at V = 192: per-block partial sums
     # would cost more memory than the Triton sweep's); dq and dk are atomic already, so no order is lost
     gl.atomic_add(dg_part + tok_h + H, dg_next, mask=valid & (t + 1 < eos), sem="relaxed")
-    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha, sdi_a, sdi_b
+    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha, sdi + di_t
 
 
 @jit
-def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
+def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                       staged_m_a, staged_i_a, staged_m_b, staged_i_b, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta,
                       dg_part, in_a, in_b, in_c, prior_h, scale, t0, cs, s, seg_tok, eos, i_v, i_h, offs_a, mask_a,
                       offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK, LA: tl.constexpr, LB: tl.constexpr,
@@ -340,12 +341,12 @@ def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, a
         if HAS_B:
             m_b = staged_m_b.index(j).load(LB)
             i_b = staged_i_b.index(j).load(LB)
-        adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
-            m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
+        adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
+            m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
             q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale, t0 + j, cs,
             s + j < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
             LA, LB, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA, KB, LANES_K, VCOLS, WARPS)
-    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b
+    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi
 
 
 @jit
@@ -516,7 +517,9 @@ def unit_bwd_gluon_kernel(
     a_off = (i_u * H + i_h).to(gl.int64) * K * V
     adj_m_a, adj_p_a = load_state(adj_mean, adj_imp, a_off, offs_a, offs_v, mask_a, mask_v, V)
     adj_p_a = gl.where(gl.expand_dims(mask_a, 1) & gl.expand_dims(mask_v, 0), adj_p_a, 0.0)
-    sdi_a = gl.zeros([KA, BV], gl.float32, layout=LA)
+    # the running sum of DI (for dprior), per lane as _lane_sums leaves it
+    sdi = gl.zeros([LANES_K, BV], gl.float32, layout=gl.SliceLayout(1, gl.BlockedLayout(
+        [1, 1, VCOLS], [LANES_K, 1, WARP_LANES // LANES_K], [1, 1, WARPS], [1, 0, 2])))
     if HAS_B:
         LB: gl.constexpr = gl.BlockedLayout([KB // LANES_K, VCOLS], [LANES_K, WARP_LANES // LANES_K], [1, WARPS],
                                             [0, 1])
@@ -526,14 +529,12 @@ def unit_bwd_gluon_kernel(
         mask_vb = offs_vb < V
         adj_m_b, adj_p_b = load_state(adj_mean, adj_imp, a_off, offs_b, offs_vb, mask_b, mask_vb, V)
         adj_p_b = gl.where(gl.expand_dims(mask_b, 1) & gl.expand_dims(mask_vb, 0), adj_p_b, 0.0)
-        sdi_b = gl.zeros([KB, BV], gl.float32, layout=LB)
     else:  # placeholders, never used
         offs_b = offs_a
         mask_b = mask_a
         offs_vb = offs_v
         adj_m_b = adj_m_a
         adj_p_b = adj_p_a
-        sdi_b = sdi_a
     # the carried adjoints are the totals of the token after the unit with its decay already applied
     alpha_next = gl.expand_dims(gl.where(mask_v, 1.0, 1.0), 0)
     if STAGE:
@@ -628,8 +629,8 @@ def unit_bwd_gluon_kernel(
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, UNROLL,
                         INPUTS)
                 if STAGE:
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _staged_sub_block(
-                        mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _staged_sub_block(
+                        mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                         staged_m_a, staged_i_a, staged_m_b if HAS_B else staged_m_a,
                         staged_i_b if HAS_B else staged_i_a, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part,
                         in_a, in_b, in_c, prior_h, scale, t0, cs, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b,
@@ -650,26 +651,26 @@ def unit_bwd_gluon_kernel(
                         m2_a, i2_a, m2_b, i2_b, k, v, g, beta, in_a, in_b, in_c, t0 + 3, cs, s + 3 < seg_tok, i_h,
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, INPUTS)
                     # the same four tokens in reverse
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
-                        m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
+                        m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 3, cs, s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
                         KB, LANES_K, VCOLS, WARPS)
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
-                        m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
+                        m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 2, cs, s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
                         KB, LANES_K, VCOLS, WARPS)
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
-                        m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
+                        m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 1, cs, s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
                         KB, LANES_K, VCOLS, WARPS)
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b = _token_backward(
-                        m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi_a, sdi_b,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
+                        m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0, cs, s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
@@ -682,9 +683,7 @@ def unit_bwd_gluon_kernel(
         decay_b = gl.convert_layout(alpha_next, LB)
         adj_m_b = decay_b * adj_m_b
         adj_p_b = decay_b * adj_p_b
-    dprior_sum = gl.sum(gl.sum(sdi_a, 1), 0)
-    if HAS_B:
-        dprior_sum += gl.sum(gl.sum(sdi_b, 1), 0)
+    dprior_sum = gl.sum(gl.sum(sdi, 1), 0)
     if HAS_INIT:
         if i_w == 0:
             s_off = (i_n * H + i_h).to(gl.int64) * K * V
