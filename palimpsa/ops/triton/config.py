@@ -93,7 +93,9 @@ FWD_BACKENDS = ("auto", "triton", "gluon")
 # gluon_inputs_d64_h200_fc95a63.md)
 UNTUNED_SWEEP = SweepTuning(lanes_k=8, cols=1, stage=0, maxnreg=None, unroll=1, target_programs=8192, inputs=False)
 SWEEP_TUNED = {48: SweepTuning(16, 2, 0, None, 4, 1536, True), 64: SweepTuning(16, 2, 0, None, 4, 1536, True),
-               96: SweepTuning(16, 2, 0, None, 4, 1536, True)}
+               96: SweepTuning(16, 2, 0, None, 4, 1536, True),
+               # one column per thread: two spill 528 bytes at K = 128 (eight rows a thread already)
+               128: SweepTuning(16, 1, 0, None, 4, 1536, True)}
 TRITON_TARGET_PROGRAMS = 2048  # the Triton sweep's units (its value blocks of 16 columns)
 # key size -> value columns per thread of the Gluon output kernel, where an H200 checked it against float64 and
 # measured it faster than 1 (gluon_f2_h200_1fa1530.md: forward 3.666 -> 3.403 ms at 760M-like, 0.815 -> 0.731 at d64)

@@ -26,33 +26,38 @@ DEFAULT_CHUNK_SIZE = 64
 
 
 # Where "auto" picks the Gluon kernels: the key sizes at which they passed the float64 check on an H200 and ran
-# faster than the Triton ones, forward and backward (K = 48, 64 and 96: results/bench/README.md, fourth
-# session, calls 3 and 5; at K = 128 they were slower), on that architecture (compute capability 9.0, the H200's
-# and H100's) only.  Other key sizes run the Triton kernels until they are measured.
-GLUON_KEY_SIZES = frozenset({48, 64, 96})
+# faster than the Triton ones (results/bench/README.md), on that architecture (compute capability 9.0, the H200's
+# and H100's) only.  The output kernel: K = 48, 64 and 96 (fourth session, calls 3 and 5; slower at K = 128).
+# The reverse sweep: the same and K = 128 (ninth session: one column per thread, staged inputs; 15.40 -> 11.45 ms
+# fwd+bwd at d128).  Other key sizes run the Triton kernels until they are measured.
+GLUON_FWD_KEY_SIZES = frozenset({48, 64, 96})
+GLUON_BWD_KEY_SIZES = frozenset({48, 64, 96, 128})
 GLUON_CAPABILITIES = ((9, 0),)
 
 
-def _gluon_measured_faster(q: torch.Tensor) -> bool:
-    """Whether the Gluon kernels were checked and measured faster for ``q``'s device and key size K."""
+def _gluon_measured_faster(q: torch.Tensor, key_sizes: frozenset) -> bool:
+    """Whether the Gluon kernel was checked and measured faster for ``q``'s device and key size K (one of
+    ``key_sizes``)."""
     if not q.is_cuda or interpreting():
         return False
     if torch.cuda.get_device_capability(q.device) not in GLUON_CAPABILITIES:
         return False
-    return q.shape[-1] in GLUON_KEY_SIZES
+    return q.shape[-1] in key_sizes
 
 
-def resolve_backend(setting: str, q: torch.Tensor, what: str, allowed=FWD_BACKENDS) -> str:
+def resolve_backend(setting: str, q: torch.Tensor, what: str, allowed=FWD_BACKENDS,
+                    key_sizes: frozenset = GLUON_FWD_KEY_SIZES) -> str:
     """The kernel family that runs for ``setting`` (one of ``allowed``: "auto", "triton" or "gluon") on queries
     ``q`` [B, T, H, K].
 
-    "auto" gives "gluon" only where :func:`_gluon_measured_faster`, else "triton".  ``what`` names the setting
-    in the error for anything else ("the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND)").
+    "auto" gives "gluon" only where :func:`_gluon_measured_faster` for ``key_sizes``, else "triton".  ``what``
+    names the setting in the error for anything else ("the forward backend (CONFIG.fwd_backend /
+    PALIMPSA_FWD_BACKEND)").
     """
     if setting not in allowed:
         raise ValueError(f"{what} must be one of {allowed}, got {setting!r}")
     if setting == "auto":
-        return "gluon" if _gluon_measured_faster(q) else "triton"
+        return "gluon" if _gluon_measured_faster(q, key_sizes) else "triton"
     return setting
 
 
@@ -65,7 +70,7 @@ def output_kernel(q: torch.Tensor) -> str:
 def sweep_kernel(q: torch.Tensor) -> str:
     """The backward's reverse-sweep kernel for ``q``, from ``CONFIG.bwd_backend``: "triton" or "gluon"."""
     return resolve_backend(CONFIG.bwd_backend, q, "the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND)",
-                           BWD_BACKENDS)
+                           BWD_BACKENDS, GLUON_BWD_KEY_SIZES)
 
 
 def _absent(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
