@@ -254,8 +254,8 @@ def _part_token_backward(mean, imp, next_m, next_p, decay_next, q, k, v, beta, d
                          VCOLS: tl.constexpr, WARPS: tl.constexpr, HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
     """Token tok_h's reverse step on one state part (its key rows ``offs_k``, value columns ``offs_v`` in that
     part's layout L): loads the token's inputs, adds dq and dk of these rows atomically; returns this token's
-    adjoint totals (not yet decayed: see _backward_part), the running sum of DI, and this part's dv, dbeta and
-    share of dg per lane (see _lane_sums)."""
+    adjoint totals (not yet decayed: see _backward_part), and this part's sum of DI (for dprior), dv, dbeta and
+    share of dg, each per lane (see _lane_sums)."""
     qc, kc, vc, betac, doc, dvarc, _decay = _part_inputs(q, k, v, q, beta, do, dvar, in_rows, in_c, j, tok_h, offs_k,
                                                          mask_k, offs_v, mask_v, valid, scale, L, K, V, True, False,
                                                          HAS_DVAR, INPUTS)
@@ -278,7 +278,7 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
     """Reverse step of token t (of the chunk starting at cs) on both parts; writes its gradients and this V
     block's share of dg of token t + 1; returns the adjoints for token t - 1 (see chunk_bwd.token_backward) as
     token t's totals and its decay alpha_t on the value columns, which the step of token t - 1 applies
-    (``alpha_next`` there)."""
+    (``alpha_next`` there), and the running sum of DI per lane (``sdi``, [LANES_K, BV])."""
     tok_h = gl.cast(t, gl.int64) * H + i_h
     j = t - cs
     COLS: gl.constexpr = gl.SliceLayout(0, LA)
