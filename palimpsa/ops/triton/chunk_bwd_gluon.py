@@ -11,7 +11,8 @@ spills; 39 ms at the 760M-like shape on an H200).  Here one warp owns BV = VCOLS
 the LANES_K lanes of a column group each hold K / LANES_K consecutive key rows of VCOLS adjacent columns
 (``size_per_thread [R // LANES_K, VCOLS]``, ``threads_per_warp [LANES_K, 32 // LANES_K]``, one warp per program):
 
-* sums over K: thread-local, then log2(LANES_K) butterfly shuffles;
+* sums over K: thread-local over each key part's rows, both parts (K = 96 is 64 + 32 rows) added, then
+  log2(LANES_K) butterfly shuffles, one reduction per quantity and token (``_lane_sums``);
 * sums over V: thread-local over the VCOLS columns, then log2(32 / LANES_K) butterfly shuffles per key row a
   thread holds (two columns per thread at 16 lanes: one shuffle, against two at 8 lanes of one column);
 * no shared memory, no barrier in the token steps; per-token inputs are loaded straight into the lanes that use
@@ -22,7 +23,7 @@ The sweep steps the states as (M, P), P = I - I0 the precision above the prior (
 
 As for the output kernel, the source runs as plain Triton under the CPU interpreter
 (:mod:`palimpsa.ops.triton.gluon_shim`), where the tests check it against the float64 reference;
-``CONFIG.bwd_backend`` chooses it ("auto" by default: on an sm_90 GPU at K = 48, 64 or 96, where it was
+``CONFIG.bwd_backend`` chooses it ("auto" by default: on an sm_90 GPU at K = 48, 64, 96 or 128, where it was
 checked and measured faster).
 """
 
