@@ -21,14 +21,14 @@ from tests.ops.test_triton_interpret import (assert_close, make_grads, make_inpu
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-def gluon_backend(cols=None):
+def gluon_backend(cols=None, inputs=False):
     triton_module()
     from palimpsa.ops.triton import chunk_fwd_gluon
     from palimpsa.ops.triton.config import kernel_config
 
     if type(chunk_fwd_gluon.chunk_output_gluon_kernel).__name__ != "InterpretedFunction":
         pytest.skip("the Gluon kernel was compiled for a GPU in this process")
-    return kernel_config(fwd_backend="gluon", fwd_cols=cols)
+    return kernel_config(fwd_backend="gluon", fwd_cols=cols, fwd_inputs=inputs)
 
 
 def test_the_gluon_backend_runs_its_own_kernel(monkeypatch):
@@ -46,24 +46,26 @@ def test_the_gluon_backend_runs_its_own_kernel(monkeypatch):
     assert calls == [1] and torch.isfinite(o).all()
 
 
-@pytest.mark.parametrize("K, V, cols", [(48, 20, 1), (24, 36, 2)])
-def test_gluon_chunk_matches_naive(K, V, cols):
-    """The output kernel (its threads holding one or two value columns each; V = 36 leaves a partial block of 8)
-    and what the backward needs."""
-    inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K, strong_decay=K == 24)
+@pytest.mark.parametrize("K, V, cols, staged_inputs", [(48, 20, 1, False), (24, 36, 2, False), (48, 36, 2, True)])
+def test_gluon_chunk_matches_naive(K, V, cols, staged_inputs):
+    """The output kernel (its threads holding one or two value columns each; V = 36 leaves a partial block of 8;
+    with each chunk's q and k rows staged in shared memory, both key parts and a partial last chunk) and what the
+    backward needs."""
+    inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K + staged_inputs, strong_decay=K == 24)
     grads = make_grads(inputs, N=2)
-    with gluon_backend(cols):
+    with gluon_backend(cols, staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
 
 
-def test_gluon_varlen_matches_naive():
+@pytest.mark.parametrize("staged_inputs", [False, True])
+def test_gluon_varlen_matches_naive(staged_inputs):
     cu = torch.tensor([0, 7, 40, 45])
     inputs = make_inputs(B=1, T=45, H=1, K=16, V=16, seed=5)
     inputs["mu0"] = inputs["mu0"].expand(3, -1, -1, -1).contiguous()
     inputs["imp0"] = inputs["imp0"].expand(3, -1, -1, -1).contiguous() + torch.arange(3.0)[:, None, None, None]
     grads = make_grads(inputs, N=3)
-    with gluon_backend():
+    with gluon_backend(inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, cu_seqlens=cu, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads, cu_seqlens=cu))
 

@@ -23,7 +23,7 @@ The sweep steps the states as (M, P), P = I - I0 the precision above the prior (
 
 As for the output kernel, the source runs as plain Triton under the CPU interpreter
 (:mod:`palimpsa.ops.triton.gluon_shim`), where the tests check it against the float64 reference;
-``CONFIG.bwd_backend`` chooses it ("auto" by default: on an sm_90 GPU at K = 48, 64, 96 or 128, where it was
+``CONFIG.bwd_backend`` chooses it ("auto" by default: on an sm_90 GPU at K = 48, 64 or 96, where it was
 checked and measured faster).
 """
 
@@ -31,26 +31,11 @@ from __future__ import annotations
 
 import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
-from palimpsa.ops.triton.gluon_parts import load_cols, load_rows, load_state, locate_unit, masked_if, reciprocal
-from palimpsa.ops.triton.gluon_shim import gl, jit, shared_memory_reinterpret_is_private
+from palimpsa.ops.triton.gluon_parts import (load_cols, load_rows, load_state, locate_unit, masked_if, reciprocal,
+                                             shared_view, stage_rows)
+from palimpsa.ops.triton.gluon_shim import gl, jit
 
 WARP_LANES = gl.constexpr(32)
-
-
-@jit
-def _view_public(buffer, shape: tl.constexpr, layout: tl.constexpr):
-    """The shared-memory ``buffer`` seen with another shape and layout, same memory (Gluon of Triton 3.7+)."""
-    return buffer.reinterpret(gl.float32, shape, layout)
-
-
-@jit
-def _view_private(buffer, shape: tl.constexpr, layout: tl.constexpr):
-    """The same through Triton 3.6's Gluon, where the method is private."""
-    return buffer._reinterpret(gl.float32, shape, layout)
-
-
-# chosen once: the kernels call ``_view``, whichever Triton is installed
-_view = _view_private if shared_memory_reinterpret_is_private() else _view_public
 
 
 @jit
@@ -61,15 +46,6 @@ def _forward(mean, exc, kc, vc, betac, decay):
     exc = decay * exc + kc * kc * betac
     mean = decay * mean + kc * vc
     return mean, exc
-
-
-@jit
-def _stage_rows(ptr, dst, tok_h, tok_ok, offs, mask, factor, K: tl.constexpr, L3: tl.constexpr):
-    """The key rows ``offs`` of a [tokens * H, K] tensor at the rows tok_h ([C]), float32 times ``factor``, into
-    the shared-memory view ``dst`` [C, rows, 1] (zeros where not ``tok_ok`` or not ``mask``); one store."""
-    x = gl.load(ptr + gl.expand_dims(tok_h * K, 1) + gl.expand_dims(offs, 0),
-                mask=gl.expand_dims(tok_ok, 1) & gl.expand_dims(mask, 0), other=0.0)
-    dst.store(gl.expand_dims(x.to(gl.float32) * factor, 2))
 
 
 @jit
@@ -94,19 +70,8 @@ def _stage_inputs(q, k, v, g, beta, do, dvar, in_a, in_b, in_c, cs, n_tok, i_v, 
     after n_tok are zeros (decay 1), as the masked loads of the direct path give.  Each quantity is one store of
     the whole chunk: the compiler puts a barrier before each (and between a chunk's reads and the next chunk's
     stores), not one per token."""
-    L3R: gl.constexpr = gl.BlockedLayout([1, 4, 1], [4, 8, 1], [WARPS, 1, 1], [2, 1, 0])
+    stage_rows(q, k, in_a, in_b, cs, n_tok, i_h, scale, H, K, C, KA, KB, WARPS, HAS_B)
     L3C: gl.constexpr = gl.BlockedLayout([1, 1, 1], [32, 1, 1], [WARPS, 1, 1], [2, 1, 0])
-    ROWS2: gl.constexpr = gl.SliceLayout(2, L3R)
-    tok = gl.arange(0, C, layout=gl.SliceLayout(1, ROWS2))
-    tok_h = gl.cast(cs + tok, gl.int64) * H + i_h
-    tok_ok = tok < n_tok
-    offs = gl.arange(0, KA, layout=gl.SliceLayout(0, ROWS2))
-    _stage_rows(q, in_a.slice(0, C), tok_h, tok_ok, offs, offs < K, scale, K, L3R)
-    _stage_rows(k, in_a.slice(C, C), tok_h, tok_ok, offs, offs < K, 1.0, K, L3R)
-    if HAS_B:
-        offs = KA + gl.arange(0, KB, layout=gl.SliceLayout(0, ROWS2))
-        _stage_rows(q, in_b.slice(0, C), tok_h, tok_ok, offs, offs < K, scale, K, L3R)
-        _stage_rows(k, in_b.slice(C, C), tok_h, tok_ok, offs, offs < K, 1.0, K, L3R)
     COLS2: gl.constexpr = gl.SliceLayout(1, L3C)
     tok = gl.arange(0, C, layout=gl.SliceLayout(1, COLS2))
     tok_h = gl.cast(cs + tok, gl.int64) * H + i_h
@@ -560,14 +525,14 @@ def unit_bwd_gluon_kernel(
         ROWS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
         COLS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         stage_a = gl.allocate_shared_memory(gl.float32, [2 * C, KA, 1], ROWS3)
-        in_a = _view(stage_a, [2 * C, KA, 1], ROWS_FIRST)
+        in_a = shared_view(stage_a, [2 * C, KA, 1], ROWS_FIRST)
         stage_b = stage_a
         in_b = in_a
         if HAS_B:
             stage_b = gl.allocate_shared_memory(gl.float32, [2 * C, KB, 1], ROWS3)
-            in_b = _view(stage_b, [2 * C, KB, 1], ROWS_FIRST)
+            in_b = shared_view(stage_b, [2 * C, KB, 1], ROWS_FIRST)
         stage_c = gl.allocate_shared_memory(gl.float32, [(8 if HAS_DVAR else 4) * C, 1, BV], COLS3)
-        in_c = _view(stage_c, [(8 if HAS_DVAR else 4) * C, 1, BV], COLS_FIRST)
+        in_c = shared_view(stage_c, [(8 if HAS_DVAR else 4) * C, 1, BV], COLS_FIRST)
     else:  # placeholders, never used
         stage_a = q
         stage_b = q

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
-from palimpsa.ops.triton.gluon_parts import load_rows, load_state, locate_unit, masked_if, reciprocal
+from palimpsa.ops.triton.gluon_parts import (load_rows, load_state, locate_unit, masked_if, reciprocal, shared_view,
+                                             stage_rows)
 from palimpsa.ops.triton.gluon_shim import gl, jit
 from palimpsa.ops.triton.utils import SequenceLayout, k_parts
 
@@ -49,13 +50,12 @@ WARP_LANES = gl.constexpr(32)
 
 
 @jit
-def _step(mean, imp, k, q, v, beta, alpha, relax, HAS_VAR: tl.constexpr):
-    """One token on a state part: the new (M, I), its part of o and of the variance's sum ([BV] each)."""
-    kc = gl.expand_dims(k, 1)
-    imp = alpha * imp + (gl.expand_dims(k * k, 1) * gl.expand_dims(beta, 0) + relax)
+def _step(mean, imp, kc, qc, v, beta, alpha, relax, HAS_VAR: tl.constexpr):
+    """One token on a state part: the new (M, I), its part of o and of the variance's sum ([BV] each).  kc, qc:
+    the token's k and q (times the scale) on the part's key rows, [rows, 1]; v, beta [BV]."""
+    imp = alpha * imp + ((kc * kc) * gl.expand_dims(beta, 0) + relax)
     mean = alpha * mean + kc * gl.expand_dims(v, 0)
     r = reciprocal(imp)
-    qc = gl.expand_dims(q, 1)
     o_part = gl.sum(qc * mean * r, 0)
     var_part = o_part
     if HAS_VAR:
@@ -68,12 +68,15 @@ def chunk_output_gluon_kernel(
     q, k, v, g, beta, prior, h_mean, h_imp, o, var, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
     NUM_WARPS: tl.constexpr, LANES: tl.constexpr, VCOLS: tl.constexpr, HAS_VAR: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, INPUTS: tl.constexpr = False,
 ):
     """Grid (V blocks of BV = 8 * NUM_WARPS, chunks, H).  q, k [B*T, H, K]; v, beta [B*T, H, V]; g [B*T, H]
     float32; h_mean, h_imp [chunks, H, K, V] float32 (M and I at every chunk's start); o, var [B*T, H, V].
     LANES lanes share a value column, each holding KA / LANES key rows of VCOLS adjacent columns (LANES = 4 * VCOLS:
-    8 columns per warp); two columns per thread share the per-row work (q and k converted, scaled, squared)."""
+    8 columns per warp); two columns per thread share the per-row work (q and k converted, scaled, squared).
+    INPUTS: the chunk's q (times the scale) and k rows are staged in shared memory first, float32, by all warps
+    together (``gluon_parts.stage_rows``: 48 kB at K = 96), and every token reads its rows there, instead of each
+    thread loading and converting its rows of every token from global memory (bf16)."""
     BV: gl.constexpr = VCOLS * (WARP_LANES // LANES) * NUM_WARPS  # 8 * NUM_WARPS: output_lanes keeps LANES = 4 * VCOLS
     LA: gl.constexpr = gl.BlockedLayout([KA // LANES, VCOLS], [LANES, WARP_LANES // LANES], [1, NUM_WARPS],
                                         [0, 1])
@@ -105,39 +108,61 @@ def chunk_output_gluon_kernel(
         offs_vb = i_v * BV + gl.arange(0, BV, layout=COLS_B)
         mean_b, imp_b = load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
 
+    if INPUTS:  # the chunk's q and k rows, staged once (see stage_rows); placeholders for the direct loads below
+        ROWS3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 2, 0])
+        ROWS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
+        stage_a = gl.allocate_shared_memory(gl.float32, [2 * C, KA, 1], ROWS3)
+        in_a = shared_view(stage_a, [2 * C, KA, 1], ROWS_FIRST)
+        stage_b = stage_a
+        in_b = in_a
+        if HAS_B:
+            stage_b = gl.allocate_shared_memory(gl.float32, [2 * C, KB, 1], ROWS3)
+            in_b = shared_view(stage_b, [2 * C, KB, 1], ROWS_FIRST)
+        stage_rows(q, k, stage_a, stage_b, start, end - start, i_h, scale, H, K, C, KA, KB, NUM_WARPS, HAS_B)
+
     # token t's inputs are loaded one iteration ahead, so their latency overlaps token t - 1's arithmetic
     tok_h = start.to(gl.int64) * H + i_h
     valid = start < end
     g_n = gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32)
     v_n = gl.load(v + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
     beta_n = gl.load(beta + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
-    q_an = load_rows(q, tok_h, offs_a, mask_a, valid, K)
-    k_an = load_rows(k, tok_h, offs_a, mask_a, valid, K)
-    if HAS_B:
-        q_bn = load_rows(q, tok_h, offs_b, mask_b, valid, K)
-        k_bn = load_rows(k, tok_h, offs_b, mask_b, valid, K)
+    if not INPUTS:
+        q_an = load_rows(q, tok_h, offs_a, mask_a, valid, K)
+        k_an = load_rows(k, tok_h, offs_a, mask_a, valid, K)
+        if HAS_B:
+            q_bn = load_rows(q, tok_h, offs_b, mask_b, valid, K)
+            k_bn = load_rows(k, tok_h, offs_b, mask_b, valid, K)
     for t in range(start, end):
         tok_h = gl.cast(t, gl.int64) * H + i_h
         g_t = g_n
         v_t = v_n
         beta_t = beta_n
-        q_a = q_an * scale
-        k_a = k_an
         nxt = tok_h + H
         valid = t + 1 < end
         g_n = gl.load(g + nxt, mask=valid, other=0.0).to(gl.float32)
         v_n = gl.load(v + nxt * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
         beta_n = gl.load(beta + nxt * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
-        q_an = load_rows(q, nxt, offs_a, mask_a, valid, K)
-        k_an = load_rows(k, nxt, offs_a, mask_a, valid, K)
+        if INPUTS:
+            j = t - start
+            q_a = in_a.index(j).load(LA)
+            k_a = in_a.index(C + j).load(LA)
+        else:
+            q_a = gl.expand_dims(q_an * scale, 1)
+            k_a = gl.expand_dims(k_an, 1)
+            q_an = load_rows(q, nxt, offs_a, mask_a, valid, K)
+            k_an = load_rows(k, nxt, offs_a, mask_a, valid, K)
         alpha = gl.exp(g_t)
         relax = (1.0 - alpha) * prior_h
         mean_a, imp_a, o_t, var_t = _step(mean_a, imp_a, k_a, q_a, v_t, beta_t, alpha, relax, HAS_VAR)
         if HAS_B:
-            q_b = q_bn * scale
-            k_b = k_bn
-            q_bn = load_rows(q, nxt, offs_b, mask_b, valid, K)
-            k_bn = load_rows(k, nxt, offs_b, mask_b, valid, K)
+            if INPUTS:
+                q_b = in_b.index(j).load(LB)
+                k_b = in_b.index(C + j).load(LB)
+            else:
+                q_b = gl.expand_dims(q_bn * scale, 1)
+                k_b = gl.expand_dims(k_bn, 1)
+                q_bn = load_rows(q, nxt, offs_b, mask_b, valid, K)
+                k_bn = load_rows(k, nxt, offs_b, mask_b, valid, K)
             # the value columns are spread alike in both parts: these conversions move no data
             mean_b, imp_b, o_b, var_b = _step(mean_b, imp_b, k_b, q_b, gl.convert_layout(v_t, COLS_B),
                                               gl.convert_layout(beta_t, COLS_B), alpha, relax, HAS_VAR)
@@ -159,12 +184,14 @@ def gluon_warps(V: int) -> int:
 
 def fwd_output_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      prior: torch.Tensor, scale: float, layout: SequenceLayout, output_variance: bool,
-                     states, chunk_size: int = 64, num_warps: Optional[int] = None, cols: int = 1):
+                     states, chunk_size: int = 64, num_warps: Optional[int] = None, cols: int = 1,
+                     inputs: bool = False):
     """The chunk path's outputs from chunk-start ``states`` (see ``fwd_output``), by the Gluon kernel.
 
     q, k [B, T, H, K]; v, beta [B, T, H, V]; g [B, T, H] float32; prior [H] float32; states: (M, I) at every
     chunk's start, [chunks, H, K, V] float32.  Returns o [B, T, H, V] (dtype of q) and var (or None).
-    ``cols``: value columns per thread (1 or 2; 4 * cols lanes share a column).
+    ``cols``: value columns per thread (1 or 2; 4 * cols lanes share a column); ``inputs``: each chunk's q and k
+    rows staged in shared memory (see the kernel).
     """
     B, T, H, K = q.shape
     lanes = output_lanes(cols)
@@ -181,7 +208,7 @@ def fwd_output_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         q, k, v, g, beta, prior, h_mean, h_imp, o, var, dummy, chunk_indices if layout.varlen else dummy,
         chunk_offsets if layout.varlen else dummy, float(scale), T,
         H=H, K=K, V=V, C=chunk_size, KA=KA, KB=KB, NUM_WARPS=warps, LANES=lanes, VCOLS=cols,
-        HAS_VAR=output_variance, IS_VARLEN=layout.varlen, num_warps=warps)
+        HAS_VAR=output_variance, IS_VARLEN=layout.varlen, INPUTS=inputs, num_warps=warps)
     return o, (var if output_variance else None)
 
 
@@ -193,7 +220,8 @@ def output_lanes(cols: int) -> int:
     return LANES_PER_COLUMN.value * cols
 
 
-def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90, cols: int = 1):
+def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90, cols: int = 1,
+               inputs: bool = False):
     """The kernel compiled for an NVIDIA GPU of compute capability ``arch`` (90: H100/H200) without a GPU, at
     H = 16 heads (Triton's compiled kernel: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``).  A development
     and test tool: it uses Triton's compiler directly, and it needs a process where TRITON_INTERPRET is off
@@ -209,7 +237,7 @@ def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False
     KA, KB = k_parts(K)
     warps = gluon_warps(V)
     constants = dict(H=16, K=K, V=V, C=64, KA=KA, KB=KB, NUM_WARPS=warps, LANES=output_lanes(cols), VCOLS=cols,
-                     HAS_VAR=with_variance, IS_VARLEN=varlen)
+                     HAS_VAR=with_variance, IS_VARLEN=varlen, INPUTS=inputs)
     signature = {name: types[name] for name in names}
     signature.update({name: "constexpr" for name in constants})
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name].startswith("*")}
@@ -218,12 +246,12 @@ def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False
 
 
 def compile_report(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90,
-                   cols: int = 1) -> dict:
+                   cols: int = 1, inputs: bool = False) -> dict:
     """Compile the kernel (:func:`compile_sm`) and count what its speed depends on: shared memory bytes,
     barriers, reciprocals and butterfly shuffles in its PTX (the token loop's, once each)."""
     import re
 
-    kernel = compile_sm(K, V, with_variance, varlen, arch, cols)
+    kernel = compile_sm(K, V, with_variance, varlen, arch, cols, inputs)
     ptx = kernel.asm["ptx"]
     return {"shared": int(kernel.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),
             "reciprocals": ptx.count("rcp.approx.ftz.f32"), "shuffles": ptx.count("shfl.sync.bfly"),

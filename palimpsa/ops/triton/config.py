@@ -33,6 +33,10 @@ class KernelConfig:
     faster, Triton elsewhere).  The default comes from the environment variable PALIMPSA_FWD_BACKEND, else "auto".
     fwd_cols: value columns each thread of the Gluon output kernel holds (1 or 2; 4 * fwd_cols lanes share a
     column); None: :data:`OUTPUT_TUNED` by key size, else 1.
+    fwd_inputs: True stages each chunk's q and k rows in shared memory (float32, once per chunk, by all the
+    program's warps) for the Gluon output kernel's tokens to read there, instead of every thread loading and
+    converting its rows of every token (``chunk_fwd_gluon.chunk_output_gluon_kernel``'s INPUTS); not yet measured on
+    a GPU, so off by default.
     bwd_backend: the backward's reverse sweep, "triton" (``unit_bwd_kernel``), "gluon"
     (``unit_bwd_gluon_kernel``: the same sweep, one warp per program, no reduction across warps) or "auto",
     default from PALIMPSA_BWD_BACKEND, else "auto".  The Gluon sweep's layout and schedule:
@@ -69,6 +73,7 @@ class KernelConfig:
     fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "auto"))
     bwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_BWD_BACKEND", "auto"))
     fwd_cols: Optional[int] = None
+    fwd_inputs: bool = False
     bwd_lanes_k: Optional[int] = None
     bwd_cols: Optional[int] = None
     bwd_warps: int = 1
@@ -94,7 +99,10 @@ FWD_BACKENDS = ("auto", "triton", "gluon")
 UNTUNED_SWEEP = SweepTuning(lanes_k=8, cols=1, stage=0, maxnreg=None, unroll=1, target_programs=8192, inputs=False)
 SWEEP_TUNED = {48: SweepTuning(16, 2, 0, None, 4, 1536, True), 64: SweepTuning(16, 2, 0, None, 4, 1536, True),
                96: SweepTuning(16, 2, 0, None, 4, 1536, True),
-               # one column per thread: two spill 528 bytes at K = 128 (eight rows a thread already)
+               # one column per thread: two spill 528 bytes at K = 128 (eight rows a thread already); ninth session,
+               # gluon_d128_h200_5c7d085.md: d128 fwd+bwd 15.40 (Triton sweep) -> 11.45 ms.  Used when the Gluon
+               # sweep is asked for (bwd_backend="gluon"): "auto" keeps the Triton sweep at K = 128 until this is
+               # checked against float64 at K = 128 on a GPU (function.GLUON_BWD_KEY_SIZES)
                128: SweepTuning(16, 1, 0, None, 4, 1536, True)}
 TRITON_TARGET_PROGRAMS = 2048  # the Triton sweep's units (its value blocks of 16 columns)
 # key size -> value columns per thread of the Gluon output kernel, where an H200 checked it against float64 and
@@ -136,6 +144,8 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
     if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int) or programs < 1):
         raise ValueError(f"bwd_target_programs must be None (by sweep and key size) or a positive whole number, "
                          f"got {programs!r}")
+    if not isinstance(changes.get("fwd_inputs", False), bool):
+        raise ValueError(f"fwd_inputs must be True or False, got {changes['fwd_inputs']!r}")
     inputs = changes.get("bwd_inputs")
     if inputs is not None and not isinstance(inputs, bool):
         raise ValueError(f"bwd_inputs must be None (by key size), True or False, got {inputs!r}")

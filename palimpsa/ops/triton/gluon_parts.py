@@ -1,5 +1,6 @@
 """Pieces shared by the Gluon kernels of the per-channel op (chunk_fwd_gluon, chunk_bwd_gluon): the reciprocal,
-masked loads of a token's key rows and value columns, a chunk-start state tile, and where a unit of chunks lies.
+masked loads of a token's key rows and value columns, a chunk-start state tile, where a unit of chunks lies, and a
+chunk's q and k rows staged in shared memory.
 
 Written against :mod:`palimpsa.ops.triton.gluon_shim`, so they compile as Gluon on a GPU and run as plain
 Triton under the CPU interpreter.  Layouts come from the arguments (the offsets' layouts), so one function serves
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
-from palimpsa.ops.triton.gluon_shim import gl, jit
+from palimpsa.ops.triton.gluon_shim import gl, jit, shared_memory_reinterpret_is_private
 
 
 @jit
@@ -69,3 +70,49 @@ def locate_unit(i_u, unit_indices, cu_seqlens, chunk_offsets, T, C: tl.constexpr
         eos = bos + T
         cbase = i_n * gl.cdiv(T, C)
     return i_n, i_w, bos, eos, cbase
+
+
+@jit
+def _view_public(buffer, shape: tl.constexpr, layout: tl.constexpr):
+    """The shared-memory ``buffer`` seen with another shape and layout, same memory (Gluon of Triton 3.7+)."""
+    return buffer.reinterpret(gl.float32, shape, layout)
+
+
+@jit
+def _view_private(buffer, shape: tl.constexpr, layout: tl.constexpr):
+    """The same through Triton 3.6's Gluon, where the method is private."""
+    return buffer._reinterpret(gl.float32, shape, layout)
+
+
+# chosen once: the kernels call ``shared_view``, whichever Triton is installed
+shared_view = _view_private if shared_memory_reinterpret_is_private() else _view_public
+
+
+@jit
+def _stage_part(ptr, dst, tok_h, tok_ok, offs, mask, factor, K: tl.constexpr):
+    """The key rows ``offs`` of a [tokens * H, K] tensor at the rows tok_h ([C]), float32 times ``factor``, into
+    the shared-memory view ``dst`` [C, rows, 1] (zeros where not ``tok_ok`` or not ``mask``); one store."""
+    x = gl.load(ptr + gl.expand_dims(tok_h * K, 1) + gl.expand_dims(offs, 0),
+                mask=gl.expand_dims(tok_ok, 1) & gl.expand_dims(mask, 0), other=0.0)
+    dst.store(gl.expand_dims(x.to(gl.float32) * factor, 2))
+
+
+@jit
+def stage_rows(q, k, in_a, in_b, cs, n_tok, i_h, scale, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+               KA: tl.constexpr, KB: tl.constexpr, WARPS: tl.constexpr, HAS_B: tl.constexpr):
+    """The q (times ``scale``) and k rows of the C tokens from cs, float32, into shared memory once, for every
+    step of the chunk to read there: in_a [2 C, KA, 1] and in_b [2 C, KB, 1] (the two key parts; in_b unused
+    without HAS_B) hold q of the chunk's token j in row j and k in row C + j.  Tokens at or after n_tok are zeros.
+    One store per quantity and part, by all WARPS warps of the program."""
+    L3R: gl.constexpr = gl.BlockedLayout([1, 4, 1], [4, 8, 1], [WARPS, 1, 1], [2, 1, 0])
+    ROWS2: gl.constexpr = gl.SliceLayout(2, L3R)
+    tok = gl.arange(0, C, layout=gl.SliceLayout(1, ROWS2))
+    tok_h = gl.cast(cs + tok, gl.int64) * H + i_h
+    tok_ok = tok < n_tok
+    offs = gl.arange(0, KA, layout=gl.SliceLayout(0, ROWS2))
+    _stage_part(q, in_a.slice(0, C), tok_h, tok_ok, offs, offs < K, scale, K)
+    _stage_part(k, in_a.slice(C, C), tok_h, tok_ok, offs, offs < K, 1.0, K)
+    if HAS_B:
+        offs = KA + gl.arange(0, KB, layout=gl.SliceLayout(0, ROWS2))
+        _stage_part(q, in_b.slice(0, C), tok_h, tok_ok, offs, offs < K, scale, K)
+        _stage_part(k, in_b.slice(C, C), tok_h, tok_ok, offs, offs < K, 1.0, K)
