@@ -1,11 +1,11 @@
 """Compile the Palimpsa Triton kernels for Hopper (sm_90) without a GPU and report their resources.
 
-    python -m palimpsa.bench.sass [--shape 760M-like] [--fwd-block-v 32] [--bwd-num-warps 4] [--gluon]
+    python -m palimpsa.bench.sass [--shape 760M-like] [--fwd-block-v 32] [--bwd-num-warps 4] [--gluon [--fwd-inputs]]
 
 Triton's wheel ships ptxas and cuobjdump, so the kernels compile on any Linux machine; this prints, per
-kernel, the registers, spill stack and a count of the SASS instructions that matter for these kernels
-(FP32 pipe, MUFU reciprocals and exponentials, shuffles and barriers of reductions, loads and stores), and the
-occupancy its registers allow.  --gluon adds the Gluon kernels of the per-channel op (output kernel, local
+kernel, the registers, spill stack, shared memory and a count of the SASS instructions that matter for these
+kernels (FP32 pipe, MUFU reciprocals and exponentials, shuffles and barriers of reductions, loads and stores), and
+the occupancy its registers and shared memory allow.  --gluon adds the Gluon kernels of the per-channel op (output kernel, local
 adjoints, reverse sweep; laid out and scheduled by ``config.sweep_tuning``), which run by default on an sm_90 GPU at
 K = 48, 64 or 96.
 """
@@ -37,18 +37,24 @@ def _tool(name: str) -> str:
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64  # Hopper
 MAX_BLOCKS_PER_SM = 32
+SHARED_PER_SM = 228 * 1024  # Hopper: shared memory per SM, of which each resident block also takes
+SHARED_RESERVED_PER_BLOCK = 1024  # this much for the system
 
 
-def occupancy(registers: int, num_warps: int) -> float:
-    """Resident warps per SM over the maximum, as registers (allocated per warp in units of 256) and the limit of
-    32 resident blocks allow; shared memory is not counted (these kernels use at most a few kB)."""
+def occupancy(registers: int, num_warps: int, shared: int = 0) -> float:
+    """Resident warps per SM over the maximum, as registers (allocated per warp in units of 256), shared memory
+    (``shared`` bytes a block, plus the 1 kB the system reserves for each) and the limit of 32 resident blocks
+    allow."""
     per_warp = -(-registers * 32 // 256) * 256
     blocks = min(REGISTERS_PER_SM // (per_warp * num_warps), MAX_BLOCKS_PER_SM)
+    if shared:
+        blocks = min(blocks, SHARED_PER_SM // (shared + SHARED_RESERVED_PER_BLOCK))
     return min(blocks * num_warps, MAX_WARPS_PER_SM) / MAX_WARPS_PER_SM
 
 
 def resource_report(compiled, num_warps: int, name: str) -> Dict[str, object]:
-    """Registers, stack bytes (spills), occupancy and SASS instruction counts of a kernel Triton compiled."""
+    """Registers, stack bytes (spills), shared memory bytes, occupancy (registers and shared memory) and SASS
+    instruction counts of a kernel Triton compiled."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{name}.cubin")
         with open(path, "wb") as handle:
@@ -62,8 +68,10 @@ def resource_report(compiled, num_warps: int, name: str) -> Dict[str, object]:
         if match:
             ops[match.group(1)] += 1
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    shared = int(compiled.metadata.shared)
     return {"kernel": name, "num_warps": num_warps, "registers": registers,
-            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "occupancy": occupancy(registers, num_warps),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "shared": shared,
+            "occupancy": occupancy(registers, num_warps, shared),
             "ops": {k: ops[k] for k in KEY_OPS if ops[k]}}
 
 
@@ -85,16 +93,17 @@ def compile_report(fn, args: Dict[str, object], num_warps: int, name: str, const
     return resource_report(compiled, num_warps, name)
 
 
-def gluon_reports(shape, sweep_warps: int):
+def gluon_reports(shape, sweep_warps: int, fwd_inputs: bool = False):
     """:func:`resource_report` of the Gluon output kernel, local-adjoint pass and reverse sweep at ``shape``, laid
-    out and scheduled as the op runs them at this key size (config.output_columns, config.sweep_tuning)."""
+    out and scheduled as the op runs them at this key size (config.output_columns, config.sweep_tuning);
+    ``fwd_inputs``: the output kernel with its q and k rows staged in shared memory (config.fwd_inputs)."""
     from palimpsa.ops.triton import chunk_bwd_gluon, chunk_fwd_gluon
     from palimpsa.ops.triton.config import output_columns, sweep_tuning
 
     K, V = shape.K, shape.V
     tune = sweep_tuning(K)
-    yield resource_report(chunk_fwd_gluon.compile_sm(K, V, cols=output_columns(K)), chunk_fwd_gluon.gluon_warps(V),
-                          "gluon_output")
+    yield resource_report(chunk_fwd_gluon.compile_sm(K, V, cols=output_columns(K), inputs=fwd_inputs),
+                          chunk_fwd_gluon.gluon_warps(V), "gluon_output")
     yield resource_report(chunk_bwd_gluon.compile_sm(K, V, tune.lanes_k, kernel="local", cols=tune.cols), 1,
                           "gluon_local_adjoint")
     sweep = chunk_bwd_gluon.compile_sm(K, V, tune.lanes_k, warps=sweep_warps, stage=tune.stage, maxnreg=tune.maxnreg,
@@ -145,6 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bwd-block-v", type=int, default=CONFIG.bwd_block_v)
     parser.add_argument("--bwd-num-warps", type=int, default=CONFIG.bwd_num_warps or 4)
     parser.add_argument("--gluon", action="store_true", help="add the Gluon kernels of the per-channel op")
+    parser.add_argument("--fwd-inputs", action="store_true",
+                        help="with --gluon: the output kernel with its q and k rows staged in shared memory")
     args = parser.parse_args(argv)
     kernels = {"chunk_states": (chunk_state.chunk_states_kernel, 4),
                "chunk_fwd": (chunk_fwd.chunk_fwd_kernel, args.fwd_num_warps),
@@ -155,11 +166,12 @@ def main(argv=None) -> int:
         reports = [compile_report(kernels[name][0], kernel_arguments, kernels[name][1], name)
                    for name, kernel_arguments in kernel_args(shape, args.fwd_block_v, args.bwd_block_v).items()]
         if args.gluon:
-            reports += list(gluon_reports(shape, CONFIG.bwd_warps))
+            reports += list(gluon_reports(shape, CONFIG.bwd_warps, args.fwd_inputs or CONFIG.fwd_inputs))
         for rep in reports:
             ops = " ".join(f"{k}={v}" for k, v in rep["ops"].items())
             print(f"{shape.name:10s} {rep['kernel']:19s} warps={rep['num_warps']} regs={rep['registers']:3d} "
-                  f"stack={rep['stack']:4d} occupancy={rep['occupancy']:.0%} | {ops}", flush=True)
+                  f"stack={rep['stack']:4d} smem={rep['shared'] / 1024:5.1f}kB occupancy={rep['occupancy']:.0%} | {ops}",
+                  flush=True)
     return 0
 
 

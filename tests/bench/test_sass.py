@@ -39,9 +39,14 @@ def test_every_kernel_compiles_and_reports_its_resources():
     assert int(re.search(r"BAR=(\d+)", sweep).group(1)) <= 12, sweep
 
 
-def test_occupancy_follows_registers_and_warps():
+def test_occupancy_follows_registers_warps_and_shared_memory():
     assert occupancy(32, 4) == 1.0  # 64 warps fit
     assert occupancy(255, 1) == 8 / 64  # 256 registers a thread: 8 warps of 32 threads fill the 65,536
     assert occupancy(128, 4) == 16 / 64
     assert occupancy(168, 4) == 12 / 64  # 168 -> 5,376 a warp: 3 blocks of 4 warps
     assert occupancy(32, 1) == 32 / 64  # one-warp blocks: at most 32 resident
+    # shared memory: 228 kB a multiprocessor, 1 kB reserved per block
+    assert occupancy(255, 1, 26 * 1024) == 8 / 64  # the 760M-like sweep: registers and 26 kB both allow 8
+    assert occupancy(255, 1, 28 * 1024) == 7 / 64  # 28 kB: only 7 fit (the eighth session's first staged sweep)
+    assert occupancy(104, 4, 48 * 1024) == 16 / 64  # the staged output kernel: 4 blocks of 48 kB
+    assert occupancy(32, 4, 100 * 1024) == 8 / 64  # two blocks of 100 kB, though registers would allow 16
