@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
-from palimpsa.ops.triton.gluon_parts import (load_cols, load_rows, load_state, locate_unit, masked_if, reciprocal,
-                                             shared_view, stage_rows)
+from palimpsa.ops.triton.gluon_parts import (allocate_rows, load_cols, load_rows, load_state, locate_unit, masked_if,
+                                             reciprocal, shared_view, stage_rows)
 from palimpsa.ops.triton.gluon_shim import gl, jit
 
 WARP_LANES = gl.constexpr(32)
@@ -520,17 +520,9 @@ def unit_bwd_gluon_kernel(
     if INPUTS:  # a chunk's per-token inputs, staged once per chunk (see _stage_inputs)
         # token-major buffers, a token's key rows (value columns) contiguous; written as whole chunks (rank-3
         # layouts), read a token at a time through views of rank-2 layouts over the same memory
-        ROWS3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 2, 0])
         COLS3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-        ROWS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
         COLS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        stage_a = gl.allocate_shared_memory(gl.float32, [2 * C, KA, 1], ROWS3)
-        in_a = shared_view(stage_a, [2 * C, KA, 1], ROWS_FIRST)
-        stage_b = stage_a
-        in_b = in_a
-        if HAS_B:
-            stage_b = gl.allocate_shared_memory(gl.float32, [2 * C, KB, 1], ROWS3)
-            in_b = shared_view(stage_b, [2 * C, KB, 1], ROWS_FIRST)
+        stage_a, in_a, stage_b, in_b = allocate_rows(C, KA, KB, HAS_B)
         stage_c = gl.allocate_shared_memory(gl.float32, [(8 if HAS_DVAR else 4) * C, 1, BV], COLS3)
         in_c = shared_view(stage_c, [(8 if HAS_DVAR else 4) * C, 1, BV], COLS_FIRST)
     else:  # placeholders, never used

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl  # parameter annotations: the interpreter knows only tl.constexpr
 
-from palimpsa.ops.triton.gluon_parts import (load_rows, load_state, locate_unit, masked_if, reciprocal, shared_view,
+from palimpsa.ops.triton.gluon_parts import (allocate_rows, load_rows, load_state, locate_unit, masked_if, reciprocal,
                                              stage_rows)
 from palimpsa.ops.triton.gluon_shim import gl, jit
 from palimpsa.ops.triton.utils import SequenceLayout, k_parts
@@ -109,15 +109,7 @@ def chunk_output_gluon_kernel(
         mean_b, imp_b = load_state(h_mean, h_imp, h_off, offs_b, offs_vb, mask_b, offs_vb < V, V)
 
     if INPUTS:  # the chunk's q and k rows, staged once (see stage_rows); placeholders for the direct loads below
-        ROWS3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 2, 0])
-        ROWS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
-        stage_a = gl.allocate_shared_memory(gl.float32, [2 * C, KA, 1], ROWS3)
-        in_a = shared_view(stage_a, [2 * C, KA, 1], ROWS_FIRST)
-        stage_b = stage_a
-        in_b = in_a
-        if HAS_B:
-            stage_b = gl.allocate_shared_memory(gl.float32, [2 * C, KB, 1], ROWS3)
-            in_b = shared_view(stage_b, [2 * C, KB, 1], ROWS_FIRST)
+        stage_a, in_a, stage_b, in_b = allocate_rows(C, KA, KB, HAS_B)
         stage_rows(q, k, stage_a, stage_b, start, end - start, i_h, scale, H, K, C, KA, KB, NUM_WARPS, HAS_B)
 
     # token t's inputs are loaded one iteration ahead, so their latency overlaps token t - 1's arithmetic

@@ -89,6 +89,24 @@ shared_view = _view_private if shared_memory_reinterpret_is_private() else _view
 
 
 @jit
+def allocate_rows(C: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_B: tl.constexpr):
+    """Shared memory for a chunk's staged q and k rows (see stage_rows): the rank-3 buffers stage_rows writes, [2 C,
+    KA, 1] and [2 C, KB, 1] (token-major, a token's key rows contiguous), and their rank-2 views, from which a step
+    reads one token's rows ([rows, 1] through ``.index(j)``).  Returns (stage_a, in_a, stage_b, in_b); without
+    HAS_B the second pair repeats the first."""
+    ROWS3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 2, 0])
+    ROWS_FIRST: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
+    stage_a = gl.allocate_shared_memory(gl.float32, [2 * C, KA, 1], ROWS3)
+    in_a = shared_view(stage_a, [2 * C, KA, 1], ROWS_FIRST)
+    stage_b = stage_a
+    in_b = in_a
+    if HAS_B:
+        stage_b = gl.allocate_shared_memory(gl.float32, [2 * C, KB, 1], ROWS3)
+        in_b = shared_view(stage_b, [2 * C, KB, 1], ROWS_FIRST)
+    return stage_a, in_a, stage_b, in_b
+
+
+@jit
 def _stage_part(ptr, dst, tok_h, tok_ok, offs, mask, factor, K: tl.constexpr):
     """The key rows ``offs`` of a [tokens * H, K] tensor at the rows tok_h ([C]), float32 times ``factor``, into
     the shared-memory view ``dst`` [C, rows, 1] (zeros where not ``tok_ok`` or not ``mask``); one store."""
