@@ -16,7 +16,9 @@ A "gluon-L" variant's output kernel takes its columns per thread by key size
 (``OUTPUT_TUNED``: 2 at K = 48, 64, 96 since 1fa1530) unless "-f1" is given, so its forward times differ from
 runs before that commit.  "default" runs the package's defaults (the sweep's layout, schedule and units by key
 size, ``palimpsa.ops.triton.config.SWEEP_TUNED``).  Any variant may end in "-fN" (N value columns per
-thread of the output kernel, ``fwd_cols``), "-fi" (its q and k rows staged in shared memory, ``fwd_inputs``) and
+thread of the output kernel, ``fwd_cols``), "-fi" or "-fg" (its q and k rows staged in shared memory or read
+from global memory, ``fwd_inputs``; without either, ``OUTPUT_INPUTS`` by key size: staged at K = 48, 64, 96 since
+the tenth session) and
 "-tN" (``bwd_target_programs``, which sizes the backward's units: "-t1" makes each sequence one unit, so that no
 local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi".
 
@@ -48,14 +50,14 @@ from palimpsa.ops.triton.config import kernel_config  # noqa: E402
 
 def variant_config(name: str) -> dict:
     """kernel_config settings of a variant name (see the module docstring); a trailing "-fN" sets the output
-    kernel's value columns per thread (``fwd_cols``), "-fi" stages its q and k rows in shared memory
-    (``fwd_inputs``) and "-tN" the backward's target program count, which sizes its units
+    kernel's value columns per thread (``fwd_cols``), "-fi" stages its q and k rows in shared memory and "-fg"
+    reads them from global memory (``fwd_inputs``) and "-tN" the backward's target program count, which sizes its units
     (``bwd_target_programs``: 1 makes every sequence one unit, so no local-adjoint pass runs)."""
     extra = {}
     while True:
-        if name.endswith("-fi"):  # the output kernel's q and k rows staged in shared memory
+        if name.endswith(("-fi", "-fg")):  # the output kernel's q and k rows staged in shared memory, or not
+            extra["fwd_inputs"] = name.endswith("-fi")
             name = name[:-3]
-            extra["fwd_inputs"] = True
             continue
         match = re.fullmatch(r"(.+)-([ft])(\d+)", name)
         if not match:
@@ -76,7 +78,7 @@ def variant_config(name: str) -> dict:
                     **extra)
     raise ValueError(f"unknown variant {name!r}: expected default, triton, gluon-fwd or "
                      "gluon-<lanes>[-w<warps>][-c<columns>][-s<stage>][-r<max registers>][-u<unroll>][-i], each "
-                     "optionally followed by -f<output columns>, -fi and -t<target programs>")
+                     "optionally followed by -f<output columns>, -fi or -fg and -t<target programs>")
 
 
 def check_variant(name: str, shapes) -> bool:

@@ -1,6 +1,6 @@
 """Compile the Palimpsa Triton kernels for Hopper (sm_90) without a GPU and report their resources.
 
-    python -m palimpsa.bench.sass [--shape 760M-like] [--fwd-block-v 32] [--bwd-num-warps 4] [--gluon [--fwd-inputs]]
+    python -m palimpsa.bench.sass [--shape 760M-like] [--fwd-block-v 32] [--bwd-num-warps 4] [--gluon [--fwd-inputs auto|on|off]]
 
 Triton's wheel ships ptxas and cuobjdump, so the kernels compile on any Linux machine; this prints, per
 kernel, the registers, spill stack, shared memory and a count of the SASS instructions that matter for these
@@ -93,16 +93,16 @@ def compile_report(fn, args: Dict[str, object], num_warps: int, name: str, const
     return resource_report(compiled, num_warps, name)
 
 
-def gluon_reports(shape, sweep_warps: int, fwd_inputs: bool = False):
+def gluon_reports(shape, sweep_warps: int):
     """:func:`resource_report` of the Gluon output kernel, local-adjoint pass and reverse sweep at ``shape``, laid
-    out and scheduled as the op runs them at this key size (config.output_columns, config.sweep_tuning);
-    ``fwd_inputs``: the output kernel with its q and k rows staged in shared memory (config.fwd_inputs)."""
+    out and scheduled as the op runs them at this key size (config.output_columns, config.output_inputs,
+    config.sweep_tuning)."""
     from palimpsa.ops.triton import chunk_bwd_gluon, chunk_fwd_gluon
-    from palimpsa.ops.triton.config import output_columns, sweep_tuning
+    from palimpsa.ops.triton.config import output_columns, output_inputs, sweep_tuning
 
     K, V = shape.K, shape.V
     tune = sweep_tuning(K)
-    yield resource_report(chunk_fwd_gluon.compile_sm(K, V, cols=output_columns(K), inputs=fwd_inputs),
+    yield resource_report(chunk_fwd_gluon.compile_sm(K, V, cols=output_columns(K), inputs=output_inputs(K)),
                           chunk_fwd_gluon.gluon_warps(V), "gluon_output")
     yield resource_report(chunk_bwd_gluon.compile_sm(K, V, tune.lanes_k, kernel="local", cols=tune.cols), 1,
                           "gluon_local_adjoint")
@@ -145,7 +145,7 @@ def kernel_args(shape, fwd_block_v: int, bwd_block_v: int) -> Dict[str, Dict[str
 def main(argv=None) -> int:
     from palimpsa.bench.ops import BENCH_SHAPES, shape_by_name
     from palimpsa.ops.triton import chunk_bwd, chunk_fwd, chunk_state
-    from palimpsa.ops.triton.config import CONFIG
+    from palimpsa.ops.triton.config import CONFIG, kernel_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="all")
@@ -154,8 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bwd-block-v", type=int, default=CONFIG.bwd_block_v)
     parser.add_argument("--bwd-num-warps", type=int, default=CONFIG.bwd_num_warps or 4)
     parser.add_argument("--gluon", action="store_true", help="add the Gluon kernels of the per-channel op")
-    parser.add_argument("--fwd-inputs", action="store_true",
-                        help="with --gluon: the output kernel with its q and k rows staged in shared memory")
+    parser.add_argument("--fwd-inputs", choices=("auto", "on", "off"), default="auto",
+                        help="with --gluon: the output kernel with its q and k rows staged in shared memory (on), "
+                             "not (off), or as the op runs it at this key size (auto, config.output_inputs)")
     args = parser.parse_args(argv)
     kernels = {"chunk_states": (chunk_state.chunk_states_kernel, 4),
                "chunk_fwd": (chunk_fwd.chunk_fwd_kernel, args.fwd_num_warps),
@@ -166,7 +167,9 @@ def main(argv=None) -> int:
         reports = [compile_report(kernels[name][0], kernel_arguments, kernels[name][1], name)
                    for name, kernel_arguments in kernel_args(shape, args.fwd_block_v, args.bwd_block_v).items()]
         if args.gluon:
-            reports += list(gluon_reports(shape, CONFIG.bwd_warps, args.fwd_inputs or CONFIG.fwd_inputs))
+            staged = {"auto": CONFIG.fwd_inputs, "on": True, "off": False}[args.fwd_inputs]
+            with kernel_config(fwd_inputs=staged):
+                reports += list(gluon_reports(shape, CONFIG.bwd_warps))
         for rep in reports:
             ops = " ".join(f"{k}={v}" for k, v in rep["ops"].items())
             print(f"{shape.name:10s} {rep['kernel']:19s} warps={rep['num_warps']} regs={rep['registers']:3d} "

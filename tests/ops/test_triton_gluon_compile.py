@@ -156,8 +156,8 @@ def test_the_forward_backend_is_checked():
 
 def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
     """"auto": Gluon on a CUDA tensor of an sm_90 device at K = 48, 64 or 96 (checked and faster there on an
-    H200), Triton for every other key size (even between those; at K = 128 the sweep ran faster but is not yet
-    checked there), architecture, CPU tensors and under the interpreter."""
+    H200), for the sweep also at K = 128 (the output kernel was slower there), Triton for every other key size
+    (even between those), architecture, CPU tensors and under the interpreter."""
     class FakeCuda:
         is_cuda = True
         device = "cuda:0"
@@ -171,7 +171,7 @@ def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
         for K, expected in ((16, "triton"), (32, "triton"), (48, "gluon"), (56, "triton"), (64, "gluon"),
                             (80, "triton"), (96, "gluon"), (112, "triton"), (128, "triton"), (256, "triton")):
             assert function.output_kernel(FakeCuda(K)) == expected, K
-            assert function.sweep_kernel(FakeCuda(K)) == expected, K
+            assert function.sweep_kernel(FakeCuda(K)) == ("gluon" if K == 128 else expected), K
         assert function.output_kernel(torch.zeros(1, 1, 1, 64)) == "triton"  # a CPU tensor
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
         assert function.output_kernel(FakeCuda(64)) == "triton"
@@ -190,7 +190,7 @@ def test_sweep_settings_are_checked():
                 dict(bwd_target_programs=0), dict(bwd_target_programs=1536.0), dict(bwd_target_programs=True),
                 dict(bwd_maxnreg=300),
                 dict(bwd_maxnreg=True), dict(bwd_maxnreg=12), dict(bwd_stage=False), dict(bwd_unroll=3),
-                dict(bwd_unroll=True), dict(bwd_inputs=1), dict(fwd_inputs=None), dict(fwd_inputs=1)):
+                dict(bwd_unroll=True), dict(bwd_inputs=1), dict(fwd_inputs=0), dict(fwd_inputs=1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             with kernel_config(**bad):
                 pass
@@ -225,12 +225,18 @@ def test_sweep_layout_and_schedule_by_key_size():
 
 
 def test_output_columns_by_key_size():
-    from palimpsa.ops.triton.config import OUTPUT_TUNED, output_columns
+    from palimpsa.ops.triton.config import OUTPUT_INPUTS, OUTPUT_TUNED, output_columns, output_inputs
 
     assert OUTPUT_TUNED == {48: 2, 64: 2, 96: 2}
     assert [output_columns(K) for K in (48, 64, 96, 128, 32)] == [2, 2, 2, 1, 1]
     with kernel_config(fwd_cols=2):
         assert output_columns(96) == 2
+    assert OUTPUT_INPUTS == {48, 64, 96}
+    assert [output_inputs(K) for K in (48, 64, 96, 128, 32)] == [True, True, True, False, False]
+    with kernel_config(fwd_inputs=False):
+        assert not output_inputs(96)
+    with kernel_config(fwd_inputs=True):
+        assert output_inputs(128)
     with pytest.raises(ValueError, match="fwd_cols"):
         with kernel_config(fwd_cols=3):
             pass

@@ -35,8 +35,8 @@ class KernelConfig:
     column); None: :data:`OUTPUT_TUNED` by key size, else 1.
     fwd_inputs: True stages each chunk's q and k rows in shared memory (float32, once per chunk, by all the
     program's warps) for the Gluon output kernel's tokens to read there, instead of every thread loading and
-    converting its rows of every token (``chunk_fwd_gluon.chunk_output_gluon_kernel``'s INPUTS); not yet measured on
-    a GPU, so off by default.
+    converting its rows of every token (``chunk_fwd_gluon.chunk_output_gluon_kernel``'s INPUTS); None:
+    :data:`OUTPUT_INPUTS` by key size.
     bwd_backend: the backward's reverse sweep, "triton" (``unit_bwd_kernel``), "gluon"
     (``unit_bwd_gluon_kernel``: the same sweep, one warp per program, no reduction across warps) or "auto",
     default from PALIMPSA_BWD_BACKEND, else "auto".  The Gluon sweep's layout and schedule:
@@ -73,7 +73,7 @@ class KernelConfig:
     fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "auto"))
     bwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_BWD_BACKEND", "auto"))
     fwd_cols: Optional[int] = None
-    fwd_inputs: bool = False
+    fwd_inputs: Optional[bool] = None
     bwd_lanes_k: Optional[int] = None
     bwd_cols: Optional[int] = None
     bwd_warps: int = 1
@@ -100,14 +100,17 @@ UNTUNED_SWEEP = SweepTuning(lanes_k=8, cols=1, stage=0, maxnreg=None, unroll=1, 
 SWEEP_TUNED = {48: SweepTuning(16, 2, 0, None, 4, 1536, True), 64: SweepTuning(16, 2, 0, None, 4, 1536, True),
                96: SweepTuning(16, 2, 0, None, 4, 1536, True),
                # one column per thread: two spill 528 bytes at K = 128 (eight rows a thread already); ninth session,
-               # gluon_d128_h200_5c7d085.md: d128 fwd+bwd 15.40 (Triton sweep) -> 11.45 ms.  Used when the Gluon
-               # sweep is asked for (bwd_backend="gluon"): "auto" keeps the Triton sweep at K = 128 until this is
-               # checked against float64 at K = 128 on a GPU (function.GLUON_BWD_KEY_SIZES)
+               # gluon_d128_h200_5c7d085.md: d128 fwd+bwd 15.40 (Triton sweep) -> 11.45 ms; checked against float64
+               # at d128 in the tenth session (gluon_d128_check_h200_eb446bb.md)
                128: SweepTuning(16, 1, 0, None, 4, 1536, True)}
 TRITON_TARGET_PROGRAMS = 2048  # the Triton sweep's units (its value blocks of 16 columns)
 # key size -> value columns per thread of the Gluon output kernel, where an H200 checked it against float64 and
 # measured it faster than 1 (gluon_f2_h200_1fa1530.md: forward 3.666 -> 3.403 ms at 760M-like, 0.815 -> 0.731 at d64)
 OUTPUT_TUNED = {48: 2, 64: 2, 96: 2}
+# key sizes at which the Gluon output kernel stages each chunk's q and k rows in shared memory, where an H200 checked
+# it against float64 and measured it faster (tenth session, gluon_fi_h200_eb446bb.md: forward 3.443 -> 2.781 ms at
+# 760M-like, 0.665 -> 0.609 at 170M-like, 0.724 -> 0.661 at d64)
+OUTPUT_INPUTS = frozenset({48, 64, 96})
 BWD_BACKENDS = ("auto", "triton", "gluon")
 CONFIG = KernelConfig()
 
@@ -144,8 +147,8 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
     if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int) or programs < 1):
         raise ValueError(f"bwd_target_programs must be None (by sweep and key size) or a positive whole number, "
                          f"got {programs!r}")
-    if not isinstance(changes.get("fwd_inputs", False), bool):
-        raise ValueError(f"fwd_inputs must be True or False, got {changes['fwd_inputs']!r}")
+    if changes.get("fwd_inputs") is not None and not isinstance(changes["fwd_inputs"], bool):
+        raise ValueError(f"fwd_inputs must be None (by key size), True or False, got {changes['fwd_inputs']!r}")
     inputs = changes.get("bwd_inputs")
     if inputs is not None and not isinstance(inputs, bool):
         raise ValueError(f"bwd_inputs must be None (by key size), True or False, got {inputs!r}")
@@ -179,3 +182,9 @@ def output_columns(K: int) -> int:
     """Value columns per thread of the Gluon output kernel at key size K: CONFIG.fwd_cols, else
     :data:`OUTPUT_TUNED`'s for K, else 1."""
     return CONFIG.fwd_cols if CONFIG.fwd_cols is not None else OUTPUT_TUNED.get(K, 1)
+
+
+def output_inputs(K: int) -> bool:
+    """Whether the Gluon output kernel stages each chunk's q and k rows in shared memory at key size K:
+    CONFIG.fwd_inputs, else whether K is in :data:`OUTPUT_INPUTS`."""
+    return CONFIG.fwd_inputs if CONFIG.fwd_inputs is not None else K in OUTPUT_INPUTS

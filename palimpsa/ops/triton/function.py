@@ -17,6 +17,7 @@ from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
 from palimpsa.ops.triton.config import (BWD_BACKENDS, CONFIG, FWD_BACKENDS, TRITON_TARGET_PROGRAMS, output_columns,
+                                      output_inputs,
                                        sweep_tuning)
 from palimpsa.ops.triton.step import launch_step
 from palimpsa.ops.triton.utils import SequenceLayout, interpreting
@@ -27,13 +28,13 @@ DEFAULT_CHUNK_SIZE = 64
 
 # Where "auto" picks the Gluon kernels: the key sizes at which they passed the float64 check on an H200 and ran
 # faster than the Triton ones (results/bench/README.md), on that architecture (compute capability 9.0, the H200's
-# and H100's) only.  The output kernel: K = 48, 64 and 96 (fourth session, calls 3 and 5; slower at K = 128).
-# The reverse sweep: the same.  At K = 128 it ran faster (ninth session: one column per thread, staged inputs;
-# 15.40 -> 11.45 ms fwd+bwd at d128, config.SWEEP_TUNED[128]) but was not yet checked against float64 at that key
-# size on a GPU, so it is not picked there until it is.  Other key sizes run the Triton kernels until they are
-# measured.
+# and H100's) only.  The output kernel: K = 48, 64 and 96 (fourth session, calls 3 and 5; slower at K = 128, also
+# with staged inputs: gluon_d128_check_h200_eb446bb.md).  The reverse sweep: the same and K = 128 (one column per
+# thread, staged inputs, config.SWEEP_TUNED[128]: checked at d128 and on a varlen batch, then 15.64 -> 11.44 ms
+# fwd+bwd at d128, tenth session, gluon_d128_check_h200_eb446bb.md).  Other key sizes run the Triton kernels until
+# they are measured.
 GLUON_FWD_KEY_SIZES = frozenset({48, 64, 96})
-GLUON_BWD_KEY_SIZES = frozenset({48, 64, 96})
+GLUON_BWD_KEY_SIZES = frozenset({48, 64, 96, 128})
 GLUON_CAPABILITIES = ((9, 0),)
 
 
@@ -102,7 +103,7 @@ def _fwd_op(
 
                 o, var = fwd_output_gluon(q, k, v, g, beta, prior, scale, layout, output_variance, states,
                                           chunk_size=chunk_size, cols=output_columns(q.shape[-1]),
-                                          inputs=CONFIG.fwd_inputs)
+                                          inputs=output_inputs(q.shape[-1]))
             else:
                 o, var, _ = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=states,
                                        chunk_size=chunk_size, block_v=CONFIG.fwd_block_v,
