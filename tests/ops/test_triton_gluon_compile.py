@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 gluon_module = pytest.importorskip("palimpsa.ops.triton.chunk_fwd_gluon")
 
 from palimpsa.ops.triton import function  # noqa: E402
-from palimpsa.ops.triton.config import CONFIG, kernel_config  # noqa: E402
+from palimpsa.ops.triton.config import CONFIG, StateTuning, kernel_config  # noqa: E402
 from palimpsa.ops.triton.utils import k_parts  # noqa: E402
 
 CASES = [(96, 192, False, False), (96, 192, True, True), (48, 48, True, False), (16, 32, False, False)]
@@ -190,7 +190,10 @@ def test_sweep_settings_are_checked():
                 dict(bwd_target_programs=0), dict(bwd_target_programs=1536.0), dict(bwd_target_programs=True),
                 dict(bwd_maxnreg=300),
                 dict(bwd_maxnreg=True), dict(bwd_maxnreg=12), dict(bwd_stage=False), dict(bwd_unroll=3),
-                dict(bwd_unroll=True), dict(bwd_inputs=1), dict(fwd_inputs=0), dict(fwd_inputs=1)):
+                dict(bwd_unroll=True), dict(bwd_inputs=1), dict(fwd_inputs=0), dict(fwd_inputs=1),
+                dict(state_tuning=(32, 32)), dict(state_tuning=StateTuning(24, 32)),
+                dict(state_tuning=StateTuning(32, 32, 3)), dict(state_tuning=StateTuning(32, 32, 4, 0)),
+                dict(state_tuning=StateTuning(32, 32, 4, None, 300))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             with kernel_config(**bad):
                 pass

@@ -97,6 +97,21 @@ def test_chunk_matches_naive(K):
     assert_close(got, reference(inputs, grads))
 
 
+@pytest.mark.parametrize("tuning", [(16, 16, 2, 1, None), (32, 32, 4, None, 64)])
+def test_chunk_state_launches_match_naive(tuning):
+    """The chunk-state kernel with other blocks, warps, stages and a register cap (config.StateTuning): two key
+    and two value blocks (16 of K = 24 and V = 20), then one block wider than each; outputs, final states and
+    every gradient (the backward rebuilds the chunk states) against float64."""
+    triton_module()
+    from palimpsa.ops.triton.config import StateTuning, kernel_config
+
+    inputs = make_inputs(B=1, T=37, H=1, K=24, V=20, seed=5)
+    grads = make_grads(inputs, N=1)
+    with kernel_config(state_tuning=StateTuning(*tuning)):
+        got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
+    assert_close(got, reference(inputs, grads))
+
+
 def test_fused_recurrent_matches_naive():
     triton_module()
     inputs = make_inputs(B=1, T=21, H=2, K=16, V=16, seed=3)

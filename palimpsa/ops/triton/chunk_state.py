@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from palimpsa.ops.triton.utils import SequenceLayout, log_decay_to_end, sequence_bounds, state_block
+from palimpsa.ops.triton.config import state_tuning
+from palimpsa.ops.triton.utils import SequenceLayout, log_decay_to_end, sequence_bounds
 
 
 @triton.jit
@@ -112,7 +113,7 @@ def chunk_states(
     initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]], layout: SequenceLayout, chunk_size: int,
     store_states: bool = True, store_final: bool = False,
 ):
-    """Chunk-start states and (optionally) the final state.
+    """Chunk-start states and (optionally) the final state; launched as ``config.state_tuning(K, V)`` says.
 
     k [B, T, H, K]; v, beta [B, T, H, V]; g [B, T, H]; prior [H] float32; initial_state (mu, I) [N, H, K, V].
     Returns (h_mean, h_imp) each [NC, H, K, V] float32 (None unless ``store_states``) and
@@ -135,13 +136,19 @@ def chunk_states(
         final_mu = final_imp = h_mean
     _, chunk_offsets = layout.chunk_table(chunk_size)
     mu0, imp0 = initial_state if initial_state is not None else (h_mean, h_mean)
-    BK, BV = state_block(K), state_block(V)
+    tune = state_tuning(K, V)
+    BK, BV = tune.block_k, tune.block_v
+    launch = {"num_warps": tune.num_warps}
+    if tune.num_stages is not None:
+        launch["num_stages"] = tune.num_stages
+    if tune.maxnreg is not None:
+        launch["maxnreg"] = tune.maxnreg
     grid = (triton.cdiv(V, BV), triton.cdiv(K, BK), N * H)
     chunk_states_kernel[grid](
         k, v, g, beta, prior, mu0, imp0, h_mean, h_imp, final_mu, final_imp, layout.cu32, chunk_offsets,
         T, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV,
         HAS_INIT=initial_state is not None, STORE_STATES=store_states, STORE_FINAL=store_final,
-        IS_VARLEN=layout.varlen, DOT_BF16=k.dtype == torch.bfloat16, num_warps=4,
+        IS_VARLEN=layout.varlen, DOT_BF16=k.dtype == torch.bfloat16, **launch,
     )
     states = (h_mean, h_imp) if store_states else None
     final = (final_mu, final_imp) if store_final else None

@@ -23,6 +23,19 @@ class SweepTuning(NamedTuple):
     inputs: bool = False
 
 
+class StateTuning(NamedTuple):
+    """How the chunk-state kernel (``chunk_state.chunk_states_kernel``) runs: key rows and value columns per
+    program (each a power of two >= 16; a block wider than K or V is masked), warps, software-pipelining stages
+    of its loop over chunks (None: Triton's default) and a register cap per thread (None: the compiler's
+    choice)."""
+
+    block_k: int
+    block_v: int
+    num_warps: int = 4
+    num_stages: Optional[int] = None
+    maxnreg: Optional[int] = None
+
+
 @dataclasses.dataclass
 class KernelConfig:
     """fwd_*: the output kernel; bwd_*: the reverse sweep (None: chosen from the tile size or the key size).
@@ -56,6 +69,8 @@ class KernelConfig:
       many programs (counted with the sweep's own value blocks); the first unit of a sequence needs no
       local-adjoint pass, so fewer, longer units skip that pass where the GPU is full without them.  None: the
       Triton sweep 2048, the Gluon sweep by key size;
+    * state_tuning: the chunk-state kernel's blocks, warps, stages and register cap (:class:`StateTuning`;
+      None: :func:`state_tuning` by key and value size);
     * bwd_inputs: True stages each chunk's per-token inputs (q, k, v, beta, do, the decay) in shared memory once,
       float32, so that the sweep's forward and reverse steps read them there instead of waiting on global loads
       (``chunk_bwd_gluon._stage_inputs``).
@@ -86,6 +101,7 @@ class KernelConfig:
     bwd_num_warps: Optional[int] = 4
     bwd_target_programs: Optional[int] = None
     bwd_inputs: Optional[bool] = None
+    state_tuning: Optional[StateTuning] = None
 
 
 FWD_BACKENDS = ("auto", "triton", "gluon")
@@ -112,6 +128,8 @@ OUTPUT_TUNED = {48: 2, 64: 2, 96: 2}
 # 760M-like, 0.665 -> 0.609 at 170M-like, 0.724 -> 0.661 at d64)
 OUTPUT_INPUTS = frozenset({48, 64, 96})
 BWD_BACKENDS = ("auto", "triton", "gluon")
+# key size -> the chunk-state kernel's launch, where an H200 measured it faster than the untuned one
+STATE_TUNED: dict = {}
 CONFIG = KernelConfig()
 
 
@@ -149,6 +167,11 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
                          f"got {programs!r}")
     if changes.get("fwd_inputs") is not None and not isinstance(changes["fwd_inputs"], bool):
         raise ValueError(f"fwd_inputs must be None (by key size), True or False, got {changes['fwd_inputs']!r}")
+    tuning = changes.get("state_tuning")
+    if tuning is not None and not _valid_state_tuning(tuning):
+        raise ValueError(f"state_tuning must be None (by key and value size) or a StateTuning of power-of-two "
+                         f"blocks >= 16, 1, 2, 4 or 8 warps, stages None or >= 1 and a register cap None or 24 "
+                         f"to 255, got {tuning!r}")
     inputs = changes.get("bwd_inputs")
     if inputs is not None and not isinstance(inputs, bool):
         raise ValueError(f"bwd_inputs must be None (by key size), True or False, got {inputs!r}")
@@ -188,3 +211,26 @@ def output_inputs(K: int) -> bool:
     """Whether the Gluon output kernel stages each chunk's q and k rows in shared memory at key size K:
     CONFIG.fwd_inputs, else whether K is in :data:`OUTPUT_INPUTS`."""
     return CONFIG.fwd_inputs if CONFIG.fwd_inputs is not None else K in OUTPUT_INPUTS
+
+
+def _valid_state_tuning(tuning) -> bool:
+    """Whether ``tuning`` is a :class:`StateTuning` the chunk-state kernel can run."""
+    def whole(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(tuning, StateTuning):
+        return False
+    blocks_ok = all(whole(b) and b >= 16 and b & (b - 1) == 0 for b in (tuning.block_k, tuning.block_v))
+    return (blocks_ok and tuning.num_warps in (1, 2, 4, 8) and whole(tuning.num_warps)
+            and (tuning.num_stages is None or (whole(tuning.num_stages) and tuning.num_stages >= 1))
+            and (tuning.maxnreg is None or (whole(tuning.maxnreg) and 24 <= tuning.maxnreg <= 255)))
+
+
+def state_tuning(K: int, V: int) -> StateTuning:
+    """The chunk-state kernel's launch at key size K and value size V: CONFIG.state_tuning where set, else
+    :data:`STATE_TUNED` for K, else blocks of up to 64 rows and columns (``utils.state_block``), 4 warps."""
+    from palimpsa.ops.triton.utils import state_block
+
+    if CONFIG.state_tuning is not None:
+        return CONFIG.state_tuning
+    return STATE_TUNED.get(K, StateTuning(state_block(K), state_block(V)))
