@@ -113,7 +113,8 @@ def gluon_reports(shape, sweep_warps: int):
 
 def kernel_args(shape, fwd_block_v: int, bwd_block_v: int) -> Dict[str, Dict[str, object]]:
     """Arguments of the main kernels for a benchmark shape (bf16 inputs, no optional outputs)."""
-    from palimpsa.ops.triton.utils import k_parts, state_block, v_block
+    from palimpsa.ops.triton.config import state_tuning
+    from palimpsa.ops.triton.utils import k_parts, v_block
 
     H, K, V = shape.H, shape.K, shape.V
     KA, KB = k_parts(K)
@@ -124,7 +125,7 @@ def kernel_args(shape, fwd_block_v: int, bwd_block_v: int) -> Dict[str, Dict[str
     return {
         "chunk_states": dict(k=dt, v=dt, g="*fp32", beta=dt, prior=f32, mu0=f32, imp0=f32, h_mean=f32, h_imp=f32,
                              final_mu=f32, final_imp=f32, cu_seqlens=None, chunk_offsets=None, T="i32", H=H, K=K,
-                             V=V, C=64, BK=state_block(K), BV=state_block(V), HAS_INIT=False, STORE_STATES=True,
+                             V=V, C=64, BK=state_tuning(K, V).block_k, BV=state_tuning(K, V).block_v, HAS_INIT=False, STORE_STATES=True,
                              STORE_FINAL=False, IS_VARLEN=False, DOT_BF16=True),
         "chunk_fwd": dict(common, h_mean=f32, h_imp=f32, mu0=f32, imp0=f32, o=dt, var=dt, final_mu=f32,
                           final_imp=f32, chunk_indices=None, chunk_offsets=None, C=64, KA=KA, KB=KB,

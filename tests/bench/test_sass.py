@@ -30,7 +30,11 @@ def test_every_kernel_compiles_and_reports_its_resources():
         registers = int(re.search(r"regs=\s*(\d+)", line).group(1))
         assert 0 < registers <= 255, line
         assert "MUFU=" in line, line  # every kernel takes exponentials or reciprocals
-    assert "BAR=" not in rows["gluon_output"]  # no reduction crosses warps
+    # the output kernel as the op runs it at K = 48 (config.OUTPUT_INPUTS): each chunk's q and k rows staged in
+    # shared memory by all its warps, so a few barriers per chunk guard them; no reduction crosses warps, so none
+    # per token
+    output = rows["gluon_output"]
+    assert "STS=" in output and int(re.search(r"BAR=(\d+)", output).group(1)) <= 4, output
     # the sweep as the op runs it at K = 48 (config.SWEEP_TUNED): a one-warp program that stages each chunk's inputs
     # in shared memory (stores and loads there) and whose only barriers guard those stores: about one per staged
     # quantity and chunk, none per token or per sum

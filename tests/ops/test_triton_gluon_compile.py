@@ -227,6 +227,16 @@ def test_sweep_layout_and_schedule_by_key_size():
         assert sweep_tuning(64) == (8, 1, 0, None, 1, 8192, False)
 
 
+def test_state_tuning_by_key_size():
+    from palimpsa.ops.triton.config import STATE_TUNED, state_tuning
+
+    assert state_tuning(96, 192) == STATE_TUNED[96] == (64, 64, 4, None, None)
+    assert state_tuning(48, 48) == (64, 32, 4, None, None)
+    assert state_tuning(32, 48) == (32, 16, 4, None, None)  # not measured: blocks of the largest powers of two
+    with kernel_config(state_tuning=StateTuning(16, 16, 8, 2, 128)):
+        assert state_tuning(96, 192) == (16, 16, 8, 2, 128)
+
+
 def test_output_columns_by_key_size():
     from palimpsa.ops.triton.config import OUTPUT_INPUTS, OUTPUT_TUNED, output_columns, output_inputs
 

@@ -128,8 +128,10 @@ OUTPUT_TUNED = {48: 2, 64: 2, 96: 2}
 # 760M-like, 0.665 -> 0.609 at 170M-like, 0.724 -> 0.661 at d64)
 OUTPUT_INPUTS = frozenset({48, 64, 96})
 BWD_BACKENDS = ("auto", "triton", "gluon")
-# key size -> the chunk-state kernel's launch, where an H200 measured it faster than the untuned one
-STATE_TUNED: dict = {}
+# key size -> the chunk-state kernel's launch, where an H200 checked it against float64 and measured it fastest of a
+# grid of blocks, warps, stages and register caps (tenth session, state_tuning_h200_463e541.md; untuned -> tuned, ms:
+# 760M-like 0.561 -> 0.516, 170M-like 0.216 -> 0.096, d64 0.124 -> 0.107, d128 0.237 -> 0.195)
+STATE_TUNED = {48: StateTuning(64, 32), 64: StateTuning(64, 32), 96: StateTuning(64, 64), 128: StateTuning(64, 32)}
 CONFIG = KernelConfig()
 
 
