@@ -95,6 +95,17 @@ def test_gluon_output_kernel_with_staged_rows_compiles():
     (report,) = compile_reports("palimpsa.ops.triton.chunk_fwd_gluon", [(96, 192, False, False, 90, 2, True)])
     assert report["shared"] == 2 * 64 * 96 * 4 and 0 < report["barriers"] <= 4, report
     assert report["reciprocals"] == 96 // 8 * 2 and report["shuffles"] == 3 * 2 * 2, report
+    # a token's rows read as 16-byte pieces: q and k, each two of part A (64 rows over 8 lanes, 4 rows a piece,
+    # the pieces 32 rows apart so that the 8 lanes of a phase read 128 consecutive bytes) and one of part B
+    assert report["shared_vector_loads"] == 2 * (2 + 1), report
+
+
+def test_output_rows_per_thread():
+    """Staged rows: at most 4 consecutive rows (16 bytes) a thread, so that a phase of 8 lanes reads 128
+    consecutive bytes of shared memory without bank conflicts; from global memory, each lane's whole share."""
+    assert [gluon_module.rows_per_thread(rows, 8, True) for rows in (64, 32, 16, 0)] == [4, 4, 2, 0]
+    assert [gluon_module.rows_per_thread(rows, 8, False) for rows in (64, 32)] == [8, 4]
+    assert gluon_module.rows_per_thread(64, 4, True) == 4 and gluon_module.rows_per_thread(64, 4, False) == 16
 
 
 def test_gluon_sweep_with_several_warps_compiles():

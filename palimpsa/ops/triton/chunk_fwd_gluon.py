@@ -68,7 +68,7 @@ def chunk_output_gluon_kernel(
     q, k, v, g, beta, prior, h_mean, h_imp, o, var, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
     NUM_WARPS: tl.constexpr, LANES: tl.constexpr, VCOLS: tl.constexpr, HAS_VAR: tl.constexpr,
-    IS_VARLEN: tl.constexpr, INPUTS: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr, INPUTS: tl.constexpr, RA: tl.constexpr, RB: tl.constexpr,
 ):
     """Grid (V blocks of BV = 8 * NUM_WARPS, chunks, H).  q, k [B*T, H, K]; v, beta [B*T, H, V]; g [B*T, H]
     float32; h_mean, h_imp [chunks, H, K, V] float32 (M and I at every chunk's start); o, var [B*T, H, V].
@@ -76,10 +76,14 @@ def chunk_output_gluon_kernel(
     8 columns per warp); two columns per thread share the per-row work (q and k converted, scaled, squared).
     INPUTS: the chunk's q (times the scale) and k rows are staged in shared memory first, float32, by all warps
     together (``gluon_parts.stage_rows``: 48 kB at K = 96), and every token reads its rows there, instead of each
-    thread loading and converting its rows of every token from global memory (bf16)."""
+    thread loading and converting its rows of every token from global memory (bf16).  RA, RB: consecutive key
+    rows of part A and B a thread holds (``rows_per_thread``)."""
     BV: gl.constexpr = VCOLS * (WARP_LANES // LANES) * NUM_WARPS  # 8 * NUM_WARPS: output_lanes keeps LANES = 4 * VCOLS
-    LA: gl.constexpr = gl.BlockedLayout([KA // LANES, VCOLS], [LANES, WARP_LANES // LANES], [1, NUM_WARPS],
-                                        [0, 1])
+    # key rows a thread holds side by side: all of its share (KA / LANES) when they come from global memory; with
+    # INPUTS at most 4 (16 bytes), the layout repeating over the rows, so that the eight lanes of a column group
+    # read one token's staged rows from shared memory as consecutive 16-byte pieces: with 8 rows (32 bytes) a
+    # lane, lanes l and l + 4 of a phase hit the same banks (two-way conflicts on every read at K = 64 and 96)
+    LA: gl.constexpr = gl.BlockedLayout([RA, VCOLS], [LANES, WARP_LANES // LANES], [1, NUM_WARPS], [0, 1])
     ROWS_A: gl.constexpr = gl.SliceLayout(1, LA)
     COLS: gl.constexpr = gl.SliceLayout(0, LA)
     HAS_B: gl.constexpr = KB > 0
@@ -99,8 +103,7 @@ def chunk_output_gluon_kernel(
     h_off = (i_c * H + i_h).to(gl.int64) * K * V
     mean_a, imp_a = load_state(h_mean, h_imp, h_off, offs_a, offs_v, mask_a, mask_v, V)
     if HAS_B:
-        LB: gl.constexpr = gl.BlockedLayout([KB // LANES, VCOLS], [LANES, WARP_LANES // LANES], [1, NUM_WARPS],
-                                            [0, 1])
+        LB: gl.constexpr = gl.BlockedLayout([RB, VCOLS], [LANES, WARP_LANES // LANES], [1, NUM_WARPS], [0, 1])
         ROWS_B: gl.constexpr = gl.SliceLayout(1, LB)
         COLS_B: gl.constexpr = gl.SliceLayout(0, LB)
         offs_b = KA + gl.arange(0, KB, layout=ROWS_B)
@@ -200,8 +203,19 @@ def fwd_output_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         q, k, v, g, beta, prior, h_mean, h_imp, o, var, dummy, chunk_indices if layout.varlen else dummy,
         chunk_offsets if layout.varlen else dummy, float(scale), T,
         H=H, K=K, V=V, C=chunk_size, KA=KA, KB=KB, NUM_WARPS=warps, LANES=lanes, VCOLS=cols,
-        HAS_VAR=output_variance, IS_VARLEN=layout.varlen, INPUTS=inputs, num_warps=warps)
+        HAS_VAR=output_variance, IS_VARLEN=layout.varlen, INPUTS=inputs, RA=rows_per_thread(KA, lanes, inputs),
+        RB=rows_per_thread(KB, lanes, inputs), num_warps=warps)
     return o, (var if output_variance else None)
+
+
+def rows_per_thread(rows: int, lanes: int, staged: bool) -> int:
+    """Consecutive key rows of a part (``rows`` of them, 0 for an absent part B) that a thread of the output kernel
+    holds, ``lanes`` lanes sharing a value column: all of its share, rows / lanes, when they come from global memory;
+    at most 4 (16 bytes) when they are ``staged`` in shared memory, the layout then repeating over the rows, so that
+    the eight lanes of a column group read a token's rows there as consecutive 16-byte pieces.  With 8 rows (32
+    bytes) a lane, lanes l and l + 4 of a phase hit the same banks: two-way conflicts on every read at K = 64 and 96
+    (39 % excess shared-memory wavefronts at 760M-like, ``results/bench/ncu_h200_7bb4a53``)."""
+    return min(rows // lanes, 4) if staged else rows // lanes
 
 
 def output_lanes(cols: int) -> int:
@@ -228,8 +242,10 @@ def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False
                  chunk_offsets="*i32", scale="fp32", T="i32")
     KA, KB = k_parts(K)
     warps = gluon_warps(V)
-    constants = dict(H=16, K=K, V=V, C=64, KA=KA, KB=KB, NUM_WARPS=warps, LANES=output_lanes(cols), VCOLS=cols,
-                     HAS_VAR=with_variance, IS_VARLEN=varlen, INPUTS=inputs)
+    lanes = output_lanes(cols)
+    constants = dict(H=16, K=K, V=V, C=64, KA=KA, KB=KB, NUM_WARPS=warps, LANES=lanes, VCOLS=cols,
+                     HAS_VAR=with_variance, IS_VARLEN=varlen, INPUTS=inputs, RA=rows_per_thread(KA, lanes, inputs),
+                     RB=rows_per_thread(KB, lanes, inputs))
     signature = {name: types[name] for name in names}
     signature.update({name: "constexpr" for name in constants})
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name].startswith("*")}
@@ -240,11 +256,13 @@ def compile_sm(K: int, V: int, with_variance: bool = False, varlen: bool = False
 def compile_report(K: int, V: int, with_variance: bool = False, varlen: bool = False, arch: int = 90,
                    cols: int = 1, inputs: bool = False) -> dict:
     """Compile the kernel (:func:`compile_sm`) and count what its speed depends on: shared memory bytes,
-    barriers, reciprocals and butterfly shuffles in its PTX (the token loop's, once each)."""
+    barriers, 16-byte shared-memory loads, reciprocals and butterfly shuffles in its PTX (the token loop's, once
+    each)."""
     import re
 
     kernel = compile_sm(K, V, with_variance, varlen, arch, cols, inputs)
     ptx = kernel.asm["ptx"]
     return {"shared": int(kernel.metadata.shared), "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.", ptx)),
+            "shared_vector_loads": len(re.findall(r"\bld\.shared\.v4\.", ptx)),
             "reciprocals": ptx.count("rcp.approx.ftz.f32"), "shuffles": ptx.count("shfl.sync.bfly"),
             "warps": gluon_warps(V), "triton": triton.__version__}
