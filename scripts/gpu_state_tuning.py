@@ -2,11 +2,13 @@
 float64 reference, then time each one that passed.
 
     PYTHONPATH=. python scripts/gpu_state_tuning.py [--shapes 760M-like,170M-like,d64,d128] [--out FILE.md]
-        [--variants default,bk128-bv32-w8,...] [--limit 540]
+        [--variants default,bk128-bv32-w8,...] [--limit 540] [--chunk 64]
 
 A variant "bkA-bvB-wW[-sS][-rR]" launches ``chunk_state.chunk_states_kernel`` with blocks of A key rows and B
 value columns, W warps, S software-pipelining stages (Triton's default without "-s") and a cap of R registers
 per thread (none without "-r"); "default" is the package's launch for that key size (``config.state_tuning``).
+--chunk 32 times the kernel as the backward calls it (``chunk_bwd.BWD_CHUNK``: twice the states, walked in twice
+the steps); the forward calls it with chunks of 64, the default.
 Without --variants a grid of blocks (32-128 rows, 32-64 columns, no wider than the next power of two of K and V),
 4 and 8 warps, default and 1 stages and a 128-register cap at 4 warps is tried.
 
@@ -112,10 +114,14 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="760M-like,170M-like,d64,d128")
     parser.add_argument("--variants", default=None, help="comma-separated; default: a grid per shape")
     parser.add_argument("--limit", type=float, default=540.0, help="start no variant after this many seconds")
+    parser.add_argument("--chunk", type=int, default=64, choices=(16, 32, 64, 128),
+                        help="chunk size: 64 as the forward calls the kernel, 32 as the backward does")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    global C
+    C = args.chunk
     start = time.time()
-    lines = [f"Chunk-state kernel launches; {torch.cuda.get_device_name()}, {bench.environment()}", "",
+    lines = [f"Chunk-state kernel launches, chunks of {C}; {torch.cuda.get_device_name()}, {bench.environment()}", "",
              "| shape | variant | worst error (of M, I, final mu, I; varlen) | ms | GB/s |", "|---|---|---|---|---|"]
 
     def emit(line):
