@@ -69,8 +69,6 @@ class KernelConfig:
       many programs (counted with the sweep's own value blocks); the first unit of a sequence needs no
       local-adjoint pass, so fewer, longer units skip that pass where the GPU is full without them.  None: the
       Triton sweep 2048, the Gluon sweep by key size;
-    * state_tuning: the chunk-state kernel's blocks, warps, stages and register cap (:class:`StateTuning`;
-      None: :func:`state_tuning` by key and value size);
     * bwd_inputs: True stages each chunk's per-token inputs (q, k, v, beta, do, the decay) in shared memory once,
       float32, so that the sweep's forward and reverse steps read them there instead of waiting on global loads
       (``chunk_bwd_gluon._stage_inputs``).
@@ -81,8 +79,10 @@ class KernelConfig:
     (``results/bench/README.md``); at other key sizes, or when lanes, columns or warps are set by hand, the unset
     ones are 8 lanes, 1 column, stage 0, no cap, unroll 1, 8192 programs (about the units of the Triton sweep's
     2048 programs of four times wider value blocks), inputs not staged.  The Gluon sweep adds dq, dk and dg
-    atomically over its value blocks, so they may differ in the last bits from run to run.  The environment
-    variables are read when this module is imported.
+    atomically over its value blocks, so they may differ in the last bits from run to run.
+
+    state_tuning: the chunk-state kernel's blocks, warps, stages and register cap (:class:`StateTuning`; None:
+    :func:`state_tuning` by key size).  The environment variables are read when this module is imported.
     """
 
     fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "auto"))
