@@ -79,11 +79,12 @@ def gluon_sweep(lanes_k, warps=1, stage=0, unroll=1, cols=1, inputs=False):
 
 
 @pytest.mark.parametrize("K, V, lanes_k, unroll, cols, staged_inputs",
-                         [(48, 20, 8, 1, 1, False), (24, 32, 4, 4, 2, True)])
+                         [(48, 10, 8, 1, 1, False), (24, 32, 4, 4, 2, True)])
 def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, cols, staged_inputs, monkeypatch):
     """Every gradient through the Gluon reverse sweep (and output kernel); the Triton sweep is not run.  unroll 4
     rebuilds the sub-blocks' start states four tokens per loop iteration; cols 2 gives each thread two adjacent
-    value columns; staged_inputs puts each chunk's per-token inputs in shared memory."""
+    value columns; staged_inputs puts each chunk's per-token inputs in shared memory.  V = 10 at 8 lanes of one
+    column (blocks of 4) leaves a partial value block."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
@@ -112,19 +113,20 @@ def test_gluon_backward_with_several_warps_matches_naive(stage, staged_inputs, m
 
 
 @pytest.mark.parametrize("K, V, lanes_k, stage, unroll, cols, staged_inputs",
-                         [(16, 16, 4, 1, 2, 1, False), (48, 22, 16, 2, 4, 2, True)])
+                         [(16, 16, 4, 1, 2, 1, False), (48, 10, 16, 2, 4, 2, True)])
 def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stage, unroll, cols, staged_inputs,
                                                              monkeypatch):
     """bwd_stage = 1: a sub-block's states go through shared memory between its forward and reverse steps (one key
     part at K = 16); 2: so do the states at the sub-blocks' starts (two key parts at K = 48, 16 lanes of two value
-    columns each: blocks of 4, so V = 22 leaves a partial one); T = 37 (21) ends on a partial segment and
+    columns each: blocks of 4, so V = 10 leaves a partial one); T = 37 (21) ends on a partial segment and
     sub-block; with an initial state and the variance (staged with the chunk's other inputs in the second case):
     every gradient."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
-    # the interpreter's shared memory is slow: one sequence of two chunks (the second partial) when staged
-    batch, length = (1, 21) if staged_inputs else (2, 37)
+    # the interpreter's shared memory is slow: one sequence of two chunks (the second partial) when staged; batches
+    # of several sequences are the varlen tests' and the Triton sweep's
+    batch, length = (1, 21) if staged_inputs else (1, 37)
     inputs = make_inputs(B=batch, T=length, H=2, K=K, V=V, seed=31 + K)
     grads = make_grads(inputs, N=batch)
     with gluon_sweep(lanes_k, stage=stage, unroll=unroll, cols=cols, inputs=staged_inputs):
@@ -159,7 +161,7 @@ def test_gluon_local_adjoints_run_when_units_are_short(monkeypatch):
     monkeypatch.setattr(function, "chunk_bwd", lambda *a, **kw: original(*a, **dict(kw, unit_chunks=1)))
     monkeypatch.setattr(chunk_bwd, "unit_local_adjoint_kernel", None)
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
-    inputs = make_inputs(B=1, T=75, H=1, K=48, V=16, seed=11, strong_decay=True)
+    inputs = make_inputs(B=1, T=40, H=1, K=48, V=8, seed=11, strong_decay=True)  # three units, the last partial
     grads = make_grads(inputs, N=1)
     with gluon_sweep(16):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
