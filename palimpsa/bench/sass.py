@@ -118,6 +118,7 @@ def kernel_args(shape, fwd_block_v: int, bwd_block_v: int) -> Dict[str, Dict[str
 
     H, K, V = shape.H, shape.K, shape.V
     KA, KB = k_parts(K)
+    states = state_tuning(K, V)
     dt = "*bf16"
     common = dict(q=dt, k=dt, v=dt, g="*fp32", beta=dt, prior="*fp32", cu_seqlens=None, scale="fp32", T="i32",
                   H=H, K=K, V=V)
@@ -125,7 +126,7 @@ def kernel_args(shape, fwd_block_v: int, bwd_block_v: int) -> Dict[str, Dict[str
     return {
         "chunk_states": dict(k=dt, v=dt, g="*fp32", beta=dt, prior=f32, mu0=f32, imp0=f32, h_mean=f32, h_imp=f32,
                              final_mu=f32, final_imp=f32, cu_seqlens=None, chunk_offsets=None, T="i32", H=H, K=K,
-                             V=V, C=64, BK=state_tuning(K, V).block_k, BV=state_tuning(K, V).block_v, HAS_INIT=False, STORE_STATES=True,
+                             V=V, C=64, BK=states.block_k, BV=states.block_v, HAS_INIT=False, STORE_STATES=True,
                              STORE_FINAL=False, IS_VARLEN=False, DOT_BF16=True),
         "chunk_fwd": dict(common, h_mean=f32, h_imp=f32, mu0=f32, imp0=f32, o=dt, var=dt, final_mu=f32,
                           final_imp=f32, chunk_indices=None, chunk_offsets=None, C=64, KA=KA, KB=KB,

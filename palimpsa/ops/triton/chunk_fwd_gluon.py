@@ -64,6 +64,23 @@ def _step(mean, imp, kc, qc, v, beta, alpha, relax, HAS_VAR: tl.constexpr):
 
 
 @jit
+def _part_rows(q, k, in_rows, j, q_next, k_next, nxt, offs, mask, valid, scale, L: tl.constexpr, K: tl.constexpr,
+               C: tl.constexpr, INPUTS: tl.constexpr):
+    """A token's q (times the scale) and k on one key part, [rows, 1] in the part's layout L: read from the staged
+    chunk (``INPUTS``: its token j, see stage_rows), or formed from the rows loaded one token ahead (q_next, k_next
+    [rows]), whose successors (token row ``nxt``) it then loads.  Returns (qc, kc, q_next, k_next)."""
+    if INPUTS:
+        qc = in_rows.index(j).load(L)
+        kc = in_rows.index(C + j).load(L)
+    else:
+        qc = gl.expand_dims(q_next * scale, 1)
+        kc = gl.expand_dims(k_next, 1)
+        q_next = load_rows(q, nxt, offs, mask, valid, K)
+        k_next = load_rows(k, nxt, offs, mask, valid, K)
+    return qc, kc, q_next, k_next
+
+
+@jit
 def chunk_output_gluon_kernel(
     q, k, v, g, beta, prior, h_mean, h_imp, o, var, cu_seqlens, chunk_indices, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
@@ -121,9 +138,20 @@ def chunk_output_gluon_kernel(
     g_n = gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32)
     v_n = gl.load(v + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
     beta_n = gl.load(beta + tok_h * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
-    if not INPUTS:
+    if INPUTS:  # the rows come from shared memory: placeholders for the ones loaded ahead
+        in_a_or_q = in_a
+        in_b_or_q = in_b
+        q_an = offs_a
+        k_an = offs_a
+        q_bn = offs_a
+        k_bn = offs_a
+    else:
+        in_a_or_q = q
+        in_b_or_q = q
         q_an = load_rows(q, tok_h, offs_a, mask_a, valid, K)
         k_an = load_rows(k, tok_h, offs_a, mask_a, valid, K)
+        q_bn = q_an
+        k_bn = k_an
         if HAS_B:
             q_bn = load_rows(q, tok_h, offs_b, mask_b, valid, K)
             k_bn = load_rows(k, tok_h, offs_b, mask_b, valid, K)
@@ -137,27 +165,15 @@ def chunk_output_gluon_kernel(
         g_n = gl.load(g + nxt, mask=valid, other=0.0).to(gl.float32)
         v_n = gl.load(v + nxt * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
         beta_n = gl.load(beta + nxt * V + offs_v, mask=masked_if(mask_v, valid), other=0.0).to(gl.float32)
-        if INPUTS:
-            j = t - start
-            q_a = in_a.index(j).load(LA)
-            k_a = in_a.index(C + j).load(LA)
-        else:
-            q_a = gl.expand_dims(q_an * scale, 1)
-            k_a = gl.expand_dims(k_an, 1)
-            q_an = load_rows(q, nxt, offs_a, mask_a, valid, K)
-            k_an = load_rows(k, nxt, offs_a, mask_a, valid, K)
+        j = t - start
+        q_a, k_a, q_an, k_an = _part_rows(q, k, in_a_or_q, j, q_an, k_an, nxt, offs_a, mask_a, valid, scale, LA, K,
+                                          C, INPUTS)
         alpha = gl.exp(g_t)
         relax = (1.0 - alpha) * prior_h
         mean_a, imp_a, o_t, var_t = _step(mean_a, imp_a, k_a, q_a, v_t, beta_t, alpha, relax, HAS_VAR)
         if HAS_B:
-            if INPUTS:
-                q_b = in_b.index(j).load(LB)
-                k_b = in_b.index(C + j).load(LB)
-            else:
-                q_b = gl.expand_dims(q_bn * scale, 1)
-                k_b = gl.expand_dims(k_bn, 1)
-                q_bn = load_rows(q, nxt, offs_b, mask_b, valid, K)
-                k_bn = load_rows(k, nxt, offs_b, mask_b, valid, K)
+            q_b, k_b, q_bn, k_bn = _part_rows(q, k, in_b_or_q, j, q_bn, k_bn, nxt, offs_b, mask_b, valid, scale, LB,
+                                              K, C, INPUTS)
             # the value columns are spread alike in both parts: these conversions move no data
             mean_b, imp_b, o_b, var_b = _step(mean_b, imp_b, k_b, q_b, gl.convert_layout(v_t, COLS_B),
                                               gl.convert_layout(beta_t, COLS_B), alpha, relax, HAS_VAR)
