@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                 emit(f"| {shape.name} | {name} | not run: --limit {args.limit:.0f} s reached | | |")
                 continue
             tune = parse_variant(name)
-            shown = state_tuning(shape.K, shape.V) if tune is None else tune
+            shown = state_tuning(shape.K, shape.V, args.chunk) if tune is None else tune
             try:
                 (m, i), (mu, imp) = run_states(inputs, prior, layout, tune)
                 worst = max(relative_error(x, r) for x, r in ((m, ref_m), (i, ref_i), (mu, ref_mu), (imp, ref_imp)))

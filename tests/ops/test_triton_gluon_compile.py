@@ -92,12 +92,17 @@ def test_gluon_output_kernel_with_staged_rows_compiles():
     """fwd_inputs at K = 96: the chunk's q and k rows (64 tokens x 96 rows x 2, float32) staged in shared memory
     once, so a few barriers per program (the staging's, not one per token), and every token's arithmetic as
     without: the same reciprocals and shuffles."""
-    (report,) = compile_reports("palimpsa.ops.triton.chunk_fwd_gluon", [(96, 192, False, False, 90, 2, True)])
+    (report, single) = compile_reports("palimpsa.ops.triton.chunk_fwd_gluon", [(96, 192, False, False, 90, 2, True),
+                                                                               (128, 128, False, False, 90, 2, True)])
     assert report["shared"] == 2 * 64 * 96 * 4 and 0 < report["barriers"] <= 4, report
     assert report["reciprocals"] == 96 // 8 * 2 and report["shuffles"] == 3 * 2 * 2, report
     # a token's rows read as 16-byte pieces: q and k, each two of part A (64 rows over 8 lanes, 4 rows a piece,
     # the pieces 32 rows apart so that the 8 lanes of a phase read 128 consecutive bytes) and one of part B
     assert report["shared_vector_loads"] == 2 * (2 + 1), report
+    # K = 128 (OUTPUT_TUNED, OUTPUT_INPUTS): one key part of 128 rows, 16 a lane, read as four 16-byte pieces each
+    assert single["shared"] == 2 * 64 * 128 * 4 and 0 < single["barriers"] <= 4, single
+    assert single["reciprocals"] == 128 // 8 * 2 and single["shuffles"] == 3 * 2, single
+    assert single["shared_vector_loads"] == 2 * 4, single
 
 
 def test_output_rows_per_thread():
@@ -166,9 +171,9 @@ def test_the_forward_backend_is_checked():
 
 
 def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
-    """"auto": Gluon on a CUDA tensor of an sm_90 device at K = 48, 64 or 96 (checked and faster there on an
-    H200), for the sweep also at K = 128 (the output kernel was slower there), Triton for every other key size
-    (even between those), architecture, CPU tensors and under the interpreter."""
+    """"auto": Gluon on a CUDA tensor of an sm_90 device at K = 48, 64, 96 or 128 (checked and faster there on an
+    H200), Triton for every other key size (even between those), architecture, CPU tensors and under the
+    interpreter."""
     class FakeCuda:
         is_cuda = True
         device = "cuda:0"
@@ -180,9 +185,9 @@ def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with kernel_config(fwd_backend="auto", bwd_backend="auto"):
         for K, expected in ((16, "triton"), (32, "triton"), (48, "gluon"), (56, "triton"), (64, "gluon"),
-                            (80, "triton"), (96, "gluon"), (112, "triton"), (128, "triton"), (256, "triton")):
+                            (80, "triton"), (96, "gluon"), (112, "triton"), (128, "gluon"), (256, "triton")):
             assert function.output_kernel(FakeCuda(K)) == expected, K
-            assert function.sweep_kernel(FakeCuda(K)) == ("gluon" if K == 128 else expected), K
+            assert function.sweep_kernel(FakeCuda(K)) == expected, K
         assert function.output_kernel(torch.zeros(1, 1, 1, 64)) == "triton"  # a CPU tensor
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
         assert function.output_kernel(FakeCuda(64)) == "triton"
@@ -238,29 +243,32 @@ def test_sweep_layout_and_schedule_by_key_size():
         assert sweep_tuning(64) == (8, 1, 0, None, 1, 8192, False)
 
 
-def test_state_tuning_by_key_size():
+def test_state_tuning_by_key_and_chunk_size():
     from palimpsa.ops.triton.config import STATE_TUNED, state_tuning
 
-    assert state_tuning(96, 192) == STATE_TUNED[96] == (64, 64, 4, None, None)
+    assert state_tuning(96, 192) == STATE_TUNED[96, 64] == (64, 64, 4, None, None)  # the forward's chunks of 64
+    assert state_tuning(96, 192, 32) == (64, 32, 4, None, None)  # the backward's chunks of 32
+    assert state_tuning(128, 128, 32) == (32, 64, 4, None, None)
     assert state_tuning(48, 48) == (64, 32, 4, None, None)
     assert state_tuning(32, 48) == (32, 16, 4, None, None)  # not measured: blocks of the largest powers of two
+    assert state_tuning(96, 192, 16) == (64, 64, 4, None, None)  # nor this chunk size: as chunks of 64
     with kernel_config(state_tuning=StateTuning(16, 16, 8, 2, 128)):
-        assert state_tuning(96, 192) == (16, 16, 8, 2, 128)
+        assert state_tuning(96, 192) == state_tuning(96, 192, 32) == (16, 16, 8, 2, 128)
 
 
 def test_output_columns_by_key_size():
     from palimpsa.ops.triton.config import OUTPUT_INPUTS, OUTPUT_TUNED, output_columns, output_inputs
 
-    assert OUTPUT_TUNED == {48: 2, 64: 2, 96: 2}
-    assert [output_columns(K) for K in (48, 64, 96, 128, 32)] == [2, 2, 2, 1, 1]
+    assert OUTPUT_TUNED == {48: 2, 64: 2, 96: 2, 128: 2}
+    assert [output_columns(K) for K in (48, 64, 96, 128, 32)] == [2, 2, 2, 2, 1]
     with kernel_config(fwd_cols=2):
         assert output_columns(96) == 2
-    assert OUTPUT_INPUTS == {48, 64, 96}
-    assert [output_inputs(K) for K in (48, 64, 96, 128, 32)] == [True, True, True, False, False]
+    assert OUTPUT_INPUTS == {48, 64, 96, 128}
+    assert [output_inputs(K) for K in (48, 64, 96, 128, 32)] == [True, True, True, True, False]
     with kernel_config(fwd_inputs=False):
         assert not output_inputs(96)
     with kernel_config(fwd_inputs=True):
-        assert output_inputs(128)
+        assert output_inputs(32)
     with pytest.raises(ValueError, match="fwd_cols"):
         with kernel_config(fwd_cols=3):
             pass

@@ -113,7 +113,7 @@ def chunk_states(
     initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]], layout: SequenceLayout, chunk_size: int,
     store_states: bool = True, store_final: bool = False,
 ):
-    """Chunk-start states and (optionally) the final state; launched as ``config.state_tuning(K, V)`` says.
+    """Chunk-start states and (optionally) the final state; launched as ``config.state_tuning(K, V, chunk_size)`` says.
 
     k [B, T, H, K]; v, beta [B, T, H, V]; g [B, T, H]; prior [H] float32; initial_state (mu, I) [N, H, K, V].
     Returns (h_mean, h_imp) each [NC, H, K, V] float32 (None unless ``store_states``) and
@@ -136,7 +136,7 @@ def chunk_states(
         final_mu = final_imp = h_mean
     _, chunk_offsets = layout.chunk_table(chunk_size)
     mu0, imp0 = initial_state if initial_state is not None else (h_mean, h_mean)
-    tune = state_tuning(K, V)
+    tune = state_tuning(K, V, chunk_size)
     BK, BV = tune.block_k, tune.block_v
     launch = {"num_warps": tune.num_warps}
     if tune.num_stages is not None:

@@ -82,7 +82,7 @@ class KernelConfig:
     atomically over its value blocks, so they may differ in the last bits from run to run.
 
     state_tuning: the chunk-state kernel's blocks, warps, stages and register cap (:class:`StateTuning`; None:
-    :func:`state_tuning` by key size).  The environment variables are read when this module is imported.
+    :func:`state_tuning` by key and chunk size).  The environment variables are read when this module is imported.
     """
 
     fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "auto"))
@@ -122,16 +122,23 @@ SWEEP_TUNED = {48: SweepTuning(16, 2, 0, None, 4, 1536, True), 64: SweepTuning(1
 TRITON_TARGET_PROGRAMS = 2048  # the Triton sweep's units (its value blocks of 16 columns)
 # key size -> value columns per thread of the Gluon output kernel, where an H200 checked it against float64 and
 # measured it faster than 1 (gluon_f2_h200_1fa1530.md: forward 3.666 -> 3.403 ms at 760M-like, 0.815 -> 0.731 at d64)
-OUTPUT_TUNED = {48: 2, 64: 2, 96: 2}
+OUTPUT_TUNED = {48: 2, 64: 2, 96: 2, 128: 2}
 # key sizes at which the Gluon output kernel stages each chunk's q and k rows in shared memory, where an H200 checked
 # it against float64 and measured it faster (tenth session, gluon_fi_h200_eb446bb.md: forward 3.443 -> 2.781 ms at
-# 760M-like, 0.665 -> 0.609 at 170M-like, 0.724 -> 0.661 at d64)
-OUTPUT_INPUTS = frozenset({48, 64, 96})
+# 760M-like, 0.665 -> 0.609 at 170M-like, 0.724 -> 0.661 at d64; eleventh session at K = 128 with two columns, once its
+# staged reads were free of bank conflicts: d128 1.349 (Triton output kernel) -> 1.193, gluon_d128_fwd_h200_e721f0d.md)
+OUTPUT_INPUTS = frozenset({48, 64, 96, 128})
 BWD_BACKENDS = ("auto", "triton", "gluon")
-# key size -> the chunk-state kernel's launch, where an H200 checked it against float64 and measured it fastest of a
-# grid of blocks, warps, stages and register caps (tenth session, state_tuning_h200_463e541.md; untuned -> tuned, ms:
-# 760M-like 0.561 -> 0.516, 170M-like 0.216 -> 0.096, d64 0.124 -> 0.107, d128 0.237 -> 0.195)
-STATE_TUNED = {48: StateTuning(64, 32), 64: StateTuning(64, 32), 96: StateTuning(64, 64), 128: StateTuning(64, 32)}
+# (key size, chunk size) -> the chunk-state kernel's launch, where an H200 checked it against float64 and measured it
+# fastest of a grid of blocks, warps, stages and register caps.  Chunks of 64 (the forward's): tenth session,
+# state_tuning_h200_463e541.md, untuned -> tuned, ms: 760M-like 0.561 -> 0.516, 170M-like 0.216 -> 0.096, d64 0.124 ->
+# 0.107, d128 0.237 -> 0.195.  Chunks of 32 (the backward's): eleventh session, state_tuning_c32_h200_e721f0d.md,
+# the chunk-64 launch -> the fastest: 760M-like 0.795 -> 0.725, d128 0.315 -> 0.298 (170M-like and d64: the chunk-64
+# launch was within 3 %).
+STATE_TUNED = {(48, 64): StateTuning(64, 32), (64, 64): StateTuning(64, 32), (96, 64): StateTuning(64, 64),
+               (128, 64): StateTuning(64, 32),
+               (48, 32): StateTuning(64, 32), (64, 32): StateTuning(64, 32), (96, 32): StateTuning(64, 32),
+               (128, 32): StateTuning(32, 64)}
 CONFIG = KernelConfig()
 
 
@@ -228,11 +235,13 @@ def _valid_state_tuning(tuning) -> bool:
             and (tuning.maxnreg is None or (whole(tuning.maxnreg) and 24 <= tuning.maxnreg <= 255)))
 
 
-def state_tuning(K: int, V: int) -> StateTuning:
-    """The chunk-state kernel's launch at key size K and value size V: CONFIG.state_tuning where set, else
-    :data:`STATE_TUNED` for K, else blocks of up to 64 rows and columns (``utils.state_block``), 4 warps."""
+def state_tuning(K: int, V: int, chunk_size: int = 64) -> StateTuning:
+    """The chunk-state kernel's launch at key size K, value size V and chunk size C: CONFIG.state_tuning where set,
+    else :data:`STATE_TUNED` for (K, C), else for (K, 64) (a chunk size not measured), else blocks of up to 64 rows
+    and columns (``utils.state_block``), 4 warps."""
     from palimpsa.ops.triton.utils import state_block
 
     if CONFIG.state_tuning is not None:
         return CONFIG.state_tuning
-    return STATE_TUNED.get(K, StateTuning(state_block(K), state_block(V)))
+    untuned = StateTuning(state_block(K), state_block(V))
+    return STATE_TUNED.get((K, chunk_size), STATE_TUNED.get((K, 64), untuned))
