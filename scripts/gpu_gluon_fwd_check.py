@@ -23,8 +23,9 @@ the tenth session) and
 local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi".
 
 1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
-   batch, bf16 and float32, the chunk and fused-recurrent forwards (outputs, variance, final states) over the
-   whole shape and every gradient on a slice (batch 0, heads 0-1), against ``naive_palimpsa`` in float64;
+   batch (once more with saturated decays and full resets at some tokens), bf16 and float32, the chunk and
+   fused-recurrent forwards (outputs, variance, final states) over the whole shape and every gradient on a slice
+   (batch 0, heads 0-1), against ``naive_palimpsa`` in float64;
    limits float32 1e-4, bf16 2e-2.  Triton 3.6 has known Hopper miscompilations: a timing counts only when its
    variant passed here.
 2. Timing of the variants that passed: the op's forward and forward+backward (bf16, as ``palimpsa bench ops``
@@ -82,7 +83,8 @@ def variant_config(name: str) -> dict:
 
 
 def check_variant(name: str, shapes) -> bool:
-    """check_case at every shape and on a varlen batch (the first shape's head sizes), under the variant."""
+    """check_case at every shape and on a varlen batch (the first shape's head sizes), the latter also with
+    saturated decays and full resets at some tokens, under the variant."""
     ok = True
     for shape in shapes:
         x = bf16_exact(bench.make_inputs(shape, torch.float32, "cuda"))
@@ -96,6 +98,13 @@ def check_variant(name: str, shapes) -> bool:
     e = extra_inputs(x, 4, torch.float32, seed=2)
     with kernel_config(**variant_config(name)):
         passed, _ = check_case(f"{name} varlen", x, e, cu=cu)
+    ok &= passed
+    # extreme decays on that varlen batch: saturated (g = -35) and full resets (g = -inf) at sequence starts and
+    # ends, around the backward's chunks of 32, and in runs
+    x["g"][0, [0, 4, 5, 31, 32, 33, 64, 299, 300, 301, 302, 303, 450, 699], :] = -35.0
+    x["g"][0, [6, 96, 97, 500], :2] = float("-inf")
+    with kernel_config(**variant_config(name)):
+        passed, _ = check_case(f"{name} varlen, extreme decays", x, e, cu=cu)
     return ok and passed
 
 

@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from palimpsa.ops import chunk_palimpsa  # noqa: E402
-from tests.ops.test_triton_interpret import (assert_close, make_grads, make_inputs, reference, run_op,  # noqa: E402
-                                             triton_module)
+from tests.ops.test_triton_interpret import (NAMES, assert_close, make_grads, make_inputs, reference,  # noqa: E402
+                                             run_op, triton_module)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -94,6 +94,31 @@ def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, cols, staged_inputs
     with gluon_sweep(lanes_k, unroll=unroll, cols=cols, inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
+
+
+@pytest.mark.parametrize("case, staged_inputs", [("reset", False), ("strong_forget", True), ("saturated", True),
+                                                  ("saturated", False)])
+def test_gluon_backward_with_extreme_decays_matches_naive(case, staged_inputs, monkeypatch):
+    """g = -inf, -1e4 or -35 at some tokens (the first, one after a chunk's end, the last, and a run across the
+    backward's unit boundary at 32): the Gluon sweep takes these tokens' dg directly, not from the reverse
+    cumulative sum of dL/db, so a saturated token's tiny dg stays accurate relative to its value; every other
+    gradient float32-accurate.  Units of one chunk, so the local-adjoint pass sees them too."""
+    from palimpsa.ops.triton import chunk_bwd, function
+
+    original = chunk_bwd.chunk_bwd
+    monkeypatch.setattr(function, "chunk_bwd", lambda *a, **kw: original(*a, **dict(kw, unit_chunks=1)))
+    monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
+    inputs = make_inputs(B=1, T=40, H=1, K=16, V=16, seed=21)
+    tokens = [0, 5, 16, 31, 32, 33, 39]
+    inputs["g"][0, tokens] = {"reset": float("-inf"), "strong_forget": -1e4, "saturated": -35.0}[case]
+    grads = make_grads(inputs, N=1)
+    ref = reference(inputs, grads)
+    with gluon_sweep(8, unroll=4, cols=2, inputs=staged_inputs):
+        got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
+    assert_close(got, ref)
+    if case == "saturated":
+        dg, dg_ref = got[NAMES.index("dg")][0, tokens], ref[NAMES.index("dg")][0, tokens]
+        assert dg_ref.abs().max() < 1e-10 and ((dg.double() - dg_ref).abs() / dg_ref.abs()).max() < 1e-4
 
 
 @pytest.mark.parametrize("stage, staged_inputs", [(0, False), (1, True)])

@@ -26,14 +26,14 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_CHUNK_SIZE = 64
 
 
-# Where "auto" picks the Gluon kernels: the key sizes at which they passed the float64 check on an H200 and ran
-# faster than the Triton ones (results/bench/README.md), on that architecture (compute capability 9.0, the H200's
-# and H100's) only.  The output kernel: K = 48, 64 and 96 (fourth session, calls 3 and 5), and K = 128 with two
-# columns a thread and staged rows once those were read without bank conflicts (eleventh session,
-# gluon_d128_fwd_h200_e721f0d.md: checked at d128 and varlen, then forward 1.349 -> 1.193 ms at d128).  The reverse sweep: the same and K = 128 (one column per
-# thread, staged inputs, config.SWEEP_TUNED[128]: checked at d128 and on a varlen batch, then 15.64 -> 11.44 ms
-# fwd+bwd at d128, tenth session, gluon_d128_check_h200_eb446bb.md).  Other key sizes run the Triton kernels until
-# they are measured.
+# Where "auto" picks the Gluon kernels: the key sizes at which they passed the float64 check on an H200 and ran faster
+# than the Triton ones (results/bench/README.md), on that architecture (compute capability 9.0, the H200's and H100's)
+# only.  The output kernel: K = 48, 64 and 96 (fourth session, calls 3 and 5), and K = 128 with two columns a thread and
+# staged rows once those were read without bank conflicts (eleventh session, gluon_d128_fwd_h200_e721f0d.md: checked at
+# d128 and varlen, then forward 1.349 -> 1.193 ms at d128). The reverse sweep: the same and K = 128 (one column per
+# thread, staged inputs, config.SWEEP_TUNED[128]: checked at d128 and on a varlen batch, then 15.64 -> 11.44 ms fwd+bwd
+# at d128, tenth session, gluon_d128_check_h200_eb446bb.md).  Other key sizes run the Triton kernels until they are
+# measured.
 GLUON_FWD_KEY_SIZES = frozenset({48, 64, 96, 128})
 GLUON_BWD_KEY_SIZES = frozenset({48, 64, 96, 128})
 GLUON_CAPABILITIES = ((9, 0),)
