@@ -474,8 +474,10 @@ def decay_grad_from_terms(
 
     NTOK, H = terms.shape
     dev = terms.device
-    y = terms.double()
-    saturated = g.reshape(NTOK, H).float() < SATURATED_LOG_DECAY.value
+    # heads first, tokens contiguous: the scans below run along the last dimension (a scan along the first
+    # dimension of a [tokens, H] tensor took milliseconds on an H200)
+    y = terms.t().double()
+    saturated = g.reshape(NTOK, H).t().float() < SATURATED_LOG_DECAY.value
     if layout.varlen:
         lengths = torch.tensor(layout.lengths, device=dev)
         last = (layout.cu32[1:].long() - 1)[lengths > 0]
@@ -487,17 +489,18 @@ def decay_grad_from_terms(
         term = (dmu * mu + (dimp - dmu * mu / imp) * (imp - prior.double()[None, :, None, None])).sum((2, 3))
         if layout.varlen:
             term = term[lengths > 0]
-        y[last] += torch.where(saturated[last], 0.0, term)
-    # the segments of the sum end at saturated tokens and at each sequence's last token
+        y[:, last] += torch.where(saturated[:, last], 0.0, term.t())
+    # the segments of the sum end at saturated tokens and at each sequence's last token: dg_t is the sum of y
+    # from t to its segment's end, C[end] - C[t] + y_t with C the running sum (float64: exact enough)
     ends = saturated.clone()
-    ends[last] = True
-    index = torch.arange(NTOK, device=dev).unsqueeze(1).expand(NTOK, H)
-    end = torch.where(ends, index, NTOK - 1).flip(0).cummin(0).values.flip(0)
-    rev = torch.cat([y.flip(0).cumsum(0).flip(0), y.new_zeros(1, H)])
-    dg = rev[:NTOK] - rev.gather(0, end + 1)
+    ends[:, last] = True
+    index = torch.arange(NTOK, device=dev).expand(H, NTOK)
+    end = torch.where(ends, index, NTOK - 1).flip(1).cummin(1).values.flip(1)
+    running = y.cumsum(1)
+    dg = running.gather(1, end) - running + y
     # a saturated token's dg as the sweep gave it, not as a difference of two partial sums (its relative accuracy)
     dg = torch.where(saturated, y, dg)
-    return dg.float().reshape(layout.B, layout.T, H)
+    return dg.t().float().reshape(layout.B, layout.T, H)
 
 
 def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk_size: int,
