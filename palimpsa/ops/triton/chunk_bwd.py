@@ -463,8 +463,9 @@ def decay_grad_from_terms(
 ) -> torch.Tensor:
     """dg [B, T, H] float32 from the Gluon sweep's per-token terms (``unit_bwd_gluon_kernel``'s dg_part).
 
-    terms [B*T, H] float32 holds dL/db_t (b_t = g_1 + ... + g_t) at every token whose log decay is at least
-    ``SATURATED_LOG_DECAY``, and dg_t itself at the others (the sweep took those directly).  Since
+    terms [2, B*T, H] float32: row 0 holds dL/db_t (b_t = g_1 + ... + g_t) at every token, row 1 dg_t itself at
+    the tokens whose log decay is below ``SATURATED_LOG_DECAY`` (the sweep took those directly), which replaces
+    row 0 there.  Since
     dg_t = dL/db_t + dg_{t+1}, dg is a reverse cumulative sum over each sequence that restarts at every saturated
     token (its value is already dg); summed in float64.  final, dfinal: the final state (mu, I) and its gradient,
     each [N, H, K, V] float32, or None: L's dependence on the final state adds
@@ -472,12 +473,12 @@ def decay_grad_from_terms(
     already has it).  g [B, T, H]; prior [H] float32."""
     from palimpsa.ops.triton.chunk_bwd_gluon import SATURATED_LOG_DECAY
 
-    NTOK, H = terms.shape
+    _, NTOK, H = terms.shape
     dev = terms.device
     # heads first, tokens contiguous: the scans below run along the last dimension (a scan along the first
     # dimension of a [tokens, H] tensor took milliseconds on an H200)
-    y = terms.t().double()
     saturated = g.reshape(NTOK, H).t().float() < SATURATED_LOG_DECAY.value
+    y = torch.where(saturated, terms[1].t(), terms[0].t()).double()
     if layout.varlen:
         lengths = torch.tensor(layout.lengths, device=dev)
         last = (layout.cu32[1:].long() - 1)[lengths > 0]
@@ -597,8 +598,9 @@ def chunk_bwd(
     dk = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
     dbeta = torch.empty(B, T, H, V, device=dev, dtype=beta.dtype)
-    # dg per V block, summed below; the Gluon sweep adds every block's share into one buffer atomically
-    dg_part = torch.zeros(1 if sweep == "gluon" else NV, NTOK, H, device=dev, dtype=torch.float32)
+    # dg per V block, summed below; the Gluon sweep adds every block's share of dL/db (and of dg at saturated
+    # decays) into two rows atomically (see decay_grad_from_terms)
+    dg_part = torch.zeros(2 if sweep == "gluon" else NV, NTOK, H, device=dev, dtype=torch.float32)
     dprior_part = torch.empty(NV, NU, H, device=dev, dtype=torch.float32)
     has_init = initial_state is not None
     if has_init:
@@ -632,7 +634,7 @@ def chunk_bwd(
         )
 
     if sweep == "gluon":
-        dg = decay_grad_from_terms(dg_part[0], g, layout, prior, final if has_dfinal else None, dfinal)
+        dg = decay_grad_from_terms(dg_part, g, layout, prior, final if has_dfinal else None, dfinal)
     else:
         dg = dg_part.sum(0).reshape(B, T, H)
     dprior = dprior_part.sum((0, 1)) + extra_dprior.sum((0, 1))

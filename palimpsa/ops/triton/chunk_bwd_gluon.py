@@ -243,7 +243,7 @@ def _part_token_backward(mean, imp, next_m, next_p, decay_next, q, k, v, beta, d
 
 
 @jit
-def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi,
+def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
                     q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale, t, cs,
                     valid, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
                     LA: tl.constexpr, LB: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -253,26 +253,29 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
     block's share of dL/db_t (b the cumulative log decay: dg is its reverse cumulative sum, see
     ``unit_bwd_gluon_kernel``) into dg_part; returns the adjoints for token t - 1 (see chunk_bwd.token_backward) as
     token t's totals and its decay alpha_t on the value columns, which the step of token t - 1 applies
-    (``alpha_next`` there), and the running sum of DI per lane (``sdi``, [LANES_K, BV]).  g_next is token
-    t + 1's log decay (0 after the sequence's end): where it is saturated (below ``SATURATED_LOG_DECAY``), this
-    step adds token t + 1's dg directly instead, as that token's step left it out; token t's own log decay is
-    returned for the step of token t - 1."""
+    (``alpha_next`` there), and the running sum of DI per lane (``sdi``, [LANES_K, BV]).  chunk_sat: whether a
+    log decay of the chunk's tokens or of the token after it is saturated (below ``SATURATED_LOG_DECAY``); then,
+    where token t + 1's is, this step also adds that token's dg, taken directly, into dg_part's second row (the
+    host takes it there for that token).  Only then is a token's log decay read here: the common case waits on
+    no load from global memory."""
     tok_h = gl.cast(t, gl.int64) * H + i_h
     j = t - cs
     COLS: gl.constexpr = gl.SliceLayout(0, LA)
-    g_t = gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32)
     if INPUTS:
         alpha = in_c.index(3 * (in_a.shape[0] // 2) + j).load(LA)
     else:
-        alpha = gl.exp(g_t)
+        alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
         alpha = gl.expand_dims(gl.where(mask_v, alpha, alpha), 0)
-    if g_next < SATURATED_LOG_DECAY:
-        # token t + 1's dg = alpha_{t+1} sum(dM_{t+1} M_t + dP_{t+1} P_t), its adjoint totals arriving undecayed
-        dg_next = _lane_sums(adj_m_a * mean_a + adj_p_a * imp_a, KA, LANES_K, VCOLS, WARPS)
-        if HAS_B:
-            dg_next += _lane_sums(adj_m_b * mean_b + adj_p_b * imp_b, KB, LANES_K, VCOLS, WARPS)
-        dg_next = gl.sum(gl.sum(gl.expand_dims(gl.convert_layout(gl.sum(dg_next, 0), COLS), 0) * alpha_next, 1), 0)
-        gl.atomic_add(dg_part + tok_h + H, dg_next, sem="relaxed")
+    if chunk_sat:
+        has_next = valid & (t + 1 < eos)
+        if gl.load(g + tok_h + H, mask=has_next, other=0.0).to(gl.float32) < SATURATED_LOG_DECAY:
+            # token t + 1's dg = alpha_{t+1} sum(dM_{t+1} M_t + dP_{t+1} P_t), its adjoint totals arriving undecayed
+            dg_next = _lane_sums(adj_m_a * mean_a + adj_p_a * imp_a, KA, LANES_K, VCOLS, WARPS)
+            if HAS_B:
+                dg_next += _lane_sums(adj_m_b * mean_b + adj_p_b * imp_b, KB, LANES_K, VCOLS, WARPS)
+            dg_next = gl.sum(gl.sum(gl.expand_dims(gl.convert_layout(gl.sum(dg_next, 0), COLS), 0) * alpha_next, 1),
+                             0)
+            gl.atomic_add(dg_part + NTOK * H + tok_h + H, dg_next, sem="relaxed")
     adj_m_a, adj_p_a, di_t, var_t, dv_t, dbeta_t, vc, betac = _part_token_backward(
         mean_a, imp_a, adj_m_a, adj_p_a, alpha_next, q, k, v, beta, do, dvar, dq, dk, in_a, in_c, j, prior_h,
         scale, tok_h, valid, offs_a, mask_a, offs_v, mask_v, LA, K, V, KA, LANES_K, VCOLS, WARPS, HAS_DVAR, INPUTS)
@@ -301,12 +304,12 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
     gl.store(dbeta + tok_h * V + offs_v, dbeta_t.to(dbeta.dtype.element_ty), mask=mv)
     # every V block adds its share of dL/db_t into one [B*T, H] buffer (48 blocks at V = 192: per-block partial
     # sums would cost more memory than the Triton sweep's); dq and dk are atomic already, so no order is lost
-    gl.atomic_add(dg_part + tok_h, -db, mask=valid & (g_t >= SATURATED_LOG_DECAY), sem="relaxed")
-    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha, g_t, sdi + di_t
+    gl.atomic_add(dg_part + tok_h, -db, mask=valid, sem="relaxed")
+    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha, sdi + di_t
 
 
 @jit
-def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi,
+def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
                       staged_m_a, staged_i_a, staged_m_b, staged_i_b, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta,
                       dg_part, in_a, in_b, in_c, prior_h, scale, t0, cs, s, seg_tok, eos, i_v, i_h, offs_a, mask_a,
                       offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK, LA: tl.constexpr, LB: tl.constexpr,
@@ -333,12 +336,12 @@ def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, a
         if HAS_B:
             m_b = staged_m_b.index(j).load(LB)
             i_b = staged_i_b.index(j).load(LB)
-        adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi = _token_backward(
-            m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi,
+        adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
+            m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
             q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale, t0 + j, cs,
             s + j < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
             LA, LB, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA, KB, LANES_K, VCOLS, WARPS)
-    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi
+    return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi
 
 
 @jit
@@ -473,11 +476,11 @@ def unit_bwd_gluon_kernel(
     reduction of a token crosses warps; with more, the sums over V (dq, dk, dg) go through shared memory, and WARPS
     times fewer blocks add dq and dk atomically.  Buffers
     as ``unit_bwd_kernel``'s: dq, dk float32 [B*T, H, K] (atomic adds over V blocks); dv, dbeta [B*T, H, V];
-    dg_part [1, B*T, H] zero-initialised (every V block adds into it atomically); dprior [NV, units, H]; dmu0,
+    dg_part [2, B*T, H] zero-initialised (every V block adds into it atomically); dprior [NV, units, H]; dmu0,
     dimp0 [N, H, K, V].
 
-    dg_part receives dL/db_t, not dg_t: b_t = g_1 + ... + g_t, so that dg is its reverse cumulative sum over each
-    sequence (``chunk_bwd.cumulative_log_decay_grad``).  With M_t = exp(b_t) (M_0 + sum_s exp(-b_s) k_s v_s^T) and
+    dg_part's first row receives dL/db_t, not dg_t: b_t = g_1 + ... + g_t, so that dg is its reverse cumulative sum
+    over each sequence (``chunk_bwd.decay_grad_from_terms``).  With M_t = exp(b_t) (M_0 + sum_s exp(-b_s) k_s v_s^T) and
     likewise P, differentiating through b_t gives, per token and with D, Dp the adjoints of (M_t, P_t) that come
     from o_t and var_t alone,
         dL/db_t = sum D_t M_t + sum Dp_t P_t - v_t . dv_t - beta_t . dbeta_t
@@ -486,7 +489,9 @@ def unit_bwd_gluon_kernel(
     sums over the state's elements; dvar_t . var_t = s^2 sum q^2 dvar / I).  So a token's reverse step needs no
     state before the token and no product of adjoint and state: per element, nothing beyond DI, which dprior
     needs anyway (the former dg_{t+1} = alpha sum(DM M_t + DI P_t) cost two multiplies and a sum per element).
-    The gradient of a final state adds its own term at each sequence's last token (on the host).
+    The gradient of a final state adds its own term at each sequence's last token (on the host).  Where a token's
+    log decay is below SATURATED_LOG_DECAY, the step of the token before also adds its dg taken directly into
+    dg_part's second row (only in chunks with such a token: see _token_backward).
 
     STAGE = 1 keeps the states (M, P) after each of a sub-block's four tokens in shared memory
     between its forward and reverse steps, instead of in registers (each thread reads back what it wrote, K-fastest
@@ -543,9 +548,6 @@ def unit_bwd_gluon_kernel(
         adj_p_b = adj_p_a
     # the carried adjoints are the totals of the token after the unit with its decay already applied
     alpha_next = gl.expand_dims(gl.where(mask_v, 1.0, 1.0), 0)
-    # and that token's log decay (for its dg where saturated: see _token_backward)
-    after = gl.minimum(bos + (c_first + c_count) * C, eos)
-    g_next = gl.load(g + gl.cast(after, gl.int64) * H + i_h, mask=after < eos, other=0.0).to(gl.float32)
     if STAGE:
         STAGED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
         staged_m_a = gl.allocate_shared_memory(gl.float32, [4, KA, BV], STAGED)
@@ -582,6 +584,12 @@ def unit_bwd_gluon_kernel(
         cs = bos + i_c * C
         n_tok = gl.minimum(C, eos - cs)
         h_off = ((cbase + i_c) * H + i_h).to(gl.int64) * K * V
+        # whether a log decay of the chunk's tokens or of the token after is saturated (see _token_backward)
+        CHUNK_TOKS: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        toks = cs + gl.arange(0, 2 * C, layout=CHUNK_TOKS)
+        in_reach = (toks <= cs + n_tok) & (toks < eos)
+        g_chunk = gl.load(g + gl.cast(toks, gl.int64) * H + i_h, mask=in_reach, other=0.0).to(gl.float32)
+        chunk_sat = gl.max(gl.where(g_chunk < SATURATED_LOG_DECAY, 1, 0), 0) > 0
         if INPUTS:
             _stage_inputs(q, k, v, g, beta, do, dvar, stage_a, stage_b, stage_c, cs, n_tok, i_v, i_h, scale, H, K, V,
                           C, KA, KB, BV, WARPS, HAS_B, HAS_DVAR)
@@ -630,8 +638,8 @@ def unit_bwd_gluon_kernel(
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, UNROLL,
                         INPUTS)
                 if STAGE:
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi = _staged_sub_block(
-                        mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _staged_sub_block(
+                        mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
                         staged_m_a, staged_i_a, staged_m_b if HAS_B else staged_m_a,
                         staged_i_b if HAS_B else staged_i_a, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part,
                         in_a, in_b, in_c, prior_h, scale, t0, cs, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b,
@@ -652,26 +660,26 @@ def unit_bwd_gluon_kernel(
                         m2_a, i2_a, m2_b, i2_b, k, v, g, beta, in_a, in_b, in_c, t0 + 3, cs, s + 3 < seg_tok, i_h,
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, INPUTS)
                     # the same four tokens in reverse
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi = _token_backward(
-                        m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
+                        m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 3, cs, s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
                         KB, LANES_K, VCOLS, WARPS)
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi = _token_backward(
-                        m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
+                        m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 2, cs, s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
                         KB, LANES_K, VCOLS, WARPS)
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi = _token_backward(
-                        m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
+                        m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 1, cs, s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
                         KB, LANES_K, VCOLS, WARPS)
-                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi = _token_backward(
-                        m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, g_next, sdi,
+                    adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
+                        m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0, cs, s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
@@ -706,8 +714,9 @@ def unit_bwd_gluon_kernel(
                 gl.store(dimp0 + s_off + tile_b, adj_m_b * mu_init_b + adj_p_b, mask=m_b)
                 dprior_sum -= gl.sum(gl.sum(adj_p_b, 1), 0)
                 dg_first += gl.sum(gl.sum(adj_m_b * (mu_init_b * imp_init_b) + adj_p_b * (imp_init_b - prior_h), 1), 0)
-            gl.atomic_add(dg_part + gl.cast(bos, gl.int64) * H + i_h, dg_first,
-                          mask=g_next < SATURATED_LOG_DECAY, sem="relaxed")
+            first = gl.cast(bos, gl.int64) * H + i_h
+            gl.atomic_add(dg_part + NTOK * H + first, dg_first,
+                          mask=gl.load(g + first).to(gl.float32) < SATURATED_LOG_DECAY, sem="relaxed")
     gl.store(dprior + (i_v * gl.num_programs(1) + i_u) * H + i_h, dprior_sum)
 
 
