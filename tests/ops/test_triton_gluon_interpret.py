@@ -100,9 +100,9 @@ def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, cols, staged_inputs
                                                   ("saturated", False)])
 def test_gluon_backward_with_extreme_decays_matches_naive(case, staged_inputs, monkeypatch):
     """g = -inf, -1e4 or -35 at some tokens (the first, one after a chunk's end, the last, and a run across the
-    backward's unit boundary at 32): the Gluon sweep takes these tokens' dg directly, not from the reverse
-    cumulative sum of dL/db, so a saturated token's tiny dg stays accurate relative to its value; every other
-    gradient float32-accurate.  Units of one chunk, so the local-adjoint pass sees them too."""
+    backward's unit boundary at 32): a saturated token's tiny dg stays accurate relative to its value (the sweep
+    takes every dg directly, alpha_t sum(dM_t M_{t-1} + dP_t P_{t-1})); every other gradient float32-accurate.
+    Units of one chunk, so the local-adjoint pass sees them too."""
     from palimpsa.ops.triton import chunk_bwd, function
 
     original = chunk_bwd.chunk_bwd

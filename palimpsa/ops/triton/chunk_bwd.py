@@ -12,11 +12,7 @@ Notation (one head, [K, V] tiles, element-wise unless noted; I = I0 + P, r = 1 /
         dk_t = sum_v dM_t v_t + 2 k_t sum_v dP_t beta_t,   dv_t = sum_k k_t dM_t,   dbeta_t = sum_k k_t^2 dP_t
         dg_{t+1} = alpha_{t+1} sum_kv (dM_{t+1} M_t + dP_{t+1} P_t)   (the adjoint handed back to the state
                    after token t, times that state: taken directly, so a saturated decay gets its tiny dg with
-                   full relative accuracy; dg of a sequence's first token comes from the initial state.  The
-                   Gluon sweep takes it so only at saturated tokens and elsewhere as the reverse cumulative sum
-                   of dL/db_t = -I0 sum DI_t - dvar_t . var_t - v_t . dv_t - beta_t . dbeta_t, which needs no
-                   product of adjoint and state per element: chunk_bwd_gluon.unit_bwd_gluon_kernel,
-                   decay_grad_from_terms)
+                   full relative accuracy; dg of a sequence's first token comes from the initial state)
         dI0 = sum_t sum_kv DI_t (- sum dP_0 when an initial state is given)
 
 Work plan (states are recomputed, only chunk-start states and one adjoint pair per unit are stored):
@@ -456,54 +452,6 @@ def unit_bwd_kernel(
     tl.store(dprior + (i_v * tl.num_programs(1) + i_u) * H + i_h, dprior_sum)
 
 
-def decay_grad_from_terms(
-    terms: torch.Tensor, g: torch.Tensor, layout: SequenceLayout, prior: torch.Tensor,
-    final: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-) -> torch.Tensor:
-    """dg [B, T, H] float32 from the Gluon sweep's per-token terms (``unit_bwd_gluon_kernel``'s dg_part).
-
-    terms [2, B*T, H] float32: row 0 holds dL/db_t (b_t = g_1 + ... + g_t) at every token, row 1 dg_t itself at
-    the tokens whose log decay is below ``SATURATED_LOG_DECAY`` (the sweep took those directly), which replaces
-    row 0 there.  Since
-    dg_t = dL/db_t + dg_{t+1}, dg is a reverse cumulative sum over each sequence that restarts at every saturated
-    token (its value is already dg); summed in float64.  final, dfinal: the final state (mu, I) and its gradient,
-    each [N, H, K, V] float32, or None: L's dependence on the final state adds
-    sum_kv (dmu mu + (dI - dmu mu / I) (I - I0)) to dL/db at each sequence's last token (a saturated last token
-    already has it).  g [B, T, H]; prior [H] float32."""
-    from palimpsa.ops.triton.chunk_bwd_gluon import SATURATED_LOG_DECAY
-
-    _, NTOK, H = terms.shape
-    dev = terms.device
-    # heads first, tokens contiguous: the scans below run along the last dimension (a scan along the first
-    # dimension of a [tokens, H] tensor took milliseconds on an H200)
-    saturated = g.reshape(NTOK, H).t().float() < SATURATED_LOG_DECAY.value
-    y = torch.where(saturated, terms[1].t(), terms[0].t()).double()
-    if layout.varlen:
-        lengths = torch.tensor(layout.lengths, device=dev)
-        last = (layout.cu32[1:].long() - 1)[lengths > 0]
-    else:
-        last = torch.arange(1, layout.B + 1, device=dev) * layout.T - 1
-    if dfinal is not None:
-        (mu, imp), (dmu, dimp) = final, dfinal
-        mu, imp, dmu, dimp = mu.double(), imp.double(), dmu.double(), dimp.double()
-        term = (dmu * mu + (dimp - dmu * mu / imp) * (imp - prior.double()[None, :, None, None])).sum((2, 3))
-        if layout.varlen:
-            term = term[lengths > 0]
-        y[:, last] += torch.where(saturated[:, last], 0.0, term.t())
-    # the segments of the sum end at saturated tokens and at each sequence's last token: dg_t is the sum of y
-    # from t to its segment's end, C[end] - C[t] + y_t with C the running sum (float64: exact enough)
-    ends = saturated.clone()
-    ends[:, last] = True
-    index = torch.arange(NTOK, device=dev).expand(H, NTOK)
-    end = torch.where(ends, index, NTOK - 1).flip(1).cummin(1).values.flip(1)
-    running = y.cumsum(1)
-    dg = running.gather(1, end) - running + y
-    # a saturated token's dg as the sweep gave it, not as a difference of two partial sums (its relative accuracy)
-    dg = torch.where(saturated, y, dg)
-    return dg.t().float().reshape(layout.B, layout.T, H)
-
-
 def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk_size: int,
                         target_programs: int = 2048) -> int:
     """Chunks per backward unit: units long enough to skip the local-adjoint pass where the grid is
@@ -598,9 +546,8 @@ def chunk_bwd(
     dk = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
     dbeta = torch.empty(B, T, H, V, device=dev, dtype=beta.dtype)
-    # dg per V block, summed below; the Gluon sweep adds every block's share of dL/db (and of dg at saturated
-    # decays) into two rows atomically (see decay_grad_from_terms)
-    dg_part = torch.zeros(2 if sweep == "gluon" else NV, NTOK, H, device=dev, dtype=torch.float32)
+    # dg per V block, summed below; the Gluon sweep adds every block's share into one buffer atomically
+    dg_part = torch.zeros(1 if sweep == "gluon" else NV, NTOK, H, device=dev, dtype=torch.float32)
     dprior_part = torch.empty(NV, NU, H, device=dev, dtype=torch.float32)
     has_init = initial_state is not None
     if has_init:
@@ -633,10 +580,7 @@ def chunk_bwd(
             num_warps=num_warps,
         )
 
-    if sweep == "gluon":
-        dg = decay_grad_from_terms(dg_part, g, layout, prior, final if has_dfinal else None, dfinal)
-    else:
-        dg = dg_part.sum(0).reshape(B, T, H)
+    dg = dg_part.sum(0).reshape(B, T, H)
     dprior = dprior_part.sum((0, 1)) + extra_dprior.sum((0, 1))
     dinit = (dmu0, dimp0) if has_init else None
     return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dbeta, dprior, dinit)

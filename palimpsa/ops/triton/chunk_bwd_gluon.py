@@ -1,15 +1,15 @@
 """The per-channel op's reverse sweep written in Gluon: ``unit_bwd_kernel`` of :mod:`palimpsa.ops.triton.chunk_bwd`
 with the [K, BV] state tiles laid out so that no reduction of a token crosses warps.
 
-Same algorithm and outputs as ``unit_bwd_kernel`` (read its docstring and the module's notation first), except for dg
-(below): each program walks one unit's chunks last first, in segments of 16 tokens and sub-blocks of 4, rebuilding
-states from the chunk-start state and stepping 4 tokens forward then in reverse, and every token's reverse step reduces
-over K (dv, dbeta), over V (dq, dk, added atomically over the V blocks) and over both (its share of dg).  What changes
-is the layout.  Triton's default for a [64, 16] tile with 4 warps split the key rows over warps and the columns over
-lanes, so the sums over K went through shared memory with barriers (about 18 per token, at 255 registers with spills; 39
-ms at the 760M-like shape on an H200).  Here one warp owns BV = VCOLS * 32 / LANES_K value columns; the LANES_K lanes of
-a column group each hold K / LANES_K consecutive key rows of VCOLS adjacent columns (``size_per_thread [R // LANES_K,
-VCOLS]``, ``threads_per_warp [LANES_K, 32 // LANES_K]``, one warp per program):
+Same algorithm and outputs as ``unit_bwd_kernel`` (read its docstring and the module's notation first): each
+program walks one unit's chunks last first, in segments of 16 tokens and sub-blocks of 4, rebuilding states from
+the chunk-start state and stepping 4 tokens forward then in reverse, and every token's reverse step reduces
+over K (dv, dbeta), over V (dq, dk, added atomically over the V blocks) and over both (dg).  What changes is the
+layout.  Triton's default for a [64, 16] tile with 4 warps split the key rows over warps and the columns over
+lanes, so the sums over K went through shared memory with barriers (about 18 per token, at 255 registers with
+spills; 39 ms at the 760M-like shape on an H200).  Here one warp owns BV = VCOLS * 32 / LANES_K value columns;
+the LANES_K lanes of a column group each hold K / LANES_K consecutive key rows of VCOLS adjacent columns
+(``size_per_thread [R // LANES_K, VCOLS]``, ``threads_per_warp [LANES_K, 32 // LANES_K]``, one warp per program):
 
 * sums over K: thread-local over each key part's rows, both parts (K = 96 is 64 + 32 rows) added, then
   log2(LANES_K) butterfly shuffles, one reduction per quantity and token (``_lane_sums``);
@@ -36,10 +36,6 @@ from palimpsa.ops.triton.gluon_parts import (allocate_rows, load_cols, load_rows
 from palimpsa.ops.triton.gluon_shim import gl, jit
 
 WARP_LANES = gl.constexpr(32)
-# A token whose log decay is below this gets its dg directly, alpha_t sum(dM_t M_{t-1} + dP_t P_{t-1}), not from the
-# reverse cumulative sum of dL/db (see unit_bwd_gluon_kernel): e^-5 and less, that sum would leave its (tiny) dg
-# only absolutely accurate.  chunk_bwd.decay_grad_from_terms reads the same constant.
-SATURATED_LOG_DECAY = gl.constexpr(-5.0)
 
 
 @jit
@@ -194,17 +190,17 @@ def _backward_part(mean, imp, next_m, next_p, decay_next, qc, kc, vc, betac, doc
     P = I - I0 (see chunk_bwd.token_backward_part: the same gradients); the token's inputs as broadcast tiles, qc
     and kc [rows, 1] (q times the scale), vc, betac, doc, dvarc [1, BV].  The adjoints arrive as the next token's
     totals (next_m, next_p) before its decay (decay_next, [1, BV]): the decay goes into the fused multiply-add that
-    forms this token's totals, so no element is multiplied by it on its own.  The formulas are arranged for the
-    fewest FP32 instructions per element: DI = -DM * mu, dq's scale after its sum over V.  The sums over K (dv,
-    dbeta, DI, and with a variance gradient s^2 q^2 dvar / I for dg: see ``unit_bwd_gluon_kernel``) come back per
-    lane (``_lane_sums``, [LANES_K, BV]), for the caller to add over both parts before reducing."""
+    forms this token's totals, and into dg of the next token after its sum, so no element is multiplied by it on
+    its own.  The formulas are arranged for the fewest FP32 instructions per element: DI = -DM * mu, dq's scale
+    after its sum over V.  The sums over K (dv, dbeta, and the next token's dg before its sum over V and its decay)
+    come back per lane (``_lane_sums``, [LANES_K, BV]), for the caller to add over both parts before reducing."""
+    dg_next = _lane_sums(next_m * mean + next_p * imp, ROWS, LANES_K, VCOLS, WARPS)
     r = reciprocal(imp + prior_h)
     mu = mean * r
     d_mean = (qc * doc) * r
     if HAS_DVAR:
         dvr = dvarc * r
-        var_part = (qc * qc) * dvr
-        d_imp = -(d_mean * mu + var_part * r)
+        d_imp = -(d_mean * mu + (qc * qc) * (dvr * r))
         dq = scale * gl.sum(doc * mu + (2.0 * qc) * dvr, 1)
     else:
         d_imp = -(d_mean * mu)
@@ -214,11 +210,7 @@ def _backward_part(mean, imp, next_m, next_p, decay_next, qc, kc, vc, betac, doc
     dv = _lane_sums(kc * total_m, ROWS, LANES_K, VCOLS, WARPS)
     dbeta = _lane_sums((kc * kc) * total_p, ROWS, LANES_K, VCOLS, WARPS)
     dk = gl.sum(total_m * vc + (2.0 * kc) * (total_p * betac), 1)
-    di = _lane_sums(d_imp, ROWS, LANES_K, VCOLS, WARPS)
-    var_lanes = di  # a placeholder without a variance gradient, never used
-    if HAS_DVAR:
-        var_lanes = _lane_sums(var_part, ROWS, LANES_K, VCOLS, WARPS)
-    return total_m, total_p, di, var_lanes, dv, dbeta, dk, dq
+    return total_m, total_p, _lane_sums(d_imp, ROWS, LANES_K, VCOLS, WARPS), dv, dbeta, dk, dq, dg_next
 
 
 @jit
@@ -228,36 +220,31 @@ def _part_token_backward(mean, imp, next_m, next_p, decay_next, q, k, v, beta, d
                          VCOLS: tl.constexpr, WARPS: tl.constexpr, HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr):
     """Token tok_h's reverse step on one state part (its key rows ``offs_k``, value columns ``offs_v`` in that
     part's layout L): loads the token's inputs, adds dq and dk of these rows atomically; returns this token's
-    adjoint totals (not yet decayed: see _backward_part), this part's sums of DI (for dprior and dg), of the
-    variance's share of dg, dv and dbeta, each per lane (see _lane_sums), and the token's v and beta ([1, BV])."""
+    adjoint totals (not yet decayed: see _backward_part), and this part's sum of DI (for dprior), dv, dbeta and
+    share of dg, each per lane (see _lane_sums)."""
     qc, kc, vc, betac, doc, dvarc, _decay = _part_inputs(q, k, v, q, beta, do, dvar, in_rows, in_c, j, tok_h, offs_k,
                                                          mask_k, offs_v, mask_v, valid, scale, L, K, V, True, False,
                                                          HAS_DVAR, INPUTS)
-    total_m, total_p, di_t, var_t, dv_t, dbeta_t, dk_t, dq_t = _backward_part(
+    total_m, total_p, di_t, dv_t, dbeta_t, dk_t, dq_t, dg_next = _backward_part(
         mean, imp, next_m, next_p, decay_next, qc, kc, vc, betac, doc, dvarc, prior_h, scale, ROWS, LANES_K,
         VCOLS, WARPS, HAS_DVAR)
     rows = masked_if(mask_k, valid)
     gl.atomic_add(dq + tok_h * K + offs_k, dq_t, mask=rows, sem="relaxed")
     gl.atomic_add(dk + tok_h * K + offs_k, dk_t, mask=rows, sem="relaxed")
-    return total_m, total_p, di_t, var_t, dv_t, dbeta_t, vc, betac
+    return total_m, total_p, di_t, dv_t, dbeta_t, dg_next
 
 
 @jit
-def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
+def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                     q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale, t, cs,
                     valid, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
                     LA: tl.constexpr, LB: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     HAS_B: tl.constexpr, HAS_DVAR: tl.constexpr, INPUTS: tl.constexpr, KA: tl.constexpr,
                     KB: tl.constexpr, LANES_K: tl.constexpr, VCOLS: tl.constexpr, WARPS: tl.constexpr):
-    """Reverse step of token t (of the chunk starting at cs) on both parts; writes its gradients and adds this V
-    block's share of dL/db_t (b the cumulative log decay: dg is its reverse cumulative sum, see
-    ``unit_bwd_gluon_kernel``) into dg_part; returns the adjoints for token t - 1 (see chunk_bwd.token_backward) as
+    """Reverse step of token t (of the chunk starting at cs) on both parts; writes its gradients and this V
+    block's share of dg of token t + 1; returns the adjoints for token t - 1 (see chunk_bwd.token_backward) as
     token t's totals and its decay alpha_t on the value columns, which the step of token t - 1 applies
-    (``alpha_next`` there), and the running sum of DI per lane (``sdi``, [LANES_K, BV]).  chunk_sat: whether a
-    log decay of the chunk's tokens or of the token after it is saturated (below ``SATURATED_LOG_DECAY``); then,
-    where token t + 1's is, this step also adds that token's dg, taken directly, into dg_part's second row (the
-    host takes it there for that token).  Only then is a token's log decay read here: the common case waits on
-    no load from global memory."""
+    (``alpha_next`` there), and the running sum of DI per lane (``sdi``, [LANES_K, BV])."""
     tok_h = gl.cast(t, gl.int64) * H + i_h
     j = t - cs
     COLS: gl.constexpr = gl.SliceLayout(0, LA)
@@ -266,21 +253,11 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
     else:
         alpha = gl.exp(gl.load(g + tok_h, mask=valid, other=0.0).to(gl.float32))
         alpha = gl.expand_dims(gl.where(mask_v, alpha, alpha), 0)
-    if chunk_sat:
-        has_next = valid & (t + 1 < eos)
-        if gl.load(g + tok_h + H, mask=has_next, other=0.0).to(gl.float32) < SATURATED_LOG_DECAY:
-            # token t + 1's dg = alpha_{t+1} sum(dM_{t+1} M_t + dP_{t+1} P_t), its adjoint totals arriving undecayed
-            dg_next = _lane_sums(adj_m_a * mean_a + adj_p_a * imp_a, KA, LANES_K, VCOLS, WARPS)
-            if HAS_B:
-                dg_next += _lane_sums(adj_m_b * mean_b + adj_p_b * imp_b, KB, LANES_K, VCOLS, WARPS)
-            dg_next = gl.sum(gl.sum(gl.expand_dims(gl.convert_layout(gl.sum(dg_next, 0), COLS), 0) * alpha_next, 1),
-                             0)
-            gl.atomic_add(dg_part + NTOK * H + tok_h + H, dg_next, sem="relaxed")
-    adj_m_a, adj_p_a, di_t, var_t, dv_t, dbeta_t, vc, betac = _part_token_backward(
+    adj_m_a, adj_p_a, di_t, dv_t, dbeta_t, dg_next = _part_token_backward(
         mean_a, imp_a, adj_m_a, adj_p_a, alpha_next, q, k, v, beta, do, dvar, dq, dk, in_a, in_c, j, prior_h,
         scale, tok_h, valid, offs_a, mask_a, offs_v, mask_v, LA, K, V, KA, LANES_K, VCOLS, WARPS, HAS_DVAR, INPUTS)
     if HAS_B:
-        adj_m_b, adj_p_b, di_b, var_b, dv_b, dbeta_b, _vc, _betac = _part_token_backward(
+        adj_m_b, adj_p_b, di_b, dv_b, dbeta_b, dg_next_b = _part_token_backward(
             mean_b, imp_b, adj_m_b, adj_p_b, gl.convert_layout(alpha_next, LB), q, k, v, beta, do, dvar,
             dq, dk, in_b, in_c, j, prior_h, scale, tok_h, valid, offs_b, mask_b, offs_vb, offs_vb < V, LB, K, V,
             KB, LANES_K, VCOLS, WARPS, HAS_DVAR, INPUTS)
@@ -288,28 +265,22 @@ def _token_backward(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj
         di_t += di_b
         dv_t += dv_b
         dbeta_t += dbeta_b
-        if HAS_DVAR:
-            var_t += var_b
-    # -dL/db_t's terms per lane before their sums over K: I0 * sum DI (and s^2 sum q^2 dvar / I)
-    db_lanes = prior_h * di_t
-    if HAS_DVAR:
-        db_lanes += var_t
+        dg_next += dg_next_b
     # the sums over the lanes of K (the value columns end spread as COLS: these conversions move no data)
     dv_t = gl.convert_layout(gl.sum(dv_t, 0), COLS)
     dbeta_t = gl.convert_layout(gl.sum(dbeta_t, 0), COLS)
-    db = gl.sum(gl.sum(gl.expand_dims(dv_t, 0) * vc + gl.expand_dims(dbeta_t, 0) * betac, 1), 0)
-    db += gl.sum(gl.sum(db_lanes, 1), 0)
+    dg_next = gl.sum(gl.sum(gl.expand_dims(gl.convert_layout(gl.sum(dg_next, 0), COLS), 0) * alpha_next, 1), 0)
     mv = masked_if(mask_v, valid)
     gl.store(dv + tok_h * V + offs_v, dv_t.to(dv.dtype.element_ty), mask=mv)
     gl.store(dbeta + tok_h * V + offs_v, dbeta_t.to(dbeta.dtype.element_ty), mask=mv)
-    # every V block adds its share of dL/db_t into one [B*T, H] buffer (48 blocks at V = 192: per-block partial
-    # sums would cost more memory than the Triton sweep's); dq and dk are atomic already, so no order is lost
-    gl.atomic_add(dg_part + tok_h, -db, mask=valid, sem="relaxed")
+    # every V block adds its share of dg into one [B*T, H] buffer (48 blocks at V = 192: per-block partial sums
+    # would cost more memory than the Triton sweep's); dq and dk are atomic already, so no order is lost
+    gl.atomic_add(dg_part + tok_h + H, dg_next, mask=valid & (t + 1 < eos), sem="relaxed")
     return adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha, sdi + di_t
 
 
 @jit
-def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
+def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                       staged_m_a, staged_i_a, staged_m_b, staged_i_b, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta,
                       dg_part, in_a, in_b, in_c, prior_h, scale, t0, cs, s, seg_tok, eos, i_v, i_h, offs_a, mask_a,
                       offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK, LA: tl.constexpr, LB: tl.constexpr,
@@ -337,7 +308,7 @@ def _staged_sub_block(mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, a
             m_b = staged_m_b.index(j).load(LB)
             i_b = staged_i_b.index(j).load(LB)
         adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
-            m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
+            m_a, i_a, m_b, i_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
             q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale, t0 + j, cs,
             s + j < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, NTOK,
             LA, LB, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA, KB, LANES_K, VCOLS, WARPS)
@@ -476,24 +447,8 @@ def unit_bwd_gluon_kernel(
     reduction of a token crosses warps; with more, the sums over V (dq, dk, dg) go through shared memory, and WARPS
     times fewer blocks add dq and dk atomically.  Buffers
     as ``unit_bwd_kernel``'s: dq, dk float32 [B*T, H, K] (atomic adds over V blocks); dv, dbeta [B*T, H, V];
-    dg_part [2, B*T, H] zero-initialised (every V block adds into it atomically); dprior [NV, units, H]; dmu0,
-    dimp0 [N, H, K, V].
-
-    dg_part's first row receives dL/db_t, not dg_t: b_t = g_1 + ... + g_t, so that dg is its reverse cumulative sum
-    over each sequence (``chunk_bwd.decay_grad_from_terms``).  With M_t = exp(b_t) (M_0 + sum_s exp(-b_s) k_s v_s^T) and
-    likewise P, differentiating through b_t gives, per token and with D, Dp the adjoints of (M_t, P_t) that come
-    from o_t and var_t alone,
-        dL/db_t = sum D_t M_t + sum Dp_t P_t - v_t . dv_t - beta_t . dbeta_t
-                = -I0 sum DI_t - dvar_t . var_t - v_t . dv_t - beta_t . dbeta_t,
-    since sum D_t M_t = q_t . dq_t minus the variance's share and sum Dp_t I_t = -(that) - dvar_t . var_t (the
-    sums over the state's elements; dvar_t . var_t = s^2 sum q^2 dvar / I).  So a token's reverse step needs no
-    state before the token and no product of adjoint and state: per element, nothing beyond DI, which dprior
-    needs anyway (the former dg_{t+1} = alpha sum(DM M_t + DI P_t) cost two multiplies and a sum per element).
-    The gradient of a final state adds its own term at each sequence's last token (on the host).  Where a token's
-    log decay is below SATURATED_LOG_DECAY, the step of the token before also adds its dg taken directly into
-    dg_part's second row (only in chunks with such a token: see _token_backward).
-
-    STAGE = 1 keeps the states (M, P) after each of a sub-block's four tokens in shared memory
+    dg_part [1, B*T, H] zero-initialised (every V block adds into it atomically); dprior [NV, units, H]; dmu0,
+    dimp0 [N, H, K, V].  STAGE = 1 keeps the states (M, P) after each of a sub-block's four tokens in shared memory
     between its forward and reverse steps, instead of in registers (each thread reads back what it wrote, K-fastest
     so that a thread's rows go as 16-byte vectors without bank conflicts; the compiler still puts a few barriers per
     sub-block, cheap in a one-warp program): no spills at 760M-like under Triton 3.6, where the registers path
@@ -584,12 +539,6 @@ def unit_bwd_gluon_kernel(
         cs = bos + i_c * C
         n_tok = gl.minimum(C, eos - cs)
         h_off = ((cbase + i_c) * H + i_h).to(gl.int64) * K * V
-        # whether a log decay of the chunk's tokens or of the token after is saturated (see _token_backward)
-        CHUNK_TOKS: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-        toks = cs + gl.arange(0, 2 * C, layout=CHUNK_TOKS)
-        in_reach = (toks <= cs + n_tok) & (toks < eos)
-        g_chunk = gl.load(g + gl.cast(toks, gl.int64) * H + i_h, mask=in_reach, other=0.0).to(gl.float32)
-        chunk_sat = gl.max(gl.where(g_chunk < SATURATED_LOG_DECAY, 1, 0), 0) > 0
         if INPUTS:
             _stage_inputs(q, k, v, g, beta, do, dvar, stage_a, stage_b, stage_c, cs, n_tok, i_v, i_h, scale, H, K, V,
                           C, KA, KB, BV, WARPS, HAS_B, HAS_DVAR)
@@ -639,7 +588,7 @@ def unit_bwd_gluon_kernel(
                         INPUTS)
                 if STAGE:
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _staged_sub_block(
-                        mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
+                        mean_a, imp_a, mean_b, imp_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                         staged_m_a, staged_i_a, staged_m_b if HAS_B else staged_m_a,
                         staged_i_b if HAS_B else staged_i_a, q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part,
                         in_a, in_b, in_c, prior_h, scale, t0, cs, s, seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b,
@@ -661,25 +610,25 @@ def unit_bwd_gluon_kernel(
                         offs_a, mask_a, offs_b, mask_b, offs_v, mask_v, offs_vb, LA, LBX, H, K, V, HAS_B, INPUTS)
                     # the same four tokens in reverse
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
-                        m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
+                        m3_a, i3_a, m3_b, i3_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 3, cs, s + 3 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
                         KB, LANES_K, VCOLS, WARPS)
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
-                        m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
+                        m2_a, i2_a, m2_b, i2_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 2, cs, s + 2 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
                         KB, LANES_K, VCOLS, WARPS)
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
-                        m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
+                        m1_a, i1_a, m1_b, i1_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0 + 1, cs, s + 1 < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
                         KB, LANES_K, VCOLS, WARPS)
                     adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi = _token_backward(
-                        m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, chunk_sat, sdi,
+                        m0_a, i0_a, m0_b, i0_b, adj_m_a, adj_p_a, adj_m_b, adj_p_b, alpha_next, sdi,
                         q, k, v, g, beta, do, dvar, dq, dk, dv, dbeta, dg_part, in_a, in_b, in_c, prior_h, scale,
                         t0, cs, s < seg_tok, eos, i_v, i_h, offs_a, mask_a, offs_b, mask_b, offs_v, mask_v,
                         offs_vb, NTOK, LA, LBX, H, K, V, HAS_B, HAS_DVAR, INPUTS, KA,
@@ -703,7 +652,7 @@ def unit_bwd_gluon_kernel(
             gl.store(dmu0 + s_off + tile_a, adj_m_a * imp_init, mask=m_a)
             gl.store(dimp0 + s_off + tile_a, adj_m_a * mu_init + adj_p_a, mask=m_a)
             dprior_sum -= gl.sum(gl.sum(adj_p_a, 1), 0)
-            # a saturated first token's dg: the adjoint it handed back times the initial (M, P)
+            # dg of the first token: the adjoint it handed back times the initial (M, P) (zero without one)
             dg_first = gl.sum(gl.sum(adj_m_a * (mu_init * imp_init) + adj_p_a * (imp_init - prior_h), 1), 0)
             if HAS_B:
                 tile_b = gl.expand_dims(offs_b, 1) * V + gl.expand_dims(offs_vb, 0)
@@ -714,9 +663,7 @@ def unit_bwd_gluon_kernel(
                 gl.store(dimp0 + s_off + tile_b, adj_m_b * mu_init_b + adj_p_b, mask=m_b)
                 dprior_sum -= gl.sum(gl.sum(adj_p_b, 1), 0)
                 dg_first += gl.sum(gl.sum(adj_m_b * (mu_init_b * imp_init_b) + adj_p_b * (imp_init_b - prior_h), 1), 0)
-            first = gl.cast(bos, gl.int64) * H + i_h
-            gl.atomic_add(dg_part + NTOK * H + first, dg_first,
-                          mask=gl.load(g + first).to(gl.float32) < SATURATED_LOG_DECAY, sem="relaxed")
+            gl.atomic_add(dg_part + gl.cast(bos, gl.int64) * H + i_h, dg_first, sem="relaxed")
     gl.store(dprior + (i_v * gl.num_programs(1) + i_u) * H + i_h, dprior_sum)
 
 
