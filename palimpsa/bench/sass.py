@@ -7,7 +7,7 @@ kernel, the registers, spill stack, shared memory and a count of the SASS instru
 kernels (FP32 pipe, MUFU reciprocals and exponentials, shuffles and barriers of reductions, loads and stores), and
 the occupancy its registers and shared memory allow.  --gluon adds the Gluon kernels of the per-channel op (output kernel, local
 adjoints, reverse sweep; laid out and scheduled by ``config.sweep_tuning``), which run by default on an sm_90 GPU at
-K = 48, 64 or 96 (the sweep also at K = 128).
+K = 48, 64, 96 or 128.
 """
 
 from __future__ import annotations
