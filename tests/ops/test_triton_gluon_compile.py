@@ -249,7 +249,7 @@ def test_state_tuning_by_key_and_chunk_size():
     assert state_tuning(96, 192) == STATE_TUNED[96, 64] == (64, 64, 4, None, None)  # the forward's chunks of 64
     assert state_tuning(96, 192, 32) == (64, 32, 4, None, None)  # the backward's chunks of 32
     assert state_tuning(128, 128, 32) == (32, 64, 4, None, None)
-    assert state_tuning(48, 48) == (64, 32, 4, None, None)
+    assert state_tuning(48, 48) == state_tuning(48, 48, 32) == (64, 32, 4, None, None)
     assert state_tuning(32, 48) == (32, 16, 4, None, None)  # not measured: blocks of the largest powers of two
     assert state_tuning(96, 192, 16) == (64, 64, 4, None, None)  # nor this chunk size: as chunks of 64
     with kernel_config(state_tuning=StateTuning(16, 16, 8, 2, 128)):

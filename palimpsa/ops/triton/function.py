@@ -17,8 +17,7 @@ from palimpsa.ops.triton.chunk_bwd import chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
 from palimpsa.ops.triton.config import (BWD_BACKENDS, CONFIG, FWD_BACKENDS, TRITON_TARGET_PROGRAMS, output_columns,
-                                      output_inputs,
-                                       sweep_tuning)
+                                       output_inputs, sweep_tuning)
 from palimpsa.ops.triton.step import launch_step
 from palimpsa.ops.triton.utils import SequenceLayout, interpreting
 
