@@ -69,6 +69,8 @@ def variant_config(name: str) -> dict:
         return dict(fwd_backend="triton", bwd_backend="triton", **extra)
     if name == "default":
         return extra
+    if name == "cuda":  # the CUDA C++ reverse sweep (palimpsa/ops/cuda/sweep.cu), the default output kernel
+        return dict(bwd_backend="cuda", **extra)
     if name == "gluon-fwd":
         return dict(fwd_backend="gluon", bwd_backend="triton", **extra)
     match = re.fullmatch(r"gluon-(\d+)(?:-w(\d+))?(?:-c(\d))?(?:-s(\d))?(?:-r(\d+))?(?:-u(\d))?(-i)?", name)
@@ -77,7 +79,7 @@ def variant_config(name: str) -> dict:
                     bwd_warps=int(match[2] or 1), bwd_cols=int(match[3] or 1), bwd_stage=int(match[4] or 0),
                     bwd_maxnreg=int(match[5] or 0), bwd_unroll=int(match[6] or 1), bwd_inputs=bool(match[7]),
                     **extra)
-    raise ValueError(f"unknown variant {name!r}: expected default, triton, gluon-fwd or "
+    raise ValueError(f"unknown variant {name!r}: expected default, triton, cuda, gluon-fwd or "
                      "gluon-<lanes>[-w<warps>][-c<columns>][-s<stage>][-r<max registers>][-u<unroll>][-i], each "
                      "optionally followed by -f<output columns>, -fi or -fg and -t<target programs>")
 
@@ -121,6 +123,9 @@ def main(argv=None) -> int:
                         help="shapes of the correctness checks (the slowest part)")
     parser.add_argument("--variants", default="gluon-8,gluon-16")
     parser.add_argument("--no-check", action="store_true", help="time without checking (never for a record)")
+    parser.add_argument("--time-only", default="",
+                        help="variants also timed but not checked here (ones a committed run already checked, e.g. "
+                             "default); the table marks them")
     parser.add_argument("--out", default=None, help="also write the tables here (markdown)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -137,7 +142,12 @@ def main(argv=None) -> int:
         passed[name] = True if args.no_check else check_variant(name, check_shapes)
         lines.append(f"- {name}: checks {'skipped' if args.no_check else ('passed' if passed[name] else 'FAILED')}")
         print(lines[-1], flush=True)
-    timed = ["triton"] + [v for v in variants if passed[v] and v != "triton"]
+    also = [v.strip() for v in args.time_only.split(",") if v.strip()]
+    for name in also:
+        with kernel_config(**variant_config(name)):
+            pass
+        lines.append(f"- {name}: timed only (not checked in this run)")
+    timed = ["triton"] + [v for v in variants + also if passed.get(v, True) and v != "triton"]
     lines += ["", "The op, bf16, do_bench medians in ms (fwd / fwd+bwd) and the peak memory of one fwd+bwd in MB:", "",
               "| shape | " + " | ".join(timed) + " |", "|---|" + "---|" * len(timed)]
     for shape in shapes:

@@ -187,15 +187,24 @@ def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
         for K, expected in ((16, "triton"), (32, "triton"), (48, "gluon"), (56, "triton"), (64, "gluon"),
                             (80, "triton"), (96, "gluon"), (112, "triton"), (128, "gluon"), (256, "triton")):
             assert function.output_kernel(FakeCuda(K)) == expected, K
-            assert function.sweep_kernel(FakeCuda(K)) == expected, K
+            assert function.sweep_kernel(FakeCuda(K), 64) == expected, K
         assert function.output_kernel(torch.zeros(1, 1, 1, 64)) == "triton"  # a CPU tensor
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
         assert function.output_kernel(FakeCuda(64)) == "triton"
         monkeypatch.setattr(function, "interpreting", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-        assert function.sweep_kernel(FakeCuda(64)) == "triton"
+        assert function.sweep_kernel(FakeCuda(64), 64) == "triton"
     with kernel_config(bwd_backend="gluon"):
-        assert function.sweep_kernel(torch.zeros(1, 1, 1, 16)) == "gluon"  # an explicit choice is kept
+        assert function.sweep_kernel(torch.zeros(1, 1, 1, 16), 16) == "gluon"  # an explicit choice is kept
+    with kernel_config(bwd_backend="cuda"):  # asked for where it cannot run: a clear error, no silent fallback
+        with pytest.raises(ValueError, match="NVIDIA GPU only"):
+            function.sweep_kernel(torch.zeros(1, 1, 1, 64), 64)
+        monkeypatch.setattr(function, "interpreting", lambda: False)
+        with pytest.raises(ValueError, match="K a multiple of 16 up to 128 and V a multiple of 4, got K = 40"):
+            function.sweep_kernel(FakeCuda(40), 64)
+        with pytest.raises(ValueError, match="got K = 64, V = 30"):
+            function.sweep_kernel(FakeCuda(64), 30)
+        assert function.sweep_kernel(FakeCuda(96), 192) == "cuda"
 
 
 def test_sweep_settings_are_checked():

@@ -494,10 +494,12 @@ def chunk_bwd(
     if num_warps is None:  # about 6 state elements per thread and tile: the sweep keeps ~15 tiles live
         num_warps = 4 if (KA + KB) * BV <= 1024 else 8
     NV = triton.cdiv(V, BV)
-    if sweep == "gluon" and (lanes_k > KA or 0 < KB < lanes_k):
+    if sweep == "cuda":  # its threads hold K / 16 rows of 2 columns: the units, dprior and the local-adjoint pass
+        lanes_k, sweep_cols, sweep_warps = 16, 2, 1  # are those of the Gluon sweep with that layout
+    if sweep in ("gluon", "cuda") and (lanes_k > KA or 0 < KB < lanes_k):
         raise ValueError(f"bwd_lanes_k ({lanes_k}) must not exceed the key rows of each part of K = {K} ({KA}"
                          + (f" and {KB}" if KB else "") + "): every lane of a column holds at least one row")
-    if sweep == "gluon":  # its own V blocks: the buffers per V block below follow them, and so do the units
+    if sweep in ("gluon", "cuda"):  # its own V blocks: the buffers per V block below follow them, and so do the units
         from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v
 
         NV = triton.cdiv(V, gluon_sweep_block_v(lanes_k, sweep_warps, sweep_cols))
@@ -514,7 +516,7 @@ def chunk_bwd(
     adj_imp = torch.empty_like(adj_mean)
     unit_decay = torch.empty(NU, H, device=dev, dtype=torch.float32)
     dvar_arg = dvar if dvar is not None else do
-    if NU > N and sweep == "gluon":
+    if NU > N and sweep in ("gluon", "cuda"):
         from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v, unit_local_adjoint_gluon_kernel
 
         unit_local_adjoint_gluon_kernel[(triton.cdiv(V, gluon_sweep_block_v(lanes_k, 1, sweep_cols)), NU, H)](
@@ -547,7 +549,7 @@ def chunk_bwd(
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
     dbeta = torch.empty(B, T, H, V, device=dev, dtype=beta.dtype)
     # dg per V block, summed below; the Gluon sweep adds every block's share into one buffer atomically
-    dg_part = torch.zeros(1 if sweep == "gluon" else NV, NTOK, H, device=dev, dtype=torch.float32)
+    dg_part = torch.zeros(1 if sweep in ("gluon", "cuda") else NV, NTOK, H, device=dev, dtype=torch.float32)
     dprior_part = torch.empty(NV, NU, H, device=dev, dtype=torch.float32)
     has_init = initial_state is not None
     if has_init:
@@ -556,7 +558,13 @@ def chunk_bwd(
         dimp0 = torch.empty_like(dmu0)
     else:
         mu0 = imp0 = dmu0 = dimp0 = adj_mean
-    if sweep == "gluon":
+    if sweep == "cuda":
+        from palimpsa.ops.cuda.sweep import launch_sweep
+
+        launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar,
+                     dq, dk, dv, dbeta, dg_part, dprior_part, dmu0, dimp0, layout.cu32, unit_indices, chunk_offsets,
+                     scale, T, NU, C, U, has_init, layout.varlen)
+    elif sweep == "gluon":
         from palimpsa.ops.triton.chunk_bwd_gluon import unit_bwd_gluon_kernel
 
         unit_bwd_gluon_kernel[(NV, NU, H)](

@@ -128,7 +128,7 @@ OUTPUT_TUNED = {48: 2, 64: 2, 96: 2, 128: 2}
 # 760M-like, 0.665 -> 0.609 at 170M-like, 0.724 -> 0.661 at d64; eleventh session at K = 128 with two columns, once its
 # staged reads were free of bank conflicts: d128 1.349 (Triton output kernel) -> 1.193, gluon_d128_fwd_h200_e721f0d.md)
 OUTPUT_INPUTS = frozenset({48, 64, 96, 128})
-BWD_BACKENDS = ("auto", "triton", "gluon")
+BWD_BACKENDS = ("auto", "triton", "gluon", "cuda")
 # (key size, chunk size) -> the chunk-state kernel's launch, where an H200 checked it against float64 and measured it
 # fastest of a grid of blocks, warps, stages and register caps.  Chunks of 64 (the forward's): tenth session,
 # state_tuning_h200_463e541.md, untuned -> tuned, ms: 760M-like 0.561 -> 0.516, 170M-like 0.216 -> 0.096, d64 0.124 ->

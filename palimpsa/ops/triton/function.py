@@ -13,7 +13,7 @@ import torch
 
 from palimpsa.ops.backends import on_device
 from palimpsa.ops.checks import PreparedInputs
-from palimpsa.ops.triton.chunk_bwd import chunk_bwd
+from palimpsa.ops.triton.chunk_bwd import BWD_CHUNK, chunk_bwd
 from palimpsa.ops.triton.chunk_fwd import fwd_output
 from palimpsa.ops.triton.chunk_state import chunk_states
 from palimpsa.ops.triton.config import (BWD_BACKENDS, CONFIG, FWD_BACKENDS, TRITON_TARGET_PROGRAMS, output_columns,
@@ -70,10 +70,22 @@ def output_kernel(q: torch.Tensor) -> str:
     return resolve_backend(CONFIG.fwd_backend, q, "the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND)")
 
 
-def sweep_kernel(q: torch.Tensor) -> str:
-    """The backward's reverse-sweep kernel for ``q``, from ``CONFIG.bwd_backend``: "triton" or "gluon"."""
-    return resolve_backend(CONFIG.bwd_backend, q, "the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND)",
-                           BWD_BACKENDS, GLUON_BWD_KEY_SIZES)
+def sweep_kernel(q: torch.Tensor, V: int) -> str:
+    """The backward's reverse-sweep kernel for ``q`` [B, T, H, K] and value size V, from ``CONFIG.bwd_backend``:
+    "triton", "gluon" or "cuda" (the CUDA C++ sweep, palimpsa/ops/cuda/sweep.cu, only when asked for: it needs an
+    NVIDIA GPU, K a multiple of 16 up to 128 and V a multiple of 4)."""
+    chosen = resolve_backend(CONFIG.bwd_backend, q, "the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND)",
+                             BWD_BACKENDS, GLUON_BWD_KEY_SIZES)
+    if chosen == "cuda":
+        from palimpsa.ops.cuda.sweep import block_warps
+
+        K = q.shape[-1]
+        if not q.is_cuda or interpreting():
+            raise ValueError("bwd_backend 'cuda' runs on an NVIDIA GPU only (not on the CPU or under TRITON_INTERPRET)")
+        if block_warps(K, V, BWD_CHUNK) is None:
+            raise ValueError("bwd_backend 'cuda' needs K a multiple of 16 up to 128 and V a multiple of 4, got "
+                             f"K = {K}, V = {V}")
+    return chosen
 
 
 def _absent(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -142,8 +154,8 @@ def _bwd_op(
         init = (mu0, imp0) if mu0 is not None else None
         dfinal = (dmu, dimp) if dmu is not None else None
         tuning = sweep_tuning(q.shape[-1])
-        sweep = sweep_kernel(q)
-        if sweep == "gluon":
+        sweep = sweep_kernel(q, v.shape[-1])
+        if sweep in ("gluon", "cuda"):
             target_programs = tuning.target_programs
         else:
             target_programs = (CONFIG.bwd_target_programs if CONFIG.bwd_target_programs is not None

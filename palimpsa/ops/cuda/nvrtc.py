@@ -1,0 +1,168 @@
+"""CUDA C++ kernels compiled at run time: NVRTC (shipped with PyTorch's CUDA builds) turns the source into a cubin
+for the GPU at hand, the CUDA driver loads and launches it on PyTorch's current stream.  No compiler, no build step
+and no package beyond torch: only ``libnvrtc`` and ``libcuda``, found through ctypes.
+
+``PALIMPSA_NVRTC_LIBRARY`` names the NVRTC shared library explicitly (e.g. to compile on a machine without a GPU:
+:func:`compile_cubin` needs only NVRTC).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+def _candidates() -> Iterable[str]:
+    """Where libnvrtc may be: the override, the sonames of PyTorch's CUDA major version, the NVIDIA pip wheels
+    next to torch, the CUDA toolkit."""
+    override = os.environ.get("PALIMPSA_NVRTC_LIBRARY")
+    if override:
+        yield override
+        return
+    major = (torch.version.cuda or "12").split(".")[0]
+    yield f"libnvrtc.so.{major}"
+    yield "libnvrtc.so"
+    for site in sys.path:
+        yield from sorted(glob.glob(os.path.join(site, "nvidia", "**", "libnvrtc.so*"), recursive=True))
+    yield from sorted(glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*"))
+
+
+_NVRTC: Optional[ctypes.CDLL] = None
+
+
+def nvrtc_library() -> ctypes.CDLL:
+    """The NVRTC shared library (loaded once)."""
+    global _NVRTC
+    if _NVRTC is None:
+        tried = []
+        for name in _candidates():
+            if "builtins" in os.path.basename(name) or name.endswith(".alt.so"):
+                continue
+            try:
+                _NVRTC = ctypes.CDLL(name)
+                break
+            except OSError:
+                tried.append(name)
+        if _NVRTC is None:
+            raise OSError("no NVRTC library found (tried " + ", ".join(tried[:6]) + "); set PALIMPSA_NVRTC_LIBRARY "
+                          "to the path of libnvrtc.so, or use the Triton kernels (CONFIG.bwd_backend = 'gluon')")
+    return _NVRTC
+
+
+def nvrtc_version() -> Tuple[int, int]:
+    lib = nvrtc_library()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return major.value, minor.value
+
+
+def compile_cubin(source: str, name: str, arch: int, options: Sequence[str] = ()) -> Tuple[bytes, str]:
+    """(cubin, compile log) of ``source`` for compute capability ``arch`` (e.g. 90).  Raises RuntimeError with
+    NVRTC's log when the source does not compile."""
+    lib = nvrtc_library()
+    prog = ctypes.c_void_p()
+
+    def check(code: int, what: str) -> None:
+        if code != 0:
+            lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+            raise RuntimeError(f"NVRTC {what} failed: {lib.nvrtcGetErrorString(code).decode()}")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0, None, None),
+          "nvrtcCreateProgram")
+    try:
+        opts = [f"--gpu-architecture=sm_{arch}", "--std=c++17", *options]
+        array = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+        status = lib.nvrtcCompileProgram(prog, len(opts), array)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, buf)
+        log = buf.value.decode(errors="replace")
+        if status != 0:
+            raise RuntimeError(f"the CUDA kernel {name} did not compile (sm_{arch}):\n{log}")
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        return cubin.raw, log
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+_CUDA: Optional[ctypes.CDLL] = None
+
+
+def _driver() -> ctypes.CDLL:
+    global _CUDA
+    if _CUDA is None:
+        _CUDA = ctypes.CDLL("libcuda.so.1")
+        _CUDA.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+            ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
+    return _CUDA
+
+
+def _check_driver(code: int, what: str) -> None:
+    if code != 0:
+        text = ctypes.c_char_p()
+        _driver().cuGetErrorString(code, ctypes.byref(text))
+        raise RuntimeError(f"CUDA driver call {what} failed: {(text.value or b'unknown error').decode()} ({code})")
+
+
+class Kernel:
+    """One ``extern "C" __global__`` function of a compiled cubin, loaded into the current device's context."""
+
+    def __init__(self, cubin: bytes, name: str, shared_bytes: int):
+        torch.cuda.init()
+        torch.cuda.current_stream().synchronize()  # makes PyTorch's (primary) context current on this thread
+        lib = _driver()
+        self._module = ctypes.c_void_p()
+        _check_driver(lib.cuModuleLoadData(ctypes.byref(self._module), cubin), "cuModuleLoadData")
+        self._function = ctypes.c_void_p()
+        _check_driver(lib.cuModuleGetFunction(ctypes.byref(self._function), self._module, name.encode()),
+                      "cuModuleGetFunction")
+        self.shared_bytes = shared_bytes
+        if shared_bytes > 48 * 1024:
+            _check_driver(lib.cuFuncSetAttribute(self._function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                 shared_bytes), "cuFuncSetAttribute (shared memory)")
+
+    def __call__(self, grid: Tuple[int, int, int], block: int, args: Sequence) -> None:
+        """Launch on PyTorch's current stream; ``args`` in the kernel's order: tensors (their data pointers; None
+        for an unused pointer), Python ints (int32) and floats (float32)."""
+        holders = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                holders.append(ctypes.c_void_p(a.data_ptr()))
+            elif a is None:
+                holders.append(ctypes.c_void_p(0))
+            elif isinstance(a, bool) or isinstance(a, int):
+                holders.append(ctypes.c_int(int(a)))
+            elif isinstance(a, float):
+                holders.append(ctypes.c_float(a))
+            else:
+                raise TypeError(f"kernel argument of type {type(a).__name__} is not supported")
+        argv = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
+        stream = torch.cuda.current_stream().cuda_stream
+        _check_driver(_driver().cuLaunchKernel(self._function, grid[0], grid[1], grid[2], block, 1, 1,
+                                               self.shared_bytes, stream, argv, None), "cuLaunchKernel")
+
+
+_KERNELS: Dict[tuple, Kernel] = {}
+
+
+def load_kernel(source: str, name: str, shared_bytes: int, device: torch.device,
+                options: Sequence[str] = ()) -> Kernel:
+    """The kernel ``name`` of ``source`` compiled for ``device`` (cached per device and source)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, source, name, tuple(options))
+    if key not in _KERNELS:
+        major, minor = torch.cuda.get_device_capability(index)
+        with torch.cuda.device(index):
+            cubin, _log = compile_cubin(source, name, major * 10 + minor, options)
+            _KERNELS[key] = Kernel(cubin, name, shared_bytes)
+    return _KERNELS[key]

@@ -1,0 +1,493 @@
+// The per-channel op's reverse sweep in CUDA C++ (compiled at run time by NVRTC: palimpsa/ops/cuda/sweep.py).
+//
+// Same algorithm, buffers and results as unit_bwd_gluon_kernel (palimpsa/ops/triton/chunk_bwd_gluon.py; notation in
+// palimpsa/ops/triton/chunk_bwd.py): one unit of chunks (C = PC tokens) walked last chunk first, its states rebuilt
+// from the chunk-start states, the adjoints (dM, dP) carried in reverse, every gradient written per token.  What the
+// C++ gives that the Gluon source could not:
+//  * each thread's state elements are explicit registers (R = K / 16 key rows x 2 value columns), so every sum over
+//    a thread's elements is a chain of fused multiply-adds, and nothing spills;
+//  * the sums across lanes are collected in shared memory over a sub-block of 4 tokens and reduced once (dv, dbeta:
+//    16 loads a lane instead of 4 butterfly levels per token; dq, dk: two rows added per lane, then coalesced atomic
+//    adds; dg: one transposed butterfly for the 4 tokens);
+//  * a block of PWARPS warps (4 * PWARPS value columns of one head and unit) stages a chunk's q and k rows in shared
+//    memory once for all its warps, and each warp keeps its segment's sub-block start states there (2.25 forward steps
+//    per token).
+//
+// Compile-time parameters (#defines prepended by sweep.py): PK, PV, PH (key size, value size, heads), PC (chunk),
+// PU (chunks per unit), PWARPS, PSEG (tokens per segment, a multiple of 4 dividing PC), PIN, PG, PDO (dtypes of q, k,
+// v, beta, dv, dbeta; of g; of do and dvar: 0 bfloat16, 1 float16, 2 float32), PDVAR (a variance gradient is given), PINIT (an initial state is given), PVARLEN.
+// Requires PK % 16 == 0 and PV % (4 * PWARPS) == 0 (the host checks).
+
+#define R (PK / 16)
+#define E (2 * R)
+#define BV (4 * PWARPS)
+#define NQ (PDVAR ? 4 : 3)
+#define NSUB (PSEG / 4)
+#define W_TOKENS (PC * PU)
+#define CK_VEC ((E % 4 == 0) ? 4 : 2)
+#define RED1_STRIDE 33
+
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+// 16-bit floats as distinct types, so that one overload of to_f / from_f serves each tensor's own dtype
+struct bf16 { u16 bits; };
+struct f16 { u16 bits; };
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
+__device__ __forceinline__ float to_f(f16 x) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x.bits));
+    return r;
+}
+__device__ __forceinline__ void from_f(float x, float* dst) { *dst = x; }
+__device__ __forceinline__ void from_f(float x, bf16* dst) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    dst->bits = r;
+}
+__device__ __forceinline__ void from_f(float x, f16* dst) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    dst->bits = r;
+}
+#if PIN == 0
+typedef bf16 in_t;
+#elif PIN == 1
+typedef f16 in_t;
+#else
+typedef float in_t;
+#endif
+#if PG == 0
+typedef bf16 g_t;
+#elif PG == 1
+typedef f16 g_t;
+#else
+typedef float g_t;
+#endif
+#if PDO == 0
+typedef bf16 do_t;
+#elif PDO == 1
+typedef f16 do_t;
+#else
+typedef float do_t;
+#endif
+
+__device__ __forceinline__ float rcp(float x) {  // 1 / x in one MUFU op (x >= the prior > 0)
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+// R consecutive floats of shared memory into registers, in 16- or 8-byte pieces where the row count allows
+__device__ __forceinline__ void load_rows(const float* src, float (&x)[R]) {
+#if R % 4 == 0
+#pragma unroll
+    for (int i = 0; i < R; i += 4) {
+        float4 t = *reinterpret_cast<const float4*>(src + i);
+        x[i] = t.x; x[i + 1] = t.y; x[i + 2] = t.z; x[i + 3] = t.w;
+    }
+#elif R % 2 == 0
+#pragma unroll
+    for (int i = 0; i < R; i += 2) {
+        float2 t = *reinterpret_cast<const float2*>(src + i);
+        x[i] = t.x; x[i + 1] = t.y;
+    }
+#else
+#pragma unroll
+    for (int i = 0; i < R; ++i) x[i] = src[i];
+#endif
+}
+
+__device__ __forceinline__ void store_rows(float* dst, const float (&x)[R]) {
+#if R % 2 == 0
+#pragma unroll
+    for (int i = 0; i < R; i += 2) *reinterpret_cast<float2*>(dst + i) = make_float2(x[i], x[i + 1]);
+#else
+#pragma unroll
+    for (int i = 0; i < R; ++i) dst[i] = x[i];
+#endif
+}
+
+// A thread's state pair (M, P) at checkpoint slot `slot` of its warp's buffer: [slot][M or P][E / CK_VEC][lane]
+// vectors of CK_VEC floats, so that each store or load of a warp covers consecutive bytes (no bank conflicts).
+__device__ __forceinline__ void save_state(float* ck, int slot, int lane, const float (&M)[E], const float (&P)[E]) {
+#pragma unroll
+    for (int e = 0; e < E; e += CK_VEC) {
+        float* m = ck + ((slot * 2 + 0) * (E / CK_VEC) + e / CK_VEC) * 32 * CK_VEC + lane * CK_VEC;
+        float* p = ck + ((slot * 2 + 1) * (E / CK_VEC) + e / CK_VEC) * 32 * CK_VEC + lane * CK_VEC;
+#if CK_VEC == 4
+        *reinterpret_cast<float4*>(m) = make_float4(M[e], M[e + 1], M[e + 2], M[e + 3]);
+        *reinterpret_cast<float4*>(p) = make_float4(P[e], P[e + 1], P[e + 2], P[e + 3]);
+#else
+        *reinterpret_cast<float2*>(m) = make_float2(M[e], M[e + 1]);
+        *reinterpret_cast<float2*>(p) = make_float2(P[e], P[e + 1]);
+#endif
+    }
+}
+
+__device__ __forceinline__ void load_state(const float* ck, int slot, int lane, float (&M)[E], float (&P)[E]) {
+#pragma unroll
+    for (int e = 0; e < E; e += CK_VEC) {
+        const float* m = ck + ((slot * 2 + 0) * (E / CK_VEC) + e / CK_VEC) * 32 * CK_VEC + lane * CK_VEC;
+        const float* p = ck + ((slot * 2 + 1) * (E / CK_VEC) + e / CK_VEC) * 32 * CK_VEC + lane * CK_VEC;
+#if CK_VEC == 4
+        float4 a = *reinterpret_cast<const float4*>(m), b = *reinterpret_cast<const float4*>(p);
+        M[e] = a.x; M[e + 1] = a.y; M[e + 2] = a.z; M[e + 3] = a.w;
+        P[e] = b.x; P[e + 1] = b.y; P[e + 2] = b.z; P[e + 3] = b.w;
+#else
+        float2 a = *reinterpret_cast<const float2*>(m), b = *reinterpret_cast<const float2*>(p);
+        M[e] = a.x; M[e + 1] = a.y;
+        P[e] = b.x; P[e + 1] = b.y;
+#endif
+    }
+}
+
+// Shared memory of a block, in floats: the chunk's q (times the scale) and k rows [PC][PK] each, its value-column
+// inputs [PC][NQ][BV] (v, beta, do, dvar), its decays [PC]; then per warp: the sub-block start states
+// [NSUB][2][E][32], the sums over K of a sub-block [16][RED1_STRIDE] and its sums over V [4][2][2][PK].
+#define SQ_OFF 0
+#define SK_OFF (PC * PK)
+#define SIN_OFF (2 * PC * PK)
+#define SA_OFF (SIN_OFF + PC * NQ * BV)
+#define WARP_OFF (SA_OFF + PC)
+#define CK_FLOATS (NSUB * 2 * E * 32)
+#define RED1_FLOATS (16 * RED1_STRIDE)
+#define RED2_FLOATS (16 * PK)
+#define WARP_FLOATS (CK_FLOATS + RED1_FLOATS + RED2_FLOATS)
+#define SHARED_FLOATS (WARP_OFF + PWARPS * WARP_FLOATS)
+
+struct Ctx {
+    const float* sq;
+    const float* sk;
+    const float* sin;
+    const float* sa;
+    float I0;
+    float scale;
+    int lane, vl, row0, ccol;  // ccol: this thread's first column within the block's BV
+};
+
+// One token forward on a thread's elements (no reciprocal): P = a P + k^2 beta, M = a M + k v.
+__device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E], float (&P)[E]) {
+    float kr[R];
+    load_rows(c.sk + j * PK + c.row0, kr);
+    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 0) * BV + c.ccol);
+    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 1) * BV + c.ccol);
+    const float a = c.sa[j];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const float kk = kr[i] * kr[i];
+        P[2 * i] = fmaf(a, P[2 * i], kk * bb.x);
+        P[2 * i + 1] = fmaf(a, P[2 * i + 1], kk * bb.y);
+        M[2 * i] = fmaf(a, M[2 * i], kr[i] * vv.x);
+        M[2 * i + 1] = fmaf(a, M[2 * i + 1], kr[i] * vv.y);
+    }
+}
+
+// Reverse step of chunk token j, (M, P) its state after the token, (aM, aP) the next token's adjoint totals before
+// that token's decay `an`.  Leaves this token's totals in (aM, aP) and its decay in `an`, adds its DI to sdi, writes
+// this thread's partial sums over K (dv, dbeta) to red1 and over V (dq, dk) to red2 at sub-block slot `ts`, and
+// returns its partial of dg of the next token (already times `an`).
+__device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, const float (&M)[E], const float (&P)[E],
+                                                float (&aM)[E], float (&aP)[E], float& an, float& sdi, float* red1,
+                                                float* red2) {
+    float qs[R], kr[R];
+    load_rows(c.sq + j * PK + c.row0, qs);
+    load_rows(c.sk + j * PK + c.row0, kr);
+    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 0) * BV + c.ccol);
+    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 1) * BV + c.ccol);
+    const float2 dd = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 2) * BV + c.ccol);
+#if PDVAR
+    const float2 dw = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 3) * BV + c.ccol);
+    const float dwc[2] = {dw.x, dw.y};
+#endif
+    const float v2[2] = {vv.x, vv.y}, b2[2] = {bb.x, bb.y}, d2[2] = {dd.x, dd.y};
+    float dg = 0.f, sd = 0.f;
+    float dva[2] = {0.f, 0.f}, dba[2] = {0.f, 0.f};
+    float dqr[R], dkr[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const float kk = kr[i] * kr[i];
+        float dqa = 0.f, dk1 = 0.f, dk2 = 0.f;
+#if PDVAR
+        float dqb = 0.f;
+#endif
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+            const int e = 2 * i + cc;
+            dg = fmaf(aM[e], M[e], dg);
+            dg = fmaf(aP[e], P[e], dg);
+            const float r = rcp(P[e] + c.I0);
+            const float mu = M[e] * r;
+            const float x = qs[i] * r;
+            const float dm = x * d2[cc];
+#if PDVAR
+            const float di = -fmaf(x * x, dwc[cc], dm * mu);
+            dqb = fmaf(dwc[cc], r, dqb);
+#else
+            const float di = -(dm * mu);
+#endif
+            dqa = fmaf(d2[cc], mu, dqa);
+            const float tm = fmaf(an, aM[e], dm);
+            const float tp = fmaf(an, aP[e], di);
+            sd += di;
+            dva[cc] = fmaf(kr[i], tm, dva[cc]);
+            dba[cc] = fmaf(kk, tp, dba[cc]);
+            dk1 = fmaf(tm, v2[cc], dk1);
+            dk2 = fmaf(tp, b2[cc], dk2);
+            aM[e] = tm;
+            aP[e] = tp;
+        }
+#if PDVAR
+        dqr[i] = c.scale * fmaf(2.f * qs[i], dqb, dqa);
+#else
+        dqr[i] = c.scale * dqa;
+#endif
+        dkr[i] = fmaf(2.f * kr[i], dk2, dk1);
+    }
+    sdi += sd;
+    store_rows(red2 + ((ts * 2 + 0) * 2 + c.vl) * PK + c.row0, dqr);
+    store_rows(red2 + ((ts * 2 + 1) * 2 + c.vl) * PK + c.row0, dkr);
+    red1[(ts * 4 + 0) * RED1_STRIDE + c.lane] = dva[0];
+    red1[(ts * 4 + 1) * RED1_STRIDE + c.lane] = dva[1];
+    red1[(ts * 4 + 2) * RED1_STRIDE + c.lane] = dba[0];
+    red1[(ts * 4 + 3) * RED1_STRIDE + c.lane] = dba[1];
+    const float dg_next = dg * an;
+    an = c.sa[j];
+    return dg_next;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+extern "C" __global__ void __launch_bounds__(32 * PWARPS, 1)
+palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t* __restrict__ v,
+               const g_t* __restrict__ g, const in_t* __restrict__ beta, const float* __restrict__ prior,
+               const float* __restrict__ h_mean, const float* __restrict__ h_imp,
+               const float* __restrict__ adj_mean, const float* __restrict__ adj_imp,
+               const float* __restrict__ mu0, const float* __restrict__ imp0,
+               const do_t* __restrict__ dout, const do_t* __restrict__ dvar,
+               float* __restrict__ dq, float* __restrict__ dk, in_t* __restrict__ dv, in_t* __restrict__ dbeta,
+               float* __restrict__ dg_part, float* __restrict__ dprior, float* __restrict__ dmu0,
+               float* __restrict__ dimp0, const int* __restrict__ cu_seqlens, const int* __restrict__ unit_indices,
+               const int* __restrict__ chunk_offsets, float scale, int T, int NU) {
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int kl = lane & 15, vl = lane >> 4;
+    const int i_v = blockIdx.x, i_u = blockIdx.y, i_h = blockIdx.z;
+    int i_n, i_w, bos, eos, cbase;
+#if PVARLEN
+    i_n = unit_indices[2 * i_u];
+    i_w = unit_indices[2 * i_u + 1];
+    bos = cu_seqlens[i_n];
+    eos = cu_seqlens[i_n + 1];
+    cbase = chunk_offsets[i_n];
+#else
+    {
+        const int NW = (T + W_TOKENS - 1) / W_TOKENS;
+        i_n = i_u / NW;
+        i_w = i_u % NW;
+        bos = i_n * T;
+        eos = bos + T;
+        cbase = i_n * ((T + PC - 1) / PC);
+    }
+#endif
+    const int n_chunks = (eos - bos + PC - 1) / PC;
+    const int c_first = i_w * PU;
+    const int c_count = min(c_first + PU, n_chunks) - c_first;
+
+    Ctx c;
+    c.sq = smem + SQ_OFF;
+    c.sk = smem + SK_OFF;
+    c.sin = smem + SIN_OFF;
+    c.sa = smem + SA_OFF;
+    c.I0 = prior[i_h];
+    c.scale = scale;
+    c.lane = lane;
+    c.vl = vl;
+    c.row0 = kl * R;
+    c.ccol = w * 4 + vl * 2;
+    float* ck = smem + WARP_OFF + w * WARP_FLOATS;
+    float* red1 = ck + CK_FLOATS;
+    float* red2 = red1 + RED1_FLOATS;
+    const int col = i_v * BV + c.ccol;  // this thread's first value column
+
+    // the adjoints entering the unit from its end (totals with the next token's decay applied)
+    float aM[E], aP[E];
+    const u64 a_off = ((u64)i_u * PH + i_h) * PK * PV;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const u64 o = a_off + (u64)(c.row0 + i) * PV + col;
+        const float2 m = *reinterpret_cast<const float2*>(adj_mean + o);
+        const float2 p = *reinterpret_cast<const float2*>(adj_imp + o);
+        aM[2 * i] = m.x; aM[2 * i + 1] = m.y;
+        aP[2 * i] = p.x; aP[2 * i + 1] = p.y;
+    }
+    float an = 1.f, sdi = 0.f;
+
+    for (int cc = 0; cc < c_count; ++cc) {
+        const int i_c = c_first + c_count - 1 - cc;  // the unit's chunks, last first
+        const int cs = bos + i_c * PC;
+        const int n_tok = min(PC, eos - cs);
+        const u64 h_off = ((u64)(cbase + i_c) * PH + i_h) * PK * PV;
+        __syncthreads();  // every warp is done with the previous chunk's staged inputs
+        {   // stage the chunk's inputs, float32 (zeros and decay 1 after the sequence's end)
+            float* sq = smem + SQ_OFF;
+            float* sk = smem + SK_OFF;
+            float* sin = smem + SIN_OFF;
+            float* sa = smem + SA_OFF;
+            for (int idx = threadIdx.x; idx < PC * PK; idx += 32 * PWARPS) {
+                const int j = idx / PK, kk = idx - j * PK;
+                const bool ok = j < n_tok;
+                const u64 o = ((u64)(cs + j) * PH + i_h) * PK + kk;
+                sq[idx] = ok ? to_f(q[o]) * scale : 0.f;
+                sk[idx] = ok ? to_f(k[o]) : 0.f;
+            }
+            for (int idx = threadIdx.x; idx < PC * BV; idx += 32 * PWARPS) {
+                const int j = idx / BV, cv = idx - j * BV;
+                const bool ok = j < n_tok;
+                const u64 o = ((u64)(cs + j) * PH + i_h) * PV + i_v * BV + cv;
+                sin[(j * NQ + 0) * BV + cv] = ok ? to_f(v[o]) : 0.f;
+                sin[(j * NQ + 1) * BV + cv] = ok ? to_f(beta[o]) : 0.f;
+                sin[(j * NQ + 2) * BV + cv] = ok ? to_f(dout[o]) : 0.f;
+#if PDVAR
+                sin[(j * NQ + 3) * BV + cv] = ok ? to_f(dvar[o]) : 0.f;
+#endif
+            }
+            for (int j = threadIdx.x; j < PC; j += 32 * PWARPS)
+                sa[j] = j < n_tok ? expf(to_f(g[(u64)(cs + j) * PH + i_h])) : 1.f;
+        }
+        __syncthreads();
+
+        const int n_seg = (n_tok + PSEG - 1) / PSEG;
+        for (int ss = 0; ss < n_seg; ++ss) {
+            const int seg = n_seg - 1 - ss;  // segments of the chunk, last first
+            const int s0 = seg * PSEG;
+            const int seg_tok = min(PSEG, n_tok - s0);
+            const int n_sub = (seg_tok + 3) / 4;
+            float M[E], P[E];
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                const u64 o = h_off + (u64)(c.row0 + i) * PV + col;
+                const float2 m = *reinterpret_cast<const float2*>(h_mean + o);
+                const float2 p = *reinterpret_cast<const float2*>(h_imp + o);
+                M[2 * i] = m.x; M[2 * i + 1] = m.y;
+                P[2 * i] = p.x - c.I0; P[2 * i + 1] = p.y - c.I0;  // the sweep steps P = I - I0
+            }
+#pragma unroll 4
+            for (int j = 0; j < s0; ++j) forward_token(c, j, M, P);
+            // one pass over the segment keeps every sub-block's first state
+            for (int sb = 0; sb < n_sub; ++sb) {
+                save_state(ck, sb, lane, M, P);
+                if (sb + 1 < n_sub) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) forward_token(c, s0 + 4 * sb + j, M, P);
+                }
+            }
+            __syncwarp();
+            for (int jj = 0; jj < n_sub; ++jj) {
+                const int sb = n_sub - 1 - jj;  // sub-blocks of 4 tokens, last first
+                const int t0 = s0 + 4 * sb;
+                float Ms[4][E], Ps[4][E];
+                load_state(ck, sb, lane, Ms[0], Ps[0]);
+                forward_token(c, t0, Ms[0], Ps[0]);
+#pragma unroll
+                for (int j = 1; j < 4; ++j) {
+#pragma unroll
+                    for (int e = 0; e < E; ++e) {
+                        Ms[j][e] = Ms[j - 1][e];
+                        Ps[j][e] = Ps[j - 1][e];
+                    }
+                    forward_token(c, t0 + j, Ms[j], Ps[j]);
+                }
+                float dgn[4];
+#pragma unroll
+                for (int jr = 3; jr >= 0; --jr)
+                    dgn[jr] = backward_token(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2);
+                __syncwarp();
+                // dv, dbeta: lane l sums the 16 key lanes of (token l % 16 / 4, quantity l % 4, column half l / 16)
+                {
+                    const int slot = lane & 15, half = lane >> 4;
+                    const float* src = red1 + slot * RED1_STRIDE + half * 16;
+                    float s = 0.f;
+#pragma unroll
+                    for (int i = 0; i < 16; ++i) s += src[i];
+                    const int jt = t0 + (slot >> 2), what = slot & 3;
+                    if (jt < n_tok) {
+                        const u64 o = ((u64)(cs + jt) * PH + i_h) * PV + i_v * BV + w * 4 + half * 2 + (what & 1);
+                        from_f(s, (what < 2 ? dv : dbeta) + o);
+                    }
+                }
+                // dq, dk: the two column lanes' rows added, coalesced atomic adds over the block's value columns
+#pragma unroll
+                for (int ts = 0; ts < 4; ++ts) {
+                    const int jt = t0 + ts;
+                    if (jt < n_tok) {
+                        const u64 base = ((u64)(cs + jt) * PH + i_h) * PK;
+#pragma unroll
+                        for (int qq = 0; qq < 2; ++qq) {
+                            const float* src = red2 + (ts * 2 + qq) * 2 * PK;
+                            float* dst = qq == 0 ? dq : dk;
+#pragma unroll
+                            for (int row = lane; row < PK; row += 32) atomicAdd(dst + base + row, src[row] + src[PK + row]);
+                        }
+                    }
+                }
+                // dg of the next token of each of the 4: one transposed butterfly (lanes end holding token
+                // 2 * bit4 + bit3's total)
+                {
+                    const bool hi = lane & 16, h8 = lane & 8;
+                    float k0 = hi ? dgn[2] : dgn[0], k1 = hi ? dgn[3] : dgn[1];
+                    const float s0v = hi ? dgn[0] : dgn[2], s1v = hi ? dgn[1] : dgn[3];
+                    k0 += __shfl_xor_sync(0xffffffffu, s0v, 16);
+                    k1 += __shfl_xor_sync(0xffffffffu, s1v, 16);
+                    float kk = h8 ? k1 : k0;
+                    const float sv = h8 ? k0 : k1;
+                    kk += __shfl_xor_sync(0xffffffffu, sv, 8);
+                    kk += __shfl_xor_sync(0xffffffffu, kk, 4);
+                    kk += __shfl_xor_sync(0xffffffffu, kk, 2);
+                    kk += __shfl_xor_sync(0xffffffffu, kk, 1);
+                    const int jt = t0 + (hi ? 2 : 0) + (h8 ? 1 : 0);
+                    if ((lane & 7) == 0 && jt < n_tok && cs + jt + 1 < eos)
+                        atomicAdd(dg_part + (u64)(cs + jt + 1) * PH + i_h, kk);
+                }
+                __syncwarp();
+            }
+        }
+    }
+
+    // the first token's totals times its decay: the adjoints of the state before the unit's first token
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        aM[e] *= an;
+        aP[e] *= an;
+    }
+    float dprior_sum = warp_sum(sdi);
+#if PINIT
+    if (i_w == 0) {
+        const u64 s_off = ((u64)i_n * PH + i_h) * PK * PV;
+        float sp = 0.f, dg1 = 0.f;
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+#pragma unroll
+            for (int cc = 0; cc < 2; ++cc) {
+                const int e = 2 * i + cc;
+                const u64 o = s_off + (u64)(c.row0 + i) * PV + col + cc;
+                const float mi = mu0[o], ii = imp0[o];
+                dmu0[o] = aM[e] * ii;
+                dimp0[o] = aM[e] * mi + aP[e];
+                sp += aP[e];
+                dg1 += aM[e] * (mi * ii) + aP[e] * (ii - c.I0);
+            }
+        }
+        dprior_sum -= warp_sum(sp);
+        dg1 = warp_sum(dg1);
+        if (lane == 0) atomicAdd(dg_part + (u64)bos * PH + i_h, dg1);
+    }
+#endif
+    if (lane == 0) dprior[((u64)(i_v * PWARPS + w) * NU + i_u) * PH + i_h] = dprior_sum;
+}

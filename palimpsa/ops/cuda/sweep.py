@@ -1,0 +1,88 @@
+"""The per-channel op's reverse sweep in CUDA C++ (``sweep.cu``), compiled at run time by NVRTC.
+
+It is a drop-in for ``chunk_bwd_gluon.unit_bwd_gluon_kernel``: same buffers, same units of chunks, same results
+(checked against the float64 reference on the GPU by ``scripts/gpu_gluon_fwd_check.py --variants cuda``).  Each
+thread holds K / 16 key rows of 2 value columns; a block of ``warps`` warps covers 4 * warps value columns of one
+head and unit (see the source's header for what the C++ does that the Gluon source cannot).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from palimpsa.ops.cuda.nvrtc import load_kernel
+
+SOURCE_PATH = Path(__file__).with_name("sweep.cu")
+MAX_SHARED_BYTES = 227 * 1024  # a block's limit on sm_80 and sm_90
+SEGMENT = 16
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def shared_bytes(K: int, V: int, warps: int, chunk: int, segment: int = SEGMENT, has_dvar: bool = False) -> int:
+    """Dynamic shared memory of one block (the layout in sweep.cu's header)."""
+    rows = K // 16
+    nq = 4 if has_dvar else 3
+    bv = 4 * warps
+    per_warp = (segment // 4) * 2 * (2 * rows) * 32 + 16 * 33 + 16 * K
+    return 4 * (2 * chunk * K + chunk * nq * bv + chunk + warps * per_warp)
+
+
+def block_warps(K: int, V: int, chunk: int, has_dvar: bool = True) -> Optional[int]:
+    """Warps per block for key size K and value size V: the most (8, 4, 2 or 1) whose 4 * warps value columns
+    divide V and whose shared memory fits a block; None when the sweep cannot run (K not a multiple of 16 or
+    above 128)."""
+    if K % 16 or not 16 <= K <= 128:
+        return None
+    for warps in (8, 4, 2, 1):
+        if V % (4 * warps) == 0 and shared_bytes(K, V, warps, chunk, has_dvar=has_dvar) <= MAX_SHARED_BYTES:
+            return warps
+    return None
+
+
+def _code(dtype: torch.dtype, name: str) -> int:
+    if dtype not in _DTYPE_CODES:
+        raise TypeError(f"the CUDA sweep takes bfloat16, float16 or float32 tensors, got {dtype} for {name}")
+    return _DTYPE_CODES[dtype]
+
+
+def source(K: int, V: int, H: int, chunk: int, unit_chunks: int, warps: int, dtype: torch.dtype, has_dvar: bool,
+           has_init: bool, varlen: bool, segment: int = SEGMENT, g_dtype: Optional[torch.dtype] = None,
+           do_dtype: Optional[torch.dtype] = None) -> str:
+    """sweep.cu with its compile-time parameters defined; ``dtype`` is q's (and k, v, beta's), ``g_dtype`` and
+    ``do_dtype`` those of g and of the output gradients (default: ``dtype``)."""
+    defines = dict(PK=K, PV=V, PH=H, PC=chunk, PU=unit_chunks, PWARPS=warps, PSEG=segment, PIN=_code(dtype, "q"),
+                   PG=_code(g_dtype or dtype, "g"), PDO=_code(do_dtype or dtype, "do"), PDVAR=int(has_dvar),
+                   PINIT=int(has_init), PVARLEN=int(varlen))
+    head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
+    return head + SOURCE_PATH.read_text()
+
+
+def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,
+                 dg_part, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, scale: float, T: int,
+                 NU: int, chunk: int, unit_chunks: int, has_init: bool, varlen: bool) -> None:
+    """Run the sweep over NU units on q's device; arguments as ``unit_bwd_gluon_kernel``'s (q, k [B*T, H, K],
+    v, beta, do, dvar [B*T, H, V], g [B*T, H]; k, v, beta, dv, dbeta of q's dtype, g, do and dvar of any
+    of bfloat16, float16, float32; dq, dk float32 zero-initialised; dg_part
+    [1, B*T, H] zero-initialised; dprior_part [V / 4, NU, H]); dvar None without a variance gradient."""
+    K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
+    has_dvar = dvar is not None
+    warps = block_warps(K, V, chunk, has_dvar)
+    if warps is None:
+        raise ValueError(f"the CUDA sweep needs K a multiple of 16 up to 128 and V a multiple of 4, got K = {K}, "
+                         f"V = {V}")
+    if has_dvar and dvar.dtype != do.dtype:
+        dvar = dvar.to(do.dtype)
+    for name, x in (("k", k), ("v", v), ("beta", beta), ("dv", dv), ("dbeta", dbeta)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"the CUDA sweep needs {name} in q's dtype {q.dtype}, got {x.dtype}")
+    src = source(K, V, H, chunk, unit_chunks, warps, q.dtype, has_dvar, has_init, varlen, g_dtype=g.dtype,
+                 do_dtype=do.dtype)
+    smem = shared_bytes(K, V, warps, chunk, has_dvar=has_dvar)
+    kernel = load_kernel(src, "palimpsa_sweep", smem, q.device)
+    kernel((V // (4 * warps), NU, H), 32 * warps,
+           (q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,
+            dg_part, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, float(scale), int(T),
+            int(NU)))
