@@ -145,7 +145,9 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
 
 // Shared memory of a block, in floats: the chunk's q (times the scale) and k rows [PC][PK] each, its value-column
 // inputs [PC][NQ][BV] (v, beta, do, dvar), its decays [PC]; then per warp: the sub-block start states
-// [NSUB][2][E][32], the sums over K of a sub-block [16][RED1_STRIDE] and its sums over V [4][2][2][PK].
+// [NSUB][2][E][32], the chunk-start state [2][E / 2][32] float2 (copied from global memory asynchronously while the
+// chunk before is processed), the sums over K of a sub-block [16][RED1_STRIDE] and its sums over V for two tokens
+// [2][2][2][PK].
 #define SQ_OFF 0
 #define SK_OFF (PC * PK)
 #define SIN_OFF (2 * PC * PK)
@@ -153,8 +155,9 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
 #define WARP_OFF (SA_OFF + PC)
 #define CK_FLOATS (NSUB * 2 * E * 32)
 #define RED1_FLOATS (16 * RED1_STRIDE)
-#define RED2_FLOATS (16 * PK)
-#define WARP_FLOATS (CK_FLOATS + RED1_FLOATS + RED2_FLOATS)
+#define RED2_FLOATS (8 * PK)
+#define START_FLOATS (2 * E * 32)
+#define WARP_FLOATS (CK_FLOATS + START_FLOATS + RED1_FLOATS + RED2_FLOATS)
 #define SHARED_FLOATS (WARP_OFF + PWARPS * WARP_FLOATS)
 
 struct Ctx {
@@ -186,7 +189,8 @@ __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E]
 
 // Reverse step of chunk token j, (M, P) its state after the token, (aM, aP) the next token's adjoint totals before
 // that token's decay `an`.  Leaves this token's totals in (aM, aP) and its decay in `an`, adds its DI to sdi, writes
-// this thread's partial sums over K (dv, dbeta) to red1 and over V (dq, dk) to red2 at sub-block slot `ts`, and
+// this thread's partial sums over K (dv, dbeta) to red1 at sub-block slot `ts` and over V (dq, dk) to red2 at slot
+// ts % 2, and
 // returns its partial of dg of the next token (already times `an`).
 __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, const float (&M)[E], const float (&P)[E],
                                                 float (&aM)[E], float (&aP)[E], float& an, float& sdi, float* red1,
@@ -246,8 +250,8 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
         dkr[i] = fmaf(2.f * kr[i], dk2, dk1);
     }
     sdi += sd;
-    store_rows(red2 + ((ts * 2 + 0) * 2 + c.vl) * PK + c.row0, dqr);
-    store_rows(red2 + ((ts * 2 + 1) * 2 + c.vl) * PK + c.row0, dkr);
+    store_rows(red2 + (((ts & 1) * 2 + 0) * 2 + c.vl) * PK + c.row0, dqr);
+    store_rows(red2 + (((ts & 1) * 2 + 1) * 2 + c.vl) * PK + c.row0, dkr);
     red1[(ts * 4 + 0) * RED1_STRIDE + c.lane] = dva[0];
     red1[(ts * 4 + 1) * RED1_STRIDE + c.lane] = dva[1];
     red1[(ts * 4 + 2) * RED1_STRIDE + c.lane] = dba[0];
@@ -255,6 +259,34 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     const float dg_next = dg * an;
     an = c.sa[j];
     return dg_next;
+}
+
+// The chunk-start state (M, I) of this thread's elements, copied from global memory into its warp's start buffer
+// without registers (cp.async, 8 bytes per row of two columns); wait_start() before reading it back.
+__device__ __forceinline__ void prefetch_start(float* start, int lane, const float* h_mean, const float* h_imp,
+                                               u64 h_off, int row0, int col) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const u64 o = h_off + (u64)(row0 + i) * PV + col;
+        const unsigned dm = (unsigned)__cvta_generic_to_shared(start + (0 * R + i) * 64 + lane * 2);
+        const unsigned dp = (unsigned)__cvta_generic_to_shared(start + (1 * R + i) * 64 + lane * 2);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dm), "l"(h_mean + o) : "memory");
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dp), "l"(h_imp + o) : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+__device__ __forceinline__ void wait_start() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// (M, P = I - I0) from the start buffer
+__device__ __forceinline__ void read_start(const float* start, int lane, float I0, float (&M)[E], float (&P)[E]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const float2 m = *reinterpret_cast<const float2*>(start + (0 * R + i) * 64 + lane * 2);
+        const float2 p = *reinterpret_cast<const float2*>(start + (1 * R + i) * 64 + lane * 2);
+        M[2 * i] = m.x; M[2 * i + 1] = m.y;
+        P[2 * i] = p.x - I0; P[2 * i + 1] = p.y - I0;  // the sweep steps P = I - I0
+    }
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -312,7 +344,8 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
     c.row0 = kl * R;
     c.ccol = w * 4 + vl * 2;
     float* ck = smem + WARP_OFF + w * WARP_FLOATS;
-    float* red1 = ck + CK_FLOATS;
+    float* start = ck + CK_FLOATS;
+    float* red1 = start + START_FLOATS;
     float* red2 = red1 + RED1_FLOATS;
     const int col = i_v * BV + c.ccol;  // this thread's first value column
 
@@ -328,12 +361,14 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
         aP[2 * i] = p.x; aP[2 * i + 1] = p.y;
     }
     float an = 1.f, sdi = 0.f;
+    if (c_count > 0)
+        prefetch_start(start, lane, h_mean, h_imp, ((u64)(cbase + c_first + c_count - 1) * PH + i_h) * PK * PV,
+                       c.row0, col);
 
     for (int cc = 0; cc < c_count; ++cc) {
         const int i_c = c_first + c_count - 1 - cc;  // the unit's chunks, last first
         const int cs = bos + i_c * PC;
         const int n_tok = min(PC, eos - cs);
-        const u64 h_off = ((u64)(cbase + i_c) * PH + i_h) * PK * PV;
         __syncthreads();  // every warp is done with the previous chunk's staged inputs
         {   // stage the chunk's inputs, float32 (zeros and decay 1 after the sequence's end)
             float* sq = smem + SQ_OFF;
@@ -370,14 +405,8 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
             const int seg_tok = min(PSEG, n_tok - s0);
             const int n_sub = (seg_tok + 3) / 4;
             float M[E], P[E];
-#pragma unroll
-            for (int i = 0; i < R; ++i) {
-                const u64 o = h_off + (u64)(c.row0 + i) * PV + col;
-                const float2 m = *reinterpret_cast<const float2*>(h_mean + o);
-                const float2 p = *reinterpret_cast<const float2*>(h_imp + o);
-                M[2 * i] = m.x; M[2 * i + 1] = m.y;
-                P[2 * i] = p.x - c.I0; P[2 * i + 1] = p.y - c.I0;  // the sweep steps P = I - I0
-            }
+            wait_start();
+            read_start(start, lane, c.I0, M, P);
 #pragma unroll 4
             for (int j = 0; j < s0; ++j) forward_token(c, j, M, P);
             // one pass over the segment keeps every sub-block's first state
@@ -388,6 +417,11 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                     for (int j = 0; j < 4; ++j) forward_token(c, s0 + 4 * sb + j, M, P);
                 }
             }
+            // this chunk's start was read for the last time (and used: the reads are complete): fetch the next
+            // chunk's while this segment's sub-blocks run
+            if (seg == 0 && cc + 1 < c_count)
+                prefetch_start(start, lane, h_mean, h_imp, ((u64)(cbase + i_c - 1) * PH + i_h) * PK * PV, c.row0,
+                               col);
             __syncwarp();
             for (int jj = 0; jj < n_sub; ++jj) {
                 const int sb = n_sub - 1 - jj;  // sub-blocks of 4 tokens, last first
@@ -406,9 +440,30 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                 }
                 float dgn[4];
 #pragma unroll
-                for (int jr = 3; jr >= 0; --jr)
-                    dgn[jr] = backward_token(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2);
-                __syncwarp();
+                for (int pair = 1; pair >= 0; --pair) {
+#pragma unroll
+                    for (int jr = 2 * pair + 1; jr >= 2 * pair; --jr)
+                        dgn[jr] = backward_token(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2);
+                    __syncwarp();
+                    // dq, dk of the two tokens: the two column lanes' rows added, coalesced atomic adds over the
+                    // block's value columns
+#pragma unroll
+                    for (int ts = 0; ts < 2; ++ts) {
+                        const int jt = t0 + 2 * pair + ts;
+                        if (jt < n_tok) {
+                            const u64 base = ((u64)(cs + jt) * PH + i_h) * PK;
+#pragma unroll
+                            for (int qq = 0; qq < 2; ++qq) {
+                                const float* src = red2 + (ts * 2 + qq) * 2 * PK;
+                                float* dst = qq == 0 ? dq : dk;
+#pragma unroll
+                                for (int row = lane; row < PK; row += 32)
+                                    atomicAdd(dst + base + row, src[row] + src[PK + row]);
+                            }
+                        }
+                    }
+                    __syncwarp();
+                }
                 // dv, dbeta: lane l sums the 16 key lanes of (token l % 16 / 4, quantity l % 4, column half l / 16)
                 {
                     const int slot = lane & 15, half = lane >> 4;
@@ -420,21 +475,6 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                     if (jt < n_tok) {
                         const u64 o = ((u64)(cs + jt) * PH + i_h) * PV + i_v * BV + w * 4 + half * 2 + (what & 1);
                         from_f(s, (what < 2 ? dv : dbeta) + o);
-                    }
-                }
-                // dq, dk: the two column lanes' rows added, coalesced atomic adds over the block's value columns
-#pragma unroll
-                for (int ts = 0; ts < 4; ++ts) {
-                    const int jt = t0 + ts;
-                    if (jt < n_tok) {
-                        const u64 base = ((u64)(cs + jt) * PH + i_h) * PK;
-#pragma unroll
-                        for (int qq = 0; qq < 2; ++qq) {
-                            const float* src = red2 + (ts * 2 + qq) * 2 * PK;
-                            float* dst = qq == 0 ? dq : dk;
-#pragma unroll
-                            for (int row = lane; row < PK; row += 32) atomicAdd(dst + base + row, src[row] + src[PK + row]);
-                        }
                     }
                 }
                 // dg of the next token of each of the 4: one transposed butterfly (lanes end holding token

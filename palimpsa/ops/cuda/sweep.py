@@ -26,7 +26,7 @@ def shared_bytes(K: int, V: int, warps: int, chunk: int, segment: int = SEGMENT,
     rows = K // 16
     nq = 4 if has_dvar else 3
     bv = 4 * warps
-    per_warp = (segment // 4) * 2 * (2 * rows) * 32 + 16 * 33 + 16 * K
+    per_warp = (segment // 4) * 2 * (2 * rows) * 32 + 2 * (2 * rows) * 32 + 16 * 33 + 8 * K
     return 4 * (2 * chunk * K + chunk * nq * bv + chunk + warps * per_warp)
 
 
