@@ -183,6 +183,7 @@ def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
 
     monkeypatch.setattr(function, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(function, "_nvrtc_available", lambda: False)  # the CUDA sweep's choice: tested below
     with kernel_config(fwd_backend="auto", bwd_backend="auto"):
         for K, expected in ((16, "triton"), (32, "triton"), (48, "gluon"), (56, "triton"), (64, "gluon"),
                             (80, "triton"), (96, "gluon"), (112, "triton"), (128, "gluon"), (256, "triton")):
@@ -196,6 +197,15 @@ def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
         assert function.sweep_kernel(FakeCuda(64), 64) == "triton"
     with kernel_config(bwd_backend="gluon"):
         assert function.sweep_kernel(torch.zeros(1, 1, 1, 16), 16) == "gluon"  # an explicit choice is kept
+    monkeypatch.setattr(function, "interpreting", lambda: False)
+    monkeypatch.setattr(function, "_nvrtc_available", lambda: True)
+    with kernel_config(bwd_backend="auto"):  # the CUDA sweep where the Gluon one would run and it can (NVRTC, V % 4)
+        for K, V, expected in ((96, 192, "cuda"), (48, 48, "cuda"), (128, 128, "cuda"), (64, 30, "gluon"),
+                               (56, 64, "triton")):
+            assert function.sweep_kernel(FakeCuda(K), V) == expected, (K, V)
+        monkeypatch.setattr(function, "_nvrtc_available", lambda: False)
+        assert function.sweep_kernel(FakeCuda(96), 192) == "gluon"
+    monkeypatch.setattr(function, "interpreting", lambda: True)
     with kernel_config(bwd_backend="cuda"):  # asked for where it cannot run: a clear error, no silent fallback
         with pytest.raises(ValueError, match="NVIDIA GPU only"):
             function.sweep_kernel(torch.zeros(1, 1, 1, 64), 64)

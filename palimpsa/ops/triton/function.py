@@ -36,6 +36,24 @@ DEFAULT_CHUNK_SIZE = 64
 GLUON_FWD_KEY_SIZES = frozenset({48, 64, 96, 128})
 GLUON_BWD_KEY_SIZES = frozenset({48, 64, 96, 128})
 GLUON_CAPABILITIES = ((9, 0),)
+# Where "auto" picks the CUDA C++ reverse sweep (palimpsa/ops/cuda/sweep.cu) over the Gluon one: the key sizes at which
+# it passed the float64 checks on an H200 and ran faster (twelfth session, cuda_sweep_h200_*.md in results/bench/:
+# fwd+bwd 760M-like 18.09 -> 13.65 ms, 170M-like 3.49 -> 2.23, d64 3.72 -> 3.41, d128 10.97 -> 10.41), on the same
+# architecture, when NVRTC can be loaded (else the Gluon sweep runs).
+CUDA_BWD_KEY_SIZES = frozenset({48, 64, 96, 128})
+# the CUDA sweep's units are sized for this many warps (of 4 value columns): whole sequences at every benchmark shape
+# (the Gluon sweep's 1536 gave two units a sequence at d128, and so the local-adjoint pass)
+CUDA_TARGET_PROGRAMS = 1024
+
+
+def _nvrtc_available() -> bool:
+    from palimpsa.ops.cuda.nvrtc import nvrtc_library
+
+    try:
+        nvrtc_library()
+    except OSError:
+        return False
+    return True
 
 
 def _gluon_measured_faster(q: torch.Tensor, key_sizes: frozenset) -> bool:
@@ -72,10 +90,14 @@ def output_kernel(q: torch.Tensor) -> str:
 
 def sweep_kernel(q: torch.Tensor, V: int) -> str:
     """The backward's reverse-sweep kernel for ``q`` [B, T, H, K] and value size V, from ``CONFIG.bwd_backend``:
-    "triton", "gluon" or "cuda" (the CUDA C++ sweep, palimpsa/ops/cuda/sweep.cu, only when asked for: it needs an
-    NVIDIA GPU, K a multiple of 16 up to 128 and V a multiple of 4)."""
+    "triton", "gluon" or "cuda" (the CUDA C++ sweep, palimpsa/ops/cuda/sweep.cu: it needs an NVIDIA GPU, K a multiple
+    of 16 up to 128 and V a multiple of 4).  "auto" gives "cuda" where the Gluon sweep would run, K is one of
+    :data:`CUDA_BWD_KEY_SIZES` and NVRTC loads; an explicit "cuda" that cannot run raises ValueError."""
     chosen = resolve_backend(CONFIG.bwd_backend, q, "the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND)",
                              BWD_BACKENDS, GLUON_BWD_KEY_SIZES)
+    if CONFIG.bwd_backend == "auto" and chosen == "gluon" and q.shape[-1] in CUDA_BWD_KEY_SIZES \
+            and V % 4 == 0 and _nvrtc_available():
+        return "cuda"
     if chosen == "cuda":
         from palimpsa.ops.cuda.sweep import block_warps
 
@@ -155,7 +177,10 @@ def _bwd_op(
         dfinal = (dmu, dimp) if dmu is not None else None
         tuning = sweep_tuning(q.shape[-1])
         sweep = sweep_kernel(q, v.shape[-1])
-        if sweep in ("gluon", "cuda"):
+        if sweep == "cuda":
+            target_programs = (CONFIG.bwd_target_programs if CONFIG.bwd_target_programs is not None
+                               else CUDA_TARGET_PROGRAMS)
+        elif sweep == "gluon":
             target_programs = tuning.target_programs
         else:
             target_programs = (CONFIG.bwd_target_programs if CONFIG.bwd_target_programs is not None
