@@ -69,8 +69,12 @@ def variant_config(name: str) -> dict:
         return dict(fwd_backend="triton", bwd_backend="triton", **extra)
     if name == "default":
         return extra
-    if name == "cuda":  # the CUDA C++ reverse sweep (palimpsa/ops/cuda/sweep.cu), the default output kernel
+    if name == "cuda":  # the CUDA C++ kernels (palimpsa/ops/cuda/): output kernel and reverse sweep
+        return dict(fwd_backend="cuda", bwd_backend="cuda", **extra)
+    if name == "cuda-bwd":  # the CUDA C++ reverse sweep, the default output kernel
         return dict(bwd_backend="cuda", **extra)
+    if name == "gluon-default":  # both Gluon kernels at their tuned settings (the defaults before the CUDA kernels)
+        return dict(fwd_backend="gluon", bwd_backend="gluon", **extra)
     if name == "gluon-fwd":
         return dict(fwd_backend="gluon", bwd_backend="triton", **extra)
     match = re.fullmatch(r"gluon-(\d+)(?:-w(\d+))?(?:-c(\d))?(?:-s(\d))?(?:-r(\d+))?(?:-u(\d))?(-i)?", name)
@@ -79,7 +83,7 @@ def variant_config(name: str) -> dict:
                     bwd_warps=int(match[2] or 1), bwd_cols=int(match[3] or 1), bwd_stage=int(match[4] or 0),
                     bwd_maxnreg=int(match[5] or 0), bwd_unroll=int(match[6] or 1), bwd_inputs=bool(match[7]),
                     **extra)
-    raise ValueError(f"unknown variant {name!r}: expected default, triton, cuda, gluon-fwd or "
+    raise ValueError(f"unknown variant {name!r}: expected default, triton, cuda, cuda-bwd, gluon-default, gluon-fwd or "
                      "gluon-<lanes>[-w<warps>][-c<columns>][-s<stage>][-r<max registers>][-u<unroll>][-i], each "
                      "optionally followed by -f<output columns>, -fi or -fg and -t<target programs>")
 

@@ -153,12 +153,15 @@ def test_warps_per_program_follow_the_value_size():
 
 def test_the_forward_backend_is_checked():
     q = torch.zeros(1, 1, 1, 96)
-    assert CONFIG.fwd_backend in ("auto", "triton", "gluon")
+    assert CONFIG.fwd_backend in ("auto", "triton", "gluon", "cuda")
     with pytest.raises(ValueError, match="fwd_backend"):
-        with kernel_config(fwd_backend="cuda"):
+        with kernel_config(fwd_backend="tpu"):
             pass
+    with kernel_config(fwd_backend="cuda"):  # asked for where it cannot run: a clear error, no silent fallback
+        with pytest.raises(ValueError, match="NVIDIA GPU only"):
+            function.output_kernel(q, 192)
     saved = CONFIG.fwd_backend
-    CONFIG.fwd_backend = "cuda"  # as a bad PALIMPSA_FWD_BACKEND would set it
+    CONFIG.fwd_backend = "tpu"  # as a bad PALIMPSA_FWD_BACKEND would set it
     try:
         with pytest.raises(ValueError, match="PALIMPSA_FWD_BACKEND"):
             function.output_kernel(q)
@@ -203,8 +206,13 @@ def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
         for K, V, expected in ((96, 192, "cuda"), (48, 48, "cuda"), (128, 128, "cuda"), (64, 30, "gluon"),
                                (56, 64, "triton")):
             assert function.sweep_kernel(FakeCuda(K), V) == expected, (K, V)
+        for K, V, expected in ((48, 48, "cuda"), (64, 64, "cuda"), (96, 192, "gluon"), (128, 128, "gluon"),
+                               (64, 30, "gluon"), (56, 64, "triton")):
+            assert function.output_kernel(FakeCuda(K), V) == expected, (K, V)
+        assert function.output_kernel(FakeCuda(48)) == "gluon"  # V unknown
         monkeypatch.setattr(function, "_nvrtc_available", lambda: False)
         assert function.sweep_kernel(FakeCuda(96), 192) == "gluon"
+        assert function.output_kernel(FakeCuda(48), 48) == "gluon"
     monkeypatch.setattr(function, "interpreting", lambda: True)
     with kernel_config(bwd_backend="cuda"):  # asked for where it cannot run: a clear error, no silent fallback
         with pytest.raises(ValueError, match="NVIDIA GPU only"):

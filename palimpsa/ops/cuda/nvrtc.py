@@ -152,17 +152,46 @@ class Kernel:
                                                self.shared_bytes, stream, argv, None), "cuLaunchKernel")
 
 
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def dtype_code(dtype: torch.dtype, name: str) -> int:
+    """The kernels' code of a tensor dtype (0 bfloat16, 1 float16, 2 float32); ``name`` names the tensor in the
+    error for any other."""
+    if dtype not in _DTYPE_CODES:
+        raise TypeError(f"the CUDA kernels take bfloat16, float16 or float32 tensors, got {dtype} for {name}")
+    return _DTYPE_CODES[dtype]
+
+
+def aligned16(K: int, V: int, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether every tensor starts at a 16-byte boundary and its rows of K or V elements are whole 16-byte vectors
+    (the kernels' PALIGNED: vector loads when staging a chunk)."""
+    return all(t.data_ptr() % 16 == 0 and (K * t.element_size()) % 16 == 0 and (V * t.element_size()) % 16 == 0
+               for t in tensors if t is not None)
+
+
+def kernel_source(filename: str, defines: Dict[str, int]) -> str:
+    """The CUDA source ``filename`` (next to this module) with its compile-time parameters defined and common.cuh
+    before it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    head = "".join(f"#define {name} {int(value)}\n" for name, value in defines.items())
+    with open(os.path.join(here, "common.cuh")) as common, open(os.path.join(here, filename)) as body:
+        return head + common.read() + "\n" + body.read()
+
+
 _KERNELS: Dict[tuple, Kernel] = {}
 
 
-def load_kernel(source: str, name: str, shared_bytes: int, device: torch.device,
+def load_kernel(filename: str, defines: Dict[str, int], name: str, shared_bytes: int, device: torch.device,
                 options: Sequence[str] = ()) -> Kernel:
-    """The kernel ``name`` of ``source`` compiled for ``device`` (cached per device and source)."""
+    """The kernel ``name`` of the CUDA source ``filename`` with ``defines`` (:func:`kernel_source`), compiled for
+    ``device``; cached per device and defines, so that a launch after the first builds no source."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, source, name, tuple(options))
-    if key not in _KERNELS:
+    key = (index, filename, tuple(sorted(defines.items())), name, tuple(options))
+    kernel = _KERNELS.get(key)
+    if kernel is None:
         major, minor = torch.cuda.get_device_capability(index)
         with torch.cuda.device(index):
-            cubin, _log = compile_cubin(source, name, major * 10 + minor, options)
-            _KERNELS[key] = Kernel(cubin, name, shared_bytes)
-    return _KERNELS[key]
+            cubin, _log = compile_cubin(kernel_source(filename, defines), name, major * 10 + minor, options)
+            kernel = _KERNELS[key] = Kernel(cubin, name, shared_bytes)
+    return kernel

@@ -18,96 +18,12 @@
 // v, beta, dv, dbeta; of g; of do and dvar: 0 bfloat16, 1 float16, 2 float32), PDVAR (a variance gradient is given), PINIT (an initial state is given), PVARLEN.
 // Requires PK % 16 == 0 and PV % (4 * PWARPS) == 0 (the host checks).
 
-#define R (PK / 16)
-#define E (2 * R)
 #define BV (4 * PWARPS)
 #define NQ (PDVAR ? 4 : 3)
 #define NSUB (PSEG / 4)
 #define W_TOKENS (PC * PU)
 #define CK_VEC ((E % 4 == 0) ? 4 : 2)
 #define RED1_STRIDE 33
-
-typedef unsigned short u16;
-typedef unsigned long long u64;
-
-// 16-bit floats as distinct types, so that one overload of to_f / from_f serves each tensor's own dtype
-struct bf16 { u16 bits; };
-struct f16 { u16 bits; };
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
-__device__ __forceinline__ float to_f(f16 x) {
-    float r;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x.bits));
-    return r;
-}
-__device__ __forceinline__ void from_f(float x, float* dst) { *dst = x; }
-__device__ __forceinline__ void from_f(float x, bf16* dst) {
-    u16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
-    dst->bits = r;
-}
-__device__ __forceinline__ void from_f(float x, f16* dst) {
-    u16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
-    dst->bits = r;
-}
-#if PIN == 0
-typedef bf16 in_t;
-#elif PIN == 1
-typedef f16 in_t;
-#else
-typedef float in_t;
-#endif
-#if PG == 0
-typedef bf16 g_t;
-#elif PG == 1
-typedef f16 g_t;
-#else
-typedef float g_t;
-#endif
-#if PDO == 0
-typedef bf16 do_t;
-#elif PDO == 1
-typedef f16 do_t;
-#else
-typedef float do_t;
-#endif
-
-__device__ __forceinline__ float rcp(float x) {  // 1 / x in one MUFU op (x >= the prior > 0)
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-}
-
-// R consecutive floats of shared memory into registers, in 16- or 8-byte pieces where the row count allows
-__device__ __forceinline__ void load_rows(const float* src, float (&x)[R]) {
-#if R % 4 == 0
-#pragma unroll
-    for (int i = 0; i < R; i += 4) {
-        float4 t = *reinterpret_cast<const float4*>(src + i);
-        x[i] = t.x; x[i + 1] = t.y; x[i + 2] = t.z; x[i + 3] = t.w;
-    }
-#elif R % 2 == 0
-#pragma unroll
-    for (int i = 0; i < R; i += 2) {
-        float2 t = *reinterpret_cast<const float2*>(src + i);
-        x[i] = t.x; x[i + 1] = t.y;
-    }
-#else
-#pragma unroll
-    for (int i = 0; i < R; ++i) x[i] = src[i];
-#endif
-}
-
-__device__ __forceinline__ void store_rows(float* dst, const float (&x)[R]) {
-#if R % 2 == 0
-#pragma unroll
-    for (int i = 0; i < R; i += 2) *reinterpret_cast<float2*>(dst + i) = make_float2(x[i], x[i + 1]);
-#else
-#pragma unroll
-    for (int i = 0; i < R; ++i) dst[i] = x[i];
-#endif
-}
 
 // A thread's state pair (M, P) at checkpoint slot `slot` of its warp's buffer: [slot][M or P][E / CK_VEC][lane]
 // vectors of CK_VEC floats, so that each store or load of a warp covers consecutive bytes (no bank conflicts).
@@ -375,24 +291,15 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
             float* sk = smem + SK_OFF;
             float* sin = smem + SIN_OFF;
             float* sa = smem + SA_OFF;
-            for (int idx = threadIdx.x; idx < PC * PK; idx += 32 * PWARPS) {
-                const int j = idx / PK, kk = idx - j * PK;
-                const bool ok = j < n_tok;
-                const u64 o = ((u64)(cs + j) * PH + i_h) * PK + kk;
-                sq[idx] = ok ? to_f(q[o]) * scale : 0.f;
-                sk[idx] = ok ? to_f(k[o]) : 0.f;
-            }
-            for (int idx = threadIdx.x; idx < PC * BV; idx += 32 * PWARPS) {
-                const int j = idx / BV, cv = idx - j * BV;
-                const bool ok = j < n_tok;
-                const u64 o = ((u64)(cs + j) * PH + i_h) * PV + i_v * BV + cv;
-                sin[(j * NQ + 0) * BV + cv] = ok ? to_f(v[o]) : 0.f;
-                sin[(j * NQ + 1) * BV + cv] = ok ? to_f(beta[o]) : 0.f;
-                sin[(j * NQ + 2) * BV + cv] = ok ? to_f(dout[o]) : 0.f;
+            constexpr int NT = 32 * PWARPS;
+            stage_rows<in_t, PK, PK, NT, true>(sq, q, PK, 0, cs, i_h, n_tok, scale);
+            stage_rows<in_t, PK, PK, NT, false>(sk, k, PK, 0, cs, i_h, n_tok, 1.f);
+            stage_rows<in_t, BV, NQ * BV, NT, false>(sin + 0 * BV, v, PV, (u64)i_v * BV, cs, i_h, n_tok, 1.f);
+            stage_rows<in_t, BV, NQ * BV, NT, false>(sin + 1 * BV, beta, PV, (u64)i_v * BV, cs, i_h, n_tok, 1.f);
+            stage_rows<do_t, BV, NQ * BV, NT, false>(sin + 2 * BV, dout, PV, (u64)i_v * BV, cs, i_h, n_tok, 1.f);
 #if PDVAR
-                sin[(j * NQ + 3) * BV + cv] = ok ? to_f(dvar[o]) : 0.f;
+            stage_rows<do_t, BV, NQ * BV, NT, false>(sin + 3 * BV, dvar, PV, (u64)i_v * BV, cs, i_h, n_tok, 1.f);
 #endif
-            }
             for (int j = threadIdx.x; j < PC; j += 32 * PWARPS)
                 sa[j] = j < n_tok ? expf(to_f(g[(u64)(cs + j) * PH + i_h])) : 1.f;
         }

@@ -8,17 +8,14 @@ head and unit (see the source's header for what the C++ does that the Gluon sour
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
-from palimpsa.ops.cuda.nvrtc import load_kernel
+from palimpsa.ops.cuda.nvrtc import aligned16, dtype_code, load_kernel
 
-SOURCE_PATH = Path(__file__).with_name("sweep.cu")
 MAX_SHARED_BYTES = 227 * 1024  # a block's limit on sm_80 and sm_90
 SEGMENT = 16
-_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 def shared_bytes(K: int, V: int, warps: int, chunk: int, segment: int = SEGMENT, has_dvar: bool = False) -> int:
@@ -42,22 +39,17 @@ def block_warps(K: int, V: int, chunk: int, has_dvar: bool = True) -> Optional[i
     return None
 
 
-def _code(dtype: torch.dtype, name: str) -> int:
-    if dtype not in _DTYPE_CODES:
-        raise TypeError(f"the CUDA sweep takes bfloat16, float16 or float32 tensors, got {dtype} for {name}")
-    return _DTYPE_CODES[dtype]
-
-
-def source(K: int, V: int, H: int, chunk: int, unit_chunks: int, warps: int, dtype: torch.dtype, has_dvar: bool,
-           has_init: bool, varlen: bool, segment: int = SEGMENT, g_dtype: Optional[torch.dtype] = None,
-           do_dtype: Optional[torch.dtype] = None) -> str:
-    """sweep.cu with its compile-time parameters defined; ``dtype`` is q's (and k, v, beta's), ``g_dtype`` and
-    ``do_dtype`` those of g and of the output gradients (default: ``dtype``)."""
-    defines = dict(PK=K, PV=V, PH=H, PC=chunk, PU=unit_chunks, PWARPS=warps, PSEG=segment, PIN=_code(dtype, "q"),
-                   PG=_code(g_dtype or dtype, "g"), PDO=_code(do_dtype or dtype, "do"), PDVAR=int(has_dvar),
-                   PINIT=int(has_init), PVARLEN=int(varlen))
-    head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
-    return head + SOURCE_PATH.read_text()
+def kernel_defines(K: int, V: int, H: int, chunk: int, unit_chunks: int, warps: int, dtype: torch.dtype,
+                   has_dvar: bool, has_init: bool, varlen: bool, segment: int = SEGMENT,
+                   g_dtype: Optional[torch.dtype] = None, do_dtype: Optional[torch.dtype] = None,
+                   aligned: bool = True) -> Dict[str, int]:
+    """sweep.cu's compile-time parameters (see its header); ``dtype`` is q's (and k, v, beta's), ``g_dtype`` and
+    ``do_dtype`` those of g and of the output gradients (default: ``dtype``); ``aligned``: every staged input
+    allows 16-byte vector loads (:func:`palimpsa.ops.cuda.nvrtc.aligned16`)."""
+    defines = dict(PK=K, PV=V, PH=H, PC=chunk, PU=unit_chunks, PWARPS=warps, PSEG=segment, PIN=dtype_code(dtype, "q"),
+                   PG=dtype_code(g_dtype or dtype, "g"), PDO=dtype_code(do_dtype or dtype, "do"), PDVAR=has_dvar,
+                   PINIT=has_init, PVARLEN=varlen, PALIGNED=aligned)
+    return defines
 
 
 def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,
@@ -78,10 +70,10 @@ def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0,
     for name, x in (("k", k), ("v", v), ("beta", beta), ("dv", dv), ("dbeta", dbeta)):
         if x.dtype != q.dtype:
             raise TypeError(f"the CUDA sweep needs {name} in q's dtype {q.dtype}, got {x.dtype}")
-    src = source(K, V, H, chunk, unit_chunks, warps, q.dtype, has_dvar, has_init, varlen, g_dtype=g.dtype,
-                 do_dtype=do.dtype)
+    defines = kernel_defines(K, V, H, chunk, unit_chunks, warps, q.dtype, has_dvar, has_init, varlen, g_dtype=g.dtype,
+                             do_dtype=do.dtype, aligned=aligned16(K, V, q, k, v, beta, do, dvar))
     smem = shared_bytes(K, V, warps, chunk, has_dvar=has_dvar)
-    kernel = load_kernel(src, "palimpsa_sweep", smem, q.device)
+    kernel = load_kernel("sweep.cu", defines, "palimpsa_sweep", smem, q.device)
     kernel((V // (4 * warps), NU, H), 32 * warps,
            (q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,
             dg_part, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, float(scale), int(T),

@@ -104,7 +104,7 @@ class KernelConfig:
     state_tuning: Optional[StateTuning] = None
 
 
-FWD_BACKENDS = ("auto", "triton", "gluon")
+FWD_BACKENDS = ("auto", "triton", "gluon", "cuda")
 # key size -> the Gluon sweep's tuning, where an H200 checked it against float64 and measured it faster than the
 # untuned one (results/bench/README.md, seventh session: gluon_cols_h200_72b5391.md)
 # (units of whole sequences at 170M-like and 760M-like: 4.89 -> 4.45 and 31.6 -> 27.5 ms fwd+bwd; at d64 the units

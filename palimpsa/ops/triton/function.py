@@ -41,6 +41,11 @@ GLUON_CAPABILITIES = ((9, 0),)
 # fwd+bwd 760M-like 18.09 -> 13.65 ms, 170M-like 3.49 -> 2.23, d64 3.72 -> 3.41, d128 10.97 -> 10.41), on the same
 # architecture, when NVRTC can be loaded (else the Gluon sweep runs).
 CUDA_BWD_KEY_SIZES = frozenset({48, 64, 96, 128})
+# Where "auto" picks the CUDA C++ output kernel (palimpsa/ops/cuda/output.cu) over the Gluon one, on the same terms:
+# checked at all four shapes and varlen, then faster at K = 48 (ncu, 170M-like: 0.323 ms against the Gluon kernel's
+# 0.388, results/bench/ncu_h200_e2a0fd8/) and K = 64 (d64 forward 0.597 against 0.623 ms, cuda_vec_h200_e2a0fd8.md);
+# not at K = 96 (760M-like 2.27 against 2.22 ms under ncu) or 128 (d128 1.238 against 1.196).
+CUDA_FWD_KEY_SIZES = frozenset({48, 64})
 # the CUDA sweep's units are sized for this many warps (of 4 value columns): whole sequences at every benchmark shape
 # (the Gluon sweep's 1536 gave two units a sequence at d128, and so the local-adjoint pass)
 CUDA_TARGET_PROGRAMS = 1024
@@ -82,10 +87,26 @@ def resolve_backend(setting: str, q: torch.Tensor, what: str, allowed=FWD_BACKEN
     return setting
 
 
-def output_kernel(q: torch.Tensor) -> str:
-    """The chunk path's output kernel for ``q``, from ``CONFIG.fwd_backend``: "triton" or "gluon" (under the CPU
-    interpreter the Gluon source runs as plain Triton, see palimpsa/ops/triton/gluon_shim.py)."""
-    return resolve_backend(CONFIG.fwd_backend, q, "the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND)")
+def output_kernel(q: torch.Tensor, V: Optional[int] = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> str:
+    """The chunk path's output kernel for ``q`` [B, T, H, K], value size V and chunks of ``chunk_size``, from
+    ``CONFIG.fwd_backend``: "triton", "gluon" (under the CPU interpreter the Gluon source runs as plain Triton, see
+    palimpsa/ops/triton/gluon_shim.py) or "cuda" (palimpsa/ops/cuda/output.cu: an NVIDIA GPU, K a multiple of 16 up
+    to 128, V a multiple of 4; an explicit "cuda" that cannot run raises ValueError).  "auto" gives "cuda" where the
+    Gluon kernel would run, K is one of :data:`CUDA_FWD_KEY_SIZES`, V is given and NVRTC loads."""
+    chosen = resolve_backend(CONFIG.fwd_backend, q, "the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND)")
+    if CONFIG.fwd_backend == "auto" and chosen == "gluon" and q.shape[-1] in CUDA_FWD_KEY_SIZES and V is not None \
+            and V % 4 == 0 and chunk_size <= DEFAULT_CHUNK_SIZE and _nvrtc_available():
+        return "cuda"
+    if chosen == "cuda":
+        from palimpsa.ops.cuda.output import block_warps
+
+        K = q.shape[-1]
+        if not q.is_cuda or interpreting():
+            raise ValueError("fwd_backend 'cuda' runs on an NVIDIA GPU only (not on the CPU or under TRITON_INTERPRET)")
+        if V is not None and block_warps(K, V, chunk_size) is None:
+            raise ValueError("fwd_backend 'cuda' needs K a multiple of 16 up to 128, V a multiple of 4 and chunks that "
+                             f"fit shared memory, got K = {K}, V = {V}, chunk_size = {chunk_size}")
+    return chosen
 
 
 def sweep_kernel(q: torch.Tensor, V: int) -> str:
@@ -132,7 +153,13 @@ def _fwd_op(
                                        block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
         else:
             states, final = chunk_states(k, v, g, beta, prior, init, layout, chunk_size, True, output_final_state)
-            if output_kernel(q) == "gluon":
+            kernel = output_kernel(q, v.shape[-1], chunk_size)
+            if kernel == "cuda":
+                from palimpsa.ops.cuda.output import fwd_output_cuda
+
+                o, var = fwd_output_cuda(q, k, v, g, beta, prior, scale, layout, output_variance, states,
+                                         chunk_size=chunk_size)
+            elif kernel == "gluon":
                 from palimpsa.ops.triton.chunk_fwd_gluon import fwd_output_gluon
 
                 o, var = fwd_output_gluon(q, k, v, g, beta, prior, scale, layout, output_variance, states,
