@@ -26,4 +26,10 @@ pip install -q -e ".[test]"
 if [ "$(uname -s)" = "Linux" ] && ! python -c "import triton" >/dev/null 2>&1; then
   pip install -q "triton==3.6.0" || echo "triton could not be installed: its tests will be skipped"
 fi
+# NVRTC compiles the CUDA C++ kernels at run time.  PyTorch's CUDA builds ship it; on a machine without a GPU the
+# tests still compile the kernels for sm_90 with it (no GPU needed), so install NVIDIA's wheel there.
+if [ "$(uname -s)" = "Linux" ] && ! python -c "from palimpsa.ops.cuda.nvrtc import nvrtc_library as n; n()" \
+    >/dev/null 2>&1; then
+  pip install -q "nvidia-cuda-nvrtc-cu12>=12.4" || echo "NVRTC could not be installed: the CUDA compile tests will be skipped"
+fi
 python -c "import palimpsa, torch; print('palimpsa', palimpsa.__version__, '| torch', torch.__version__)"

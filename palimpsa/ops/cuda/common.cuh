@@ -111,39 +111,85 @@ __device__ __forceinline__ void unpack(const uint4& u, const float*, float (&x)[
     x[0] = __uint_as_float(u.x); x[1] = __uint_as_float(u.y); x[2] = __uint_as_float(u.z); x[3] = __uint_as_float(u.w);
 }
 
-// Stage a chunk's rows of one head into shared memory as float32, by all NTHREADS threads of the block: for the
-// chunk's token j < PC, dst[j * DST_STRIDE + x] = src[((cs + j) * PH + i_h) * ROW_LEN + OFF + x] (times `factor`
-// when SCALED) for x < L, zeros for j >= n_tok.  With PALIGNED (the host checked every input's address and row
-// offsets for 16-byte alignment) and L a multiple of the vector width, each thread moves 16-byte vectors.
-template <typename T, int L, int DST_STRIDE, int NTHREADS, bool SCALED>
-__device__ __forceinline__ void stage_rows(float* dst, const T* __restrict__ src, int row_len, u64 off, int cs,
-                                           int i_h, int n_tok, float factor) {
-    constexpr int VN = 16 / sizeof(T);
-    constexpr int VEC = (PALIGNED && L % VN == 0 && DST_STRIDE % 4 == 0) ? VN : 1;
-    constexpr int PER = L / VEC;
-    for (int idx = threadIdx.x; idx < PC * PER; idx += NTHREADS) {
-        const int j = idx / PER, x = (idx - j * PER) * VEC;
-        float* d = dst + j * DST_STRIDE + x;
-        float f[VEC];
-        if (j < n_tok) {
+// A chunk's rows of one head, staged into shared memory as float32 by all NTHREADS threads of the block in two
+// phases, so that a block issues every global load of a chunk before it waits for any (load() for each tensor, then
+// store() for each): for the chunk's token j < PC, dst[j * DST_STRIDE + x] = src[((cs + j) * PH + i_h) * row_len +
+// off + x] (times `factor` in store) for x < L, zeros for j >= n_tok.  With PALIGNED (the host checked every input's
+// address and row length for 16-byte alignment) and L a multiple of the vector width, each thread moves 16-byte
+// vectors.
+template <typename T, int L, int DST_STRIDE, int NTHREADS>
+struct RowStage {
+    static constexpr int VN = 16 / sizeof(T);
+    static constexpr int VEC = (PALIGNED && L % VN == 0 && DST_STRIDE % 4 == 0) ? VN : 1;
+    static constexpr int PER = L / VEC;
+    static constexpr int ITERS = (PC * PER + NTHREADS - 1) / NTHREADS;
+    uint4 raw[VEC == 1 ? 1 : ITERS];
+    T one[VEC == 1 ? ITERS : 1];
+
+    __device__ __forceinline__ void load(const T* __restrict__ src, int row_len, u64 off, int cs, int i_h,
+                                         int n_tok) {
+#pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+            const int idx = it * NTHREADS + threadIdx.x;
+            const int j = idx / PER, x = (idx - j * PER) * VEC;
+            const bool ok = idx < PC * PER && j < n_tok;
             const T* s = src + ((u64)(cs + j) * PH + i_h) * row_len + off + x;
             if constexpr (VEC == 1) {
-                f[0] = to_f(s[0]);
+                one[it] = ok ? s[0] : T{};
             } else {
-                unpack(*reinterpret_cast<const uint4*>(s), s, f);
+                raw[it] = ok ? *reinterpret_cast<const uint4*>(s) : make_uint4(0u, 0u, 0u, 0u);
             }
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) f[i] = SCALED ? f[i] * factor : f[i];
-        } else {
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) f[i] = 0.f;
-        }
-        if constexpr (VEC == 1) {
-            d[0] = f[0];
-        } else {
-#pragma unroll
-            for (int i = 0; i < VEC; i += 4)
-                *reinterpret_cast<float4*>(d + i) = make_float4(f[i], f[i + 1], f[i + 2], f[i + 3]);
         }
     }
-}
+
+    __device__ __forceinline__ void store(float* dst, float factor) const {
+#pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+            const int idx = it * NTHREADS + threadIdx.x;
+            if (ITERS * NTHREADS > PC * PER && idx >= PC * PER) break;
+            const int j = idx / PER, x = (idx - j * PER) * VEC;
+            float* d = dst + j * DST_STRIDE + x;
+            if constexpr (VEC == 1) {
+                d[0] = to_f(one[it]) * factor;
+            } else {
+                float f[VEC];
+                unpack(raw[it], (const T*)nullptr, f);
+#pragma unroll
+                for (int i = 0; i < VEC; i += 4)
+                    *reinterpret_cast<float4*>(d + i) =
+                        make_float4(f[i] * factor, f[i + 1] * factor, f[i + 2] * factor, f[i + 3] * factor);
+            }
+        }
+    }
+};
+
+// The chunk's decays: NTHREADS threads load g of tokens j < PC (load()), then store exp(g) (1 after n_tok) and,
+// with a prior, (1 - exp(g)) I0 next to it (store(): stride 1 or 2)
+template <int NTHREADS>
+struct DecayStage {
+    static constexpr int ITERS = (PC + NTHREADS - 1) / NTHREADS;
+    float gv[ITERS];
+    __device__ __forceinline__ void load(const g_t* __restrict__ g, int cs, int i_h, int n_tok) {
+#pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+            const int j = it * NTHREADS + threadIdx.x;
+            gv[it] = (j < PC && j < n_tok) ? to_f(g[(u64)(cs + j) * PH + i_h]) : 0.f;
+        }
+    }
+    template <bool WITH_PRIOR>
+    __device__ __forceinline__ void store(float* sa, float I0) const {
+#pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+            const int j = it * NTHREADS + threadIdx.x;
+            if (j < PC) {
+                const float a = expf(gv[it]);  // g = 0 (a = 1) after the sequence's end
+                if constexpr (WITH_PRIOR) {
+                    sa[2 * j] = a;
+                    sa[2 * j + 1] = (1.f - a) * I0;
+                } else {
+                    sa[j] = a;
+                }
+            }
+        }
+    }
+};

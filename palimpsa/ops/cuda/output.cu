@@ -27,6 +27,8 @@
 #define SA_OFF (SIN_OFF + PC * 2 * BV)
 #define RED_OFF (SA_OFF + 2 * PC)
 #define SHARED_FLOATS (RED_OFF + PWARPS * 16 * RED_STRIDE)
+// the host's size of the dynamic shared memory (PSHARED_BYTES) must be this layout's
+static_assert(SHARED_FLOATS * 4 == PSHARED_BYTES, "the host's shared-memory size differs from the kernel's layout");
 
 extern "C" __global__ void __launch_bounds__(32 * PWARPS)
 palimpsa_output(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t* __restrict__ v,
@@ -77,14 +79,20 @@ palimpsa_output(const in_t* __restrict__ q, const in_t* __restrict__ k, const in
     float* sin = smem + SIN_OFF;
     float* sa = smem + SA_OFF;
     constexpr int NT = 32 * PWARPS;
-    stage_rows<in_t, PK, PK, NT, true>(sq, q, PK, 0, cs, i_h, n_tok, scale);
-    stage_rows<in_t, PK, PK, NT, false>(sk, k, PK, 0, cs, i_h, n_tok, 1.f);
-    stage_rows<in_t, BV, 2 * BV, NT, false>(sin, v, PV, (u64)i_v * BV, cs, i_h, n_tok, 1.f);
-    stage_rows<in_t, BV, 2 * BV, NT, false>(sin + BV, beta, PV, (u64)i_v * BV, cs, i_h, n_tok, 1.f);
-    for (int j = threadIdx.x; j < PC; j += 32 * PWARPS) {
-        const float a = j < n_tok ? expf(to_f(g[(u64)(cs + j) * PH + i_h])) : 1.f;
-        sa[2 * j] = a;
-        sa[2 * j + 1] = (1.f - a) * I0;
+    {   // every load of the chunk's inputs first, then the stores (zeros and decay 1 after the sequence's end)
+        RowStage<in_t, PK, PK, NT> rq, rk;
+        RowStage<in_t, BV, 2 * BV, NT> rv, rb;
+        DecayStage<NT> ra;
+        rq.load(q, PK, 0, cs, i_h, n_tok);
+        rk.load(k, PK, 0, cs, i_h, n_tok);
+        rv.load(v, PV, (u64)i_v * BV, cs, i_h, n_tok);
+        rb.load(beta, PV, (u64)i_v * BV, cs, i_h, n_tok);
+        ra.load(g, cs, i_h, n_tok);
+        rq.store(sq, scale);
+        rk.store(sk, 1.f);
+        rv.store(sin, 1.f);
+        rb.store(sin + BV, 1.f);
+        ra.store<true>(sa, I0);
     }
     __syncthreads();
 

@@ -41,7 +41,8 @@ def kernel_defines(K: int, V: int, H: int, chunk: int, warps: int, dtype: torch.
                    with_variance: bool, varlen: bool, aligned: bool = True) -> Dict[str, int]:
     """output.cu's compile-time parameters (``aligned``: see sweep.kernel_defines)."""
     defines = dict(PK=K, PV=V, PH=H, PC=chunk, PWARPS=warps, PIN=dtype_code(dtype, "q"), PG=dtype_code(g_dtype, "g"),
-                   PDO=dtype_code(dtype, "q"), PVAR=with_variance, PVARLEN=varlen, PALIGNED=aligned)
+                   PDO=dtype_code(dtype, "q"), PVAR=with_variance, PVARLEN=varlen, PALIGNED=aligned,
+                   PSHARED_BYTES=shared_bytes(K, warps, chunk))
     return defines
 
 

@@ -75,6 +75,8 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
 #define START_FLOATS (2 * E * 32)
 #define WARP_FLOATS (CK_FLOATS + START_FLOATS + RED1_FLOATS + RED2_FLOATS)
 #define SHARED_FLOATS (WARP_OFF + PWARPS * WARP_FLOATS)
+// the host's size of the dynamic shared memory (PSHARED_BYTES) must be this layout's
+static_assert(SHARED_FLOATS * 4 == PSHARED_BYTES, "the host's shared-memory size differs from the kernel's layout");
 
 struct Ctx {
     const float* sq;
@@ -286,22 +288,34 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
         const int cs = bos + i_c * PC;
         const int n_tok = min(PC, eos - cs);
         __syncthreads();  // every warp is done with the previous chunk's staged inputs
-        {   // stage the chunk's inputs, float32 (zeros and decay 1 after the sequence's end)
+        {   // stage the chunk's inputs, float32 (zeros and decay 1 after the sequence's end): every load first
             float* sq = smem + SQ_OFF;
             float* sk = smem + SK_OFF;
             float* sin = smem + SIN_OFF;
             float* sa = smem + SA_OFF;
             constexpr int NT = 32 * PWARPS;
-            stage_rows<in_t, PK, PK, NT, true>(sq, q, PK, 0, cs, i_h, n_tok, scale);
-            stage_rows<in_t, PK, PK, NT, false>(sk, k, PK, 0, cs, i_h, n_tok, 1.f);
-            stage_rows<in_t, BV, NQ * BV, NT, false>(sin + 0 * BV, v, PV, (u64)i_v * BV, cs, i_h, n_tok, 1.f);
-            stage_rows<in_t, BV, NQ * BV, NT, false>(sin + 1 * BV, beta, PV, (u64)i_v * BV, cs, i_h, n_tok, 1.f);
-            stage_rows<do_t, BV, NQ * BV, NT, false>(sin + 2 * BV, dout, PV, (u64)i_v * BV, cs, i_h, n_tok, 1.f);
+            RowStage<in_t, PK, PK, NT> rq, rk;
+            RowStage<in_t, BV, NQ * BV, NT> rv, rb;
+            RowStage<do_t, BV, NQ * BV, NT> rd, rw;
+            DecayStage<NT> ra;
+            rq.load(q, PK, 0, cs, i_h, n_tok);
+            rk.load(k, PK, 0, cs, i_h, n_tok);
+            rv.load(v, PV, (u64)i_v * BV, cs, i_h, n_tok);
+            rb.load(beta, PV, (u64)i_v * BV, cs, i_h, n_tok);
+            rd.load(dout, PV, (u64)i_v * BV, cs, i_h, n_tok);
 #if PDVAR
-            stage_rows<do_t, BV, NQ * BV, NT, false>(sin + 3 * BV, dvar, PV, (u64)i_v * BV, cs, i_h, n_tok, 1.f);
+            rw.load(dvar, PV, (u64)i_v * BV, cs, i_h, n_tok);
 #endif
-            for (int j = threadIdx.x; j < PC; j += 32 * PWARPS)
-                sa[j] = j < n_tok ? expf(to_f(g[(u64)(cs + j) * PH + i_h])) : 1.f;
+            ra.load(g, cs, i_h, n_tok);
+            rq.store(sq, scale);
+            rk.store(sk, 1.f);
+            rv.store(sin + 0 * BV, 1.f);
+            rb.store(sin + 1 * BV, 1.f);
+            rd.store(sin + 2 * BV, 1.f);
+#if PDVAR
+            rw.store(sin + 3 * BV, 1.f);
+#endif
+            ra.store<false>(sa, 0.f);
         }
         __syncthreads();
 

@@ -48,7 +48,8 @@ def kernel_defines(K: int, V: int, H: int, chunk: int, unit_chunks: int, warps: 
     allows 16-byte vector loads (:func:`palimpsa.ops.cuda.nvrtc.aligned16`)."""
     defines = dict(PK=K, PV=V, PH=H, PC=chunk, PU=unit_chunks, PWARPS=warps, PSEG=segment, PIN=dtype_code(dtype, "q"),
                    PG=dtype_code(g_dtype or dtype, "g"), PDO=dtype_code(do_dtype or dtype, "do"), PDVAR=has_dvar,
-                   PINIT=has_init, PVARLEN=varlen, PALIGNED=aligned)
+                   PINIT=has_init, PVARLEN=varlen, PALIGNED=aligned,
+                   PSHARED_BYTES=shared_bytes(K, V, warps, chunk, segment, has_dvar))
     return defines
 
 

@@ -1,0 +1,111 @@
+"""The CUDA C++ kernels (palimpsa/ops/cuda/) without a GPU: their host logic, and their compilation for sm_90 by
+NVRTC (which needs no GPU; the test setup installs NVIDIA's NVRTC wheel on Linux).
+
+What runs them on a GPU, against the float64 reference: ``scripts/gpu_gluon_fwd_check.py --variants cuda`` and
+``scripts/gpu_check_all.sh`` (their defaults at K = 48, 64, 96, 128 on sm_90).  Here: every configuration the
+benchmark shapes and the checks use compiles, its shared-memory size agrees with the kernel's layout (a
+``static_assert`` in each kernel against the host's ``shared_bytes``), it fits a block, and ptxas reports no
+spills beyond a few bytes; the host refuses what the kernels cannot run, with errors that say why.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from palimpsa.ops.cuda import nvrtc, output, sweep
+
+
+def _nvrtc_or_skip():
+    try:
+        nvrtc.nvrtc_library()
+    except OSError as err:
+        pytest.skip(f"NVRTC not installed: {err}")
+
+
+def _compile(filename: str, defines: dict, name: str):
+    cubin, log = nvrtc.compile_cubin(nvrtc.kernel_source(filename, defines), name, 90, ["-Xptxas=-v"])
+    registers = int(re.search(r"Used (\d+) registers", log)[1])
+    spill_stores = int(re.search(r"(\d+) bytes spill stores", log)[1])
+    return cubin, registers, spill_stores
+
+
+# (K, V, H) of the benchmark shapes 760M-like, 170M-like, d64 and d128
+SHAPES = [(96, 192, 16), (48, 48, 16), (64, 64, 16), (128, 128, 8)]
+
+
+@pytest.mark.parametrize("K,V,H", SHAPES)
+def test_sweep_compiles_for_sm90_without_spills(K, V, H):
+    _nvrtc_or_skip()
+    for dtype, has_dvar, has_init, varlen in ((torch.bfloat16, False, False, False),
+                                              (torch.float32, True, True, True)):
+        warps = sweep.block_warps(K, V, 32, has_dvar)
+        assert warps is not None and sweep.shared_bytes(K, V, warps, 32, has_dvar=has_dvar) <= sweep.MAX_SHARED_BYTES
+        defines = sweep.kernel_defines(K, V, H, 32, 64, warps, dtype, has_dvar, has_init, varlen,
+                                       g_dtype=torch.float32)
+        cubin, registers, spills = _compile("sweep.cu", defines, "palimpsa_sweep")
+        assert len(cubin) > 1000 and registers <= 255
+        assert spills <= 16, (K, V, dtype, spills)  # a few bytes at most (K = 128 keeps 8 rows a thread)
+
+
+@pytest.mark.parametrize("K,V,H", SHAPES)
+def test_output_kernel_compiles_for_sm90_without_spills(K, V, H):
+    _nvrtc_or_skip()
+    for dtype, with_variance, varlen in ((torch.bfloat16, False, False), (torch.float16, True, True)):
+        warps = output.block_warps(K, V, 64)
+        assert warps is not None
+        defines = output.kernel_defines(K, V, H, 64, warps, dtype, torch.float32, with_variance, varlen)
+        cubin, registers, spills = _compile("output.cu", defines, "palimpsa_output")
+        assert len(cubin) > 1000 and spills == 0
+        # two blocks a multiprocessor (BLOCKS_PER_SM) need at most half its 64 K registers each
+        assert registers * 32 * warps * output.BLOCKS_PER_SM <= 65536, (K, V, registers)
+
+
+def test_a_host_size_that_differs_from_the_kernel_layout_does_not_compile():
+    _nvrtc_or_skip()
+    defines = sweep.kernel_defines(96, 192, 16, 32, 64, 8, torch.bfloat16, False, False, False)
+    defines["PSHARED_BYTES"] += 4
+    with pytest.raises(RuntimeError, match="shared-memory size differs"):
+        nvrtc.compile_cubin(nvrtc.kernel_source("sweep.cu", defines), "palimpsa_sweep", 90)
+
+
+def test_block_warps_follow_shared_memory_and_value_size():
+    # 760M-like: 8 warps (32 columns) fill one block of ~200 kB; 170M-like: V = 48 takes blocks of 4 warps
+    assert sweep.block_warps(96, 192, 32) == 8 and sweep.block_warps(48, 48, 32) == 4
+    assert sweep.block_warps(128, 128, 32) == 4  # 8 warps of 8 rows would need more than a block's shared memory
+    assert sweep.shared_bytes(96, 192, 8, 32, has_dvar=True) <= sweep.MAX_SHARED_BYTES
+    assert sweep.block_warps(40, 64, 32) is None and sweep.block_warps(256, 64, 32) is None
+    assert sweep.block_warps(64, 30, 32) is None  # V not a multiple of 4
+    assert output.block_warps(96, 192, 64) == 8 and output.block_warps(48, 48, 64) == 4
+    assert output.block_warps(96, 192, 256) is None  # a chunk of 256 tokens does not fit twice a multiprocessor
+    for K, V, _ in SHAPES:  # two blocks of the output kernel fit a multiprocessor's shared memory
+        warps = output.block_warps(K, V, 64)
+        assert 2 * (output.shared_bytes(K, warps, 64) + 1024) <= output.SHARED_PER_SM
+
+
+def test_dtype_codes_and_alignment():
+    assert [nvrtc.dtype_code(d, "q") for d in (torch.bfloat16, torch.float16, torch.float32)] == [0, 1, 2]
+    with pytest.raises(TypeError, match="got torch.float64 for g"):
+        nvrtc.dtype_code(torch.float64, "g")
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    assert nvrtc.aligned16(48, 48, x) and nvrtc.aligned16(48, 48, x, None)
+    assert not nvrtc.aligned16(48, 48, x[1:])  # starts 2 bytes in
+    assert not nvrtc.aligned16(36, 48, x)  # rows of 36 bf16 are not whole 16-byte vectors
+
+
+def test_kernel_source_defines_come_first():
+    src = nvrtc.kernel_source("output.cu", {"PK": 64, "PV": 64})
+    assert src.startswith("#define PK 64\n#define PV 64\n") and "palimpsa_output" in src
+    assert "#define R (PK / 16)" in src  # common.cuh, before the kernel
+
+
+def test_launchers_refuse_what_the_kernels_cannot_run():
+    q = torch.zeros(1, 32, 1, 40)
+    v = torch.zeros(1, 32, 1, 64)
+    with pytest.raises(ValueError, match="K a multiple of 16 up to 128"):
+        output.fwd_output_cuda(q, q, v, q[..., 0], v, torch.ones(1), 1.0, None, False, (None, None))
+    with pytest.raises(ValueError, match="K a multiple of 16 up to 128"):
+        sweep.launch_sweep(q, q, v, q[..., 0], v, *([None] * 9), v, *([None] * 10), 1.0, 32, 1, 32, 1, False,
+                           False)
