@@ -23,8 +23,8 @@ The sweep steps the states as (M, P), P = I - I0 the precision above the prior (
 
 As for the output kernel, the source runs as plain Triton under the CPU interpreter
 (:mod:`palimpsa.ops.triton.gluon_shim`), where the tests check it against the float64 reference;
-``CONFIG.bwd_backend`` chooses it ("auto" by default: on an sm_90 GPU at K = 48, 64, 96 or 128, where it was
-checked and measured faster).
+``CONFIG.bwd_backend`` chooses it ("auto" runs it on an sm_90 GPU at K = 48, 64, 96 or 128 only where NVRTC cannot be
+loaded: the CUDA C++ sweep, palimpsa/ops/cuda/sweep.cu, the same algorithm, was checked and measured faster there).
 """
 
 from __future__ import annotations

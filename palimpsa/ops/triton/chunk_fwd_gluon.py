@@ -28,7 +28,8 @@ Gluon has no CPU interpreter: under ``TRITON_INTERPRET=1`` the same source runs 
 (:mod:`palimpsa.ops.triton.gluon_shim`), so the CPU tests check its arithmetic and indexing against the float64
 reference; the tests also compile it for sm_90 (barriers, shared memory, reciprocals and shuffles counted),
 and ``scripts/gpu_gluon_fwd_check.py`` checks and times it on a GPU.  ``CONFIG.fwd_backend`` chooses it
-("auto" by default: on an sm_90 GPU at K = 48, 64, 96 or 128, where it was checked and measured faster).
+("auto": on an sm_90 GPU at K = 128, and at K = 48, 64, 96 where NVRTC cannot be loaded; the CUDA C++ output kernel,
+palimpsa/ops/cuda/output.cu, was checked and measured faster at those three).
 """
 
 from __future__ import annotations

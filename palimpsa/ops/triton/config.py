@@ -42,7 +42,8 @@ class KernelConfig:
 
     fwd_backend: which output kernel the chunk path runs: "triton" (``chunk_fwd_kernel``), "gluon"
     (``chunk_output_gluon_kernel``, the same computation with the state laid out for barrier-free sums over
-    K) or "auto" (:func:`palimpsa.ops.triton.function.resolve_backend`: Gluon where it was checked and measured
+    K), "cuda" (``palimpsa/ops/cuda/output.cu``, CUDA C++ compiled at run time by NVRTC) or "auto"
+    (:func:`palimpsa.ops.triton.function.output_kernel`: CUDA, else Gluon, where each was checked and measured
     faster, Triton elsewhere).  The default comes from the environment variable PALIMPSA_FWD_BACKEND, else "auto".
     fwd_cols: value columns each thread of the Gluon output kernel holds (1 or 2; 4 * fwd_cols lanes share a
     column); None: :data:`OUTPUT_TUNED` by key size, else 1.
@@ -51,8 +52,10 @@ class KernelConfig:
     converting its rows of every token (``chunk_fwd_gluon.chunk_output_gluon_kernel``'s INPUTS); None:
     :data:`OUTPUT_INPUTS` by key size.
     bwd_backend: the backward's reverse sweep, "triton" (``unit_bwd_kernel``), "gluon"
-    (``unit_bwd_gluon_kernel``: the same sweep, one warp per program, no reduction across warps) or "auto",
-    default from PALIMPSA_BWD_BACKEND, else "auto".  The Gluon sweep's layout and schedule:
+    (``unit_bwd_gluon_kernel``: the same sweep, one warp per program, no reduction across warps), "cuda"
+    (``palimpsa/ops/cuda/sweep.cu``: the same sweep in CUDA C++, its own fixed layout; the settings below are the
+    Gluon sweep's) or "auto" (:func:`palimpsa.ops.triton.function.sweep_kernel`), default from
+    PALIMPSA_BWD_BACKEND, else "auto".  The Gluon sweep's layout and schedule:
 
     * bwd_lanes_k: lanes of a warp that share one value column (each holds K / bwd_lanes_k key rows);
     * bwd_cols: value columns each thread holds (1, 2 or 4; a program owns bwd_cols * 32 / bwd_lanes_k *

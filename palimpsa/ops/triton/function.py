@@ -44,8 +44,8 @@ CUDA_BWD_KEY_SIZES = frozenset({48, 64, 96, 128})
 # Where "auto" picks the CUDA C++ output kernel (palimpsa/ops/cuda/output.cu) over the Gluon one, on the same terms:
 # checked at all four shapes and varlen, then faster at K = 48 (ncu, 170M-like: 0.323 ms against the Gluon kernel's
 # 0.388, results/bench/ncu_h200_1f03bb5/), K = 64 (d64 forward 0.597 against 0.623 ms, cuda_vec_h200_1f03bb5.md) and,
-# once a chunk's loads were all issued before any store (twelfth session, cuda_staged_h200_89ef9fb.md), K = 96 (760M-like
-# 2.581 against 2.776 ms); not at K = 128 (d128 1.202 against 1.191).
+# once a chunk's loads were all issued before any store (twelfth session, cuda_staged_h200_89ef9fb.md), K = 96
+# (760M-like 2.581 against 2.776 ms); not at K = 128 (d128 1.202 against 1.191).
 CUDA_FWD_KEY_SIZES = frozenset({48, 64, 96})
 # the CUDA sweep's units are sized for this many warps (of 4 value columns): whole sequences at every benchmark shape
 # (the Gluon sweep's 1536 gave two units a sequence at d128, and so the local-adjoint pass)
