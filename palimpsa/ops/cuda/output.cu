@@ -8,11 +8,12 @@
 // token costs it one reciprocal and 6 FP32 instructions per element (7 with the variance), all fused where the math
 // allows.  The sums over K are collected in shared memory for a batch of TB tokens (32 sums per warp) and each lane
 // adds one of them over the 16 key lanes: no shuffle, no per-token reduction.  The chunk's q (times the scale) and k
-// rows, its v, beta, decays and prior terms are staged in shared memory once per block.
+// rows, its v, beta, decays and prior terms are staged in shared memory once per block, every load issued first.
 //
 // Compile-time parameters (#defines prepended by output.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PWARPS, PIN (dtype of q, k, v, beta and the outputs), PG (of g): 0 bfloat16, 1 float16, 2 float32; PVAR (the
-// variance is asked for), PVARLEN.  Requires PK % 16 == 0 and PV % (4 * PWARPS) == 0 (the host checks).
+// variance is asked for), PVARLEN, PALIGNED, PSHARED_BYTES (as in sweep.cu).  Requires PK % 16 == 0 and
+// PV % (4 * PWARPS) == 0 (the host checks).
 
 #define BV (4 * PWARPS)
 #define NS (PVAR ? 4 : 2)

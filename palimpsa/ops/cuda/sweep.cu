@@ -6,17 +6,21 @@
 // C++ gives that the Gluon source could not:
 //  * each thread's state elements are explicit registers (R = K / 16 key rows x 2 value columns), so every sum over
 //    a thread's elements is a chain of fused multiply-adds, and nothing spills;
-//  * the sums across lanes are collected in shared memory over a sub-block of 4 tokens and reduced once (dv, dbeta:
-//    16 loads a lane instead of 4 butterfly levels per token; dq, dk: two rows added per lane, then coalesced atomic
-//    adds; dg: one transposed butterfly for the 4 tokens);
-//  * a block of PWARPS warps (4 * PWARPS value columns of one head and unit) stages a chunk's q and k rows in shared
-//    memory once for all its warps, and each warp keeps its segment's sub-block start states there (2.25 forward steps
-//    per token).
+//  * the sums across lanes are collected in shared memory and reduced once, one lane per output: dv and dbeta per
+//    sub-block of 4 tokens (16 loads a lane instead of 4 butterfly levels per token), dq and dk per pair of tokens
+//    (the two column lanes' rows added, then coalesced atomic adds over the value blocks); dg of the 4 tokens takes
+//    one transposed butterfly;
+//  * a block of PWARPS warps (4 * PWARPS value columns of one head and unit) stages a chunk's inputs in shared memory
+//    once for all its warps (every load issued before any store), each warp keeps its segment's sub-block start
+//    states there (2.25 forward steps per token), and the next chunk's start state is copied there with cp.async
+//    while the current chunk runs.
 //
 // Compile-time parameters (#defines prepended by sweep.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PU (chunks per unit), PWARPS, PSEG (tokens per segment, a multiple of 4 dividing PC), PIN, PG, PDO (dtypes of q, k,
-// v, beta, dv, dbeta; of g; of do and dvar: 0 bfloat16, 1 float16, 2 float32), PDVAR (a variance gradient is given), PINIT (an initial state is given), PVARLEN.
-// Requires PK % 16 == 0 and PV % (4 * PWARPS) == 0 (the host checks).
+// v, beta, dv, dbeta; of g; of do and dvar: 0 bfloat16, 1 float16, 2 float32), PDVAR (a variance gradient is given),
+// PINIT (an initial state is given), PVARLEN, PALIGNED (16-byte vector loads allowed), PSHARED_BYTES (the host's
+// dynamic shared memory, checked against the layout).  Requires PK % 16 == 0 and PV % (4 * PWARPS) == 0 (the host
+// checks).
 
 #define BV (4 * PWARPS)
 #define NQ (PDVAR ? 4 : 3)
