@@ -42,7 +42,7 @@ def test_sweep_compiles_for_sm90_without_spills(K, V, H):
     for dtype, has_dvar, has_init, varlen in ((torch.bfloat16, False, False, False),
                                               (torch.float32, True, True, True)):
         warps = sweep.block_warps(K, V, 32, has_dvar)
-        assert warps is not None and sweep.shared_bytes(K, V, warps, 32, has_dvar=has_dvar) <= sweep.MAX_SHARED_BYTES
+        assert warps is not None and sweep.shared_bytes(K, V, warps, 32, has_dvar=has_dvar) <= nvrtc.MAX_SHARED_BYTES
         defines = sweep.kernel_defines(K, V, H, 32, 64, warps, dtype, has_dvar, has_init, varlen,
                                        g_dtype=torch.float32)
         cubin, registers, spills = _compile("sweep.cu", defines, "palimpsa_sweep")
@@ -75,7 +75,7 @@ def test_block_warps_follow_shared_memory_and_value_size():
     # 760M-like: 8 warps (32 columns) fill one block of ~200 kB; 170M-like: V = 48 takes blocks of 4 warps
     assert sweep.block_warps(96, 192, 32) == 8 and sweep.block_warps(48, 48, 32) == 4
     assert sweep.block_warps(128, 128, 32) == 4  # 8 warps of 8 rows would need more than a block's shared memory
-    assert sweep.shared_bytes(96, 192, 8, 32, has_dvar=True) <= sweep.MAX_SHARED_BYTES
+    assert sweep.shared_bytes(96, 192, 8, 32, has_dvar=True) <= nvrtc.MAX_SHARED_BYTES
     assert sweep.block_warps(40, 64, 32) is None and sweep.block_warps(256, 64, 32) is None
     assert sweep.block_warps(64, 30, 32) is None  # V not a multiple of 4
     assert output.block_warps(96, 192, 64) == 8 and output.block_warps(48, 48, 64) == 4

@@ -17,6 +17,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import torch
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+MAX_SHARED_BYTES = 227 * 1024  # dynamic shared memory of one block at most on sm_90
 
 
 def _candidates() -> Iterable[str]:

@@ -15,7 +15,6 @@ import torch
 from palimpsa.ops.cuda.nvrtc import aligned16, dtype_code, load_kernel
 from palimpsa.ops.triton.utils import SequenceLayout
 
-MAX_SHARED_BYTES = 227 * 1024  # a block's limit on sm_80 and sm_90
 BLOCKS_PER_SM = 2  # the warps per block are chosen so that at least this many blocks fit a multiprocessor
 SHARED_PER_SM = 228 * 1024
 

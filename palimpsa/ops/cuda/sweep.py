@@ -12,9 +12,8 @@ from typing import Dict, Optional
 
 import torch
 
-from palimpsa.ops.cuda.nvrtc import aligned16, dtype_code, load_kernel
+from palimpsa.ops.cuda.nvrtc import MAX_SHARED_BYTES, aligned16, dtype_code, load_kernel
 
-MAX_SHARED_BYTES = 227 * 1024  # a block's limit on sm_80 and sm_90
 SEGMENT = 16
 
 
