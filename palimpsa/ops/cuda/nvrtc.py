@@ -130,7 +130,9 @@ class Kernel:
         self.shared_bytes = shared_bytes
         if shared_bytes > 48 * 1024:
             _check_driver(lib.cuFuncSetAttribute(self._function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                                 shared_bytes), "cuFuncSetAttribute (shared memory)")
+                                                 shared_bytes),
+                          f"cuFuncSetAttribute ({name} asks for {shared_bytes} bytes of shared memory a block, more "
+                          "than this GPU allows: the CUDA kernels are sized for sm_90)")
 
     def __call__(self, grid: Tuple[int, int, int], block: int, args: Sequence) -> None:
         """Launch on PyTorch's current stream; ``args`` in the kernel's order: tensors (their data pointers; None
