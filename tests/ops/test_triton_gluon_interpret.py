@@ -46,13 +46,16 @@ def test_the_gluon_backend_runs_its_own_kernel(monkeypatch):
     assert calls == [1] and torch.isfinite(o).all()
 
 
-@pytest.mark.parametrize("K, V, cols, staged_inputs", [(48, 20, 1, False), (24, 36, 2, False), (48, 36, 2, True)])
-def test_gluon_chunk_matches_naive(K, V, cols, staged_inputs):
+@pytest.mark.parametrize("B, H, K, V, cols, staged_inputs",
+                         [(2, 1, 48, 20, 1, False), (1, 2, 24, 36, 2, False), (1, 2, 48, 36, 2, True)])
+def test_gluon_chunk_matches_naive(B, H, K, V, cols, staged_inputs):
     """The output kernel (its threads holding one or two value columns each; V = 36 leaves a partial block of 8;
     with each chunk's q and k rows staged in shared memory, both key parts and a partial last chunk) and what the
-    backward needs."""
-    inputs = make_inputs(B=2, T=37, H=2, K=K, V=V, seed=K + staged_inputs, strong_decay=K == 24)
-    grads = make_grads(inputs, N=2)
+    backward needs.  Two rows (the rows' offsets) in the first case, two heads (the heads' offsets) in the others:
+    the interpreter runs each program in turn, and both in one case only repeated the same programs (the backward,
+    the Triton one, recomputes from the inputs alone; test_triton_interpret.py checks it too)."""
+    inputs = make_inputs(B=B, T=37, H=H, K=K, V=V, seed=K + staged_inputs, strong_decay=K == 24)
+    grads = make_grads(inputs, N=B)
     with gluon_backend(cols, staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
     assert_close(got, reference(inputs, grads))
@@ -79,17 +82,19 @@ def gluon_sweep(lanes_k, warps=1, stage=0, unroll=1, cols=1, inputs=False):
                          bwd_stage=stage, bwd_unroll=unroll, bwd_cols=cols, bwd_inputs=inputs)
 
 
-@pytest.mark.parametrize("K, V, lanes_k, unroll, cols, staged_inputs",
-                         [(48, 10, 8, 1, 1, False), (24, 32, 4, 4, 2, True)])
-def test_gluon_backward_matches_naive(K, V, lanes_k, unroll, cols, staged_inputs, monkeypatch):
+@pytest.mark.parametrize("H, K, V, lanes_k, unroll, cols, staged_inputs",
+                         [(1, 48, 10, 8, 1, 1, False), (2, 24, 32, 4, 4, 2, True)])
+def test_gluon_backward_matches_naive(H, K, V, lanes_k, unroll, cols, staged_inputs, monkeypatch):
     """Every gradient through the Gluon reverse sweep (and output kernel); the Triton sweep is not run.  unroll 4
     rebuilds the sub-blocks' start states four tokens per loop iteration; cols 2 gives each thread two adjacent
     value columns; staged_inputs puts each chunk's per-token inputs in shared memory.  V = 10 at 8 lanes of one
-    column (blocks of 4) leaves a partial value block."""
+    column (blocks of 4) leaves a partial value block.  The sweep's head offsets are the second case's (H = 2, as
+    in the staged several-warps test); the first case, of three value blocks and three units, runs one head: a
+    second only repeated its programs and doubled the slowest test of the file."""
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
-    inputs = make_inputs(B=1, T=37, H=2, K=K, V=V, seed=K + lanes_k, strong_decay=K == 24)
+    inputs = make_inputs(B=1, T=37, H=H, K=K, V=V, seed=K + lanes_k, strong_decay=K == 24)
     grads = make_grads(inputs, N=1)
     with gluon_sweep(lanes_k, unroll=unroll, cols=cols, inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
@@ -129,9 +134,11 @@ def test_gluon_backward_with_several_warps_matches_naive(stage, staged_inputs, m
     from palimpsa.ops.triton import chunk_bwd
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
-    # one sequence (the interpreter is slow), of two chunks (the second partial) when staged
-    batch, length = (1, 21) if staged_inputs else (1, 37)
-    inputs = make_inputs(B=batch, T=length, H=2, K=48, V=20, seed=21)
+    # one sequence (the interpreter is slow), of two chunks (the second partial) and two heads when staged (the
+    # staged inputs' per-token, per-head offsets); of three chunks (three units) and one head when not: there a
+    # second head only repeated every program
+    batch, length, heads = (1, 21, 2) if staged_inputs else (1, 37, 1)
+    inputs = make_inputs(B=batch, T=length, H=heads, K=48, V=20, seed=21)
     grads = make_grads(inputs, N=batch)
     with gluon_sweep(8, warps=2, stage=stage, inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
@@ -151,9 +158,11 @@ def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stag
 
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
     # the interpreter's shared memory is slow: one sequence of two chunks (the second partial) when staged; batches
-    # of several sequences are the varlen tests' and the Triton sweep's
+    # of several sequences are the varlen tests' and the Triton sweep's.  One head: the shared-memory staging is
+    # per program, which a second head only repeated (the sweep's head offsets, staged inputs' included, are
+    # test_gluon_backward_matches_naive's and the several-warps test's, at H = 2)
     batch, length = (1, 21) if staged_inputs else (1, 37)
-    inputs = make_inputs(B=batch, T=length, H=2, K=K, V=V, seed=31 + K)
+    inputs = make_inputs(B=batch, T=length, H=1, K=K, V=V, seed=31 + K)
     grads = make_grads(inputs, N=batch)
     with gluon_sweep(lanes_k, stage=stage, unroll=unroll, cols=cols, inputs=staged_inputs):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)
@@ -163,13 +172,15 @@ def test_gluon_backward_with_staged_sub_blocks_matches_naive(K, V, lanes_k, stag
 @pytest.mark.parametrize("unit_chunks", [1, 4])
 def test_gluon_backward_varlen_matches_naive(unit_chunks, monkeypatch):
     """Packed sequences with initial states; one backward unit per chunk (local adjoints and their scan) and
-    per sequence (with each chunk's inputs staged in shared memory)."""
+    per sequence (with each chunk's inputs staged in shared memory).  V = 8: two value blocks of 4 columns (8 lanes
+    of one column), so the sequences' offsets are still met by more than one block; V = 16's four blocks only
+    repeated them."""
     from palimpsa.ops.triton import chunk_bwd, function
 
     original = chunk_bwd.chunk_bwd
     monkeypatch.setattr(function, "chunk_bwd", lambda *a, **kw: original(*a, **dict(kw, unit_chunks=unit_chunks)))
     cu = torch.tensor([0, 7, 40, 45])
-    inputs = make_inputs(B=1, T=45, H=1, K=16, V=16, seed=6)
+    inputs = make_inputs(B=1, T=45, H=1, K=16, V=8, seed=6)
     inputs["mu0"] = inputs["mu0"].expand(3, -1, -1, -1).contiguous()
     inputs["imp0"] = inputs["imp0"].expand(3, -1, -1, -1).contiguous() + torch.arange(3.0)[:, None, None, None]
     grads = make_grads(inputs, N=3)
@@ -187,7 +198,9 @@ def test_gluon_local_adjoints_run_when_units_are_short(monkeypatch):
     monkeypatch.setattr(function, "chunk_bwd", lambda *a, **kw: original(*a, **dict(kw, unit_chunks=1)))
     monkeypatch.setattr(chunk_bwd, "unit_local_adjoint_kernel", None)
     monkeypatch.setattr(chunk_bwd, "unit_bwd_kernel", None)
-    inputs = make_inputs(B=1, T=40, H=1, K=48, V=8, seed=11, strong_decay=True)  # three units, the last partial
+    # three units, the last partial; two value blocks of two columns (16 lanes of one column): more blocks only
+    # repeated the same programs
+    inputs = make_inputs(B=1, T=40, H=1, K=48, V=4, seed=11, strong_decay=True)
     grads = make_grads(inputs, N=1)
     with gluon_sweep(16):
         got = run_op(chunk_palimpsa, inputs, grads, backend="triton", chunk_size=16)

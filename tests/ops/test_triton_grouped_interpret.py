@@ -55,18 +55,20 @@ def test_grouped_kernels_match_reference(G, initial):
 @pytest.mark.parametrize("G", [1, 2])
 def test_grouped_kernels_with_several_key_blocks(G):
     """K = 40: the importance scan splits the key channels over two programs (32 + a masked 8) and sums their
-    parts of dbeta and dg."""
+    parts of dbeta and dg.  One head: the key blocks are what this covers (the heads' offsets are
+    test_grouped_kernels_match_reference's, H = 2)."""
     _interpreted()
-    inputs = _as_float32(grouped_inputs(1, 37, 2, 40, 8, G, "grouped"))
+    inputs = _as_float32(grouped_inputs(1, 37, 1, 40, 8, G, "grouped"))
     assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5)
 
 
 @pytest.mark.parametrize("variance,final", [(False, False), (False, True), (True, False)])
 def test_grouped_kernels_without_variance_or_final_state(variance, final):
     """The training path (no variance, no final state) and the mixed cases: the rescaled query's backward then
-    gets no gradient for the variance or the last importance."""
+    gets no gradient for the variance or the last importance.  One row (the same kernels' batch offsets are
+    test_grouped_kernels_match_reference's, B = 2): what differs here is which outputs exist, not the shape."""
     _interpreted()
-    inputs = _as_float32(grouped_inputs(2, 37, 2, 24, 20, 1, "grouped"))
+    inputs = _as_float32(grouped_inputs(1, 37, 2, 24, 20, 1, "grouped"))
     assert_close_to_reference(_triton(), naive_palimpsa, inputs, 2e-5, variance=variance, final=final)
 
 
@@ -139,18 +141,21 @@ def test_importance_scan_kernels_match_the_token_loop(G, with_beta):
     """The importance-scan kernels alone against a float64 token loop: q~, the variance, the last iota and every
     gradient (the initial J's per channel included), at 3 chunks (the last one padded) and 2 key blocks (32 + a
     masked 8), with full resets (g = -inf) and saturated decays (-1e4, -40) inside chunks and on their first and
-    last tokens, where the in-chunk scans meet what comes from the chunks before and after."""
+    last tokens, where the in-chunk scans meet what comes from the chunks before and after.  One sequence of two
+    heads (each head a different set of extreme tokens; several sequences go through these kernels in
+    test_grouped_kernels_match_reference and the varlen tests): a second sequence only repeated every program."""
     _interpreted()
     from palimpsa.ops.triton.importance import rescaled_query_triton
 
-    N, T, H, K, chunk = 2, 37, 2, 40, 16
+    N, T, H, K, chunk = 1, 37, 2, 40, 16
     gen = torch.Generator().manual_seed(11)
     q = torch.randn(N, T, H, K, generator=gen, dtype=torch.float64)
     k = torch.randn(N, T, H, K, generator=gen, dtype=torch.float64)
     g = -0.5 * torch.rand(N, T, H, generator=gen, dtype=torch.float64)
-    g[0, 5, 0] = g[1, 32, 1] = float("-inf")
-    g[1, 16, 0] = g[0, 15, 1] = -1e4
-    g[0, 31, 0] = g[1, 9, 1] = -40.0
+    # inside chunks (5, 9), on a chunk's last (15, 31) and first (16, 32) token
+    g[0, 5, 0] = g[0, 32, 1] = float("-inf")
+    g[0, 16, 0] = g[0, 15, 1] = -1e4
+    g[0, 31, 0] = g[0, 9, 1] = -40.0
     beta = 2 * torch.rand(N, T, H, G, generator=gen, dtype=torch.float64) if with_beta else None
     prior = 0.5 + torch.rand(H, generator=gen, dtype=torch.float64)
     excess0 = torch.rand(N, H, G, K, generator=gen, dtype=torch.float64)
