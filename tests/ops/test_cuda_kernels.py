@@ -39,12 +39,13 @@ SHAPES = [(96, 192, 16), (48, 48, 16), (64, 64, 16), (128, 128, 8)]
 @pytest.mark.parametrize("K,V,H", SHAPES)
 def test_sweep_compiles_for_sm90_without_spills(K, V, H):
     _nvrtc_or_skip()
-    for dtype, has_dvar, has_init, varlen in ((torch.bfloat16, False, False, False),
-                                              (torch.float32, True, True, True)):
+    # the second case also without 16-byte vector loads (inputs at an unaligned address or rows of odd lengths)
+    for dtype, has_dvar, has_init, varlen, aligned in ((torch.bfloat16, False, False, False, True),
+                                                       (torch.float32, True, True, True, False)):
         warps = sweep.block_warps(K, V, 32, has_dvar)
         assert warps is not None and sweep.shared_bytes(K, V, warps, 32, has_dvar=has_dvar) <= nvrtc.MAX_SHARED_BYTES
         defines = sweep.kernel_defines(K, V, H, 32, 64, warps, dtype, has_dvar, has_init, varlen,
-                                       g_dtype=torch.float32)
+                                       g_dtype=torch.float32, aligned=aligned)
         cubin, registers, spills = _compile("sweep.cu", defines, "palimpsa_sweep")
         assert len(cubin) > 1000 and registers <= 255
         assert spills <= 16, (K, V, dtype, spills)  # a few bytes at most (K = 128 keeps 8 rows a thread)
@@ -53,10 +54,11 @@ def test_sweep_compiles_for_sm90_without_spills(K, V, H):
 @pytest.mark.parametrize("K,V,H", SHAPES)
 def test_output_kernel_compiles_for_sm90_without_spills(K, V, H):
     _nvrtc_or_skip()
-    for dtype, with_variance, varlen in ((torch.bfloat16, False, False), (torch.float16, True, True)):
+    for dtype, with_variance, varlen, aligned in ((torch.bfloat16, False, False, True),
+                                                  (torch.float16, True, True, False)):
         warps = output.block_warps(K, V, 64)
         assert warps is not None
-        defines = output.kernel_defines(K, V, H, 64, warps, dtype, torch.float32, with_variance, varlen)
+        defines = output.kernel_defines(K, V, H, 64, warps, dtype, torch.float32, with_variance, varlen, aligned)
         cubin, registers, spills = _compile("output.cu", defines, "palimpsa_output")
         assert len(cubin) > 1000 and spills == 0
         # two blocks a multiprocessor (BLOCKS_PER_SM) need at most half its 64 K registers each
