@@ -111,3 +111,15 @@ def test_launchers_refuse_what_the_kernels_cannot_run():
     with pytest.raises(ValueError, match="K a multiple of 16 up to 128"):
         sweep.launch_sweep(q, q, v, q[..., 0], v, *([None] * 9), v, *([None] * 10), 1.0, 32, 1, 32, 1, False,
                            False)
+
+
+def test_a_missing_nvrtc_is_reported_once_and_clearly(monkeypatch):
+    monkeypatch.setenv("PALIMPSA_NVRTC_LIBRARY", "/nonexistent/libnvrtc.so")
+    monkeypatch.setattr(nvrtc, "_NVRTC", None)
+    monkeypatch.setattr(nvrtc, "_NVRTC_MISSING", None)
+    for _ in range(2):  # the second call answers from the first search
+        with pytest.raises(OSError, match="no NVRTC library found .*/nonexistent/libnvrtc.so.*PALIMPSA_NVRTC_LIBRARY"):
+            nvrtc.nvrtc_library()
+    monkeypatch.setattr(nvrtc, "_candidates", lambda: pytest.fail("searched again"))
+    with pytest.raises(OSError):
+        nvrtc.nvrtc_library()

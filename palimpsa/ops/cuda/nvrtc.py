@@ -36,15 +36,16 @@ def _candidates() -> Iterable[str]:
 
 
 _NVRTC: Optional[ctypes.CDLL] = None
+_NVRTC_MISSING: Optional[str] = None  # why it could not be loaded (searched once per process)
 
 
 def nvrtc_library() -> ctypes.CDLL:
-    """The NVRTC shared library (loaded once)."""
-    global _NVRTC
-    if _NVRTC is None:
+    """The NVRTC shared library (looked for once; OSError, every time, when it is not found)."""
+    global _NVRTC, _NVRTC_MISSING
+    if _NVRTC is None and _NVRTC_MISSING is None:
         tried = []
         for name in _candidates():
-            if "builtins" in os.path.basename(name) or name.endswith(".alt.so"):
+            if "builtins" in os.path.basename(name) or ".alt." in os.path.basename(name):
                 continue
             try:
                 _NVRTC = ctypes.CDLL(name)
@@ -52,8 +53,11 @@ def nvrtc_library() -> ctypes.CDLL:
             except OSError:
                 tried.append(name)
         if _NVRTC is None:
-            raise OSError("no NVRTC library found (tried " + ", ".join(tried[:6]) + "); set PALIMPSA_NVRTC_LIBRARY "
-                          "to the path of libnvrtc.so, or use the Triton kernels (CONFIG.bwd_backend = 'gluon')")
+            _NVRTC_MISSING = ("no NVRTC library found (tried " + ", ".join(tried[:6]) + "); set "
+                              "PALIMPSA_NVRTC_LIBRARY to the path of libnvrtc.so, or use the Triton kernels "
+                              "(CONFIG.fwd_backend / bwd_backend = 'gluon')")
+    if _NVRTC is None:
+        raise OSError(_NVRTC_MISSING)
     return _NVRTC
 
 
