@@ -16,6 +16,17 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def _nvrtc() -> str:
+    """NVRTC's version (it compiles the CUDA C++ kernels at run time), or why it is missing."""
+    from palimpsa.ops.cuda.nvrtc import nvrtc_version
+
+    try:
+        major, minor = nvrtc_version()
+    except OSError as err:
+        return f"not found ({err})"
+    return f"{major}.{minor} (the CUDA C++ kernels run where they were measured faster: sm_90, K = 48-128)"
+
+
 def collect_info() -> dict:
     """A dict of versions, devices and the backend each op uses by default here."""
     import torch
@@ -32,6 +43,7 @@ def collect_info() -> dict:
         "triton": _version("triton"),
         "fla (flash-linear-attention)": _version("fla"),
         "lm_eval": _version("lm_eval"),
+        "nvrtc": _nvrtc(),
         "cuda": f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if cuda else "not available",
         "cpu threads": str(torch.get_num_threads()),
         "backend on CPU tensors": "torch (chunked PyTorch, exact)",
