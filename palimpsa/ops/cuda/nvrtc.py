@@ -62,6 +62,7 @@ def nvrtc_library() -> ctypes.CDLL:
 
 
 def nvrtc_version() -> Tuple[int, int]:
+    """(major, minor) of the NVRTC library found (OSError when there is none)."""
     lib = nvrtc_library()
     major, minor = ctypes.c_int(), ctypes.c_int()
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
