@@ -5,7 +5,7 @@
 #
 # For each shape in SHAPES (default 760M-like, 170M-like): one bf16 fwd+bwd of the op on its default path
 # (`palimpsa bench ops`'s inputs), run twice; ncu profiles the second run's launches of the kernels named in KERNELS
-# (default: the Gluon reverse sweep, the Gluon local-adjoint pass, the Gluon output kernel and the chunk-state
+# (default: the CUDA and Gluon reverse sweeps and output kernels, the Gluon local-adjoint pass and the chunk-state
 # kernel) with the sections that say what bounds it: speed of light, occupancy, launch statistics, scheduler and
 # warp-state statistics (stall reasons), memory workload, instruction statistics, and source counters (the SASS
 # lines with the most stalls).  Clocks are left alone (--clock-control none).
@@ -16,7 +16,7 @@ set -u
 export PYTHONPATH=${PYTHONPATH:-.}
 OUT=${OUT:?set OUT to the folder that comes back}
 SHAPES=${SHAPES:-760M-like 170M-like}
-KERNELS=${KERNELS:-unit_bwd_gluon_kernel|unit_local_adjoint_gluon_kernel|chunk_output_gluon_kernel|chunk_states_kernel}
+KERNELS=${KERNELS:-palimpsa_sweep|palimpsa_output|unit_bwd_gluon_kernel|unit_local_adjoint_gluon_kernel|chunk_output_gluon_kernel|chunk_states_kernel}
 NCU=${NCU:-ncu}
 SHAPE_TIMEOUT_S=${SHAPE_TIMEOUT_S:-250}  # per shape: two shapes stay inside one 600 s device command
 mkdir -p "$OUT"

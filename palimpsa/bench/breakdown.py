@@ -217,9 +217,12 @@ def _is_kernel_wrapper(value) -> bool:
 
 
 def op_kernel_names() -> frozenset:
-    """Names of the Triton kernels of the token-mixing ops: every jitted function in the imported modules of
-    ``palimpsa.ops.triton`` and ``fla.ops`` (a kernel's profiler name is its function's name)."""
-    names = set()
+    """Names of the kernels of the token-mixing ops: every jitted function in the imported modules of
+    ``palimpsa.ops.triton`` and ``fla.ops`` (a kernel's profiler name is its function's name), and the CUDA C++
+    kernels of ``palimpsa.ops.cuda``."""
+    from palimpsa.ops.cuda import KERNEL_NAMES
+
+    names = set(KERNEL_NAMES)
     for module_name, module in list(sys.modules.items()):
         if module is None or not module_name.startswith(("palimpsa.ops.triton", "fla.ops")):
             continue

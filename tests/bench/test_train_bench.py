@@ -195,6 +195,22 @@ def test_op_kernel_names_include_the_gluon_kernels(monkeypatch):
     assert "unit_bwd_gluon_kernel" in breakdown.op_kernel_names()
 
 
+def test_op_kernel_names_include_the_cuda_kernels():
+    """The CUDA C++ sweep and output kernel (launched through the driver, not Triton) are op kernels too, by the
+    names their sources give them."""
+    from pathlib import Path
+
+    import palimpsa.ops.cuda as cuda
+
+    names = breakdown.op_kernel_names()
+    assert {"palimpsa_sweep", "palimpsa_output"} <= names
+    assert breakdown.kernel_kind("palimpsa_sweep", names) == "op"
+    folder = Path(cuda.__file__).parent
+    sources = (folder / "sweep.cu").read_text() + (folder / "output.cu").read_text()
+    for name in cuda.KERNEL_NAMES:
+        assert f"\n{name}(" in sources, name  # the extern "C" kernel of that name exists
+
+
 def test_op_kernel_names_see_through_autotuner_subclasses(monkeypatch):
     """fla wraps its kernels in a subclass of Triton's Autotuner (``CachedAutotuner``): its kernels are op kernels."""
     import types
