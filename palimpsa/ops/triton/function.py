@@ -88,26 +88,36 @@ def resolve_backend(setting: str, q: torch.Tensor, what: str, allowed=FWD_BACKEN
     return setting
 
 
+def _cuda_or(chosen: str, setting: str, q: torch.Tensor, measured: bool, fits: Optional[bool], what: str,
+             needs: str) -> str:
+    """The CUDA C++ kernel's place in the choice ``chosen`` of ``setting``: "auto" becomes "cuda" where the Gluon
+    kernel would run, the CUDA one was ``measured`` faster, ``fits`` (it can run this shape) and NVRTC loads; an
+    explicit "cuda" raises ValueError naming ``what`` when it cannot run here (``needs``: its shape requirements;
+    ``fits`` None: not known yet)."""
+    if setting == "auto" and chosen == "gluon" and measured and fits and _nvrtc_available():
+        return "cuda"
+    if chosen == "cuda":
+        if not q.is_cuda or interpreting():
+            raise ValueError(f"{what} 'cuda' runs on an NVIDIA GPU only (not on the CPU or under TRITON_INTERPRET)")
+        if fits is False:
+            raise ValueError(f"{what} 'cuda' needs {needs}")
+    return chosen
+
+
 def output_kernel(q: torch.Tensor, V: Optional[int] = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> str:
     """The chunk path's output kernel for ``q`` [B, T, H, K], value size V and chunks of ``chunk_size``, from
     ``CONFIG.fwd_backend``: "triton", "gluon" (under the CPU interpreter the Gluon source runs as plain Triton, see
     palimpsa/ops/triton/gluon_shim.py) or "cuda" (palimpsa/ops/cuda/output.cu: an NVIDIA GPU, K a multiple of 16 up
     to 128, V a multiple of 4; an explicit "cuda" that cannot run raises ValueError).  "auto" gives "cuda" where the
     Gluon kernel would run, K is one of :data:`CUDA_FWD_KEY_SIZES`, V is given and NVRTC loads."""
-    chosen = resolve_backend(CONFIG.fwd_backend, q, "the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND)")
-    if CONFIG.fwd_backend == "auto" and chosen == "gluon" and q.shape[-1] in CUDA_FWD_KEY_SIZES and V is not None \
-            and V % 4 == 0 and chunk_size <= DEFAULT_CHUNK_SIZE and _nvrtc_available():
-        return "cuda"
-    if chosen == "cuda":
-        from palimpsa.ops.cuda.output import block_warps
+    from palimpsa.ops.cuda.output import block_warps
 
-        K = q.shape[-1]
-        if not q.is_cuda or interpreting():
-            raise ValueError("fwd_backend 'cuda' runs on an NVIDIA GPU only (not on the CPU or under TRITON_INTERPRET)")
-        if V is not None and block_warps(K, V, chunk_size) is None:
-            raise ValueError("fwd_backend 'cuda' needs K a multiple of 16 up to 128, V a multiple of 4 and chunks that "
-                             f"fit shared memory, got K = {K}, V = {V}, chunk_size = {chunk_size}")
-    return chosen
+    K = q.shape[-1]
+    chosen = resolve_backend(CONFIG.fwd_backend, q, "the forward backend (CONFIG.fwd_backend / PALIMPSA_FWD_BACKEND)")
+    fits = None if V is None else block_warps(K, V, chunk_size) is not None
+    return _cuda_or(chosen, CONFIG.fwd_backend, q, K in CUDA_FWD_KEY_SIZES and chunk_size <= DEFAULT_CHUNK_SIZE,
+                    fits, "fwd_backend", "K a multiple of 16 up to 128, V a multiple of 4 and chunks that fit shared "
+                    f"memory, got K = {K}, V = {V}, chunk_size = {chunk_size}")
 
 
 def sweep_kernel(q: torch.Tensor, V: int) -> str:
@@ -115,21 +125,13 @@ def sweep_kernel(q: torch.Tensor, V: int) -> str:
     "triton", "gluon" or "cuda" (the CUDA C++ sweep, palimpsa/ops/cuda/sweep.cu: it needs an NVIDIA GPU, K a multiple
     of 16 up to 128 and V a multiple of 4).  "auto" gives "cuda" where the Gluon sweep would run, K is one of
     :data:`CUDA_BWD_KEY_SIZES` and NVRTC loads; an explicit "cuda" that cannot run raises ValueError."""
+    from palimpsa.ops.cuda.sweep import block_warps
+
+    K = q.shape[-1]
     chosen = resolve_backend(CONFIG.bwd_backend, q, "the backward backend (CONFIG.bwd_backend / PALIMPSA_BWD_BACKEND)",
                              BWD_BACKENDS, GLUON_BWD_KEY_SIZES)
-    if CONFIG.bwd_backend == "auto" and chosen == "gluon" and q.shape[-1] in CUDA_BWD_KEY_SIZES \
-            and V % 4 == 0 and _nvrtc_available():
-        return "cuda"
-    if chosen == "cuda":
-        from palimpsa.ops.cuda.sweep import block_warps
-
-        K = q.shape[-1]
-        if not q.is_cuda or interpreting():
-            raise ValueError("bwd_backend 'cuda' runs on an NVIDIA GPU only (not on the CPU or under TRITON_INTERPRET)")
-        if block_warps(K, V, BWD_CHUNK) is None:
-            raise ValueError("bwd_backend 'cuda' needs K a multiple of 16 up to 128 and V a multiple of 4, got "
-                             f"K = {K}, V = {V}")
-    return chosen
+    return _cuda_or(chosen, CONFIG.bwd_backend, q, K in CUDA_BWD_KEY_SIZES, block_warps(K, V, BWD_CHUNK) is not None,
+                    "bwd_backend", f"K a multiple of 16 up to 128 and V a multiple of 4, got K = {K}, V = {V}")
 
 
 def _absent(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
