@@ -20,7 +20,8 @@ thread of the output kernel, ``fwd_cols``), "-fi" or "-fg" (its q and k rows sta
 from global memory, ``fwd_inputs``; without either, ``OUTPUT_INPUTS`` by key size: staged at K = 48, 64, 96 since
 the tenth session) and
 "-tN" (``bwd_target_programs``, which sizes the backward's units: "-t1" makes each sequence one unit, so that no
-local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi".
+local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi", and then "-walk" or "-nowalk" (the CUDA output
+kernel walking whole sequences from the initial state, or not: ``fwd_walk``), e.g. "default-walk".
 
 1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
    batch (once more with saturated decays and full resets at some tokens), bf16 and float32, the chunk and
@@ -56,6 +57,10 @@ def variant_config(name: str) -> dict:
     (``bwd_target_programs``: 1 makes every sequence one unit, so no local-adjoint pass runs)."""
     extra = {}
     while True:
+        if name.endswith(("-walk", "-nowalk")):  # the CUDA output kernel walking whole sequences, or not (fwd_walk)
+            extra["fwd_walk"] = name.endswith("-walk")
+            name = name[:name.rindex("-")]
+            continue
         if name.endswith(("-fi", "-fg")):  # the output kernel's q and k rows staged in shared memory, or not
             extra["fwd_inputs"] = name.endswith("-fi")
             name = name[:-3]

@@ -65,6 +65,26 @@ def test_output_kernel_compiles_for_sm90_without_spills(K, V, H):
         assert registers * 32 * warps * output.BLOCKS_PER_SM <= 65536, (K, V, registers)
 
 
+@pytest.mark.parametrize("K,V,H", SHAPES)
+def test_sequence_walk_compiles_for_sm90_and_keeps_its_blocks_resident(K, V, H):
+    _nvrtc_or_skip()
+    warps = output.walk_warps(K, V)
+    for dtype, with_variance, varlen, has_init, final, aligned in (
+            (torch.bfloat16, False, False, False, False, True), (torch.bfloat16, True, True, True, True, False),
+            (torch.float32, True, False, False, True, True)):
+        min_blocks = output.walk_min_blocks(K, warps, dtype, aligned)
+        defines = output.kernel_defines(K, V, H, output.WALK_CHUNK, warps, dtype, torch.float32, with_variance, varlen,
+                                        aligned, walk=True, has_init=has_init, final=final, min_blocks=min_blocks)
+        cubin, registers, spills = _compile("output.cu", defines, "palimpsa_output")
+        assert len(cubin) > 1000 and spills == 0, (K, V, spills)
+        # the walk has no chunks to spread: min_blocks blocks (24 warps at K <= 96) fit a multiprocessor's registers
+        # and shared memory
+        assert registers * 32 * warps * min_blocks <= 65536, (K, V, registers)
+        assert min_blocks * (output.shared_bytes(K, warps, output.WALK_CHUNK) + 1024) <= output.SHARED_PER_SM
+    assert output.walk_min_blocks(96, 8) * 8 == 24 and output.walk_min_blocks(128, 8) * 8 == 16
+    assert output.walk_min_blocks(96, 8, torch.float32) * 8 == 16 and output.walk_min_blocks(96, 8, aligned=False) == 2
+
+
 def test_a_host_size_that_differs_from_the_kernel_layout_does_not_compile():
     _nvrtc_or_skip()
     defines = sweep.kernel_defines(96, 192, 16, 32, 64, 8, torch.bfloat16, False, False, False)
@@ -108,6 +128,8 @@ def test_launchers_refuse_what_the_kernels_cannot_run():
     v = torch.zeros(1, 32, 1, 64)
     with pytest.raises(ValueError, match="K a multiple of 16 up to 128"):
         output.fwd_output_cuda(q, q, v, q[..., 0], v, torch.ones(1), 1.0, None, False, (None, None))
+    with pytest.raises(ValueError, match="K a multiple of 16 up to 128"):
+        output.fwd_walk_cuda(q, q, v, q[..., 0], v, torch.ones(1), 1.0, None, False, None, False)
     with pytest.raises(ValueError, match="K a multiple of 16 up to 128"):
         sweep.launch_sweep(q, q, v, q[..., 0], v, *([None] * 9), v, *([None] * 10), 1.0, 32, 1, 32, 1, False,
                            False)

@@ -225,6 +225,46 @@ def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
         assert function.sweep_kernel(FakeCuda(96), 192) == "cuda"
 
 
+def test_the_sequence_walk_runs_where_measured_with_a_full_gpu_or_when_asked(monkeypatch):
+    """fwd_walk None ("auto"): the CUDA output kernel walks whole sequences only where the CUDA output kernel runs, K
+    is one of CUDA_WALK_KEY_SIZES and the walk's warps fill WALK_MIN_WARPS_PER_SM of every multiprocessor; True: asked
+    for, with a clear error where it cannot run; False: never."""
+    class FakeCuda:
+        is_cuda = True
+        device = "cuda:0"
+
+        def __init__(self, K, H=16):
+            self.shape = (4, 4096, H, K)
+
+    class Properties:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(function, "interpreting", lambda: False)
+    monkeypatch.setattr(function, "_nvrtc_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Properties())
+    monkeypatch.setattr(function, "CUDA_WALK_KEY_SIZES", frozenset({96}))
+    with kernel_config(fwd_backend="auto"):
+        # 760M-like: 4 sequences x 16 heads x 192 / 4 columns = 3072 warps, 23 a multiprocessor
+        assert function.walk_forward(FakeCuda(96), 192, 4)
+        assert not function.walk_forward(FakeCuda(96), 192, 2)  # 11.6 a multiprocessor: the chunks' parallelism wins
+        assert not function.walk_forward(FakeCuda(64), 192, 4)  # not measured at K = 64
+        assert not function.walk_forward(FakeCuda(128), 128, 64)  # the Gluon output kernel runs at K = 128
+        with kernel_config(fwd_walk=False):
+            assert not function.walk_forward(FakeCuda(96), 192, 4)
+    with kernel_config(fwd_walk=True, fwd_backend="triton"):  # asked for: whatever the output kernel setting
+        assert function.walk_forward(FakeCuda(64), 64, 1)
+        with pytest.raises(ValueError, match="fwd_walk 'cuda' needs K a multiple of 16 up to 128 and V a multiple "
+                                             "of 4, got K = 64, V = 30"):
+            function.walk_forward(FakeCuda(64), 30, 1)
+        with pytest.raises(ValueError, match="NVIDIA GPU only"):
+            function.walk_forward(torch.zeros(1, 1, 1, 64), 64, 1)
+    for bad in (1, "yes"):
+        with pytest.raises(ValueError, match="fwd_walk"):
+            with kernel_config(fwd_walk=bad):
+                pass
+
+
 def test_sweep_settings_are_checked():
     from palimpsa.ops.triton.chunk_bwd import chunk_bwd
     from palimpsa.ops.triton.utils import SequenceLayout

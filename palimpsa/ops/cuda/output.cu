@@ -10,10 +10,19 @@
 // adds one of them over the 16 key lanes: no shuffle, no per-token reduction.  The chunk's q (times the scale) and k
 // rows, its v, beta, decays and prior terms are staged in shared memory once per block, every load issued first.
 //
+// Two ways to run it (PWALK):
+//  * 0, chunks in parallel: a block owns one (value block, chunk, head) and starts from the chunk-start state of
+//    chunk_states (the states of all chunks come first, by matrix products);
+//  * 1, sequences walked: a block owns one (value block, sequence, head), starts from the initial state (or the
+//    empty one) and walks the sequence's chunks in order, the next chunk's loads in flight while the current chunk
+//    runs; no chunk-start states are needed, and the final state is written at the end.  Where the GPU is full
+//    without the chunks' parallelism (enough sequences, heads and value columns) this saves the chunk-state pass.
+//
 // Compile-time parameters (#defines prepended by output.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PWARPS, PIN (dtype of q, k, v, beta and the outputs), PG (of g): 0 bfloat16, 1 float16, 2 float32; PVAR (the
-// variance is asked for), PVARLEN, PALIGNED, PSHARED_BYTES (as in sweep.cu).  Requires PK % 16 == 0 and
-// PV % (4 * PWARPS) == 0 (the host checks).
+// variance is asked for), PVARLEN, PALIGNED, PSHARED_BYTES (as in sweep.cu); PWALK, and with it PINIT (an initial
+// state is given), PFINAL (the final state is asked for) and PMINBLOCKS (blocks a multiprocessor must hold: caps the
+// registers).  Requires PK % 16 == 0 and PV % (4 * PWARPS) == 0 (the host checks).
 
 #define BV (4 * PWARPS)
 #define NS (PVAR ? 4 : 2)
@@ -31,73 +40,42 @@
 // the host's size of the dynamic shared memory (PSHARED_BYTES) must be this layout's
 static_assert(SHARED_FLOATS * 4 == PSHARED_BYTES, "the host's shared-memory size differs from the kernel's layout");
 
-extern "C" __global__ void __launch_bounds__(32 * PWARPS)
-palimpsa_output(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t* __restrict__ v,
-                const g_t* __restrict__ g, const in_t* __restrict__ beta, const float* __restrict__ prior,
-                const float* __restrict__ h_mean, const float* __restrict__ h_imp, in_t* __restrict__ o,
-                in_t* __restrict__ var, const int* __restrict__ cu_seqlens, const int* __restrict__ chunk_indices,
-                float scale, int T) {
-    extern __shared__ float4 smem4[];
-    float* smem = reinterpret_cast<float*>(smem4);
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int kl = lane & 15, vl = lane >> 4;
-    const int i_v = blockIdx.x, i_c = blockIdx.y, i_h = blockIdx.z;
-    int bos, eos, i_w;
-#if PVARLEN
-    {
-        const int i_n = chunk_indices[2 * i_c];
-        i_w = chunk_indices[2 * i_c + 1];
-        bos = cu_seqlens[i_n];
-        eos = cu_seqlens[i_n + 1];
-    }
-#else
-    {
-        const int NW = (T + PC - 1) / PC;
-        const int i_n = i_c / NW;
-        i_w = i_c % NW;
-        bos = i_n * T;
-        eos = bos + T;
-    }
-#endif
-    const int cs = bos + i_w * PC;
-    const int n_tok = min(PC, eos - cs);
-    const float I0 = prior[i_h];
-    const int row0 = kl * R, ccol = w * 4 + vl * 2, col = i_v * BV + ccol;
+#define NTHREADS (32 * PWARPS)
 
-    // the chunk-start state (loads issued before the staging below, so their latency overlaps it)
-    float M[E], I[E];
-    const u64 h_off = ((u64)i_c * PH + i_h) * PK * PV;
-#pragma unroll
-    for (int i = 0; i < R; ++i) {
-        const u64 off = h_off + (u64)(row0 + i) * PV + col;
-        const float2 m = *reinterpret_cast<const float2*>(h_mean + off);
-        const float2 p = *reinterpret_cast<const float2*>(h_imp + off);
-        M[2 * i] = m.x; M[2 * i + 1] = m.y;
-        I[2 * i] = p.x; I[2 * i + 1] = p.y;
-    }
-    float* sq = smem + SQ_OFF;
-    float* sk = smem + SK_OFF;
-    float* sin = smem + SIN_OFF;
-    float* sa = smem + SA_OFF;
-    constexpr int NT = 32 * PWARPS;
-    {   // every load of the chunk's inputs first, then the stores (zeros and decay 1 after the sequence's end)
-        RowStage<in_t, PK, PK, NT> rq, rk;
-        RowStage<in_t, BV, 2 * BV, NT> rv, rb;
-        DecayStage<NT> ra;
+// One chunk's inputs on their way to shared memory: load() issues every global load (into registers), store() puts
+// them in the block's staging area as float32 (q times the scale; zeros and decay 1 after the sequence's end)
+struct ChunkStage {
+    RowStage<in_t, PK, PK, NTHREADS> rq, rk;
+    RowStage<in_t, BV, 2 * BV, NTHREADS> rv, rb;
+    DecayStage<NTHREADS> ra;
+    __device__ __forceinline__ void load(const in_t* __restrict__ q, const in_t* __restrict__ k,
+                                         const in_t* __restrict__ v, const in_t* __restrict__ beta,
+                                         const g_t* __restrict__ g, int i_v, int cs, int i_h, int n_tok) {
         rq.load(q, PK, 0, cs, i_h, n_tok);
         rk.load(k, PK, 0, cs, i_h, n_tok);
         rv.load(v, PV, (u64)i_v * BV, cs, i_h, n_tok);
         rb.load(beta, PV, (u64)i_v * BV, cs, i_h, n_tok);
         ra.load(g, cs, i_h, n_tok);
-        rq.store(sq, scale);
-        rk.store(sk, 1.f);
-        rv.store(sin, 1.f);
-        rb.store(sin + BV, 1.f);
-        ra.store<true>(sa, I0);
     }
-    __syncthreads();
+    __device__ __forceinline__ void store(float* smem, float scale, float I0) const {
+        rq.store(smem + SQ_OFF, scale);
+        rk.store(smem + SK_OFF, 1.f);
+        rv.store(smem + SIN_OFF, 1.f);
+        rb.store(smem + SIN_OFF + BV, 1.f);
+        ra.store<true>(smem + SA_OFF, I0);
+    }
+};
 
-    float* red = smem + RED_OFF + w * 16 * RED_STRIDE;
+// The n_tok tokens of a staged chunk starting at token cs, stepped on this thread's elements (M, I), with o (and
+// var) written for each: the sums over K collected in the warp's `red` for TB tokens, then one lane per output adds
+// the 16 key lanes.
+__device__ __forceinline__ void chunk_tokens(const float* smem, float* red, int n_tok, int cs, int i_h, int i_v,
+                                             int w, int lane, int row0, int ccol, float (&M)[E], float (&I)[E],
+                                             in_t* __restrict__ o, in_t* __restrict__ var) {
+    const float* sq = smem + SQ_OFF;
+    const float* sk = smem + SK_OFF;
+    const float* sin = smem + SIN_OFF;
+    const float* sa = smem + SA_OFF;
     for (int tb = 0; tb < n_tok; tb += TB) {
 #pragma unroll
         for (int jj = 0; jj < TB; ++jj) {
@@ -153,4 +131,119 @@ palimpsa_output(const in_t* __restrict__ q, const in_t* __restrict__ k, const in
         }
         __syncwarp();
     }
+}
+
+#if PMINBLOCKS > 1
+#define BOUNDS __launch_bounds__(NTHREADS, PMINBLOCKS)
+#else
+#define BOUNDS __launch_bounds__(NTHREADS)  // (a minimum of 1 spelled out changes ptxas's register choices)
+#endif
+
+// h_mean, h_imp: the chunk-start states [chunks, PH, PK, PV] (PWALK 0), or the initial state (mu, I) [N, PH, PK, PV]
+// (PWALK 1 with PINIT); final_mu, final_imp [N, PH, PK, PV]: the final state (PWALK 1 with PFINAL).
+extern "C" __global__ void BOUNDS
+palimpsa_output(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t* __restrict__ v,
+                const g_t* __restrict__ g, const in_t* __restrict__ beta, const float* __restrict__ prior,
+                const float* __restrict__ h_mean, const float* __restrict__ h_imp, in_t* __restrict__ o,
+                in_t* __restrict__ var, float* __restrict__ final_mu, float* __restrict__ final_imp,
+                const int* __restrict__ cu_seqlens, const int* __restrict__ chunk_indices, float scale, int T) {
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int kl = lane & 15, vl = lane >> 4;
+    const int i_v = blockIdx.x, i_h = blockIdx.z;
+    const float I0 = prior[i_h];
+    const int row0 = kl * R, ccol = w * 4 + vl * 2, col = i_v * BV + ccol;
+    float* red = smem + RED_OFF + w * 16 * RED_STRIDE;
+    float M[E], I[E];
+#if PWALK
+    const int i_n = blockIdx.y;
+#if PVARLEN
+    const int bos = cu_seqlens[i_n], eos = cu_seqlens[i_n + 1];
+#else
+    const int bos = i_n * T, eos = bos + T;
+#endif
+    const u64 s_off = ((u64)i_n * PH + i_h) * PK * PV;
+#if PINIT
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const u64 off = s_off + (u64)(row0 + i) * PV + col;
+        const float2 m = *reinterpret_cast<const float2*>(h_mean + off);
+        const float2 p = *reinterpret_cast<const float2*>(h_imp + off);
+        M[2 * i] = m.x * p.x; M[2 * i + 1] = m.y * p.y;  // the precision-weighted mean
+        I[2 * i] = p.x; I[2 * i + 1] = p.y;
+    }
+#else
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        M[e] = 0.f;
+        I[e] = I0;
+    }
+#endif
+    const int n_chunks = (eos - bos + PC - 1) / PC;
+    ChunkStage stage;
+    if (n_chunks > 0) {
+        stage.load(q, k, v, beta, g, i_v, bos, i_h, min(PC, eos - bos));
+        stage.store(smem, scale, I0);
+    }
+    __syncthreads();
+    for (int c = 0; c < n_chunks; ++c) {
+        const int cs = bos + c * PC;
+        const int n_tok = min(PC, eos - cs);
+        const bool more = c + 1 < n_chunks;
+        if (more) stage.load(q, k, v, beta, g, i_v, cs + PC, i_h, min(PC, eos - cs - PC));  // in flight meanwhile
+        chunk_tokens(smem, red, n_tok, cs, i_h, i_v, w, lane, row0, ccol, M, I, o, var);
+        __syncthreads();  // every warp is done with this chunk's staging
+        if (more) {
+            stage.store(smem, scale, I0);
+            __syncthreads();
+        }
+    }
+#if PFINAL
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const u64 off = s_off + (u64)(row0 + i) * PV + col;
+        *reinterpret_cast<float2*>(final_mu + off) = make_float2(M[2 * i] / I[2 * i], M[2 * i + 1] / I[2 * i + 1]);
+        *reinterpret_cast<float2*>(final_imp + off) = make_float2(I[2 * i], I[2 * i + 1]);
+    }
+#endif
+#else
+    const int i_c = blockIdx.y;
+    int bos, eos, i_w;
+#if PVARLEN
+    {
+        const int i_n = chunk_indices[2 * i_c];
+        i_w = chunk_indices[2 * i_c + 1];
+        bos = cu_seqlens[i_n];
+        eos = cu_seqlens[i_n + 1];
+    }
+#else
+    {
+        const int NW = (T + PC - 1) / PC;
+        const int i_n = i_c / NW;
+        i_w = i_c % NW;
+        bos = i_n * T;
+        eos = bos + T;
+    }
+#endif
+    const int cs = bos + i_w * PC;
+    const int n_tok = min(PC, eos - cs);
+    // the chunk-start state (loads issued before the staging below, so their latency overlaps it)
+    const u64 h_off = ((u64)i_c * PH + i_h) * PK * PV;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const u64 off = h_off + (u64)(row0 + i) * PV + col;
+        const float2 m = *reinterpret_cast<const float2*>(h_mean + off);
+        const float2 p = *reinterpret_cast<const float2*>(h_imp + off);
+        M[2 * i] = m.x; M[2 * i + 1] = m.y;
+        I[2 * i] = p.x; I[2 * i + 1] = p.y;
+    }
+    {   // every load of the chunk's inputs first, then the stores
+        ChunkStage stage;
+        stage.load(q, k, v, beta, g, i_v, cs, i_h, n_tok);
+        stage.store(smem, scale, I0);
+    }
+    __syncthreads();
+    chunk_tokens(smem, red, n_tok, cs, i_h, i_v, w, lane, row0, ccol, M, I, o, var);
+#endif
 }

@@ -45,6 +45,9 @@ class KernelConfig:
     K), "cuda" (``palimpsa/ops/cuda/output.cu``, CUDA C++ compiled at run time by NVRTC) or "auto"
     (:func:`palimpsa.ops.triton.function.output_kernel`: CUDA, else Gluon, where each was checked and measured
     faster, Triton elsewhere).  The default comes from the environment variable PALIMPSA_FWD_BACKEND, else "auto".
+    fwd_walk: whether the CUDA output kernel walks whole sequences from the initial state (True; no chunk-start
+    states are computed, see ``palimpsa/ops/cuda/output.cu``) or runs the chunks in parallel from chunk-start states
+    (False); None: :func:`palimpsa.ops.triton.function.walk_forward` decides where it was measured faster.
     fwd_cols: value columns each thread of the Gluon output kernel holds (1 or 2; 4 * fwd_cols lanes share a
     column); None: :data:`OUTPUT_TUNED` by key size, else 1.
     fwd_inputs: True stages each chunk's q and k rows in shared memory (float32, once per chunk, by all the
@@ -90,6 +93,7 @@ class KernelConfig:
 
     fwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_FWD_BACKEND", "auto"))
     bwd_backend: str = dataclasses.field(default_factory=lambda: os.environ.get("PALIMPSA_BWD_BACKEND", "auto"))
+    fwd_walk: Optional[bool] = None
     fwd_cols: Optional[int] = None
     fwd_inputs: Optional[bool] = None
     bwd_lanes_k: Optional[int] = None
@@ -157,6 +161,8 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
         raise ValueError(f"bwd_lanes_k must be a power of two from 1 to 32, got {changes['bwd_lanes_k']!r}")
     if changes.get("bwd_warps", 1) not in (1, 2, 4, 8):
         raise ValueError(f"bwd_warps must be 1, 2, 4 or 8, got {changes['bwd_warps']!r}")
+    if not isinstance(changes.get("fwd_walk", False), (bool, type(None))):
+        raise ValueError(f"fwd_walk must be None (auto), True or False, got {changes['fwd_walk']!r}")
     cols = changes.get("bwd_cols")
     if cols is not None and (isinstance(cols, bool) or cols not in (1, 2, 4)):
         raise ValueError(f"bwd_cols must be None (by key size), 1, 2 or 4, got {changes['bwd_cols']!r}")

@@ -47,6 +47,12 @@ CUDA_BWD_KEY_SIZES = frozenset({48, 64, 96, 128})
 # once a chunk's loads were all issued before any store (twelfth session, cuda_staged_h200_89ef9fb.md), K = 96
 # (760M-like 2.581 against 2.776 ms); not at K = 128 (d128 1.202 against 1.191).
 CUDA_FWD_KEY_SIZES = frozenset({48, 64, 96})
+# Where "auto" has the CUDA output kernel walk whole sequences (no chunk-start states; output.cu's PWALK) rather than
+# run chunks in parallel: the key sizes at which it passed the float64 checks on an H200 and ran faster, and then
+# only when the walk's blocks give at least WALK_MIN_WARPS_PER_SM warps a multiprocessor (it has no chunks'
+# parallelism to fall back on).  Not measured yet: empty.
+CUDA_WALK_KEY_SIZES = frozenset()
+WALK_MIN_WARPS_PER_SM = 20
 # the CUDA sweep's units are sized for this many warps (of 4 value columns): whole sequences at every benchmark shape
 # (the Gluon sweep's 1536 gave two units a sequence at d128, and so the local-adjoint pass)
 CUDA_TARGET_PROGRAMS = 1024
@@ -120,6 +126,28 @@ def output_kernel(q: torch.Tensor, V: Optional[int] = None, chunk_size: int = DE
                     f"memory, got K = {K}, V = {V}, chunk_size = {chunk_size}")
 
 
+def walk_forward(q: torch.Tensor, V: int, sequences: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> bool:
+    """Whether the chunk path's forward runs as the CUDA output kernel walking whole sequences (``sequences`` of
+    them, of queries ``q`` [B, T, H, K] and value size V) instead of chunk-start states then chunks in parallel.
+    ``CONFIG.fwd_walk`` True asks for it, whatever ``CONFIG.fwd_backend`` says (ValueError where the CUDA output
+    kernel cannot run), False refuses it,
+    None ("auto") takes it where the CUDA output kernel runs, K is one of :data:`CUDA_WALK_KEY_SIZES` and the walk
+    keeps at least :data:`WALK_MIN_WARPS_PER_SM` warps on each multiprocessor."""
+    from palimpsa.ops.cuda.output import walk_warps
+
+    if CONFIG.fwd_walk is False:
+        return False
+    K = q.shape[-1]
+    if CONFIG.fwd_walk:  # asked for, whatever CONFIG.fwd_backend says: ValueError where it cannot run
+        _cuda_or("cuda", "cuda", q, True, walk_warps(K, V) is not None, "fwd_walk",
+                 f"K a multiple of 16 up to 128 and V a multiple of 4, got K = {K}, V = {V}")
+        return True
+    if output_kernel(q, V, chunk_size) != "cuda" or K not in CUDA_WALK_KEY_SIZES:
+        return False
+    warps = sequences * q.shape[2] * (V // 4)
+    return warps >= WALK_MIN_WARPS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count
+
+
 def sweep_kernel(q: torch.Tensor, V: int) -> str:
     """The backward's reverse-sweep kernel for ``q`` [B, T, H, K] and value size V, from ``CONFIG.bwd_backend``:
     "triton", "gluon" or "cuda" (the CUDA C++ sweep, palimpsa/ops/cuda/sweep.cu: it needs an NVIDIA GPU, K a multiple
@@ -154,6 +182,11 @@ def _fwd_op(
             o, var, final = fwd_output(q, k, v, g, beta, prior, scale, layout, output_variance, states=None,
                                        initial_state=init, output_final_state=output_final_state,
                                        block_v=CONFIG.fwd_block_v, num_warps=CONFIG.fwd_num_warps)
+        elif walk_forward(q, v.shape[-1], layout.N, chunk_size):
+            from palimpsa.ops.cuda.output import fwd_walk_cuda
+
+            o, var, final = fwd_walk_cuda(q, k, v, g, beta, prior, scale, layout, output_variance, init,
+                                          output_final_state)
         else:
             states, final = chunk_states(k, v, g, beta, prior, init, layout, chunk_size, True, output_final_state)
             kernel = output_kernel(q, v.shape[-1], chunk_size)
