@@ -226,9 +226,10 @@ def test_auto_picks_gluon_only_where_it_was_measured_faster(monkeypatch):
 
 
 def test_the_sequence_walk_runs_where_measured_with_a_full_gpu_or_when_asked(monkeypatch):
-    """fwd_walk None ("auto"): the CUDA output kernel walks whole sequences only where the CUDA output kernel runs, K
-    is one of CUDA_WALK_KEY_SIZES and the walk's warps fill WALK_MIN_WARPS_PER_SM of every multiprocessor; True: asked
-    for, with a clear error where it cannot run; False: never."""
+    """fwd_walk None ("auto"): the CUDA output kernel walks whole sequences only where "auto" runs the Gluon or CUDA
+    output kernel (sm_90) and NVRTC loads, or fwd_backend is "cuda"; K is one of CUDA_WALK_KEY_SIZES and the walk's
+    warps fill WALK_MIN_WARPS_PER_SM of every multiprocessor; True: asked for, with a clear error where it cannot
+    run; False: never."""
     class FakeCuda:
         is_cuda = True
         device = "cuda:0"
@@ -243,15 +244,29 @@ def test_the_sequence_walk_runs_where_measured_with_a_full_gpu_or_when_asked(mon
     monkeypatch.setattr(function, "_nvrtc_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Properties())
-    monkeypatch.setattr(function, "CUDA_WALK_KEY_SIZES", frozenset({96}))
     with kernel_config(fwd_backend="auto"):
-        # 760M-like: 4 sequences x 16 heads x 192 / 4 columns = 3072 warps, 23 a multiprocessor
+        # 760M-like: 4 sequences x 16 heads x 192 / 4 columns = 3072 warps, 23 a multiprocessor; d128 (K = 128, where
+        # the chunks run the Gluon output kernel) 1024, 7.8
         assert function.walk_forward(FakeCuda(96), 192, 4)
-        assert not function.walk_forward(FakeCuda(96), 192, 2)  # 11.6 a multiprocessor: the chunks' parallelism wins
-        assert not function.walk_forward(FakeCuda(64), 192, 4)  # not measured at K = 64
-        assert not function.walk_forward(FakeCuda(128), 128, 64)  # the Gluon output kernel runs at K = 128
+        assert function.walk_forward(FakeCuda(128, H=8), 128, 4)
+        assert not function.walk_forward(FakeCuda(96), 192, 1)  # 768 warps, 5.8 a multiprocessor: the chunks win
+        assert not function.walk_forward(FakeCuda(80), 192, 4)  # not measured at K = 80
+        assert not function.walk_forward(FakeCuda(64), 30, 4)  # V not a multiple of 4
         with kernel_config(fwd_walk=False):
             assert not function.walk_forward(FakeCuda(96), 192, 4)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        assert not function.walk_forward(FakeCuda(96), 192, 4)  # not measured on that architecture
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        monkeypatch.setattr(function, "_nvrtc_available", lambda: False)
+        assert not function.walk_forward(FakeCuda(96), 192, 4)
+        monkeypatch.setattr(function, "_nvrtc_available", lambda: True)
+    for backend in ("triton", "gluon"):  # an explicit output kernel other than CUDA is kept
+        with kernel_config(fwd_backend=backend):
+            assert not function.walk_forward(FakeCuda(96), 192, 4)
+    with kernel_config(fwd_backend="cuda"):
+        assert function.walk_forward(FakeCuda(96), 192, 4)
+        with pytest.raises(ValueError, match="NVIDIA GPU only"):
+            function.walk_forward(torch.zeros(1, 1, 1, 64), 64, 1)
     with kernel_config(fwd_walk=True, fwd_backend="triton"):  # asked for: whatever the output kernel setting
         assert function.walk_forward(FakeCuda(64), 64, 1)
         with pytest.raises(ValueError, match="fwd_walk 'cuda' needs K a multiple of 16 up to 128 and V a multiple "

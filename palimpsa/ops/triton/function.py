@@ -48,11 +48,13 @@ CUDA_BWD_KEY_SIZES = frozenset({48, 64, 96, 128})
 # (760M-like 2.581 against 2.776 ms); not at K = 128 (d128 1.202 against 1.191).
 CUDA_FWD_KEY_SIZES = frozenset({48, 64, 96})
 # Where "auto" has the CUDA output kernel walk whole sequences (no chunk-start states; output.cu's PWALK) rather than
-# run chunks in parallel: the key sizes at which it passed the float64 checks on an H200 and ran faster, and then
-# only when the walk's blocks give at least WALK_MIN_WARPS_PER_SM warps a multiprocessor (it has no chunks'
-# parallelism to fall back on).  Not measured yet: empty.
-CUDA_WALK_KEY_SIZES = frozenset()
-WALK_MIN_WARPS_PER_SM = 20
+# run chunks in parallel from chunk-start states: the key sizes at which it passed the float64 checks on an H200 and
+# ran faster (thirteenth session, walk_h200_942ba6d.md: forward 760M-like 2.581 -> 2.091 ms, 170M-like 0.531 -> 0.332,
+# d64 0.610 -> 0.459, d128 1.191 -> 1.011), where "auto" would run the Gluon or CUDA output kernel and NVRTC loads;
+# and only while the walk keeps at least WALK_MIN_WARPS_PER_SM warps on each multiprocessor (it cannot spread a
+# sequence's chunks over the GPU: the fewest measured faster were d128's 1024 warps, 7.8 a multiprocessor).
+CUDA_WALK_KEY_SIZES = frozenset({48, 64, 96, 128})
+WALK_MIN_WARPS_PER_SM = 7
 # the CUDA sweep's units are sized for this many warps (of 4 value columns): whole sequences at every benchmark shape
 # (the Gluon sweep's 1536 gave two units a sequence at d128, and so the local-adjoint pass)
 CUDA_TARGET_PROGRAMS = 1024
@@ -129,20 +131,27 @@ def output_kernel(q: torch.Tensor, V: Optional[int] = None, chunk_size: int = DE
 def walk_forward(q: torch.Tensor, V: int, sequences: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> bool:
     """Whether the chunk path's forward runs as the CUDA output kernel walking whole sequences (``sequences`` of
     them, of queries ``q`` [B, T, H, K] and value size V) instead of chunk-start states then chunks in parallel.
+
     ``CONFIG.fwd_walk`` True asks for it, whatever ``CONFIG.fwd_backend`` says (ValueError where the CUDA output
-    kernel cannot run), False refuses it,
-    None ("auto") takes it where the CUDA output kernel runs, K is one of :data:`CUDA_WALK_KEY_SIZES` and the walk
-    keeps at least :data:`WALK_MIN_WARPS_PER_SM` warps on each multiprocessor."""
+    kernel cannot run); False refuses it; None ("auto") takes it when ``CONFIG.fwd_backend`` is "auto" (and "auto"
+    would run the Gluon or CUDA output kernel here, and NVRTC loads) or "cuda", K is one of
+    :data:`CUDA_WALK_KEY_SIZES` and the walk keeps at least :data:`WALK_MIN_WARPS_PER_SM` warps on each
+    multiprocessor."""
     from palimpsa.ops.cuda.output import walk_warps
 
-    if CONFIG.fwd_walk is False:
-        return False
     K = q.shape[-1]
-    if CONFIG.fwd_walk:  # asked for, whatever CONFIG.fwd_backend says: ValueError where it cannot run
-        _cuda_or("cuda", "cuda", q, True, walk_warps(K, V) is not None, "fwd_walk",
+    fits = walk_warps(K, V) is not None
+    if CONFIG.fwd_walk:
+        _cuda_or("cuda", "cuda", q, True, fits, "fwd_walk",
                  f"K a multiple of 16 up to 128 and V a multiple of 4, got K = {K}, V = {V}")
         return True
-    if output_kernel(q, V, chunk_size) != "cuda" or K not in CUDA_WALK_KEY_SIZES:
+    if CONFIG.fwd_walk is False or CONFIG.fwd_backend not in ("auto", "cuda"):
+        return False
+    if CONFIG.fwd_backend == "cuda":
+        output_kernel(q, V, chunk_size)  # raises where the CUDA output kernel cannot run
+    elif not (_gluon_measured_faster(q, GLUON_FWD_KEY_SIZES) and _nvrtc_available()):
+        return False
+    if K not in CUDA_WALK_KEY_SIZES or not fits:
         return False
     warps = sequences * q.shape[2] * (V // 4)
     return warps >= WALK_MIN_WARPS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count
