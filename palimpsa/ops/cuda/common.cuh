@@ -142,12 +142,19 @@ struct RowStage {
         }
     }
 
-    __device__ __forceinline__ void store(float* dst, float factor) const {
+    __device__ __forceinline__ void store(float* dst, float factor) const { store_rows(dst, factor, nullptr); }
+    // the same, token j's values times token_factor[j]
+    __device__ __forceinline__ void store(float* dst, const float* token_factor) const {
+        store_rows(dst, 1.f, token_factor);
+    }
+
+    __device__ __forceinline__ void store_rows(float* dst, float scalar, const float* token_factor) const {
 #pragma unroll
         for (int it = 0; it < ITERS; ++it) {
             const int idx = it * NTHREADS + threadIdx.x;
             if (ITERS * NTHREADS > PC * PER && idx >= PC * PER) break;
             const int j = idx / PER, x = (idx - j * PER) * VEC;
+            const float factor = token_factor ? token_factor[j] : scalar;
             float* d = dst + j * DST_STRIDE + x;
             if constexpr (VEC == 1) {
                 d[0] = to_f(one[it]) * factor;

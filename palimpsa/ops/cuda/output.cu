@@ -17,6 +17,12 @@
 //    empty one) and walks the sequence's chunks in order, the next chunk's loads in flight while the current chunk
 //    runs; no chunk-start states are needed, and the final state is written at the end.  Where the GPU is full
 //    without the chunks' parallelism (enough sequences, heads and value columns) this saves the chunk-state pass.
+//    Its chunks (PC = 32, one token a lane) also drop the per-token decay from the state updates: with A_j the decay
+//    from the chunk's start through token j, the states scaled by 1 / A_j step as
+//        I~ = I~ + ((1 - a) I0 + k^2 beta^T) / A_j;   M~ = M~ + k (v / A_j)^T;   mu = M~ / I~ (the scale cancels)
+//    (v / A_j, beta / A_j and (1 - a_j) I0 / A_j staged once per chunk), and are multiplied by the chunk's decay at its
+//    end: one instruction less per element and token.  A chunk whose decay is below exp(-WALK_MIN_LOG_DECAY), where 1 / A
+//    could overflow (saturated or infinite log decays), steps directly instead.
 //
 // Compile-time parameters (#defines prepended by output.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PWARPS, PIN (dtype of q, k, v, beta and the outputs), PG (of g): 0 bfloat16, 1 float16, 2 float32; PVAR (the
@@ -44,7 +50,7 @@ static_assert(SHARED_FLOATS * 4 == PSHARED_BYTES, "the host's shared-memory size
 
 // One chunk's inputs on their way to shared memory: load() issues every global load (into registers), store() puts
 // them in the block's staging area as float32 (q times the scale; zeros and decay 1 after the sequence's end)
-struct ChunkStage {
+struct ChunkStage {  // (the chunks in parallel)
     RowStage<in_t, PK, PK, NTHREADS> rq, rk;
     RowStage<in_t, BV, 2 * BV, NTHREADS> rv, rb;
     DecayStage<NTHREADS> ra;
@@ -66,9 +72,58 @@ struct ChunkStage {
     }
 };
 
+// A walked chunk's inputs (PC = 32: lane j of every warp holds token j's log decay), staged like ChunkStage's but, where
+// the chunk's decay allows (see the header), with v, beta and the prior term divided by the decay A_j from the chunk's
+// start through token j: sa[2 j] = (1 - a_j) I0 / A_j, sa[2 j + 1] = 1 / A_j; otherwise as ChunkStage's (a_j,
+// (1 - a_j) I0).  Every warp scans the decays itself (identical results), so no barrier orders the scan before the
+// stores; its 1 / A_j go through the warp's own reduction slots.
+#define WALK_MIN_LOG_DECAY (-40.f)
+struct WalkStage {
+    RowStage<in_t, PK, PK, NTHREADS> rq, rk;
+    RowStage<in_t, BV, 2 * BV, NTHREADS> rv, rb;
+    float gj;
+    __device__ __forceinline__ void load(const in_t* __restrict__ q, const in_t* __restrict__ k,
+                                         const in_t* __restrict__ v, const in_t* __restrict__ beta,
+                                         const g_t* __restrict__ g, int i_v, int cs, int i_h, int n_tok, int lane) {
+        rq.load(q, PK, 0, cs, i_h, n_tok);
+        rk.load(k, PK, 0, cs, i_h, n_tok);
+        rv.load(v, PV, (u64)i_v * BV, cs, i_h, n_tok);
+        rb.load(beta, PV, (u64)i_v * BV, cs, i_h, n_tok);
+        gj = lane < n_tok ? to_f(g[(u64)(cs + lane) * PH + i_h]) : 0.f;  // g = 0 (a = 1) after the sequence's end
+    }
+    // Returns whether the chunk runs scaled, and its whole decay in a_end; `slots`: the warp's 32 free floats.
+    __device__ __forceinline__ bool store(float* smem, float* slots, float scale, float I0, int lane, int w,
+                                          float& a_end) const {
+        float b = gj;  // inclusive scan over the lanes: the log decay from the chunk's start through token `lane`
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const float t = __shfl_up_sync(0xffffffffu, b, o);
+            if (lane >= o) b += t;
+        }
+        const float b_end = __shfl_sync(0xffffffffu, b, 31);
+        const bool scaled = b_end >= WALK_MIN_LOG_DECAY;  // false for NaN and -inf too
+        const float a = expf(gj);
+        const float inv = scaled ? expf(-b) : 1.f;
+        slots[lane] = inv;
+        if (w == 0) {
+            float* sa = smem + SA_OFF;
+            sa[2 * lane] = scaled ? (1.f - a) * I0 * inv : a;
+            sa[2 * lane + 1] = scaled ? inv : (1.f - a) * I0;
+        }
+        __syncwarp();
+        rq.store(smem + SQ_OFF, scale);
+        rk.store(smem + SK_OFF, 1.f);
+        rv.store(smem + SIN_OFF, slots);
+        rb.store(smem + SIN_OFF + BV, slots);
+        a_end = expf(b_end);
+        return scaled;
+    }
+};
+
 // The n_tok tokens of a staged chunk starting at token cs, stepped on this thread's elements (M, I), with o (and
 // var) written for each: the sums over K collected in the warp's `red` for TB tokens, then one lane per output adds
-// the 16 key lanes.
+// the 16 key lanes.  SCALED: the states and staged inputs are scaled by 1 / A_j (WalkStage), I~ = I / A_j.
+template <bool SCALED>
 __device__ __forceinline__ void chunk_tokens(const float* smem, float* red, int n_tok, int cs, int i_h, int i_v,
                                              int w, int lane, int row0, int ccol, float (&M)[E], float (&I)[E],
                                              in_t* __restrict__ o, in_t* __restrict__ var) {
@@ -100,8 +155,13 @@ __device__ __forceinline__ void chunk_tokens(const float* smem, float* red, int 
 #pragma unroll
                 for (int cc = 0; cc < 2; ++cc) {
                     const int e = 2 * i + cc;
-                    I[e] = fmaf(ar.x, I[e], fmaf(kk, b2[cc], ar.y));
-                    M[e] = fmaf(ar.x, M[e], kr[i] * v2[cc]);
+                    if constexpr (SCALED) {
+                        I[e] += fmaf(kk, b2[cc], ar.x);
+                        M[e] = fmaf(kr[i], v2[cc], M[e]);
+                    } else {
+                        I[e] = fmaf(ar.x, I[e], fmaf(kk, b2[cc], ar.y));
+                        M[e] = fmaf(ar.x, M[e], kr[i] * v2[cc]);
+                    }
                     const float r = rcp(I[e]);
                     oc[cc] = fmaf(qs[i], M[e] * r, oc[cc]);
 #if PVAR
@@ -112,6 +172,10 @@ __device__ __forceinline__ void chunk_tokens(const float* smem, float* red, int 
             red[(jj * NS + 0) * RED_STRIDE + lane] = oc[0];
             red[(jj * NS + 1) * RED_STRIDE + lane] = oc[1];
 #if PVAR
+            if constexpr (SCALED) {  // 1 / I = (1 / I~) / A_j
+                vc[0] *= ar.y;
+                vc[1] *= ar.y;
+            }
             red[(jj * NS + 2) * RED_STRIDE + lane] = vc[0];
             red[(jj * NS + 3) * RED_STRIDE + lane] = vc[1];
 #endif
@@ -180,22 +244,34 @@ palimpsa_output(const in_t* __restrict__ q, const in_t* __restrict__ k, const in
         I[e] = I0;
     }
 #endif
+    static_assert(PC == 32, "the walk's chunks are one token a lane");
     const int n_chunks = (eos - bos + PC - 1) / PC;
-    ChunkStage stage;
+    WalkStage stage;
+    bool scaled = false;
+    float a_end = 1.f;
     if (n_chunks > 0) {
-        stage.load(q, k, v, beta, g, i_v, bos, i_h, min(PC, eos - bos));
-        stage.store(smem, scale, I0);
+        stage.load(q, k, v, beta, g, i_v, bos, i_h, min(PC, eos - bos), lane);
+        scaled = stage.store(smem, red, scale, I0, lane, w, a_end);
     }
     __syncthreads();
     for (int c = 0; c < n_chunks; ++c) {
         const int cs = bos + c * PC;
         const int n_tok = min(PC, eos - cs);
         const bool more = c + 1 < n_chunks;
-        if (more) stage.load(q, k, v, beta, g, i_v, cs + PC, i_h, min(PC, eos - cs - PC));  // in flight meanwhile
-        chunk_tokens(smem, red, n_tok, cs, i_h, i_v, w, lane, row0, ccol, M, I, o, var);
+        if (more) stage.load(q, k, v, beta, g, i_v, cs + PC, i_h, min(PC, eos - cs - PC), lane);  // in flight
+        if (scaled) {
+            chunk_tokens<true>(smem, red, n_tok, cs, i_h, i_v, w, lane, row0, ccol, M, I, o, var);
+#pragma unroll
+            for (int e = 0; e < E; ++e) {  // back to the unscaled states
+                M[e] *= a_end;
+                I[e] *= a_end;
+            }
+        } else {
+            chunk_tokens<false>(smem, red, n_tok, cs, i_h, i_v, w, lane, row0, ccol, M, I, o, var);
+        }
         __syncthreads();  // every warp is done with this chunk's staging
         if (more) {
-            stage.store(smem, scale, I0);
+            scaled = stage.store(smem, red, scale, I0, lane, w, a_end);
             __syncthreads();
         }
     }
@@ -244,6 +320,6 @@ palimpsa_output(const in_t* __restrict__ q, const in_t* __restrict__ k, const in
         stage.store(smem, scale, I0);
     }
     __syncthreads();
-    chunk_tokens(smem, red, n_tok, cs, i_h, i_v, w, lane, row0, ccol, M, I, o, var);
+    chunk_tokens<false>(smem, red, n_tok, cs, i_h, i_v, w, lane, row0, ccol, M, I, o, var);
 #endif
 }
