@@ -143,9 +143,9 @@ struct RowStage {
     }
 
     __device__ __forceinline__ void store(float* dst, float factor) const { store_rows(dst, factor, nullptr); }
-    // the same, token j's values times token_factor[j]
-    __device__ __forceinline__ void store(float* dst, const float* token_factor) const {
-        store_rows(dst, 1.f, token_factor);
+    // the same, token j's values times factor * token_factor[j]
+    __device__ __forceinline__ void store(float* dst, float factor, const float* token_factor) const {
+        store_rows(dst, factor, token_factor);
     }
 
     __device__ __forceinline__ void store_rows(float* dst, float scalar, const float* token_factor) const {
@@ -154,7 +154,7 @@ struct RowStage {
             const int idx = it * NTHREADS + threadIdx.x;
             if (ITERS * NTHREADS > PC * PER && idx >= PC * PER) break;
             const int j = idx / PER, x = (idx - j * PER) * VEC;
-            const float factor = token_factor ? token_factor[j] : scalar;
+            const float factor = token_factor ? scalar * token_factor[j] : scalar;
             float* d = dst + j * DST_STRIDE + x;
             if constexpr (VEC == 1) {
                 d[0] = to_f(one[it]) * factor;
@@ -198,5 +198,28 @@ struct DecayStage {
                 }
             }
         }
+    }
+};
+
+// The log decays of a chunk of PC = 32 tokens, one token a lane of every warp (each warp scans them itself: identical
+// results, no barrier): load() reads token `lane`'s g (0, decay 1, after the sequence's end); scan() gives its log
+// decay from the chunk's start through that token, and the chunk's whole in b_end.  A chunk whose whole log decay is at
+// least MIN_SCALED_LOG_DECAY can step states scaled by 1 / A_j (A_j = exp of that log decay): 1 / A_j stays below
+// exp(40), far from float32's range for any state the op can hold.
+#define MIN_SCALED_LOG_DECAY (-40.f)
+struct ChunkDecays {
+    float gj;
+    __device__ __forceinline__ void load(const g_t* __restrict__ g, int cs, int i_h, int n_tok, int lane) {
+        gj = lane < n_tok ? to_f(g[(u64)(cs + lane) * PH + i_h]) : 0.f;
+    }
+    __device__ __forceinline__ float scan(int lane, float& b_end) const {
+        float b = gj;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const float t = __shfl_up_sync(0xffffffffu, b, o);
+            if (lane >= o) b += t;
+        }
+        b_end = __shfl_sync(0xffffffffu, b, 31);
+        return b;
     }
 };

@@ -83,7 +83,8 @@ def compile_cubin(source: str, name: str, arch: int, options: Sequence[str] = ()
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0, None, None),
           "nvrtcCreateProgram")
     try:
-        opts = [f"--gpu-architecture=sm_{arch}", "--std=c++17", *options]
+        # -default-device: a lambda inside a kernel (sweep.cu's chunk body, instantiated per step form) is device code
+        opts = [f"--gpu-architecture=sm_{arch}", "--std=c++17", "-default-device", *options]
         array = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         status = lib.nvrtcCompileProgram(prog, len(opts), array)
         size = ctypes.c_size_t()

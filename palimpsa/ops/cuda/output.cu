@@ -21,8 +21,8 @@
 //    from the chunk's start through token j, the states scaled by 1 / A_j step as
 //        I~ = I~ + ((1 - a) I0 + k^2 beta^T) / A_j;   M~ = M~ + k (v / A_j)^T;   mu = M~ / I~ (the scale cancels)
 //    (v / A_j, beta / A_j and (1 - a_j) I0 / A_j staged once per chunk), and are multiplied by the chunk's decay at its
-//    end: one instruction less per element and token.  A chunk whose decay is below exp(-WALK_MIN_LOG_DECAY), where 1 / A
-//    could overflow (saturated or infinite log decays), steps directly instead.
+//    end: one instruction less per element and token.  A chunk whose decay is below exp(MIN_SCALED_LOG_DECAY)
+//    (common.cuh), where 1 / A could overflow (saturated or infinite log decays), steps directly instead.
 //
 // Compile-time parameters (#defines prepended by output.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PWARPS, PIN (dtype of q, k, v, beta and the outputs), PG (of g): 0 bfloat16, 1 float16, 2 float32; PVAR (the
@@ -77,11 +77,10 @@ struct ChunkStage {  // (the chunks in parallel)
 // start through token j: sa[2 j] = (1 - a_j) I0 / A_j, sa[2 j + 1] = 1 / A_j; otherwise as ChunkStage's (a_j,
 // (1 - a_j) I0).  Every warp scans the decays itself (identical results), so no barrier orders the scan before the
 // stores; its 1 / A_j go through the warp's own reduction slots.
-#define WALK_MIN_LOG_DECAY (-40.f)
 struct WalkStage {
     RowStage<in_t, PK, PK, NTHREADS> rq, rk;
     RowStage<in_t, BV, 2 * BV, NTHREADS> rv, rb;
-    float gj;
+    ChunkDecays decays;
     __device__ __forceinline__ void load(const in_t* __restrict__ q, const in_t* __restrict__ k,
                                          const in_t* __restrict__ v, const in_t* __restrict__ beta,
                                          const g_t* __restrict__ g, int i_v, int cs, int i_h, int n_tok, int lane) {
@@ -89,19 +88,15 @@ struct WalkStage {
         rk.load(k, PK, 0, cs, i_h, n_tok);
         rv.load(v, PV, (u64)i_v * BV, cs, i_h, n_tok);
         rb.load(beta, PV, (u64)i_v * BV, cs, i_h, n_tok);
-        gj = lane < n_tok ? to_f(g[(u64)(cs + lane) * PH + i_h]) : 0.f;  // g = 0 (a = 1) after the sequence's end
+        decays.load(g, cs, i_h, n_tok, lane);
     }
     // Returns whether the chunk runs scaled, and its whole decay in a_end; `slots`: the warp's 32 free floats.
     __device__ __forceinline__ bool store(float* smem, float* slots, float scale, float I0, int lane, int w,
                                           float& a_end) const {
-        float b = gj;  // inclusive scan over the lanes: the log decay from the chunk's start through token `lane`
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const float t = __shfl_up_sync(0xffffffffu, b, o);
-            if (lane >= o) b += t;
-        }
-        const float b_end = __shfl_sync(0xffffffffu, b, 31);
-        const bool scaled = b_end >= WALK_MIN_LOG_DECAY;  // false for NaN and -inf too
+        float b_end;
+        const float b = decays.scan(lane, b_end);
+        const float gj = decays.gj;
+        const bool scaled = b_end >= MIN_SCALED_LOG_DECAY;  // false for NaN and -inf too
         const float a = expf(gj);
         const float inv = scaled ? expf(-b) : 1.f;
         slots[lane] = inv;
@@ -113,8 +108,8 @@ struct WalkStage {
         __syncwarp();
         rq.store(smem + SQ_OFF, scale);
         rk.store(smem + SK_OFF, 1.f);
-        rv.store(smem + SIN_OFF, slots);
-        rb.store(smem + SIN_OFF + BV, slots);
+        rv.store(smem + SIN_OFF, 1.f, slots);
+        rb.store(smem + SIN_OFF + BV, 1.f, slots);
         a_end = expf(b_end);
         return scaled;
     }

@@ -13,7 +13,12 @@
 //  * a block of PWARPS warps (4 * PWARPS value columns of one head and unit) stages a chunk's inputs in shared memory
 //    once for all its warps (every load issued before any store), each warp keeps its segment's sub-block start
 //    states there (2.25 forward steps per token), and the next chunk's start state is copied there with cp.async
-//    while the current chunk runs.
+//    while the current chunk runs;
+//  * where a chunk's decay allows (common.cuh's ChunkDecays), its states step scaled by 1 / A_j, A_j the decay from
+//    the chunk's start through token j: P~ += k^2 (beta / A_j), M~ += k (v / A_j), two instructions per element and
+//    forward step instead of four.  The reverse step then reads q / A_j and I0 / A_j, so that 1 / I~ (= A_j / I), mu =
+//    M~ / I~ and q / I come out unscaled, and multiplies its dg partial by A_j; the adjoints stay unscaled.  Chunks
+//    with saturated or infinite log decays step directly.
 //
 // Compile-time parameters (#defines prepended by sweep.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PU (chunks per unit), PWARPS, PSEG (tokens per segment, a multiple of 4 dividing PC), PIN, PG, PDO (dtypes of q, k,
@@ -24,6 +29,8 @@
 
 #define BV (4 * PWARPS)
 #define NQ (PDVAR ? 4 : 3)
+#define NQS (NQ + 2)
+static_assert(PC == 32, "a chunk's decays are scanned one token a lane (ChunkDecays)");  // the staged value-column rows: v, beta, do, (dvar), then v / A_j and beta / A_j
 #define NSUB (PSEG / 4)
 #define W_TOKENS (PC * PU)
 #define CK_VEC ((E % 4 == 0) ? 4 : 2)
@@ -63,16 +70,17 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
     }
 }
 
-// Shared memory of a block, in floats: the chunk's q (times the scale) and k rows [PC][PK] each, its value-column
-// inputs [PC][NQ][BV] (v, beta, do, dvar), its decays [PC]; then per warp: the sub-block start states
+// Shared memory of a block, in floats: the chunk's q (times the scale and 1 / A_j) and k rows [PC][PK] each, its
+// value-column inputs [PC][NQS][BV] (v, beta, do, dvar, v / A_j, beta / A_j), its decays [PC][4] (a_j, I0 / A_j, A_j,
+// unused); then per warp: the sub-block start states
 // [NSUB][2][E][32], the chunk-start state [2][E / 2][32] float2 (copied from global memory asynchronously while the
 // chunk before is processed), the sums over K of a sub-block [16][RED1_STRIDE] and its sums over V for two tokens
 // [2][2][2][PK].
 #define SQ_OFF 0
 #define SK_OFF (PC * PK)
 #define SIN_OFF (2 * PC * PK)
-#define SA_OFF (SIN_OFF + PC * NQ * BV)
-#define WARP_OFF (SA_OFF + PC)
+#define SA_OFF (SIN_OFF + PC * NQS * BV)
+#define WARP_OFF (SA_OFF + 4 * PC)
 #define CK_FLOATS (NSUB * 2 * E * 32)
 #define RED1_FLOATS (16 * RED1_STRIDE)
 #define RED2_FLOATS (8 * PK)
@@ -92,39 +100,55 @@ struct Ctx {
     int lane, vl, row0, ccol;  // ccol: this thread's first column within the block's BV
 };
 
-// One token forward on a thread's elements (no reciprocal): P = a P + k^2 beta, M = a M + k v.
+template <bool B>
+struct Scaled {
+    static constexpr bool value = B;
+};
+
+// One token forward on a thread's elements (no reciprocal): P = a P + k^2 beta, M = a M + k v; SCALED: the states
+// scaled by 1 / A_j (the decay from the chunk's start through token j), P~ += k^2 beta / A_j, M~ += k v / A_j.
+template <bool SCALED>
 __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E], float (&P)[E]) {
     float kr[R];
     load_rows(c.sk + j * PK + c.row0, kr);
-    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 0) * BV + c.ccol);
-    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 1) * BV + c.ccol);
-    const float a = c.sa[j];
+    const int row = SCALED ? NQ : 0;  // v / A_j and beta / A_j, or v and beta
+    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQS + row) * BV + c.ccol);
+    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQS + row + 1) * BV + c.ccol);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const float kk = kr[i] * kr[i];
-        P[2 * i] = fmaf(a, P[2 * i], kk * bb.x);
-        P[2 * i + 1] = fmaf(a, P[2 * i + 1], kk * bb.y);
-        M[2 * i] = fmaf(a, M[2 * i], kr[i] * vv.x);
-        M[2 * i + 1] = fmaf(a, M[2 * i + 1], kr[i] * vv.y);
+        if constexpr (SCALED) {
+            P[2 * i] = fmaf(kk, bb.x, P[2 * i]);
+            P[2 * i + 1] = fmaf(kk, bb.y, P[2 * i + 1]);
+            M[2 * i] = fmaf(kr[i], vv.x, M[2 * i]);
+            M[2 * i + 1] = fmaf(kr[i], vv.y, M[2 * i + 1]);
+        } else {
+            const float a = c.sa[4 * j];
+            P[2 * i] = fmaf(a, P[2 * i], kk * bb.x);
+            P[2 * i + 1] = fmaf(a, P[2 * i + 1], kk * bb.y);
+            M[2 * i] = fmaf(a, M[2 * i], kr[i] * vv.x);
+            M[2 * i + 1] = fmaf(a, M[2 * i + 1], kr[i] * vv.y);
+        }
     }
 }
 
-// Reverse step of chunk token j, (M, P) its state after the token, (aM, aP) the next token's adjoint totals before
-// that token's decay `an`.  Leaves this token's totals in (aM, aP) and its decay in `an`, adds its DI to sdi, writes
-// this thread's partial sums over K (dv, dbeta) to red1 at sub-block slot `ts` and over V (dq, dk) to red2 at slot
-// ts % 2, and
-// returns its partial of dg of the next token (already times `an`).
+// Reverse step of chunk token j, (M, P) its state after the token (scaled by 1 / A_j in a scaled chunk: then q is
+// staged times 1 / A_j too, and 1 / I, mu, q / I and the adjoints come out unscaled), (aM, aP) the next token's
+// adjoint totals before that token's decay `an`.  Leaves this token's totals in (aM, aP) and its decay in `an`, adds
+// its DI to sdi, writes this thread's partial sums over K (dv, dbeta) to red1 at sub-block slot `ts` and over V (dq,
+// dk) to red2 at slot ts % 2, and returns its partial of dg of the next token (already times `an`).
 __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, const float (&M)[E], const float (&P)[E],
                                                 float (&aM)[E], float (&aP)[E], float& an, float& sdi, float* red1,
                                                 float* red2) {
     float qs[R], kr[R];
     load_rows(c.sq + j * PK + c.row0, qs);
     load_rows(c.sk + j * PK + c.row0, kr);
-    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 0) * BV + c.ccol);
-    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 1) * BV + c.ccol);
-    const float2 dd = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 2) * BV + c.ccol);
+    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 0) * BV + c.ccol);
+    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 1) * BV + c.ccol);
+    const float2 dd = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 2) * BV + c.ccol);
+    const float4 decay = *reinterpret_cast<const float4*>(c.sa + 4 * j);  // a_j, I0 / A_j, A_j
 #if PDVAR
-    const float2 dw = *reinterpret_cast<const float2*>(c.sin + (j * NQ + 3) * BV + c.ccol);
+    const float2 dw = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 3) * BV + c.ccol);
     const float dwc[2] = {dw.x, dw.y};
 #endif
     const float v2[2] = {vv.x, vv.y}, b2[2] = {bb.x, bb.y}, d2[2] = {dd.x, dd.y};
@@ -143,7 +167,7 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
             const int e = 2 * i + cc;
             dg = fmaf(aM[e], M[e], dg);
             dg = fmaf(aP[e], P[e], dg);
-            const float r = rcp(P[e] + c.I0);
+            const float r = rcp(P[e] + decay.y);
             const float mu = M[e] * r;
             const float x = qs[i] * r;
             const float dm = x * d2[cc];
@@ -178,8 +202,8 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     red1[(ts * 4 + 1) * RED1_STRIDE + c.lane] = dva[1];
     red1[(ts * 4 + 2) * RED1_STRIDE + c.lane] = dba[0];
     red1[(ts * 4 + 3) * RED1_STRIDE + c.lane] = dba[1];
-    const float dg_next = dg * an;
-    an = c.sa[j];
+    const float dg_next = dg * (an * decay.z);  // the states' sum unscaled
+    an = decay.x;
     return dg_next;
 }
 
@@ -291,6 +315,7 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
         const int i_c = c_first + c_count - 1 - cc;  // the unit's chunks, last first
         const int cs = bos + i_c * PC;
         const int n_tok = min(PC, eos - cs);
+        bool scaled;  // whether this chunk's states step scaled by 1 / A_j
         __syncthreads();  // every warp is done with the previous chunk's staged inputs
         {   // stage the chunk's inputs, float32 (zeros and decay 1 after the sequence's end): every load first
             float* sq = smem + SQ_OFF;
@@ -299,9 +324,9 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
             float* sa = smem + SA_OFF;
             constexpr int NT = 32 * PWARPS;
             RowStage<in_t, PK, PK, NT> rq, rk;
-            RowStage<in_t, BV, NQ * BV, NT> rv, rb;
-            RowStage<do_t, BV, NQ * BV, NT> rd, rw;
-            DecayStage<NT> ra;
+            RowStage<in_t, BV, NQS * BV, NT> rv, rb;
+            RowStage<do_t, BV, NQS * BV, NT> rd, rw;
+            ChunkDecays decays;
             rq.load(q, PK, 0, cs, i_h, n_tok);
             rk.load(k, PK, 0, cs, i_h, n_tok);
             rv.load(v, PV, (u64)i_v * BV, cs, i_h, n_tok);
@@ -310,8 +335,19 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
 #if PDVAR
             rw.load(dvar, PV, (u64)i_v * BV, cs, i_h, n_tok);
 #endif
-            ra.load(g, cs, i_h, n_tok);
-            rq.store(sq, scale);
+            decays.load(g, cs, i_h, n_tok, lane);
+            // the chunk steps scaled states where its decay allows (common.cuh's ChunkDecays); 1 / A_j through the
+            // warp's own reduction slots (free until the chunk's first sub-block)
+            float b_end;
+            const float b = decays.scan(lane, b_end);
+            scaled = b_end >= MIN_SCALED_LOG_DECAY;  // false for NaN and -inf too
+            const float inv = scaled ? expf(-b) : 1.f;
+            red1[lane] = inv;
+            if (w == 0)
+                *reinterpret_cast<float4*>(sa + 4 * lane) =
+                    make_float4(expf(decays.gj), c.I0 * inv, scaled ? expf(b) : 1.f, 0.f);
+            __syncwarp();
+            rq.store(sq, scale, red1);
             rk.store(sk, 1.f);
             rv.store(sin + 0 * BV, 1.f);
             rb.store(sin + 1 * BV, 1.f);
@@ -319,110 +355,118 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
 #if PDVAR
             rw.store(sin + 3 * BV, 1.f);
 #endif
-            ra.store<false>(sa, 0.f);
+            rv.store(sin + NQ * BV, 1.f, red1);
+            rb.store(sin + (NQ + 1) * BV, 1.f, red1);
         }
         __syncthreads();
+        auto run_chunk = [&](auto scaled_tag) {
+            constexpr bool S = decltype(scaled_tag)::value;
 
-        const int n_seg = (n_tok + PSEG - 1) / PSEG;
-        for (int ss = 0; ss < n_seg; ++ss) {
-            const int seg = n_seg - 1 - ss;  // segments of the chunk, last first
-            const int s0 = seg * PSEG;
-            const int seg_tok = min(PSEG, n_tok - s0);
-            const int n_sub = (seg_tok + 3) / 4;
-            float M[E], P[E];
-            wait_start();
-            read_start(start, lane, c.I0, M, P);
+            const int n_seg = (n_tok + PSEG - 1) / PSEG;
+            for (int ss = 0; ss < n_seg; ++ss) {
+                const int seg = n_seg - 1 - ss;  // segments of the chunk, last first
+                const int s0 = seg * PSEG;
+                const int seg_tok = min(PSEG, n_tok - s0);
+                const int n_sub = (seg_tok + 3) / 4;
+                float M[E], P[E];
+                wait_start();
+                read_start(start, lane, c.I0, M, P);
 #pragma unroll 4
-            for (int j = 0; j < s0; ++j) forward_token(c, j, M, P);
-            // one pass over the segment keeps every sub-block's first state
-            for (int sb = 0; sb < n_sub; ++sb) {
-                save_state(ck, sb, lane, M, P);
-                if (sb + 1 < n_sub) {
+                for (int j = 0; j < s0; ++j) forward_token<S>(c, j, M, P);
+                // one pass over the segment keeps every sub-block's first state
+                for (int sb = 0; sb < n_sub; ++sb) {
+                    save_state(ck, sb, lane, M, P);
+                    if (sb + 1 < n_sub) {
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) forward_token(c, s0 + 4 * sb + j, M, P);
-                }
-            }
-            // this chunk's start was read for the last time (and used: the reads are complete): fetch the next
-            // chunk's while this segment's sub-blocks run
-            if (seg == 0 && cc + 1 < c_count)
-                prefetch_start(start, lane, h_mean, h_imp, ((u64)(cbase + i_c - 1) * PH + i_h) * PK * PV, c.row0,
-                               col);
-            __syncwarp();
-            for (int jj = 0; jj < n_sub; ++jj) {
-                const int sb = n_sub - 1 - jj;  // sub-blocks of 4 tokens, last first
-                const int t0 = s0 + 4 * sb;
-                float Ms[4][E], Ps[4][E];
-                load_state(ck, sb, lane, Ms[0], Ps[0]);
-                forward_token(c, t0, Ms[0], Ps[0]);
-#pragma unroll
-                for (int j = 1; j < 4; ++j) {
-#pragma unroll
-                    for (int e = 0; e < E; ++e) {
-                        Ms[j][e] = Ms[j - 1][e];
-                        Ps[j][e] = Ps[j - 1][e];
+                        for (int j = 0; j < 4; ++j) forward_token<S>(c, s0 + 4 * sb + j, M, P);
                     }
-                    forward_token(c, t0 + j, Ms[j], Ps[j]);
                 }
-                float dgn[4];
+                // this chunk's start was read for the last time (and used: the reads are complete): fetch the next
+                // chunk's while this segment's sub-blocks run
+                if (seg == 0 && cc + 1 < c_count)
+                    prefetch_start(start, lane, h_mean, h_imp, ((u64)(cbase + i_c - 1) * PH + i_h) * PK * PV, c.row0,
+                                   col);
+                __syncwarp();
+                for (int jj = 0; jj < n_sub; ++jj) {
+                    const int sb = n_sub - 1 - jj;  // sub-blocks of 4 tokens, last first
+                    const int t0 = s0 + 4 * sb;
+                    float Ms[4][E], Ps[4][E];
+                    load_state(ck, sb, lane, Ms[0], Ps[0]);
+                    forward_token<S>(c, t0, Ms[0], Ps[0]);
 #pragma unroll
-                for (int pair = 1; pair >= 0; --pair) {
+                    for (int j = 1; j < 4; ++j) {
 #pragma unroll
-                    for (int jr = 2 * pair + 1; jr >= 2 * pair; --jr)
-                        dgn[jr] = backward_token(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2);
-                    __syncwarp();
-                    // dq, dk of the two tokens: the two column lanes' rows added, coalesced atomic adds over the
-                    // block's value columns
+                        for (int e = 0; e < E; ++e) {
+                            Ms[j][e] = Ms[j - 1][e];
+                            Ps[j][e] = Ps[j - 1][e];
+                        }
+                        forward_token<S>(c, t0 + j, Ms[j], Ps[j]);
+                    }
+                    float dgn[4];
 #pragma unroll
-                    for (int ts = 0; ts < 2; ++ts) {
-                        const int jt = t0 + 2 * pair + ts;
-                        if (jt < n_tok) {
-                            const u64 base = ((u64)(cs + jt) * PH + i_h) * PK;
+                    for (int pair = 1; pair >= 0; --pair) {
 #pragma unroll
-                            for (int qq = 0; qq < 2; ++qq) {
-                                const float* src = red2 + (ts * 2 + qq) * 2 * PK;
-                                float* dst = qq == 0 ? dq : dk;
+                        for (int jr = 2 * pair + 1; jr >= 2 * pair; --jr)
+                            dgn[jr] = backward_token(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2);
+                        __syncwarp();
+                        // dq, dk of the two tokens: the two column lanes' rows added, coalesced atomic adds over the
+                        // block's value columns
 #pragma unroll
-                                for (int row = lane; row < PK; row += 32)
-                                    atomicAdd(dst + base + row, src[row] + src[PK + row]);
+                        for (int ts = 0; ts < 2; ++ts) {
+                            const int jt = t0 + 2 * pair + ts;
+                            if (jt < n_tok) {
+                                const u64 base = ((u64)(cs + jt) * PH + i_h) * PK;
+#pragma unroll
+                                for (int qq = 0; qq < 2; ++qq) {
+                                    const float* src = red2 + (ts * 2 + qq) * 2 * PK;
+                                    float* dst = qq == 0 ? dq : dk;
+#pragma unroll
+                                    for (int row = lane; row < PK; row += 32)
+                                        atomicAdd(dst + base + row, src[row] + src[PK + row]);
+                                }
                             }
                         }
+                        __syncwarp();
+                    }
+                    // dv, dbeta: lane l sums the 16 key lanes of (token l % 16 / 4, quantity l % 4, column half l / 16)
+                    {
+                        const int slot = lane & 15, half = lane >> 4;
+                        const float* src = red1 + slot * RED1_STRIDE + half * 16;
+                        float s = 0.f;
+#pragma unroll
+                        for (int i = 0; i < 16; ++i) s += src[i];
+                        const int jt = t0 + (slot >> 2), what = slot & 3;
+                        if (jt < n_tok) {
+                            const u64 o = ((u64)(cs + jt) * PH + i_h) * PV + i_v * BV + w * 4 + half * 2 + (what & 1);
+                            from_f(s, (what < 2 ? dv : dbeta) + o);
+                        }
+                    }
+                    // dg of the next token of each of the 4: one transposed butterfly (lanes end holding token
+                    // 2 * bit4 + bit3's total)
+                    {
+                        const bool hi = lane & 16, h8 = lane & 8;
+                        float k0 = hi ? dgn[2] : dgn[0], k1 = hi ? dgn[3] : dgn[1];
+                        const float s0v = hi ? dgn[0] : dgn[2], s1v = hi ? dgn[1] : dgn[3];
+                        k0 += __shfl_xor_sync(0xffffffffu, s0v, 16);
+                        k1 += __shfl_xor_sync(0xffffffffu, s1v, 16);
+                        float kk = h8 ? k1 : k0;
+                        const float sv = h8 ? k0 : k1;
+                        kk += __shfl_xor_sync(0xffffffffu, sv, 8);
+                        kk += __shfl_xor_sync(0xffffffffu, kk, 4);
+                        kk += __shfl_xor_sync(0xffffffffu, kk, 2);
+                        kk += __shfl_xor_sync(0xffffffffu, kk, 1);
+                        const int jt = t0 + (hi ? 2 : 0) + (h8 ? 1 : 0);
+                        if ((lane & 7) == 0 && jt < n_tok && cs + jt + 1 < eos)
+                            atomicAdd(dg_part + (u64)(cs + jt + 1) * PH + i_h, kk);
                     }
                     __syncwarp();
                 }
-                // dv, dbeta: lane l sums the 16 key lanes of (token l % 16 / 4, quantity l % 4, column half l / 16)
-                {
-                    const int slot = lane & 15, half = lane >> 4;
-                    const float* src = red1 + slot * RED1_STRIDE + half * 16;
-                    float s = 0.f;
-#pragma unroll
-                    for (int i = 0; i < 16; ++i) s += src[i];
-                    const int jt = t0 + (slot >> 2), what = slot & 3;
-                    if (jt < n_tok) {
-                        const u64 o = ((u64)(cs + jt) * PH + i_h) * PV + i_v * BV + w * 4 + half * 2 + (what & 1);
-                        from_f(s, (what < 2 ? dv : dbeta) + o);
-                    }
-                }
-                // dg of the next token of each of the 4: one transposed butterfly (lanes end holding token
-                // 2 * bit4 + bit3's total)
-                {
-                    const bool hi = lane & 16, h8 = lane & 8;
-                    float k0 = hi ? dgn[2] : dgn[0], k1 = hi ? dgn[3] : dgn[1];
-                    const float s0v = hi ? dgn[0] : dgn[2], s1v = hi ? dgn[1] : dgn[3];
-                    k0 += __shfl_xor_sync(0xffffffffu, s0v, 16);
-                    k1 += __shfl_xor_sync(0xffffffffu, s1v, 16);
-                    float kk = h8 ? k1 : k0;
-                    const float sv = h8 ? k0 : k1;
-                    kk += __shfl_xor_sync(0xffffffffu, sv, 8);
-                    kk += __shfl_xor_sync(0xffffffffu, kk, 4);
-                    kk += __shfl_xor_sync(0xffffffffu, kk, 2);
-                    kk += __shfl_xor_sync(0xffffffffu, kk, 1);
-                    const int jt = t0 + (hi ? 2 : 0) + (h8 ? 1 : 0);
-                    if ((lane & 7) == 0 && jt < n_tok && cs + jt + 1 < eos)
-                        atomicAdd(dg_part + (u64)(cs + jt + 1) * PH + i_h, kk);
-                }
-                __syncwarp();
             }
-        }
+        };
+        if (scaled)
+            run_chunk(Scaled<true>{});
+        else
+            run_chunk(Scaled<false>{});
     }
 
     // the first token's totals times its decay: the adjoints of the state before the unit's first token

@@ -23,7 +23,7 @@ def shared_bytes(K: int, V: int, warps: int, chunk: int, segment: int = SEGMENT,
     nq = 4 if has_dvar else 3
     bv = 4 * warps
     per_warp = (segment // 4) * 2 * (2 * rows) * 32 + 2 * (2 * rows) * 32 + 16 * 33 + 8 * K
-    return 4 * (2 * chunk * K + chunk * nq * bv + chunk + warps * per_warp)
+    return 4 * (2 * chunk * K + chunk * (nq + 2) * bv + 4 * chunk + warps * per_warp)
 
 
 def block_warps(K: int, V: int, chunk: int, has_dvar: bool = True) -> Optional[int]:
