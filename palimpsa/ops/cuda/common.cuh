@@ -205,7 +205,8 @@ struct DecayStage {
 // results, no barrier): load() reads token `lane`'s g (0, decay 1, after the sequence's end); scan() gives its log
 // decay from the chunk's start through that token, and the chunk's whole in b_end.  A chunk whose whole log decay is at
 // least MIN_SCALED_LOG_DECAY can step states scaled by 1 / A_j (A_j = exp of that log decay): 1 / A_j stays below
-// exp(40), far from float32's range for any state the op can hold.
+// exp(40) = 2.4e17, so a scaled state stays finite for states up to 1e21 in magnitude (float32's range is 3.4e38;
+// under a decay that strong the state is about its last few tokens' k^2 beta and k v).
 #define MIN_SCALED_LOG_DECAY (-40.f)
 struct ChunkDecays {
     float gj;
