@@ -24,7 +24,8 @@ local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi", and then "-walk"
 kernel walking whole sequences from the initial state, or not: ``fwd_walk``), e.g. "default-walk".
 
 1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
-   batch (once more with saturated decays and full resets at some tokens), bf16 and float32, the chunk and
+   batch (once more with saturated decays and full resets at some tokens, and for the default and CUDA variants once
+   more with the forward walking the sequences), bf16 and float32, the chunk and
    fused-recurrent forwards (outputs, variance, final states) over the whole shape and every gradient on a slice
    (batch 0, heads 0-1), against ``naive_palimpsa`` in float64;
    limits float32 1e-4, bf16 2e-2.  Triton 3.6 has known Hopper miscompilations: a timing counts only when its
@@ -44,7 +45,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_ops_check import bf16_exact, check_case, extra_inputs  # noqa: E402
+from gpu_ops_check import bf16_exact, check_case, extra_inputs, walk_runs  # noqa: E402
 
 from palimpsa.bench import ops as bench  # noqa: E402
 from palimpsa.ops.triton.config import kernel_config  # noqa: E402
@@ -116,7 +117,15 @@ def check_variant(name: str, shapes) -> bool:
     x["g"][0, [6, 96, 97, 500], :2] = float("-inf")
     with kernel_config(**variant_config(name)):
         passed, _ = check_case(f"{name} varlen, extreme decays", x, e, cu=cu)
-    return ok and passed
+    ok &= passed
+    config = variant_config(name)
+    if config.get("fwd_walk") is None and config.get("fwd_backend", "auto") in ("auto", "cuda") and walk_runs("cuda"):
+        # the forward's sequence walk on that batch too ("auto" runs its chunks in parallel: too few warps to walk),
+        # so that the walk's scaled chunks and its direct ones (the saturated decays) both run
+        with kernel_config(**config, fwd_walk=True):
+            passed, _ = check_case(f"{name} varlen, extreme decays, walked", x, e, cu=cu)
+        ok &= passed
+    return ok
 
 
 def time_variant(name: str, shape) -> dict:

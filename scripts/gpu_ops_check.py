@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python scripts/gpu_ops_check.py --out results/bench/ops_h100.md [--sweep]
 
-1. Correctness, at every benchmark shape and on a varlen batch, for bf16 and float32 inputs:
+1. Correctness, at every benchmark shape and on a varlen batch (where the CUDA sequence walk can run, that batch once
+   more with saturated and infinite log decays, walked), for bf16 and float32 inputs:
    - chunk and fused-recurrent forward (outputs, variance, final states) over the full shape, against
      ``naive_palimpsa`` in float64 on the same inputs (values bf16 represents exactly, so one reference
      serves both dtypes);
@@ -138,6 +139,13 @@ def bf16_exact(x):
     return {n: (t if n == "g" else t.to(torch.bfloat16).float()) for n, t in x.items()}
 
 
+def walk_runs(device) -> bool:
+    """Whether the CUDA output kernel's sequence walk can run here (a CUDA device and NVRTC)."""
+    from palimpsa.ops.triton.function import _nvrtc_available
+
+    return torch.device(device).type == "cuda" and _nvrtc_available()
+
+
 def correctness(device, shapes=bench.BENCH_SHAPES, varlen=True) -> dict:
     print("1. correctness against the float64 naive recurrence", flush=True)
     report = {}
@@ -154,6 +162,17 @@ def correctness(device, shapes=bench.BENCH_SHAPES, varlen=True) -> dict:
         e = extra_inputs(x, 3, torch.bfloat16, seed=4)
         ok, report["varlen"] = check_case("varlen 760M-like (3 seqs, H=2)", x, e, cu=cu)
         all_ok &= ok
+        if walk_runs(device):  # the forward's sequence walk there (too few warps for "auto" to walk it), with
+            # saturated and infinite log decays, so that both its scaled chunks and its direct ones run
+            from palimpsa.ops.triton.config import kernel_config
+
+            g = x["g"].clone()
+            g[0, [0, 31, 32, 999, 1000, 1001, 2500, 3001, 4095], :] = -35.0
+            g[0, [5, 1500, 3002], :1] = float("-inf")
+            with kernel_config(fwd_walk=True):
+                ok, report["varlen walked"] = check_case("varlen 760M-like, walked, extreme decays", {**x, "g": g}, e,
+                                                         cu=cu)
+            all_ok &= ok
     report["all_ok"] = all_ok
     print(f"  => {'ALL CHECKS PASSED' if all_ok else 'SOME CHECKS FAILED'}", flush=True)
     return report
