@@ -48,7 +48,10 @@ def test_sweep_compiles_for_sm90_without_spills(K, V, H):
                                        g_dtype=torch.float32, aligned=aligned)
         cubin, registers, spills = _compile("sweep.cu", defines, "palimpsa_sweep")
         assert len(cubin) > 1000 and registers <= 255
-        assert spills <= 16, (K, V, dtype, spills)  # a few bytes at most (K = 128 keeps 8 rows a thread)
+        # a few bytes at most; at K = 128 (8 rows a thread) the scaled and the direct chunk bodies spill a few words
+        # (16 bytes under NVRTC 12.8, 48 under 12.9), and the d128 backward still ran faster with them (fwd+bwd
+        # 6.616 -> 6.471 ms, results/bench/sweep_scaled_h200_ba3df0d.md)
+        assert spills <= (16 if K <= 96 else 64), (K, V, dtype, spills)
 
 
 @pytest.mark.parametrize("K,V,H", SHAPES)
