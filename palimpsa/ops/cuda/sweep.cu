@@ -29,8 +29,8 @@
 
 #define BV (4 * PWARPS)
 #define NQ (PDVAR ? 4 : 3)
-#define NQS (NQ + 2)
-static_assert(PC == 32, "a chunk's decays are scanned one token a lane (ChunkDecays)");  // the staged value-column rows: v, beta, do, (dvar), then v / A_j and beta / A_j
+#define NQS (NQ + 2)  // the staged value-column rows: v, beta, do, (dvar), then v / A_j and beta / A_j
+static_assert(PC == 32, "a chunk's decays are scanned one token a lane (ChunkDecays)");
 #define NSUB (PSEG / 4)
 #define W_TOKENS (PC * PU)
 #define CK_VEC ((E % 4 == 0) ? 4 : 2)
