@@ -170,8 +170,8 @@ struct RowStage {
     }
 };
 
-// The chunk's decays: NTHREADS threads load g of tokens j < PC (load()), then store exp(g) (1 after n_tok) and,
-// with a prior, (1 - exp(g)) I0 next to it (store(): stride 1 or 2)
+// The chunk's decays: NTHREADS threads load g of tokens j < PC (load()), then store exp(g) (1 after n_tok) and the
+// prior term (1 - exp(g)) I0 next to it (store())
 template <int NTHREADS>
 struct DecayStage {
     static constexpr int ITERS = (PC + NTHREADS - 1) / NTHREADS;
@@ -183,19 +183,14 @@ struct DecayStage {
             gv[it] = (j < PC && j < n_tok) ? to_f(g[(u64)(cs + j) * PH + i_h]) : 0.f;
         }
     }
-    template <bool WITH_PRIOR>
     __device__ __forceinline__ void store(float* sa, float I0) const {
 #pragma unroll
         for (int it = 0; it < ITERS; ++it) {
             const int j = it * NTHREADS + threadIdx.x;
             if (j < PC) {
                 const float a = expf(gv[it]);  // g = 0 (a = 1) after the sequence's end
-                if constexpr (WITH_PRIOR) {
-                    sa[2 * j] = a;
-                    sa[2 * j + 1] = (1.f - a) * I0;
-                } else {
-                    sa[j] = a;
-                }
+                sa[2 * j] = a;
+                sa[2 * j + 1] = (1.f - a) * I0;
             }
         }
     }

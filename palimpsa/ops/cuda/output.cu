@@ -68,7 +68,7 @@ struct ChunkStage {  // (the chunks in parallel)
         rk.store(smem + SK_OFF, 1.f);
         rv.store(smem + SIN_OFF, 1.f);
         rb.store(smem + SIN_OFF + BV, 1.f);
-        ra.store<true>(smem + SA_OFF, I0);
+        ra.store(smem + SA_OFF, I0);
     }
 };
 
