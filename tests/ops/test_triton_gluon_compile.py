@@ -252,6 +252,7 @@ def test_the_sequence_walk_runs_where_measured_with_a_full_gpu_or_when_asked(mon
         assert not function.walk_forward(FakeCuda(96), 192, 1)  # 768 warps, 5.8 a multiprocessor: the chunks win
         assert not function.walk_forward(FakeCuda(80), 192, 4)  # not measured at K = 80
         assert not function.walk_forward(FakeCuda(64), 30, 4)  # V not a multiple of 4
+        assert not function.walk_forward(FakeCuda(96), 192, 70000)  # more sequences than a grid's rows
         with kernel_config(fwd_walk=False):
             assert not function.walk_forward(FakeCuda(96), 192, 4)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
@@ -269,9 +270,11 @@ def test_the_sequence_walk_runs_where_measured_with_a_full_gpu_or_when_asked(mon
             function.walk_forward(torch.zeros(1, 1, 1, 64), 64, 1)
     with kernel_config(fwd_walk=True, fwd_backend="triton"):  # asked for: whatever the output kernel setting
         assert function.walk_forward(FakeCuda(64), 64, 1)
-        with pytest.raises(ValueError, match="fwd_walk 'cuda' needs K a multiple of 16 up to 128 and V a multiple "
-                                             "of 4, got K = 64, V = 30"):
+        with pytest.raises(ValueError, match="fwd_walk 'cuda' needs K a multiple of 16 up to 128, V a multiple "
+                                             "of 4 and at most 65535 sequences .*got K = 64, V = 30, 1 sequences"):
             function.walk_forward(FakeCuda(64), 30, 1)
+        with pytest.raises(ValueError, match="got K = 64, V = 64, 70000 sequences"):
+            function.walk_forward(FakeCuda(64), 64, 70000)
         with pytest.raises(ValueError, match="NVIDIA GPU only"):
             function.walk_forward(torch.zeros(1, 1, 1, 64), 64, 1)
     for bad in (1, "yes"):

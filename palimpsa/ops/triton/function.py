@@ -57,6 +57,7 @@ CUDA_FWD_KEY_SIZES = frozenset({48, 64, 96})
 # sequence's chunks over the GPU: the fewest measured faster were d128's 1024 warps, 7.8 a multiprocessor).
 CUDA_WALK_KEY_SIZES = frozenset({48, 64, 96, 128})
 WALK_MIN_WARPS_PER_SM = 7
+MAX_GRID_Y = 65535  # a CUDA grid's second dimension: the walk's sequences
 # the CUDA sweep's units are sized for this many warps (of 4 value columns): whole sequences at every benchmark shape
 # (the Gluon sweep's 1536 gave two units a sequence at d128, and so the local-adjoint pass)
 CUDA_TARGET_PROGRAMS = 1024
@@ -142,10 +143,11 @@ def walk_forward(q: torch.Tensor, V: int, sequences: int, chunk_size: int = DEFA
     from palimpsa.ops.cuda.output import walk_warps
 
     K = q.shape[-1]
-    fits = walk_warps(K, V) is not None
+    fits = walk_warps(K, V) is not None and sequences <= MAX_GRID_Y
     if CONFIG.fwd_walk:
         _cuda_or("cuda", "cuda", q, True, fits, "fwd_walk",
-                 f"K a multiple of 16 up to 128 and V a multiple of 4, got K = {K}, V = {V}")
+                 f"K a multiple of 16 up to 128, V a multiple of 4 and at most {MAX_GRID_Y} sequences (one block row "
+                 f"each), got K = {K}, V = {V}, {sequences} sequences")
         return True
     if CONFIG.fwd_walk is False or CONFIG.fwd_backend not in ("auto", "cuda"):
         return False
