@@ -80,7 +80,8 @@ def fwd_output_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     return o, var
 
 
-# The sequence walk's chunk (its staging area, and the inputs one chunk ahead in registers)
+# The sequence walk's chunk (its staging area, and the inputs one chunk ahead in registers): one token a lane, for
+# the scan of its log decays (output.cu asserts it)
 WALK_CHUNK = 32
 
 
@@ -92,16 +93,14 @@ def walk_min_blocks(K: int, warps: int, dtype: torch.dtype = torch.bfloat16, ali
     return max(1, (24 if K <= 96 and narrow else 16) // warps)
 
 
-def walk_warps(K: int, V: int, chunk: int = WALK_CHUNK) -> Optional[int]:
-    """Warps per block of the sequence walk: as :func:`block_warps` (a smaller staging area per block: the walk's
-    chunks are shorter)."""
-    return block_warps(K, V, chunk)
+def walk_warps(K: int, V: int) -> Optional[int]:
+    """Warps per block of the sequence walk: as :func:`block_warps` for its chunks of :data:`WALK_CHUNK`."""
+    return block_warps(K, V, WALK_CHUNK)
 
 
 def fwd_walk_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                   prior: torch.Tensor, scale: float, layout: SequenceLayout, output_variance: bool,
-                  initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]], output_final_state: bool,
-                  chunk_size: int = WALK_CHUNK):
+                  initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]], output_final_state: bool):
     """The op's outputs by blocks that each walk one sequence (of a value block and head) from its initial state,
     chunk after chunk: no chunk-start states.
 
@@ -110,10 +109,10 @@ def fwd_walk_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     sequence, each [N, H, K, V] float32, or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    warps = walk_warps(K, V, chunk_size)
+    warps = walk_warps(K, V)
     if warps is None:
-        raise ValueError(f"the CUDA output kernel needs K a multiple of 16 up to 128, V a multiple of 4 and a chunk "
-                         f"that fits shared memory, got K = {K}, V = {V}, chunk_size = {chunk_size}")
+        raise ValueError(f"the CUDA output kernel needs K a multiple of 16 up to 128 and V a multiple of 4, got "
+                         f"K = {K}, V = {V}")
     N = layout.N
     for name, x in (("k", k), ("v", v), ("beta", beta)):
         if x.dtype != q.dtype:
@@ -126,10 +125,10 @@ def fwd_walk_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                  torch.empty(N, H, K, V, device=q.device, dtype=torch.float32))
     mu0, imp0 = initial_state if initial_state is not None else (None, None)
     aligned = aligned16(K, V, q, k, v, beta)
-    defines = kernel_defines(K, V, H, chunk_size, warps, q.dtype, g.dtype, output_variance, layout.varlen, aligned,
+    defines = kernel_defines(K, V, H, WALK_CHUNK, warps, q.dtype, g.dtype, output_variance, layout.varlen, aligned,
                              walk=True, has_init=initial_state is not None, final=output_final_state,
                              min_blocks=walk_min_blocks(K, warps, q.dtype, aligned))
-    kernel = load_kernel("output.cu", defines, "palimpsa_output", shared_bytes(K, warps, chunk_size), q.device)
+    kernel = load_kernel("output.cu", defines, "palimpsa_output", shared_bytes(K, warps, WALK_CHUNK), q.device)
     kernel((V // (4 * warps), N, H), 32 * warps,
            (q, k, v, g, beta, prior, mu0, imp0, o, var, final[0] if final else None, final[1] if final else None,
             layout.cu32, None, float(scale), int(T)))
