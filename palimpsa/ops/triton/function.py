@@ -51,7 +51,7 @@ CUDA_FWD_KEY_SIZES = frozenset({48, 64, 96})
 # run chunks in parallel from chunk-start states: the key sizes at which it passed the float64 checks on an H200 and
 # ran faster (thirteenth session, walk_h200_942ba6d.md: forward 760M-like 2.581 -> 2.091 ms, 170M-like 0.531 -> 0.332,
 # d64 0.610 -> 0.459, d128 1.191 -> 1.011; with states scaled by the inverse decay in its chunks, 185c9f7, checked again
-# at the four shapes and varlen with extreme decays: 1.912, 0.329, 0.444, 0.935, walk_scaled_h200_185c9f7.md), where
+# at the four shapes, whose chunks all ran scaled: 1.912, 0.329, 0.444, 0.935, walk_scaled_h200_185c9f7.md), where
 # "auto" would run the Gluon or CUDA output kernel and NVRTC loads;
 # and only while the walk keeps at least WALK_MIN_WARPS_PER_SM warps on each multiprocessor (it cannot spread a
 # sequence's chunks over the GPU: the fewest measured faster were d128's 1024 warps, 7.8 a multiprocessor).
