@@ -48,26 +48,40 @@ static_assert(SHARED_FLOATS * 4 == PSHARED_BYTES, "the host's shared-memory size
 
 #define NTHREADS (32 * PWARPS)
 
-// One chunk's inputs on their way to shared memory: load() issues every global load (into registers), store() puts
-// them in the block's staging area as float32 (q times the scale; zeros and decay 1 after the sequence's end)
-struct ChunkStage {  // (the chunks in parallel)
+// One chunk's rows on their way to shared memory: load() issues every global load (into registers), store() puts
+// them in the block's staging area as float32 (q times the scale, v and beta times token_factor[j] when given; zeros
+// after the sequence's end)
+struct InputRows {
     RowStage<in_t, PK, PK, NTHREADS> rq, rk;
     RowStage<in_t, BV, 2 * BV, NTHREADS> rv, rb;
-    DecayStage<NTHREADS> ra;
     __device__ __forceinline__ void load(const in_t* __restrict__ q, const in_t* __restrict__ k,
-                                         const in_t* __restrict__ v, const in_t* __restrict__ beta,
-                                         const g_t* __restrict__ g, int i_v, int cs, int i_h, int n_tok) {
+                                         const in_t* __restrict__ v, const in_t* __restrict__ beta, int i_v, int cs,
+                                         int i_h, int n_tok) {
         rq.load(q, PK, 0, cs, i_h, n_tok);
         rk.load(k, PK, 0, cs, i_h, n_tok);
         rv.load(v, PV, (u64)i_v * BV, cs, i_h, n_tok);
         rb.load(beta, PV, (u64)i_v * BV, cs, i_h, n_tok);
+    }
+    __device__ __forceinline__ void store(float* smem, float scale, const float* token_factor) const {
+        rq.store(smem + SQ_OFF, scale);
+        rk.store(smem + SK_OFF, 1.f);
+        rv.store(smem + SIN_OFF, 1.f, token_factor);
+        rb.store(smem + SIN_OFF + BV, 1.f, token_factor);
+    }
+};
+
+// A chunk's inputs for the chunks in parallel: its rows, and its decays and prior terms (a_j, (1 - a_j) I0)
+struct ChunkStage {
+    InputRows rows;
+    DecayStage<NTHREADS> ra;
+    __device__ __forceinline__ void load(const in_t* __restrict__ q, const in_t* __restrict__ k,
+                                         const in_t* __restrict__ v, const in_t* __restrict__ beta,
+                                         const g_t* __restrict__ g, int i_v, int cs, int i_h, int n_tok) {
+        rows.load(q, k, v, beta, i_v, cs, i_h, n_tok);
         ra.load(g, cs, i_h, n_tok);
     }
     __device__ __forceinline__ void store(float* smem, float scale, float I0) const {
-        rq.store(smem + SQ_OFF, scale);
-        rk.store(smem + SK_OFF, 1.f);
-        rv.store(smem + SIN_OFF, 1.f);
-        rb.store(smem + SIN_OFF + BV, 1.f);
+        rows.store(smem, scale, nullptr);
         ra.store(smem + SA_OFF, I0);
     }
 };
@@ -78,16 +92,12 @@ struct ChunkStage {  // (the chunks in parallel)
 // (1 - a_j) I0).  Every warp scans the decays itself (identical results), so no barrier orders the scan before the
 // stores; its 1 / A_j go through the warp's own reduction slots.
 struct WalkStage {
-    RowStage<in_t, PK, PK, NTHREADS> rq, rk;
-    RowStage<in_t, BV, 2 * BV, NTHREADS> rv, rb;
+    InputRows rows;
     ChunkDecays decays;
     __device__ __forceinline__ void load(const in_t* __restrict__ q, const in_t* __restrict__ k,
                                          const in_t* __restrict__ v, const in_t* __restrict__ beta,
                                          const g_t* __restrict__ g, int i_v, int cs, int i_h, int n_tok, int lane) {
-        rq.load(q, PK, 0, cs, i_h, n_tok);
-        rk.load(k, PK, 0, cs, i_h, n_tok);
-        rv.load(v, PV, (u64)i_v * BV, cs, i_h, n_tok);
-        rb.load(beta, PV, (u64)i_v * BV, cs, i_h, n_tok);
+        rows.load(q, k, v, beta, i_v, cs, i_h, n_tok);
         decays.load(g, cs, i_h, n_tok, lane);
     }
     // Returns whether the chunk runs scaled, and its whole decay in a_end; `slots`: the warp's 32 free floats.
@@ -95,9 +105,8 @@ struct WalkStage {
                                           float& a_end) const {
         float b_end;
         const float b = decays.scan(lane, b_end);
-        const float gj = decays.gj;
         const bool scaled = b_end >= MIN_SCALED_LOG_DECAY;  // false for NaN and -inf too
-        const float a = expf(gj);
+        const float a = expf(decays.gj);
         const float inv = scaled ? expf(-b) : 1.f;
         slots[lane] = inv;
         if (w == 0) {
@@ -106,10 +115,7 @@ struct WalkStage {
             sa[2 * lane + 1] = scaled ? inv : (1.f - a) * I0;
         }
         __syncwarp();
-        rq.store(smem + SQ_OFF, scale);
-        rk.store(smem + SK_OFF, 1.f);
-        rv.store(smem + SIN_OFF, 1.f, slots);
-        rb.store(smem + SIN_OFF + BV, 1.f, slots);
+        rows.store(smem, scale, slots);
         a_end = expf(b_end);
         return scaled;
     }
