@@ -1,15 +1,15 @@
 // The per-channel op's reverse sweep in CUDA C++ (compiled at run time by NVRTC: palimpsa/ops/cuda/sweep.py).
 //
-// Same algorithm, buffers and results as unit_bwd_gluon_kernel (palimpsa/ops/triton/chunk_bwd_gluon.py; notation in
-// palimpsa/ops/triton/chunk_bwd.py): one unit of chunks (C = PC tokens) walked last chunk first, its states rebuilt
-// from the chunk-start states, the adjoints (dM, dP) carried in reverse, every gradient written per token.  What the
-// C++ gives that the Gluon source could not:
+// Same algorithm and buffers as unit_bwd_gluon_kernel (palimpsa/ops/triton/chunk_bwd_gluon.py; notation in
+// palimpsa/ops/triton/chunk_bwd.py), except that dg_part holds the terms c_t of dg (below): one unit of chunks (C =
+// PC tokens) walked last chunk first, its states rebuilt from the chunk-start states, the adjoints (dM, dP) carried in
+// reverse, every gradient written per token.  What the C++ gives that the Gluon source could not:
 //  * each thread's state elements are explicit registers (R = K / 16 key rows x 2 value columns), so every sum over
 //    a thread's elements is a chain of fused multiply-adds, and nothing spills;
 //  * the sums across lanes are collected in shared memory and reduced once, one lane per output: dv and dbeta per
 //    sub-block of 4 tokens (16 loads a lane instead of 4 butterfly levels per token), dq and dk per pair of tokens
-//    (the two column lanes' rows added, then coalesced atomic adds over the value blocks); dg of the 4 tokens takes
-//    one transposed butterfly;
+//    (the two column lanes' rows added, then coalesced atomic adds over the value blocks); the dg terms of the 4
+//    tokens take one transposed butterfly;
 //  * a block of PWARPS warps (4 * PWARPS value columns of one head and unit) stages a chunk's inputs in shared memory
 //    once for all its warps (every load issued before any store), each warp keeps its segment's sub-block start
 //    states there (2.25 forward steps per token), and the next chunk's start state is copied there with cp.async
@@ -17,8 +17,16 @@
 //  * where a chunk's decay allows (common.cuh's ChunkDecays), its states step scaled by 1 / A_j, A_j the decay from
 //    the chunk's start through token j: P~ += k^2 (beta / A_j), M~ += k (v / A_j), two instructions per element and
 //    forward step instead of four.  The reverse step then reads q / A_j and I0 / A_j, so that 1 / I~ (= A_j / I), mu =
-//    M~ / I~ and q / I come out unscaled, and multiplies its dg partial by A_j; the adjoints stay unscaled.  Chunks
-//    with saturated or infinite log decays step directly.
+//    M~ / I~ and q / I come out unscaled; the adjoints stay unscaled.  Chunks with saturated or infinite log decays
+//    step directly;
+//  * dg needs no sum over the state elements.  With P = I - I0 and M both gated linear recurrences in g, and G_t the
+//    gradient that token t's read-out (and, at a sequence's last token, the final state) sends to its state,
+//        dg_t = sum_{s >= t} c_s,   c_s = <G_s, (M_s, P_s)> - <lambda_s, (k_s v_s, k_s^2 beta_s)>
+//    (lambda_s the adjoint total at token s; the initial state is included).  With mu = M / I the read-out's part of
+//    <G_s, (M_s, P_s)> is -I0 sum(DI_s) - <dvar_s, var_s> (its M part cancels), and the second term is <v_s, dv_s> +
+//    <beta_s, dbeta_s>, so c_s costs one sum per token, which the sweep adds into dg_part; the host takes the
+//    reverse cumulative sum over each sequence in float64 and adds the final state's term (chunk_bwd.py,
+//    dg_from_token_terms).  The read-out's scale is staged with do (and its square with dvar).
 //
 // Compile-time parameters (#defines prepended by sweep.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PU (chunks per unit), PWARPS, PSEG (tokens per segment, a multiple of 4 dividing PC), PIN, PG, PDO (dtypes of q, k,
@@ -70,12 +78,11 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
     }
 }
 
-// Shared memory of a block, in floats: the chunk's q (times the scale and 1 / A_j) and k rows [PC][PK] each, its
-// value-column inputs [PC][NQS][BV] (v, beta, do, dvar, v / A_j, beta / A_j), its decays [PC][4] (a_j, I0 / A_j, A_j,
-// unused); then per warp: the sub-block start states
-// [NSUB][2][E][32], the chunk-start state [2][E / 2][32] float2 (copied from global memory asynchronously while the
-// chunk before is processed), the sums over K of a sub-block [16][RED1_STRIDE] and its sums over V for two tokens
-// [2][2][2][PK].
+// Shared memory of a block, in floats: the chunk's q (times 1 / A_j) and k rows [PC][PK] each, its value-column inputs
+// [PC][NQS][BV] (v, beta, do times the scale, dvar times its square, v / A_j, beta / A_j), its decays [PC][4] (a_j,
+// I0 / A_j, A_j, unused); then per warp: the sub-block start states [NSUB][2][E][32], the chunk-start state
+// [2][E / 2][32] float2 (copied from global memory asynchronously while the chunk before is processed), the sums over
+// K of a sub-block [16][RED1_STRIDE] and its sums over V for two tokens [2][2][2][PK].
 #define SQ_OFF 0
 #define SK_OFF (PC * PK)
 #define SIN_OFF (2 * PC * PK)
@@ -96,7 +103,6 @@ struct Ctx {
     const float* sin;
     const float* sa;
     float I0;
-    float scale;
     int lane, vl, row0, ccol;  // ccol: this thread's first column within the block's BV
 };
 
@@ -136,7 +142,8 @@ __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E]
 // staged times 1 / A_j too, and 1 / I, mu, q / I and the adjoints come out unscaled), (aM, aP) the next token's
 // adjoint totals before that token's decay `an`.  Leaves this token's totals in (aM, aP) and its decay in `an`, adds
 // its DI to sdi, writes this thread's partial sums over K (dv, dbeta) to red1 at sub-block slot `ts` and over V (dq,
-// dk) to red2 at slot ts % 2, and returns its partial of dg of the next token (already times `an`).
+// dk) to red2 at slot ts % 2, and returns its part of the token's dg term c_j (the header's identity): -I0 sum(DI)
+// - <dvar, var> over its elements (the -<v, dv> - <beta, dbeta> part is added where dv and dbeta are summed).
 __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, const float (&M)[E], const float (&P)[E],
                                                 float (&aM)[E], float (&aP)[E], float& an, float& sdi, float* red1,
                                                 float* red2) {
@@ -152,7 +159,10 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     const float dwc[2] = {dw.x, dw.y};
 #endif
     const float v2[2] = {vv.x, vv.y}, b2[2] = {bb.x, bb.y}, d2[2] = {dd.x, dd.y};
-    float dg = 0.f, sd = 0.f;
+    float sd = 0.f;
+#if PDVAR
+    float wv = 0.f;  // sum over its rows of q~^2 DQB: <dvar, var> / A_j
+#endif
     float dva[2] = {0.f, 0.f}, dba[2] = {0.f, 0.f};
     float dqr[R], dkr[R];
 #pragma unroll
@@ -165,8 +175,6 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {
             const int e = 2 * i + cc;
-            dg = fmaf(aM[e], M[e], dg);
-            dg = fmaf(aP[e], P[e], dg);
             const float r = rcp(P[e] + decay.y);
             const float mu = M[e] * r;
             const float x = qs[i] * r;
@@ -189,9 +197,10 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
             aP[e] = tp;
         }
 #if PDVAR
-        dqr[i] = c.scale * fmaf(2.f * qs[i], dqb, dqa);
+        dqr[i] = fmaf(2.f * qs[i], dqb, dqa);
+        wv = fmaf(qs[i] * qs[i], dqb, wv);
 #else
-        dqr[i] = c.scale * dqa;
+        dqr[i] = dqa;
 #endif
         dkr[i] = fmaf(2.f * kr[i], dk2, dk1);
     }
@@ -202,9 +211,12 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     red1[(ts * 4 + 1) * RED1_STRIDE + c.lane] = dva[1];
     red1[(ts * 4 + 2) * RED1_STRIDE + c.lane] = dba[0];
     red1[(ts * 4 + 3) * RED1_STRIDE + c.lane] = dba[1];
-    const float dg_next = dg * (an * decay.z);  // the states' sum unscaled
     an = decay.x;
-    return dg_next;
+#if PDVAR
+    return -fmaf(c.I0, sd, wv * decay.z);
+#else
+    return -c.I0 * sd;
+#endif
 }
 
 // The chunk-start state (M, I) of this thread's elements, copied from global memory into its warp's start buffer
@@ -284,7 +296,6 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
     c.sin = smem + SIN_OFF;
     c.sa = smem + SA_OFF;
     c.I0 = prior[i_h];
-    c.scale = scale;
     c.lane = lane;
     c.vl = vl;
     c.row0 = kl * R;
@@ -347,13 +358,13 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                 *reinterpret_cast<float4*>(sa + 4 * lane) =
                     make_float4(expf(decays.gj), c.I0 * inv, scaled ? expf(b) : 1.f, 0.f);
             __syncwarp();
-            rq.store(sq, scale, red1);
+            rq.store(sq, 1.f, red1);
             rk.store(sk, 1.f);
             rv.store(sin + 0 * BV, 1.f);
             rb.store(sin + 1 * BV, 1.f);
-            rd.store(sin + 2 * BV, 1.f);
-#if PDVAR
-            rw.store(sin + 3 * BV, 1.f);
+            rd.store(sin + 2 * BV, scale);  // the read-out's scale goes with do (and its square with dvar): dq needs
+#if PDVAR                                   // no multiply of its own
+            rw.store(sin + 3 * BV, scale * scale);
 #endif
             rv.store(sin + NQ * BV, 1.f, red1);
             rb.store(sin + (NQ + 1) * BV, 1.f, red1);
@@ -414,35 +425,45 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
 #pragma unroll
                         for (int ts = 0; ts < 2; ++ts) {
                             const int jt = t0 + 2 * pair + ts;
-                            if (jt < n_tok) {
-                                const u64 base = ((u64)(cs + jt) * PH + i_h) * PK;
+                            if (jt < n_tok) {  // one address per tensor and token, the rows at fixed offsets
+                                const u64 base = ((u64)(cs + jt) * PH + i_h) * PK + lane;
 #pragma unroll
                                 for (int qq = 0; qq < 2; ++qq) {
-                                    const float* src = red2 + (ts * 2 + qq) * 2 * PK;
-                                    float* dst = qq == 0 ? dq : dk;
+                                    const float* src = red2 + (ts * 2 + qq) * 2 * PK + lane;
+                                    float* dst = (qq == 0 ? dq : dk) + base;
 #pragma unroll
-                                    for (int row = lane; row < PK; row += 32)
-                                        atomicAdd(dst + base + row, src[row] + src[PK + row]);
+                                    for (int m = 0; m < (PK + 31) / 32; ++m)
+                                        if (PK % 32 == 0 || 32 * m + lane < PK)
+                                            atomicAdd(dst + 32 * m, src[32 * m] + src[PK + 32 * m]);
                                 }
                             }
                         }
                         __syncwarp();
                     }
                     // dv, dbeta: lane l sums the 16 key lanes of (token l % 16 / 4, quantity l % 4, column half l / 16)
+                    // and adds -v dv or -beta dbeta of its column to its token's c
                     {
                         const int slot = lane & 15, half = lane >> 4;
                         const float* src = red1 + slot * RED1_STRIDE + half * 16;
-                        float s = 0.f;
+                        float part[8];
 #pragma unroll
-                        for (int i = 0; i < 16; ++i) s += src[i];
-                        const int jt = t0 + (slot >> 2), what = slot & 3;
+                        for (int i = 0; i < 8; ++i) part[i] = src[i] + src[i + 8];
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) part[i] += part[i + 4];
+                        const float s = (part[0] + part[2]) + (part[1] + part[3]);
+                        const int jl = slot >> 2, jt = t0 + jl, what = slot & 3;
+                        const int vc = w * 4 + half * 2 + (what & 1);  // the column within the block
+                        const float x = c.sin[((t0 + jl) * NQS + (what >> 1)) * BV + vc];  // v or beta
+#pragma unroll
+                        for (int jr = 0; jr < 4; ++jr)
+                            if (jl == jr) dgn[jr] = fmaf(-s, x, dgn[jr]);
                         if (jt < n_tok) {
-                            const u64 o = ((u64)(cs + jt) * PH + i_h) * PV + i_v * BV + w * 4 + half * 2 + (what & 1);
+                            const u64 o = ((u64)(cs + jt) * PH + i_h) * PV + i_v * BV + vc;
                             from_f(s, (what < 2 ? dv : dbeta) + o);
                         }
                     }
-                    // dg of the next token of each of the 4: one transposed butterfly (lanes end holding token
-                    // 2 * bit4 + bit3's total)
+                    // c of each of the 4 tokens: one transposed butterfly (lanes end holding token 2 * bit4 + bit3's
+                    // total)
                     {
                         const bool hi = lane & 16, h8 = lane & 8;
                         float k0 = hi ? dgn[2] : dgn[0], k1 = hi ? dgn[3] : dgn[1];
@@ -456,8 +477,8 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         kk += __shfl_xor_sync(0xffffffffu, kk, 2);
                         kk += __shfl_xor_sync(0xffffffffu, kk, 1);
                         const int jt = t0 + (hi ? 2 : 0) + (h8 ? 1 : 0);
-                        if ((lane & 7) == 0 && jt < n_tok && cs + jt + 1 < eos)
-                            atomicAdd(dg_part + (u64)(cs + jt + 1) * PH + i_h, kk);
+                        if ((lane & 7) == 0 && jt < n_tok)
+                            atomicAdd(dg_part + (u64)(cs + jt) * PH + i_h, kk);
                     }
                     __syncwarp();
                 }
@@ -479,7 +500,7 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
 #if PINIT
     if (i_w == 0) {
         const u64 s_off = ((u64)i_n * PH + i_h) * PK * PV;
-        float sp = 0.f, dg1 = 0.f;
+        float sp = 0.f;
 #pragma unroll
         for (int i = 0; i < R; ++i) {
 #pragma unroll
@@ -490,12 +511,9 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                 dmu0[o] = aM[e] * ii;
                 dimp0[o] = aM[e] * mi + aP[e];
                 sp += aP[e];
-                dg1 += aM[e] * (mi * ii) + aP[e] * (ii - c.I0);
             }
         }
         dprior_sum -= warp_sum(sp);
-        dg1 = warp_sum(dg1);
-        if (lane == 0) atomicAdd(dg_part + (u64)bos * PH + i_h, dg1);
     }
 #endif
     if (lane == 0) dprior[((u64)(i_v * PWARPS + w) * NU + i_u) * PH + i_h] = dprior_sum;

@@ -452,6 +452,39 @@ def unit_bwd_kernel(
     tl.store(dprior + (i_v * tl.num_programs(1) + i_u) * H + i_h, dprior_sum)
 
 
+def dg_from_token_terms(terms: torch.Tensor, layout: SequenceLayout, B: int, T: int, prior: torch.Tensor,
+                        final: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                        dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """dg [B, T, H] float32 from the CUDA sweep's per-token terms: dg_t = sum of c_s over the tokens s >= t of t's
+    sequence (sweep.cu's header derives c_s), summed in float64.
+
+    terms: c [B * T, H] float32 (the read-out's and the adjoints' parts); prior [H]; final: the final (mu, I) and
+    dfinal their gradients, each [N, H, K, V], or None.  The final state's part of c at each sequence's last token,
+    sum over (k, v) of dmu mu I0 / I + dI (I - I0), is added here.
+    """
+    H = terms.shape[-1]
+    c = terms.double()
+    if dfinal is not None:
+        (mu_f, imp_f), (dmu_f, dimp_f) = final, dfinal
+        prior_f = prior.double().view(1, H, 1, 1)
+        imp_f = imp_f.double()
+        term = (dmu_f.double() * mu_f.double() * prior_f / imp_f + dimp_f.double() * (imp_f - prior_f)).sum((2, 3))
+        if layout.varlen:
+            cu = layout.cu_seqlens.to(device=c.device, dtype=torch.long)
+            ends = cu[1:] - 1
+            keep = cu[1:] > cu[:-1]  # an empty sequence has no token to carry its (decay-free) final state
+            c.index_add_(0, ends[keep], term[keep])
+        else:
+            ends = torch.arange(1, B + 1, device=c.device) * T - 1
+            c.index_add_(0, ends, term)
+    if not layout.varlen:
+        return c.view(B, T, H).flip(1).cumsum(1).flip(1).float()
+    rc = torch.cat([c.flip(0).cumsum(0).flip(0), c.new_zeros(1, H)])  # rc[t]: the sum over every token from t on
+    cu = layout.cu_seqlens.to(device=c.device, dtype=torch.long)
+    tail = torch.repeat_interleave(rc[cu[1:]], cu[1:] - cu[:-1], dim=0, output_size=c.shape[0])
+    return (rc[:-1] - tail).float().view(B, T, H)
+
+
 def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk_size: int,
                         target_programs: int = 2048) -> int:
     """Chunks per backward unit: units long enough to skip the local-adjoint pass where the grid is
@@ -588,7 +621,10 @@ def chunk_bwd(
             num_warps=num_warps,
         )
 
-    dg = dg_part.sum(0).reshape(B, T, H)
+    if sweep == "cuda":
+        dg = dg_from_token_terms(dg_part[0], layout, B, T, prior, final if has_dfinal else None, dfinal)
+    else:
+        dg = dg_part.sum(0).reshape(B, T, H)
     dprior = dprior_part.sum((0, 1)) + extra_dprior.sum((0, 1))
     dinit = (dmu0, dimp0) if has_init else None
     return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dbeta, dprior, dinit)
