@@ -477,12 +477,16 @@ def dg_from_token_terms(terms: torch.Tensor, layout: SequenceLayout, B: int, T: 
         else:
             ends = torch.arange(1, B + 1, device=c.device) * T - 1
             c.index_add_(0, ends, term)
-    if not layout.varlen:
-        return c.view(B, T, H).flip(1).cumsum(1).flip(1).float()
-    rc = torch.cat([c.flip(0).cumsum(0).flip(0), c.new_zeros(1, H)])  # rc[t]: the sum over every token from t on
-    cu = layout.cu_seqlens.to(device=c.device, dtype=torch.long)
-    tail = torch.repeat_interleave(rc[cu[1:]], cu[1:] - cu[:-1], dim=0, output_size=c.shape[0])
-    return (rc[:-1] - tail).float().view(B, T, H)
+    # scans along the last dimension (a parallel kernel on a GPU; over the middle one torch walks each column alone)
+    x = c.view(B, T, H).transpose(1, 2).contiguous()  # [B, H, T]
+    inclusive = x.cumsum(-1)
+    if layout.varlen:  # through each sequence's last token: the inclusive sum there
+        cu = layout.cu_seqlens.to(device=c.device, dtype=torch.long)
+        last = torch.repeat_interleave(cu[1:] - 1, cu[1:] - cu[:-1], output_size=T)
+        through_end = inclusive[..., last]
+    else:
+        through_end = inclusive[..., -1:]
+    return (through_end - inclusive + x).transpose(1, 2).float().contiguous()
 
 
 def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk_size: int,
