@@ -46,25 +46,6 @@ def chunk_dot(a, b, DOT_BF16: tl.constexpr):
 
 
 @triton.jit
-def load_chunk(k, v, g, beta, bos, eos, i_c, i_h, offs_c, offs_k, offs_v, mask_k, mask_v, H: tl.constexpr,
-               K: tl.constexpr, V: tl.constexpr, C: tl.constexpr):
-    """Chunk i_c's inputs, float32 (zeros past the sequence's end): g [C], the decay from after each token to the
-    chunk's end [C], k [C, BK], v and beta [C, BV]."""
-    tok = bos + i_c * C + offs_c
-    mask_t = tok < eos
-    tok_h = tok.to(tl.int64) * H + i_h
-    g_c = tl.load(g + tok_h, mask=mask_t, other=0.0).to(tl.float32)
-    weight = tl.exp(log_decay_to_end(g, tok_h, (offs_c + 1 < C) & (tok + 1 < eos), H))
-    k_c = tl.load(k + tok_h[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
-                  other=0.0).to(tl.float32)
-    v_c = tl.load(v + tok_h[:, None] * V + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :],
-                  other=0.0).to(tl.float32)
-    beta_c = tl.load(beta + tok_h[:, None] * V + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :],
-                     other=0.0).to(tl.float32)
-    return g_c, weight, k_c, v_c, beta_c
-
-
-@triton.jit
 def chunk_states_kernel(
     k, v, g, beta, prior, mu0, imp0, h_mean, h_imp, final_mu, final_imp, cu_seqlens, chunk_offsets,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -101,18 +82,22 @@ def chunk_states_kernel(
         excess = tl.zeros([BK, BV], dtype=tl.float32)
 
     offs_c = tl.arange(0, C)
-    # the next chunk's inputs are loaded while the current one is multiplied (their latency, not the matmuls, is
-    # what a program of this sequential walk waits on)
-    g_n, w_n, k_n, v_n, b_n = load_chunk(k, v, g, beta, bos, eos, 0, i_h, offs_c, offs_k, offs_v, mask_k, mask_v, H,
-                                         K, V, C)
     for i_c in range(0, NT):
-        g_c, weight, k_c, v_c, beta_c = g_n, w_n, k_n, v_n, b_n
-        g_n, w_n, k_n, v_n, b_n = load_chunk(k, v, g, beta, bos, eos, i_c + 1, i_h, offs_c, offs_k, offs_v, mask_k,
-                                             mask_v, H, K, V, C)
         if STORE_STATES:
             h_off = ((base + i_c) * H + i_h).to(tl.int64) * K * V
             tl.store(h_mean + h_off + tile, mean, mask=mask_kv)
             tl.store(h_imp + h_off + tile, excess + prior_h, mask=mask_kv)
+        tok = bos + i_c * C + offs_c
+        mask_t = tok < eos
+        tok_h = tok.to(tl.int64) * H + i_h
+        g_c = tl.load(g + tok_h, mask=mask_t, other=0.0).to(tl.float32)
+        weight = tl.exp(log_decay_to_end(g, tok_h, (offs_c + 1 < C) & (tok + 1 < eos), H))
+        k_c = tl.load(k + tok_h[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
+                      other=0.0).to(tl.float32)
+        v_c = tl.load(v + tok_h[:, None] * V + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :],
+                      other=0.0).to(tl.float32)
+        beta_c = tl.load(beta + tok_h[:, None] * V + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :],
+                         other=0.0).to(tl.float32)
         kw = k_c * weight[:, None]
         decay = tl.exp(tl.sum(g_c, 0))
         mean = decay * mean + chunk_dot(kw, v_c, DOT_BF16)
