@@ -138,22 +138,27 @@ __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E]
     }
 }
 
-// Reverse step of chunk token j, (M, P) its state after the token (scaled by 1 / A_j in a scaled chunk: then q is
-// staged times 1 / A_j too, and 1 / I, mu, q / I and the adjoints come out unscaled), (aM, aP) the next token's
-// adjoint totals before that token's decay `an`.  Leaves this token's totals in (aM, aP) and its decay in `an`, adds
-// its DI to sdi, writes this thread's partial sums over K (dv, dbeta) to red1 at sub-block slot `ts` and over V (dq,
-// dk) to red2 at slot ts % 2, and returns its part of the token's dg term c_j (the header's identity): -I0 sum(DI)
-// - <dvar, var> over its elements (the -<v, dv> - <beta, dbeta> part is added where dv and dbeta are summed).
+// Reverse step of chunk token j, (M, P) its state after the token, (aM, aP) the adjoint totals of the token after it.
+// SCALED: the states are scaled by 1 / A_j and the adjoints by A_j (lambda~_j = A_j lambda_j = lambda~_{j+1} + A_j G_j:
+// one add per element, no decay); q is staged unscaled, so that 1 / I~ (= A_j / I) gives mu = M~ / I~ and x~ = q / I~
+// = A_j q / I, and dvar is staged times 1 / A_j; v / A_j and beta / A_j (the staged rows NQ, NQ + 1) turn the scaled
+// adjoints into dk, and the sums over K (dv, dbeta) and of DI are scaled back by 1 / A_j per token.  Otherwise
+// (states and adjoints unscaled, 1 / A_j = 1) the adjoints take the next token's decay `an` first, and `an` becomes
+// this token's.  Leaves this token's totals in (aM, aP), adds its DI to sdi, writes this thread's partial sums over K
+// (dv, dbeta, still times A_j) to red1 at sub-block slot `ts` and over V (dq, dk) to red2 at slot ts % 2, and returns
+// its part of the token's dg term c_j (the header's identity): -I0 sum(DI) - <dvar, var> over its elements (the
+// -<v, dv> - <beta, dbeta> part is added where dv and dbeta are summed).
+template <bool SCALED>
 __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, const float (&M)[E], const float (&P)[E],
                                                 float (&aM)[E], float (&aP)[E], float& an, float& sdi, float* red1,
                                                 float* red2) {
     float qs[R], kr[R];
     load_rows(c.sq + j * PK + c.row0, qs);
     load_rows(c.sk + j * PK + c.row0, kr);
-    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 0) * BV + c.ccol);
-    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 1) * BV + c.ccol);
+    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQS + NQ) * BV + c.ccol);  // v / A_j
+    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQS + NQ + 1) * BV + c.ccol);  // beta / A_j
     const float2 dd = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 2) * BV + c.ccol);
-    const float4 decay = *reinterpret_cast<const float4*>(c.sa + 4 * j);  // a_j, I0 / A_j, A_j
+    const float4 decay = *reinterpret_cast<const float4*>(c.sa + 4 * j);  // a_j, I0 / A_j, A_j, 1 / A_j
 #if PDVAR
     const float2 dw = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 3) * BV + c.ccol);
     const float dwc[2] = {dw.x, dw.y};
@@ -161,7 +166,7 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     const float v2[2] = {vv.x, vv.y}, b2[2] = {bb.x, bb.y}, d2[2] = {dd.x, dd.y};
     float sd = 0.f;
 #if PDVAR
-    float wv = 0.f;  // sum over its rows of q~^2 DQB: <dvar, var> / A_j
+    float wv = 0.f;  // sum over its rows of q^2 DQB: <dvar, var>
 #endif
     float dva[2] = {0.f, 0.f}, dba[2] = {0.f, 0.f};
     float dqr[R], dkr[R];
@@ -179,16 +184,24 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
             const float mu = M[e] * r;
             const float x = qs[i] * r;
             const float dm = x * d2[cc];
+            dqa = fmaf(d2[cc], mu, dqa);
+            const float tm = SCALED ? aM[e] + dm : fmaf(an, aM[e], dm);
 #if PDVAR
             const float di = -fmaf(x * x, dwc[cc], dm * mu);
             dqb = fmaf(dwc[cc], r, dqb);
-#else
-            const float di = -(dm * mu);
-#endif
-            dqa = fmaf(d2[cc], mu, dqa);
-            const float tm = fmaf(an, aM[e], dm);
-            const float tp = fmaf(an, aP[e], di);
+            const float tp = SCALED ? aP[e] + di : fmaf(an, aP[e], di);
             sd += di;
+#else
+            float tp;
+            if constexpr (SCALED) {  // DI = -dm mu folded into both of its uses
+                tp = fmaf(-dm, mu, aP[e]);
+                sd = fmaf(-dm, mu, sd);
+            } else {
+                const float di = -(dm * mu);
+                tp = fmaf(an, aP[e], di);
+                sd += di;
+            }
+#endif
             dva[cc] = fmaf(kr[i], tm, dva[cc]);
             dba[cc] = fmaf(kk, tp, dba[cc]);
             dk1 = fmaf(tm, v2[cc], dk1);
@@ -204,6 +217,7 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
 #endif
         dkr[i] = fmaf(2.f * kr[i], dk2, dk1);
     }
+    sd *= decay.w;
     sdi += sd;
     store_rows(red2 + (((ts & 1) * 2 + 0) * 2 + c.vl) * PK + c.row0, dqr);
     store_rows(red2 + (((ts & 1) * 2 + 1) * 2 + c.vl) * PK + c.row0, dkr);
@@ -211,9 +225,9 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     red1[(ts * 4 + 1) * RED1_STRIDE + c.lane] = dva[1];
     red1[(ts * 4 + 2) * RED1_STRIDE + c.lane] = dba[0];
     red1[(ts * 4 + 3) * RED1_STRIDE + c.lane] = dba[1];
-    an = decay.x;
+    if (!SCALED) an = decay.x;
 #if PDVAR
-    return -fmaf(c.I0, sd, wv * decay.z);
+    return -fmaf(c.I0, sd, wv);
 #else
     return -c.I0 * sd;
 #endif
@@ -356,15 +370,15 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
             red1[lane] = inv;
             if (w == 0)
                 *reinterpret_cast<float4*>(sa + 4 * lane) =
-                    make_float4(expf(decays.gj), c.I0 * inv, scaled ? expf(b) : 1.f, 0.f);
+                    make_float4(expf(decays.gj), c.I0 * inv, scaled ? expf(b) : 1.f, inv);
             __syncwarp();
-            rq.store(sq, 1.f, red1);
+            rq.store(sq, 1.f);
             rk.store(sk, 1.f);
             rv.store(sin + 0 * BV, 1.f);
             rb.store(sin + 1 * BV, 1.f);
             rd.store(sin + 2 * BV, scale);  // the read-out's scale goes with do (and its square with dvar): dq needs
 #if PDVAR                                   // no multiply of its own
-            rw.store(sin + 3 * BV, scale * scale);
+            rw.store(sin + 3 * BV, scale * scale, red1);
 #endif
             rv.store(sin + NQ * BV, 1.f, red1);
             rb.store(sin + (NQ + 1) * BV, 1.f, red1);
@@ -372,6 +386,14 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
         __syncthreads();
         auto run_chunk = [&](auto scaled_tag) {
             constexpr bool S = decltype(scaled_tag)::value;
+            if constexpr (S) {  // the adjoints entering the chunk's last token, times A_j there: the chunk's decay
+                const float a_end = c.sa[4 * (PC - 1) + 2];
+#pragma unroll
+                for (int e = 0; e < E; ++e) {
+                    aM[e] *= a_end;
+                    aP[e] *= a_end;
+                }
+            }
 
             const int n_seg = (n_tok + PSEG - 1) / PSEG;
             for (int ss = 0; ss < n_seg; ++ss) {
@@ -418,7 +440,7 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                     for (int pair = 1; pair >= 0; --pair) {
 #pragma unroll
                         for (int jr = 2 * pair + 1; jr >= 2 * pair; --jr)
-                            dgn[jr] = backward_token(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2);
+                            dgn[jr] = backward_token<S>(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2);
                         __syncwarp();
                         // dq, dk of the two tokens: the two column lanes' rows added, coalesced atomic adds over the
                         // block's value columns
@@ -450,8 +472,8 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         for (int i = 0; i < 8; ++i) part[i] = src[i] + src[i + 8];
 #pragma unroll
                         for (int i = 0; i < 4; ++i) part[i] += part[i + 4];
-                        const float s = (part[0] + part[2]) + (part[1] + part[3]);
                         const int jl = slot >> 2, jt = t0 + jl, what = slot & 3;
+                        const float s = ((part[0] + part[2]) + (part[1] + part[3])) * c.sa[4 * jt + 3];  // / A_j
                         const int vc = w * 4 + half * 2 + (what & 1);  // the column within the block
                         const float x = c.sin[((t0 + jl) * NQS + (what >> 1)) * BV + vc];  // v or beta
 #pragma unroll
@@ -483,6 +505,16 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                     __syncwarp();
                 }
             }
+            // the adjoints of the state before the chunk's first token: A_0 = a_0 times its totals, which a scaled
+            // chunk holds already
+            if constexpr (!S) {
+#pragma unroll
+                for (int e = 0; e < E; ++e) {
+                    aM[e] *= an;
+                    aP[e] *= an;
+                }
+                an = 1.f;
+            }
         };
         if (scaled)
             run_chunk(Scaled<true>{});
@@ -490,12 +522,6 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
             run_chunk(Scaled<false>{});
     }
 
-    // the first token's totals times its decay: the adjoints of the state before the unit's first token
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-        aM[e] *= an;
-        aP[e] *= an;
-    }
     float dprior_sum = warp_sum(sdi);
 #if PINIT
     if (i_w == 0) {
