@@ -134,7 +134,7 @@ def test_launchers_refuse_what_the_kernels_cannot_run():
     with pytest.raises(ValueError, match="K a multiple of 16 up to 128"):
         output.fwd_walk_cuda(q, q, v, q[..., 0], v, torch.ones(1), 1.0, None, False, None, False)
     with pytest.raises(ValueError, match="K a multiple of 16 up to 128"):
-        sweep.launch_sweep(q, q, v, q[..., 0], v, *([None] * 9), v, *([None] * 10), 1.0, 32, 1, 32, 1, False,
+        sweep.launch_sweep(q, q, v, q[..., 0], v, *([None] * 9), v, *([None] * 11), 1.0, 32, 1, 32, 1, False,
                            False)
 
 

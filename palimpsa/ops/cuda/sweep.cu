@@ -1,9 +1,9 @@
 // The per-channel op's reverse sweep in CUDA C++ (compiled at run time by NVRTC: palimpsa/ops/cuda/sweep.py).
 //
 // Same algorithm and buffers as unit_bwd_gluon_kernel (palimpsa/ops/triton/chunk_bwd_gluon.py; notation in
-// palimpsa/ops/triton/chunk_bwd.py), except that dg_part holds the terms c_t of dg (below): one unit of chunks (C =
-// PC tokens) walked last chunk first, its states rebuilt from the chunk-start states, the adjoints (dM, dP) carried in
-// reverse, every gradient written per token.  What the C++ gives that the Gluon source could not:
+// palimpsa/ops/triton/chunk_bwd.py), except that dg_part and dg_anchor hold the terms of dg (below): one unit of
+// chunks (C = PC tokens) walked last chunk first, its states rebuilt from the chunk-start states, the adjoints (dM, dP)
+// carried in reverse, every gradient written per token.  What the C++ gives that the Gluon source could not:
 //  * each thread's state elements are explicit registers (R = K / 16 key rows x 2 value columns), so every sum over
 //    a thread's elements is a chain of fused multiply-adds, and nothing spills;
 //  * the sums across lanes are collected in shared memory and reduced once, one lane per output: dv and dbeta per
@@ -19,14 +19,16 @@
 //    forward step instead of four.  The reverse step then reads q / A_j and I0 / A_j, so that 1 / I~ (= A_j / I), mu =
 //    M~ / I~ and q / I come out unscaled; the adjoints stay unscaled.  Chunks with saturated or infinite log decays
 //    step directly;
-//  * dg needs no sum over the state elements.  With P = I - I0 and M both gated linear recurrences in g, and G_t the
-//    gradient that token t's read-out (and, at a sequence's last token, the final state) sends to its state,
+//  * dg needs no sum over the state elements per token.  With P = I - I0 and M both gated linear recurrences in g, and
+//    G_t the gradient that token t's read-out sends to its state,
 //        dg_t = sum_{s >= t} c_s,   c_s = <G_s, (M_s, P_s)> - <lambda_s, (k_s v_s, k_s^2 beta_s)>
 //    (lambda_s the adjoint total at token s; the initial state is included).  With mu = M / I the read-out's part of
 //    <G_s, (M_s, P_s)> is -I0 sum(DI_s) - <dvar_s, var_s> (its M part cancels), and the second term is <v_s, dv_s> +
-//    <beta_s, dbeta_s>, so c_s costs one sum per token, which the sweep adds into dg_part; the host takes the
-//    reverse cumulative sum over each sequence in float64 and adds the final state's term (chunk_bwd.py,
-//    dg_from_token_terms).  The read-out's scale is staged with do (and its square with dvar).
+//    <beta_s, dbeta_s>, so c_s costs one sum per token, which the sweep adds into dg_part.  The sum over s beyond a
+//    chunk's end is <Lambda, (M_end, P_end)>, Lambda the adjoints entering the chunk from after it (from the final
+//    state's gradient at a sequence's end): the sweep adds it into dg_anchor once per chunk, so that the host's sums
+//    (chunk_bwd.py, dg_from_token_terms) run over one chunk's terms at most and float32 rounding does not accumulate
+//    along the sequence.  The read-out's scale is staged with do (and its square with dvar).
 //
 // Compile-time parameters (#defines prepended by sweep.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PU (chunks per unit), PWARPS, PSEG (tokens per segment, a multiple of 4 dividing PC), PIN, PG, PDO (dtypes of q, k,
@@ -275,7 +277,8 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                const float* __restrict__ mu0, const float* __restrict__ imp0,
                const do_t* __restrict__ dout, const do_t* __restrict__ dvar,
                float* __restrict__ dq, float* __restrict__ dk, in_t* __restrict__ dv, in_t* __restrict__ dbeta,
-               float* __restrict__ dg_part, float* __restrict__ dprior, float* __restrict__ dmu0,
+               float* __restrict__ dg_part, float* __restrict__ dg_anchor, float* __restrict__ dprior,
+               float* __restrict__ dmu0,
                float* __restrict__ dimp0, const int* __restrict__ cu_seqlens, const int* __restrict__ unit_indices,
                const int* __restrict__ chunk_offsets, float scale, int T, int NU) {
     extern __shared__ float4 smem4[];
@@ -434,6 +437,13 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                             Ps[j][e] = Ps[j - 1][e];
                         }
                         forward_token<S>(c, t0 + j, Ms[j], Ps[j]);
+                    }
+                    if (ss == 0 && jj == 0) {  // the chunk's last sub-block: its end state and the adjoints from after
+                        float anchor = 0.f;        // the chunk (both scaled or both not: their products are not)
+#pragma unroll
+                        for (int e = 0; e < E; ++e) anchor = fmaf(aM[e], Ms[3][e], fmaf(aP[e], Ps[3][e], anchor));
+                        anchor = warp_sum(anchor);
+                        if (lane == 0) atomicAdd(dg_anchor + (u64)(cbase + i_c) * PH + i_h, anchor);
                     }
                     float dgn[4];
 #pragma unroll

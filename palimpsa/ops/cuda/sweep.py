@@ -53,12 +53,13 @@ def kernel_defines(K: int, V: int, H: int, chunk: int, unit_chunks: int, warps: 
 
 
 def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,
-                 dg_part, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, scale: float, T: int,
-                 NU: int, chunk: int, unit_chunks: int, has_init: bool, varlen: bool) -> None:
+                 dg_part, dg_anchor, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, scale: float,
+                 T: int, NU: int, chunk: int, unit_chunks: int, has_init: bool, varlen: bool) -> None:
     """Run the sweep over NU units on q's device; arguments as ``unit_bwd_gluon_kernel``'s (q, k [B*T, H, K],
     v, beta, do, dvar [B*T, H, V], g [B*T, H]; k, v, beta, dv, dbeta of q's dtype, g, do and dvar of any
-    of bfloat16, float16, float32; dq, dk float32 zero-initialised; dg_part
-    [1, B*T, H] zero-initialised; dprior_part [V / 4, NU, H]); dvar None without a variance gradient."""
+    of bfloat16, float16, float32; dq, dk float32 zero-initialised; dprior_part [V / 4, NU, H]); dvar None without
+    a variance gradient.  dg comes as terms (sweep.cu's header): dg_part [B*T, H] per token and dg_anchor [NC, H]
+    per chunk of ``chunk`` tokens, both float32 zero-initialised; ``chunk_bwd.dg_from_token_terms`` sums them."""
     K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
     has_dvar = dvar is not None
     warps = block_warps(K, V, chunk, has_dvar)
@@ -76,5 +77,5 @@ def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0,
     kernel = load_kernel("sweep.cu", defines, "palimpsa_sweep", smem, q.device)
     kernel((V // (4 * warps), NU, H), 32 * warps,
            (q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,
-            dg_part, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, float(scale), int(T),
+            dg_part, dg_anchor, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, float(scale), int(T),
             int(NU)))

@@ -452,41 +452,37 @@ def unit_bwd_kernel(
     tl.store(dprior + (i_v * tl.num_programs(1) + i_u) * H + i_h, dprior_sum)
 
 
-def dg_from_token_terms(terms: torch.Tensor, layout: SequenceLayout, B: int, T: int, prior: torch.Tensor,
-                        final: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                        dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """dg [B, T, H] float32 from the CUDA sweep's per-token terms: dg_t = sum of c_s over the tokens s >= t of t's
-    sequence (sweep.cu's header derives c_s), summed in float64.
+def dg_from_token_terms(terms: torch.Tensor, anchors: torch.Tensor, layout: SequenceLayout, B: int, T: int,
+                        chunk_size: int) -> torch.Tensor:
+    """dg [B, T, H] float32 from the CUDA sweep's terms (sweep.cu's header): for token t in chunk c (of
+    ``chunk_size`` tokens of its sequence), dg_t = the sum of the per-token terms c_s over s from t to the chunk's
+    end, plus the chunk's anchor (the sum over every later token, and the final state's share), in float64.
 
-    terms: c [B * T, H] float32 (the read-out's and the adjoints' parts); prior [H]; final: the final (mu, I) and
-    dfinal their gradients, each [N, H, K, V], or None.  The final state's part of c at each sequence's last token,
-    sum over (k, v) of dmu mu I0 / I + dI (I - I0), is added here.
+    terms: c [B * T, H] float32; anchors: [NC, H] float32, one per chunk in ``layout.chunk_table`` order (chunks of
+    sequence n after those of sequences before it).
     """
-    H = terms.shape[-1]
-    c = terms.double()
-    if dfinal is not None:
-        (mu_f, imp_f), (dmu_f, dimp_f) = final, dfinal
-        prior_f = prior.double().view(1, H, 1, 1)
-        imp_f = imp_f.double()
-        term = (dmu_f.double() * mu_f.double() * prior_f / imp_f + dimp_f.double() * (imp_f - prior_f)).sum((2, 3))
-        if layout.varlen:
-            cu = layout.cu_seqlens.to(device=c.device, dtype=torch.long)
-            ends = cu[1:] - 1
-            keep = cu[1:] > cu[:-1]  # an empty sequence has no token to carry its (decay-free) final state
-            c.index_add_(0, ends[keep], term[keep])
-        else:
-            ends = torch.arange(1, B + 1, device=c.device) * T - 1
-            c.index_add_(0, ends, term)
-    # scans along the last dimension (a parallel kernel on a GPU; over the middle one torch walks each column alone)
-    x = c.view(B, T, H).transpose(1, 2).contiguous()  # [B, H, T]
-    inclusive = x.cumsum(-1)
-    if layout.varlen:  # through each sequence's last token: the inclusive sum there
-        cu = layout.cu_seqlens.to(device=c.device, dtype=torch.long)
-        last = torch.repeat_interleave(cu[1:] - 1, cu[1:] - cu[:-1], output_size=T)
-        through_end = inclusive[..., last]
+    NTOK, H = terms.shape
+    C = chunk_size
+    dev = terms.device
+    tok = torch.arange(NTOK, device=dev)
+    if layout.varlen:
+        cu = layout.cu_seqlens.to(device=dev, dtype=torch.long)
+        lengths = cu[1:] - cu[:-1]
+        seq = torch.repeat_interleave(torch.arange(layout.N, device=dev), lengths, output_size=NTOK)
+        start, length = cu[:-1][seq], lengths[seq]
+        first_chunk = torch.cumsum((lengths + C - 1) // C, 0) - (lengths + C - 1) // C  # each sequence's first chunk
+        first_chunk = first_chunk[seq]
     else:
-        through_end = inclusive[..., -1:]
-    return (through_end - inclusive + x).transpose(1, 2).float().contiguous()
+        seq = tok // T
+        start, length = seq * T, T
+        first_chunk = seq * ((T + C - 1) // C)
+    pos = tok - start
+    chunk = first_chunk + pos // C
+    last = start + torch.clamp((pos // C + 1) * C, max=length) - 1  # the chunk's last token
+    x = terms.t().double()  # [H, tokens]: the scans run along the last dimension (parallel on a GPU)
+    inclusive = x.cumsum(-1)
+    dg = inclusive[:, last] - inclusive + x + anchors.t().double()[:, chunk]
+    return dg.t().float().contiguous().view(B, T, H)
 
 
 def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk_size: int,
@@ -598,9 +594,10 @@ def chunk_bwd(
     if sweep == "cuda":
         from palimpsa.ops.cuda.sweep import launch_sweep
 
+        dg_anchor = torch.zeros(layout.num_chunks(C), H, device=dev, dtype=torch.float32)
         launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar,
-                     dq, dk, dv, dbeta, dg_part, dprior_part, dmu0, dimp0, layout.cu32, unit_indices, chunk_offsets,
-                     scale, T, NU, C, U, has_init, layout.varlen)
+                     dq, dk, dv, dbeta, dg_part, dg_anchor, dprior_part, dmu0, dimp0, layout.cu32, unit_indices,
+                     chunk_offsets, scale, T, NU, C, U, has_init, layout.varlen)
     elif sweep == "gluon":
         from palimpsa.ops.triton.chunk_bwd_gluon import unit_bwd_gluon_kernel
 
@@ -626,7 +623,7 @@ def chunk_bwd(
         )
 
     if sweep == "cuda":
-        dg = dg_from_token_terms(dg_part[0], layout, B, T, prior, final if has_dfinal else None, dfinal)
+        dg = dg_from_token_terms(dg_part[0], dg_anchor, layout, B, T, C)
     else:
         dg = dg_part.sum(0).reshape(B, T, H)
     dprior = dprior_part.sum((0, 1)) + extra_dprior.sum((0, 1))
