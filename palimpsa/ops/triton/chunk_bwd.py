@@ -452,37 +452,44 @@ def unit_bwd_kernel(
     tl.store(dprior + (i_v * tl.num_programs(1) + i_u) * H + i_h, dprior_sum)
 
 
+@triton.jit
+def dg_sum_kernel(terms, anchors, dg, cu_seqlens, chunk_indices, T, H: tl.constexpr, C: tl.constexpr,
+                  BH: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """One chunk of C tokens and BH heads: dg = the reverse cumulative sum of the chunk's terms plus its anchor."""
+    i_c, i_hb = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int32)
+        j = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int32)
+    else:
+        i_n = i_c // tl.cdiv(T, C)
+        j = i_c % tl.cdiv(T, C)
+    bos, eos = sequence_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    tok = bos + j * C + tl.arange(0, C)
+    offs_h = i_hb * BH + tl.arange(0, BH)
+    mask = (tok < eos)[:, None] & (offs_h < H)[None, :]
+    ptr = tok.to(tl.int64)[:, None] * H + offs_h[None, :]
+    x = tl.load(terms + ptr, mask=mask, other=0.0)
+    anchor = tl.load(anchors + i_c * H + offs_h, mask=offs_h < H, other=0.0)
+    tl.store(dg + ptr, tl.cumsum(x, 0, reverse=True) + anchor[None, :], mask=mask)
+
+
 def dg_from_token_terms(terms: torch.Tensor, anchors: torch.Tensor, layout: SequenceLayout, B: int, T: int,
                         chunk_size: int) -> torch.Tensor:
     """dg [B, T, H] float32 from the CUDA sweep's terms (sweep.cu's header): for token t in chunk c (of
     ``chunk_size`` tokens of its sequence), dg_t = the sum of the per-token terms c_s over s from t to the chunk's
-    end, plus the chunk's anchor (the sum over every later token, and the final state's share), in float64.
+    end, plus the chunk's anchor (the sum over every later token, and the final state's share).  One launch.
 
     terms: c [B * T, H] float32; anchors: [NC, H] float32, one per chunk in ``layout.chunk_table`` order (chunks of
     sequence n after those of sequences before it).
     """
-    NTOK, H = terms.shape
-    C = chunk_size
-    dev = terms.device
-    tok = torch.arange(NTOK, device=dev)
-    if layout.varlen:
-        cu = layout.cu_seqlens.to(device=dev, dtype=torch.long)
-        lengths = cu[1:] - cu[:-1]
-        seq = torch.repeat_interleave(torch.arange(layout.N, device=dev), lengths, output_size=NTOK)
-        start, length = cu[:-1][seq], lengths[seq]
-        first_chunk = torch.cumsum((lengths + C - 1) // C, 0) - (lengths + C - 1) // C  # each sequence's first chunk
-        first_chunk = first_chunk[seq]
-    else:
-        seq = tok // T
-        start, length = seq * T, T
-        first_chunk = seq * ((T + C - 1) // C)
-    pos = tok - start
-    chunk = first_chunk + pos // C
-    last = start + torch.clamp((pos // C + 1) * C, max=length) - 1  # the chunk's last token
-    x = terms.t().double()  # [H, tokens]: the scans run along the last dimension (parallel on a GPU)
-    inclusive = x.cumsum(-1)
-    dg = inclusive[:, last] - inclusive + x + anchors.t().double()[:, chunk]
-    return dg.t().float().contiguous().view(B, T, H)
+    H = terms.shape[-1]
+    dg = torch.empty(B, T, H, device=terms.device, dtype=torch.float32)
+    BH = min(triton.next_power_of_2(H), 64)
+    chunk_indices, _ = layout.chunk_table(chunk_size)
+    dg_sum_kernel[(layout.num_chunks(chunk_size), triton.cdiv(H, BH))](
+        terms, anchors, dg, layout.cu32, chunk_indices, T, H=H, C=chunk_size, BH=BH, IS_VARLEN=layout.varlen,
+    )
+    return dg
 
 
 def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk_size: int,

@@ -1,9 +1,9 @@
 """The CUDA sweep's dg: per-token terms c_t and per-chunk anchors, summed within each chunk (sweep.cu's header).
 
 The terms and anchors are computed here from their definitions by a float64 per-token recurrence (forward states,
-then the adjoints in reverse), so that the identity and ``dg_from_token_terms`` (chunks, varlen, initial state,
-variance, final-state gradient) are checked against autograd through ``naive_palimpsa`` on any machine; the
-kernel's own terms are checked on the GPU (scripts/gpu_ops_check.py).
+then the adjoints in reverse), so that the identity and ``dg_from_token_terms``'s Triton kernel (run by Triton's
+interpreter here: chunks, varlen, initial state, variance, final-state gradient) are checked against autograd through
+``naive_palimpsa`` on any machine; the CUDA sweep's own terms are checked on the GPU (scripts/gpu_ops_check.py).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def terms_and_anchors(inputs, weights, bounds, scale, chunk, with_final):
 @pytest.mark.parametrize("varlen", [False, True])
 @pytest.mark.parametrize("with_final", [False, True])
 def test_dg_from_token_terms_matches_autograd(varlen, with_final):
-    B, T, H, K, V = (1, 41, 2, 4, 3) if varlen else (2, 23, 2, 4, 3)
+    B, T, H, K, V = (1, 41, 3, 4, 3) if varlen else (2, 23, 3, 4, 3)  # 3 heads: a masked head block
     chunk = 8  # 23 tokens: a partial last chunk; the packed sequences 7, 1 and 33 tokens long
     inputs = make_inputs(B, T, H, K, V, gate=(-3.0, 0.0), seed=3)
     if varlen:  # three packed sequences, one initial state each
