@@ -16,9 +16,9 @@
 //    while the current chunk runs;
 //  * where a chunk's decay allows (common.cuh's ChunkDecays), its states step scaled by 1 / A_j, A_j the decay from
 //    the chunk's start through token j: P~ += k^2 (beta / A_j), M~ += k (v / A_j), two instructions per element and
-//    forward step instead of four.  The reverse step then reads q / A_j and I0 / A_j, so that 1 / I~ (= A_j / I), mu =
-//    M~ / I~ and q / I come out unscaled; the adjoints stay unscaled.  Chunks with saturated or infinite log decays
-//    step directly;
+//    forward step instead of four.  The reverse step then reads I0 / A_j, so that 1 / I~ = A_j / I and mu = M~ / I~
+//    comes out unscaled, and carries its adjoints scaled by A_j: lambda~_j = lambda~_{j+1} + A_j G_j, no decay per
+//    element (backward_token).  Chunks with saturated or infinite log decays step directly;
 //  * dg needs no sum over the state elements per token.  With P = I - I0 and M both gated linear recurrences in g, and
 //    G_t the gradient that token t's read-out sends to its state,
 //        dg_t = sum_{s >= t} c_s,   c_s = <G_s, (M_s, P_s)> - <lambda_s, (k_s v_s, k_s^2 beta_s)>
@@ -80,9 +80,9 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
     }
 }
 
-// Shared memory of a block, in floats: the chunk's q (times 1 / A_j) and k rows [PC][PK] each, its value-column inputs
-// [PC][NQS][BV] (v, beta, do times the scale, dvar times its square, v / A_j, beta / A_j), its decays [PC][4] (a_j,
-// I0 / A_j, A_j, unused); then per warp: the sub-block start states [NSUB][2][E][32], the chunk-start state
+// Shared memory of a block, in floats: the chunk's q and k rows [PC][PK] each, its value-column inputs [PC][NQS][BV]
+// (v, beta, do times the scale, dvar times its square and 1 / A_j, v / A_j, beta / A_j), its decays [PC][4] (a_j,
+// I0 / A_j, A_j, 1 / A_j); then per warp: the sub-block start states [NSUB][2][E][32], the chunk-start state
 // [2][E / 2][32] float2 (copied from global memory asynchronously while the chunk before is processed), the sums over
 // K of a sub-block [16][RED1_STRIDE] and its sums over V for two tokens [2][2][2][PK].
 #define SQ_OFF 0
