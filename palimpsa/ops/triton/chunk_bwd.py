@@ -41,8 +41,8 @@ import triton.language as tl
 
 from palimpsa.ops.triton.chunk_fwd import forward_step, load_state_part
 from palimpsa.ops.triton.chunk_state import chunk_states
-from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, masked_if,
-                                       reciprocal, sequence_bounds, state_block, v_block)
+from palimpsa.ops.triton.utils import (SequenceLayout, cdiv, interpreting, k_parts, locate_chunk, masked_if,
+                                       next_power_of_two, reciprocal, sequence_bounds, state_block, v_block)
 
 BWD_CHUNK = 32
 
@@ -484,9 +484,9 @@ def dg_from_token_terms(terms: torch.Tensor, anchors: torch.Tensor, layout: Sequ
     """
     H = terms.shape[-1]
     dg = torch.empty(B, T, H, device=terms.device, dtype=torch.float32)
-    BH = min(triton.next_power_of_2(H), 64)
+    BH = min(next_power_of_two(H), 64)
     chunk_indices, _ = layout.chunk_table(chunk_size)
-    dg_sum_kernel[(layout.num_chunks(chunk_size), triton.cdiv(H, BH))](
+    dg_sum_kernel[(layout.num_chunks(chunk_size), cdiv(H, BH))](
         terms, anchors, dg, layout.cu32, chunk_indices, T, H=H, C=chunk_size, BH=BH, IS_VARLEN=layout.varlen,
     )
     return dg
@@ -533,7 +533,7 @@ def chunk_bwd(
     BV = v_block(V, block_v)
     if num_warps is None:  # about 6 state elements per thread and tile: the sweep keeps ~15 tiles live
         num_warps = 4 if (KA + KB) * BV <= 1024 else 8
-    NV = triton.cdiv(V, BV)
+    NV = cdiv(V, BV)
     if sweep == "cuda":  # its threads hold K / 16 rows of 2 columns: the units, dprior and the local-adjoint pass
         lanes_k, sweep_cols, sweep_warps = 16, 2, 1  # are those of the Gluon sweep with that layout
     if sweep in ("gluon", "cuda") and (lanes_k > KA or 0 < KB < lanes_k):
@@ -542,7 +542,7 @@ def chunk_bwd(
     if sweep in ("gluon", "cuda"):  # its own V blocks: the buffers per V block below follow them, and so do the units
         from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v
 
-        NV = triton.cdiv(V, gluon_sweep_block_v(lanes_k, sweep_warps, sweep_cols))
+        NV = cdiv(V, gluon_sweep_block_v(lanes_k, sweep_warps, sweep_cols))
     U = unit_chunks if unit_chunks is not None else default_unit_chunks(layout, H, NV, C, target_programs)
     W = U * C
     fast = not interpreting()
@@ -559,7 +559,7 @@ def chunk_bwd(
     if NU > N and sweep in ("gluon", "cuda"):
         from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v, unit_local_adjoint_gluon_kernel
 
-        unit_local_adjoint_gluon_kernel[(triton.cdiv(V, gluon_sweep_block_v(lanes_k, 1, sweep_cols)), NU, H)](
+        unit_local_adjoint_gluon_kernel[(cdiv(V, gluon_sweep_block_v(lanes_k, 1, sweep_cols)), NU, H)](
             q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, unit_decay, do, dvar_arg,
             layout.cu32, unit_indices, unit_offsets, chunk_offsets, scale, T,
             H=H, K=K, V=V, C=C, U=U, KA=KA, KB=KB, LANES_K=lanes_k, VCOLS=sweep_cols, HAS_DVAR=dvar is not None,
@@ -573,11 +573,11 @@ def chunk_bwd(
             FAST=fast, num_warps=num_warps,
         )
     BKs, BVs = state_block(K), state_block(V)
-    n_scan = triton.cdiv(K, BKs) * triton.cdiv(V, BVs)
+    n_scan = cdiv(K, BKs) * cdiv(V, BVs)
     extra_dprior = torch.zeros(n_scan, N, H, device=dev, dtype=torch.float32)
     f_mu, f_imp = final if has_dfinal else (adj_mean, adj_mean)
     d_mu, d_imp = dfinal if has_dfinal else (adj_mean, adj_mean)
-    unit_scan_kernel[(triton.cdiv(V, BVs), triton.cdiv(K, BKs), N * H)](
+    unit_scan_kernel[(cdiv(V, BVs), cdiv(K, BKs), N * H)](
         prior, adj_mean, adj_imp, unit_decay, f_mu, f_imp, d_mu, d_imp, extra_dprior,
         layout.cu32, unit_offsets, T, H=H, K=K, V=V, W=W, BK=BKs, BV=BVs,
         HAS_DFINAL=has_dfinal, IS_VARLEN=layout.varlen, num_warps=4,

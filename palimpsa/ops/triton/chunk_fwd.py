@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from palimpsa.ops.triton.utils import (SequenceLayout, interpreting, k_parts, locate_chunk, masked_if,
+from palimpsa.ops.triton.utils import (SequenceLayout, cdiv, interpreting, k_parts, locate_chunk, masked_if,
                                        reciprocal, sequence_bounds, v_block)
 
 
@@ -191,7 +191,7 @@ def fwd_output(
         chunk_indices, chunk_offsets = layout.chunk_table(chunk_size)
         h_mean, h_imp = states
     mu0, imp0 = initial_state if initial_state is not None else (o, o)
-    grid = (triton.cdiv(V, BV), n_programs, H)
+    grid = (cdiv(V, BV), n_programs, H)
     chunk_fwd_kernel[grid](
         q, k, v, g, beta, prior, h_mean, h_imp, mu0, imp0, o, var, final_mu, final_imp,
         layout.cu32, chunk_indices, chunk_offsets, scale, T,

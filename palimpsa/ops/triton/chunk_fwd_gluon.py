@@ -43,7 +43,7 @@ import triton.language as tl  # parameter annotations: the interpreter knows onl
 from palimpsa.ops.triton.gluon_parts import (allocate_rows, load_rows, load_state, locate_unit, masked_if, reciprocal,
                                              stage_rows)
 from palimpsa.ops.triton.gluon_shim import gl, jit
-from palimpsa.ops.triton.utils import SequenceLayout, k_parts
+from palimpsa.ops.triton.utils import SequenceLayout, cdiv, k_parts
 
 LANES_PER_COLUMN = gl.constexpr(4)  # default lanes that share one value column (each holds a quarter of the rows)
 COLUMNS_PER_WARP = gl.constexpr(8)  # value columns of a warp: 32 lanes / lanes per column * columns per thread
@@ -214,7 +214,7 @@ def fwd_output_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     var = torch.empty_like(o) if output_variance else o
     chunk_indices, chunk_offsets = layout.chunk_table(chunk_size)
     h_mean, h_imp = states
-    grid = (triton.cdiv(V, COLUMNS_PER_WARP.value * warps), layout.num_chunks(chunk_size), H)
+    grid = (cdiv(V, COLUMNS_PER_WARP.value * warps), layout.num_chunks(chunk_size), H)
     dummy = layout.cu32 if layout.varlen else o
     chunk_output_gluon_kernel[grid](
         q, k, v, g, beta, prior, h_mean, h_imp, o, var, dummy, chunk_indices if layout.varlen else dummy,

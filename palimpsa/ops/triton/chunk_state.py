@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from palimpsa.ops.triton.config import state_tuning
-from palimpsa.ops.triton.utils import SequenceLayout, log_decay_to_end, sequence_bounds
+from palimpsa.ops.triton.utils import SequenceLayout, cdiv, log_decay_to_end, sequence_bounds
 
 
 @triton.jit
@@ -143,7 +143,7 @@ def chunk_states(
         launch["num_stages"] = tune.num_stages
     if tune.maxnreg is not None:
         launch["maxnreg"] = tune.maxnreg
-    grid = (triton.cdiv(V, BV), triton.cdiv(K, BK), N * H)
+    grid = (cdiv(V, BV), cdiv(K, BK), N * H)
     chunk_states_kernel[grid](
         k, v, g, beta, prior, mu0, imp0, h_mean, h_imp, final_mu, final_imp, layout.cu32, chunk_offsets,
         T, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV,

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from palimpsa.ops.torch_gla import pad_time
-from palimpsa.ops.triton.utils import interpreting
+from palimpsa.ops.triton.utils import cdiv, interpreting, next_power_of_two
 
 TUNED_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
 # Heads with K * Vd at most this (MQAR's 16 x 32, say) run the first configuration untimed: their tiles are mostly
@@ -306,7 +306,7 @@ def _blocks(K: int, VD: int, dtype: torch.dtype):
     ``_bwd_dqk`` at K = 96, Vd = 192 under 3.9).
     """
     if dtype == torch.float32:
-        return (min(32, max(16, triton.next_power_of_2(K))), min(32, max(16, triton.next_power_of_2(VD))))
+        return (min(32, max(16, next_power_of_two(K))), min(32, max(16, next_power_of_two(VD))))
     return 64, 64
 
 
@@ -316,7 +316,7 @@ FLOAT32_MAX_CHUNK = 32
 def kernel_chunk(T: int, chunk: int, dtype: torch.dtype) -> int:
     """The chunk the kernels run for a sequence of T tokens when ``chunk`` is asked: a power of two from 16, at
     most T rounded up to a power of two, and at most FLOAT32_MAX_CHUNK for float32 inputs (see :func:`_blocks`)."""
-    chunk = max(16, min(chunk, triton.next_power_of_2(T)))
+    chunk = max(16, min(chunk, next_power_of_two(T)))
     return min(chunk, FLOAT32_MAX_CHUNK) if dtype == torch.float32 else chunk
 
 
@@ -340,10 +340,10 @@ class GLAFunction(torch.autograd.Function):
         hs = q.new_empty(N, HV, NC, K, VD, dtype=state_dtype)
         hT = q.new_empty(N, HV, K, VD, dtype=torch.float32)
         meta = dict(HK=HK, HV=HV, K=K, VD=VD, C=chunk, BK=BK, BV=BV, PREC=prec)
-        _fwd_states[(triton.cdiv(K, BK), triton.cdiv(VD, BV), N * HV)](
+        _fwd_states[(cdiv(K, BK), cdiv(VD, BV), N * HV)](
             k, v, g, h0, hs, hT, T, NC, HAS_INIT=h0 is not None, STORE_FINAL=True, **meta)
         o = torch.empty_like(v)
-        _fwd_output[(triton.cdiv(VD, BV), NC, N * HV)](q, k, v, g, hs, o, scale, T, NC, **meta)
+        _fwd_output[(cdiv(VD, BV), NC, N * HV)](q, k, v, g, hs, o, scale, T, NC, **meta)
         ctx.save_for_backward(q, k, v, g, h0)
         ctx.scale, ctx.chunk, ctx.has_init = scale, chunk, h0 is not None
         return o, hT
@@ -362,17 +362,17 @@ class GLAFunction(torch.autograd.Function):
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         # recompute the chunk-start states (cheaper in memory than keeping them from the forward)
         hs = q.new_empty(N, HV, NC, K, VD, dtype=state_dtype)
-        _fwd_states[(triton.cdiv(K, BK), triton.cdiv(VD, BV), N * HV)](
+        _fwd_states[(cdiv(K, BK), cdiv(VD, BV), N * HV)](
             k, v, g, h0, hs, hs, T, NC, HAS_INIT=h0 is not None, STORE_FINAL=False, **meta)
         has_final_grad = dhT is not None
         dhs = torch.empty_like(hs)
         dh0 = q.new_empty(N, HV, K, VD, dtype=torch.float32) if ctx.has_init else None
-        _bwd_states[(triton.cdiv(K, BK), triton.cdiv(VD, BV), N * HV)](
+        _bwd_states[(cdiv(K, BK), cdiv(VD, BV), N * HV)](
             q, g, do, dhT.contiguous() if has_final_grad else None, dhs, dh0, scale, T, NC,
             HAS_FINAL_GRAD=has_final_grad, STORE_INIT_GRAD=ctx.has_init, **meta)
         dv = torch.empty_like(v)
-        _bwd_dv[(triton.cdiv(VD, BV), NC, N * HV)](q, k, g, do, dhs, dv, scale, T, NC, **meta)
-        NK = triton.cdiv(K, BK)
+        _bwd_dv[(cdiv(VD, BV), NC, N * HV)](q, k, g, do, dhs, dv, scale, T, NC, **meta)
+        NK = cdiv(K, BK)
         # dq in the dtype of q straight from the kernel (the same rounding as a cast after it); dk too when every
         # key head has one query head, else float32 until its sum over the query heads that share it
         dq = q.new_empty(N, T, HV, K)

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from palimpsa.ops.torch_gla import pad_time
+from palimpsa.ops.triton.utils import cdiv, next_power_of_two
 
 
 @triton.jit
@@ -257,7 +258,7 @@ def _scan_bwd(q, k, g, beta, prior, starts, d_q_tilde, d_var, carries, d_beta, d
 def _key_block(K: int) -> int:
     """Key channels per program: at most 32, so that a program's [C, BK] float32 tiles fit in registers (with the
     whole K = 96 in one program the backward took 43 ms at the 760M-like shape on an H200, 38x the forward)."""
-    return max(16, min(32, triton.next_power_of_2(K)))
+    return max(16, min(32, next_power_of_two(K)))
 
 
 # Warps per chunk program: a [C = 64, BK = 32] float32 tile is 16 registers a thread over 4 warps, and the
@@ -279,7 +280,7 @@ class RescaledQueryFunction(torch.autograd.Function):
     def forward(ctx, q, k, g, beta, prior, excess0, groups, chunk, scale, with_variance):
         N, T, H, K = k.shape
         G, NC, BK = groups, T // chunk, _key_block(K)
-        NK = triton.cdiv(K, BK)
+        NK = cdiv(K, BK)
         f32 = dict(dtype=torch.float32, device=k.device)
         q_tilde = torch.empty(N, T, H, G, K, dtype=q.dtype, device=q.device)
         var_part = torch.empty(NK, N, T, H, G, **f32) if with_variance else None
@@ -304,7 +305,7 @@ class RescaledQueryFunction(torch.autograd.Function):
         meta = ctx.meta
         N, T, H, K = k.shape
         G, BK = meta["G"], meta["BK"]
-        NK = triton.cdiv(K, BK)
+        NK = cdiv(K, BK)
         f32 = dict(dtype=torch.float32, device=k.device)
         d_q_tilde = (torch.zeros(N, T, H, G, K, **f32) if d_q_tilde is None else d_q_tilde.contiguous())
         d_var = ((ctx.scale ** 2) * d_variance.float()).contiguous() if d_variance is not None else None
@@ -352,7 +353,7 @@ def rescaled_query_triton(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, bet
     variance [N, T, H, G] float32 or None, iota_T [N, H, G, K] float32).
     """
     T = q.shape[1]
-    chunk = max(16, min(chunk, triton.next_power_of_2(T)))
+    chunk = max(16, min(chunk, next_power_of_two(T)))
     q, k = pad_time(q, chunk).contiguous(), pad_time(k, chunk).contiguous()
     g = pad_time(g.float(), chunk).contiguous()
     beta = pad_time(beta.float(), chunk).contiguous() if beta is not None else None

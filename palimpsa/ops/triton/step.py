@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from palimpsa.ops.triton.utils import interpreting, next_power_of_two
+from palimpsa.ops.triton.utils import cdiv, interpreting, next_power_of_two
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def launch_step(q, k, v, g, beta, mu, imp, prior: Union[float, torch.Tensor], sc
     is_tensor = isinstance(prior, torch.Tensor)
     prior_arg = prior if is_tensor else mu
     prior_value = 1.0 if is_tensor else float(prior)
-    step_kernel[(triton.cdiv(V, BV), B * H)](
+    step_kernel[(cdiv(V, BV), B * H)](
         q, k, v, g, beta, prior_arg, mu, imp, o, var, scale, prior_value,
         H=H, K=K, V=V, BK=BK, BV=BV, PRIOR_IS_TENSOR=is_tensor, HAS_VAR=output_variance, num_warps=4,
     )
