@@ -10,7 +10,9 @@ spills beyond a few bytes; the host refuses what the kernels cannot run, with er
 
 from __future__ import annotations
 
+import ctypes
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -124,6 +126,35 @@ def test_kernel_source_defines_come_first():
     src = nvrtc.kernel_source("output.cu", {"PK": 64, "PV": 64})
     assert src.startswith("#define PK 64\n#define PV 64\n") and "palimpsa_output" in src
     assert "#define R (PK / 16)" in src  # common.cuh, before the kernel
+
+
+def test_launch_arguments_reach_the_driver_packed_at_their_alignment(monkeypatch):
+    """A launch packs its arguments into one buffer (no ctypes object per argument): what the driver reads through
+    the address array must be each argument, as a 64-bit pointer, an int32 or a float32, at its natural alignment."""
+    seen = {}
+
+    def launch(function, gx, gy, gz, bx, by, bz, shared, stream, argv, extra):
+        seen.update(grid=(gx, gy, gz), block=bx, shared=shared,
+                    values=[ctype.from_address(argv[i]).value for i, ctype in enumerate(seen["types"])],
+                    aligned=all(argv[i] % ctypes.sizeof(ctype) == 0 for i, ctype in enumerate(seen["types"])))
+        return 0
+
+    monkeypatch.setattr(nvrtc, "_driver", lambda: SimpleNamespace(cuLaunchKernel=launch))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=0))
+    kernel = object.__new__(nvrtc.Kernel)  # no GPU here: the attributes a loaded kernel has
+    kernel._function, kernel.shared_bytes, kernel._packings = None, 4096, {}
+    x = torch.zeros(8)
+    for args in ((x, 7, None, 0.5, True, x[2:], -3), (x, 8, x, -1.25, False, None, 2 ** 31 - 1)):
+        seen["types"] = [ctypes.c_uint64, ctypes.c_int32, ctypes.c_uint64, ctypes.c_float, ctypes.c_int32,
+                         ctypes.c_uint64, ctypes.c_int32]
+        kernel((3, 2, 1), 256, args)
+        expected = [a.data_ptr() if isinstance(a, torch.Tensor) else 0 if a is None else a for a in args]
+        assert seen == dict(seen, grid=(3, 2, 1), block=256, shared=4096, values=expected, aligned=True)
+    assert len(kernel._packings) == 1  # one buffer for the one pattern of argument kinds
+    with pytest.raises(TypeError, match="argument of type str"):
+        kernel((1, 1, 1), 32, (x, "7"))
+    with pytest.raises(ValueError, match="does not fit its type"):
+        kernel((1, 1, 1), 32, (x, 2 ** 31))
 
 
 def test_launchers_refuse_what_the_kernels_cannot_run():

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import struct
 import sys
+import threading
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -134,6 +136,7 @@ class Kernel:
         _check_driver(lib.cuModuleGetFunction(ctypes.byref(self._function), self._module, name.encode()),
                       "cuModuleGetFunction")
         self.shared_bytes = shared_bytes
+        self._packings: Dict[str, "_ArgumentPacking"] = {}
         if shared_bytes > 48 * 1024:
             _check_driver(lib.cuFuncSetAttribute(self._function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                                  shared_bytes),
@@ -143,22 +146,58 @@ class Kernel:
     def __call__(self, grid: Tuple[int, int, int], block: int, args: Sequence) -> None:
         """Launch on PyTorch's current stream; ``args`` in the kernel's order: tensors (their data pointers; None
         for an unused pointer), Python ints (int32) and floats (float32)."""
-        holders = []
+        values, kinds = [], []
         for a in args:
             if isinstance(a, torch.Tensor):
-                holders.append(ctypes.c_void_p(a.data_ptr()))
+                values.append(a.data_ptr())
+                kinds.append("P")
             elif a is None:
-                holders.append(ctypes.c_void_p(0))
-            elif isinstance(a, bool) or isinstance(a, int):
-                holders.append(ctypes.c_int(int(a)))
+                values.append(0)
+                kinds.append("P")
+            elif isinstance(a, (bool, int)):
+                values.append(int(a))
+                kinds.append("i")
             elif isinstance(a, float):
-                holders.append(ctypes.c_float(a))
+                values.append(a)
+                kinds.append("f")
             else:
                 raise TypeError(f"kernel argument of type {type(a).__name__} is not supported")
-        argv = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
+        packing = self._packings.get("".join(kinds))
+        if packing is None:
+            packing = self._packings["".join(kinds)] = _ArgumentPacking("".join(kinds))
         stream = torch.cuda.current_stream().cuda_stream
-        _check_driver(_driver().cuLaunchKernel(self._function, grid[0], grid[1], grid[2], block, 1, 1,
-                                               self.shared_bytes, stream, argv, None), "cuLaunchKernel")
+        with packing.lock:  # the driver copies the arguments during the call: the buffer is free after it
+            packing.pack(values)
+            _check_driver(_driver().cuLaunchKernel(self._function, grid[0], grid[1], grid[2], block, 1, 1,
+                                                   self.shared_bytes, stream, packing.argv, None), "cuLaunchKernel")
+
+
+class _ArgumentPacking:
+    """One buffer holding a launch's arguments at their natural alignment (pointers 8 bytes, ints and floats 4), and
+    the array of their addresses that cuLaunchKernel reads; made once per pattern of argument kinds ("P" pointer,
+    "i" int32, "f" float32), so that a launch only packs its values (one struct.pack_into instead of a ctypes object
+    per argument)."""
+
+    def __init__(self, kinds: str):
+        fmt, offsets, offset = "=", [], 0
+        for kind in kinds:
+            size = 8 if kind == "P" else 4
+            pad = -offset % size
+            fmt += "x" * pad + {"P": "Q", "i": "i", "f": "f"}[kind]
+            offset += pad
+            offsets.append(offset)
+            offset += size
+        self.format = struct.Struct(fmt)
+        self.buffer = ctypes.create_string_buffer(max(offset, 8))
+        base = ctypes.addressof(self.buffer)
+        self.argv = (ctypes.c_void_p * max(len(kinds), 1))(*[base + o for o in offsets])
+        self.lock = threading.Lock()
+
+    def pack(self, values: Sequence) -> None:
+        try:
+            self.format.pack_into(self.buffer, 0, *values)
+        except struct.error as err:
+            raise ValueError(f"a kernel argument does not fit its type (pointers 64-bit, ints int32): {err}") from None
 
 
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
