@@ -1,8 +1,10 @@
 """Autograd and ``torch.compile`` glue of the Palimpsa Triton kernels.
 
 The forward and the backward are ``torch.library`` custom ops (``palimpsa_triton::fwd`` and
-``palimpsa_triton::bwd``) tied together with ``register_autograd``: eager code and compiled graphs run
-the same kernels, and a compiled graph sees each op as one opaque node (no graph break inside).
+``palimpsa_triton::bwd``) tied together with ``register_autograd``, so that a compiled graph sees each op as one
+opaque node (no graph break inside).  Eager code runs the same two implementations through a plain
+``torch.autograd.Function`` (:class:`_EagerChunkOp`): the custom ops' dispatch costs the host ~0.1 ms per fwd+bwd
+(``scripts/cpu_host_glue.py --per-channel``), which at small shapes is time the GPU waits.
 """
 
 from __future__ import annotations
@@ -180,8 +182,7 @@ def _absent(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Te
     return like.new_empty(0, dtype=dtype or like.dtype)
 
 
-@torch.library.custom_op("palimpsa_triton::fwd", mutates_args=())
-def _fwd_op(
+def _fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, prior: torch.Tensor,
     mu0: Optional[torch.Tensor], imp0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
     scale: float, chunk_size: int, recurrent: bool, output_final_state: bool, output_variance: bool,
@@ -224,6 +225,9 @@ def _fwd_op(
         return o, var, final_mu, final_imp
 
 
+_fwd_op = torch.library.custom_op("palimpsa_triton::fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, g, beta, prior, mu0, imp0, cu_seqlens, scale, chunk_size, recurrent,
               output_final_state, output_variance):
@@ -237,8 +241,7 @@ def _fwd_fake(q, k, v, g, beta, prior, mu0, imp0, cu_seqlens, scale, chunk_size,
     return o, var, _absent(q, torch.float32), _absent(q, torch.float32)
 
 
-@torch.library.custom_op("palimpsa_triton::bwd", mutates_args=())
-def _bwd_op(
+def _bwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, prior: torch.Tensor,
     mu0: Optional[torch.Tensor], imp0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
     do: torch.Tensor, dvar: Optional[torch.Tensor], dmu: Optional[torch.Tensor], dimp: Optional[torch.Tensor],
@@ -273,6 +276,9 @@ def _bwd_op(
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
 
+_bwd_op = torch.library.custom_op("palimpsa_triton::bwd", _bwd_impl, mutates_args=())
+
+
 @_bwd_op.register_fake
 def _bwd_fake(q, k, v, g, beta, prior, mu0, imp0, cu_seqlens, do, dvar, dmu, dimp, scale, chunk_size):
     dmu0 = torch.empty_like(mu0) if mu0 is not None else _absent(prior)
@@ -295,7 +301,8 @@ def _given(grad: Optional[torch.Tensor], wanted: bool) -> Optional[torch.Tensor]
     return grad.contiguous() if wanted and grad is not None and grad.numel() > 0 else None
 
 
-def _backward(ctx, do, dvar, dmu, dimp):
+def _backward_with(bwd, ctx, do, dvar, dmu, dimp):
+    """The gradients of the forward's inputs, by ``bwd`` (the custom op, or its implementation in eager code)."""
     q, k, v, g, beta, prior, mu0, imp0, cu_seqlens = ctx.saved_tensors
     do = do.contiguous() if do is not None else torch.zeros_like(v, dtype=q.dtype)
     dvar = _given(dvar, ctx.output_variance)
@@ -305,14 +312,33 @@ def _backward(ctx, do, dvar, dmu, dimp):
         present = dmu if dmu is not None else dimp
         dmu = dmu if dmu is not None else torch.zeros_like(present)
         dimp = dimp if dimp is not None else torch.zeros_like(present)
-    dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0 = _bwd_op(
+    dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0 = bwd(
         q, k, v, g, beta, prior, mu0, imp0, cu_seqlens, do, dvar, dmu, dimp, ctx.scale, ctx.chunk_size)
     if mu0 is None:
         dmu0 = dimp0 = None
     return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0, None, None, None, None, None, None
 
 
+def _backward(ctx, do, dvar, dmu, dimp):
+    return _backward_with(_bwd_op, ctx, do, dvar, dmu, dimp)
+
+
 torch.library.register_autograd("palimpsa_triton::fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerChunkOp(torch.autograd.Function):
+    """``palimpsa_triton::fwd`` with its registered autograd, for eager code: the same implementations, context and
+    gradients, without the custom ops' dispatch (what a compiled graph traces instead)."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _fwd_impl(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, do, dvar, dmu, dimp):
+        return _backward_with(_bwd_impl, ctx, do, dvar, dmu, dimp)
 
 
 def _check_supported(x: PreparedInputs) -> None:
@@ -335,7 +361,8 @@ def _check_chunk_size(chunk_size: Optional[int]) -> int:
 def _run(x: PreparedInputs, output_final_state: bool, output_variance: bool, chunk_size: int, recurrent: bool):
     _check_supported(x)
     mu0, imp0 = (x.initial_state[0].contiguous(), x.initial_state[1].contiguous()) if x.initial_state else (None, None)
-    o, var, final_mu, final_imp = _fwd_op(
+    op = _fwd_op if torch.compiler.is_compiling() else _EagerChunkOp.apply
+    o, var, final_mu, final_imp = op(
         x.q.contiguous(), x.k.contiguous(), x.v.contiguous(), x.g.contiguous(), x.beta.contiguous(),
         x.prior.contiguous(), mu0, imp0, x.cu_seqlens, x.scale, chunk_size, recurrent,
         bool(output_final_state), bool(output_variance))
