@@ -158,6 +158,22 @@ def test_outputs_without_optional_parts():
         assert err < 1e-5, f"{name}: {err:.2e}"
 
 
+def test_half_inputs_match_naive():
+    """float16 q, k, v, beta (float32 states inside): every output and gradient against float64 on the same rounded
+    inputs, to float16's precision.  Here dq and dk are cast from float32 sums that share one zeroed buffer with dg's
+    and dprior's (chunk_bwd): a view into the wrong part of it would show."""
+    triton_module()
+    inputs = make_inputs(B=2, T=37, H=2, K=32, V=16, seed=5)
+    half = {n: x.half() if n in ("q", "k", "v", "beta") else x for n, x in inputs.items()}
+    grads = make_grads(inputs, N=2)
+    got = run_op(chunk_palimpsa, half, {n: x.half() for n, x in grads.items()}, backend="triton", chunk_size=16)
+    for name, a in zip(NAMES, got):
+        assert a is not None and a.dtype == (torch.float16 if name in ("o", "var", "dq", "dk", "dv", "dbeta")
+                                             else torch.float32), name
+    rounded = {n: x.float() for n, x in half.items()}
+    assert_close(got, reference(rounded, {n: x.half().float() for n, x in grads.items()}), tol=3e-3)
+
+
 def test_step_updates_state_in_place():
     triton_module()
     gen = torch.Generator().manual_seed(11)

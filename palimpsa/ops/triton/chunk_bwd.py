@@ -33,6 +33,7 @@ Work plan (states are recomputed, only chunk-start states and one adjoint pair p
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -503,6 +504,13 @@ def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk
     return max(1, min(tokens_per_unit // chunk_size, -(-layout.max_length() // chunk_size)))
 
 
+def _zeroed_views(device, *shapes) -> Tuple[torch.Tensor, ...]:
+    """Float32 tensors of ``shapes``, all zero: views into one buffer, so that one fill (one launch) zeroes them."""
+    sizes = [math.prod(shape) for shape in shapes]
+    buffer = torch.zeros(sum(sizes), device=device, dtype=torch.float32)
+    return tuple(part.view(shape) for part, shape in zip(buffer.split(sizes), shapes))
+
+
 def chunk_bwd(
     q, k, v, g, beta, prior, scale: float, initial_state, layout: SequenceLayout,
     do: torch.Tensor, dvar: Optional[torch.Tensor], dfinal: Optional[Tuple[torch.Tensor, torch.Tensor]],
@@ -574,7 +582,19 @@ def chunk_bwd(
         )
     BKs, BVs = state_block(K), state_block(V)
     n_scan = cdiv(K, BKs) * cdiv(V, BVs)
-    extra_dprior = torch.zeros(n_scan, N, H, device=dev, dtype=torch.float32)
+    NTOK = B * T
+    # the buffers the kernels add into, zeroed by one fill: dq, dk [B, T, H, K] (float32 inputs get them back as they
+    # are, and the outputs of a custom op may not share storage: two fills then), dg per V block (the Gluon and CUDA
+    # sweeps add every block's share into one) [*, B * T, H], dg's anchors per chunk (CUDA sweep) [NC, H], the
+    # importance scan's dprior shares [n_scan, N, H]
+    dg_parts = 1 if sweep in ("gluon", "cuda") else NV
+    n_anchors = layout.num_chunks(C) if sweep == "cuda" else 0
+    sums = ((dg_parts, NTOK, H), (n_anchors, H), (n_scan, N, H))
+    if q.dtype == torch.float32:
+        dq, dk = (torch.zeros(B, T, H, K, device=dev, dtype=torch.float32) for _ in range(2))
+        dg_part, dg_anchor, extra_dprior = _zeroed_views(dev, *sums)
+    else:
+        dq, dk, dg_part, dg_anchor, extra_dprior = _zeroed_views(dev, (B, T, H, K), (B, T, H, K), *sums)
     f_mu, f_imp = final if has_dfinal else (adj_mean, adj_mean)
     d_mu, d_imp = dfinal if has_dfinal else (adj_mean, adj_mean)
     unit_scan_kernel[(cdiv(V, BVs), cdiv(K, BKs), N * H)](
@@ -583,13 +603,8 @@ def chunk_bwd(
         HAS_DFINAL=has_dfinal, IS_VARLEN=layout.varlen, num_warps=4,
     )
 
-    NTOK = B * T
-    dq = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
-    dk = torch.zeros(B, T, H, K, device=dev, dtype=torch.float32)
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
     dbeta = torch.empty(B, T, H, V, device=dev, dtype=beta.dtype)
-    # dg per V block, summed below; the Gluon sweep adds every block's share into one buffer atomically
-    dg_part = torch.zeros(1 if sweep in ("gluon", "cuda") else NV, NTOK, H, device=dev, dtype=torch.float32)
     dprior_part = torch.empty(NV, NU, H, device=dev, dtype=torch.float32)
     has_init = initial_state is not None
     if has_init:
@@ -601,7 +616,6 @@ def chunk_bwd(
     if sweep == "cuda":
         from palimpsa.ops.cuda.sweep import launch_sweep
 
-        dg_anchor = torch.zeros(layout.num_chunks(C), H, device=dev, dtype=torch.float32)
         launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar,
                      dq, dk, dv, dbeta, dg_part, dg_anchor, dprior_part, dmu0, dimp0, layout.cu32, unit_indices,
                      chunk_offsets, scale, T, NU, C, U, has_init, layout.varlen)
