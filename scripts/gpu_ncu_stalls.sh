@@ -10,7 +10,8 @@
 # Cycles Per Issued Instruction"): "wait" is a fixed-latency dependency (an ALU result), "short_scoreboard" shared
 # memory or MUFU, "long_scoreboard" global memory, "math_pipe_throttle" a full pipe, "not_selected" another warp
 # issued (no loss).  Output: $OUT/stalls_<shape>.txt.  SOURCE=1 also samples the stalls per SASS instruction (ncu's
-# SourceCounters section) and writes them as $OUT/sass_<shape>.csv.gz (ncu's source page: one row per instruction).
+# SourceCounters section) and writes them as $OUT/sass_<shape>.csv.gz (ncu's source page: one row per instruction),
+# which `python -m palimpsa.bench.ncu_source FILE` sums by stall reason and by opcode.
 set -u
 export PYTHONPATH=${PYTHONPATH:-.}
 OUT=${OUT:?set OUT to the folder that comes back}
