@@ -174,6 +174,29 @@ def test_half_inputs_match_naive():
     assert_close(got, reference(rounded, {n: x.half().float() for n, x in grads.items()}), tol=3e-3)
 
 
+def test_a_final_state_asked_for_but_unused_gets_no_gradient():
+    """Asking for the final state and leaving it out of the loss gives the gradients of the loss without it (its
+    gradient reaches the backward as None: no zero state is materialised or read)."""
+    triton_module()
+    inputs = make_inputs(B=2, T=21, H=1, K=16, V=16, seed=11)
+    do = torch.randn(2, 21, 1, 16, generator=torch.Generator().manual_seed(3))
+
+    def grads_of(fn, dtype, **kw):
+        leaves = {n: x.detach().to(dtype).requires_grad_() for n, x in inputs.items()}
+        init = (leaves["mu0"], leaves["imp0"])
+        o, final = fn(*(leaves[n] for n in ("q", "k", "v", "g", "beta", "prior")), initial_state=init,
+                      output_final_state=True, **kw)
+        assert final is not None
+        (o * do.to(dtype)).sum().backward()
+        return [leaves[n].grad for n in ("q", "k", "v", "g", "beta", "prior", "mu0", "imp0")]
+
+    got = grads_of(chunk_palimpsa, torch.float32, backend="triton", chunk_size=16)
+    ref = grads_of(naive_palimpsa, torch.float64)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dprior", "dmu0", "dI0"), got, ref):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 1e-5, f"{name}: {err:.2e}"
+
+
 def test_step_updates_state_in_place():
     triton_module()
     gen = torch.Generator().manual_seed(11)

@@ -332,6 +332,7 @@ class _EagerChunkOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):  # ctx first: apply() then binds no signature (inspect costs ~0.1 ms a call)
+        ctx.set_materialize_grads(False)  # an unused final state's gradients come as None, not zero fills to read
         output = _fwd_impl(*inputs)
         _setup_context(ctx, inputs, output)
         return output
