@@ -24,9 +24,13 @@ import triton.runtime.jit as triton_jit
 from palimpsa.bench import ops as bench_ops
 
 
+CUDA_LAUNCHES = [0]  # the stubbed driver's count of kernel launches
+
+
 def stub_cuda_path() -> None:
     """Make the per-channel op take its sm_90 path on CPU tensors: the decisions forced to the CUDA kernels, NVRTC's
-    compile and the driver's module load and launch made no-ops, PyTorch's CUDA stream queries answered."""
+    compile and the driver's module load and launch made no-ops (the launches counted in CUDA_LAUNCHES), PyTorch's
+    CUDA stream queries answered."""
     from palimpsa.ops.cuda import nvrtc
     from palimpsa.ops.triton import function
 
@@ -39,6 +43,11 @@ def stub_cuda_path() -> None:
     class _Driver:  # every driver call succeeds and does nothing
         def __getattr__(self, name):
             return lambda *args: 0
+
+        @staticmethod
+        def cuLaunchKernel(*args):
+            CUDA_LAUNCHES[0] += 1
+            return 0
 
     torch.cuda.init = lambda: None
     function.walk_forward = lambda *args, **kwargs: True
@@ -72,11 +81,14 @@ def main() -> None:
 
         for _ in range(5):
             step()
+        launches = CUDA_LAUNCHES[0]
         start = time.perf_counter()
         for _ in range(args.iters):
             step()
-        print(f"{name}: {1e6 * (time.perf_counter() - start) / args.iters:.0f} us of host glue per fwd+bwd "
-              f"(mean of {args.iters}, launches stubbed)")
+        elapsed = time.perf_counter() - start
+        cuda = (CUDA_LAUNCHES[0] - launches) / args.iters
+        print(f"{name}: {1e6 * elapsed / args.iters:.0f} us of host glue per fwd+bwd (mean of {args.iters}, launches "
+              f"stubbed{f'; {cuda:g} CUDA kernels a fwd+bwd' if cuda else ''})")
         if args.profile:
             profiler = cProfile.Profile()
             profiler.enable()
