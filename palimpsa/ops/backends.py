@@ -44,7 +44,8 @@ def on_device(device: torch.device):
     Triton launches a kernel on the current device, whatever device its tensors are on: inputs on ``cuda:1``
     while ``cuda:0`` is current would run on the wrong GPU.  The Triton paths enter it where their kernels are
     launched: inside the per-channel op's forward and backward implementations (which eager code calls through an
-    autograd.Function and compiled graphs through custom operators) and inside the grouped path, which runs outside any compiled graph.
+    autograd.Function and compiled graphs through custom operators) and inside the grouped path, which runs outside
+    any compiled graph.
     """
     if device.type != "cuda":
         return contextlib.nullcontext()
