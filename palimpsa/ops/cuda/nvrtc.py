@@ -162,9 +162,10 @@ class Kernel:
                 kinds.append("f")
             else:
                 raise TypeError(f"kernel argument of type {type(a).__name__} is not supported")
-        packing = self._packings.get("".join(kinds))
+        pattern = "".join(kinds)
+        packing = self._packings.get(pattern)
         if packing is None:
-            packing = self._packings["".join(kinds)] = _ArgumentPacking("".join(kinds))
+            packing = self._packings[pattern] = _ArgumentPacking(pattern)
         stream = torch.cuda.current_stream().cuda_stream
         with packing.lock:  # the driver copies the arguments during the call: the buffer is free after it
             packing.pack(values)

@@ -499,9 +499,9 @@ def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk
     already large, short enough to fill the GPU (about ``target_programs`` programs)."""
     total_tokens = layout.B * layout.T
     per_unit_row = H * num_v_blocks
-    want_units = max(1, -(-target_programs // per_unit_row))
+    want_units = max(1, cdiv(target_programs, per_unit_row))
     tokens_per_unit = max(chunk_size, total_tokens // want_units)
-    return max(1, min(tokens_per_unit // chunk_size, -(-layout.max_length() // chunk_size)))
+    return max(1, min(tokens_per_unit // chunk_size, cdiv(layout.max_length(), chunk_size)))
 
 
 def _zeroed_views(device, *shapes) -> Tuple[torch.Tensor, ...]:
