@@ -20,8 +20,9 @@ thread of the output kernel, ``fwd_cols``), "-fi" or "-fg" (its q and k rows sta
 from global memory, ``fwd_inputs``; without either, ``OUTPUT_INPUTS`` by key size: staged at K = 48, 64, 96 since
 the tenth session) and
 "-tN" (``bwd_target_programs``, which sizes the backward's units: "-t1" makes each sequence one unit, so that no
-local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi", and then "-walk" or "-nowalk" (the CUDA output
-kernel walking whole sequences from the initial state, or not: ``fwd_walk``), e.g. "default-walk".
+local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi", "-qN" (the CUDA sweep's tokens whose dq and dk are
+summed at a time, ``bwd_dqk_tokens``: "default-q4"), and then "-walk" or "-nowalk" (the CUDA output kernel walking
+whole sequences from the initial state, or not: ``fwd_walk``), e.g. "default-walk".
 
 1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
    batch (once more with saturated decays and full resets at some tokens, and for the default and CUDA variants once
@@ -54,8 +55,9 @@ from palimpsa.ops.triton.config import kernel_config  # noqa: E402
 def variant_config(name: str) -> dict:
     """kernel_config settings of a variant name (see the module docstring); a trailing "-fN" sets the output
     kernel's value columns per thread (``fwd_cols``), "-fi" stages its q and k rows in shared memory and "-fg"
-    reads them from global memory (``fwd_inputs``) and "-tN" the backward's target program count, which sizes its units
-    (``bwd_target_programs``: 1 makes every sequence one unit, so no local-adjoint pass runs)."""
+    reads them from global memory (``fwd_inputs``), "-tN" the backward's target program count, which sizes its units
+    (``bwd_target_programs``: 1 makes every sequence one unit, so no local-adjoint pass runs), and "-qN" the CUDA
+    sweep's tokens whose dq and dk are summed at a time (``bwd_dqk_tokens``, 2 or 4)."""
     extra = {}
     while True:
         if name.endswith(("-walk", "-nowalk")):  # the CUDA output kernel walking whole sequences, or not (fwd_walk)
@@ -66,11 +68,11 @@ def variant_config(name: str) -> dict:
             extra["fwd_inputs"] = name.endswith("-fi")
             name = name[:-3]
             continue
-        match = re.fullmatch(r"(.+)-([ft])(\d+)", name)
+        match = re.fullmatch(r"(.+)-([ftq])(\d+)", name)
         if not match:
             break
         name = match[1]
-        extra[{"f": "fwd_cols", "t": "bwd_target_programs"}[match[2]]] = int(match[3])
+        extra[{"f": "fwd_cols", "t": "bwd_target_programs", "q": "bwd_dqk_tokens"}[match[2]]] = int(match[3])
     if name == "triton":
         return dict(fwd_backend="triton", bwd_backend="triton", **extra)
     if name == "default":

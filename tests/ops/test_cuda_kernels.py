@@ -98,6 +98,40 @@ def test_a_host_size_that_differs_from_the_kernel_layout_does_not_compile():
         nvrtc.compile_cubin(nvrtc.kernel_source("sweep.cu", defines), "palimpsa_sweep", 90)
 
 
+@pytest.mark.parametrize("K,V,H", SHAPES)
+def test_sweep_with_dq_dk_summed_per_four_tokens_compiles_without_spills(K, V, H):
+    """bwd_dqk_tokens = 4 (not the default): where it fits the default block, the kernel compiles for sm_90 with
+    the same allowance of spills; the layout's size is the host's (its static_assert)."""
+    _nvrtc_or_skip()
+    warps = sweep.block_warps(K, V, 32, False)
+    assert sweep.dqk_tokens(K, V, warps, 32, False, 4) == 4  # every benchmark shape without variance
+    defines = sweep.kernel_defines(K, V, H, 32, 64, warps, torch.bfloat16, False, False, False,
+                                   g_dtype=torch.float32, dqk=4)
+    _, registers, spills = _compile("sweep.cu", defines, "palimpsa_sweep")
+    assert registers <= 255 and spills <= (16 if K <= 96 else 64), (K, V, spills)
+
+
+def test_dq_dk_tokens_take_what_fits():
+    assert sweep.dqk_tokens(96, 192, 8, 32, False, None) == 2  # the default
+    assert sweep.dqk_tokens(96, 192, 8, 32, False, 4) == 4
+    assert sweep.dqk_tokens(96, 192, 8, 32, True, 4) == 4  # with the variance's gradient staged too
+    # K = 112: 8 warps of 4-token sums would not fit a block: 2
+    assert sweep.block_warps(112, 224, 32, False) == 8
+    assert sweep.shared_bytes(112, 224, 8, 32, dqk_tokens=4) > nvrtc.MAX_SHARED_BYTES
+    assert sweep.dqk_tokens(112, 224, 8, 32, False, 4) == 2
+    for bad in (3, 8, 0):
+        with pytest.raises(ValueError, match="per 2 or 4 tokens"):
+            sweep.dqk_tokens(96, 192, 8, 32, False, bad)
+    from palimpsa.ops.triton.config import CONFIG, kernel_config
+
+    with kernel_config(bwd_dqk_tokens=4):
+        assert CONFIG.bwd_dqk_tokens == 4
+    for bad in (3, True, "4"):
+        with pytest.raises(ValueError, match="bwd_dqk_tokens must be None, 2 or 4"):
+            with kernel_config(bwd_dqk_tokens=bad):
+                pass
+
+
 def test_block_warps_follow_shared_memory_and_value_size():
     # 760M-like: 8 warps (32 columns) fill one block of ~200 kB; 170M-like: V = 48 takes blocks of 4 warps
     assert sweep.block_warps(96, 192, 32) == 8 and sweep.block_warps(48, 48, 32) == 4

@@ -7,7 +7,7 @@
 //  * each thread's state elements are explicit registers (R = K / 16 key rows x 2 value columns), so every sum over
 //    a thread's elements is a chain of fused multiply-adds, and nothing spills;
 //  * the sums across lanes are collected in shared memory and reduced once, one lane per output: dv and dbeta per
-//    sub-block of 4 tokens (16 loads a lane instead of 4 butterfly levels per token), dq and dk per pair of tokens
+//    sub-block of 4 tokens (16 loads a lane instead of 4 butterfly levels per token), dq and dk per PDQK tokens
 //    (the two column lanes' rows added, then coalesced atomic adds over the value blocks); the dg terms of the 4
 //    tokens take one transposed butterfly;
 //  * a block of PWARPS warps (4 * PWARPS value columns of one head and unit) stages a chunk's inputs in shared memory
@@ -31,16 +31,17 @@
 //    along the sequence.  The read-out's scale is staged with do (and its square with dvar).
 //
 // Compile-time parameters (#defines prepended by sweep.py): PK, PV, PH (key size, value size, heads), PC (chunk),
-// PU (chunks per unit), PWARPS, PSEG (tokens per segment, a multiple of 4 dividing PC), PIN, PG, PDO (dtypes of q, k,
-// v, beta, dv, dbeta; of g; of do and dvar: 0 bfloat16, 1 float16, 2 float32), PDVAR (a variance gradient is given),
-// PINIT (an initial state is given), PVARLEN, PALIGNED (16-byte vector loads allowed), PSHARED_BYTES (the host's
-// dynamic shared memory, checked against the layout).  Requires PK % 16 == 0 and PV % (4 * PWARPS) == 0 (the host
-// checks).
+// PU (chunks per unit), PWARPS, PSEG (tokens per segment, a multiple of 4 dividing PC), PDQK (tokens whose dq and dk
+// are summed over lanes at a time: 2, or 4 with a sub-block's reverse steps in one stretch of code), PIN, PG, PDO
+// (dtypes of q, k, v, beta, dv, dbeta; of g; of do and dvar: 0 bfloat16, 1 float16, 2 float32), PDVAR (a variance
+// gradient is given), PINIT (an initial state is given), PVARLEN, PALIGNED (16-byte vector loads allowed),
+// PSHARED_BYTES (the host's dynamic shared memory, checked against the layout).  Requires PK % 16 == 0 and PV % (4 *
+// PWARPS) == 0 (the host checks).
 
 #define BV (4 * PWARPS)
-#define NQ (PDVAR ? 4 : 3)
-#define NQS (NQ + 2)  // the staged value-column rows: v, beta, do, (dvar), then v / A_j and beta / A_j
+#define NQS (PDVAR ? 4 : 3)  // the staged value-column rows: v / A_j, beta / A_j, do, (dvar)
 static_assert(PC == 32, "a chunk's decays are scanned one token a lane (ChunkDecays)");
+static_assert(PDQK == 2 || PDQK == 4, "dq and dk are summed per 2 or 4 tokens");
 #define NSUB (PSEG / 4)
 #define W_TOKENS (PC * PU)
 #define CK_VEC ((E % 4 == 0) ? 4 : 2)
@@ -81,10 +82,10 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
 }
 
 // Shared memory of a block, in floats: the chunk's q and k rows [PC][PK] each, its value-column inputs [PC][NQS][BV]
-// (v, beta, do times the scale, dvar times its square and 1 / A_j, v / A_j, beta / A_j), its decays [PC][4] (a_j,
+// (v / A_j, beta / A_j, do times the scale, dvar times its square and 1 / A_j), its decays [PC][4] (a_j,
 // I0 / A_j, A_j, 1 / A_j); then per warp: the sub-block start states [NSUB][2][E][32], the chunk-start state
 // [2][E / 2][32] float2 (copied from global memory asynchronously while the chunk before is processed), the sums over
-// K of a sub-block [16][RED1_STRIDE] and its sums over V for two tokens [2][2][2][PK].
+// K of a sub-block [16][RED1_STRIDE] and its sums over V for PDQK tokens [PDQK][2][2][PK].
 #define SQ_OFF 0
 #define SK_OFF (PC * PK)
 #define SIN_OFF (2 * PC * PK)
@@ -92,7 +93,7 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
 #define WARP_OFF (SA_OFF + 4 * PC)
 #define CK_FLOATS (NSUB * 2 * E * 32)
 #define RED1_FLOATS (16 * RED1_STRIDE)
-#define RED2_FLOATS (8 * PK)
+#define RED2_FLOATS (4 * PDQK * PK)
 #define START_FLOATS (2 * E * 32)
 #define WARP_FLOATS (CK_FLOATS + START_FLOATS + RED1_FLOATS + RED2_FLOATS)
 #define SHARED_FLOATS (WARP_OFF + PWARPS * WARP_FLOATS)
@@ -119,9 +120,9 @@ template <bool SCALED>
 __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E], float (&P)[E]) {
     float kr[R];
     load_rows(c.sk + j * PK + c.row0, kr);
-    const int row = SCALED ? NQ : 0;  // v / A_j and beta / A_j, or v and beta
-    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQS + row) * BV + c.ccol);
-    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQS + row + 1) * BV + c.ccol);
+    // v / A_j and beta / A_j (1 / A_j = 1 in a chunk that steps directly)
+    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 0) * BV + c.ccol);
+    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 1) * BV + c.ccol);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const float kk = kr[i] * kr[i];
@@ -143,13 +144,13 @@ __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E]
 // Reverse step of chunk token j, (M, P) its state after the token, (aM, aP) the adjoint totals of the token after it.
 // SCALED: the states are scaled by 1 / A_j and the adjoints by A_j (lambda~_j = A_j lambda_j = lambda~_{j+1} + A_j G_j:
 // one add per element, no decay); q is staged unscaled, so that 1 / I~ (= A_j / I) gives mu = M~ / I~ and x~ = q / I~
-// = A_j q / I, and dvar is staged times 1 / A_j; v / A_j and beta / A_j (the staged rows NQ, NQ + 1) turn the scaled
+// = A_j q / I, and dvar is staged times 1 / A_j; v / A_j and beta / A_j (the staged rows 0 and 1) turn the scaled
 // adjoints into dk, and the sums over K (dv, dbeta) and of DI are scaled back by 1 / A_j per token.  Otherwise
 // (states and adjoints unscaled, 1 / A_j = 1) the adjoints take the next token's decay `an` first, and `an` becomes
 // this token's.  Leaves this token's totals in (aM, aP), adds its DI to sdi, writes this thread's partial sums over K
-// (dv, dbeta, still times A_j) to red1 at sub-block slot `ts` and over V (dq, dk) to red2 at slot ts % 2, and returns
-// its part of the token's dg term c_j (the header's identity): -I0 sum(DI) - <dvar, var> over its elements (the
-// -<v, dv> - <beta, dbeta> part is added where dv and dbeta are summed).
+// (dv, dbeta, still times A_j) to red1 at sub-block slot `ts` and over V (dq, dk) to red2 at slot ts % PDQK, and
+// returns its part of the token's dg term c_j (the header's identity): -I0 sum(DI) - <dvar, var> over its elements
+// (the -<v, dv> - <beta, dbeta> part is added where dv and dbeta are summed).
 template <bool SCALED>
 __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, const float (&M)[E], const float (&P)[E],
                                                 float (&aM)[E], float (&aP)[E], float& an, float& sdi, float* red1,
@@ -157,8 +158,8 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     float qs[R], kr[R];
     load_rows(c.sq + j * PK + c.row0, qs);
     load_rows(c.sk + j * PK + c.row0, kr);
-    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQS + NQ) * BV + c.ccol);  // v / A_j
-    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQS + NQ + 1) * BV + c.ccol);  // beta / A_j
+    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 0) * BV + c.ccol);  // v / A_j
+    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 1) * BV + c.ccol);  // beta / A_j
     const float2 dd = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 2) * BV + c.ccol);
     const float4 decay = *reinterpret_cast<const float4*>(c.sa + 4 * j);  // a_j, I0 / A_j, A_j, 1 / A_j
 #if PDVAR
@@ -221,8 +222,8 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     }
     sd *= decay.w;
     sdi += sd;
-    store_rows(red2 + (((ts & 1) * 2 + 0) * 2 + c.vl) * PK + c.row0, dqr);
-    store_rows(red2 + (((ts & 1) * 2 + 1) * 2 + c.vl) * PK + c.row0, dkr);
+    store_rows(red2 + (((ts % PDQK) * 2 + 0) * 2 + c.vl) * PK + c.row0, dqr);
+    store_rows(red2 + (((ts % PDQK) * 2 + 1) * 2 + c.vl) * PK + c.row0, dkr);
     red1[(ts * 4 + 0) * RED1_STRIDE + c.lane] = dva[0];
     red1[(ts * 4 + 1) * RED1_STRIDE + c.lane] = dva[1];
     red1[(ts * 4 + 2) * RED1_STRIDE + c.lane] = dba[0];
@@ -377,14 +378,12 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
             __syncwarp();
             rq.store(sq, 1.f);
             rk.store(sk, 1.f);
-            rv.store(sin + 0 * BV, 1.f);
-            rb.store(sin + 1 * BV, 1.f);
+            rv.store(sin + 0 * BV, 1.f, red1);
+            rb.store(sin + 1 * BV, 1.f, red1);
             rd.store(sin + 2 * BV, scale);  // the read-out's scale goes with do (and its square with dvar): dq needs
 #if PDVAR                                   // no multiply of its own
             rw.store(sin + 3 * BV, scale * scale, red1);
 #endif
-            rv.store(sin + NQ * BV, 1.f, red1);
-            rb.store(sin + (NQ + 1) * BV, 1.f, red1);
         }
         __syncthreads();
         auto run_chunk = [&](auto scaled_tag) {
@@ -446,17 +445,17 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         if (lane == 0) atomicAdd(dg_anchor + (u64)(cbase + i_c) * PH + i_h, anchor);
                     }
                     float dgn[4];
+                    // the sub-block's tokens in groups of PDQK, last first: their reverse steps, then dq and dk of the
+                    // group (the two column lanes' rows added, coalesced atomic adds over the block's value columns)
 #pragma unroll
-                    for (int pair = 1; pair >= 0; --pair) {
+                    for (int grp = 4 / PDQK - 1; grp >= 0; --grp) {
 #pragma unroll
-                        for (int jr = 2 * pair + 1; jr >= 2 * pair; --jr)
+                        for (int jr = PDQK * grp + PDQK - 1; jr >= PDQK * grp; --jr)
                             dgn[jr] = backward_token<S>(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2);
                         __syncwarp();
-                        // dq, dk of the two tokens: the two column lanes' rows added, coalesced atomic adds over the
-                        // block's value columns
 #pragma unroll
-                        for (int ts = 0; ts < 2; ++ts) {
-                            const int jt = t0 + 2 * pair + ts;
+                        for (int ts = 0; ts < PDQK; ++ts) {
+                            const int jt = t0 + PDQK * grp + ts;
                             if (jt < n_tok) {  // one address per tensor and token, the rows at fixed offsets
                                 const u64 base = ((u64)(cs + jt) * PH + i_h) * PK + lane;
 #pragma unroll
@@ -470,7 +469,7 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                                 }
                             }
                         }
-                        __syncwarp();
+                        if (grp > 0) __syncwarp();  // red2 is read before the next group writes it
                     }
                     // dv, dbeta: lane l sums the 16 key lanes of (token l % 16 / 4, quantity l % 4, column half l / 16)
                     // and adds -v dv or -beta dbeta of its column to its token's c
@@ -485,7 +484,7 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         const int jl = slot >> 2, jt = t0 + jl, what = slot & 3;
                         const float s = ((part[0] + part[2]) + (part[1] + part[3])) * c.sa[4 * jt + 3];  // / A_j
                         const int vc = w * 4 + half * 2 + (what & 1);  // the column within the block
-                        const float x = c.sin[((t0 + jl) * NQS + (what >> 1)) * BV + vc];  // v or beta
+                        const float x = c.sin[((t0 + jl) * NQS + (what >> 1)) * BV + vc] * c.sa[4 * jt + 2];  // v, beta
 #pragma unroll
                         for (int jr = 0; jr < 4; ++jr)
                             if (jl == jr) dgn[jr] = fmaf(-s, x, dgn[jr]);

@@ -87,6 +87,10 @@ class KernelConfig:
     2048 programs of four times wider value blocks), inputs not staged.  The Gluon sweep adds dq, dk and dg
     atomically over its value blocks, so they may differ in the last bits from run to run.
 
+    bwd_dqk_tokens: the CUDA sweep's tokens whose dq and dk are summed over lanes at a time: 2 (None, the default that
+    the GPU checks and records ran) or 4 (a sub-block's four reverse steps in one stretch of code, for the compiler to
+    interleave; 3 kB more shared memory a warp at K = 96, so it falls back to 2 where a block would not fit).
+
     state_tuning: the chunk-state kernel's blocks, warps, stages and register cap (:class:`StateTuning`; None:
     :func:`state_tuning` by key and chunk size).  The environment variables are read when this module is imported.
     """
@@ -108,6 +112,7 @@ class KernelConfig:
     bwd_num_warps: Optional[int] = 4
     bwd_target_programs: Optional[int] = None
     bwd_inputs: Optional[bool] = None
+    bwd_dqk_tokens: Optional[int] = None
     state_tuning: Optional[StateTuning] = None
 
 
@@ -163,6 +168,8 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
         raise ValueError(f"bwd_warps must be 1, 2, 4 or 8, got {changes['bwd_warps']!r}")
     if not isinstance(changes.get("fwd_walk", False), (bool, type(None))):
         raise ValueError(f"fwd_walk must be None (auto), True or False, got {changes['fwd_walk']!r}")
+    if changes.get("bwd_dqk_tokens") not in (None, 2, 4) or isinstance(changes.get("bwd_dqk_tokens"), bool):
+        raise ValueError(f"bwd_dqk_tokens must be None, 2 or 4, got {changes['bwd_dqk_tokens']!r}")
     cols = changes.get("bwd_cols")
     if cols is not None and (isinstance(cols, bool) or cols not in (1, 2, 4)):
         raise ValueError(f"bwd_cols must be None (by key size), 1, 2 or 4, got {changes['bwd_cols']!r}")

@@ -271,7 +271,8 @@ def _bwd_impl(
                                                         lanes_k=tuning.lanes_k,
                                                         sweep_warps=CONFIG.bwd_warps, sweep_stage=tuning.stage,
                                                         sweep_maxnreg=tuning.maxnreg, sweep_unroll=tuning.unroll,
-                                                        sweep_cols=tuning.cols, sweep_inputs=tuning.inputs)
+                                                        sweep_cols=tuning.cols, sweep_inputs=tuning.inputs,
+                                                        sweep_dqk=CONFIG.bwd_dqk_tokens)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
