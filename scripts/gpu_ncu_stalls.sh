@@ -3,7 +3,7 @@
 #
 #   OUT=$OUT bash scripts/gpu_ncu_stalls.sh      # from the repository root, on a GPU machine with ncu
 #
-# For each shape in SHAPES (default 760M-like): one bf16 fwd+bwd on the default path (palimpsa.bench.one_step), run
+# For each shape in SHAPES (default 760M-like; commas or spaces between shapes): one bf16 fwd+bwd on the default path (palimpsa.bench.one_step), run
 # twice; ncu profiles the second run's launch of KERNEL (default the Gluon reverse sweep) and reads, per stall
 # reason, the warps stalled for it per issued instruction (smsp__average_warps_issue_stalled_<reason>_per_issue_active),
 # beside the issue rate and occupancy.  Their sum is the cycles between two instructions of one warp (ncu's "Warp
@@ -16,6 +16,7 @@ set -u
 export PYTHONPATH=${PYTHONPATH:-.}
 OUT=${OUT:?set OUT to the folder that comes back}
 SHAPES=${SHAPES:-760M-like}
+SHAPES=${SHAPES//,/ }  # "760M-like,170M-like" or "760M-like 170M-like"
 KERNEL=${KERNEL:-unit_bwd_gluon_kernel}
 NCU=${NCU:-ncu}
 mkdir -p "$OUT"
