@@ -89,7 +89,9 @@ class KernelConfig:
 
     bwd_dqk_tokens: the CUDA sweep's tokens whose dq and dk are summed over lanes at a time: 2 (None, the default that
     the GPU checks and records ran) or 4 (a sub-block's four reverse steps in one stretch of code, for the compiler to
-    interleave; 3 kB more shared memory a warp at K = 96, so it falls back to 2 where a block would not fit).
+    interleave; 3 kB more shared memory a warp at K = 96, so it falls back to 2 where a block would not fit).  Both
+    passed the H200's float64 checks at every benchmark shape; 4 was no faster there (results/bench/README.md,
+    sixteenth session: 760M-like fwd+bwd 11.35 against 11.33 ms).
 
     state_tuning: the chunk-state kernel's blocks, warps, stages and register cap (:class:`StateTuning`; None:
     :func:`state_tuning` by key and chunk size).  The environment variables are read when this module is imported.
