@@ -21,8 +21,10 @@ from global memory, ``fwd_inputs``; without either, ``OUTPUT_INPUTS`` by key siz
 the tenth session) and
 "-tN" (``bwd_target_programs``, which sizes the backward's units: "-t1" makes each sequence one unit, so that no
 local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi", "-qN" (the CUDA sweep's tokens whose dq and dk are
-summed at a time, ``bwd_dqk_tokens``: "default-q4"), and then "-walk" or "-nowalk" (the CUDA output kernel walking
-whole sequences from the initial state, or not: ``fwd_walk``), e.g. "default-walk".
+summed at a time, ``bwd_dqk_tokens``: "default-q4"), "-kN" (the CUDA sweep's lanes over K, ``bwd_key_lanes``:
+"default-k16"), "-bN" (its blocks per multiprocessor, ``bwd_sweep_blocks``: "default-b2"), and then "-walk" or
+"-nowalk" (the CUDA output kernel walking whole sequences from the initial state, or not: ``fwd_walk``), e.g.
+"default-walk".
 
 1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
    batch (once more with saturated decays and full resets at some tokens, and for the default and CUDA variants once
@@ -57,7 +59,8 @@ def variant_config(name: str) -> dict:
     kernel's value columns per thread (``fwd_cols``), "-fi" stages its q and k rows in shared memory and "-fg"
     reads them from global memory (``fwd_inputs``), "-tN" the backward's target program count, which sizes its units
     (``bwd_target_programs``: 1 makes every sequence one unit, so no local-adjoint pass runs), and "-qN" the CUDA
-    sweep's tokens whose dq and dk are summed at a time (``bwd_dqk_tokens``, 2 or 4)."""
+    sweep's tokens whose dq and dk are summed at a time (``bwd_dqk_tokens``, 2 or 4) and "-kN" its lanes over K
+    (``bwd_key_lanes``, 16 or 32)."""
     extra = {}
     while True:
         if name.endswith(("-walk", "-nowalk")):  # the CUDA output kernel walking whole sequences, or not (fwd_walk)
@@ -68,11 +71,12 @@ def variant_config(name: str) -> dict:
             extra["fwd_inputs"] = name.endswith("-fi")
             name = name[:-3]
             continue
-        match = re.fullmatch(r"(.+)-([ftq])(\d+)", name)
+        match = re.fullmatch(r"(.+)-([ftqkb])(\d+)", name)
         if not match:
             break
         name = match[1]
-        extra[{"f": "fwd_cols", "t": "bwd_target_programs", "q": "bwd_dqk_tokens"}[match[2]]] = int(match[3])
+        extra[{"f": "fwd_cols", "t": "bwd_target_programs", "q": "bwd_dqk_tokens",
+               "k": "bwd_key_lanes", "b": "bwd_sweep_blocks"}[match[2]]] = int(match[3])
     if name == "triton":
         return dict(fwd_backend="triton", bwd_backend="triton", **extra)
     if name == "default":

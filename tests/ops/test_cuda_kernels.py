@@ -159,7 +159,7 @@ def test_dtype_codes_and_alignment():
 def test_kernel_source_defines_come_first():
     src = nvrtc.kernel_source("output.cu", {"PK": 64, "PV": 64})
     assert src.startswith("#define PK 64\n#define PV 64\n") and "palimpsa_output" in src
-    assert "#define R (PK / 16)" in src  # common.cuh, before the kernel
+    assert "#define R (PK / PKLANES)" in src  # common.cuh, before the kernel
 
 
 def test_launch_arguments_reach_the_driver_packed_at_their_alignment(monkeypatch):

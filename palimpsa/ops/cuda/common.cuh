@@ -5,8 +5,14 @@
 // over V), E = 2 R state elements.  16-bit floats are distinct types, so that one overload of to_f / from_f serves
 // each tensor's own dtype; PIN, PG, PDO (0 bfloat16, 1 float16, 2 float32) choose in_t, g_t and do_t.
 
-#define R (PK / 16)
-#define E (2 * R)
+// PKLANES (the sweep's layout, 16 unless it defines 32): lanes over K.  With 32, each thread holds the rows lane + 32 i
+// (i < R = K / 32) of 4 adjacent value columns, E = 4 R elements, a warp still owning 4 columns.
+#ifndef PKLANES
+#define PKLANES 16
+#endif
+#define R (PK / PKLANES)
+#define CW (PKLANES / 8)
+#define E (CW * R)
 
 typedef unsigned short u16;
 typedef unsigned long long u64;

@@ -45,7 +45,36 @@ static_assert(PDQK == 2 || PDQK == 4, "dq and dk are summed per 2 or 4 tokens");
 #define NSUB (PSEG / 4)
 #define W_TOKENS (PC * PU)
 #define CK_VEC ((E % 4 == 0) ? 4 : 2)
-#define RED1_STRIDE 33
+// the sums over K of a sub-block: 16 (PKLANES 16) or 32 (PKLANES 32) quantities of 32 lanes, each row padded so that
+// a warp's stores (and, with 32, 16-byte loads of its own row by each lane) meet no bank conflict
+#define RED1_SLOTS (PKLANES == 16 ? 16 : 32)
+#define RED1_STRIDE (PKLANES == 16 ? 33 : 36)
+static_assert(PKLANES == 16 || PKLANES == 32, "16 or 32 lanes over K");
+static_assert(PK % PKLANES == 0, "K a multiple of the lanes over it");
+
+// This thread's key rows of a staged row of PK floats: rows row0 + i (PKLANES 16, row0 = 16-lane index times R), or
+// row0 + 32 i (PKLANES 32, row0 = the lane: a warp's loads fall on 32 banks)
+__device__ __forceinline__ int krow(int row0, int i) { return PKLANES == 16 ? row0 + i : row0 + 32 * i; }
+
+__device__ __forceinline__ void load_krows(const float* src, int row0, float (&x)[R]) {
+#if PKLANES == 16
+    load_rows(src + row0, x);
+#else
+#pragma unroll
+    for (int i = 0; i < R; ++i) x[i] = src[row0 + 32 * i];
+#endif
+}
+
+// CW adjacent floats (8- or 16-byte aligned) into registers
+__device__ __forceinline__ void load_cols(const float* src, float (&x)[CW]) {
+#if CW == 2
+    const float2 t = *reinterpret_cast<const float2*>(src);
+    x[0] = t.x; x[1] = t.y;
+#else
+    const float4 t = *reinterpret_cast<const float4*>(src);
+    x[0] = t.x; x[1] = t.y; x[2] = t.z; x[3] = t.w;
+#endif
+}
 
 // A thread's state pair (M, P) at checkpoint slot `slot` of its warp's buffer: [slot][M or P][E / CK_VEC][lane]
 // vectors of CK_VEC floats, so that each store or load of a warp covers consecutive bytes (no bank conflicts).
@@ -92,8 +121,8 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
 #define SA_OFF (SIN_OFF + PC * NQS * BV)
 #define WARP_OFF (SA_OFF + 4 * PC)
 #define CK_FLOATS (NSUB * 2 * E * 32)
-#define RED1_FLOATS (16 * RED1_STRIDE)
-#define RED2_FLOATS (4 * PDQK * PK)
+#define RED1_FLOATS (RED1_SLOTS * RED1_STRIDE)
+#define RED2_FLOATS (PKLANES == 16 ? 4 * PDQK * PK : 0)
 #define START_FLOATS (2 * E * 32)
 #define WARP_FLOATS (CK_FLOATS + START_FLOATS + RED1_FLOATS + RED2_FLOATS)
 #define SHARED_FLOATS (WARP_OFF + PWARPS * WARP_FLOATS)
@@ -106,7 +135,7 @@ struct Ctx {
     const float* sin;
     const float* sa;
     float I0;
-    int lane, vl, row0, ccol;  // ccol: this thread's first column within the block's BV
+    int lane, vl, row0, ccol;  // row0: krow's; ccol: this thread's first column within the block's BV
 };
 
 template <bool B>
@@ -118,25 +147,25 @@ struct Scaled {
 // scaled by 1 / A_j (the decay from the chunk's start through token j), P~ += k^2 beta / A_j, M~ += k v / A_j.
 template <bool SCALED>
 __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E], float (&P)[E]) {
-    float kr[R];
-    load_rows(c.sk + j * PK + c.row0, kr);
+    float kr[R], vv[CW], bb[CW];
+    load_krows(c.sk + j * PK, c.row0, kr);
     // v / A_j and beta / A_j (1 / A_j = 1 in a chunk that steps directly)
-    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 0) * BV + c.ccol);
-    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 1) * BV + c.ccol);
+    load_cols(c.sin + (j * NQS + 0) * BV + c.ccol, vv);
+    load_cols(c.sin + (j * NQS + 1) * BV + c.ccol, bb);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         const float kk = kr[i] * kr[i];
-        if constexpr (SCALED) {
-            P[2 * i] = fmaf(kk, bb.x, P[2 * i]);
-            P[2 * i + 1] = fmaf(kk, bb.y, P[2 * i + 1]);
-            M[2 * i] = fmaf(kr[i], vv.x, M[2 * i]);
-            M[2 * i + 1] = fmaf(kr[i], vv.y, M[2 * i + 1]);
-        } else {
-            const float a = c.sa[4 * j];
-            P[2 * i] = fmaf(a, P[2 * i], kk * bb.x);
-            P[2 * i + 1] = fmaf(a, P[2 * i + 1], kk * bb.y);
-            M[2 * i] = fmaf(a, M[2 * i], kr[i] * vv.x);
-            M[2 * i + 1] = fmaf(a, M[2 * i + 1], kr[i] * vv.y);
+#pragma unroll
+        for (int cc = 0; cc < CW; ++cc) {
+            const int e = CW * i + cc;
+            if constexpr (SCALED) {
+                P[e] = fmaf(kk, bb[cc], P[e]);
+                M[e] = fmaf(kr[i], vv[cc], M[e]);
+            } else {
+                const float a = c.sa[4 * j];
+                P[e] = fmaf(a, P[e], kk * bb[cc]);
+                M[e] = fmaf(a, M[e], kr[i] * vv[cc]);
+            }
         }
     }
 }
@@ -154,24 +183,25 @@ __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E]
 template <bool SCALED>
 __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, const float (&M)[E], const float (&P)[E],
                                                 float (&aM)[E], float (&aP)[E], float& an, float& sdi, float* red1,
-                                                float* red2) {
-    float qs[R], kr[R];
-    load_rows(c.sq + j * PK + c.row0, qs);
-    load_rows(c.sk + j * PK + c.row0, kr);
-    const float2 vv = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 0) * BV + c.ccol);  // v / A_j
-    const float2 bb = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 1) * BV + c.ccol);  // beta / A_j
-    const float2 dd = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 2) * BV + c.ccol);
+                                                float* red2, float* dq_tok, float* dk_tok) {
+    float qs[R], kr[R], v2[CW], b2[CW], d2[CW];
+    load_krows(c.sq + j * PK, c.row0, qs);
+    load_krows(c.sk + j * PK, c.row0, kr);
+    load_cols(c.sin + (j * NQS + 0) * BV + c.ccol, v2);  // v / A_j
+    load_cols(c.sin + (j * NQS + 1) * BV + c.ccol, b2);  // beta / A_j
+    load_cols(c.sin + (j * NQS + 2) * BV + c.ccol, d2);
     const float4 decay = *reinterpret_cast<const float4*>(c.sa + 4 * j);  // a_j, I0 / A_j, A_j, 1 / A_j
 #if PDVAR
-    const float2 dw = *reinterpret_cast<const float2*>(c.sin + (j * NQS + 3) * BV + c.ccol);
-    const float dwc[2] = {dw.x, dw.y};
+    float dwc[CW];
+    load_cols(c.sin + (j * NQS + 3) * BV + c.ccol, dwc);
 #endif
-    const float v2[2] = {vv.x, vv.y}, b2[2] = {bb.x, bb.y}, d2[2] = {dd.x, dd.y};
     float sd = 0.f;
 #if PDVAR
     float wv = 0.f;  // sum over its rows of q^2 DQB: <dvar, var>
 #endif
-    float dva[2] = {0.f, 0.f}, dba[2] = {0.f, 0.f};
+    float dva[CW], dba[CW];
+#pragma unroll
+    for (int cc = 0; cc < CW; ++cc) dva[cc] = dba[cc] = 0.f;
     float dqr[R], dkr[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
@@ -181,8 +211,8 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
         float dqb = 0.f;
 #endif
 #pragma unroll
-        for (int cc = 0; cc < 2; ++cc) {
-            const int e = 2 * i + cc;
+        for (int cc = 0; cc < CW; ++cc) {
+            const int e = CW * i + cc;
             const float r = rcp(P[e] + decay.y);
             const float mu = M[e] * r;
             const float x = qs[i] * r;
@@ -222,12 +252,24 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     }
     sd *= decay.w;
     sdi += sd;
+#if PKLANES == 16
     store_rows(red2 + (((ts % PDQK) * 2 + 0) * 2 + c.vl) * PK + c.row0, dqr);
     store_rows(red2 + (((ts % PDQK) * 2 + 1) * 2 + c.vl) * PK + c.row0, dkr);
-    red1[(ts * 4 + 0) * RED1_STRIDE + c.lane] = dva[0];
-    red1[(ts * 4 + 1) * RED1_STRIDE + c.lane] = dva[1];
-    red1[(ts * 4 + 2) * RED1_STRIDE + c.lane] = dba[0];
-    red1[(ts * 4 + 3) * RED1_STRIDE + c.lane] = dba[1];
+#else
+    // the thread's rows hold its 4 columns' sums: straight to memory (coalesced over the warp's lanes)
+    if (dq_tok) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+            atomicAdd(dq_tok + 32 * i, dqr[i]);
+            atomicAdd(dk_tok + 32 * i, dkr[i]);
+        }
+    }
+#endif
+#pragma unroll
+    for (int cc = 0; cc < CW; ++cc) {
+        red1[(ts * 2 * CW + cc) * RED1_STRIDE + c.lane] = dva[cc];
+        red1[(ts * 2 * CW + CW + cc) * RED1_STRIDE + c.lane] = dba[cc];
+    }
     if (!SCALED) an = decay.x;
 #if PDVAR
     return -fmaf(c.I0, sd, wv);
@@ -237,16 +279,17 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
 }
 
 // The chunk-start state (M, I) of this thread's elements, copied from global memory into its warp's start buffer
-// without registers (cp.async, 8 bytes per row of two columns); wait_start() before reading it back.
+// [M or I][R][lane][CW] without registers (cp.async, 4 CW bytes per row of CW columns); wait_start() before reading
+// it back.
 __device__ __forceinline__ void prefetch_start(float* start, int lane, const float* h_mean, const float* h_imp,
                                                u64 h_off, int row0, int col) {
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-        const u64 o = h_off + (u64)(row0 + i) * PV + col;
-        const unsigned dm = (unsigned)__cvta_generic_to_shared(start + (0 * R + i) * 64 + lane * 2);
-        const unsigned dp = (unsigned)__cvta_generic_to_shared(start + (1 * R + i) * 64 + lane * 2);
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dm), "l"(h_mean + o) : "memory");
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dp), "l"(h_imp + o) : "memory");
+        const u64 o = h_off + (u64)krow(row0, i) * PV + col;
+        const unsigned dm = (unsigned)__cvta_generic_to_shared(start + ((0 * R + i) * 32 + lane) * CW);
+        const unsigned dp = (unsigned)__cvta_generic_to_shared(start + ((1 * R + i) * 32 + lane) * CW);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dm), "l"(h_mean + o), "n"(4 * CW) : "memory");
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dp), "l"(h_imp + o), "n"(4 * CW) : "memory");
     }
     asm volatile("cp.async.commit_group;" ::: "memory");
 }
@@ -257,10 +300,14 @@ __device__ __forceinline__ void wait_start() { asm volatile("cp.async.wait_group
 __device__ __forceinline__ void read_start(const float* start, int lane, float I0, float (&M)[E], float (&P)[E]) {
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-        const float2 m = *reinterpret_cast<const float2*>(start + (0 * R + i) * 64 + lane * 2);
-        const float2 p = *reinterpret_cast<const float2*>(start + (1 * R + i) * 64 + lane * 2);
-        M[2 * i] = m.x; M[2 * i + 1] = m.y;
-        P[2 * i] = p.x - I0; P[2 * i + 1] = p.y - I0;  // the sweep steps P = I - I0
+        float m[CW], p[CW];
+        load_cols(start + ((0 * R + i) * 32 + lane) * CW, m);
+        load_cols(start + ((1 * R + i) * 32 + lane) * CW, p);
+#pragma unroll
+        for (int cc = 0; cc < CW; ++cc) {
+            M[CW * i + cc] = m[cc];
+            P[CW * i + cc] = p[cc] - I0;  // the sweep steps P = I - I0
+        }
     }
 }
 
@@ -270,7 +317,7 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
-extern "C" __global__ void __launch_bounds__(32 * PWARPS, 1)
+extern "C" __global__ void __launch_bounds__(32 * PWARPS, PBLOCKS)
 palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t* __restrict__ v,
                const g_t* __restrict__ g, const in_t* __restrict__ beta, const float* __restrict__ prior,
                const float* __restrict__ h_mean, const float* __restrict__ h_imp,
@@ -316,8 +363,8 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
     c.I0 = prior[i_h];
     c.lane = lane;
     c.vl = vl;
-    c.row0 = kl * R;
-    c.ccol = w * 4 + vl * 2;
+    c.row0 = PKLANES == 16 ? kl * R : lane;
+    c.ccol = PKLANES == 16 ? w * 4 + vl * 2 : w * 4;
     float* ck = smem + WARP_OFF + w * WARP_FLOATS;
     float* start = ck + CK_FLOATS;
     float* red1 = start + START_FLOATS;
@@ -329,11 +376,15 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
     const u64 a_off = ((u64)i_u * PH + i_h) * PK * PV;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-        const u64 o = a_off + (u64)(c.row0 + i) * PV + col;
-        const float2 m = *reinterpret_cast<const float2*>(adj_mean + o);
-        const float2 p = *reinterpret_cast<const float2*>(adj_imp + o);
-        aM[2 * i] = m.x; aM[2 * i + 1] = m.y;
-        aP[2 * i] = p.x; aP[2 * i + 1] = p.y;
+        const u64 o = a_off + (u64)krow(c.row0, i) * PV + col;
+        float m[CW], p[CW];
+        load_cols(adj_mean + o, m);
+        load_cols(adj_imp + o, p);
+#pragma unroll
+        for (int cc = 0; cc < CW; ++cc) {
+            aM[CW * i + cc] = m[cc];
+            aP[CW * i + cc] = p[cc];
+        }
     }
     float an = 1.f, sdi = 0.f;
     if (c_count > 0)
@@ -445,13 +496,15 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         if (lane == 0) atomicAdd(dg_anchor + (u64)(cbase + i_c) * PH + i_h, anchor);
                     }
                     float dgn[4];
+#if PKLANES == 16
                     // the sub-block's tokens in groups of PDQK, last first: their reverse steps, then dq and dk of the
                     // group (the two column lanes' rows added, coalesced atomic adds over the block's value columns)
 #pragma unroll
                     for (int grp = 4 / PDQK - 1; grp >= 0; --grp) {
 #pragma unroll
                         for (int jr = PDQK * grp + PDQK - 1; jr >= PDQK * grp; --jr)
-                            dgn[jr] = backward_token<S>(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2);
+                            dgn[jr] = backward_token<S>(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2,
+                                                        nullptr, nullptr);
                         __syncwarp();
 #pragma unroll
                         for (int ts = 0; ts < PDQK; ++ts) {
@@ -481,16 +534,55 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         for (int i = 0; i < 8; ++i) part[i] = src[i] + src[i + 8];
 #pragma unroll
                         for (int i = 0; i < 4; ++i) part[i] += part[i + 4];
-                        const int jl = slot >> 2, jt = t0 + jl, what = slot & 3;
-                        const float s = ((part[0] + part[2]) + (part[1] + part[3])) * c.sa[4 * jt + 3];  // / A_j
-                        const int vc = w * 4 + half * 2 + (what & 1);  // the column within the block
-                        const float x = c.sin[((t0 + jl) * NQS + (what >> 1)) * BV + vc] * c.sa[4 * jt + 2];  // v, beta
+                        const int jl = slot >> 2, what = (slot >> 1) & 1;
+                        const float sum = (part[0] + part[2]) + (part[1] + part[3]);
+                        const int vc = w * 4 + half * 2 + (slot & 1);  // the column within the block
+#else
+                    // the sub-block's tokens, last first: each adds its dq and dk rows straight to memory
+#pragma unroll
+                    for (int jr = 3; jr >= 0; --jr) {
+                        const int jt = t0 + jr;
+                        float *dqt = nullptr, *dkt = nullptr;
+                        if (jt < n_tok) {
+                            const u64 base = ((u64)(cs + jt) * PH + i_h) * PK + lane;
+                            dqt = dq + base;
+                            dkt = dk + base;
+                        }
+                        dgn[jr] = backward_token<S>(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2, dqt,
+                                                    dkt);
+                    }
+                    __syncwarp();
+                    // dv, dbeta: lane l sums the 32 key lanes of (token l / 8, dv or dbeta l / 4 % 2, column l % 4)
+                    // and adds -v dv or -beta dbeta of its column to its token's c
+                    {
+                        const float* src = red1 + lane * RED1_STRIDE;
+                        float4 part[8];
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) part[i] = *reinterpret_cast<const float4*>(src + 4 * i);
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            part[i].x += part[i + 4].x; part[i].y += part[i + 4].y;
+                            part[i].z += part[i + 4].z; part[i].w += part[i + 4].w;
+                        }
+#pragma unroll
+                        for (int i = 0; i < 2; ++i) {
+                            part[i].x += part[i + 2].x; part[i].y += part[i + 2].y;
+                            part[i].z += part[i + 2].z; part[i].w += part[i + 2].w;
+                        }
+                        const float sum = ((part[0].x + part[1].x) + (part[0].y + part[1].y)) +
+                                          ((part[0].z + part[1].z) + (part[0].w + part[1].w));
+                        const int jl = lane >> 3, what = (lane >> 2) & 1;
+                        const int vc = w * 4 + (lane & 3);  // the column within the block
+#endif
+                        const int jt = t0 + jl;
+                        const float s = sum * c.sa[4 * jt + 3];  // / A_j
+                        const float x = c.sin[(jt * NQS + what) * BV + vc] * c.sa[4 * jt + 2];  // v, beta
 #pragma unroll
                         for (int jr = 0; jr < 4; ++jr)
                             if (jl == jr) dgn[jr] = fmaf(-s, x, dgn[jr]);
                         if (jt < n_tok) {
                             const u64 o = ((u64)(cs + jt) * PH + i_h) * PV + i_v * BV + vc;
-                            from_f(s, (what < 2 ? dv : dbeta) + o);
+                            from_f(s, (what == 0 ? dv : dbeta) + o);
                         }
                     }
                     // c of each of the 4 tokens: one transposed butterfly (lanes end holding token 2 * bit4 + bit3's
@@ -539,9 +631,9 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
 #pragma unroll
         for (int i = 0; i < R; ++i) {
 #pragma unroll
-            for (int cc = 0; cc < 2; ++cc) {
-                const int e = 2 * i + cc;
-                const u64 o = s_off + (u64)(c.row0 + i) * PV + col + cc;
+            for (int cc = 0; cc < CW; ++cc) {
+                const int e = CW * i + cc;
+                const u64 o = s_off + (u64)krow(c.row0, i) * PV + col + cc;
                 const float mi = mu0[o], ii = imp0[o];
                 dmu0[o] = aM[e] * ii;
                 dimp0[o] = aM[e] * mi + aP[e];

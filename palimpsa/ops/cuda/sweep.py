@@ -2,8 +2,9 @@
 
 It is a drop-in for ``chunk_bwd_gluon.unit_bwd_gluon_kernel``: same buffers, same units of chunks, same results
 (checked against the float64 reference on the GPU by ``scripts/gpu_gluon_fwd_check.py --variants cuda``).  Each
-thread holds K / 16 key rows of 2 value columns; a block of ``warps`` warps covers 4 * warps value columns of one
-head and unit (see the source's header for what the C++ does that the Gluon source cannot).
+thread holds K / 16 adjacent key rows of 2 value columns (16 lanes over K) or, where K is a multiple of 32, the key
+rows lane + 32 i of 4 value columns (32 lanes over K, :func:`lanes_over_k`); a block of ``warps`` warps covers 4 * warps
+value columns of one head and unit (see the source's header for what the C++ does that the Gluon source cannot).
 """
 
 from __future__ import annotations
@@ -15,15 +16,29 @@ import torch
 from palimpsa.ops.cuda.nvrtc import MAX_SHARED_BYTES, aligned16, dtype_code, load_kernel
 
 SEGMENT = 16
+SHARED_PER_SM = 228 * 1024  # sm_90; each block also takes 1 kB
+
+
+def lanes_over_k(K: int, wanted: Optional[int] = None) -> int:
+    """The sweep's lanes over K (sweep.cu's PKLANES): ``wanted`` (16 or 32; None: 32 where K is a multiple of 32, else
+    16)."""
+    if wanted not in (None, 16, 32):
+        raise ValueError(f"the CUDA sweep runs 16 or 32 lanes over K, got {wanted!r}")
+    if wanted == 32 and K % 32:
+        raise ValueError(f"32 lanes over K need K a multiple of 32, got K = {K}")
+    if wanted is None:
+        return 32 if K % 32 == 0 else 16
+    return wanted
 
 
 def shared_bytes(K: int, V: int, warps: int, chunk: int, segment: int = SEGMENT, has_dvar: bool = False,
-                 dqk_tokens: int = 2) -> int:
+                 dqk_tokens: int = 2, key_lanes: int = 16) -> int:
     """Dynamic shared memory of one block (the layout in sweep.cu's header)."""
-    rows = K // 16
+    elements = K // 8  # a thread's: K / 16 rows of 2 columns, or K / 32 rows of 4
     nq = 4 if has_dvar else 3
     bv = 4 * warps
-    per_warp = (segment // 4) * 2 * (2 * rows) * 32 + 2 * (2 * rows) * 32 + 16 * 33 + 4 * dqk_tokens * K
+    sums = 16 * 33 + 4 * dqk_tokens * K if key_lanes == 16 else 32 * 36
+    per_warp = (segment // 4) * 2 * elements * 32 + 2 * elements * 32 + sums
     return 4 * (2 * chunk * K + chunk * nq * bv + 4 * chunk + warps * per_warp)
 
 
@@ -37,14 +52,16 @@ def dqk_tokens(K: int, V: int, warps: int, chunk: int, has_dvar: bool, wanted: O
     return 2
 
 
-def block_warps(K: int, V: int, chunk: int, has_dvar: bool = True) -> Optional[int]:
+def block_warps(K: int, V: int, chunk: int, has_dvar: bool = True, key_lanes: int = 16,
+                blocks: int = 1) -> Optional[int]:
     """Warps per block for key size K and value size V: the most (8, 4, 2 or 1) whose 4 * warps value columns
-    divide V and whose shared memory fits a block; None when the sweep cannot run (K not a multiple of 16 or
-    above 128)."""
+    divide V and of whose blocks ``blocks`` fit a multiprocessor's shared memory; None when the sweep cannot run (K
+    not a multiple of 16 or above 128)."""
     if K % 16 or not 16 <= K <= 128:
         return None
     for warps in (8, 4, 2, 1):
-        if V % (4 * warps) == 0 and shared_bytes(K, V, warps, chunk, has_dvar=has_dvar) <= MAX_SHARED_BYTES:
+        smem = shared_bytes(K, V, warps, chunk, has_dvar=has_dvar, key_lanes=key_lanes)
+        if V % (4 * warps) == 0 and smem <= MAX_SHARED_BYTES and blocks * (smem + 1024) <= SHARED_PER_SM:
             return warps
     return None
 
@@ -52,32 +69,42 @@ def block_warps(K: int, V: int, chunk: int, has_dvar: bool = True) -> Optional[i
 def kernel_defines(K: int, V: int, H: int, chunk: int, unit_chunks: int, warps: int, dtype: torch.dtype,
                    has_dvar: bool, has_init: bool, varlen: bool, segment: int = SEGMENT,
                    g_dtype: Optional[torch.dtype] = None, do_dtype: Optional[torch.dtype] = None,
-                   aligned: bool = True, dqk: int = 2) -> Dict[str, int]:
+                   aligned: bool = True, dqk: int = 2, lanes: int = 16, blocks: int = 1) -> Dict[str, int]:
     """sweep.cu's compile-time parameters (see its header); ``dtype`` is q's (and k, v, beta's), ``g_dtype`` and
     ``do_dtype`` those of g and of the output gradients (default: ``dtype``); ``aligned``: every staged input
     allows 16-byte vector loads (:func:`palimpsa.ops.cuda.nvrtc.aligned16`); ``dqk``: tokens whose dq and dk are
-    summed at a time (:func:`dqk_tokens`)."""
-    defines = dict(PK=K, PV=V, PH=H, PC=chunk, PU=unit_chunks, PWARPS=warps, PSEG=segment, PDQK=dqk,
-                   PIN=dtype_code(dtype, "q"),
+    summed at a time (:func:`dqk_tokens`, with 16 lanes over K); ``lanes``: lanes over K (:func:`lanes_over_k`);
+    ``blocks``: blocks a multiprocessor is to hold (its launch bounds)."""
+    defines = dict(PK=K, PV=V, PH=H, PC=chunk, PU=unit_chunks, PWARPS=warps, PSEG=segment, PDQK=dqk, PKLANES=lanes,
+                   PBLOCKS=blocks, PIN=dtype_code(dtype, "q"),
                    PG=dtype_code(g_dtype or dtype, "g"), PDO=dtype_code(do_dtype or dtype, "do"), PDVAR=has_dvar,
                    PINIT=has_init, PVARLEN=varlen, PALIGNED=aligned,
-                   PSHARED_BYTES=shared_bytes(K, V, warps, chunk, segment, has_dvar, dqk))
+                   PSHARED_BYTES=shared_bytes(K, V, warps, chunk, segment, has_dvar, dqk, lanes))
     return defines
 
 
 def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,
                  dg_part, dg_anchor, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, scale: float,
                  T: int, NU: int, chunk: int, unit_chunks: int, has_init: bool, varlen: bool,
-                 dqk: Optional[int] = None) -> None:
+                 dqk: Optional[int] = None, key_lanes: Optional[int] = None, blocks: Optional[int] = None) -> None:
     """Run the sweep over NU units on q's device; arguments as ``unit_bwd_gluon_kernel``'s (q, k [B*T, H, K],
     v, beta, do, dvar [B*T, H, V], g [B*T, H]; k, v, beta, dv, dbeta of q's dtype, g, do and dvar of any
     of bfloat16, float16, float32; dq, dk float32 zero-initialised; dprior_part [V / 4, NU, H]); dvar None without
     a variance gradient.  dg comes as terms (sweep.cu's header): dg_part [B*T, H] per token and dg_anchor [NC, H]
     per chunk of ``chunk`` tokens, both float32 zero-initialised; ``chunk_bwd.dg_from_token_terms`` sums them.
-    ``dqk``: tokens whose dq and dk are summed at a time, as :func:`dqk_tokens` allows (None: 2)."""
+    ``dqk``: tokens whose dq and dk are summed at a time, as :func:`dqk_tokens` allows (None: 2; 16 lanes over K
+    only); ``key_lanes``: lanes over K (:func:`lanes_over_k`; None: 32 where K allows); ``blocks``: blocks a
+    multiprocessor is to hold (1 or 2: the warps per block follow, :func:`block_warps`; None: 1)."""
     K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
     has_dvar = dvar is not None
-    warps = block_warps(K, V, chunk, has_dvar)
+    if blocks not in (None, 1, 2):
+        raise ValueError(f"the CUDA sweep's blocks per multiprocessor must be 1 or 2, got {blocks!r}")
+    blocks = blocks or 1
+    lanes = lanes_over_k(K, key_lanes) if K % 16 == 0 else 16
+    warps = block_warps(K, V, chunk, has_dvar, lanes, blocks)
+    if warps is None and (lanes, blocks) != (16, 1):  # what was asked for does not fit: 16 lanes over K, one block
+        lanes, blocks = 16, 1
+        warps = block_warps(K, V, chunk, has_dvar)
     if warps is None:
         raise ValueError(f"the CUDA sweep needs K a multiple of 16 up to 128 and V a multiple of 4, got K = {K}, "
                          f"V = {V}")
@@ -86,10 +113,11 @@ def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0,
     for name, x in (("k", k), ("v", v), ("beta", beta), ("dv", dv), ("dbeta", dbeta)):
         if x.dtype != q.dtype:
             raise TypeError(f"the CUDA sweep needs {name} in q's dtype {q.dtype}, got {x.dtype}")
-    dqk = dqk_tokens(K, V, warps, chunk, has_dvar, dqk)
+    dqk = dqk_tokens(K, V, warps, chunk, has_dvar, dqk) if lanes == 16 else 2
     defines = kernel_defines(K, V, H, chunk, unit_chunks, warps, q.dtype, has_dvar, has_init, varlen, g_dtype=g.dtype,
-                             do_dtype=do.dtype, aligned=aligned16(K, V, q, k, v, beta, do, dvar), dqk=dqk)
-    smem = shared_bytes(K, V, warps, chunk, has_dvar=has_dvar, dqk_tokens=dqk)
+                             do_dtype=do.dtype, aligned=aligned16(K, V, q, k, v, beta, do, dvar), dqk=dqk,
+                             lanes=lanes, blocks=blocks)
+    smem = shared_bytes(K, V, warps, chunk, has_dvar=has_dvar, dqk_tokens=dqk, key_lanes=lanes)
     kernel = load_kernel("sweep.cu", defines, "palimpsa_sweep", smem, q.device)
     kernel((V // (4 * warps), NU, H), 32 * warps,
            (q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,

@@ -93,6 +93,13 @@ class KernelConfig:
     passed the H200's float64 checks at every benchmark shape; 4 was no faster there (results/bench/README.md,
     sixteenth session: 760M-like fwd+bwd 11.35 against 11.33 ms).
 
+    bwd_key_lanes: the CUDA sweep's lanes over K: 16 (each thread K / 16 adjacent key rows of 2 value columns, dq and
+    dk summed over a warp's two column lanes in shared memory) or 32 (each thread the rows lane + 32 i of 4 value
+    columns: dq and dk go straight to memory, K a multiple of 32).  None: 32 where K allows it, else 16.
+
+    bwd_sweep_blocks: the CUDA sweep's blocks a multiprocessor is to hold, 1 or 2 (the warps per block follow the
+    shared memory; two blocks stage their chunks' inputs at different times).  None: 1.
+
     state_tuning: the chunk-state kernel's blocks, warps, stages and register cap (:class:`StateTuning`; None:
     :func:`state_tuning` by key and chunk size).  The environment variables are read when this module is imported.
     """
@@ -115,6 +122,8 @@ class KernelConfig:
     bwd_target_programs: Optional[int] = None
     bwd_inputs: Optional[bool] = None
     bwd_dqk_tokens: Optional[int] = None
+    bwd_key_lanes: Optional[int] = None
+    bwd_sweep_blocks: Optional[int] = None
     state_tuning: Optional[StateTuning] = None
 
 
@@ -172,6 +181,10 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
         raise ValueError(f"fwd_walk must be None (auto), True or False, got {changes['fwd_walk']!r}")
     if changes.get("bwd_dqk_tokens") not in (None, 2, 4) or isinstance(changes.get("bwd_dqk_tokens"), bool):
         raise ValueError(f"bwd_dqk_tokens must be None, 2 or 4, got {changes['bwd_dqk_tokens']!r}")
+    if changes.get("bwd_key_lanes") not in (None, 16, 32) or isinstance(changes.get("bwd_key_lanes"), bool):
+        raise ValueError(f"bwd_key_lanes must be None, 16 or 32, got {changes['bwd_key_lanes']!r}")
+    if changes.get("bwd_sweep_blocks") not in (None, 1, 2) or isinstance(changes.get("bwd_sweep_blocks"), bool):
+        raise ValueError(f"bwd_sweep_blocks must be None, 1 or 2, got {changes['bwd_sweep_blocks']!r}")
     cols = changes.get("bwd_cols")
     if cols is not None and (isinstance(cols, bool) or cols not in (1, 2, 4)):
         raise ValueError(f"bwd_cols must be None (by key size), 1, 2 or 4, got {changes['bwd_cols']!r}")

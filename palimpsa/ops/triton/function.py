@@ -272,7 +272,9 @@ def _bwd_impl(
                                                         sweep_warps=CONFIG.bwd_warps, sweep_stage=tuning.stage,
                                                         sweep_maxnreg=tuning.maxnreg, sweep_unroll=tuning.unroll,
                                                         sweep_cols=tuning.cols, sweep_inputs=tuning.inputs,
-                                                        sweep_dqk=CONFIG.bwd_dqk_tokens)
+                                                        sweep_dqk=CONFIG.bwd_dqk_tokens,
+                                                        sweep_key_lanes=CONFIG.bwd_key_lanes,
+                                                        sweep_blocks=CONFIG.bwd_sweep_blocks)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
