@@ -22,9 +22,10 @@ the tenth session) and
 "-tN" (``bwd_target_programs``, which sizes the backward's units: "-t1" makes each sequence one unit, so that no
 local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi", "-qN" (the CUDA sweep's tokens whose dq and dk are
 summed at a time, ``bwd_dqk_tokens``: "default-q4"), "-kN" (the CUDA sweep's lanes over K, ``bwd_key_lanes``:
-"default-k16"), "-bN" (its blocks per multiprocessor, ``bwd_sweep_blocks``: "default-b2"), and then "-walk" or
-"-nowalk" (the CUDA output kernel walking whole sequences from the initial state, or not: ``fwd_walk``), e.g.
-"default-walk".
+"default-k16"), "-bN" (its blocks per multiprocessor, ``bwd_sweep_blocks``: "default-b2"), "-wN" and "-gN" (its
+warps per block and tokens per segment, ``bwd_sweep_warps``, ``bwd_sweep_segment``: "default-w12-g8"), and then
+"-walk" or "-nowalk" (the CUDA output kernel walking whole sequences from the initial state, or not: ``fwd_walk``),
+e.g. "default-walk".
 
 1. Correctness, per variant, with ``scripts/gpu_ops_check.py``'s ``check_case``: at every shape and on a varlen
    batch (once more with saturated decays and full resets at some tokens, and for the default and CUDA variants once
@@ -71,12 +72,13 @@ def variant_config(name: str) -> dict:
             extra["fwd_inputs"] = name.endswith("-fi")
             name = name[:-3]
             continue
-        match = re.fullmatch(r"(.+)-([ftqkb])(\d+)", name)
+        match = re.fullmatch(r"(.+)-([ftqkbwg])(\d+)", name)
         if not match:
             break
         name = match[1]
         extra[{"f": "fwd_cols", "t": "bwd_target_programs", "q": "bwd_dqk_tokens",
-               "k": "bwd_key_lanes", "b": "bwd_sweep_blocks"}[match[2]]] = int(match[3])
+               "k": "bwd_key_lanes", "b": "bwd_sweep_blocks", "w": "bwd_sweep_warps",
+               "g": "bwd_sweep_segment"}[match[2]]] = int(match[3])
     if name == "triton":
         return dict(fwd_backend="triton", bwd_backend="triton", **extra)
     if name == "default":

@@ -53,14 +53,14 @@ def dqk_tokens(K: int, V: int, warps: int, chunk: int, has_dvar: bool, wanted: O
 
 
 def block_warps(K: int, V: int, chunk: int, has_dvar: bool = True, key_lanes: int = 16,
-                blocks: int = 1) -> Optional[int]:
+                blocks: int = 1, segment: int = SEGMENT) -> Optional[int]:
     """Warps per block for key size K and value size V: the most (8, 4, 2 or 1) whose 4 * warps value columns
     divide V and of whose blocks ``blocks`` fit a multiprocessor's shared memory; None when the sweep cannot run (K
     not a multiple of 16 or above 128)."""
     if K % 16 or not 16 <= K <= 128:
         return None
     for warps in (8, 4, 2, 1):
-        smem = shared_bytes(K, V, warps, chunk, has_dvar=has_dvar, key_lanes=key_lanes)
+        smem = shared_bytes(K, V, warps, chunk, segment, has_dvar=has_dvar, key_lanes=key_lanes)
         if V % (4 * warps) == 0 and smem <= MAX_SHARED_BYTES and blocks * (smem + 1024) <= SHARED_PER_SM:
             return warps
     return None
@@ -86,7 +86,8 @@ def kernel_defines(K: int, V: int, H: int, chunk: int, unit_chunks: int, warps: 
 def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,
                  dg_part, dg_anchor, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, scale: float,
                  T: int, NU: int, chunk: int, unit_chunks: int, has_init: bool, varlen: bool,
-                 dqk: Optional[int] = None, key_lanes: Optional[int] = None, blocks: Optional[int] = None) -> None:
+                 dqk: Optional[int] = None, key_lanes: Optional[int] = None, blocks: Optional[int] = None,
+                 warps: Optional[int] = None, segment: Optional[int] = None) -> None:
     """Run the sweep over NU units on q's device; arguments as ``unit_bwd_gluon_kernel``'s (q, k [B*T, H, K],
     v, beta, do, dvar [B*T, H, V], g [B*T, H]; k, v, beta, dv, dbeta of q's dtype, g, do and dvar of any
     of bfloat16, float16, float32; dq, dk float32 zero-initialised; dprior_part [V / 4, NU, H]); dvar None without
@@ -94,17 +95,29 @@ def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0,
     per chunk of ``chunk`` tokens, both float32 zero-initialised; ``chunk_bwd.dg_from_token_terms`` sums them.
     ``dqk``: tokens whose dq and dk are summed at a time, as :func:`dqk_tokens` allows (None: 2; 16 lanes over K
     only); ``key_lanes``: lanes over K (:func:`lanes_over_k`; None: 32 where K allows); ``blocks``: blocks a
-    multiprocessor is to hold (1 or 2: the warps per block follow, :func:`block_warps`; None: 1)."""
+    multiprocessor is to hold (1 or 2: the warps per block follow, :func:`block_warps`; None: 1); ``warps``: warps
+    per block instead (4 * warps must divide V, and the block fit in shared memory); ``segment``: tokens per segment
+    (4, 8, 16 or 32: a warp keeps segment / 4 sub-block states in shared memory; None: :data:`SEGMENT`)."""
     K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
     has_dvar = dvar is not None
     if blocks not in (None, 1, 2):
         raise ValueError(f"the CUDA sweep's blocks per multiprocessor must be 1 or 2, got {blocks!r}")
     blocks = blocks or 1
+    if segment not in (None, 4, 8, 16, 32):
+        raise ValueError(f"the CUDA sweep's segment must be 4, 8, 16 or 32 tokens, got {segment!r}")
+    segment = segment or SEGMENT
     lanes = lanes_over_k(K, key_lanes) if K % 16 == 0 else 16
-    warps = block_warps(K, V, chunk, has_dvar, lanes, blocks)
+    if warps is not None:
+        smem = shared_bytes(K, V, warps, chunk, segment, has_dvar, 2, lanes)
+        if warps not in (1, 2, 4, 6, 8, 12, 16) or V % (4 * warps) or smem > MAX_SHARED_BYTES:
+            raise ValueError(f"the CUDA sweep cannot run {warps!r} warps a block at K = {K}, V = {V} (4 * warps must "
+                             f"divide V, warps one of 1, 2, 4, 6, 8, 12, 16, and {smem} bytes of shared memory fit "
+                             f"{MAX_SHARED_BYTES})")
+    else:
+        warps = block_warps(K, V, chunk, has_dvar, lanes, blocks, segment)
     if warps is None and (lanes, blocks) != (16, 1):  # what was asked for does not fit: 16 lanes over K, one block
         lanes, blocks = 16, 1
-        warps = block_warps(K, V, chunk, has_dvar)
+        warps = block_warps(K, V, chunk, has_dvar, segment=segment)
     if warps is None:
         raise ValueError(f"the CUDA sweep needs K a multiple of 16 up to 128 and V a multiple of 4, got K = {K}, "
                          f"V = {V}")
@@ -114,10 +127,10 @@ def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0,
         if x.dtype != q.dtype:
             raise TypeError(f"the CUDA sweep needs {name} in q's dtype {q.dtype}, got {x.dtype}")
     dqk = dqk_tokens(K, V, warps, chunk, has_dvar, dqk) if lanes == 16 else 2
-    defines = kernel_defines(K, V, H, chunk, unit_chunks, warps, q.dtype, has_dvar, has_init, varlen, g_dtype=g.dtype,
-                             do_dtype=do.dtype, aligned=aligned16(K, V, q, k, v, beta, do, dvar), dqk=dqk,
-                             lanes=lanes, blocks=blocks)
-    smem = shared_bytes(K, V, warps, chunk, has_dvar=has_dvar, dqk_tokens=dqk, key_lanes=lanes)
+    defines = kernel_defines(K, V, H, chunk, unit_chunks, warps, q.dtype, has_dvar, has_init, varlen, segment,
+                             g_dtype=g.dtype, do_dtype=do.dtype, aligned=aligned16(K, V, q, k, v, beta, do, dvar),
+                             dqk=dqk, lanes=lanes, blocks=blocks)
+    smem = shared_bytes(K, V, warps, chunk, segment, has_dvar=has_dvar, dqk_tokens=dqk, key_lanes=lanes)
     kernel = load_kernel("sweep.cu", defines, "palimpsa_sweep", smem, q.device)
     kernel((V // (4 * warps), NU, H), 32 * warps,
            (q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,

@@ -518,6 +518,7 @@ def chunk_bwd(
     target_programs: int = 2048, sweep: str = "triton", lanes_k: int = 8, sweep_warps: int = 1, sweep_stage: int = 0,
     sweep_maxnreg: Optional[int] = None, sweep_unroll: int = 1, sweep_cols: int = 1, sweep_inputs: bool = False,
     sweep_dqk: Optional[int] = None, sweep_key_lanes: Optional[int] = None, sweep_blocks: Optional[int] = None,
+    sweep_block_warps: Optional[int] = None, sweep_segment: Optional[int] = None,
 ):
     """Gradients of the Palimpsa op.
 
@@ -532,8 +533,9 @@ def chunk_bwd(
     state-rebuilding loops; ``sweep_cols``: value columns each of its threads holds; ``sweep_inputs``: each chunk's
     per-token inputs staged in shared memory); ``sweep_dqk``: the CUDA sweep's tokens whose dq and dk are summed at a
     time (``palimpsa.ops.cuda.sweep.dqk_tokens``), ``sweep_key_lanes`` its lanes over K
-    (``palimpsa.ops.cuda.sweep.lanes_over_k``) and ``sweep_blocks`` its blocks per multiprocessor.  ``target_programs``
-    sizes the units (:func:`default_unit_chunks`), counted with the running sweep's own value blocks.
+    (``palimpsa.ops.cuda.sweep.lanes_over_k``), ``sweep_blocks`` its blocks per multiprocessor, ``sweep_block_warps``
+    and ``sweep_segment`` its warps per block and tokens per segment.  ``target_programs`` sizes the units
+    (:func:`default_unit_chunks`), counted with the running sweep's own value blocks.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -622,7 +624,8 @@ def chunk_bwd(
         launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar,
                      dq, dk, dv, dbeta, dg_part, dg_anchor, dprior_part, dmu0, dimp0, layout.cu32, unit_indices,
                      chunk_offsets, scale, T, NU, C, U, has_init, layout.varlen, dqk=sweep_dqk,
-                     key_lanes=sweep_key_lanes, blocks=sweep_blocks)
+                     key_lanes=sweep_key_lanes, blocks=sweep_blocks, warps=sweep_block_warps,
+                     segment=sweep_segment)
     elif sweep == "gluon":
         from palimpsa.ops.triton.chunk_bwd_gluon import unit_bwd_gluon_kernel
 

@@ -100,6 +100,10 @@ class KernelConfig:
     bwd_sweep_blocks: the CUDA sweep's blocks a multiprocessor is to hold, 1 or 2 (the warps per block follow the
     shared memory; two blocks stage their chunks' inputs at different times).  None: 1.
 
+    bwd_sweep_warps, bwd_sweep_segment: the CUDA sweep's warps per block (1, 2, 4, 6, 8, 12 or 16; 4 * warps must
+    divide V) and tokens per segment (4, 8, 16 or 32: each warp keeps segment / 4 sub-block states in shared memory,
+    so shorter segments let more warps fit, at the cost of more forward steps).  None: as the sweep picks them.
+
     state_tuning: the chunk-state kernel's blocks, warps, stages and register cap (:class:`StateTuning`; None:
     :func:`state_tuning` by key and chunk size).  The environment variables are read when this module is imported.
     """
@@ -124,6 +128,8 @@ class KernelConfig:
     bwd_dqk_tokens: Optional[int] = None
     bwd_key_lanes: Optional[int] = None
     bwd_sweep_blocks: Optional[int] = None
+    bwd_sweep_warps: Optional[int] = None
+    bwd_sweep_segment: Optional[int] = None
     state_tuning: Optional[StateTuning] = None
 
 
@@ -185,6 +191,12 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
         raise ValueError(f"bwd_key_lanes must be None, 16 or 32, got {changes['bwd_key_lanes']!r}")
     if changes.get("bwd_sweep_blocks") not in (None, 1, 2) or isinstance(changes.get("bwd_sweep_blocks"), bool):
         raise ValueError(f"bwd_sweep_blocks must be None, 1 or 2, got {changes['bwd_sweep_blocks']!r}")
+    if changes.get("bwd_sweep_warps") not in (None, 1, 2, 4, 6, 8, 12, 16) or isinstance(
+            changes.get("bwd_sweep_warps"), bool):
+        raise ValueError(f"bwd_sweep_warps must be None, 1, 2, 4, 6, 8, 12 or 16, got {changes['bwd_sweep_warps']!r}")
+    if changes.get("bwd_sweep_segment") not in (None, 4, 8, 16, 32) or isinstance(
+            changes.get("bwd_sweep_segment"), bool):
+        raise ValueError(f"bwd_sweep_segment must be None, 4, 8, 16 or 32, got {changes['bwd_sweep_segment']!r}")
     cols = changes.get("bwd_cols")
     if cols is not None and (isinstance(cols, bool) or cols not in (1, 2, 4)):
         raise ValueError(f"bwd_cols must be None (by key size), 1, 2 or 4, got {changes['bwd_cols']!r}")

@@ -274,7 +274,9 @@ def _bwd_impl(
                                                         sweep_cols=tuning.cols, sweep_inputs=tuning.inputs,
                                                         sweep_dqk=CONFIG.bwd_dqk_tokens,
                                                         sweep_key_lanes=CONFIG.bwd_key_lanes,
-                                                        sweep_blocks=CONFIG.bwd_sweep_blocks)
+                                                        sweep_blocks=CONFIG.bwd_sweep_blocks,
+                                                        sweep_block_warps=CONFIG.bwd_sweep_warps,
+                                                        sweep_segment=CONFIG.bwd_sweep_segment)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
