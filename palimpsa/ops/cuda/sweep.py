@@ -9,7 +9,7 @@ value columns of one head and unit (see the source's header for what the C++ doe
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -17,6 +17,11 @@ from palimpsa.ops.cuda.nvrtc import MAX_SHARED_BYTES, aligned16, dtype_code, loa
 
 SEGMENT = 16
 SHARED_PER_SM = 228 * 1024  # sm_90; each block also takes 1 kB
+# key size -> (warps per block, tokens per segment) with 32 lanes over K, where an H200 checked them against float64
+# and measured them faster than the pick of block_warps with SEGMENT (results/bench/README.md, seventeenth session:
+# fwd+bwd d64 2.63 -> 2.45 ms, d128 5.37 -> 4.55); at K = 96 (760M-like) 8 warps of 16-token segments stay (12 of 8:
+# 10.34 -> 10.52 ms)
+BLOCKS_TUNED = {64: (16, 8), 128: (8, 8)}
 
 
 def lanes_over_k(K: int, wanted: Optional[int] = None) -> int:
@@ -83,6 +88,49 @@ def kernel_defines(K: int, V: int, H: int, chunk: int, unit_chunks: int, warps: 
     return defines
 
 
+def tuned_blocks(K: int, V: int, chunk: int, has_dvar: bool, lanes: int) -> Optional[Tuple[int, int]]:
+    """(warps per block, tokens per segment) of :data:`BLOCKS_TUNED` for key size K with ``lanes`` lanes over K, where
+    4 * warps divides V and the block fits in shared memory; else None."""
+    if lanes != 32 or K not in BLOCKS_TUNED:
+        return None
+    warps, segment = BLOCKS_TUNED[K]
+    fits = shared_bytes(K, V, warps, chunk, segment, has_dvar, 2, lanes) <= MAX_SHARED_BYTES
+    return (warps, segment) if V % (4 * warps) == 0 and fits else None
+
+
+def block_layout(K: int, V: int, chunk: int, has_dvar: bool, key_lanes: Optional[int] = None,
+                 blocks: Optional[int] = None, warps: Optional[int] = None,
+                 segment: Optional[int] = None) -> Tuple[int, int, int, int]:
+    """(lanes over K, warps per block, tokens per segment, blocks per multiprocessor) of the sweep for the options of
+    :func:`launch_sweep`; ValueError where they cannot run."""
+    if blocks not in (None, 1, 2):
+        raise ValueError(f"the CUDA sweep's blocks per multiprocessor must be 1 or 2, got {blocks!r}")
+    untuned = (warps, segment, blocks) == (None, None, None)
+    blocks = blocks or 1
+    if segment not in (None, 4, 8, 16, 32):
+        raise ValueError(f"the CUDA sweep's segment must be 4, 8, 16 or 32 tokens, got {segment!r}")
+    lanes = lanes_over_k(K, key_lanes) if K % 16 == 0 else 16
+    tuned = tuned_blocks(K, V, chunk, has_dvar, lanes) if untuned else None
+    segment = segment or SEGMENT
+    if warps is not None:
+        smem = shared_bytes(K, V, warps, chunk, segment, has_dvar, 2, lanes)
+        if warps not in (1, 2, 4, 6, 8, 12, 16) or V % (4 * warps) or smem > MAX_SHARED_BYTES:
+            raise ValueError(f"the CUDA sweep cannot run {warps!r} warps a block at K = {K}, V = {V} (4 * warps must "
+                             f"divide V, warps one of 1, 2, 4, 6, 8, 12, 16, and {smem} bytes of shared memory fit "
+                             f"{MAX_SHARED_BYTES})")
+    elif tuned is not None:
+        warps, segment = tuned
+    else:
+        warps = block_warps(K, V, chunk, has_dvar, lanes, blocks, segment)
+    if warps is None and (lanes, blocks) != (16, 1):  # what was asked for does not fit: 16 lanes over K, one block
+        lanes, blocks = 16, 1
+        warps = block_warps(K, V, chunk, has_dvar, segment=segment)
+    if warps is None:
+        raise ValueError(f"the CUDA sweep needs K a multiple of 16 up to 128 and V a multiple of 4, got K = {K}, "
+                         f"V = {V}")
+    return lanes, warps, segment, blocks
+
+
 def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0, imp0, do, dvar, dq, dk, dv, dbeta,
                  dg_part, dg_anchor, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, scale: float,
                  T: int, NU: int, chunk: int, unit_chunks: int, has_init: bool, varlen: bool,
@@ -97,30 +145,11 @@ def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0,
     only); ``key_lanes``: lanes over K (:func:`lanes_over_k`; None: 32 where K allows); ``blocks``: blocks a
     multiprocessor is to hold (1 or 2: the warps per block follow, :func:`block_warps`; None: 1); ``warps``: warps
     per block instead (4 * warps must divide V, and the block fit in shared memory); ``segment``: tokens per segment
-    (4, 8, 16 or 32: a warp keeps segment / 4 sub-block states in shared memory; None: :data:`SEGMENT`)."""
+    (4, 8, 16 or 32: a warp keeps segment / 4 sub-block states in shared memory; None: :data:`SEGMENT`).  With none
+    of blocks, warps and segment given, :func:`tuned_blocks` where it applies."""
     K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
     has_dvar = dvar is not None
-    if blocks not in (None, 1, 2):
-        raise ValueError(f"the CUDA sweep's blocks per multiprocessor must be 1 or 2, got {blocks!r}")
-    blocks = blocks or 1
-    if segment not in (None, 4, 8, 16, 32):
-        raise ValueError(f"the CUDA sweep's segment must be 4, 8, 16 or 32 tokens, got {segment!r}")
-    segment = segment or SEGMENT
-    lanes = lanes_over_k(K, key_lanes) if K % 16 == 0 else 16
-    if warps is not None:
-        smem = shared_bytes(K, V, warps, chunk, segment, has_dvar, 2, lanes)
-        if warps not in (1, 2, 4, 6, 8, 12, 16) or V % (4 * warps) or smem > MAX_SHARED_BYTES:
-            raise ValueError(f"the CUDA sweep cannot run {warps!r} warps a block at K = {K}, V = {V} (4 * warps must "
-                             f"divide V, warps one of 1, 2, 4, 6, 8, 12, 16, and {smem} bytes of shared memory fit "
-                             f"{MAX_SHARED_BYTES})")
-    else:
-        warps = block_warps(K, V, chunk, has_dvar, lanes, blocks, segment)
-    if warps is None and (lanes, blocks) != (16, 1):  # what was asked for does not fit: 16 lanes over K, one block
-        lanes, blocks = 16, 1
-        warps = block_warps(K, V, chunk, has_dvar, segment=segment)
-    if warps is None:
-        raise ValueError(f"the CUDA sweep needs K a multiple of 16 up to 128 and V a multiple of 4, got K = {K}, "
-                         f"V = {V}")
+    lanes, warps, segment, blocks = block_layout(K, V, chunk, has_dvar, key_lanes, blocks, warps, segment)
     if has_dvar and dvar.dtype != do.dtype:
         dvar = dvar.to(do.dtype)
     for name, x in (("k", k), ("v", v), ("beta", beta), ("dv", dv), ("dbeta", dbeta)):
