@@ -4,12 +4,14 @@
 // palimpsa/ops/triton/chunk_bwd.py), except that dg_part and dg_anchor hold the terms of dg (below): one unit of
 // chunks (C = PC tokens) walked last chunk first, its states rebuilt from the chunk-start states, the adjoints (dM, dP)
 // carried in reverse, every gradient written per token.  What the C++ gives that the Gluon source could not:
-//  * each thread's state elements are explicit registers (R = K / 16 key rows x 2 value columns), so every sum over
-//    a thread's elements is a chain of fused multiply-adds, and nothing spills;
+//  * each thread's state elements are explicit registers, so every sum over a thread's elements is a chain of fused
+//    multiply-adds, and nothing spills.  PKLANES 32 (K a multiple of 32): the key rows lane + 32 i (i < R = K / 32) of
+//    4 value columns, so that dq and dk leave the thread summed over its columns, as coalesced atomic adds over the
+//    value blocks; PKLANES 16: K / 16 adjacent key rows of 2 value columns, dq and dk summed per PDQK tokens over the
+//    two column lanes in shared memory first;
 //  * the sums across lanes are collected in shared memory and reduced once, one lane per output: dv and dbeta per
-//    sub-block of 4 tokens (16 loads a lane instead of 4 butterfly levels per token), dq and dk per PDQK tokens
-//    (the two column lanes' rows added, then coalesced atomic adds over the value blocks); the dg terms of the 4
-//    tokens take one transposed butterfly;
+//    sub-block of 4 tokens (a row of 32 or 16 values a lane instead of butterfly levels per token); the dg terms of the
+//    4 tokens take one transposed butterfly;
 //  * a block of PWARPS warps (4 * PWARPS value columns of one head and unit) stages a chunk's inputs in shared memory
 //    once for all its warps (every load issued before any store), each warp keeps its segment's sub-block start
 //    states there (2.25 forward steps per token), and the next chunk's start state is copied there with cp.async
@@ -31,8 +33,9 @@
 //    along the sequence.  The read-out's scale is staged with do (and its square with dvar).
 //
 // Compile-time parameters (#defines prepended by sweep.py): PK, PV, PH (key size, value size, heads), PC (chunk),
-// PU (chunks per unit), PWARPS, PSEG (tokens per segment, a multiple of 4 dividing PC), PDQK (tokens whose dq and dk
-// are summed over lanes at a time: 2, or 4 with a sub-block's reverse steps in one stretch of code), PIN, PG, PDO
+// PU (chunks per unit), PWARPS, PBLOCKS (blocks a multiprocessor is to hold: launch bounds), PSEG (tokens per segment,
+// a multiple of 4 dividing PC), PKLANES (16 or 32 lanes over K, common.cuh), PDQK (with 16 lanes: tokens whose dq and
+// dk are summed over lanes at a time: 2, or 4 with a sub-block's reverse steps in one stretch of code), PIN, PG, PDO
 // (dtypes of q, k, v, beta, dv, dbeta; of g; of do and dvar: 0 bfloat16, 1 float16, 2 float32), PDVAR (a variance
 // gradient is given), PINIT (an initial state is given), PVARLEN, PALIGNED (16-byte vector loads allowed),
 // PSHARED_BYTES (the host's dynamic shared memory, checked against the layout).  Requires PK % 16 == 0 and PV % (4 *
@@ -113,8 +116,8 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
 // Shared memory of a block, in floats: the chunk's q and k rows [PC][PK] each, its value-column inputs [PC][NQS][BV]
 // (v / A_j, beta / A_j, do times the scale, dvar times its square and 1 / A_j), its decays [PC][4] (a_j,
 // I0 / A_j, A_j, 1 / A_j); then per warp: the sub-block start states [NSUB][2][E][32], the chunk-start state
-// [2][E / 2][32] float2 (copied from global memory asynchronously while the chunk before is processed), the sums over
-// K of a sub-block [16][RED1_STRIDE] and its sums over V for PDQK tokens [PDQK][2][2][PK].
+// [2][R][32][CW] (copied from global memory asynchronously while the chunk before is processed), the sums over K of a
+// sub-block [RED1_SLOTS][RED1_STRIDE] and, with 16 lanes over K, its sums over V for PDQK tokens [PDQK][2][2][PK].
 #define SQ_OFF 0
 #define SK_OFF (PC * PK)
 #define SIN_OFF (2 * PC * PK)
@@ -177,8 +180,9 @@ __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E]
 // adjoints into dk, and the sums over K (dv, dbeta) and of DI are scaled back by 1 / A_j per token.  Otherwise
 // (states and adjoints unscaled, 1 / A_j = 1) the adjoints take the next token's decay `an` first, and `an` becomes
 // this token's.  Leaves this token's totals in (aM, aP), adds its DI to sdi, writes this thread's partial sums over K
-// (dv, dbeta, still times A_j) to red1 at sub-block slot `ts` and over V (dq, dk) to red2 at slot ts % PDQK, and
-// returns its part of the token's dg term c_j (the header's identity): -I0 sum(DI) - <dvar, var> over its elements
+// (dv, dbeta, still times A_j) to red1 at sub-block slot `ts` and its sums over V (dq, dk): with 16 lanes over K to
+// red2 at slot ts % PDQK, with 32 atomically to dq_tok and dk_tok (the token's rows from this lane; null: the token is
+// past the sequence's end), and returns its part of the token's dg term c_j (the header's identity): -I0 sum(DI) - <dvar, var> over its elements
 // (the -<v, dv> - <beta, dbeta> part is added where dv and dbeta are summed).
 template <bool SCALED>
 __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, const float (&M)[E], const float (&P)[E],
