@@ -23,7 +23,8 @@ the tenth session) and
 local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi", "-qN" (the CUDA sweep's tokens whose dq and dk are
 summed at a time, ``bwd_dqk_tokens``: "default-q4"), "-kN" (the CUDA sweep's lanes over K, ``bwd_key_lanes``:
 "default-k16"), "-bN" (its blocks per multiprocessor, ``bwd_sweep_blocks``: "default-b2"), "-wN" and "-gN" (its
-warps per block and tokens per segment, ``bwd_sweep_warps``, ``bwd_sweep_segment``: "default-w12-g8"), and then
+warps per block and tokens per segment, ``bwd_sweep_warps``, ``bwd_sweep_segment``: "default-w12-g8"), "-a1" or
+"-a0" (its sub-blocks' checkpoints after their first tokens, or before: ``bwd_sweep_ck_first``), and then
 "-walk" or "-nowalk" (the CUDA output kernel walking whole sequences from the initial state, or not: ``fwd_walk``),
 e.g. "default-walk".
 
@@ -72,13 +73,15 @@ def variant_config(name: str) -> dict:
             extra["fwd_inputs"] = name.endswith("-fi")
             name = name[:-3]
             continue
-        match = re.fullmatch(r"(.+)-([ftqkbwg])(\d+)", name)
+        match = re.fullmatch(r"(.+)-([ftqkbwga])(\d+)", name)
         if not match:
             break
         name = match[1]
         extra[{"f": "fwd_cols", "t": "bwd_target_programs", "q": "bwd_dqk_tokens",
                "k": "bwd_key_lanes", "b": "bwd_sweep_blocks", "w": "bwd_sweep_warps",
-               "g": "bwd_sweep_segment"}[match[2]]] = int(match[3])
+               "g": "bwd_sweep_segment", "a": "bwd_sweep_ck_first"}[match[2]]] = int(match[3])
+        if match[2] == "a":
+            extra["bwd_sweep_ck_first"] = bool(extra["bwd_sweep_ck_first"])
     if name == "triton":
         return dict(fwd_backend="triton", bwd_backend="triton", **extra)
     if name == "default":

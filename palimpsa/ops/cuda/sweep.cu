@@ -34,7 +34,8 @@
 //
 // Compile-time parameters (#defines prepended by sweep.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PU (chunks per unit), PWARPS, PBLOCKS (blocks a multiprocessor is to hold: launch bounds), PSEG (tokens per segment,
-// a multiple of 4 dividing PC), PKLANES (16 or 32 lanes over K, common.cuh), PDQK (with 16 lanes: tokens whose dq and
+// a multiple of 4 dividing PC), PCKFIRST (a sub-block's checkpoint holds its state after its first token, not before),
+// PKLANES (16 or 32 lanes over K, common.cuh), PDQK (with 16 lanes: tokens whose dq and
 // dk are summed over lanes at a time: 2, or 4 with a sub-block's reverse steps in one stretch of code), PIN, PG, PDO
 // (dtypes of q, k, v, beta, dv, dbeta; of g; of do and dvar: 0 bfloat16, 1 float16, 2 float32), PDVAR (a variance
 // gradient is given), PINIT (an initial state is given), PVARLEN, PALIGNED (16-byte vector loads allowed),
@@ -463,12 +464,16 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                 read_start(start, lane, c.I0, M, P);
 #pragma unroll 4
                 for (int j = 0; j < s0; ++j) forward_token<S>(c, j, M, P);
-                // one pass over the segment keeps every sub-block's first state
+                // one pass over the segment keeps every sub-block's state before its first token (PCKFIRST: after it,
+                // so that a sub-block rebuilds three states, not four)
                 for (int sb = 0; sb < n_sub; ++sb) {
+#if PCKFIRST
+                    forward_token<S>(c, s0 + 4 * sb, M, P);
+#endif
                     save_state(ck, sb, lane, M, P);
                     if (sb + 1 < n_sub) {
 #pragma unroll
-                        for (int j = 0; j < 4; ++j) forward_token<S>(c, s0 + 4 * sb + j, M, P);
+                        for (int j = PCKFIRST; j < 4; ++j) forward_token<S>(c, s0 + 4 * sb + j, M, P);
                     }
                 }
                 // this chunk's start was read for the last time (and used: the reads are complete): fetch the next
@@ -482,7 +487,9 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                     const int t0 = s0 + 4 * sb;
                     float Ms[4][E], Ps[4][E];
                     load_state(ck, sb, lane, Ms[0], Ps[0]);
+#if !PCKFIRST
                     forward_token<S>(c, t0, Ms[0], Ps[0]);
+#endif
 #pragma unroll
                     for (int j = 1; j < 4; ++j) {
 #pragma unroll

@@ -22,6 +22,8 @@ SHARED_PER_SM = 228 * 1024  # sm_90; each block also takes 1 kB
 # fwd+bwd d64 2.63 -> 2.45 ms, d128 5.37 -> 4.55); at K = 96 (760M-like) 8 warps of 16-token segments stay (12 of 8:
 # 10.34 -> 10.52 ms)
 BLOCKS_TUNED = {64: (16, 8), 128: (8, 8)}
+# whether a sub-block's checkpoint holds its state after its first token (kernel_config(bwd_sweep_ck_first=...))
+CHECKPOINT_AFTER_FIRST = False
 
 
 def lanes_over_k(K: int, wanted: Optional[int] = None) -> int:
@@ -74,14 +76,16 @@ def block_warps(K: int, V: int, chunk: int, has_dvar: bool = True, key_lanes: in
 def kernel_defines(K: int, V: int, H: int, chunk: int, unit_chunks: int, warps: int, dtype: torch.dtype,
                    has_dvar: bool, has_init: bool, varlen: bool, segment: int = SEGMENT,
                    g_dtype: Optional[torch.dtype] = None, do_dtype: Optional[torch.dtype] = None,
-                   aligned: bool = True, dqk: int = 2, lanes: int = 16, blocks: int = 1) -> Dict[str, int]:
+                   aligned: bool = True, dqk: int = 2, lanes: int = 16, blocks: int = 1,
+                   ck_first: bool = False) -> Dict[str, int]:
     """sweep.cu's compile-time parameters (see its header); ``dtype`` is q's (and k, v, beta's), ``g_dtype`` and
     ``do_dtype`` those of g and of the output gradients (default: ``dtype``); ``aligned``: every staged input
     allows 16-byte vector loads (:func:`palimpsa.ops.cuda.nvrtc.aligned16`); ``dqk``: tokens whose dq and dk are
     summed at a time (:func:`dqk_tokens`, with 16 lanes over K); ``lanes``: lanes over K (:func:`lanes_over_k`);
-    ``blocks``: blocks a multiprocessor is to hold (its launch bounds)."""
+    ``blocks``: blocks a multiprocessor is to hold (its launch bounds); ``ck_first``: each sub-block's checkpoint
+    holds its state after its first token (three states rebuilt a sub-block instead of four)."""
     defines = dict(PK=K, PV=V, PH=H, PC=chunk, PU=unit_chunks, PWARPS=warps, PSEG=segment, PDQK=dqk, PKLANES=lanes,
-                   PBLOCKS=blocks, PIN=dtype_code(dtype, "q"),
+                   PBLOCKS=blocks, PCKFIRST=ck_first, PIN=dtype_code(dtype, "q"),
                    PG=dtype_code(g_dtype or dtype, "g"), PDO=dtype_code(do_dtype or dtype, "do"), PDVAR=has_dvar,
                    PINIT=has_init, PVARLEN=varlen, PALIGNED=aligned,
                    PSHARED_BYTES=shared_bytes(K, V, warps, chunk, segment, has_dvar, dqk, lanes))
@@ -135,7 +139,8 @@ def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0,
                  dg_part, dg_anchor, dprior_part, dmu0, dimp0, cu_seqlens, unit_indices, chunk_offsets, scale: float,
                  T: int, NU: int, chunk: int, unit_chunks: int, has_init: bool, varlen: bool,
                  dqk: Optional[int] = None, key_lanes: Optional[int] = None, blocks: Optional[int] = None,
-                 warps: Optional[int] = None, segment: Optional[int] = None) -> None:
+                 warps: Optional[int] = None, segment: Optional[int] = None,
+                 ck_first: Optional[bool] = None) -> None:
     """Run the sweep over NU units on q's device; arguments as ``unit_bwd_gluon_kernel``'s (q, k [B*T, H, K],
     v, beta, do, dvar [B*T, H, V], g [B*T, H]; k, v, beta, dv, dbeta of q's dtype, g, do and dvar of any
     of bfloat16, float16, float32; dq, dk float32 zero-initialised; dprior_part [V / 4, NU, H]); dvar None without
@@ -146,7 +151,8 @@ def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0,
     multiprocessor is to hold (1 or 2: the warps per block follow, :func:`block_warps`; None: 1); ``warps``: warps
     per block instead (4 * warps must divide V, and the block fit in shared memory); ``segment``: tokens per segment
     (4, 8, 16 or 32: a warp keeps segment / 4 sub-block states in shared memory; None: :data:`SEGMENT`).  With none
-    of blocks, warps and segment given, :func:`tuned_blocks` where it applies."""
+    of blocks, warps and segment given, :func:`tuned_blocks` where it applies.  ``ck_first``: the sub-blocks'
+    checkpoints after their first tokens (None: :data:`CHECKPOINT_AFTER_FIRST`)."""
     K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
     has_dvar = dvar is not None
     lanes, warps, segment, blocks = block_layout(K, V, chunk, has_dvar, key_lanes, blocks, warps, segment)
@@ -158,7 +164,8 @@ def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0,
     dqk = dqk_tokens(K, V, warps, chunk, has_dvar, dqk) if lanes == 16 else 2
     defines = kernel_defines(K, V, H, chunk, unit_chunks, warps, q.dtype, has_dvar, has_init, varlen, segment,
                              g_dtype=g.dtype, do_dtype=do.dtype, aligned=aligned16(K, V, q, k, v, beta, do, dvar),
-                             dqk=dqk, lanes=lanes, blocks=blocks)
+                             dqk=dqk, lanes=lanes, blocks=blocks,
+                             ck_first=CHECKPOINT_AFTER_FIRST if ck_first is None else bool(ck_first))
     smem = shared_bytes(K, V, warps, chunk, segment, has_dvar=has_dvar, dqk_tokens=dqk, key_lanes=lanes)
     kernel = load_kernel("sweep.cu", defines, "palimpsa_sweep", smem, q.device)
     kernel((V // (4 * warps), NU, H), 32 * warps,

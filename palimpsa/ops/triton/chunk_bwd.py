@@ -519,6 +519,7 @@ def chunk_bwd(
     sweep_maxnreg: Optional[int] = None, sweep_unroll: int = 1, sweep_cols: int = 1, sweep_inputs: bool = False,
     sweep_dqk: Optional[int] = None, sweep_key_lanes: Optional[int] = None, sweep_blocks: Optional[int] = None,
     sweep_block_warps: Optional[int] = None, sweep_segment: Optional[int] = None,
+    sweep_ck_first: Optional[bool] = None,
 ):
     """Gradients of the Palimpsa op.
 
@@ -534,7 +535,8 @@ def chunk_bwd(
     per-token inputs staged in shared memory); ``sweep_dqk``: the CUDA sweep's tokens whose dq and dk are summed at a
     time (``palimpsa.ops.cuda.sweep.dqk_tokens``), ``sweep_key_lanes`` its lanes over K
     (``palimpsa.ops.cuda.sweep.lanes_over_k``), ``sweep_blocks`` its blocks per multiprocessor, ``sweep_block_warps``
-    and ``sweep_segment`` its warps per block and tokens per segment.  ``target_programs`` sizes the units
+    and ``sweep_segment`` its warps per block and tokens per segment, ``sweep_ck_first`` where its sub-blocks'
+    checkpoints are taken.  ``target_programs`` sizes the units
     (:func:`default_unit_chunks`), counted with the running sweep's own value blocks.
     """
     B, T, H, K = q.shape
@@ -625,7 +627,7 @@ def chunk_bwd(
                      dq, dk, dv, dbeta, dg_part, dg_anchor, dprior_part, dmu0, dimp0, layout.cu32, unit_indices,
                      chunk_offsets, scale, T, NU, C, U, has_init, layout.varlen, dqk=sweep_dqk,
                      key_lanes=sweep_key_lanes, blocks=sweep_blocks, warps=sweep_block_warps,
-                     segment=sweep_segment)
+                     segment=sweep_segment, ck_first=sweep_ck_first)
     elif sweep == "gluon":
         from palimpsa.ops.triton.chunk_bwd_gluon import unit_bwd_gluon_kernel
 

@@ -104,6 +104,9 @@ class KernelConfig:
     divide V) and tokens per segment (4, 8, 16 or 32: each warp keeps segment / 4 sub-block states in shared memory,
     so shorter segments let more warps fit, at the cost of more forward steps).  None: as the sweep picks them.
 
+    bwd_sweep_ck_first: whether the CUDA sweep's sub-block checkpoints hold the state after each sub-block's first
+    token (one forward step fewer a sub-block, one more a segment); None: ``palimpsa.ops.cuda.sweep``'s default.
+
     state_tuning: the chunk-state kernel's blocks, warps, stages and register cap (:class:`StateTuning`; None:
     :func:`state_tuning` by key and chunk size).  The environment variables are read when this module is imported.
     """
@@ -130,6 +133,7 @@ class KernelConfig:
     bwd_sweep_blocks: Optional[int] = None
     bwd_sweep_warps: Optional[int] = None
     bwd_sweep_segment: Optional[int] = None
+    bwd_sweep_ck_first: Optional[bool] = None
     state_tuning: Optional[StateTuning] = None
 
 
@@ -197,6 +201,8 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
     if changes.get("bwd_sweep_segment") not in (None, 4, 8, 16, 32) or isinstance(
             changes.get("bwd_sweep_segment"), bool):
         raise ValueError(f"bwd_sweep_segment must be None, 4, 8, 16 or 32, got {changes['bwd_sweep_segment']!r}")
+    if not isinstance(changes.get("bwd_sweep_ck_first", False), (bool, type(None))):
+        raise ValueError(f"bwd_sweep_ck_first must be None, True or False, got {changes['bwd_sweep_ck_first']!r}")
     cols = changes.get("bwd_cols")
     if cols is not None and (isinstance(cols, bool) or cols not in (1, 2, 4)):
         raise ValueError(f"bwd_cols must be None (by key size), 1, 2 or 4, got {changes['bwd_cols']!r}")

@@ -276,7 +276,8 @@ def _bwd_impl(
                                                         sweep_key_lanes=CONFIG.bwd_key_lanes,
                                                         sweep_blocks=CONFIG.bwd_sweep_blocks,
                                                         sweep_block_warps=CONFIG.bwd_sweep_warps,
-                                                        sweep_segment=CONFIG.bwd_sweep_segment)
+                                                        sweep_segment=CONFIG.bwd_sweep_segment,
+                                                        sweep_ck_first=CONFIG.bwd_sweep_ck_first)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
