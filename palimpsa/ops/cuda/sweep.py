@@ -22,8 +22,10 @@ SHARED_PER_SM = 228 * 1024  # sm_90; each block also takes 1 kB
 # fwd+bwd d64 2.63 -> 2.45 ms, d128 5.37 -> 4.55); at K = 96 (760M-like) 8 warps of 16-token segments stay (12 of 8:
 # 10.34 -> 10.52 ms)
 BLOCKS_TUNED = {64: (16, 8), 128: (8, 8)}
-# whether a sub-block's checkpoint holds its state after its first token (kernel_config(bwd_sweep_ck_first=...))
-CHECKPOINT_AFTER_FIRST = False
+# whether a sub-block's checkpoint holds its state after its first token (kernel_config(bwd_sweep_ck_first=...)):
+# checked against float64 on an H200 at the four benchmark shapes and on the varlen batches (K = 96), and faster there
+# by 0-0.5 % (results/bench/ckfirst_h200_febd5fa.md: 760M-like fwd+bwd 10.336 -> 10.288 ms)
+CHECKPOINT_AFTER_FIRST = True
 
 
 def lanes_over_k(K: int, wanted: Optional[int] = None) -> int:
