@@ -94,11 +94,12 @@ def test_sweep_layouts_and_blocks_follow_key_size_and_shared_memory():
         sweep.launch_sweep(*args, blocks=3)
     from palimpsa.ops.triton.config import CONFIG, kernel_config
 
-    with kernel_config(bwd_key_lanes=16, bwd_sweep_blocks=2, bwd_sweep_warps=12, bwd_sweep_segment=8):
-        assert (CONFIG.bwd_key_lanes, CONFIG.bwd_sweep_blocks, CONFIG.bwd_sweep_warps,
-                CONFIG.bwd_sweep_segment) == (16, 2, 12, 8)
+    with kernel_config(bwd_key_lanes=16, bwd_sweep_blocks=2, bwd_sweep_warps=12, bwd_sweep_segment=8,
+                       bwd_sweep_ck_first=False):
+        assert (CONFIG.bwd_key_lanes, CONFIG.bwd_sweep_blocks, CONFIG.bwd_sweep_warps, CONFIG.bwd_sweep_segment,
+                CONFIG.bwd_sweep_ck_first) == (16, 2, 12, 8, False)
     for option, bad in (("bwd_key_lanes", 8), ("bwd_sweep_blocks", 3), ("bwd_sweep_warps", 5),
-                        ("bwd_sweep_segment", 12), ("bwd_key_lanes", True)):
+                        ("bwd_sweep_segment", 12), ("bwd_key_lanes", True), ("bwd_sweep_ck_first", 1)):
         with pytest.raises(ValueError, match=f"{option} must be None"):
             with kernel_config(**{option: bad}):
                 pass
