@@ -183,8 +183,8 @@ __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E]
 // this token's.  Leaves this token's totals in (aM, aP), adds its DI to sdi, writes this thread's partial sums over K
 // (dv, dbeta, still times A_j) to red1 at sub-block slot `ts` and its sums over V (dq, dk): with 16 lanes over K to
 // red2 at slot ts % PDQK, with 32 atomically to dq_tok and dk_tok (the token's rows from this lane; null: the token is
-// past the sequence's end), and returns its part of the token's dg term c_j (the header's identity): -I0 sum(DI) - <dvar, var> over its elements
-// (the -<v, dv> - <beta, dbeta> part is added where dv and dbeta are summed).
+// past the sequence's end), and returns its part of the token's dg term c_j (the header's identity): -I0 sum(DI) -
+// <dvar, var> over its elements (the -<v, dv> - <beta, dbeta> part is added where dv and dbeta are summed).
 template <bool SCALED>
 __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, const float (&M)[E], const float (&P)[E],
                                                 float (&aM)[E], float (&aP)[E], float& an, float& sdi, float* red1,
