@@ -20,6 +20,8 @@ import torch
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 MAX_SHARED_BYTES = 227 * 1024  # dynamic shared memory of one block at most on sm_90
+SHARED_PER_SM = 228 * 1024  # shared memory of a multiprocessor on sm_90, of which each resident block also takes
+SHARED_RESERVED_PER_BLOCK = 1024  # this much
 
 
 def _candidates() -> Iterable[str]:

@@ -13,11 +13,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from palimpsa.ops.cuda.nvrtc import aligned16, dtype_code, load_kernel
+from palimpsa.ops.cuda.nvrtc import SHARED_PER_SM, SHARED_RESERVED_PER_BLOCK, aligned16, dtype_code, load_kernel
 from palimpsa.ops.triton.utils import SequenceLayout
 
 BLOCKS_PER_SM = 2  # the warps per block are chosen so that at least this many blocks fit a multiprocessor
-SHARED_PER_SM = 228 * 1024
 
 
 def shared_bytes(K: int, warps: int, chunk: int) -> int:
@@ -32,7 +31,8 @@ def block_warps(K: int, V: int, chunk: int) -> Optional[int]:
     if K % 16 or not 16 <= K <= 128:
         return None
     for warps in (8, 4, 2, 1):
-        if V % (4 * warps) == 0 and BLOCKS_PER_SM * (shared_bytes(K, warps, chunk) + 1024) <= SHARED_PER_SM:
+        per_block = shared_bytes(K, warps, chunk) + SHARED_RESERVED_PER_BLOCK
+        if V % (4 * warps) == 0 and BLOCKS_PER_SM * per_block <= SHARED_PER_SM:
             return warps
     return None
 

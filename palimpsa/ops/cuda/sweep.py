@@ -13,10 +13,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from palimpsa.ops.cuda.nvrtc import MAX_SHARED_BYTES, aligned16, dtype_code, load_kernel
+from palimpsa.ops.cuda.nvrtc import (MAX_SHARED_BYTES, SHARED_PER_SM, SHARED_RESERVED_PER_BLOCK, aligned16, dtype_code,
+                                     load_kernel)
 
 SEGMENT = 16
-SHARED_PER_SM = 228 * 1024  # sm_90; each block also takes 1 kB
 # key size -> (warps per block, tokens per segment) with 32 lanes over K, where an H200 checked them against float64
 # and measured them faster than the pick of block_warps with SEGMENT (results/bench/README.md, seventeenth session:
 # fwd+bwd d64 2.63 -> 2.45 ms, d128 5.37 -> 4.55); at K = 96 (760M-like) 8 warps of 16-token segments stay (12 of 8:
@@ -70,7 +70,8 @@ def block_warps(K: int, V: int, chunk: int, has_dvar: bool = True, key_lanes: in
         return None
     for warps in (8, 4, 2, 1):
         smem = shared_bytes(K, V, warps, chunk, segment, has_dvar=has_dvar, key_lanes=key_lanes)
-        if V % (4 * warps) == 0 and smem <= MAX_SHARED_BYTES and blocks * (smem + 1024) <= SHARED_PER_SM:
+        fits = smem <= MAX_SHARED_BYTES and blocks * (smem + SHARED_RESERVED_PER_BLOCK) <= SHARED_PER_SM
+        if V % (4 * warps) == 0 and fits:
             return warps
     return None
 

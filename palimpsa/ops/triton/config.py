@@ -173,6 +173,14 @@ STATE_TUNED = {(48, 64): StateTuning(64, 32), (64, 64): StateTuning(64, 32), (96
 CONFIG = KernelConfig()
 
 
+def _check_choice(changes: dict, name: str, allowed: tuple) -> None:
+    """ValueError unless changes[name] is absent, None or one of the integers ``allowed`` (a bool is refused)."""
+    value = changes.get(name)
+    if value is not None and (isinstance(value, bool) or value not in allowed):
+        choices = ", ".join(str(a) for a in (None,) + allowed[:-1])
+        raise ValueError(f"{name} must be {choices} or {allowed[-1]}, got {value!r}")
+
+
 @contextlib.contextmanager
 def kernel_config(**changes) -> Iterator[KernelConfig]:
     """Temporarily change launch parameters (benchmarks and tuning): ``with kernel_config(fwd_block_v=64):``."""
@@ -189,18 +197,9 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
         raise ValueError(f"bwd_warps must be 1, 2, 4 or 8, got {changes['bwd_warps']!r}")
     if not isinstance(changes.get("fwd_walk", False), (bool, type(None))):
         raise ValueError(f"fwd_walk must be None (auto), True or False, got {changes['fwd_walk']!r}")
-    if changes.get("bwd_dqk_tokens") not in (None, 2, 4) or isinstance(changes.get("bwd_dqk_tokens"), bool):
-        raise ValueError(f"bwd_dqk_tokens must be None, 2 or 4, got {changes['bwd_dqk_tokens']!r}")
-    if changes.get("bwd_key_lanes") not in (None, 16, 32) or isinstance(changes.get("bwd_key_lanes"), bool):
-        raise ValueError(f"bwd_key_lanes must be None, 16 or 32, got {changes['bwd_key_lanes']!r}")
-    if changes.get("bwd_sweep_blocks") not in (None, 1, 2) or isinstance(changes.get("bwd_sweep_blocks"), bool):
-        raise ValueError(f"bwd_sweep_blocks must be None, 1 or 2, got {changes['bwd_sweep_blocks']!r}")
-    if changes.get("bwd_sweep_warps") not in (None, 1, 2, 4, 6, 8, 12, 16) or isinstance(
-            changes.get("bwd_sweep_warps"), bool):
-        raise ValueError(f"bwd_sweep_warps must be None, 1, 2, 4, 6, 8, 12 or 16, got {changes['bwd_sweep_warps']!r}")
-    if changes.get("bwd_sweep_segment") not in (None, 4, 8, 16, 32) or isinstance(
-            changes.get("bwd_sweep_segment"), bool):
-        raise ValueError(f"bwd_sweep_segment must be None, 4, 8, 16 or 32, got {changes['bwd_sweep_segment']!r}")
+    for name, allowed in (("bwd_dqk_tokens", (2, 4)), ("bwd_key_lanes", (16, 32)), ("bwd_sweep_blocks", (1, 2)),
+                          ("bwd_sweep_warps", (1, 2, 4, 6, 8, 12, 16)), ("bwd_sweep_segment", (4, 8, 16, 32))):
+        _check_choice(changes, name, allowed)
     if not isinstance(changes.get("bwd_sweep_ck_first", False), (bool, type(None))):
         raise ValueError(f"bwd_sweep_ck_first must be None, True or False, got {changes['bwd_sweep_ck_first']!r}")
     cols = changes.get("bwd_cols")
