@@ -24,7 +24,8 @@ local-adjoint pass runs), e.g. "default-f1-t1" or "default-fi", "-qN" (the CUDA 
 summed at a time, ``bwd_dqk_tokens``: "default-q4"), "-kN" (the CUDA sweep's lanes over K, ``bwd_key_lanes``:
 "default-k16"), "-bN" (its blocks per multiprocessor, ``bwd_sweep_blocks``: "default-b2"), "-wN" and "-gN" (its
 warps per block and tokens per segment, ``bwd_sweep_warps``, ``bwd_sweep_segment``: "default-w12-g8"), "-a1" or
-"-a0" (its sub-blocks' checkpoints after their first tokens, or before: ``bwd_sweep_ck_first``), and then
+"-a0" (its sub-blocks' checkpoints after their first tokens, or before: ``bwd_sweep_ck_first``), "-m1" or "-m0" (its
+compact shared memory, ``bwd_sweep_compact``), "-p1" or "-p0" (dq and dk added as pairs, ``bwd_sweep_pairs``), and then
 "-walk" or "-nowalk" (the CUDA output kernel walking whole sequences from the initial state, or not: ``fwd_walk``),
 e.g. "default-walk".
 
@@ -73,15 +74,15 @@ def variant_config(name: str) -> dict:
             extra["fwd_inputs"] = name.endswith("-fi")
             name = name[:-3]
             continue
-        match = re.fullmatch(r"(.+)-([ftqkbwga])(\d+)", name)
+        match = re.fullmatch(r"(.+)-([ftqkbwgamp])(\d+)", name)
         if not match:
             break
         name = match[1]
-        extra[{"f": "fwd_cols", "t": "bwd_target_programs", "q": "bwd_dqk_tokens",
+        key = {"f": "fwd_cols", "t": "bwd_target_programs", "q": "bwd_dqk_tokens",
                "k": "bwd_key_lanes", "b": "bwd_sweep_blocks", "w": "bwd_sweep_warps",
-               "g": "bwd_sweep_segment", "a": "bwd_sweep_ck_first"}[match[2]]] = int(match[3])
-        if match[2] == "a":
-            extra["bwd_sweep_ck_first"] = bool(extra["bwd_sweep_ck_first"])
+               "g": "bwd_sweep_segment", "a": "bwd_sweep_ck_first", "m": "bwd_sweep_compact",
+               "p": "bwd_sweep_pairs"}[match[2]]
+        extra[key] = bool(int(match[3])) if match[2] in "amp" else int(match[3])
     if name == "triton":
         return dict(fwd_backend="triton", bwd_backend="triton", **extra)
     if name == "default":

@@ -1,6 +1,7 @@
 """The CUDA reverse sweep's SASS without a GPU: its loops and what they issue.
 
-    python -m palimpsa.bench.cuda_sass [--shape 760M-like] [--key-lanes 16|32] [--ck-first on|off] [--scaled-only]
+    python -m palimpsa.bench.cuda_sass [--shape 760M-like] [--key-lanes 16|32] [--ck-first on|off] [--compact on|off]
+        [--pairs on|off] [--warps W] [--segment S] [--scaled-only]
 
 Compiles ``palimpsa/ops/cuda/sweep.cu`` with NVRTC for sm_90 at a benchmark shape's K, V and H (bf16 inputs, no
 variance, no initial state: what ``palimpsa bench ops`` times), with the warps and segment length that
@@ -27,18 +28,24 @@ KINDS = ("FFMA", "FMUL", "FADD", "MUFU", "LDS", "STS", "REDG", "SHFL", "BAR")
 
 
 def sweep_cubin(K: int, V: int, H: int, key_lanes: Optional[int] = None, ck_first: Optional[bool] = None,
-                scaled_only: bool = False) -> Tuple[bytes, int, int, Dict[str, int]]:
+                scaled_only: bool = False, compact: Optional[bool] = None, pairs: Optional[bool] = None,
+                warps: Optional[int] = None, segment: Optional[int] = None) -> Tuple[bytes, int, int, Dict[str, int]]:
     """(cubin, registers, spill-store bytes, defines) of the sweep for bf16 inputs without variance or initial state,
-    compiled for sm_90 with the launch's choices of layout, warps and segment (``key_lanes``, ``ck_first``: as
-    ``launch_sweep``'s)."""
+    compiled for sm_90 with the launch's choices of layout, warps and segment (``key_lanes``, ``ck_first``,
+    ``compact``, ``pairs``, ``warps``, ``segment``: as ``launch_sweep``'s)."""
     import torch
 
     from palimpsa.ops.cuda import nvrtc, sweep
 
-    lanes, warps, segment, blocks = sweep.block_layout(K, V, 32, False, key_lanes)
+    compact = sweep.COMPACT if compact is None else compact
+    lanes, warps, segment, blocks = sweep.block_layout(K, V, 32, False, key_lanes, warps=warps, segment=segment,
+                                                       compact=compact)
+    compact = compact and lanes == 32
+    pairs = (sweep.PAIRS if pairs is None else pairs) and lanes == 32
     first = sweep.CHECKPOINT_AFTER_FIRST if ck_first is None else ck_first
     defines = sweep.kernel_defines(K, V, H, 32, 64, warps, torch.bfloat16, False, False, False, segment,
-                                   g_dtype=torch.float32, lanes=lanes, blocks=blocks, ck_first=first)
+                                   g_dtype=torch.float32, lanes=lanes, blocks=blocks, ck_first=first, compact=compact,
+                                   pairs=pairs)
     source = nvrtc.kernel_source("sweep.cu", defines)
     if scaled_only:
         direct = "run_chunk(Scaled<false>{});"
@@ -106,17 +113,26 @@ def main(argv=None) -> int:
                         help="the sweep's lanes over K (default: 32 where K allows)")
     parser.add_argument("--ck-first", choices=("on", "off"), default=None,
                         help="sub-block checkpoints after their first token (default: the sweep's)")
+    parser.add_argument("--compact", choices=("on", "off"), default=None,
+                        help="compact shared memory (default: the sweep's; 32 lanes over K only)")
+    parser.add_argument("--pairs", choices=("on", "off"), default=None,
+                        help="dq and dk added as pairs (default: the sweep's; 32 lanes over K only)")
+    parser.add_argument("--warps", type=int, default=None, help="warps per block (default: the sweep's pick)")
+    parser.add_argument("--segment", type=int, default=None, help="tokens per segment (default: the sweep's pick)")
     parser.add_argument("--scaled-only", action="store_true",
                         help="the scaled chunk body in place of the direct one too (each loop appears once)")
     args = parser.parse_args(argv)
     shape = bench.shape_by_name(args.shape)
     ck_first = None if args.ck_first is None else args.ck_first == "on"
+    on = {None: None, "on": True, "off": False}
     cubin, registers, spills, defines = sweep_cubin(shape.K, shape.V, shape.H, args.key_lanes, ck_first,
-                                                    args.scaled_only)
+                                                    args.scaled_only, on[args.compact], on[args.pairs], args.warps,
+                                                    args.segment)
     elements = (defines["PK"] // defines["PKLANES"]) * (defines["PKLANES"] // 8)
     print(f"palimpsa_sweep at {shape.name} (K = {shape.K}, V = {shape.V}): {defines['PKLANES']} lanes over K, "
           f"{elements} state elements a thread, {defines['PWARPS']} warps a block, {defines['PSEG']}-token segments, "
           f"checkpoints {'after' if defines['PCKFIRST'] else 'before'} a sub-block's first token"
+          f"{', compact shared memory' if defines['PCOMPACT'] else ''}{', dq/dk pairs' if defines['PPAIRS'] else ''}"
           f"{', scaled body only' if args.scaled_only else ''}; {registers} registers, {spills} bytes of spill stores")
     print()
     print("| loop (addresses) | instructions | " + " | ".join(KINDS) + " | other |")

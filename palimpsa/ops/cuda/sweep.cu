@@ -35,8 +35,10 @@
 // Compile-time parameters (#defines prepended by sweep.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PU (chunks per unit), PWARPS, PBLOCKS (blocks a multiprocessor is to hold: launch bounds), PSEG (tokens per segment,
 // a multiple of 4 dividing PC), PCKFIRST (a sub-block's checkpoint holds its state after its first token, not before),
-// PKLANES (16 or 32 lanes over K, common.cuh), PDQK (with 16 lanes: tokens whose dq and
-// dk are summed over lanes at a time: 2, or 4 with a sub-block's reverse steps in one stretch of code), PIN, PG, PDO
+// PKLANES (16 or 32 lanes over K, common.cuh), PCOMPACT (below), PPAIRS (32 lanes: dq and dk interleaved in one
+// float32 buffer, dq at even and dk at odd addresses, each row's two sums one vector atomic add), PDQK (with 16 lanes:
+// tokens whose dq and dk are summed over lanes at a time: 2, or 4 with a sub-block's reverse steps in one stretch of
+// code), PIN, PG, PDO
 // (dtypes of q, k, v, beta, dv, dbeta; of g; of do and dvar: 0 bfloat16, 1 float16, 2 float32), PDVAR (a variance
 // gradient is given), PINIT (an initial state is given), PVARLEN, PALIGNED (16-byte vector loads allowed),
 // PSHARED_BYTES (the host's dynamic shared memory, checked against the layout).  Requires PK % 16 == 0 and PV % (4 *
@@ -51,9 +53,14 @@ static_assert(PDQK == 2 || PDQK == 4, "dq and dk are summed per 2 or 4 tokens");
 #define CK_VEC ((E % 4 == 0) ? 4 : 2)
 // the sums over K of a sub-block: 16 (PKLANES 16) or 32 (PKLANES 32) quantities of 32 lanes, each row padded so that
 // a warp's stores (and, with 32, 16-byte loads of its own row by each lane) meet no bank conflict
-#define RED1_SLOTS (PKLANES == 16 ? 16 : 32)
+// PCOMPACT (32 lanes over K only): the dv and dbeta sums of a sub-block are collected 2 tokens at a time (16 rows
+// instead of 32), and the segment's last sub-block starts from the pass's own registers (no checkpoint slot): less
+// shared memory a warp, so that more warps fit a block
+#define RED1_SLOTS (PKLANES == 16 ? 16 : (PCOMPACT ? 16 : 32))
 #define RED1_STRIDE (PKLANES == 16 ? 33 : 36)
 static_assert(PKLANES == 16 || PKLANES == 32, "16 or 32 lanes over K");
+static_assert(PKLANES == 32 || (!PCOMPACT && !PPAIRS), "compact shared memory and dq/dk pairs need 32 lanes over K");
+#define CK_SLOTS (PCOMPACT ? NSUB - 1 : NSUB)
 static_assert(PK % PKLANES == 0, "K a multiple of the lanes over it");
 
 // This thread's key rows of a staged row of PK floats: rows row0 + i (PKLANES 16, row0 = 16-lane index times R), or
@@ -116,7 +123,7 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
 
 // Shared memory of a block, in floats: the chunk's q and k rows [PC][PK] each, its value-column inputs [PC][NQS][BV]
 // (v / A_j, beta / A_j, do times the scale, dvar times its square and 1 / A_j), its decays [PC][4] (a_j,
-// I0 / A_j, A_j, 1 / A_j); then per warp: the sub-block start states [NSUB][2][E][32], the chunk-start state
+// I0 / A_j, A_j, 1 / A_j); then per warp: the sub-block start states [CK_SLOTS][2][E][32], the chunk-start state
 // [2][R][32][CW] (copied from global memory asynchronously while the chunk before is processed), the sums over K of a
 // sub-block [RED1_SLOTS][RED1_STRIDE] and, with 16 lanes over K, its sums over V for PDQK tokens [PDQK][2][2][PK].
 #define SQ_OFF 0
@@ -124,7 +131,7 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
 #define SIN_OFF (2 * PC * PK)
 #define SA_OFF (SIN_OFF + PC * NQS * BV)
 #define WARP_OFF (SA_OFF + 4 * PC)
-#define CK_FLOATS (NSUB * 2 * E * 32)
+#define CK_FLOATS (CK_SLOTS * 2 * E * 32)
 #define RED1_FLOATS (RED1_SLOTS * RED1_STRIDE)
 #define RED2_FLOATS (PKLANES == 16 ? 4 * PDQK * PK : 0)
 #define START_FLOATS (2 * E * 32)
@@ -265,8 +272,13 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     if (dq_tok) {
 #pragma unroll
         for (int i = 0; i < R; ++i) {
+#if PPAIRS  // dq_tok points at the (dq, dk) pair of the token's row `lane`
+            asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dq_tok + 64 * i), "f"(dqr[i]),
+                         "f"(dkr[i]) : "memory");
+#else
             atomicAdd(dq_tok + 32 * i, dqr[i]);
             atomicAdd(dk_tok + 32 * i, dkr[i]);
+#endif
         }
     }
 #endif
@@ -460,33 +472,9 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                 const int seg_tok = min(PSEG, n_tok - s0);
                 const int n_sub = (seg_tok + 3) / 4;
                 float M[E], P[E];
-                wait_start();
-                read_start(start, lane, c.I0, M, P);
-#pragma unroll 4
-                for (int j = 0; j < s0; ++j) forward_token<S>(c, j, M, P);
-                // one pass over the segment keeps every sub-block's state before its first token (PCKFIRST: after it,
-                // so that a sub-block rebuilds three states, not four)
-                for (int sb = 0; sb < n_sub; ++sb) {
-#if PCKFIRST
-                    forward_token<S>(c, s0 + 4 * sb, M, P);
-#endif
-                    save_state(ck, sb, lane, M, P);
-                    if (sb + 1 < n_sub) {
-#pragma unroll
-                        for (int j = PCKFIRST; j < 4; ++j) forward_token<S>(c, s0 + 4 * sb + j, M, P);
-                    }
-                }
-                // this chunk's start was read for the last time (and used: the reads are complete): fetch the next
-                // chunk's while this segment's sub-blocks run
-                if (seg == 0 && cc + 1 < c_count)
-                    prefetch_start(start, lane, h_mean, h_imp, ((u64)(cbase + i_c - 1) * PH + i_h) * PK * PV, c.row0,
-                                   col);
-                __syncwarp();
-                for (int jj = 0; jj < n_sub; ++jj) {
-                    const int sb = n_sub - 1 - jj;  // sub-blocks of 4 tokens, last first
-                    const int t0 = s0 + 4 * sb;
-                    float Ms[4][E], Ps[4][E];
-                    load_state(ck, sb, lane, Ms[0], Ps[0]);
+                // the states of a sub-block's 4 tokens, rebuilt from its checkpoint in Ms[0], Ps[0]
+                float Ms[4][E], Ps[4][E];
+                auto rebuild = [&](int t0) {
 #if !PCKFIRST
                     forward_token<S>(c, t0, Ms[0], Ps[0]);
 #endif
@@ -499,6 +487,44 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         }
                         forward_token<S>(c, t0 + j, Ms[j], Ps[j]);
                     }
+                };
+                wait_start();
+                read_start(start, lane, c.I0, M, P);
+#pragma unroll 4
+                for (int j = 0; j < s0; ++j) forward_token<S>(c, j, M, P);
+                // one pass over the segment keeps every sub-block's state before its first token (PCKFIRST: after it,
+                // so that a sub-block rebuilds three states, not four); PCOMPACT: the last sub-block's stays in M, P
+                for (int sb = 0; sb < n_sub; ++sb) {
+#if PCKFIRST
+                    forward_token<S>(c, s0 + 4 * sb, M, P);
+#endif
+                    if (!PCOMPACT || sb + 1 < n_sub) save_state(ck, sb, lane, M, P);
+                    if (sb + 1 < n_sub) {
+#pragma unroll
+                        for (int j = PCKFIRST; j < 4; ++j) forward_token<S>(c, s0 + 4 * sb + j, M, P);
+                    }
+                }
+#if PCOMPACT
+#pragma unroll
+                for (int e = 0; e < E; ++e) {
+                    Ms[0][e] = M[e];
+                    Ps[0][e] = P[e];
+                }
+                rebuild(s0 + 4 * (n_sub - 1));
+#endif
+                // this chunk's start was read for the last time (and used: the reads are complete): fetch the next
+                // chunk's while this segment's sub-blocks run
+                if (seg == 0 && cc + 1 < c_count)
+                    prefetch_start(start, lane, h_mean, h_imp, ((u64)(cbase + i_c - 1) * PH + i_h) * PK * PV, c.row0,
+                                   col);
+                __syncwarp();
+                for (int jj = 0; jj < n_sub; ++jj) {
+                    const int sb = n_sub - 1 - jj;  // sub-blocks of 4 tokens, last first
+                    const int t0 = s0 + 4 * sb;
+#if !PCOMPACT
+                    load_state(ck, sb, lane, Ms[0], Ps[0]);
+                    rebuild(t0);
+#endif
                     if (ss == 0 && jj == 0) {  // the chunk's last sub-block: its end state and the adjoints from after
                         float anchor = 0.f;        // the chunk (both scaled or both not: their products are not)
 #pragma unroll
@@ -507,6 +533,21 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         if (lane == 0) atomicAdd(dg_anchor + (u64)(cbase + i_c) * PH + i_h, anchor);
                     }
                     float dgn[4];
+                    // a lane's sum over K of dv or dbeta (`what` 0 or 1) of sub-block token jl and block column vc: the
+                    // sum, / A_j, goes to memory and -v dv or -beta dbeta of it to the token's c (`own`: this lane
+                    // holds the sum for itself, not as a copy of another lane's)
+                    auto add_sums = [&](float sum, int jl, int what, int vc, bool own) {
+                        const int jt = t0 + jl;
+                        const float s = sum * c.sa[4 * jt + 3];  // / A_j
+                        const float x = own ? c.sin[(jt * NQS + what) * BV + vc] * c.sa[4 * jt + 2] : 0.f;  // v, beta
+#pragma unroll
+                        for (int jr = 0; jr < 4; ++jr)
+                            if (jl == jr) dgn[jr] = fmaf(-s, x, dgn[jr]);
+                        if (own && jt < n_tok) {
+                            const u64 o = ((u64)(cs + jt) * PH + i_h) * PV + i_v * BV + vc;
+                            from_f(s, (what == 0 ? dv : dbeta) + o);
+                        }
+                    };
 #if PKLANES == 16
                     // the sub-block's tokens in groups of PDQK, last first: their reverse steps, then dq and dk of the
                     // group (the two column lanes' rows added, coalesced atomic adds over the block's value columns)
@@ -547,21 +588,48 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         for (int i = 0; i < 4; ++i) part[i] += part[i + 4];
                         const int jl = slot >> 2, what = (slot >> 1) & 1;
                         const float sum = (part[0] + part[2]) + (part[1] + part[3]);
-                        const int vc = w * 4 + half * 2 + (slot & 1);  // the column within the block
+                        add_sums(sum, jl, what, w * 4 + half * 2 + (slot & 1), true);
+                    }
 #else
                     // the sub-block's tokens, last first: each adds its dq and dk rows straight to memory
-#pragma unroll
-                    for (int jr = 3; jr >= 0; --jr) {
+                    auto reverse_token = [&](int jr) {
                         const int jt = t0 + jr;
                         float *dqt = nullptr, *dkt = nullptr;
                         if (jt < n_tok) {
                             const u64 base = ((u64)(cs + jt) * PH + i_h) * PK + lane;
-                            dqt = dq + base;
+                            dqt = dq + (PPAIRS ? 2 * base : base);
                             dkt = dk + base;
                         }
-                        dgn[jr] = backward_token<S>(c, t0 + jr, jr, Ms[jr], Ps[jr], aM, aP, an, sdi, red1, red2, dqt,
-                                                    dkt);
+                        dgn[jr] = backward_token<S>(c, t0 + jr, PCOMPACT ? jr & 1 : jr, Ms[jr], Ps[jr], aM, aP, an, sdi,
+                                                    red1, red2, dqt, dkt);
+                    };
+#if PCOMPACT
+                    // dv, dbeta per 2 tokens (tokens 3 and 2, then 1 and 0): lane l sums 16 key lanes (l / 16 which)
+                    // of (token l % 16 / 8, dv or dbeta l / 4 % 2, column l % 4), the other half from lane l ^ 16
+#pragma unroll
+                    for (int h = 1; h >= 0; --h) {
+                        reverse_token(2 * h + 1);
+                        reverse_token(2 * h);
+                        __syncwarp();
+                        const int slot = lane & 15;
+                        const float* src = red1 + slot * RED1_STRIDE + (lane >> 4) * 16;
+                        float4 part[4];
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) part[i] = *reinterpret_cast<const float4*>(src + 4 * i);
+#pragma unroll
+                        for (int i = 0; i < 2; ++i) {
+                            part[i].x += part[i + 2].x; part[i].y += part[i + 2].y;
+                            part[i].z += part[i + 2].z; part[i].w += part[i + 2].w;
+                        }
+                        float sum = ((part[0].x + part[1].x) + (part[0].y + part[1].y)) +
+                                    ((part[0].z + part[1].z) + (part[0].w + part[1].w));
+                        sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+                        add_sums(sum, 2 * h + (slot >> 3), (slot >> 2) & 1, w * 4 + (slot & 3), lane < 16);
+                        __syncwarp();  // red1 is read before the next tokens write it
                     }
+#else
+#pragma unroll
+                    for (int jr = 3; jr >= 0; --jr) reverse_token(jr);
                     __syncwarp();
                     // dv, dbeta: lane l sums the 32 key lanes of (token l / 8, dv or dbeta l / 4 % 2, column l % 4)
                     // and adds -v dv or -beta dbeta of its column to its token's c
@@ -582,20 +650,10 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         }
                         const float sum = ((part[0].x + part[1].x) + (part[0].y + part[1].y)) +
                                           ((part[0].z + part[1].z) + (part[0].w + part[1].w));
-                        const int jl = lane >> 3, what = (lane >> 2) & 1;
-                        const int vc = w * 4 + (lane & 3);  // the column within the block
-#endif
-                        const int jt = t0 + jl;
-                        const float s = sum * c.sa[4 * jt + 3];  // / A_j
-                        const float x = c.sin[(jt * NQS + what) * BV + vc] * c.sa[4 * jt + 2];  // v, beta
-#pragma unroll
-                        for (int jr = 0; jr < 4; ++jr)
-                            if (jl == jr) dgn[jr] = fmaf(-s, x, dgn[jr]);
-                        if (jt < n_tok) {
-                            const u64 o = ((u64)(cs + jt) * PH + i_h) * PV + i_v * BV + vc;
-                            from_f(s, (what == 0 ? dv : dbeta) + o);
-                        }
+                        add_sums(sum, lane >> 3, (lane >> 2) & 1, w * 4 + (lane & 3), true);
                     }
+#endif  // PCOMPACT
+#endif  // PKLANES
                     // c of each of the 4 tokens: one transposed butterfly (lanes end holding token 2 * bit4 + bit3's
                     // total)
                     {
@@ -615,6 +673,12 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                             atomicAdd(dg_part + (u64)(cs + jt) * PH + i_h, kk);
                     }
                     __syncwarp();
+#if PCOMPACT
+                    if (sb > 0) {  // the sub-block before: its states from its checkpoint
+                        load_state(ck, sb - 1, lane, Ms[0], Ps[0]);
+                        rebuild(t0 - 4);
+                    }
+#endif
                 }
             }
             // the adjoints of the state before the chunk's first token: A_0 = a_0 times its totals, which a scaled

@@ -519,7 +519,7 @@ def chunk_bwd(
     sweep_maxnreg: Optional[int] = None, sweep_unroll: int = 1, sweep_cols: int = 1, sweep_inputs: bool = False,
     sweep_dqk: Optional[int] = None, sweep_key_lanes: Optional[int] = None, sweep_blocks: Optional[int] = None,
     sweep_block_warps: Optional[int] = None, sweep_segment: Optional[int] = None,
-    sweep_ck_first: Optional[bool] = None,
+    sweep_ck_first: Optional[bool] = None, sweep_compact: Optional[bool] = None, sweep_pairs: Optional[bool] = None,
 ):
     """Gradients of the Palimpsa op.
 
@@ -536,8 +536,9 @@ def chunk_bwd(
     time (``palimpsa.ops.cuda.sweep.dqk_tokens``), ``sweep_key_lanes`` its lanes over K
     (``palimpsa.ops.cuda.sweep.lanes_over_k``), ``sweep_blocks`` its blocks per multiprocessor, ``sweep_block_warps``
     and ``sweep_segment`` its warps per block and tokens per segment, ``sweep_ck_first`` where its sub-blocks'
-    checkpoints are taken.  ``target_programs`` sizes the units
-    (:func:`default_unit_chunks`), counted with the running sweep's own value blocks.
+    checkpoints are taken, ``sweep_compact`` its compact shared memory, ``sweep_pairs`` dq and dk added as pairs.
+    ``target_programs`` sizes the units (:func:`default_unit_chunks`), counted with the running sweep's own value
+    blocks.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -597,7 +598,17 @@ def chunk_bwd(
     dg_parts = 1 if sweep in ("gluon", "cuda") else NV
     n_anchors = layout.num_chunks(C) if sweep == "cuda" else 0
     sums = ((dg_parts, NTOK, H), (n_anchors, H), (n_scan, N, H))
-    if q.dtype == torch.float32:
+    pairs = False
+    if sweep == "cuda":
+        from palimpsa.ops.cuda import sweep as cuda_sweep
+
+        pairs = cuda_sweep.uses_pairs(K, V, C, dvar is not None, sweep_pairs, key_lanes=sweep_key_lanes,
+                                      blocks=sweep_blocks, warps=sweep_block_warps, segment=sweep_segment,
+                                      compact=cuda_sweep.COMPACT if sweep_compact is None else sweep_compact)
+    if pairs:  # dq and dk interleaved in one buffer: (dq, dk) of a key row adjacent
+        dqk, dg_part, dg_anchor, extra_dprior = _zeroed_views(dev, (B, T, H, K, 2), *sums)
+        dq, dk = dqk[..., 0], dqk[..., 1]
+    elif q.dtype == torch.float32:
         dq, dk = (torch.zeros(B, T, H, K, device=dev, dtype=torch.float32) for _ in range(2))
         dg_part, dg_anchor, extra_dprior = _zeroed_views(dev, *sums)
     else:
@@ -627,7 +638,7 @@ def chunk_bwd(
                      dq, dk, dv, dbeta, dg_part, dg_anchor, dprior_part, dmu0, dimp0, layout.cu32, unit_indices,
                      chunk_offsets, scale, T, NU, C, U, has_init, layout.varlen, dqk=sweep_dqk,
                      key_lanes=sweep_key_lanes, blocks=sweep_blocks, warps=sweep_block_warps,
-                     segment=sweep_segment, ck_first=sweep_ck_first)
+                     segment=sweep_segment, ck_first=sweep_ck_first, compact=sweep_compact, pairs=pairs)
     elif sweep == "gluon":
         from palimpsa.ops.triton.chunk_bwd_gluon import unit_bwd_gluon_kernel
 
@@ -658,4 +669,6 @@ def chunk_bwd(
         dg = dg_part.sum(0).reshape(B, T, H)
     dprior = dprior_part.sum((0, 1)) + extra_dprior.sum((0, 1))
     dinit = (dmu0, dimp0) if has_init else None
+    if pairs:  # the halves of one buffer become separate dense tensors (float32's too: no shared storage)
+        dq, dk = dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous()
     return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dbeta, dprior, dinit)

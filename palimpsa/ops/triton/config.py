@@ -107,6 +107,14 @@ class KernelConfig:
     bwd_sweep_ck_first: whether the CUDA sweep's sub-block checkpoints hold the state after each sub-block's first
     token (one forward step fewer a sub-block, one more a segment); None: ``palimpsa.ops.cuda.sweep``'s default.
 
+    bwd_sweep_compact: with 32 lanes over K, whether the CUDA sweep's shared memory is compact (the dv and dbeta sums
+    of a sub-block collected 2 tokens at a time, and no checkpoint slot for a segment's last sub-block, whose states
+    come from the pass's registers), so that more warps or longer segments fit a block; None: the sweep's default
+    (``palimpsa.ops.cuda.sweep.COMPACT``).
+
+    bwd_sweep_pairs: with 32 lanes over K, whether the CUDA sweep adds dq and dk into one interleaved buffer, one
+    vector atomic add per key row and token instead of two; None: ``palimpsa.ops.cuda.sweep.PAIRS``.
+
     state_tuning: the chunk-state kernel's blocks, warps, stages and register cap (:class:`StateTuning`; None:
     :func:`state_tuning` by key and chunk size).  The environment variables are read when this module is imported.
     """
@@ -134,6 +142,8 @@ class KernelConfig:
     bwd_sweep_warps: Optional[int] = None
     bwd_sweep_segment: Optional[int] = None
     bwd_sweep_ck_first: Optional[bool] = None
+    bwd_sweep_compact: Optional[bool] = None
+    bwd_sweep_pairs: Optional[bool] = None
     state_tuning: Optional[StateTuning] = None
 
 
@@ -200,8 +210,9 @@ def kernel_config(**changes) -> Iterator[KernelConfig]:
     for name, allowed in (("bwd_dqk_tokens", (2, 4)), ("bwd_key_lanes", (16, 32)), ("bwd_sweep_blocks", (1, 2)),
                           ("bwd_sweep_warps", (1, 2, 4, 6, 8, 12, 16)), ("bwd_sweep_segment", (4, 8, 16, 32))):
         _check_choice(changes, name, allowed)
-    if not isinstance(changes.get("bwd_sweep_ck_first", False), (bool, type(None))):
-        raise ValueError(f"bwd_sweep_ck_first must be None, True or False, got {changes['bwd_sweep_ck_first']!r}")
+    for name in ("bwd_sweep_ck_first", "bwd_sweep_compact", "bwd_sweep_pairs"):
+        if not isinstance(changes.get(name, False), (bool, type(None))):
+            raise ValueError(f"{name} must be None, True or False, got {changes[name]!r}")
     cols = changes.get("bwd_cols")
     if cols is not None and (isinstance(cols, bool) or cols not in (1, 2, 4)):
         raise ValueError(f"bwd_cols must be None (by key size), 1, 2 or 4, got {changes['bwd_cols']!r}")

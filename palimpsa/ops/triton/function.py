@@ -277,7 +277,9 @@ def _bwd_impl(
                                                         sweep_blocks=CONFIG.bwd_sweep_blocks,
                                                         sweep_block_warps=CONFIG.bwd_sweep_warps,
                                                         sweep_segment=CONFIG.bwd_sweep_segment,
-                                                        sweep_ck_first=CONFIG.bwd_sweep_ck_first)
+                                                        sweep_ck_first=CONFIG.bwd_sweep_ck_first,
+                                                        sweep_compact=CONFIG.bwd_sweep_compact,
+                                                        sweep_pairs=CONFIG.bwd_sweep_pairs)
         dmu0, dimp0 = dinit if dinit is not None else (_absent(prior), _absent(prior))
         return dq, dk, dv, dg, dbeta, dprior, dmu0, dimp0
 
