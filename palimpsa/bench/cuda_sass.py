@@ -37,7 +37,7 @@ def sweep_cubin(K: int, V: int, H: int, key_lanes: Optional[int] = None, ck_firs
 
     from palimpsa.ops.cuda import nvrtc, sweep
 
-    compact = sweep.COMPACT if compact is None else compact
+    compact = sweep.default_compact(K) if compact is None else compact
     lanes, warps, segment, blocks = sweep.block_layout(K, V, 32, False, key_lanes, warps=warps, segment=segment,
                                                        compact=compact)
     compact = compact and lanes == 32

@@ -44,25 +44,33 @@ def test_sweep_compiles_for_sm90_without_spills(K, V, H):
     lanes = sweep.lanes_over_k(K)
     assert lanes == (32 if K % 32 == 0 else 16)
     # the default layout, the second case also without 16-byte vector loads (inputs at an unaligned address or rows
-    # of odd lengths); where K allows 32 lanes, also the other layout (16 lanes over K: bwd_key_lanes=16)
-    cases = [(torch.bfloat16, False, False, False, True, lanes), (torch.float32, True, True, True, False, lanes)]
+    # of odd lengths); where K allows 32 lanes, also the other layout (16 lanes over K: bwd_key_lanes=16) and the
+    # other choice of compact shared memory, without dq/dk pairs
+    default_compact = sweep.default_compact(K) and lanes == 32
+    pairs = sweep.PAIRS and lanes == 32
+    cases = [(torch.bfloat16, False, False, False, True, lanes, default_compact, pairs),
+             (torch.float32, True, True, True, False, lanes, default_compact, pairs)]
     if lanes == 32:
-        cases.append((torch.bfloat16, False, False, False, True, 16))
-    for dtype, has_dvar, has_init, varlen, aligned, key_lanes in cases:
+        cases += [(torch.bfloat16, False, False, False, True, 16, False, False),
+                  (torch.bfloat16, False, False, False, True, 32, not default_compact, False)]
+    for dtype, has_dvar, has_init, varlen, aligned, key_lanes, compact, pairs in cases:
         # what the launch picks (at d64 and d128 the tuned warps and segments)
-        lanes, warps, segment, blocks = sweep.block_layout(K, V, 32, has_dvar, key_lanes)
+        lanes, warps, segment, blocks = sweep.block_layout(K, V, 32, has_dvar, key_lanes, compact=compact)
         assert lanes == key_lanes and blocks == 1
-        smem = sweep.shared_bytes(K, V, warps, 32, segment, has_dvar=has_dvar, key_lanes=key_lanes)
+        assert sweep.uses_pairs(K, V, 32, has_dvar, pairs, key_lanes=key_lanes, compact=compact) == pairs
+        smem = sweep.shared_bytes(K, V, warps, 32, segment, has_dvar=has_dvar, key_lanes=key_lanes, compact=compact)
         assert smem <= nvrtc.MAX_SHARED_BYTES
         defines = sweep.kernel_defines(K, V, H, 32, 64, warps, dtype, has_dvar, has_init, varlen, segment,
-                                       g_dtype=torch.float32, aligned=aligned, lanes=key_lanes)
+                                       g_dtype=torch.float32, aligned=aligned, lanes=key_lanes, compact=compact,
+                                       pairs=pairs)
         cubin, registers, spills = _compile("sweep.cu", defines, "palimpsa_sweep")
         assert len(cubin) > 1000 and registers <= 255
         # a few bytes at most; at K = 128 (8 rows a thread) the scaled and the direct chunk bodies spill a few words
         # (16 bytes under NVRTC 12.8, 48 under 12.9), and the d128 backward still ran faster with them (fwd+bwd
         # 6.616 -> 6.471 ms, results/bench/sweep_scaled_h200_ba3df0d.md); at d64's 16 warps (128 registers a
-        # thread) the variance's path spills 48 bytes under NVRTC 13
-        assert spills <= (16 if K <= 96 and warps <= 8 else 64), (K, V, dtype, key_lanes, spills)
+        # thread) the variance's path spills 48 bytes under NVRTC 13, 80 with the compact shared memory (its
+        # 16-token segments), outside the sub-block loop
+        assert spills <= (16 if K <= 96 and warps <= 8 else 96), (K, V, dtype, key_lanes, compact, spills)
 
 
 def test_sweep_layouts_and_blocks_follow_key_size_and_shared_memory():
@@ -81,6 +89,22 @@ def test_sweep_layouts_and_blocks_follow_key_size_and_shared_memory():
     assert sweep.block_layout(64, 64, 32, False, blocks=2) == (32, 4, 16, 2)  # asked for: not the tuned pick
     assert sweep.shared_bytes(96, 192, 12, 32, 8, key_lanes=32) <= nvrtc.MAX_SHARED_BYTES
     assert sweep.shared_bytes(96, 192, 12, 32, 16, key_lanes=32) > nvrtc.MAX_SHARED_BYTES
+    # the compact shared memory: 16 rows of sums instead of 32, one checkpoint slot fewer a warp; 12 warps of
+    # 16-token segments fit then, and the tuned picks at K = 64 and 128 are 16-token segments
+    assert (sweep.shared_bytes(96, 192, 8, 32, 16, key_lanes=32)
+            - sweep.shared_bytes(96, 192, 8, 32, 16, key_lanes=32, compact=True)) == 8 * 4 * (16 * 36 + 2 * 12 * 32)
+    assert sweep.shared_bytes(96, 192, 12, 32, 16, True, key_lanes=32, compact=True) <= nvrtc.MAX_SHARED_BYTES
+    assert sweep.block_layout(96, 192, 32, False, warps=12, segment=16, compact=True) == (32, 12, 16, 1)
+    assert sweep.block_layout(64, 64, 32, True, compact=True) == (32, 16, 16, 1)
+    assert sweep.block_layout(128, 128, 32, False, compact=True) == (32, 8, 16, 1)
+    assert sweep.block_layout(96, 192, 32, False, compact=True) == (32, 8, 16, 1)  # untuned: the most warps that fit
+    assert sweep.block_layout(48, 48, 32, False, compact=True) == (16, 4, 16, 1)  # 16 lanes: not compact
+    assert [sweep.default_compact(K) for K in (48, 64, 96, 128)] == [False, True, False, True]
+    assert sweep.uses_pairs(96, 192, 32, False, True) and not sweep.uses_pairs(96, 192, 32, False, False)
+    assert not sweep.uses_pairs(48, 48, 32, False, True)  # 16 lanes over K
+    assert not sweep.uses_pairs(96, 192, 32, False, True, key_lanes=16)
+    with pytest.raises(ValueError, match="need 32 lanes over K"):
+        sweep.kernel_defines(48, 48, 16, 32, 64, 4, torch.bfloat16, False, False, False, lanes=16, pairs=True)
     q = torch.zeros(1, 32, 1, 96)
     v = torch.zeros(1, 32, 1, 192)
     args = (q, q, v, q[..., 0], v, *([None] * 9), v, *([None] * 11), 1.0, 32, 1, 32, 1, False, False)
@@ -92,14 +116,18 @@ def test_sweep_layouts_and_blocks_follow_key_size_and_shared_memory():
         sweep.launch_sweep(*args, segment=12)
     with pytest.raises(ValueError, match="blocks per multiprocessor must be 1 or 2, got 3"):
         sweep.launch_sweep(*args, blocks=3)
+    with pytest.raises(ValueError, match="dq/dk pairs need 32 lanes over K and dq, dk the two halves"):
+        sweep.launch_sweep(*(args[:14] + (q, q) + args[16:]), pairs=True)  # dq, dk not one interleaved buffer
     from palimpsa.ops.triton.config import CONFIG, kernel_config
 
     with kernel_config(bwd_key_lanes=16, bwd_sweep_blocks=2, bwd_sweep_warps=12, bwd_sweep_segment=8,
-                       bwd_sweep_ck_first=False):
+                       bwd_sweep_ck_first=False, bwd_sweep_compact=True, bwd_sweep_pairs=False):
         assert (CONFIG.bwd_key_lanes, CONFIG.bwd_sweep_blocks, CONFIG.bwd_sweep_warps, CONFIG.bwd_sweep_segment,
-                CONFIG.bwd_sweep_ck_first) == (16, 2, 12, 8, False)
+                CONFIG.bwd_sweep_ck_first, CONFIG.bwd_sweep_compact,
+                CONFIG.bwd_sweep_pairs) == (16, 2, 12, 8, False, True, False)
     for option, bad in (("bwd_key_lanes", 8), ("bwd_sweep_blocks", 3), ("bwd_sweep_warps", 5),
-                        ("bwd_sweep_segment", 12), ("bwd_key_lanes", True), ("bwd_sweep_ck_first", 1)):
+                        ("bwd_sweep_segment", 12), ("bwd_key_lanes", True), ("bwd_sweep_ck_first", 1),
+                        ("bwd_sweep_compact", "yes"), ("bwd_sweep_pairs", 1)):
         with pytest.raises(ValueError, match=f"{option} must be None"):
             with kernel_config(**{option: bad}):
                 pass

@@ -22,18 +22,28 @@ SEGMENT = 16
 # fwd+bwd d64 2.63 -> 2.45 ms, d128 5.37 -> 4.55); at K = 96 (760M-like) 8 warps of 16-token segments stay (12 of 8:
 # 10.34 -> 10.52 ms)
 BLOCKS_TUNED = {64: (16, 8), 128: (8, 8)}
-# the same with the compact shared memory (COMPACT below)
-BLOCKS_TUNED_COMPACT = {64: (16, 16), 96: (12, 16), 128: (8, 16)}
+# the same with the compact shared memory (COMPACT_KEY_SIZES below): 16-token segments fit there, and were faster on an
+# H200 (results/bench/compact_h200_ed54c0e.md, eighteenth session: fwd+bwd d64 2.445 -> 2.365 ms, d128 4.506 -> 4.372,
+# both with dq/dk pairs); at K = 96, 12 warps of 16-token segments were slower than 8 without it (10.250 against
+# 10.026 ms), and so were 8 with it (10.277)
+BLOCKS_TUNED_COMPACT = {64: (16, 16), 128: (8, 16)}
 # whether a sub-block's checkpoint holds its state after its first token (kernel_config(bwd_sweep_ck_first=...)):
 # checked against float64 on an H200 at the four benchmark shapes and on the varlen batches (K = 96), and faster there
 # by 0-0.5 % (results/bench/ckfirst_h200_febd5fa.md: 760M-like fwd+bwd 10.336 -> 10.288 ms)
 CHECKPOINT_AFTER_FIRST = True
-# with 32 lanes over K: whether the sweep's shared memory is compact (sweep.cu's PCOMPACT: the dv and dbeta sums 2
-# tokens at a time, no checkpoint slot for a segment's last sub-block; kernel_config(bwd_sweep_compact=...)) and
-# whether dq and dk go to memory as pairs (PPAIRS: one interleaved buffer, one vector atomic add a row;
-# kernel_config(bwd_sweep_pairs=...))
-COMPACT = False
-PAIRS = False
+# with 32 lanes over K: the key sizes where the sweep's shared memory is compact by default (sweep.cu's PCOMPACT: the
+# dv and dbeta sums 2 tokens at a time, no checkpoint slot for a segment's last sub-block;
+# kernel_config(bwd_sweep_compact=...)), and whether dq and dk go to memory as pairs (PPAIRS: one interleaved buffer,
+# one vector atomic add a row; kernel_config(bwd_sweep_pairs=...)).  Both checked against float64 on an H200 at the
+# four benchmark shapes and on the varlen batches; pairs took the 760M-like fwd+bwd from 10.281 to 10.026 ms
+# (results/bench/compact_h200_ed54c0e.md)
+COMPACT_KEY_SIZES = (64, 128)
+PAIRS = True
+
+
+def default_compact(K: int) -> bool:
+    """Whether the sweep's shared memory is compact by default at key size K (:data:`COMPACT_KEY_SIZES`)."""
+    return K in COMPACT_KEY_SIZES
 
 
 def lanes_over_k(K: int, wanted: Optional[int] = None) -> int:
@@ -180,12 +190,12 @@ def launch_sweep(q, k, v, g, beta, prior, h_mean, h_imp, adj_mean, adj_imp, mu0,
     (4, 8, 16 or 32: a warp keeps segment / 4 sub-block states in shared memory; None: :data:`SEGMENT`).  With none
     of blocks, warps and segment given, :func:`tuned_blocks` where it applies.  ``ck_first``: the sub-blocks'
     checkpoints after their first tokens (None: :data:`CHECKPOINT_AFTER_FIRST`).  ``compact``: the compact shared
-    memory (None: :data:`COMPACT`; 32 lanes over K only).  ``pairs``: dq and dk are the two halves of one zeroed
+    memory (None: :func:`default_compact`; 32 lanes over K only).  ``pairs``: dq and dk are the two halves of one zeroed
     float32 buffer [B*T, H, K, 2] (``dq = buf[..., 0]``, ``dk = buf[..., 1]``, :func:`uses_pairs`), added to as
     pairs."""
     K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
     has_dvar = dvar is not None
-    compact = COMPACT if compact is None else bool(compact)
+    compact = default_compact(K) if compact is None else bool(compact)
     lanes, warps, segment, blocks = block_layout(K, V, chunk, has_dvar, key_lanes, blocks, warps, segment, compact)
     compact = compact and lanes == 32
     pairs = bool(pairs)

@@ -604,7 +604,7 @@ def chunk_bwd(
 
         pairs = cuda_sweep.uses_pairs(K, V, C, dvar is not None, sweep_pairs, key_lanes=sweep_key_lanes,
                                       blocks=sweep_blocks, warps=sweep_block_warps, segment=sweep_segment,
-                                      compact=cuda_sweep.COMPACT if sweep_compact is None else sweep_compact)
+                                      compact=cuda_sweep.default_compact(K) if sweep_compact is None else sweep_compact)
     if pairs:  # dq and dk interleaved in one buffer: (dq, dk) of a key row adjacent
         dqk, dg_part, dg_anchor, extra_dprior = _zeroed_views(dev, (B, T, H, K, 2), *sums)
         dq, dk = dqk[..., 0], dqk[..., 1]
