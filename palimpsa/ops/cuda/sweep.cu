@@ -189,8 +189,8 @@ __device__ __forceinline__ void forward_token(const Ctx& c, int j, float (&M)[E]
 // (states and adjoints unscaled, 1 / A_j = 1) the adjoints take the next token's decay `an` first, and `an` becomes
 // this token's.  Leaves this token's totals in (aM, aP), adds its DI to sdi, writes this thread's partial sums over K
 // (dv, dbeta, still times A_j) to red1 at sub-block slot `ts` and its sums over V (dq, dk): with 16 lanes over K to
-// red2 at slot ts % PDQK, with 32 atomically to dq_tok and dk_tok (the token's rows from this lane; null: the token is
-// past the sequence's end), and returns its part of the token's dg term c_j (the header's identity): -I0 sum(DI) -
+// red2 at slot ts % PDQK, with 32 atomically to dq_tok and dk_tok (the token's rows from this lane; past the
+// sequence's end, where they add zeros, the last token's), and returns its part of the token's dg term c_j (the header's identity): -I0 sum(DI) -
 // <dvar, var> over its elements (the -<v, dv> - <beta, dbeta> part is added where dv and dbeta are summed).
 template <bool SCALED>
 __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, const float (&M)[E], const float (&P)[E],
@@ -268,18 +268,18 @@ __device__ __forceinline__ float backward_token(const Ctx& c, int j, int ts, con
     store_rows(red2 + (((ts % PDQK) * 2 + 0) * 2 + c.vl) * PK + c.row0, dqr);
     store_rows(red2 + (((ts % PDQK) * 2 + 1) * 2 + c.vl) * PK + c.row0, dkr);
 #else
-    // the thread's rows hold its 4 columns' sums: straight to memory (coalesced over the warp's lanes)
-    if (dq_tok) {
+    // the thread's rows hold its 4 columns' sums: straight to memory (coalesced over the warp's lanes), without a
+    // branch: a token past the sequence's end has all its staged inputs zero, so that its sums are zero and its rows
+    // point at a token inside it (the caller's)
 #pragma unroll
-        for (int i = 0; i < R; ++i) {
+    for (int i = 0; i < R; ++i) {
 #if PPAIRS  // dq_tok points at the (dq, dk) pair of the token's row `lane`
-            asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dq_tok + 64 * i), "f"(dqr[i]),
-                         "f"(dkr[i]) : "memory");
+        asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dq_tok + 64 * i), "f"(dqr[i]),
+                     "f"(dkr[i]) : "memory");
 #else
-            atomicAdd(dq_tok + 32 * i, dqr[i]);
-            atomicAdd(dk_tok + 32 * i, dkr[i]);
+        atomicAdd(dq_tok + 32 * i, dqr[i]);
+        atomicAdd(dk_tok + 32 * i, dkr[i]);
 #endif
-        }
     }
 #endif
 #pragma unroll
@@ -593,13 +593,10 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
 #else
                     // the sub-block's tokens, last first: each adds its dq and dk rows straight to memory
                     auto reverse_token = [&](int jr) {
-                        const int jt = t0 + jr;
-                        float *dqt = nullptr, *dkt = nullptr;
-                        if (jt < n_tok) {
-                            const u64 base = ((u64)(cs + jt) * PH + i_h) * PK + lane;
-                            dqt = dq + (PPAIRS ? 2 * base : base);
-                            dkt = dk + base;
-                        }
+                        // a token past the sequence's end adds its zero sums to the sequence's last token
+                        const u64 base = ((u64)(cs + min(t0 + jr, n_tok - 1)) * PH + i_h) * PK + lane;
+                        float* dqt = dq + (PPAIRS ? 2 * base : base);
+                        float* dkt = dk + base;
                         dgn[jr] = backward_token<S>(c, t0 + jr, PCOMPACT ? jr & 1 : jr, Ms[jr], Ps[jr], aM, aP, an, sdi,
                                                     red1, red2, dqt, dkt);
                     };
