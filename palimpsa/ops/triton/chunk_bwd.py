@@ -504,6 +504,31 @@ def default_unit_chunks(layout: SequenceLayout, H: int, num_v_blocks: int, chunk
     return max(1, min(tokens_per_unit // chunk_size, cdiv(layout.max_length(), chunk_size)))
 
 
+@triton.jit
+def split_pairs_kernel(pairs, first, second, n, BLOCK: tl.constexpr):
+    """first[i], second[i] = pairs[2 i], pairs[2 i + 1] for i < n, in the outputs' dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(pairs + 2 * offs, mask=mask)
+    b = tl.load(pairs + 2 * offs + 1, mask=mask)
+    tl.store(first + offs, a.to(first.dtype.element_ty), mask=mask)
+    tl.store(second + offs, b.to(second.dtype.element_ty), mask=mask)
+
+
+def split_pairs(pairs: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of a contiguous float32 buffer [..., 2] as separate contiguous tensors [...] of ``dtype``, in
+    one pass over it (the CUDA sweep's dq and dk pairs)."""
+    if not pairs.is_contiguous() or pairs.shape[-1] != 2:
+        raise ValueError(f"split_pairs needs a contiguous [..., 2] buffer, got shape {tuple(pairs.shape)}")
+    first = torch.empty(pairs.shape[:-1], device=pairs.device, dtype=dtype)
+    second = torch.empty_like(first)
+    n = first.numel()
+    if n:
+        block = 1024
+        split_pairs_kernel[(cdiv(n, block),)](pairs, first, second, n, BLOCK=block)
+    return first, second
+
+
 def _zeroed_views(device, *shapes) -> Tuple[torch.Tensor, ...]:
     """Float32 tensors of ``shapes``, all zero: views into one buffer, so that one fill (one launch) zeroes them."""
     sizes = [math.prod(shape) for shape in shapes]
@@ -605,6 +630,7 @@ def chunk_bwd(
         pairs = cuda_sweep.uses_pairs(K, V, C, dvar is not None, sweep_pairs, key_lanes=sweep_key_lanes,
                                       blocks=sweep_blocks, warps=sweep_block_warps, segment=sweep_segment,
                                       compact=cuda_sweep.default_compact(K) if sweep_compact is None else sweep_compact)
+    dqk = None
     if pairs:  # dq and dk interleaved in one buffer: (dq, dk) of a key row adjacent
         dqk, dg_part, dg_anchor, extra_dprior = _zeroed_views(dev, (B, T, H, K, 2), *sums)
         dq, dk = dqk[..., 0], dqk[..., 1]
@@ -669,6 +695,6 @@ def chunk_bwd(
         dg = dg_part.sum(0).reshape(B, T, H)
     dprior = dprior_part.sum((0, 1)) + extra_dprior.sum((0, 1))
     dinit = (dmu0, dimp0) if has_init else None
-    if pairs:  # the halves of one buffer become separate dense tensors (float32's too: no shared storage)
-        dq, dk = dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous()
+    if dqk is not None:  # the halves of one buffer become separate dense tensors (float32's too: no shared storage)
+        dq, dk = split_pairs(dqk, q.dtype)
     return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dbeta, dprior, dinit)
