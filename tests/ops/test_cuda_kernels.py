@@ -105,6 +105,12 @@ def test_sweep_layouts_and_blocks_follow_key_size_and_shared_memory():
     assert not sweep.uses_pairs(96, 192, 32, False, True, key_lanes=16)
     with pytest.raises(ValueError, match="need 32 lanes over K"):
         sweep.kernel_defines(48, 48, 16, 32, 64, 4, torch.bfloat16, False, False, False, lanes=16, pairs=True)
+    # one segment a chunk with the compact layout: the chunk's start in its last checkpoint slot, no buffer of its own
+    assert sweep.start_in_slot(32, 32, 32, True) and not sweep.start_in_slot(32, 16, 32, True)
+    assert not sweep.start_in_slot(32, 32, 32, False)
+    assert (sweep.shared_bytes(96, 192, 8, 32, 32, key_lanes=32, compact=True)
+            == 4 * (2 * 32 * 96 + 32 * 3 * 32 + 4 * 32 + 8 * (7 * 2 * 12 * 32 + 16 * 36)))
+    assert sweep.block_layout(96, 192, 32, True, segment=32, compact=True) == (32, 8, 32, 1)
     q = torch.zeros(1, 32, 1, 96)
     v = torch.zeros(1, 32, 1, 192)
     args = (q, q, v, q[..., 0], v, *([None] * 9), v, *([None] * 11), 1.0, 32, 1, 32, 1, False, False)
@@ -165,6 +171,22 @@ def test_sequence_walk_compiles_for_sm90_and_keeps_its_blocks_resident(K, V, H):
         assert min_blocks * (output.shared_bytes(K, warps, output.WALK_CHUNK) + 1024) <= output.SHARED_PER_SM
     assert output.walk_min_blocks(96, 8) * 8 == 24 and output.walk_min_blocks(128, 8) * 8 == 16
     assert output.walk_min_blocks(96, 8, torch.float32) * 8 == 16 and output.walk_min_blocks(96, 8, aligned=False) == 2
+
+
+@pytest.mark.parametrize("K,V,H", [(96, 192, 16), (64, 64, 16)])
+def test_sweep_with_one_segment_a_chunk_compiles(K, V, H):
+    """The compact layout with 32-token segments (``kernel_config(bwd_sweep_compact=True, bwd_sweep_segment=32)``, not
+    a default): the chunk's start in the last checkpoint slot (PSTARTSLOT); the layout's size is the host's."""
+    _nvrtc_or_skip()
+    for dtype, has_dvar, has_init, varlen, aligned in ((torch.bfloat16, False, False, False, True),
+                                                       (torch.float32, True, True, True, False)):
+        lanes, warps, segment, _ = sweep.block_layout(K, V, 32, has_dvar, segment=32, compact=True)
+        defines = sweep.kernel_defines(K, V, H, 32, 64, warps, dtype, has_dvar, has_init, varlen, segment,
+                                       g_dtype=torch.float32, aligned=aligned, lanes=lanes, compact=True, pairs=True,
+                                       ck_first=True)
+        assert defines["PSTARTSLOT"] and defines["PSHARED_BYTES"] <= nvrtc.MAX_SHARED_BYTES
+        _, registers, spills = _compile("sweep.cu", defines, "palimpsa_sweep")
+        assert registers <= 255 and spills <= 96, (K, dtype, spills)
 
 
 def test_a_host_size_that_differs_from_the_kernel_layout_does_not_compile():

@@ -35,7 +35,7 @@
 // Compile-time parameters (#defines prepended by sweep.py): PK, PV, PH (key size, value size, heads), PC (chunk),
 // PU (chunks per unit), PWARPS, PBLOCKS (blocks a multiprocessor is to hold: launch bounds), PSEG (tokens per segment,
 // a multiple of 4 dividing PC), PCKFIRST (a sub-block's checkpoint holds its state after its first token, not before),
-// PKLANES (16 or 32 lanes over K, common.cuh), PCOMPACT (below), PPAIRS (32 lanes: dq and dk interleaved in one
+// PKLANES (16 or 32 lanes over K, common.cuh), PCOMPACT and PSTARTSLOT (below), PPAIRS (32 lanes: dq and dk interleaved in one
 // float32 buffer, dq at even and dk at odd addresses, each row's two sums one vector atomic add), PDQK (with 16 lanes:
 // tokens whose dq and dk are summed over lanes at a time: 2, or 4 with a sub-block's reverse steps in one stretch of
 // code), PIN, PG, PDO
@@ -61,6 +61,11 @@ static_assert(PDQK == 2 || PDQK == 4, "dq and dk are summed per 2 or 4 tokens");
 static_assert(PKLANES == 16 || PKLANES == 32, "16 or 32 lanes over K");
 static_assert(PKLANES == 32 || (!PCOMPACT && !PPAIRS), "compact shared memory and dq/dk pairs need 32 lanes over K");
 #define CK_SLOTS (PCOMPACT ? NSUB - 1 : NSUB)
+// PSTARTSLOT (compact shared memory, one segment a chunk): the chunk-start state has no buffer of its own; it is read
+// from (and the next chunk's fetched into) the last checkpoint slot, which a full chunk's pass fills last and its
+// reverse walk frees first (a checkpoint slot and the start buffer have the same layout where CW == CK_VEC == 4)
+static_assert(!PSTARTSLOT || (PCOMPACT && PSEG == PC && CW == 4 && NSUB >= 2),
+              "the chunk start in a checkpoint slot needs the compact layout, one segment a chunk and 4 columns a thread");
 static_assert(PK % PKLANES == 0, "K a multiple of the lanes over it");
 
 // This thread's key rows of a staged row of PK floats: rows row0 + i (PKLANES 16, row0 = 16-lane index times R), or
@@ -134,7 +139,7 @@ __device__ __forceinline__ void load_state(const float* ck, int slot, int lane, 
 #define CK_FLOATS (CK_SLOTS * 2 * E * 32)
 #define RED1_FLOATS (RED1_SLOTS * RED1_STRIDE)
 #define RED2_FLOATS (PKLANES == 16 ? 4 * PDQK * PK : 0)
-#define START_FLOATS (2 * E * 32)
+#define START_FLOATS (PSTARTSLOT ? 0 : 2 * E * 32)
 #define WARP_FLOATS (CK_FLOATS + START_FLOATS + RED1_FLOATS + RED2_FLOATS)
 #define SHARED_FLOATS (WARP_OFF + PWARPS * WARP_FLOATS)
 // the host's size of the dynamic shared memory (PSHARED_BYTES) must be this layout's
@@ -383,7 +388,7 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
     c.row0 = PKLANES == 16 ? kl * R : lane;
     c.ccol = PKLANES == 16 ? w * 4 + vl * 2 : w * 4;
     float* ck = smem + WARP_OFF + w * WARP_FLOATS;
-    float* start = ck + CK_FLOATS;
+    float* start = PSTARTSLOT ? ck + (CK_SLOTS - 1) * 2 * E * 32 : ck + CK_FLOATS;
     float* red1 = start + START_FLOATS;
     float* red2 = red1 + RED1_FLOATS;
     const int col = i_v * BV + c.ccol;  // this thread's first value column
@@ -513,10 +518,12 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                 rebuild(s0 + 4 * (n_sub - 1));
 #endif
                 // this chunk's start was read for the last time (and used: the reads are complete): fetch the next
-                // chunk's while this segment's sub-blocks run
-                if (seg == 0 && cc + 1 < c_count)
-                    prefetch_start(start, lane, h_mean, h_imp, ((u64)(cbase + i_c - 1) * PH + i_h) * PK * PV, c.row0,
-                                   col);
+                // chunk's while this segment's sub-blocks run (PSTARTSLOT: into the start's slot, which a chunk with
+                // all its sub-blocks still needs; such a chunk fetches it once its reverse walk has read the slot)
+                const bool has_next = seg == 0 && cc + 1 < c_count;
+                const u64 next_start = ((u64)(cbase + i_c - 1) * PH + i_h) * PK * PV;
+                if (has_next && !(PSTARTSLOT && n_sub == NSUB))
+                    prefetch_start(start, lane, h_mean, h_imp, next_start, c.row0, col);
                 __syncwarp();
                 for (int jj = 0; jj < n_sub; ++jj) {
                     const int sb = n_sub - 1 - jj;  // sub-blocks of 4 tokens, last first
@@ -673,7 +680,11 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
 #if PCOMPACT
                     if (sb > 0) {  // the sub-block before: its states from its checkpoint
                         load_state(ck, sb - 1, lane, Ms[0], Ps[0]);
-                        rebuild(t0 - 4);
+                        rebuild(t0 - 4);  // (uses every value loaded: the slot's reads are complete)
+#if PSTARTSLOT
+                        if (has_next && n_sub == NSUB && sb - 1 == CK_SLOTS - 1)
+                            prefetch_start(start, lane, h_mean, h_imp, next_start, c.row0, col);
+#endif
                     }
 #endif
                 }

@@ -58,6 +58,12 @@ def lanes_over_k(K: int, wanted: Optional[int] = None) -> int:
     return wanted
 
 
+def start_in_slot(chunk: int, segment: int, key_lanes: int, compact: bool) -> bool:
+    """Whether the sweep keeps each chunk's start state in its last checkpoint slot instead of a buffer of its own
+    (sweep.cu's PSTARTSLOT): with the compact shared memory and one segment a chunk."""
+    return compact and key_lanes == 32 and segment == chunk
+
+
 def shared_bytes(K: int, V: int, warps: int, chunk: int, segment: int = SEGMENT, has_dvar: bool = False,
                  dqk_tokens: int = 2, key_lanes: int = 16, compact: bool = False) -> int:
     """Dynamic shared memory of one block (the layout in sweep.cu's header; ``compact``: its PCOMPACT, 32 lanes over K
@@ -67,7 +73,8 @@ def shared_bytes(K: int, V: int, warps: int, chunk: int, segment: int = SEGMENT,
     bv = 4 * warps
     sums = 16 * 33 + 4 * dqk_tokens * K if key_lanes == 16 else (16 if compact else 32) * 36
     slots = segment // 4 - (1 if compact else 0)
-    per_warp = slots * 2 * elements * 32 + 2 * elements * 32 + sums
+    start = 0 if start_in_slot(chunk, segment, key_lanes, compact) else 2 * elements * 32
+    per_warp = slots * 2 * elements * 32 + start + sums
     return 4 * (2 * chunk * K + chunk * nq * bv + 4 * chunk + warps * per_warp)
 
 
@@ -111,7 +118,8 @@ def kernel_defines(K: int, V: int, H: int, chunk: int, unit_chunks: int, warps: 
     if (compact or pairs) and lanes != 32:
         raise ValueError("the sweep's compact shared memory and dq/dk pairs need 32 lanes over K")
     defines = dict(PK=K, PV=V, PH=H, PC=chunk, PU=unit_chunks, PWARPS=warps, PSEG=segment, PDQK=dqk, PKLANES=lanes,
-                   PBLOCKS=blocks, PCKFIRST=ck_first, PCOMPACT=compact, PPAIRS=pairs, PIN=dtype_code(dtype, "q"),
+                   PBLOCKS=blocks, PCKFIRST=ck_first, PCOMPACT=compact, PPAIRS=pairs,
+                   PSTARTSLOT=start_in_slot(chunk, segment, lanes, compact), PIN=dtype_code(dtype, "q"),
                    PG=dtype_code(g_dtype or dtype, "g"), PDO=dtype_code(do_dtype or dtype, "do"), PDVAR=has_dvar,
                    PINIT=has_init, PVARLEN=varlen, PALIGNED=aligned,
                    PSHARED_BYTES=shared_bytes(K, V, warps, chunk, segment, has_dvar, dqk, lanes, compact))

@@ -593,9 +593,13 @@ def chunk_bwd(
     unit_indices, unit_offsets = layout.chunk_table(W)
     _, chunk_offsets = layout.chunk_table(C)
     NU = layout.num_chunks(W)
-    adj_mean = torch.empty(NU, H, K, V, device=dev, dtype=torch.float32)
-    adj_imp = torch.empty_like(adj_mean)
-    unit_decay = torch.empty(NU, H, device=dev, dtype=torch.float32)
+    # the adjoints entering each unit from its end: zero when every sequence is one unit and no final state has a
+    # gradient (then they come from the fill below, and no scan over units runs)
+    scan_units = NU > N or has_dfinal
+    if scan_units:
+        adj_mean = torch.empty(NU, H, K, V, device=dev, dtype=torch.float32)
+        adj_imp = torch.empty_like(adj_mean)
+        unit_decay = torch.empty(NU, H, device=dev, dtype=torch.float32)
     dvar_arg = dvar if dvar is not None else do
     if NU > N and sweep in ("gluon", "cuda"):
         from palimpsa.ops.triton.chunk_bwd_gluon import gluon_sweep_block_v, unit_local_adjoint_gluon_kernel
@@ -619,10 +623,11 @@ def chunk_bwd(
     # the buffers the kernels add into, zeroed by one fill: dq, dk [B, T, H, K] (float32 inputs get them back as they
     # are, and the outputs of a custom op may not share storage: two fills then), dg per V block (the Gluon and CUDA
     # sweeps add every block's share into one) [*, B * T, H], dg's anchors per chunk (CUDA sweep) [NC, H], the
-    # importance scan's dprior shares [n_scan, N, H]
+    # final state's dprior shares [n_scan, N, H], and the zero adjoints entering the units [2, NU, H, K, V] where no
+    # scan over units runs
     dg_parts = 1 if sweep in ("gluon", "cuda") else NV
     n_anchors = layout.num_chunks(C) if sweep == "cuda" else 0
-    sums = ((dg_parts, NTOK, H), (n_anchors, H), (n_scan, N, H))
+    sums = ((dg_parts, NTOK, H), (n_anchors, H), (n_scan, N, H)) + (() if scan_units else ((2, NU, H, K, V),))
     pairs = False
     if sweep == "cuda":
         from palimpsa.ops.cuda import sweep as cuda_sweep
@@ -632,20 +637,23 @@ def chunk_bwd(
                                       compact=cuda_sweep.default_compact(K) if sweep_compact is None else sweep_compact)
     dqk = None
     if pairs:  # dq and dk interleaved in one buffer: (dq, dk) of a key row adjacent
-        dqk, dg_part, dg_anchor, extra_dprior = _zeroed_views(dev, (B, T, H, K, 2), *sums)
+        dqk, dg_part, dg_anchor, extra_dprior, *adj = _zeroed_views(dev, (B, T, H, K, 2), *sums)
         dq, dk = dqk[..., 0], dqk[..., 1]
     elif q.dtype == torch.float32:
         dq, dk = (torch.zeros(B, T, H, K, device=dev, dtype=torch.float32) for _ in range(2))
-        dg_part, dg_anchor, extra_dprior = _zeroed_views(dev, *sums)
+        dg_part, dg_anchor, extra_dprior, *adj = _zeroed_views(dev, *sums)
     else:
-        dq, dk, dg_part, dg_anchor, extra_dprior = _zeroed_views(dev, (B, T, H, K), (B, T, H, K), *sums)
-    f_mu, f_imp = final if has_dfinal else (adj_mean, adj_mean)
-    d_mu, d_imp = dfinal if has_dfinal else (adj_mean, adj_mean)
-    unit_scan_kernel[(cdiv(V, BVs), cdiv(K, BKs), N * H)](
-        prior, adj_mean, adj_imp, unit_decay, f_mu, f_imp, d_mu, d_imp, extra_dprior,
-        layout.cu32, unit_offsets, T, H=H, K=K, V=V, W=W, BK=BKs, BV=BVs,
-        HAS_DFINAL=has_dfinal, IS_VARLEN=layout.varlen, num_warps=4,
-    )
+        dq, dk, dg_part, dg_anchor, extra_dprior, *adj = _zeroed_views(dev, (B, T, H, K), (B, T, H, K), *sums)
+    if scan_units:
+        f_mu, f_imp = final if has_dfinal else (adj_mean, adj_mean)
+        d_mu, d_imp = dfinal if has_dfinal else (adj_mean, adj_mean)
+        unit_scan_kernel[(cdiv(V, BVs), cdiv(K, BKs), N * H)](
+            prior, adj_mean, adj_imp, unit_decay, f_mu, f_imp, d_mu, d_imp, extra_dprior,
+            layout.cu32, unit_offsets, T, H=H, K=K, V=V, W=W, BK=BKs, BV=BVs,
+            HAS_DFINAL=has_dfinal, IS_VARLEN=layout.varlen, num_warps=4,
+        )
+    else:
+        adj_mean, adj_imp = adj[0].unbind(0)
 
     dv = torch.empty(B, T, H, V, device=dev, dtype=v.dtype)
     dbeta = torch.empty(B, T, H, V, device=dev, dtype=beta.dtype)
@@ -693,7 +701,9 @@ def chunk_bwd(
         dg = dg_from_token_terms(dg_part[0], dg_anchor, layout, B, T, C)
     else:
         dg = dg_part.sum(0).reshape(B, T, H)
-    dprior = dprior_part.sum((0, 1)) + extra_dprior.sum((0, 1))
+    dprior = dprior_part.sum((0, 1))
+    if has_dfinal:  # the final state's share (written by the scan over units only then)
+        dprior = dprior + extra_dprior.sum((0, 1))
     dinit = (dmu0, dimp0) if has_init else None
     if dqk is not None:  # the halves of one buffer become separate dense tensors (float32's too: no shared storage)
         dq, dk = split_pairs(dqk, q.dtype)

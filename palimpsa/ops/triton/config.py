@@ -110,7 +110,9 @@ class KernelConfig:
     bwd_sweep_compact: with 32 lanes over K, whether the CUDA sweep's shared memory is compact (the dv and dbeta sums
     of a sub-block collected 2 tokens at a time, and no checkpoint slot for a segment's last sub-block, whose states
     come from the pass's registers), so that more warps or longer segments fit a block; None: the sweep's default by
-    key size (``palimpsa.ops.cuda.sweep.default_compact``).
+    key size (``palimpsa.ops.cuda.sweep.default_compact``).  With ``bwd_sweep_segment=32`` (one segment a chunk) each
+    chunk's start state also moves into a checkpoint slot (``palimpsa.ops.cuda.sweep.start_in_slot``): compiled and
+    sized here, not yet checked against float64 on a GPU (results/bench/README.md, eighteenth session).
 
     bwd_sweep_pairs: with 32 lanes over K, whether the CUDA sweep adds dq and dk into one interleaved buffer, one
     vector atomic add per key row and token instead of two; None: ``palimpsa.ops.cuda.sweep.PAIRS``.
