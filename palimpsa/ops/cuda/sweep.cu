@@ -333,6 +333,25 @@ __device__ __forceinline__ void read_start(const float* start, int lane, float I
     }
 }
 
+// The sum of N floats of shared memory (16-byte aligned, N a multiple of 8): N / 4 vector loads, then halves added
+// pairwise down to two vectors, then their 8 lanes as a tree
+template <int N>
+__device__ __forceinline__ float row_sum(const float* src) {
+    static_assert(N % 8 == 0, "row_sum adds whole pairs of 4-float vectors");
+    float4 part[N / 4];
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) part[i] = *reinterpret_cast<const float4*>(src + 4 * i);
+#pragma unroll
+    for (int n = N / 8; n >= 2; n /= 2) {
+#pragma unroll
+        for (int i = 0; i < n; ++i) {
+            part[i].x += part[i + n].x; part[i].y += part[i + n].y;
+            part[i].z += part[i + n].z; part[i].w += part[i + n].w;
+        }
+    }
+    return ((part[0].x + part[1].x) + (part[0].y + part[1].y)) + ((part[0].z + part[1].z) + (part[0].w + part[1].w));
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -616,17 +635,7 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                         reverse_token(2 * h);
                         __syncwarp();
                         const int slot = lane & 15;
-                        const float* src = red1 + slot * RED1_STRIDE + (lane >> 4) * 16;
-                        float4 part[4];
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) part[i] = *reinterpret_cast<const float4*>(src + 4 * i);
-#pragma unroll
-                        for (int i = 0; i < 2; ++i) {
-                            part[i].x += part[i + 2].x; part[i].y += part[i + 2].y;
-                            part[i].z += part[i + 2].z; part[i].w += part[i + 2].w;
-                        }
-                        float sum = ((part[0].x + part[1].x) + (part[0].y + part[1].y)) +
-                                    ((part[0].z + part[1].z) + (part[0].w + part[1].w));
+                        float sum = row_sum<16>(red1 + slot * RED1_STRIDE + (lane >> 4) * 16);
                         sum += __shfl_xor_sync(0xffffffffu, sum, 16);
                         add_sums(sum, 2 * h + (slot >> 3), (slot >> 2) & 1, w * 4 + (slot & 3), lane < 16);
                         __syncwarp();  // red1 is read before the next tokens write it
@@ -638,22 +647,7 @@ palimpsa_sweep(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_
                     // dv, dbeta: lane l sums the 32 key lanes of (token l / 8, dv or dbeta l / 4 % 2, column l % 4)
                     // and adds -v dv or -beta dbeta of its column to its token's c
                     {
-                        const float* src = red1 + lane * RED1_STRIDE;
-                        float4 part[8];
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) part[i] = *reinterpret_cast<const float4*>(src + 4 * i);
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            part[i].x += part[i + 4].x; part[i].y += part[i + 4].y;
-                            part[i].z += part[i + 4].z; part[i].w += part[i + 4].w;
-                        }
-#pragma unroll
-                        for (int i = 0; i < 2; ++i) {
-                            part[i].x += part[i + 2].x; part[i].y += part[i + 2].y;
-                            part[i].z += part[i + 2].z; part[i].w += part[i + 2].w;
-                        }
-                        const float sum = ((part[0].x + part[1].x) + (part[0].y + part[1].y)) +
-                                          ((part[0].z + part[1].z) + (part[0].w + part[1].w));
+                        const float sum = row_sum<32>(red1 + lane * RED1_STRIDE);
                         add_sums(sum, lane >> 3, (lane >> 2) & 1, w * 4 + (lane & 3), true);
                     }
 #endif  // PCOMPACT
